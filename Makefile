@@ -1,0 +1,53 @@
+# cloudhpc: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint unit integration testbed-up testbed-down testbed-status venv clean bench
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing cloudhpc with its test extras"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: run a small job on the embedded default (serve all + local cluster)
+demo: $(STAMP)
+	@$(VENV)/bin/cloudhpc demo
+
+## test: install, bring up the real testbed, then lint, type-check and run every test tier
+test: $(STAMP) testbed-up lint
+	@$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	@echo "==> ruff"
+	@$(VENV)/bin/ruff check src tests bench
+	@$(VENV)/bin/ruff format --check src tests bench
+	@echo "==> mypy"
+	@$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	@$(PY) -m pytest -q tests/unit
+
+integration: $(STAMP) testbed-up
+	@$(PY) -m pytest -q tests/integration
+
+testbed-up:
+	@bash scripts/testbed.sh up
+
+testbed-down:
+	@bash scripts/testbed.sh down
+
+testbed-status:
+	@bash scripts/testbed.sh status
+
+bench: $(STAMP) testbed-up
+	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

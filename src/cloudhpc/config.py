@@ -1,0 +1,216 @@
+"""Settings: one typed model, loaded from `cloudhpc.yaml` and overridable by environment variables.
+
+The file is named by `--config` or `CLOUDHPC_CONFIG`; every key can be overridden by an
+environment variable spelled `CLOUDHPC_<SECTION>__<KEY>` (for example `CLOUDHPC_PORTER__LISTEN`).
+With no file at all, the embedded default applies: SQLite, a local object store and one `local`
+cluster, so that a new user can run a job before configuring anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cloudhpc.domain.jobs import Name, Resources
+from cloudhpc.exceptions import ConfigError
+
+__all__ = [
+    "ClusterConfig",
+    "ClusterDefaults",
+    "PollConfig",
+    "PorterConfig",
+    "SSHConfig",
+    "Settings",
+    "SubmitterConfig",
+    "load_settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SSHConfig(_Section):
+    host: str = Field(description="login node address")
+    port: int = Field(default=22, ge=1, le=65535, description="sshd port")
+    user: str = Field(description="account name on the cluster")
+    key_file: Path = Field(description="private key used to log in; it never leaves this machine")
+    passphrase_file: Path | None = Field(
+        default=None,
+        description="file holding the key's passphrase (or set CLOUDHPC_SSH_PASSPHRASE); never logged",
+    )
+    known_hosts: Path | None = Field(
+        default=None,
+        description="known_hosts file the host key is checked against (default ~/.ssh/known_hosts)",
+    )
+    trust_on_first_use: bool = Field(
+        default=False,
+        description="accept and record an unknown host key once; off by default because it defeats pinning",
+    )
+    max_channels: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="concurrent channels on the one connection; keep below MaxSessions",
+    )
+    keepalive_interval: float = Field(default=15.0, gt=0, description="seconds between SSH keepalives")
+    connect_timeout: float = Field(default=20.0, gt=0, description="seconds allowed for connect + auth")
+    command_timeout: float = Field(
+        default=120.0, gt=0, description="default seconds allowed per remote command"
+    )
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Self:
+        if self.keepalive_interval >= self.command_timeout:
+            raise ValueError("ssh.keepalive_interval must be shorter than ssh.command_timeout")
+        return self
+
+
+class ClusterDefaults(_Section):
+    partition: Name | None = Field(default=None, description="partition used when a job names none")
+    account: Name | None = Field(default=None, description="billing account used when a job names none")
+    time: str | None = Field(default="00:10:00", description="time limit used when a job names none")
+
+    def as_resources(self) -> Resources:
+        return Resources(partition=self.partition, account=self.account, time=self.time)
+
+
+class PollConfig(_Section):
+    fast_interval: float = Field(default=1.0, gt=0, description="seconds between polls while jobs change")
+    slow_interval: float = Field(
+        default=30.0, gt=0, description="longest pause between polls when nothing changes"
+    )
+    max_commands_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="budget of squeue/sacct calls per minute (sites rate-limit slurmctld RPCs)",
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if self.fast_interval > self.slow_interval:
+            raise ValueError("poll.fast_interval must not exceed poll.slow_interval")
+        return self
+
+
+class ClusterConfig(_Section):
+    backend: Literal["slurm", "local"] = Field(description="`slurm` over SSH, or `local` processes")
+    ssh: SSHConfig | None = Field(default=None, description="how to reach the login node (slurm backend)")
+    workdir: str = Field(default="~/.cloudhpc", description="cloudhpc's directory on the cluster")
+    prelude: str = Field(
+        default="",
+        description="shell lines run before SLURM commands and in jobs, e.g. `source /appl/profile/x.sh`",
+    )
+    defaults: ClusterDefaults = Field(default_factory=ClusterDefaults)
+    poll: PollConfig = Field(default_factory=PollConfig)
+
+    @model_validator(mode="after")
+    def _ssh_for_slurm(self) -> Self:
+        if self.backend == "slurm" and self.ssh is None:
+            raise ValueError("a cluster with backend `slurm` needs an `ssh` section")
+        return self
+
+
+class PorterConfig(_Section):
+    listen: str = Field(default="127.0.0.1:5555", description="host:port of the HTTP API")
+    database: str = Field(
+        default="sqlite:///.cloudhpc/state.db", description="SQLAlchemy URL of the job store"
+    )
+    object_store: str = Field(
+        default="file://.cloudhpc/objects", description="file:// directory or s3:// bucket"
+    )
+
+
+class SubmitterConfig(_Section):
+    porter_url: str = Field(default="http://127.0.0.1:5555", description="where the agent reaches porter")
+    token_file: Path = Field(
+        default=Path(".cloudhpc/agent-token"), description="file holding the agent token"
+    )
+    channel: Literal["http", "s3"] = Field(default="http", description="how the agent talks to porter")
+    listen: str = Field(
+        default="127.0.0.1:5556", description="host:port of the agent's health/metrics endpoint"
+    )
+
+
+def _default_clusters() -> dict[str, ClusterConfig]:
+    return {"local": ClusterConfig(backend="local", workdir=".cloudhpc/local")}
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file; environment variables are applied on top by pydantic-settings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLOUDHPC_", env_nested_delimiter="__", extra="forbid")
+
+    porter: PorterConfig = Field(default_factory=PorterConfig)
+    submitter: SubmitterConfig = Field(default_factory=SubmitterConfig)
+    clusters: dict[Name, ClusterConfig] = Field(default_factory=_default_clusters)
+
+    _yaml_data: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, cls._yaml_data))
+
+
+def _format_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {key}: {err['msg']}")
+    lines.append("Fix the key(s) above; docs/configuration.md lists every key with its meaning.")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the configuration file (if any) and the environment; raise `ConfigError` naming bad keys."""
+    if path is None:
+        path = os.environ.get("CLOUDHPC_CONFIG") or None
+    data: dict[str, Any] = {}
+    origin = "defaults and environment"
+    if path is not None:
+        file = Path(path).expanduser()
+        origin = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"configuration file {file} does not exist (from --config or CLOUDHPC_CONFIG)"
+            ) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {file} must hold a mapping at the top level")
+        data = loaded
+    # pydantic-settings reads sources at construction; a subclass carries this file's data.
+    bound = type("BoundSettings", (Settings,), {"_yaml_data": data})
+    try:
+        settings: Settings = bound()
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from exc
+    return settings

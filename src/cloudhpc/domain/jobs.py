@@ -1,0 +1,311 @@
+"""The job specification a user submits, and the job record everyone reads.
+
+Validation lives here, once, so that porter (422 on bad input), the SDK (errors before a request
+is sent) and the agent (defence in depth before anything reaches a shell) all apply the same rules.
+Every model forbids unknown fields so a typo is reported with the field named instead of ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from cloudhpc.domain.states import JobState
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "Bridge",
+    "Environment",
+    "ExposedPort",
+    "ImportedService",
+    "Job",
+    "JobKind",
+    "JobSpec",
+    "Name",
+    "Observation",
+    "RaySpec",
+    "Resources",
+    "is_object_url",
+    "parse_slurm_time",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+"""A job, cluster, partition or account name: safe in file names, job names and log lines."""
+
+RESERVED_PREFIX = ".cloudhpc"
+"""Top-level name inside a job directory that belongs to cloudhpc (script, wrapper, output)."""
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_MODULE = re.compile(r"^[A-Za-z0-9._/+-]{1,128}$")
+_MEM = re.compile(r"^[1-9][0-9]{0,8}[KMGT]?$")
+_TIME = re.compile(
+    r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"
+    r"|(?P<mm>\d+)(?::(?P<ss>\d+))?)$"
+)
+_OBJECT_URL = re.compile(r"^(?:s3|file)://[^\s]+$")
+
+
+def parse_slurm_time(value: str) -> int:
+    """Seconds in a SLURM time limit (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`)."""
+    match = _TIME.match(value)
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a SLURM time limit; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+        )
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "d" in g:
+        return ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    if "h" in g:
+        return (g["h"] * 60 + g["m"]) * 60 + g["s"]
+    return g["mm"] * 60 + g.get("ss", 0)
+
+
+def _check_time(value: str | None) -> str | None:
+    if value is not None and parse_slurm_time(value) <= 0:
+        raise ValueError("the time limit must be positive")
+    return value
+
+
+def is_object_url(value: str) -> bool:
+    """True when a `files` value names an object-store object rather than holding inline content."""
+    return "\n" not in value and _OBJECT_URL.match(value) is not None
+
+
+def _check_relative_path(path: str) -> str:
+    """Reject every path that could leave the job directory or clash with cloudhpc's own files."""
+    if not path or len(path) > 1024:
+        raise ValueError("a file path must have 1 to 1024 characters")
+    if "\x00" in path or "\\" in path:
+        raise ValueError(f"file path {path!r} contains a NUL byte or a backslash")
+    if path.startswith("/"):
+        raise ValueError(f"file path {path!r} must be relative to the job directory")
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"file path {path!r} has an empty, '.' or '..' component")
+        if len(part) > 255:
+            raise ValueError(f"file path {path!r} has a component longer than 255 characters")
+    if parts[0].startswith(RESERVED_PREFIX):
+        raise ValueError(f"file path {path!r}: names starting with {RESERVED_PREFIX!r} are reserved")
+    return path
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobKind(StrEnum):
+    BATCH = "batch"
+    RAY_CLUSTER = "ray-cluster"
+    RAY_JOB = "ray-job"
+
+
+class Resources(_Model):
+    """What SLURM is asked for. Unset fields fall back to the cluster's configured defaults."""
+
+    nodes: int | None = Field(default=None, ge=1, le=10_000)
+    ntasks_per_node: int | None = Field(default=None, ge=1, le=1024)
+    cpus_per_task: int | None = Field(default=None, ge=1, le=1024)
+    gpus_per_node: int | None = Field(default=None, ge=0, le=64)
+    mem: Annotated[str, StringConstraints(pattern=_MEM.pattern)] | None = Field(
+        default=None, description="memory per node, SLURM syntax: 4000 (MB), 16G"
+    )
+    time: Annotated[str | None, AfterValidator(_check_time)] = Field(
+        default=None, description="time limit, SLURM syntax: 30, 01:00:00, 1-12"
+    )
+    partition: Name | None = None
+    account: Name | None = None
+
+    def with_defaults(self, defaults: Resources) -> Resources:
+        """These resources, with every unset field taken from `defaults`."""
+        merged = defaults.model_dump(exclude_none=True) | self.model_dump(exclude_none=True)
+        return Resources(**merged)
+
+
+class Environment(_Model):
+    """A Python environment on the cluster: modules to load, a Python, pip packages."""
+
+    modules: list[Annotated[str, StringConstraints(pattern=_MODULE.pattern)]] = Field(default_factory=list)
+    python: Annotated[str, StringConstraints(pattern=_MODULE.pattern)] | None = Field(
+        default=None, description="a Python version (3.11) or a module providing it"
+    )
+    packages: list[str] = Field(default_factory=list, description="pip requirement specifiers")
+
+    @field_validator("packages")
+    @classmethod
+    def _packages_are_requirements(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            if not spec.strip() or len(spec) > 512:
+                raise ValueError("a package specifier must have 1 to 512 characters")
+            if spec.lstrip().startswith("-") or any(c in spec for c in "\n\r\x00"):
+                raise ValueError(
+                    f"{spec!r} is not a requirement specifier (options and newlines are refused)"
+                )
+        return value
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.modules or self.python or self.packages)
+
+
+_WELL_KNOWN_PORTS = {"dashboard": 8265, "client": 10001, "metrics": 8080}
+
+
+class ExposedPort(_Model):
+    """A port of the job made reachable from the cloud (HPC -> cloud)."""
+
+    name: Name
+    port: int = Field(ge=1, le=65535)
+
+
+class ImportedService(_Model):
+    """A cloud service made reachable from the job (cloud -> HPC)."""
+
+    name: Name
+    host: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.-]{1,253}$")]
+    port: int = Field(ge=1, le=65535)
+
+
+class RaySpec(_Model):
+    entrypoint: str | None = Field(default=None, max_length=8192)
+    head: Resources = Field(default_factory=Resources)
+    workers: Resources = Field(default_factory=Resources)
+    expose: list[ExposedPort] = Field(default_factory=list)
+    import_: list[ImportedService] = Field(default_factory=list, alias="import")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("expose", mode="before")
+    @classmethod
+    def _expand_port_names(cls, value: Any) -> Any:
+        """Let users write `expose: [dashboard]` for the well-known Ray ports."""
+        if not isinstance(value, list):
+            return value
+        out: list[Any] = []
+        for item in value:
+            if isinstance(item, str):
+                if item not in _WELL_KNOWN_PORTS:
+                    known = ", ".join(sorted(_WELL_KNOWN_PORTS))
+                    raise ValueError(f"unknown port name {item!r}; use one of {known} or {{name, port}}")
+                out.append({"name": item, "port": _WELL_KNOWN_PORTS[item]})
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        for label, items in (("expose", self.expose), ("import", self.import_)):
+            names = [i.name for i in items]
+            if len(names) != len(set(names)):
+                raise ValueError(f"ray.{label} names must be unique")
+        return self
+
+
+class JobSpec(_Model):
+    """The POST body of a job: what to run, where, with which resources."""
+
+    name: Name
+    cluster: Name
+    kind: JobKind = JobKind.BATCH
+    script: str | None = Field(default=None, max_length=1_000_000)
+    ray: RaySpec | None = None
+    resources: Resources = Field(default_factory=Resources)
+    environment: Environment = Field(default_factory=Environment)
+    files: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("files")
+    @classmethod
+    def _files_stay_inside(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 1000:
+            raise ValueError("at most 1000 files per job")
+        for path in value:
+            _check_relative_path(path)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, val in value.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
+            if name.startswith(("CLOUDHPC_", "SLURM_")):
+                raise ValueError(
+                    f"environment variable {name!r}: the CLOUDHPC_ and SLURM_ prefixes are reserved"
+                )
+            if "\x00" in val or len(val) > 32_768:
+                raise ValueError(f"environment variable {name!r}: value has a NUL byte or is over 32 KiB")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_matches_payload(self) -> Self:
+        if self.kind == JobKind.BATCH:
+            if not self.script:
+                raise ValueError("a batch job needs a non-empty `script`")
+            if self.ray is not None:
+                raise ValueError("`ray` is only for kinds ray-cluster and ray-job")
+        else:
+            if self.ray is None:
+                raise ValueError(f"a {self.kind.value} job needs a `ray` section")
+            if self.kind == JobKind.RAY_JOB and not self.ray.entrypoint:
+                raise ValueError("a ray-job needs `ray.entrypoint`")
+        return self
+
+
+class Observation(_Model):
+    """What a backend saw of a job at one poll: the observed half of the job record."""
+
+    state: JobState
+    native_state: str = Field(description="the scheduler's own word, e.g. PENDING or OUT_OF_MEMORY")
+    reason: str | None = None
+    exit_code: int | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class Bridge(_Model):
+    name: Name
+    remote_port: int
+    bridge_host: str
+    bridge_port: int
+    url: str | None = None
+    service_dns: str | None = None
+    ready: bool = False
+
+
+class Job(_Model):
+    """The job record as the API returns it."""
+
+    id: UUID
+    name: str
+    owner: str
+    cluster: str
+    kind: JobKind
+    state: JobState
+    reason: str | None = None
+    cancel_requested: bool = False
+    slurm_job_id: str | None = None
+    exit_code: int | None = None
+    created_at: datetime
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    spec: JobSpec
+    bridges: list[Bridge] = Field(default_factory=list)
+    artifacts: list[str] = Field(default_factory=list)

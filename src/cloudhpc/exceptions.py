@@ -1,0 +1,128 @@
+"""The one exception hierarchy of cloudhpc.
+
+Every error that crosses a module boundary is one of these, so callers (the CLI, porter's error
+table, the agent's retry logic) can decide by type alone: retry, surface to the user, or stop.
+
+    CloudHPCError
+    ├── ConfigError
+    ├── InvalidTransition
+    ├── SSHError
+    │   ├── SSHConnectError
+    │   │   └── HostKeyError
+    │   ├── CommandTimeout
+    │   ├── OutputTooLarge
+    │   └── RemoteFileError
+    ├── SchedulerError
+    │   ├── SchedulerCommandError
+    │   │   ├── SubmitRejected
+    │   │   │   └── QuotaExceeded
+    │   │   └── AccountingUnavailable
+    │   ├── JobNotFound
+    │   └── ParseError
+    ├── EnvironmentBuildError
+    └── StoreError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AccountingUnavailable",
+    "CloudHPCError",
+    "CommandTimeout",
+    "ConfigError",
+    "EnvironmentBuildError",
+    "HostKeyError",
+    "InvalidTransition",
+    "JobNotFound",
+    "OutputTooLarge",
+    "ParseError",
+    "QuotaExceeded",
+    "RemoteFileError",
+    "SSHConnectError",
+    "SSHError",
+    "SchedulerCommandError",
+    "SchedulerError",
+    "StoreError",
+    "SubmitRejected",
+]
+
+
+class CloudHPCError(Exception):
+    """Root of every error cloudhpc raises on purpose."""
+
+
+class ConfigError(CloudHPCError):
+    """The configuration is invalid; the message names the key and what is expected."""
+
+
+class InvalidTransition(CloudHPCError):
+    """A job state change that the state machine forbids (for example, leaving a terminal state)."""
+
+
+class SSHError(CloudHPCError):
+    """Anything that went wrong on the SSH transport, as opposed to the remote command itself."""
+
+
+class SSHConnectError(SSHError):
+    """The connection could not be opened or was lost; callers may retry."""
+
+
+class HostKeyError(SSHConnectError):
+    """The server's host key is unknown or changed. Never retried: a person must look."""
+
+
+class CommandTimeout(SSHError):
+    """A remote command did not finish within its time budget."""
+
+
+class OutputTooLarge(SSHError):
+    """A remote command printed more than the configured cap."""
+
+
+class RemoteFileError(SSHError):
+    """An SFTP operation failed (missing file, permission denied, path outside the job directory)."""
+
+
+class SchedulerError(CloudHPCError):
+    """The scheduler (SLURM or the local backend) refused or failed an operation."""
+
+
+class SchedulerCommandError(SchedulerError):
+    """A scheduler command exited non-zero; carries the evidence so the message can show it."""
+
+    def __init__(self, message: str, *, argv: Sequence[str], exit_status: int | None, stderr: str) -> None:
+        self.argv = list(argv)
+        self.exit_status = exit_status
+        self.stderr = stderr
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "(no stderr)"
+        super().__init__(f"{message}: `{' '.join(self.argv[:2])} ...` exited {exit_status}: {detail}")
+
+
+class SubmitRejected(SchedulerCommandError):
+    """sbatch refused the job (bad partition, account, resources...)."""
+
+
+class QuotaExceeded(SubmitRejected):
+    """sbatch refused the job because of a QOS or association limit."""
+
+
+class AccountingUnavailable(SchedulerCommandError):
+    """sacct could not answer. This means "unknown, retry later", never "the job failed"."""
+
+
+class JobNotFound(SchedulerError):
+    """The scheduler has no job with this id."""
+
+
+class ParseError(SchedulerError):
+    """Scheduler output did not have the expected shape; the message quotes what was seen."""
+
+
+class EnvironmentBuildError(CloudHPCError):
+    """Building a cached Python environment on the cluster failed; the message holds the log tail."""
+
+
+class StoreError(CloudHPCError):
+    """The job store could not complete an operation."""

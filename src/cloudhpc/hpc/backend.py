@@ -1,0 +1,190 @@
+"""The interfaces every compute backend (SLURM over SSH, local processes) offers to the agent.
+
+Three layers, each replaceable on its own:
+
+- `CommandRunner` + `FileTransfer`: run an argument list and move files on the machine that has the
+  scheduler (`hpc/ssh.py` over one SSH connection; `hpc/local.py` on this machine).
+- `JobBackend`: scheduler verbs (submit, find, poll, cancel, accounting, output), in terms of our
+  own job ids and `Observation`s, never SLURM words.
+- Paths: where a job lives on the cluster, decided once here so that the renderer, the backends and
+  the artifact collector agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+from uuid import UUID
+
+from cloudhpc.domain.jobs import JobSpec, Observation, Resources
+
+__all__ = [
+    "AccountingRecord",
+    "CommandResult",
+    "CommandRunner",
+    "Efficiency",
+    "FileTransfer",
+    "JobBackend",
+    "JobPaths",
+    "JobSubmission",
+]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+@runtime_checkable
+class CommandRunner(Protocol):
+    """Runs one command from an argument list. Implementations quote; callers never build shell strings."""
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None
+    ) -> CommandResult: ...
+
+
+@runtime_checkable
+class FileTransfer(Protocol):
+    """Files on the scheduler's machine. Relative paths are relative to the account's home directory."""
+
+    async def home(self) -> str: ...
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Create parent directories, write to a temporary name, then rename: readers never see half a file."""
+
+    async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes from `offset` (up to `length`); b"" at or past the end. Raises RemoteFileError if missing."""
+
+    async def exists(self, path: str) -> bool: ...
+
+    async def size(self, path: str) -> int | None:
+        """File size in bytes, or None when the file does not exist."""
+
+    async def makedirs(self, path: str, *, mode: int = 0o700) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where one job lives on the cluster: `<workdir>/jobs/<id>/`, cloudhpc's own files under `.cloudhpc/`."""
+
+    workdir: str
+    job_id: UUID
+
+    @property
+    def jobdir(self) -> str:
+        return f"{self.workdir.rstrip('/')}/jobs/{self.job_id}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.jobdir}/.cloudhpc"
+
+    @property
+    def batch_script(self) -> str:
+        return f"{self.control}/job.sh"
+
+    @property
+    def user_script(self) -> str:
+        return f"{self.control}/script"
+
+    @property
+    def output(self) -> str:
+        return f"{self.control}/output.log"
+
+    def file(self, relative: str) -> str:
+        """Absolute path of a user file; `relative` was validated by JobSpec (no `..`, not absolute)."""
+        return f"{self.jobdir}/{relative}"
+
+
+@dataclass(frozen=True)
+class JobSubmission:
+    """Everything a backend needs to start one job; rendered and validated before it gets here."""
+
+    job_id: UUID
+    spec: JobSpec
+    resources: Resources = field(default_factory=Resources)
+    batch_script: str = ""
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    """Extra files to place in the job directory, keyed by path relative to it (user files, the user script)."""
+
+
+@dataclass(frozen=True)
+class AccountingRecord:
+    """One sacct row (the allocation or one step), typed. Durations in seconds, sizes in bytes."""
+
+    job_id: str
+    step: str | None
+    name: str
+    state: str
+    exit_code: int | None
+    signal: int | None
+    submit: datetime | None
+    start: datetime | None
+    end: datetime | None
+    elapsed_seconds: int | None
+    total_cpu_seconds: float | None
+    alloc_cpus: int | None
+    nodes: int | None
+    node_list: str | None
+    req_mem_bytes: int | None
+    max_rss_bytes: int | None
+    partition: str | None
+    account: str | None
+    timelimit_seconds: int | None
+    alloc_tres: str | None
+    billing: float | None
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """What seff reports, computed with seff's formulas when seff is not installed."""
+
+    state: str
+    cpu_efficiency: float | None
+    """CPU time used / (elapsed x allocated cores), 0..1."""
+    memory_efficiency: float | None
+    """Peak RSS / requested memory, 0..1 (may exceed 1 where limits are not enforced)."""
+    cpu_utilized_seconds: float | None
+    core_walltime_seconds: float | None
+    memory_utilized_bytes: int | None
+    memory_requested_bytes: int | None
+    source: str
+    """`seff` when parsed from seff's output, `sacct` when computed."""
+
+
+class JobBackend(Protocol):
+    """Scheduler verbs for one cluster. Native ids are strings (SLURM job ids, local supervisor ids)."""
+
+    cluster: str
+
+    async def submit(self, submission: JobSubmission) -> str:
+        """Stage the job directory and submit; return the native id. Raises SubmitRejected on refusal."""
+
+    async def find(self, job_id: UUID) -> str | None:
+        """Native id of a job already submitted for `job_id`, so a restarted agent never submits twice."""
+
+    async def poll(self, native_ids: Sequence[str]) -> dict[str, Observation]:
+        """Current state of many jobs with a bounded number of scheduler calls. A missing key means
+        "unknown this time, ask again" (never "failed")."""
+
+    async def cancel(self, native_id: str) -> None:
+        """Request cancellation; cancelling a job that already ended is not an error."""
+
+    async def accounting(self, native_id: str) -> list[AccountingRecord]:
+        """All sacct rows of the job. Raises AccountingUnavailable when accounting cannot answer yet."""
+
+    async def efficiency(self, native_id: str) -> Efficiency: ...
+
+    async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
+        """The job's combined stdout/stderr from `offset`; b"" before the file exists."""
+
+    async def close(self) -> None: ...

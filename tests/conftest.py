@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from cloudhpc.config import SSHConfig
+from tests.testbed import Testbed, load_testbed
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Testbed:
+    """The real testbed; fails the test (never skips) when `scripts/testbed.sh up` has not run."""
+    return load_testbed()
+
+
+@pytest.fixture(scope="session")
+def testbed_ssh(testbed: Testbed) -> SSHConfig:
+    """SSH settings for the testbed's login node, with the host key pinned."""
+    return SSHConfig(
+        host=testbed.ssh_host,
+        port=testbed.ssh_port,
+        user=testbed.ssh_user,
+        key_file=testbed.ssh_key,
+        known_hosts=testbed.known_hosts,
+    )
+
+
+HOSTILE_STRINGS = [
+    "$(touch /tmp/pwned)",
+    "`touch /tmp/pwned`",
+    "a; touch /tmp/pwned",
+    "line1\nline2; touch /tmp/pwned",
+    "'single' \"double\" \\back",
+    "spaces  and\ttabs",
+    "&& rm -rf ~ ||",
+    "../../etc/passwd",
+    "${HOME}",
+    "*",
+]
+"""Strings that would execute something if they ever reached a shell unquoted."""
