@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cloudhpc.domain.jobs import Name, Resources
@@ -43,6 +43,9 @@ class SSHConfig(_Section):
     passphrase_file: Path | None = Field(
         default=None,
         description="file holding the key's passphrase (or set CLOUDHPC_SSH_PASSPHRASE); never logged",
+    )
+    passphrase: SecretStr | None = Field(
+        default=None, description="the key's passphrase inline (prefer passphrase_file); never logged or shown"
     )
     known_hosts: Path | None = Field(
         default=None,
