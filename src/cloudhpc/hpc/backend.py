@@ -49,8 +49,16 @@ class CommandRunner(Protocol):
     """Runs one command from an argument list. Implementations quote; callers never build shell strings."""
 
     async def run(
-        self, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None
-    ) -> CommandResult: ...
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        prelude: str = "",
+    ) -> CommandResult:
+        """`idempotent` commands (queries) may be re-run after a dropped connection; `prelude` is
+        trusted cluster configuration run before the command (e.g. `source /appl/profile/x.sh`)."""
 
 
 @runtime_checkable

@@ -1,0 +1,380 @@
+"""Cached Python environments on the cluster: built once per spec, then reused for a directory check.
+
+The original system ran `pip install` in every job (about 195 s per run). Here an environment spec
+(modules, a Python, pip packages, and the cluster prelude that shapes them) hashes to a directory
+`<workdir>/envs/<hash>/`. The first job that needs it builds it; every later job only checks that
+`<envdir>/.ready` exists (one SFTP stat) and gets the lines that activate it in its batch script.
+
+The build is one bash script written over SFTP with the requirements beside it as a file, so a
+package specifier never reaches a shell, and it runs under an exclusive `flock` on
+`<workdir>/envs/<hash>.lock`: two agents, or two jobs of one agent, never build the same
+environment together; the second waits and then finds it ready.
+
+The venv is built in place, in `<envdir>` itself, rather than in a temporary directory renamed at
+the end: a venv records its absolute path in `bin/activate` and in the `#!` line of every script
+pip installs, so a renamed venv activates the wrong directory and its scripts do not start. The
+all-or-nothing guarantee comes instead from the `.ready` marker, written last under the lock: a
+failed or interrupted build never has one, and the next build (under the same lock) removes what
+it left before starting again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from cloudhpc.domain.jobs import Environment
+from cloudhpc.exceptions import CommandTimeout, EnvironmentBuildError
+from cloudhpc.hpc.backend import CommandRunner, FileTransfer
+
+__all__ = [
+    "RESULT_MARKER",
+    "EnvSpec",
+    "EnvironmentCache",
+    "RunnerAndTransfer",
+    "activation_lines",
+    "normalise_requirement",
+    "render_build_script",
+]
+
+SPEC_FORMAT = 1
+"""Part of every hash: bump it when the build recipe changes so old environments are not reused."""
+
+RESULT_MARKER = "CLOUDHPC-ENV-RESULT"
+"""The build script's last word on stdout: `built <hash>`, `reused <hash>` or `failed <status>`."""
+
+_VERSION = re.compile(r"^[0-9]+(?:\.[0-9]+){0,2}$")
+_REQ_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(.*)$", re.DOTALL)
+_LOG_TAIL_LINES = 40
+
+Progress = Callable[[str], None]
+
+
+@runtime_checkable
+class RunnerAndTransfer(CommandRunner, FileTransfer, Protocol):
+    """What the cache needs from a cluster connection: `SSHConnection` and `LocalRunner` are both."""
+
+
+def normalise_requirement(spec: str) -> str:
+    """A pip requirement in a canonical spelling, so equivalent spellings hash alike.
+
+    The project name follows PEP 503 (`Foo_Bar` is `foo-bar`), extras are lower-cased, whitespace
+    in the version part goes, and a marker (after `;`) keeps single spaces. What is not a plain
+    `name...` requirement (a URL, a path) only has its whitespace collapsed.
+    """
+    text = spec.strip()
+    match = _REQ_NAME.match(text)
+    if match is None:
+        return " ".join(text.split())
+    name, rest = match.groups()
+    requirement, sep, marker = rest.partition(";")
+    requirement = "".join(requirement.split())
+    if requirement.startswith("["):
+        extras, bracket, tail = requirement[1:].partition("]")
+        if bracket:
+            requirement = "[" + ",".join(sorted(e.lower() for e in extras.split(",") if e)) + "]" + tail
+    canonical = re.sub(r"[-_.]+", "-", name).lower() + requirement
+    if sep:
+        canonical += "; " + " ".join(marker.split())
+    return canonical
+
+
+def _normalise_prelude(prelude: str) -> str:
+    lines = [line.rstrip() for line in prelude.replace("\r\n", "\n").split("\n")]
+    return "\n".join(lines).strip("\n")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What an environment is made of. Two specs with the same `spec_hash()` share one directory.
+
+    Module order is kept (loading `a` then `b` may differ from `b` then `a`); packages are a set
+    for pip, so they are deduplicated and sorted by their canonical spelling.
+    """
+
+    modules: list[str] = field(default_factory=list)
+    python: str | None = None
+    packages: list[str] = field(default_factory=list)
+    prelude: str = ""
+
+    @classmethod
+    def from_environment(cls, env: Environment, prelude: str = "") -> EnvSpec:
+        by_key: dict[str, str] = {}
+        for spec in env.packages:
+            by_key.setdefault(normalise_requirement(spec), spec.strip())
+        return cls(
+            modules=[m.strip() for m in env.modules],
+            python=env.python.strip() if env.python else None,
+            packages=[by_key[k] for k in sorted(by_key)],
+            prelude=_normalise_prelude(prelude),
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.modules or self.python or self.packages)
+
+    @property
+    def needs_venv(self) -> bool:
+        """Modules alone need nothing built: loading them is the whole environment."""
+        return bool(self.python or self.packages)
+
+    @property
+    def python_module(self) -> str | None:
+        """The module that provides Python, when `python` names one rather than a version."""
+        return self.python if self.python and not _VERSION.match(self.python) else None
+
+    @property
+    def interpreter(self) -> str:
+        """The command that creates the venv: `python3.11` for a version, else `python3`."""
+        if self.python and _VERSION.match(self.python):
+            return f"python{self.python}"
+        return "python3"
+
+    @property
+    def system_site_packages(self) -> bool:
+        """A module's Python (or a module stack) often ships packages the user means to use."""
+        return bool(self.python_module or self.modules)
+
+    @property
+    def modules_to_load(self) -> list[str]:
+        return [*self.modules, *([self.python_module] if self.python_module else [])]
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "format": SPEC_FORMAT,
+            "modules": [m.strip() for m in self.modules],
+            "python": self.python.strip() if self.python else None,
+            "packages": sorted({normalise_requirement(p) for p in self.packages}),
+            "prelude": _normalise_prelude(self.prelude),
+        }
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def requirements_txt(self) -> str:
+        """The packages as pip reads them from a file: one per line, exactly as the user wrote them."""
+        return "".join(f"{p}\n" for p in self.packages)
+
+    def summary(self) -> str:
+        parts = []
+        if self.modules_to_load:
+            parts.append("modules " + " ".join(self.modules_to_load))
+        parts.append(self.interpreter if not self.python_module else f"python from {self.python_module}")
+        if self.packages:
+            count = len(self.packages)
+            parts.append(f"pip install {count} package{'s' if count != 1 else ''}")
+        return ", ".join(parts)
+
+
+def activation_lines(spec: EnvSpec, envdir: str | None) -> list[str]:
+    """Batch-script lines that put a job in the environment: modules, then the venv (if any)."""
+    lines = [f"module load {shlex.quote(m)}" for m in spec.modules_to_load]
+    if envdir is not None and spec.needs_venv:
+        lines.append(f"source {shlex.quote(envdir.rstrip('/') + '/venv/bin/activate')}")
+    return lines
+
+
+def render_build_script(spec: EnvSpec, *, envs_dir: str, stage: str) -> str:
+    """The one script that builds (or, after waiting on the lock, reuses) the environment.
+
+    Every value is a `shlex.quote`d literal; the packages are read by pip from
+    `<stage>/requirements.txt`, and `spec.json` is copied from the stage as well.
+    """
+    h = spec.spec_hash()
+    q = shlex.quote
+    envdir = f"{envs_dir.rstrip('/')}/{h}"
+
+    def fail(message: str) -> str:
+        return f"fail {q(message)}"
+
+    steps: list[str] = ['fail() { echo "cloudhpc: $1" >&2; exit 1; }']
+    if spec.prelude:
+        steps += ["# cluster prelude", spec.prelude]
+    if spec.modules_to_load:
+        steps.append(
+            "type module >/dev/null 2>&1 || "
+            + fail(
+                "modules were asked for, but the `module` command is not available here "
+                "(the cluster prelude may need to set up the module system)"
+            )
+        )
+        steps += [f"module load {q(m)} || {fail(f'module load {m} failed')}" for m in spec.modules_to_load]
+    py = spec.interpreter
+    steps.append(
+        f"command -v {q(py)} >/dev/null 2>&1 || "
+        + fail(
+            f"{py} is not on PATH (after the prelude and modules): ask for a Python version installed "
+            "on this host, or for a module that provides one"
+        )
+    )
+    venv_flags = " --system-site-packages" if spec.system_site_packages else ""
+    steps.append(f'{q(py)} -m venv{venv_flags} "$envdir/venv" || {fail(f"{py} -m venv failed")}')
+    if spec.packages:
+        steps.append(
+            '"$envdir/venv/bin/python" -m pip install --disable-pip-version-check --no-input '
+            f'--requirement "$stage/requirements.txt" || {fail("pip install failed")}'
+        )
+
+    # Not indented: the prelude is the cluster's own text and may hold a here-document.
+    body = "\n".join(steps)
+    return f"""#!/bin/bash
+# cloudhpc: build of cached Python environment {h}; rendered by cloudhpc, do not edit.
+# Every value here is quoted; package specifiers are only in requirements.txt, read by pip.
+envdir={q(envdir)}
+stage={q(stage)}
+log={q(envdir + ".log")}
+trap 'rm -rf "$stage"' EXIT
+result() {{ echo "{RESULT_MARKER} $*"; }}
+command -v flock >/dev/null 2>&1 || {{ result failed 2; echo "cloudhpc: flock is not installed here"; exit 2; }}
+exec 9>>{q(envdir + ".lock")} || {{ result failed 2; echo "cloudhpc: cannot open the lock file"; exit 2; }}
+flock -x 9 || {{ result failed 2; echo "cloudhpc: cannot take the lock"; exit 2; }}
+if [ -f "$envdir/.ready" ]; then
+  result reused {h}
+  exit 0
+fi
+# One line per build attempt: how often this environment had to be built, and where.
+printf '%s %s %s\\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${{HOSTNAME:-unknown}}" "$$" >> {q(envdir + ".builds")}
+rm -rf "$envdir"
+mkdir -p "$envdir" || {{ result failed 2; echo "cloudhpc: cannot create $envdir"; exit 2; }}
+(
+{body}
+) </dev/null >"$log" 2>&1 9>&-
+status=$?
+if [ "$status" -eq 0 ]; then
+  cp "$stage/spec.json" "$stage/requirements.txt" "$envdir/" && touch "$envdir/.ready" || status=3
+fi
+if [ "$status" -ne 0 ]; then
+  rm -rf "$envdir"
+  result failed "$status"
+  tail -n {_LOG_TAIL_LINES} "$log"
+  exit 1
+fi
+result built {h}
+"""
+
+
+class EnvironmentCache:
+    """Builds environments on one cluster, at most once per spec, and returns how to activate them.
+
+    `runner` is the cluster connection (`SSHConnection`, or `LocalRunner` for the local backend).
+    `workdir` is cloudhpc's directory on the cluster (relative or `~/...` means under the home
+    directory); `prelude` is the cluster's prelude, part of every spec because it decides which
+    Python and modules a build sees.
+    """
+
+    def __init__(
+        self,
+        runner: RunnerAndTransfer,
+        *,
+        workdir: str,
+        prelude: str = "",
+        build_timeout: float = 3600.0,
+    ) -> None:
+        self._runner = runner
+        self._workdir = workdir
+        self._prelude = prelude
+        self._build_timeout = build_timeout
+        self._envs_dir: str | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def spec(self, env: Environment) -> EnvSpec:
+        return EnvSpec.from_environment(env, self._prelude)
+
+    async def envs_dir(self) -> str:
+        """`<workdir>/envs` as an absolute path (the batch script must not depend on its cwd)."""
+        if self._envs_dir is None:
+            workdir = self._workdir.rstrip("/") or "/"
+            if not workdir.startswith("/"):
+                home = (await self._runner.home()).rstrip("/")
+                rest = "" if workdir == "~" else workdir.removeprefix("~/")
+                workdir = f"{home}/{rest}" if rest else home
+            self._envs_dir = f"{workdir.rstrip('/')}/envs"
+        return self._envs_dir
+
+    async def envdir(self, env: Environment) -> str:
+        return f"{await self.envs_dir()}/{self.spec(env).spec_hash()}"
+
+    async def ensure(self, env: Environment, *, progress: Progress | None = None) -> list[str]:
+        """Make sure the environment exists on the cluster; return its activation lines.
+
+        Already built: one remote call (an SFTP stat of `.ready`). Empty, or modules only: no
+        remote call at all. Raises `EnvironmentBuildError` (with the build log's tail) on failure.
+        """
+        spec = self.spec(env)
+        if spec.is_empty:
+            return []
+        if not spec.needs_venv:
+            return activation_lines(spec, None)
+        envs = await self.envs_dir()
+        h = spec.spec_hash()
+        envdir = f"{envs}/{h}"
+        lines = activation_lines(spec, envdir)
+        if await self._runner.exists(f"{envdir}/.ready"):
+            return lines
+        # One build per spec from this process; other processes are kept out by the remote flock.
+        lock = self._locks.setdefault(h, asyncio.Lock())
+        async with lock:
+            if not await self._runner.exists(f"{envdir}/.ready"):
+                await self._build(spec, envs, progress)
+        return lines
+
+    async def _build(self, spec: EnvSpec, envs: str, progress: Progress | None) -> None:
+        h = spec.spec_hash()
+        stage = f"{envs}/.stage-{h}-{secrets.token_hex(4)}"
+        await self._runner.makedirs(stage, mode=0o700)
+        await self._runner.write_file(
+            f"{stage}/requirements.txt", spec.requirements_txt().encode(), mode=0o600
+        )
+        spec_json = json.dumps({**spec.canonical(), "hash": h}, indent=1, sort_keys=True) + "\n"
+        await self._runner.write_file(f"{stage}/spec.json", spec_json.encode(), mode=0o600)
+        script = render_build_script(spec, envs_dir=envs, stage=stage)
+        await self._runner.write_file(f"{stage}/build.sh", script.encode(), mode=0o700)
+
+        _tell(progress, f"building environment {h[:8]} ({spec.summary()})")
+        started = time.monotonic()
+        try:
+            result = await self._runner.run(["/bin/bash", f"{stage}/build.sh"], timeout=self._build_timeout)
+        except CommandTimeout as exc:
+            raise EnvironmentBuildError(
+                f"building environment {h} ({spec.summary()}) took more than {self._build_timeout:.0f} s; "
+                f"see {envs}/{h}.log on the cluster"
+            ) from exc
+        outcome, tail = _parse_result(result.stdout)
+        took = time.monotonic() - started
+        if result.exit_status == 0 and outcome == "built":
+            _tell(progress, f"environment {h[:8]} ready (built in {took:.1f} s)")
+            return
+        if result.exit_status == 0 and outcome == "reused":
+            _tell(progress, f"environment {h[:8]} ready (built meanwhile by another job)")
+            return
+        evidence = tail or result.stderr.strip() or result.stdout.strip() or "(no output)"
+        raise EnvironmentBuildError(
+            f"building environment {h} ({spec.summary()}) failed (exit {result.exit_status}); "
+            f"last lines of {envs}/{h}.log:\n{evidence}"
+        )
+
+
+def _tell(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _parse_result(stdout: str) -> tuple[str | None, str]:
+    """The build's outcome word and whatever it printed after it (the log tail, on failure)."""
+    lines = stdout.splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith(RESULT_MARKER + " "):
+            words = lines[index].split()
+            return (words[1] if len(words) > 1 else None), "\n".join(lines[index + 1 :]).strip()
+    return None, ""

@@ -1,0 +1,171 @@
+"""Cached environments built for real: on the testbed's login node over SSH, and on this machine.
+
+Each test gets its own work directory (`~/.cloudhpc-test/<uuid>` on the testbed, a pytest tmp dir
+locally) and removes it afterwards. Remote calls are counted by a thin wrapper that forwards every
+call to the real connection, to prove what the fast path costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cloudhpc.config import SSHConfig
+from cloudhpc.domain.jobs import Environment
+from cloudhpc.exceptions import EnvironmentBuildError
+from cloudhpc.hpc.backend import CommandResult
+from cloudhpc.hpc.envs import EnvironmentCache, RunnerAndTransfer
+from cloudhpc.hpc.local import LocalRunner
+from cloudhpc.hpc.ssh import SSHConnection
+
+SIX = Environment(packages=["six"])
+BROKEN = Environment(packages=["cloudhpc-no-such-package-zzz"])
+
+
+class CountingRunner:
+    """Forwards to a real runner and counts the calls that reach the cluster."""
+
+    def __init__(self, inner: RunnerAndTransfer) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        self.calls.append(f"run {shlex.join(argv)}")
+        return await self.inner.run(argv, stdin=stdin, timeout=timeout)
+
+    async def home(self) -> str:
+        self.calls.append("home")
+        return await self.inner.home()
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        self.calls.append(f"write {path}")
+        await self.inner.write_file(path, data, mode=mode)
+
+    async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        self.calls.append(f"read {path}")
+        return await self.inner.read_file(path, offset=offset, length=length)
+
+    async def exists(self, path: str) -> bool:
+        self.calls.append(f"exists {path}")
+        return await self.inner.exists(path)
+
+    async def size(self, path: str) -> int | None:
+        self.calls.append(f"size {path}")
+        return await self.inner.size(path)
+
+    async def makedirs(self, path: str, *, mode: int = 0o700) -> None:
+        self.calls.append(f"makedirs {path}")
+        await self.inner.makedirs(path, mode=mode)
+
+
+@dataclass
+class Site:
+    """A cluster connection and a fresh, absolute work directory on it."""
+
+    runner: RunnerAndTransfer
+    workdir: str
+
+    def cache(self, runner: RunnerAndTransfer | None = None) -> EnvironmentCache:
+        return EnvironmentCache(runner or self.runner, workdir=self.workdir, build_timeout=300)
+
+    async def text(self, path: str) -> str:
+        return (await self.runner.read_file(path)).decode()
+
+    async def listing(self, path: str) -> list[str]:
+        result = await self.runner.run(["ls", "-A", path])
+        assert result.ok, result
+        return result.stdout.split()
+
+
+@pytest.fixture(params=["ssh", "local"])
+async def site(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Site]:
+    if request.param == "local":
+        yield Site(LocalRunner(home=tmp_path), str(tmp_path / "work dir"))
+        return
+    testbed_ssh: SSHConfig = request.getfixturevalue("testbed_ssh")
+    async with SSHConnection(testbed_ssh, cluster="testbed") as ssh:
+        workdir = f"{await ssh.home()}/.cloudhpc-test/{uuid.uuid4()} dir"
+        try:
+            yield Site(ssh, workdir)
+        finally:
+            await ssh.run(["rm", "-rf", workdir])
+
+
+async def test_first_ensure_builds_then_one_call_suffices(site: Site) -> None:
+    messages: list[str] = []
+    cache = site.cache()
+    lines = await cache.ensure(SIX, progress=messages.append)
+    envdir = await cache.envdir(SIX)
+    assert lines == [f"source {shlex.quote(envdir + '/venv/bin/activate')}"]
+    assert messages[0].startswith(f"building environment {envdir[-16:][:8]} (python3, pip install 1 package)")
+    assert "ready (built in" in messages[-1]
+    assert {".ready", "spec.json", "requirements.txt", "venv"} <= set(await site.listing(envdir))
+    assert (await site.text(f"{envdir}/requirements.txt")) == "six\n"
+    assert len((await site.text(f"{envdir}.builds")).splitlines()) == 1
+    assert not [n for n in await site.listing(await cache.envs_dir()) if n.startswith(".stage-")]
+
+    # The activation lines really put a job in the environment.
+    probe = "\n".join([*lines, "python -c 'import six, sys; print(sys.prefix); print(six.__file__)'"])
+    result = await site.runner.run(["/bin/bash", "-c", probe])
+    assert result.ok, result
+    prefix, module = result.stdout.splitlines()
+    assert prefix == f"{envdir}/venv"
+    assert module.startswith(f"{envdir}/venv/")
+
+    # Fast path, from a fresh cache (a restarted agent): exactly one remote call, nothing built.
+    counting = CountingRunner(site.runner)
+    messages.clear()
+    assert await site.cache(counting).ensure(SIX, progress=messages.append) == lines
+    assert counting.calls == [f"exists {envdir}/.ready"]
+    assert messages == []
+    assert len((await site.text(f"{envdir}.builds")).splitlines()) == 1
+
+
+async def test_concurrent_ensures_build_once(site: Site) -> None:
+    # Two caches stand for two agents (or two processes): only the remote flock keeps them apart.
+    first, second = site.cache(), site.cache()
+    said: list[str] = []
+    lines = await asyncio.gather(
+        first.ensure(SIX, progress=said.append),
+        second.ensure(SIX, progress=said.append),
+    )
+    assert lines[0] == lines[1]
+    envdir = await first.envdir(SIX)
+    assert len((await site.text(f"{envdir}.builds")).splitlines()) == 1
+    assert sum("built in" in m for m in said) == 1
+    assert sum("built meanwhile by another job" in m for m in said) == 1
+    # And within one cache, concurrent calls share the build as well.
+    third = site.cache()
+    assert list(await asyncio.gather(third.ensure(SIX), third.ensure(SIX))) == [lines[0], lines[0]]
+    assert len((await site.text(f"{envdir}.builds")).splitlines()) == 1
+
+
+async def test_failed_build_leaves_nothing_to_reuse(site: Site) -> None:
+    cache = site.cache()
+    envdir = await cache.envdir(BROKEN)
+    envs = await cache.envs_dir()
+    with pytest.raises(EnvironmentBuildError) as caught:
+        await cache.ensure(BROKEN)
+    message = str(caught.value)
+    assert "pip install failed" in message
+    assert "cloudhpc-no-such-package-zzz" in message  # pip's own words, from the log tail
+    assert not await site.runner.exists(envdir)
+    assert not [n for n in await site.listing(envs) if n.startswith(".stage-")]
+    # Nothing was kept: the next attempt builds again (and fails again).
+    with pytest.raises(EnvironmentBuildError):
+        await site.cache().ensure(BROKEN)
+    assert len((await site.text(f"{envdir}.builds")).splitlines()) == 2
+    assert not await site.runner.exists(envdir)
+
+
+async def test_missing_python_version_fails_clearly(site: Site) -> None:
+    with pytest.raises(EnvironmentBuildError, match=r"python3\.99 is not on PATH"):
+        await site.cache().ensure(Environment(python="3.99"))

@@ -1,0 +1,168 @@
+"""EnvSpec hashing and normalisation, activation lines, the rendered build script (no servers)."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+from collections.abc import Sequence
+
+import pytest
+
+from cloudhpc.domain.jobs import Environment
+from cloudhpc.hpc.backend import CommandResult
+from cloudhpc.hpc.envs import (
+    EnvironmentCache,
+    EnvSpec,
+    activation_lines,
+    normalise_requirement,
+    render_build_script,
+)
+from tests.conftest import HOSTILE_STRINGS
+
+
+def spec(prelude: str = "", **fields: object) -> EnvSpec:
+    return EnvSpec.from_environment(Environment.model_validate(fields), prelude)
+
+
+def test_hash_is_stable_across_releases() -> None:
+    # A change here silently rebuilds every user's environments: bump SPEC_FORMAT on purpose only.
+    s = spec(python="3.11", packages=["six==1.16.0"])
+    assert (
+        s.canonical_json()
+        == '{"format":1,"modules":[],"packages":["six==1.16.0"],"prelude":"","python":"3.11"}'
+    )
+    assert s.spec_hash() == hashlib.sha256(s.canonical_json().encode()).hexdigest()[:16] == "d6385325fb3085b7"
+    assert len(spec(packages=["six"]).spec_hash()) == 16
+
+
+def test_package_order_and_spelling_do_not_matter() -> None:
+    a = spec(packages=["numpy>=1.26", "Six", "ray[default,Client]==2.9"])
+    b = spec(packages=[" six ", "ray[client, default] == 2.9", "numpy >= 1.26", "six"])
+    assert a.spec_hash() == b.spec_hash()
+    assert a.packages == ["numpy>=1.26", "ray[default,Client]==2.9", "Six"]  # sorted by canonical name
+    assert spec(packages=["Foo_Bar.baz"]).spec_hash() == spec(packages=["foo-bar-baz"]).spec_hash()
+
+
+def test_what_changes_the_environment_changes_the_hash() -> None:
+    base = spec(modules=["gcc/11", "openmpi"], python="3.11", packages=["six"])
+    assert (
+        spec(modules=["openmpi", "gcc/11"], python="3.11", packages=["six"]).spec_hash() != base.spec_hash()
+    )
+    assert (
+        spec(modules=["gcc/11", "openmpi"], python="3.12", packages=["six"]).spec_hash() != base.spec_hash()
+    )
+    assert (
+        spec(modules=["gcc/11", "openmpi"], python="3.11", packages=["six<2"]).spec_hash() != base.spec_hash()
+    )
+    with_prelude = spec(
+        "source /appl/profile.sh", modules=["gcc/11", "openmpi"], python="3.11", packages=["six"]
+    )
+    assert with_prelude.spec_hash() != base.spec_hash()
+    same_prelude = spec(
+        "source /appl/profile.sh  \r\n\n", modules=["gcc/11", "openmpi"], python="3.11", packages=["six"]
+    )
+    assert same_prelude.spec_hash() == with_prelude.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("Six", "six"),
+        ("  six >= 1.0 , <2 ", "six>=1.0,<2"),
+        ("Foo_Bar.Baz[B, a]==1", "foo-bar-baz[a,b]==1"),
+        ('pkg ; python_version  <  "3.12"', 'pkg; python_version < "3.12"'),
+        ("pkg @ https://example.org/pkg-1.0.tar.gz", "pkg@https://example.org/pkg-1.0.tar.gz"),
+        ("./local dir", "./local dir"),
+    ],
+)
+def test_normalise_requirement(raw: str, canonical: str) -> None:
+    assert normalise_requirement(raw) == canonical
+
+
+def test_python_version_or_module() -> None:
+    version = spec(python="3.11")
+    assert (version.interpreter, version.python_module, version.system_site_packages) == (
+        "python3.11",
+        None,
+        False,
+    )
+    module = spec(python="python-data/3.10-23.07")
+    assert (module.interpreter, module.python_module, module.system_site_packages) == (
+        "python3",
+        "python-data/3.10-23.07",
+        True,
+    )
+    assert spec(packages=["six"]).interpreter == "python3"
+    assert spec(modules=["pytorch/2.0"], packages=["six"]).system_site_packages
+
+
+def test_activation_lines_are_quoted() -> None:
+    s = spec(modules=["gcc/11.2", "openmpi"], python="python-data/3.10", packages=["six"])
+    envdir = "/home/u s/it's $(here)/envs/abc"
+    lines = activation_lines(s, envdir)
+    assert lines == [
+        "module load gcc/11.2",
+        "module load openmpi",
+        "module load python-data/3.10",
+        f"source {shlex.quote(envdir + '/venv/bin/activate')}",
+    ]
+    assert shlex.split(lines[-1]) == ["source", envdir + "/venv/bin/activate"]
+    assert activation_lines(spec(modules=["gcc"]), None) == ["module load gcc"]
+
+
+def test_build_script_never_holds_package_specs() -> None:
+    packages = [f"pkg{i} ; python_version > '{h}'" for i, h in enumerate(HOSTILE_STRINGS) if "\n" not in h]
+    s = spec(python="3.11", packages=packages)
+    script = render_build_script(s, envs_dir="/w/envs dir", stage="/w/envs dir/.stage-x")
+    for package in s.packages:
+        assert package not in script
+    assert '--requirement "$stage/requirements.txt"' in script
+    assert s.requirements_txt().splitlines() == s.packages
+    assert f"envdir={shlex.quote('/w/envs dir/' + s.spec_hash())}" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # it parses
+
+
+def test_build_script_loads_modules_and_uses_system_site_packages() -> None:
+    s = spec(modules=["gcc/11"], python="python-data/3.10", packages=["six"])
+    script = render_build_script(s, envs_dir="/w/envs", stage="/w/envs/.stage")
+    assert "module load gcc/11 ||" in script
+    assert "module load python-data/3.10 ||" in script
+    assert "python3 -m venv --system-site-packages" in script
+    plain = render_build_script(spec(python="3.11"), envs_dir="/w/envs", stage="/w/envs/.stage")
+    assert "module load" not in plain
+    assert 'python3.11 -m venv "$envdir/venv"' in plain
+    assert "pip install" not in plain
+
+
+class _RefusingRunner:
+    """Fails the test on any remote call: an empty or modules-only environment needs none."""
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        raise AssertionError(f"unexpected command {argv}")
+
+    async def home(self) -> str:
+        raise AssertionError("unexpected home()")
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        raise AssertionError("unexpected write")
+
+    async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        raise AssertionError("unexpected read")
+
+    async def exists(self, path: str) -> bool:
+        raise AssertionError("unexpected exists()")
+
+    async def size(self, path: str) -> int | None:
+        raise AssertionError("unexpected size()")
+
+    async def makedirs(self, path: str, *, mode: int = 0o700) -> None:
+        raise AssertionError("unexpected makedirs()")
+
+
+async def test_empty_and_module_only_environments_cost_no_remote_call() -> None:
+    cache = EnvironmentCache(_RefusingRunner(), workdir="~/.cloudhpc", prelude="source /x")
+    assert await cache.ensure(Environment()) == []
+    assert await cache.ensure(Environment(modules=["gcc/11"])) == ["module load gcc/11"]
