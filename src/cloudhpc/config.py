@@ -45,7 +45,8 @@ class SSHConfig(_Section):
         description="file holding the key's passphrase (or set CLOUDHPC_SSH_PASSPHRASE); never logged",
     )
     passphrase: SecretStr | None = Field(
-        default=None, description="the key's passphrase inline (prefer passphrase_file); never logged or shown"
+        default=None,
+        description="the key's passphrase inline (prefer passphrase_file); never logged or shown",
     )
     known_hosts: Path | None = Field(
         default=None,
@@ -127,6 +128,30 @@ class PorterConfig(_Section):
     object_store: str = Field(
         default="file://.cloudhpc/objects", description="file:// directory or s3:// bucket"
     )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for s3:// URLs when not AWS (e.g. https://a3s.fi for Allas); "
+        "credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    )
+    s3_region: str | None = Field(
+        default=None, description="S3 region for s3:// URLs (default: AWS_REGION, else us-east-1)"
+    )
+    mailbox: str | None = Field(
+        default=None,
+        description="s3:// URL of the mailbox shared with agents that cannot reach porter "
+        "(default: the object_store)",
+    )
+    mailbox_clusters: list[Name] = Field(
+        default=[],
+        description="clusters whose agent uses the S3 mailbox (submitter.channel: s3); porter relays for them",
+    )
+
+    @model_validator(mode="after")
+    def _mailbox_url(self) -> Self:
+        url = self.mailbox or self.object_store
+        if self.mailbox_clusters and not url.startswith(("s3://", "file://")):
+            raise ValueError("porter.mailbox must be an s3:// (or file://) URL")
+        return self
 
 
 class SubmitterConfig(_Section):
@@ -138,6 +163,27 @@ class SubmitterConfig(_Section):
     listen: str = Field(
         default="127.0.0.1:5556", description="host:port of the agent's health/metrics endpoint"
     )
+    mailbox: str | None = Field(
+        default=None,
+        description="s3://BUCKET/PREFIX of the mailbox porter relays (channel `s3`); the same URL as "
+        "porter.mailbox",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint of the mailbox when not AWS; credentials come from "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    )
+    s3_region: str | None = Field(
+        default=None, description="S3 region of the mailbox (default: AWS_REGION, else us-east-1)"
+    )
+
+    @model_validator(mode="after")
+    def _mailbox_for_s3(self) -> Self:
+        if self.channel == "s3" and not self.mailbox:
+            raise ValueError("submitter.mailbox (an s3://BUCKET/PREFIX URL) is required with channel `s3`")
+        if self.mailbox is not None and not self.mailbox.startswith(("s3://", "file://")):
+            raise ValueError("submitter.mailbox must be an s3:// (or file://) URL")
+        return self
 
 
 def _default_clusters() -> dict[str, ClusterConfig]:

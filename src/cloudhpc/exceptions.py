@@ -20,7 +20,11 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     │   ├── JobNotFound
     │   └── ParseError
     ├── EnvironmentBuildError
-    └── StoreError
+    ├── StoreError
+    │   ├── IdempotencyConflict
+    │   └── UnknownJob
+    └── StorageError
+        └── ObjectNotFound
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ __all__ = [
     "ConfigError",
     "EnvironmentBuildError",
     "HostKeyError",
+    "IdempotencyConflict",
     "InvalidTransition",
     "JobNotFound",
+    "ObjectNotFound",
     "OutputTooLarge",
     "ParseError",
     "QuotaExceeded",
@@ -44,8 +50,10 @@ __all__ = [
     "SSHError",
     "SchedulerCommandError",
     "SchedulerError",
+    "StorageError",
     "StoreError",
     "SubmitRejected",
+    "UnknownJob",
 ]
 
 
@@ -126,3 +134,19 @@ class EnvironmentBuildError(CloudHPCError):
 
 class StoreError(CloudHPCError):
     """The job store could not complete an operation."""
+
+
+class IdempotencyConflict(StoreError):
+    """An idempotency key was reused by the same owner with a different job spec."""
+
+
+class UnknownJob(StoreError):
+    """The store has no job with this id (it never existed, or retention removed it)."""
+
+
+class StorageError(CloudHPCError):
+    """The object store (S3 or a local directory) refused or failed an operation, or a key was unsafe."""
+
+
+class ObjectNotFound(StorageError):
+    """No object has this key (never written, deleted, or removed by retention)."""

@@ -112,7 +112,11 @@ def test_secrets_json_becomes_the_mahti_cluster(tmp_path: Path) -> None:
     mahti = settings.clusters["mahti"]
     assert mahti.backend == "slurm"
     assert mahti.ssh is not None
-    assert (mahti.ssh.user, mahti.ssh.host, str(mahti.ssh.key_file)) == ("alice", "mahti.example.org", "/keys/mahti")
+    assert (mahti.ssh.user, mahti.ssh.host, str(mahti.ssh.key_file)) == (
+        "alice",
+        "mahti.example.org",
+        "/keys/mahti",
+    )
     assert mahti.ssh.passphrase is not None
     assert mahti.ssh.passphrase.get_secret_value() == "s3cr3t-phrase"
     assert "s3cr3t-phrase" not in repr(settings)

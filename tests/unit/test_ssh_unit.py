@@ -74,6 +74,9 @@ def test_command_name_is_the_program_basename() -> None:
     assert command_name(["/usr/bin/sbatch", "--parsable"]) == "sbatch"
     assert command_name(["squeue"]) == "squeue"
     assert command_name([]) == "?"
+    assert command_name(["env", "SLURM_TIME_FORMAT=%s", "squeue", "-h"]) == "squeue"
+    assert command_name(["/usr/bin/env", "A=1", "B=2", "/usr/bin/sacct"]) == "sacct"
+    assert command_name(["env"]) == "env"
 
 
 # --------------------------------------------------------------------------- error translation

@@ -1,22 +1,436 @@
-"""The `cloudhpc` command. A thin layer: parse arguments, call the SDK or the servers, print."""
+"""The `cloudhpc` command. A thin layer: parse arguments, call the SDK or the servers, print.
+
+Exit codes: 0 ok, 1 the job failed (or the API refused), 2 usage or configuration error.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from cloudhpc.client import ApiError, Client, default_client
+from cloudhpc.config import Settings, load_settings
+from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import CloudHPCError, ConfigError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run SLURM and Ray jobs from the cloud.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Submit and follow jobs.")
+clusters_app = typer.Typer(no_args_is_help=True, help="Clusters known to porter.")
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens (run where porter's database is).")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(clusters_app, name="clusters")
+app.add_typer(tokens_app, name="tokens")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="cloudhpc.yaml (default: $CLOUDHPC_CONFIG)")]
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="CLOUDHPC_URL", help="porter URL")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]ConfigError[/red]: {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def _client(url: str | None) -> Client:
+    return default_client(url)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return job.model_dump(mode="json", by_alias=True)
+
+
+def _elapsed(job: Job) -> str:
+    if job.started_at is None:
+        return "-"
+    end = job.ended_at.timestamp() if job.ended_at else time.time()
+    return f"{int(end - job.started_at.timestamp())}s"
+
+
+def _jobs_table(jobs: list[Job]) -> Table:
+    table = Table("ID", "NAME", "CLUSTER", "KIND", "STATE", "SLURM ID", "EXIT", "ELAPSED", "REASON")
+    for job in jobs:
+        table.add_row(
+            str(job.id),
+            job.name,
+            job.cluster,
+            job.kind.value,
+            job.state.value,
+            job.slurm_job_id or "-",
+            "-" if job.exit_code is None else str(job.exit_code),
+            _elapsed(job),
+            (job.reason or "")[:60],
+        )
+    return table
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+
+class Role(StrEnum):
+    porter = "porter"
+    submitter = "submitter"
+    all = "all"
+
+
+@app.command()
+def serve(
+    role: Annotated[Role, typer.Argument(help="porter, submitter, or all (both in one process)")],
+    config: ConfigOpt = None,
+    secrets: Annotated[
+        Path | None,
+        typer.Option("--secrets", help="the original secrets.json (submitter): a cluster named mahti"),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", envvar="CLOUDHPC_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run porter, the submitter agent, or both."""
+    from cloudhpc.submitter import service
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(config)
+    if secrets is not None:
+        from cloudhpc.secrets_json import apply_secrets_json
+
+        try:
+            settings = apply_secrets_json(settings, secrets)
+        except ConfigError as exc:
+            err.print(f"ConfigError: {exc}", highlight=False)
+            raise typer.Exit(2) from exc
+    runner = {
+        Role.porter: service.serve_porter,
+        Role.submitter: service.serve_submitter,
+        Role.all: service.serve_all,
+    }
+    try:
+        asyncio.run(runner[role](settings))
+    except ConfigError as exc:
+        err.print(f"ConfigError: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+# ---- jobs --------------------------------------------------------------------------------------
+
+
+def _load_spec(file: Path | None, overrides: dict[str, Any]) -> JobSpec:
+    body: dict[str, Any] = {}
+    if file is not None:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            err.print(f"{file}: a job spec must be a mapping (YAML or JSON)")
+            raise typer.Exit(2)
+        body = loaded
+    body.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return JobSpec.model_validate(body)
+    except ValidationError as exc:
+        for e in exc.errors():
+            err.print(
+                f"invalid job spec: {'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}", highlight=False
+            )
+        raise typer.Exit(2) from exc
+
+
+def _status_line(job: Job, started: float) -> str:
+    queued = "-"
+    if job.submitted_at and job.started_at:
+        queued = f"{int(job.started_at.timestamp() - job.submitted_at.timestamp())}s"
+    return (
+        f"{job.name} {job.id}  state={job.state.value}  slurm={job.slurm_job_id or '-'}  "
+        f"queue={queued}  run={_elapsed(job)}  waited={int(time.monotonic() - started)}s"
+    )
+
+
+def _wait_and_report(client: Client, job: Job, output: Output, timeout: float | None) -> None:
+    started = time.monotonic()
+    if output == Output.json or not sys.stderr.isatty():
+        final = client.wait(
+            job, timeout=timeout, on_change=lambda j: err.print(_status_line(j, started), highlight=False)
+        )
+    else:
+        with err.status(_status_line(job, started)) as status:
+            final = client.wait(
+                job, timeout=timeout, on_change=lambda j: status.update(_status_line(j, started))
+            )
+    if output == Output.json:
+        _print_json(_job_json(final))
+    else:
+        err.print(_status_line(final, started), highlight=False)
+    if not final.state.terminal:
+        err.print(
+            f"still {final.state.value} after {timeout}s; `cloudhpc jobs wait {final.id}` continues waiting"
+        )
+        raise typer.Exit(1)
+    if final.state != JobState.COMPLETED:
+        err.print(
+            f"job {final.id} ended {final.state.value}: {final.reason or ''}  (see `cloudhpc jobs logs {final.id}`)"
+        )
+        raise typer.Exit(1)
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    file: Annotated[Path | None, typer.Argument(help="job spec (YAML or JSON)")] = None,
+    name: Annotated[str | None, typer.Option(help="job name")] = None,
+    cluster: Annotated[str | None, typer.Option(help="cluster name")] = None,
+    script: Annotated[Path | None, typer.Option(help="batch script file (kind batch)")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="resubmitting with the same key returns the same job")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="with --wait: give up after this many seconds")
+    ] = None,
+    url: UrlOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Submit a job from a spec file and/or options."""
+    overrides: dict[str, Any] = {"name": name, "cluster": cluster}
+    if script is not None:
+        overrides["script"] = script.read_text(encoding="utf-8")
+    spec = _load_spec(file, overrides)
+    with _client(url) as client:
+        job = client.submit(spec, idempotency_key=idempotency_key)
+        if wait:
+            _wait_and_report(client, job, output, timeout)
+            return
+    if output == Output.json:
+        _print_json(_job_json(job))
+    else:
+        out.print(str(job.id))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
+    cluster: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    url: UrlOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List your jobs, newest first."""
+    with _client(url) as client:
+        jobs = client.list(state=state, cluster=cluster, name=name)
+    if output == Output.json:
+        _print_json([_job_json(j) for j in jobs])
+    else:
+        out.print(_jobs_table(jobs))
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+    """Show one job."""
+    with _client(url) as client:
+        job = client.get(job_id)
+    if output == Output.json:
+        _print_json(_job_json(job))
+    else:
+        out.print(_jobs_table([job]))
+
+
+@jobs_app.command("wait")
+def jobs_wait(
+    job_id: str,
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    url: UrlOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Wait for a job to end, showing its state; exit 1 unless it completed."""
+    with _client(url) as client:
+        _wait_and_report(client, client.get(job_id), output, timeout)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+    """Ask for a job to be cancelled (honoured in any non-terminal state)."""
+    with _client(url) as client:
+        job = client.cancel(job_id)
+    if output == Output.json:
+        _print_json(_job_json(job))
+    else:
+        out.print(f"{job.id}: cancel requested (state {job.state.value})")
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
+    offset: Annotated[int, typer.Option(help="start at this byte")] = 0,
+    url: UrlOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Print the job's output (stdout and stderr)."""
+    with _client(url) as client:
+        if follow:
+            for data in client.follow_logs(job_id, offset=offset):
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            return
+        chunk = client.logs(job_id, offset=offset)
+    if output == Output.json:
+        _print_json(
+            {
+                "data": chunk.data.decode(errors="replace"),
+                "next_offset": chunk.next_offset,
+                "complete": chunk.complete,
+            }
+        )
+    else:
+        sys.stdout.buffer.write(chunk.data)
+
+
+@jobs_app.command("accounting")
+def jobs_accounting(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+    """Show sacct records and efficiency (available once the job has ended)."""
+    with _client(url) as client:
+        record = client.accounting(job_id)
+    if output == Output.json:
+        _print_json(record)
+        return
+    eff = record.get("efficiency") or {}
+    table = Table("STEP", "STATE", "EXIT", "ELAPSED", "CPU TIME", "CPUS", "MAX RSS", "NODES")
+    for row in record.get("records", []):
+        table.add_row(
+            str(row.get("step") or "(job)"),
+            str(row.get("state")),
+            str(row.get("exit_code")),
+            f"{row.get('elapsed_seconds')}s",
+            f"{row.get('total_cpu_seconds')}s",
+            str(row.get("alloc_cpus")),
+            str(row.get("max_rss_bytes")),
+            str(row.get("node_list")),
+        )
+    out.print(table)
+
+    def pct(value: Any) -> str:
+        return "-" if value is None else f"{100 * float(value):.1f}%"
+
+    out.print(
+        f"CPU efficiency {pct(eff.get('cpu_efficiency'))}, memory efficiency "
+        f"{pct(eff.get('memory_efficiency'))} (from {eff.get('source', '-')})"
+    )
+
+
+# ---- clusters ----------------------------------------------------------------------------------
+
+
+@clusters_app.command("list")
+def clusters_list(url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+    """Clusters porter knows, with the liveness of their agents."""
+    with _client(url) as client:
+        clusters = client.clusters()
+    if output == Output.json:
+        _print_json(clusters)
+        return
+    table = Table("NAME", "BACKEND", "AGENT ONLINE", "AGENT LAST SEEN")
+    for c in clusters:
+        table.add_row(
+            c["name"],
+            str(c.get("backend") or "-"),
+            "yes" if c["agent_online"] else "no",
+            str(c["agent_last_seen"]),
+        )
+    out.print(table)
+
+
+@clusters_app.command("check")
+def clusters_check(
+    name: Annotated[str | None, typer.Argument(help="one cluster (default: all configured)")] = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Connect to each configured cluster from here and run a harmless SLURM query."""
+    from cloudhpc.cli.check import check_clusters
+
+    settings = _settings(config)
+    results = asyncio.run(check_clusters(settings, name))
+    if output == Output.json:
+        _print_json(results)
+    else:
+        for r in results:
+            mark = "[green]ok[/green]" if r["ok"] else "[red]FAILED[/red]"
+            out.print(f"{r['cluster']}: {mark} {r['detail']}")
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+@tokens_app.command("create")
+def tokens_create(
+    user: Annotated[str, typer.Option(help="who the token is for")],
+    role: Annotated[str, typer.Option(help="user, agent or admin")] = "user",
+    cluster: Annotated[
+        list[str] | None, typer.Option(help="agent tokens: a cluster it may serve (repeat)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a token in porter's database and print it once (it is stored only as a hash)."""
+    from cloudhpc.store import Store
+
+    if role not in ("user", "agent", "admin"):
+        err.print(f"--role: {role!r} is not one of user, agent, admin")
+        raise typer.Exit(2)
+    if role == "agent" and not cluster:
+        err.print("--cluster: an agent token must name the cluster(s) it serves")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    store = Store(settings.porter.database)
+    try:
+        store.migrate()
+        token = store.create_token(user, role, list(cluster or []))
+    finally:
+        store.close()
+    sys.stdout.write(token + "\n")
+
+
+# ---- demo --------------------------------------------------------------------------------------
 
 
 @app.command()
 def demo() -> None:
-    """Run a small job on the embedded default (serve all + the local cluster)."""
-    typer.echo(
-        "cloudhpc demo: not available yet; the control plane (porter, agent, CLI) is still being built."
-    )
-    raise typer.Exit(code=1)
+    """Start `serve all` on the embedded default, run a small job on the local cluster, show the result."""
+    from cloudhpc.cli.demo import run_demo
+
+    raise typer.Exit(run_demo())
 
 
 def main() -> None:
-    sys.exit(app())
+    try:
+        app()
+    except ApiError as exc:
+        err.print(f"ApiError: {exc}", highlight=False)
+        if exc.status == 0:
+            sys.exit(2)
+        sys.exit(1)
+    except CloudHPCError as exc:
+        err.print(f"{type(exc).__name__}: {exc}", highlight=False)
+        sys.exit(1)

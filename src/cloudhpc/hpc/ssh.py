@@ -96,10 +96,16 @@ def build_command_line(argv: Sequence[str], prelude: str = "") -> str:
 
 
 def command_name(argv: Sequence[str]) -> str:
-    """The label used in logs and metrics: the basename of the program."""
-    if not argv:
-        return "?"
-    return posixpath.basename(argv[0]) or argv[0]
+    """The label used in logs and metrics: the basename of the program, looking through an `env`
+    prefix (`env SLURM_TIME_FORMAT=%s squeue ...` is `squeue`), so metric labels stay meaningful."""
+    words = list(argv)
+    if words and posixpath.basename(words[0]) == "env":
+        words = words[1:]
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            words = words[1:]
+    if not words:
+        return "env" if argv else "?"
+    return posixpath.basename(words[0]) or words[0]
 
 
 # --------------------------------------------------------------------------- error translation

@@ -1,0 +1,120 @@
+"""`cloudhpc demo`: the whole flow on the embedded default, with nothing configured.
+
+Starts `cloudhpc serve all` (SQLite, local object store, the `local` cluster) as a child process on
+a free loopback port, submits a small batch job through the SDK, follows it, prints its output and
+accounting, and stops the server it started (by PID).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cloudhpc.client import ApiError, Client
+
+__all__ = ["run_demo"]
+
+DEMO_SCRIPT = """\
+echo "hello from cloudhpc job $CLOUDHPC_JOB_ID on $(hostname)"
+python3 - <<'PY'
+import math, time
+start = time.time()
+total = sum(math.sqrt(i) for i in range(3_000_000))
+print(f"computed a sum of square roots: {total:.1f} in {time.time() - start:.2f}s")
+PY
+echo "GREETING=$GREETING"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
+    console = Console(stderr=True)
+    port = _free_port()
+    env = {**os.environ, "CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}"}
+    env.pop("CLOUDHPC_CONFIG", None)
+    log_path = state_dir / "demo-server.log"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]1/4[/bold] starting `cloudhpc serve all` on 127.0.0.1:{port}")
+    console.print(f"      server log: {log_path}", soft_wrap=True)
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cloudhpc", "serve", "all"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        token_file = state_dir / "admin-token"
+        deadline = time.monotonic() + 60
+        client: Client | None = None
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                console.print(f"[red]the server exited ({server.returncode}); see {log_path}[/red]")
+                return 1
+            if token_file.exists():
+                candidate = Client(f"http://127.0.0.1:{port}", token_file.read_text().strip())
+                try:
+                    if any(c["agent_online"] for c in candidate.clusters()):
+                        client = candidate
+                        break
+                except ApiError:
+                    pass
+                candidate.close()
+            time.sleep(0.2)
+        if client is None:
+            console.print(f"[red]the server did not become ready in 60 s; see {log_path}[/red]")
+            return 1
+        with client:
+            console.print("[bold]2/4[/bold] submitting a batch job to the `local` cluster")
+            job = client.submit(
+                {
+                    "name": "demo",
+                    "cluster": "local",
+                    "script": DEMO_SCRIPT,
+                    "env": {"GREETING": "hello; $(not run)"},
+                }
+            )
+            console.print(f"      job {job.id}")
+            console.print("[bold]3/4[/bold] following it")
+            final = client.wait(
+                job, timeout=120, on_change=lambda j: console.print(f"      state: {j.state.value}")
+            )
+            console.print("[bold]4/4[/bold] output and accounting")
+            sys.stdout.write(client.logs(final).data.decode(errors="replace"))
+            accounting = None
+            for _ in range(50):
+                try:
+                    accounting = client.accounting(final)
+                    break
+                except ApiError:
+                    time.sleep(0.2)
+            if accounting is not None:
+                eff = accounting.get("efficiency", {})
+                rows = accounting.get("records", [])
+                elapsed = rows[0].get("elapsed_seconds") if rows else None
+                cpu = eff.get("cpu_efficiency")
+                cpu_text = "-" if cpu is None else f"{100 * float(cpu):.1f}%"
+                console.print(
+                    f"      elapsed {elapsed}s, exit code {final.exit_code}, CPU efficiency {cpu_text}"
+                )
+            console.print(f"job ended [bold]{final.state.value}[/bold]")
+            return 0 if final.state.value == "completed" else 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()

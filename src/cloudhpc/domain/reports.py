@@ -1,0 +1,34 @@
+"""What an agent tells porter about a job: the observed half of the job record.
+
+The submitter is the single writer of these facts (ARCHITECTURE §2). Reports can arrive late,
+twice, or out of order (retries, the S3 mailbox, an agent restart), so each carries a sequence
+number and porter applies a report only when its number is higher than the last one applied.
+The agent must keep `seq` increasing across its own restarts (for example by deriving it from
+the wall clock), since it keeps no state of its own.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from cloudhpc.domain.states import JobState
+
+__all__ = ["JobReport"]
+
+
+class JobReport(BaseModel):
+    """One observation of one job. A field left `None` means "not known", never "clear it"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: UUID
+    seq: int = Field(ge=1, le=2**63 - 1, description="strictly increasing per job; stale reports are ignored")
+    state: JobState
+    slurm_job_id: str | None = Field(default=None, max_length=64)
+    reason: str | None = Field(default=None, max_length=4096)
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    submitted_at: AwareDatetime | None = None
+    started_at: AwareDatetime | None = None
+    ended_at: AwareDatetime | None = None

@@ -1,0 +1,64 @@
+"""Bearer-token authentication and the role rules of the API.
+
+Tokens are looked up by their SHA-256 in the store, so porter never holds a plaintext token beyond
+the request. Roles: `user` acts on its own jobs, `agent` only on the agent routes of the clusters it
+is bound to, `admin` on everything.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from cloudhpc.porter.errors import ApiError
+from cloudhpc.porter.state import PorterState
+from cloudhpc.store import Principal
+
+__all__ = ["AgentPrincipal", "UserPrincipal", "authenticate", "require_agent_for", "require_user"]
+
+
+def _state(request: Request) -> PorterState:
+    state: PorterState = request.app.state.porter
+    return state
+
+
+def authenticate(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing bearer token: send `Authorization: Bearer <token>` "
+            "(create one with `cloudhpc tokens create --user NAME`)",
+        )
+    principal = _state(request).store.verify_token(token.strip())
+    if principal is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked token")
+    return principal
+
+
+def require_user(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """User routes: people and admins. Agent tokens are for the agent protocol only."""
+    if principal.role not in ("user", "admin"):
+        raise ApiError(403, "forbidden", f"a {principal.role} token cannot use the user API")
+    return principal
+
+
+def require_agent(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    if principal.role not in ("agent", "admin"):
+        raise ApiError(403, "forbidden", "the agent API needs an agent token")
+    return principal
+
+
+def require_agent_for(principal: Principal, cluster: str) -> None:
+    """An agent acts only for the clusters its token is bound to."""
+    if principal.role == "admin":
+        return
+    if cluster not in (principal.clusters or []):
+        raise ApiError(403, "forbidden", f"this agent token is not bound to cluster {cluster!r}")
+
+
+UserPrincipal = Annotated[Principal, Depends(require_user)]
+AgentPrincipal = Annotated[Principal, Depends(require_agent)]

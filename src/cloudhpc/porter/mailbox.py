@@ -1,0 +1,370 @@
+"""porter's side of the S3 mailbox: relays between the job store and agents that cannot reach porter.
+
+For each mailbox cluster, every `interval` seconds, `MailboxRelay`:
+
+1. applies the agent's `up/` objects written after its cursor, in key (= time) order: reports
+   through `Store.apply_report` (stale seq numbers are ignored there), output through
+   `Store.append_output` (idempotent by offset), accounting, heartbeats. The cursor is saved in a
+   key only porter writes, so a restarted porter resumes where it stopped;
+2. claims the cluster's new work in the store (so no HTTP agent takes it too) and, when the
+   cluster's desired state changed, publishes a snapshot under `down/`, with the last applied up
+   key as `ack` so the agent can delete what was read; older snapshots are deleted.
+
+Run one relay per mailbox cluster (one porter replica): the cursor key has one writer.
+The mailbox is as trustworthy as the bucket's credentials: whoever can write `up/` speaks for the
+cluster's agent. A report for a job of another cluster is refused, as the HTTP routes refuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from cloudhpc.config import Settings
+from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import CloudHPCError, ObjectNotFound, UnknownJob
+from cloudhpc.porter.state import Notifier, cluster_key, job_key
+from cloudhpc.storage import ObjectStore, open_object_store
+from cloudhpc.storage.mailbox import (
+    AccountingMessage,
+    HeartbeatMessage,
+    KeyClock,
+    OutputMessage,
+    PorterCursor,
+    ReportMessage,
+    Snapshot,
+    UpBatch,
+    cursor_key,
+    down_key,
+    down_prefix,
+    key_time_ns,
+    up_prefix,
+)
+from cloudhpc.store import Store
+
+__all__ = ["MailboxRelay", "mailbox_relay"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Cluster:
+    """What the relay knows about one cluster's mailbox between ticks."""
+
+    name: str
+    loaded: bool = False
+    cursor: str | None = None
+    claims: set[UUID] = field(default_factory=set)
+    saved: PorterCursor | None = None
+    clock: KeyClock = field(default_factory=KeyClock)
+    fingerprint: str | None = None
+    published_ack: str | None = None
+    last_publish: float = 0.0
+    owned: set[UUID] = field(default_factory=set)
+    failing_since: float | None = None
+    last_failure_log: float = 0.0
+
+
+class MailboxRelay:
+    """`MailboxRelay(store, object_store, ["mahti"])`; `await relay.run()` until `stop()`.
+
+    `tick()` does one pass over every cluster (tests drive it directly). Store and object-store
+    calls block, so each cluster's pass runs in a worker thread and never stalls porter's loop.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        object_store: ObjectStore,
+        clusters: Sequence[str],
+        interval: float = 0.5,
+        *,
+        lease_seconds: float = 30.0,
+        ack_interval: float = 2.0,
+        keep_snapshots: int = 3,
+        heartbeat_max_age: float = 120.0,
+        batch: int = 100,
+        on_change: Callable[[UUID], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.object_store = object_store
+        self.interval = interval
+        self.lease_seconds = lease_seconds
+        self.ack_interval = ack_interval
+        self.keep_snapshots = max(1, keep_snapshots)
+        self.heartbeat_max_age = heartbeat_max_age
+        self.batch = batch
+        self.on_change = on_change
+        self._clusters = {name: _Cluster(name) for name in clusters}
+        for name in clusters:
+            up_prefix(name)  # validates the name before anything runs
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.applied: Counter[str] = Counter()
+        """Up objects read past (applied, or skipped as unreadable), per cluster."""
+        self.published: Counter[str] = Counter()
+        """Snapshots published, per cluster."""
+
+    def __repr__(self) -> str:
+        return f"MailboxRelay({sorted(self._clusters)}, {self.object_store!r})"
+
+    @staticmethod
+    def agent_name(cluster: str) -> str:
+        """The lease owner recorded in the store for jobs handed to the mailbox."""
+        return f"mailbox:{cluster}"
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("mailbox relay started for %s", ", ".join(sorted(self._clusters)))
+        while not self._stopping.is_set():
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def poke(self) -> None:
+        """Run the next pass now (a job was submitted or cancelled) instead of at the next interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def tick(self) -> None:
+        """One pass over every cluster; a failing cluster is logged and retried next tick."""
+        for state in self._clusters.values():
+            try:
+                changed = await asyncio.to_thread(self._tick, state)
+            except Exception as exc:
+                self._failed(state, exc)
+                continue
+            if state.failing_since is not None:
+                log.info(
+                    "mailbox %s: working again after %.0f s",
+                    state.name,
+                    time.monotonic() - state.failing_since,
+                )
+                state.failing_since = None
+            if self.on_change is not None:
+                for job_id in changed:
+                    self.on_change(job_id)
+
+    def _failed(self, state: _Cluster, exc: Exception) -> None:
+        """Log the first failure of a streak, then once a minute: S3 or the database may be down for
+        a while and a line every half second would bury everything else."""
+        now = time.monotonic()
+        if state.failing_since is None:
+            state.failing_since = now
+        elif now - state.last_failure_log < 60:
+            return
+        state.last_failure_log = now
+        if isinstance(exc, CloudHPCError):
+            log.warning("mailbox %s: relay pass failed (%s); retrying", state.name, exc)
+        else:
+            log.error("mailbox %s: relay pass failed unexpectedly; retrying", state.name, exc_info=exc)
+
+    # ---- one pass (in a worker thread) -------------------------------------------------------
+
+    def _tick(self, state: _Cluster) -> set[UUID]:
+        if not state.loaded:
+            self._load(state)
+        changed: set[UUID] = set()
+        try:
+            self._read_up(state, changed)
+        finally:
+            # Progress made before an error is kept; it is re-applied harmlessly if this save fails.
+            self._save_cursor(state)
+        self._publish_if_changed(state)
+        self._save_cursor(state)
+        return changed
+
+    def _load(self, state: _Cluster) -> None:
+        try:
+            saved = PorterCursor.model_validate_json(self.object_store.get(cursor_key(state.name)))
+        except ObjectNotFound:
+            saved = PorterCursor()
+        except ValidationError as exc:
+            log.error("mailbox %s: unreadable cursor ignored, re-reading the mailbox (%s)", state.name, exc)
+            saved = PorterCursor()
+        state.cursor, state.claims, state.saved = saved.cursor, set(saved.claims), saved
+        # Snapshot keys must keep increasing across restarts, whatever this machine's clock says.
+        for key in self._list_all(down_prefix(state.name)):
+            state.clock.observe(key_time_ns(key))
+        state.loaded = True
+        log.info("mailbox %s: resuming after %s", state.name, state.cursor or "(the beginning)")
+
+    def _list_all(self, prefix: str, start_after: str | None = None) -> list[str]:
+        keys: list[str] = []
+        while True:
+            page = self.object_store.list(prefix, start_after=start_after, limit=1000)
+            keys += page
+            if len(page) < 1000:
+                return keys
+            start_after = page[-1]
+
+    def _save_cursor(self, state: _Cluster) -> None:
+        current = PorterCursor(cursor=state.cursor, claims=sorted(state.claims))
+        if current != state.saved:
+            self.object_store.put(
+                cursor_key(state.name), current.model_dump_json().encode(), content_type="application/json"
+            )
+            state.saved = current
+
+    # ---- (a) the agent's messages -------------------------------------------------------------
+
+    def _read_up(self, state: _Cluster, changed: set[UUID]) -> None:
+        prefix = up_prefix(state.name)
+        while True:
+            keys = self.object_store.list(prefix, start_after=state.cursor, limit=self.batch)
+            for key in keys:
+                self._apply_object(state, key, changed)
+                state.cursor = key
+                self.applied[state.name] += 1
+            if len(keys) < self.batch:
+                return
+
+    def _apply_object(self, state: _Cluster, key: str, changed: set[UUID]) -> None:
+        if key_time_ns(key) is None:
+            log.warning("mailbox %s: skipping %s, not a message key", state.name, key)
+            return
+        try:
+            batch = UpBatch.model_validate_json(self.object_store.get(key))
+        except ObjectNotFound:
+            return  # deleted by the agent: it was acked, so applied before
+        except ValidationError as exc:
+            # Skipped, not retried forever: one bad object must not block the mailbox.
+            log.error("mailbox %s: skipping malformed %s: %s", state.name, key, exc)
+            return
+        actor = self.agent_name(state.name)
+        for message in batch.messages:
+            if isinstance(message, HeartbeatMessage):
+                age = (datetime.now(UTC) - message.at).total_seconds()
+                if age <= self.heartbeat_max_age:  # an old one read after a porter outage says nothing
+                    self.store.touch_agent(state.name, message.agent)
+                continue
+            job_id = message.report.job_id if isinstance(message, ReportMessage) else message.job_id
+            if not self._owns(state, job_id, key):
+                continue
+            try:
+                if isinstance(message, ReportMessage):
+                    if self.store.apply_report(message.report, actor=actor) is not None:
+                        changed.add(job_id)
+                elif isinstance(message, OutputMessage):
+                    self.store.append_output(job_id, message.offset, message.data)
+                    changed.add(job_id)
+                elif isinstance(message, AccountingMessage):
+                    self.store.set_accounting(job_id, message.record)
+                    changed.add(job_id)
+            except UnknownJob:
+                log.warning("mailbox %s: %s names job %s, which no longer exists", state.name, key, job_id)
+
+    def _owns(self, state: _Cluster, job_id: UUID, key: str) -> bool:
+        """Whether the job belongs to this mailbox's cluster (cached: a job never changes cluster)."""
+        if job_id in state.owned:
+            return True
+        job = self.store.get_job(job_id)
+        if job is None:
+            log.warning("mailbox %s: %s names unknown job %s; ignored", state.name, key, job_id)
+            return False
+        if job.cluster != state.name:
+            log.warning(
+                "mailbox %s: %s speaks for job %s of cluster %s; refused",
+                state.name,
+                key,
+                job_id,
+                job.cluster,
+            )
+            return False
+        state.owned.add(job_id)
+        return True
+
+    # ---- (b) desired state --------------------------------------------------------------------
+
+    def _publish_if_changed(self, state: _Cluster) -> None:
+        claimed = self.store.claim_work(
+            state.name, self.agent_name(state.name), lease_seconds=self.lease_seconds
+        )
+        state.claims.update(job.id for job in claimed if job.state == JobState.PENDING)
+        active = self.store.active_jobs(state.name)
+        pending = {job.id for job in active if job.state == JobState.PENDING}
+        state.claims &= pending
+        state.owned.update(job.id for job in active)
+        # A pending job is offered only once claimed here: one that an HTTP agent holds a lease on
+        # (a misconfiguration) is not handed to the mailbox agent too.
+        jobs = [job for job in active if job.state != JobState.PENDING or job.id in state.claims]
+        fingerprint = _fingerprint(jobs)
+        now = time.monotonic()
+        ack_moved = state.cursor != state.published_ack and now - state.last_publish >= self.ack_interval
+        if fingerprint == state.fingerprint and not ack_moved:
+            return
+        snapshot = Snapshot(cluster=state.name, published_at=datetime.now(UTC), jobs=jobs, ack=state.cursor)
+        key = down_key(state.name, state.clock.next())
+        self.object_store.put(
+            key, snapshot.model_dump_json(by_alias=True).encode(), content_type="application/json"
+        )
+        state.fingerprint, state.published_ack, state.last_publish = fingerprint, state.cursor, now
+        self.published[state.name] += 1
+        log.debug("mailbox %s: published %s (%d jobs, ack %s)", state.name, key, len(jobs), state.cursor)
+        self._prune_snapshots(state)
+
+    def _prune_snapshots(self, state: _Cluster) -> None:
+        keys = [k for k in self._list_all(down_prefix(state.name)) if key_time_ns(k) is not None]
+        for key in keys[: -self.keep_snapshots]:
+            self.object_store.delete(key)
+
+
+def _fingerprint(jobs: list[Job]) -> str:
+    payload = json.dumps([job.model_dump(mode="json", by_alias=True) for job in jobs], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@asynccontextmanager
+async def mailbox_relay(
+    settings: Settings, store: Store, notifier: Notifier, *, interval: float = 0.5
+) -> AsyncIterator[MailboxRelay | None]:
+    """Run the relay in the background for `porter.mailbox_clusters` (nothing when there are none)."""
+    clusters = settings.porter.mailbox_clusters
+    if not clusters:
+        yield None
+        return
+    url = settings.porter.mailbox or settings.porter.object_store
+    object_store = open_object_store(
+        url, endpoint_url=settings.porter.s3_endpoint_url, region=settings.porter.s3_region
+    )
+    relay = MailboxRelay(
+        store, object_store, clusters, interval, on_change=lambda job_id: notifier.notify(job_key(job_id))
+    )
+
+    async def watch(cluster: str) -> None:
+        # The job routes notify the cluster on submit and cancel: pass that on without waiting.
+        while True:
+            if await notifier.wait(cluster_key(cluster), 60.0):
+                relay.poke()
+
+    task = asyncio.create_task(relay.run(), name="mailbox-relay")
+    watchers = [asyncio.create_task(watch(c), name=f"mailbox-watch-{c}") for c in clusters]
+    try:
+        yield relay
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        relay.stop()
+        # A pass blocked on a slow S3 call gets a few seconds to finish, then is abandoned.
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 10)

@@ -1,0 +1,128 @@
+"""The agent protocol over HTTP: the submitter pulls work and pushes what it observes.
+
+The agent never receives an inbound connection. It long-polls `GET /agent/work`, reports observed
+state with sequence numbers (porter ignores stale ones), uploads job output by offset (idempotent,
+so a retried upload never duplicates bytes) and stores accounting when a job ends.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from cloudhpc.domain.jobs import Job, Name
+from cloudhpc.domain.reports import JobReport
+from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
+from cloudhpc.porter.errors import ApiError
+from cloudhpc.porter.state import PorterState, cluster_key, job_key
+from cloudhpc.store import Principal
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+
+MAX_WAIT_SECONDS = 60.0
+
+
+def _state(request: Request) -> PorterState:
+    state: PorterState = request.app.state.porter
+    return state
+
+
+class ReportBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reports: list[JobReport] = Field(max_length=1000)
+
+
+async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    require_agent_for(principal, job.cluster)
+    return job
+
+
+@router.get("/work")
+async def claim_work(
+    request: Request,
+    principal: AgentPrincipal,
+    cluster: Annotated[Name, Query()],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
+    agent: Annotated[str, Query(max_length=128)] = "agent",
+) -> dict[str, Any]:
+    """Jobs that need the agent (new ones, cancel requests), waiting up to `wait` s for some."""
+    require_agent_for(principal, cluster)
+    state = _state(request)
+    deadline = time.monotonic() + wait
+    while True:
+        await run_in_threadpool(state.store.touch_agent, cluster, agent)
+        jobs = await run_in_threadpool(state.store.claim_work, cluster, agent)
+        remaining = deadline - time.monotonic()
+        if jobs or remaining <= 0 or await request.is_disconnected():
+            break
+        await state.notifier.wait(cluster_key(cluster), min(remaining, state.recheck_interval))
+    return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}
+
+
+@router.get("/jobs")
+async def active_jobs(
+    request: Request, principal: AgentPrincipal, cluster: Annotated[Name, Query()]
+) -> dict[str, Any]:
+    """Every non-terminal job of the cluster: what a restarted agent reconciles against SLURM."""
+    require_agent_for(principal, cluster)
+    jobs = await run_in_threadpool(_state(request).store.active_jobs, cluster)
+    return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}
+
+
+@router.post("/reports")
+async def post_reports(batch: ReportBatch, request: Request, principal: AgentPrincipal) -> dict[str, Any]:
+    state = _state(request)
+    applied = ignored = 0
+    for report in batch.reports:
+        await _agent_job(state, report.job_id, principal)
+        job = await run_in_threadpool(_apply, state, report, principal.user)
+        if job is None:
+            ignored += 1
+            continue
+        applied += 1
+        state.notifier.notify(job_key(report.job_id))
+    return {"applied": applied, "ignored": ignored}
+
+
+def _apply(state: PorterState, report: JobReport, actor: str) -> Job | None:
+    return state.store.apply_report(report, actor=actor)
+
+
+@router.post("/jobs/{job_id}/output")
+async def post_output(
+    job_id: UUID,
+    request: Request,
+    principal: AgentPrincipal,
+    offset: Annotated[int, Query(ge=0)],
+) -> dict[str, int]:
+    state = _state(request)
+    await _agent_job(state, job_id, principal)
+    data = await request.body()
+    if len(data) > 8 << 20:
+        raise ApiError(413, "too_large", "send output in chunks of at most 8 MiB")
+    size = await run_in_threadpool(state.store.append_output, job_id, offset, data)
+    state.notifier.notify(job_key(job_id))
+    return {"size": size}
+
+
+@router.put("/jobs/{job_id}/accounting")
+async def put_accounting(
+    job_id: UUID,
+    request: Request,
+    principal: AgentPrincipal,
+    record: Annotated[dict[str, Any], Body()],
+) -> dict[str, bool]:
+    state = _state(request)
+    await _agent_job(state, job_id, principal)
+    await run_in_threadpool(state.store.set_accounting, job_id, record)
+    return {"stored": True}

@@ -1,0 +1,206 @@
+"""The user API: submit, list, read, wait for, cancel jobs, and read their logs and accounting.
+
+A job that belongs to someone else answers 404, exactly like a job that does not exist, so ids
+cannot be probed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.states import JobState
+from cloudhpc.porter.auth import UserPrincipal
+from cloudhpc.porter.errors import ApiError
+from cloudhpc.porter.state import PorterState, cluster_key, job_key
+from cloudhpc.store import Principal
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1", tags=["jobs"])
+
+MAX_WAIT_SECONDS = 60.0
+LOG_CHUNK = 1 << 20
+
+
+def _state(request: Request) -> PorterState:
+    state: PorterState = request.app.state.porter
+    return state
+
+
+def _visible(job: Job | None, principal: Principal) -> Job:
+    if job is None or (principal.role != "admin" and job.owner != principal.user):
+        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+    return job
+
+
+async def _owned_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
+    return _visible(await run_in_threadpool(state.store.get_job, job_id), principal)
+
+
+@router.post("/jobs", status_code=201, response_model=Job)
+async def submit_job(
+    spec: JobSpec,
+    request: Request,
+    response: Response,
+    principal: UserPrincipal,
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> Job:
+    state = _state(request)
+    clusters = state.known_clusters()
+    if spec.cluster not in clusters:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"invalid request: cluster: unknown cluster {spec.cluster!r}; known: {', '.join(clusters) or 'none'}",
+            [{"field": "cluster", "message": "unknown cluster"}],
+        )
+    job, created = await run_in_threadpool(
+        state.store.create_job, principal.user, spec, idempotency_key=idempotency_key
+    )
+    if created:
+        state.notifier.notify(cluster_key(job.cluster))
+    else:
+        response.status_code = 200
+    return job
+
+
+@router.get("/jobs")
+async def list_jobs(
+    request: Request,
+    principal: UserPrincipal,
+    state_filter: Annotated[JobState | None, Query(alias="state")] = None,
+    cluster: Annotated[str | None, Query(max_length=64)] = None,
+    name: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> dict[str, Any]:
+    state = _state(request)
+    owner = None if principal.role == "admin" else principal.user
+    jobs, next_cursor = await run_in_threadpool(
+        lambda: state.store.list_jobs(
+            owner=owner, state=state_filter, cluster=cluster, name=name, limit=limit, cursor=cursor
+        )
+    )
+    return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs], "next_cursor": next_cursor}
+
+
+@router.get("/jobs/{job_id}", response_model=Job)
+async def get_job(
+    job_id: UUID,
+    request: Request,
+    principal: UserPrincipal,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
+    since_state: Annotated[JobState | None, Query()] = None,
+) -> Job:
+    """With `wait`, answer as soon as the state differs from `since_state` (default: the current one)."""
+    state = _state(request)
+    job = await _owned_job(state, job_id, principal)
+    if wait <= 0:
+        return job
+    baseline = since_state or job.state
+    deadline = time.monotonic() + wait
+    while job.state == baseline and not job.state.terminal:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval))
+        job = await _owned_job(state, job_id, principal)
+    return job
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job)
+async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -> Job:
+    state = _state(request)
+    job = await _owned_job(state, job_id, principal)
+    job = await run_in_threadpool(state.store.request_cancel, job.id, principal.user)
+    state.notifier.notify(job_key(job_id))
+    state.notifier.notify(cluster_key(job.cluster))
+    return job
+
+
+@router.get("/jobs/{job_id}/logs")
+async def job_logs(
+    job_id: UUID,
+    request: Request,
+    principal: UserPrincipal,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    follow: bool = False,
+    limit: Annotated[int, Query(ge=1, le=LOG_CHUNK)] = LOG_CHUNK,
+) -> Response:
+    """The job's output as bytes from `offset`. The `X-Next-Offset` header says where to continue and
+    `X-Complete` whether the job has ended and every byte has been delivered. With `follow`, the
+    response streams until then."""
+    state = _state(request)
+    job = await _owned_job(state, job_id, principal)
+    if not follow:
+        data = await run_in_threadpool(state.store.read_output, job_id, offset, limit)
+        next_offset = offset + len(data)
+        size = await run_in_threadpool(state.store.output_size, job_id)
+        complete = job.state.terminal and next_offset >= size
+        headers = {"X-Next-Offset": str(next_offset), "X-Complete": "true" if complete else "false"}
+        return Response(content=data, media_type="application/octet-stream", headers=headers)
+
+    async def stream() -> AsyncIterator[bytes]:
+        position = offset
+        while True:
+            data = await run_in_threadpool(state.store.read_output, job_id, position, LOG_CHUNK)
+            if data:
+                position += len(data)
+                yield data
+                continue
+            current = await run_in_threadpool(state.store.get_job, job_id)
+            if current is None or current.state.terminal:
+                # the agent uploads the last chunk before it reports the end: one more read drains it
+                tail = await run_in_threadpool(state.store.read_output, job_id, position, LOG_CHUNK)
+                if tail:
+                    position += len(tail)
+                    yield tail
+                    continue
+                return
+            if await request.is_disconnected():
+                return
+            await state.notifier.wait(job_key(job_id), state.recheck_interval)
+
+    return StreamingResponse(stream(), media_type="application/octet-stream")
+
+
+@router.get("/jobs/{job_id}/accounting")
+async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
+    state = _state(request)
+    job = await _owned_job(state, job_id, principal)
+    record = await run_in_threadpool(state.store.get_accounting, job.id)
+    if record is None:
+        raise ApiError(
+            404,
+            "not_available",
+            f"no accounting for job {job.id} yet (state {job.state.value}); it is collected when the job ends",
+        )
+    return record
+
+
+@router.get("/clusters")
+async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str, Any]:
+    state = _state(request)
+    seen = await run_in_threadpool(state.store.agents)
+    now = time.time()
+    out = []
+    for name in state.known_clusters():
+        cfg = state.settings.clusters.get(name)
+        last = seen.get(name)
+        out.append(
+            {
+                "name": name,
+                "backend": cfg.backend if cfg else None,
+                "agent_last_seen": last.isoformat() if last else None,
+                "agent_online": last is not None and now - last.timestamp() < 90,
+            }
+        )
+    return {"clusters": out}

@@ -1,0 +1,911 @@
+"""The job store: the single source of desired state, and the only code that runs SQL.
+
+`Store` is synchronous on purpose: porter calls it from FastAPI's threadpool, and the agent
+protocol's guarantees come from database transactions, not from Python locks. Every public method
+returns domain models (`Job`) or small frozen dataclasses, never ORM objects, so no caller can
+trigger a lazy load outside a transaction.
+
+Concurrency rules, per dialect:
+
+- PostgreSQL: READ COMMITTED with explicit row locks (`SELECT ... FOR UPDATE`) where a decision
+  depends on the current row, and `FOR UPDATE SKIP LOCKED` for handing out work, so several
+  porter replicas can share one database (ARCHITECTURE §9).
+- SQLite: one writer at a time. Write transactions start with `BEGIN IMMEDIATE`, taking the write
+  lock up front; a deferred transaction that reads and then writes can fail with "database is
+  locked" when another writer got in between, which `busy_timeout` cannot fix. Reads use plain
+  `BEGIN` and, thanks to WAL, never wait for writers.
+
+Driver errors are translated to `StoreError` in one place (`_map_db_errors`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from uuid import UUID, uuid4
+
+import alembic.command
+import alembic.util
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, and_, create_engine, event, func, inspect, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.expression import Executable
+
+from cloudhpc.domain.jobs import Job, JobKind, JobSpec
+from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.states import ACTIVE_STATES, JobState, can_transition
+from cloudhpc.exceptions import IdempotencyConflict, StoreError, UnknownJob
+from cloudhpc.store.models import (
+    AccountingRow,
+    AgentRow,
+    Base,
+    JobRow,
+    OutputChunkRow,
+    TokenRow,
+    TransitionRow,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "ROLES",
+    "TOKEN_PREFIX",
+    "Principal",
+    "Store",
+    "TokenInfo",
+    "Transition",
+    "normalize_url",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL: Final = "sqlite:///.cloudhpc/state.db"
+TOKEN_PREFIX: Final = "chpc_"  # noqa: S105 (a prefix, not a secret)
+ROLES: Final = ("user", "agent", "admin")
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+_WRITE_OPTION = "cloudhpc_write"
+# Any constant works; it only has to be the same for every porter replica sharing the database.
+_MIGRATION_LOCK_KEY = 0x636C6F7564687063  # "cloudhpc"
+_MAX_PAGE = 1000
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a bearer token speaks for. Agents act only on `clusters`; users only on their jobs."""
+
+    user: str
+    role: str
+    clusters: tuple[str, ...]
+    token_id: int
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as an administrator may list it: everything but the secret."""
+
+    id: int
+    user: str
+    role: str
+    clusters: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One recorded state change. `from_state` is None for the creation of the job."""
+
+    job_id: UUID
+    at: datetime
+    from_state: JobState | None
+    to_state: JobState
+    actor: str
+    reason: str | None
+
+
+def normalize_url(url: str) -> URL:
+    """The SQLAlchemy URL for a configured database URL.
+
+    `postgresql://` and `postgres://` mean the psycopg 3 driver (the only PostgreSQL driver we
+    install); an explicit `postgresql+driver://` is kept. Any URL query (`?options=-csearch_path%3Dx`,
+    `?sslmode=require`) is passed to the driver.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StoreError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or postgresql://..."
+        )
+    return parsed
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """A one-line message without the SQL statement and its parameters (they can be large)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        origin: BaseException = exc.orig
+    else:
+        origin = exc
+    first = str(origin).strip().splitlines()
+    return f"{type(origin).__name__}: {first[0] if first else '(no message)'}"
+
+
+def _map_db_errors(
+    method: Callable[Concatenate[Store, P], R],
+) -> Callable[Concatenate[Store, P], R]:
+    """The one boundary where SQLAlchemy and driver errors become `StoreError`.
+
+    Our own `StoreError`s (unknown job, idempotency conflict) pass through unchanged.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"job store ({self.dialect}) failed in {method.__name__}: {_describe(exc)}"
+            ) from exc
+
+    return wrapper
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, job_id = json.loads(raw)
+        created_at = datetime.fromisoformat(stamp)
+        UUID(job_id)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged") from exc
+    if created_at.tzinfo is None:
+        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged")
+    return created_at, str(job_id)
+
+
+def _spec_json(spec: JobSpec) -> str:
+    return spec.model_dump_json(by_alias=True)
+
+
+def _same_spec(stored: str, spec: JobSpec) -> bool:
+    """Compare specs by content, so defaults written out or left implicit do not matter."""
+    return JobSpec.model_validate_json(stored).model_dump(mode="json", by_alias=True) == spec.model_dump(
+        mode="json", by_alias=True
+    )
+
+
+def _to_job(row: JobRow) -> Job:
+    return Job(
+        id=UUID(row.id),
+        name=row.name,
+        owner=row.owner,
+        cluster=row.cluster,
+        kind=JobKind(row.kind),
+        state=JobState(row.state),
+        reason=row.reason,
+        cancel_requested=row.cancel_requested,
+        slurm_job_id=row.slurm_job_id,
+        exit_code=row.exit_code,
+        created_at=row.created_at,
+        submitted_at=row.submitted_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        spec=JobSpec.model_validate_json(row.spec),
+        artifacts=json.loads(row.artifacts),
+    )
+
+
+def _to_transition(row: TransitionRow) -> Transition:
+    return Transition(
+        job_id=UUID(row.job_id),
+        at=row.at,
+        from_state=JobState(row.from_state) if row.from_state is not None else None,
+        to_state=JobState(row.to_state),
+        actor=row.actor,
+        reason=row.reason,
+    )
+
+
+def _to_token_info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(
+        id=row.id,
+        user=row.user_name,
+        role=row.role,
+        clusters=tuple(json.loads(row.clusters)),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+class Store:
+    """Jobs, their transitions and output, tokens and agent heartbeats, in SQLite or PostgreSQL.
+
+    `Store("sqlite:///.cloudhpc/state.db")` (the default, parent directory created) or
+    `Store("postgresql://user:pass@host/db")`. Call `migrate()` once at start-up; it is a no-op
+    when the schema is current and safe to run from several replicas at once.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.get_backend_name()
+        self._engine = self._create_engine(self.url)
+        self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        self._reads = sessionmaker(self._engine, expire_on_commit=False)
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._counts_lock = threading.Lock()
+        self._report_counts: Counter[str] = Counter()
+
+    # -- engine, lifecycle -------------------------------------------------------------------
+
+    @staticmethod
+    def _create_engine(url: URL) -> Engine:
+        if url.get_backend_name() == "postgresql":
+            return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        database = url.database or ""
+        memory = database in ("", ":memory:") or "mode=memory" in database
+        if memory:
+            # One shared connection, or every pooled connection would see its own empty database.
+            # Fine for a quick script or a unit test; not for concurrent writers (use a file).
+            engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", Store._sqlite_on_connect)
+        event.listen(engine, "begin", Store._sqlite_on_begin)
+        return engine
+
+    @staticmethod
+    def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so `_sqlite_on_begin` decides how to BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            Store._sqlite_enable_wal(cursor)
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _sqlite_enable_wal(cursor: Any) -> None:
+        """Switch the database to WAL (a persistent setting, so only a new database switches).
+
+        The switch needs an exclusive lock and SQLite reports "database is locked" at once,
+        without the busy handler, when another connection holds any lock: retry a while.
+        """
+        deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+                continue
+            if mode != "wal" and mode != "memory":
+                log.warning("SQLite refused WAL mode (journal_mode=%s); concurrent reads will wait", mode)
+            return
+
+    @staticmethod
+    def _sqlite_on_begin(connection: Any) -> None:
+        write = connection.get_execution_options().get(_WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for tests and the schema check only: nothing else runs SQL."""
+        return self._engine
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    def alembic_config(self) -> AlembicConfig:
+        """The Alembic configuration of the packaged migrations (no alembic.ini involved)."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("path_separator", "os")
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; a no-op when it is already there."""
+        cfg = self.alembic_config()
+        try:
+            with self._write_engine.begin() as conn:
+                if self.is_postgresql:
+                    # Replicas starting together would otherwise race to create the same tables.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                cfg.attributes["connection"] = conn
+                alembic.command.upgrade(cfg, "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migrating the job store ({self.dialect}) failed: {_describe(exc)}") from exc
+        except alembic.util.CommandError as exc:
+            raise StoreError(f"migrating the job store ({self.dialect}) failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def ping(self) -> bool:
+        """True when the database answers (for `/readyz`); never raises."""
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(select(1))
+        except SQLAlchemyError as exc:
+            log.warning("job store ping failed: %s", _describe(exc))
+            return False
+        return True
+
+    # -- jobs: desired state (written by porter) ---------------------------------------------
+
+    @_map_db_errors
+    def create_job(
+        self, owner: str, spec: JobSpec, *, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Accept a job in state `pending`. Returns the job and whether it was created now.
+
+        With an idempotency key this owner already used, the existing job is returned (and
+        False), or `IdempotencyConflict` raised when the spec differs. Two concurrent creates
+        with one key make one job: the loser hits the unique constraint and reads the winner's.
+        """
+        if idempotency_key is not None:
+            existing = self._find_by_key(owner, idempotency_key, spec)
+            if existing is not None:
+                return existing, False
+        now = _utcnow()
+        row = JobRow(
+            id=str(uuid4()),
+            owner=owner,
+            cluster=spec.cluster,
+            name=spec.name,
+            kind=spec.kind.value,
+            state=JobState.PENDING.value,
+            cancel_requested=False,
+            created_at=now,
+            updated_at=now,
+            spec=_spec_json(spec),
+            idempotency_key=idempotency_key,
+            observed_seq=0,
+            artifacts="[]",
+        )
+        try:
+            with self._write() as session:
+                session.add(row)
+                session.flush()
+                session.add(
+                    TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
+                )
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            log.debug("job create for %s lost the race for idempotency key %r", owner, idempotency_key)
+            existing = self._find_by_key(owner, idempotency_key, spec)
+            if existing is None:
+                raise
+            return existing, False
+        return _to_job(row), True
+
+    def _find_by_key(self, owner: str, key: str, spec: JobSpec) -> Job | None:
+        with self._read() as session:
+            row = session.scalars(
+                select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
+            ).one_or_none()
+            if row is None:
+                return None
+            if not _same_spec(row.spec, spec):
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} was already used for job {row.id} with a different "
+                    "spec; use a new key for a new job"
+                )
+            return _to_job(row)
+
+    @_map_db_errors
+    def get_job(self, job_id: UUID) -> Job | None:
+        with self._read() as session:
+            row = session.get(JobRow, str(job_id))
+            return _to_job(row) if row is not None else None
+
+    @_map_db_errors
+    def get_state(self, job_id: UUID) -> JobState | None:
+        """Only the state: what a waiting request re-reads while it long-polls."""
+        with self._read() as session:
+            state = session.scalar(select(JobRow.state).where(JobRow.id == str(job_id)))
+            return JobState(state) if state is not None else None
+
+    @_map_db_errors
+    def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        state: JobState | None = None,
+        cluster: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Newest first. `owner=None` lists everybody's jobs (admins).
+
+        Returns a page and the cursor of the next page (None on the last page). The cursor is
+        opaque (keyset pagination on created_at, id), so pages stay consistent while jobs are
+        being added. A malformed cursor raises `ValueError`.
+        """
+        if not 1 <= limit <= _MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
+        query = select(JobRow)
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
+        if state is not None:
+            query = query.where(JobRow.state == state.value)
+        if cluster is not None:
+            query = query.where(JobRow.cluster == cluster)
+        if name is not None:
+            query = query.where(JobRow.name == name)
+        if cursor is not None:
+            after_at, after_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(JobRow.created_at < after_at, and_(JobRow.created_at == after_at, JobRow.id < after_id))
+            )
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        with self._read() as session:
+            rows = list(session.scalars(query))
+            jobs = [_to_job(row) for row in rows[:limit]]
+        next_cursor = (
+            _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        )
+        return jobs, next_cursor
+
+    @_map_db_errors
+    def request_cancel(self, job_id: UUID, actor: str) -> Job:
+        """Ask for a job to be cancelled; honoured in every non-terminal state.
+
+        A pending job that no agent has ever claimed cannot be on the cluster, so it is
+        cancelled here at once. Any other live job keeps its state with `cancel_requested` set
+        and its lease cleared, so the next `claim_work` hands it to the agent right away. A
+        terminal job is returned unchanged.
+        """
+        with self._write() as session:
+            row = session.get(JobRow, str(job_id), with_for_update=True)
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            current = JobState(row.state)
+            if current.terminal:
+                return _to_job(row)
+            now = _utcnow()
+            row.cancel_requested = True
+            row.updated_at = now
+            if current == JobState.PENDING and row.lease_owner is None:
+                row.state = JobState.CANCELLED.value
+                row.ended_at = now
+                row.reason = "cancelled before an agent picked it up"
+                session.add(
+                    TransitionRow(
+                        job_id=row.id,
+                        at=now,
+                        from_state=current.value,
+                        to_state=row.state,
+                        actor=actor,
+                        reason=row.reason,
+                    )
+                )
+            else:
+                row.lease_until = None
+            return _to_job(row)
+
+    @_map_db_errors
+    def set_artifacts(self, job_id: UUID, keys: Sequence[str]) -> None:
+        """Record the object-store keys of a job's saved files (script, logs, accounting)."""
+        with self._write() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(JobRow.id == str(job_id))
+                .values(artifacts=json.dumps(list(keys)), updated_at=_utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(result, "rowcount", 0) == 0:
+                raise UnknownJob(f"no job {job_id}")
+
+    @_map_db_errors
+    def set_accounting(self, job_id: UUID, record: Mapping[str, Any]) -> None:
+        """Store (or replace) a job's accounting document; it must be JSON-serialisable."""
+        document = json.dumps(record)
+        now = _utcnow()
+        with self._write() as session:
+            if session.get(JobRow, str(job_id)) is None:
+                raise UnknownJob(f"no job {job_id}")
+            session.execute(
+                self._upsert(AccountingRow, {"job_id": str(job_id), "record": document, "updated_at": now})
+            )
+
+    @_map_db_errors
+    def get_accounting(self, job_id: UUID) -> dict[str, Any] | None:
+        """The accounting document of a job, or None until the agent has sent it."""
+        with self._read() as session:
+            document = session.scalar(select(AccountingRow.record).where(AccountingRow.job_id == str(job_id)))
+        if document is None:
+            return None
+        value: dict[str, Any] = json.loads(document)
+        return value
+
+    # -- the agent protocol -----------------------------------------------------------------
+
+    @_map_db_errors
+    def claim_work(
+        self, cluster: str, agent: str, *, lease_seconds: float = 30, limit: int = 100
+    ) -> list[Job]:
+        """Jobs of `cluster` that need the agent, leased to `agent` for `lease_seconds`.
+
+        That is: pending jobs to submit, and live jobs whose cancellation was requested (a
+        pending one among them must be looked up on the cluster and cancelled, not submitted).
+        A leased job is not offered again until the lease runs out, which happens only if the
+        agent died before reporting: another agent (or the same one restarted) then gets it and
+        must look for it in SLURM before submitting (ARCHITECTURE §2).
+        """
+        now = _utcnow()
+        query = (
+            select(JobRow)
+            .where(
+                JobRow.cluster == cluster,
+                JobRow.state.in_([s.value for s in ACTIVE_STATES]),
+                or_(JobRow.state == JobState.PENDING.value, JobRow.cancel_requested),
+                or_(JobRow.lease_until.is_(None), JobRow.lease_until <= now),
+            )
+            .order_by(JobRow.created_at, JobRow.id)
+            .limit(limit)
+        )
+        if self.is_postgresql:
+            # Replicas serving two agents at once each skip the rows the other is handing out.
+            query = query.with_for_update(skip_locked=True)
+        # On SQLite the write transaction (BEGIN IMMEDIATE) already excludes every other writer.
+        with self._write() as session:
+            rows = list(session.scalars(query))
+            until = now + timedelta(seconds=lease_seconds)
+            for row in rows:
+                row.lease_owner = agent
+                row.lease_until = until
+            return [_to_job(row) for row in rows]
+
+    @_map_db_errors
+    def active_jobs(self, cluster: str) -> list[Job]:
+        """Every non-terminal job of a cluster: what an agent reconciles after a restart."""
+        with self._read() as session:
+            rows = session.scalars(
+                select(JobRow)
+                .where(JobRow.cluster == cluster, JobRow.state.in_([s.value for s in ACTIVE_STATES]))
+                .order_by(JobRow.created_at, JobRow.id)
+            )
+            return [_to_job(row) for row in rows]
+
+    @_map_db_errors
+    def apply_report(self, report: JobReport, *, actor: str) -> Job | None:
+        """Apply an agent's observation of a job, atomically, if it is newer than the last one.
+
+        Returns None when the report is ignored because it is stale or a duplicate (`seq` not
+        above the last applied one) or names an unknown job; otherwise the job as it is now.
+
+        Rules, in order:
+        - the job row is locked, so two concurrent reports are applied one after the other and
+          only the newer can win;
+        - the state moves only along `can_transition`; an illegal move (backwards, or out of a
+          terminal state) is logged and skipped, and every applied change records a transition
+          with `actor` and the report's `reason`;
+        - the other fields (slurm_job_id, reason, exit_code, timestamps) are copied when set,
+          unless the job was already terminal and the report names another state: such a report
+          contradicts a final fact and is ignored whole. A report repeating the terminal state
+          may still fill in facts learnt late (an exit code from accounting). Fields are never
+          cleared by a report;
+        - entering a terminal state without `ended_at` stamps the current time.
+        """
+        with self._write() as session:
+            row = session.get(JobRow, str(report.job_id), with_for_update=True)
+            if row is None:
+                self._count_report("unknown_job")
+                log.warning(
+                    "report seq %d from %s for unknown job %s ignored", report.seq, actor, report.job_id
+                )
+                return None
+            if report.seq <= row.observed_seq:
+                self._count_report("stale")
+                log.info(
+                    "stale report for job %s ignored: seq %d <= %d", row.id, report.seq, row.observed_seq
+                )
+                return None
+            now = _utcnow()
+            current = JobState(row.state)
+            row.observed_seq = report.seq
+            row.updated_at = now
+            outcome = "applied"
+            if report.state != current and not can_transition(current, report.state):
+                outcome = "illegal_transition"
+                self._count_report(outcome)
+                log.warning(
+                    "job %s: ignoring illegal move %s -> %s reported by %s (seq %d)",
+                    row.id,
+                    current.value,
+                    report.state.value,
+                    actor,
+                    report.seq,
+                )
+                if current.terminal:
+                    return _to_job(row)
+            elif report.state != current:
+                row.state = report.state.value
+                session.add(
+                    TransitionRow(
+                        job_id=row.id,
+                        at=now,
+                        from_state=current.value,
+                        to_state=report.state.value,
+                        actor=actor,
+                        reason=report.reason,
+                    )
+                )
+            if outcome == "applied":
+                self._count_report(outcome)
+            for field in ("slurm_job_id", "reason", "exit_code", "submitted_at", "started_at", "ended_at"):
+                value = getattr(report, field)
+                if value is not None:
+                    setattr(row, field, value)
+            if JobState(row.state).terminal and row.ended_at is None:
+                row.ended_at = now
+            return _to_job(row)
+
+    def _upsert(self, model: type[Base], values: dict[str, Any]) -> Executable:
+        """INSERT, or UPDATE the row with the same primary key: one statement, no race window."""
+        insert = pg_insert if self.is_postgresql else sqlite_insert
+        keys = [column.name for column in inspect(model).primary_key]
+        statement = insert(model).values(values)
+        return statement.on_conflict_do_update(
+            index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}
+        )
+
+    def _count_report(self, outcome: str) -> None:
+        with self._counts_lock:
+            self._report_counts[outcome] += 1
+
+    def report_counts(self) -> dict[str, int]:
+        """Reports handled by this process, by outcome: applied, stale, illegal_transition, unknown_job."""
+        with self._counts_lock:
+            return dict(self._report_counts)
+
+    @_map_db_errors
+    def transitions(self, job_id: UUID) -> list[Transition]:
+        """A job's state changes, oldest first."""
+        with self._read() as session:
+            rows = session.scalars(
+                select(TransitionRow).where(TransitionRow.job_id == str(job_id)).order_by(TransitionRow.id)
+            )
+            return [_to_transition(row) for row in rows]
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    @_map_db_errors
+    def count_by_state(self) -> dict[tuple[str, str], int]:
+        """Number of jobs per (cluster, state)."""
+        with self._read() as session:
+            rows = session.execute(
+                select(JobRow.cluster, JobRow.state, func.count()).group_by(JobRow.cluster, JobRow.state)
+            )
+            return {(cluster, state): count for cluster, state, count in rows}
+
+    @_map_db_errors
+    def transition_counts(self) -> dict[tuple[str, str], int]:
+        """Number of recorded transitions per (from_state, to_state); creation is from "none"."""
+        with self._read() as session:
+            rows = session.execute(
+                select(TransitionRow.from_state, TransitionRow.to_state, func.count()).group_by(
+                    TransitionRow.from_state, TransitionRow.to_state
+                )
+            )
+            return {(from_state or "none", to_state): count for from_state, to_state, count in rows}
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    @_map_db_errors
+    def create_token(self, user: str, role: str, clusters: Sequence[str] | None = None) -> str:
+        """Create a bearer token and return its plaintext, the only time it is ever visible.
+
+        Only the SHA-256 is stored: tokens are 256 random bits, so a plain hash is enough (no
+        salt or slow hash needed) and lookup by hash needs no constant-time comparison.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not user:
+            raise ValueError("a token needs a user name")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._write() as session:
+            session.add(
+                TokenRow(
+                    user_name=user,
+                    role=role,
+                    clusters=json.dumps(sorted(set(clusters or ()))),
+                    token_hash=_hash_token(token),
+                    created_at=_utcnow(),
+                )
+            )
+        return token
+
+    @_map_db_errors
+    def verify_token(self, token: str) -> Principal | None:
+        """The principal of a valid, unrevoked token; None for anything else."""
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        with self._read() as session:
+            row = session.scalars(
+                select(TokenRow).where(
+                    TokenRow.token_hash == _hash_token(token), TokenRow.revoked_at.is_(None)
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            return Principal(
+                user=row.user_name, role=row.role, clusters=tuple(json.loads(row.clusters)), token_id=row.id
+            )
+
+    @_map_db_errors
+    def revoke_token(self, token: str) -> bool:
+        """Revoke a token given its plaintext. False when it is unknown or already revoked."""
+        return self._revoke(TokenRow.token_hash == _hash_token(token))
+
+    @_map_db_errors
+    def revoke_token_id(self, token_id: int) -> bool:
+        """Revoke a token by the id `list_tokens` shows. False when unknown or already revoked."""
+        return self._revoke(TokenRow.id == token_id)
+
+    def _revoke(self, condition: Any) -> bool:
+        with self._write() as session:
+            result = session.execute(
+                update(TokenRow)
+                .where(condition, TokenRow.revoked_at.is_(None))
+                .values(revoked_at=_utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    @_map_db_errors
+    def list_tokens(self, user: str | None = None) -> list[TokenInfo]:
+        with self._read() as session:
+            query = select(TokenRow).order_by(TokenRow.id)
+            if user is not None:
+                query = query.where(TokenRow.user_name == user)
+            return [_to_token_info(row) for row in session.scalars(query)]
+
+    # -- agents ------------------------------------------------------------------------------
+
+    @_map_db_errors
+    def touch_agent(self, cluster: str, agent: str) -> None:
+        """Record that `agent` serving `cluster` was just heard from."""
+        statement = self._upsert(AgentRow, {"cluster": cluster, "agent": agent, "last_seen": _utcnow()})
+        with self._write() as session:
+            session.execute(statement)
+
+    @_map_db_errors
+    def agents(self) -> dict[str, datetime]:
+        """When each cluster's agent was last seen."""
+        with self._read() as session:
+            return {row.cluster: row.last_seen for row in session.scalars(select(AgentRow))}
+
+    # -- job output --------------------------------------------------------------------------
+
+    @_map_db_errors
+    def append_output(self, job_id: UUID, offset: int, data: bytes) -> int:
+        """Store a chunk of a job's stdout at byte `offset`; returns the stored length after it.
+
+        Idempotent, so the agent can resend after a timeout: bytes already stored are skipped
+        (a chunk that overlaps the end is trimmed to its new part). A chunk starting beyond the
+        stored length would leave a hole and is not stored; the returned length tells the agent
+        where to resume.
+        """
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        key = str(job_id)
+        try:
+            with self._write() as session:
+                if session.get(JobRow, key) is None:
+                    raise UnknownJob(f"no job {job_id}")
+                size = self._output_size(session, key)
+                if offset > size:
+                    log.warning("job %s: output chunk at %d after %d stored bytes refused", key, offset, size)
+                    return size
+                fresh = data[size - offset :]
+                if not fresh:
+                    return size
+                session.add(OutputChunkRow(job_id=key, byte_offset=size, data=fresh))
+                session.flush()
+                return size + len(fresh)
+        except IntegrityError:
+            # A concurrent append stored a chunk at the same offset first: ours is a duplicate.
+            return self.output_size(job_id)
+
+    @staticmethod
+    def _output_size(session: Session, job_id: str) -> int:
+        size = session.scalar(
+            select(func.max(OutputChunkRow.byte_offset + func.length(OutputChunkRow.data))).where(
+                OutputChunkRow.job_id == job_id
+            )
+        )
+        return int(size or 0)
+
+    @_map_db_errors
+    def output_size(self, job_id: UUID) -> int:
+        with self._read() as session:
+            return self._output_size(session, str(job_id))
+
+    @_map_db_errors
+    def read_output(self, job_id: UUID, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of a job's stored stdout from byte `offset` (empty past the end)."""
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must be >= 0")
+        if limit == 0:
+            return b""
+        key = str(job_id)
+        end = offset + limit
+        with self._read() as session:
+            first = session.scalar(
+                select(func.max(OutputChunkRow.byte_offset)).where(
+                    OutputChunkRow.job_id == key, OutputChunkRow.byte_offset <= offset
+                )
+            )
+            rows = session.execute(
+                select(OutputChunkRow.byte_offset, OutputChunkRow.data)
+                .where(
+                    OutputChunkRow.job_id == key,
+                    OutputChunkRow.byte_offset >= (first or 0),
+                    OutputChunkRow.byte_offset < end,
+                )
+                .order_by(OutputChunkRow.byte_offset)
+            )
+            parts: list[bytes] = []
+            for start, data in rows:
+                lo = max(offset - start, 0)
+                hi = min(end - start, len(data))
+                if hi > lo:
+                    parts.append(bytes(data[lo:hi]))
+        return b"".join(parts)

@@ -1,0 +1,345 @@
+"""The submitter agent: for one cluster, turn porter's desired state into SLURM actions and report
+what SLURM does.
+
+The agent keeps nothing that a restart can lose. On start it asks porter for every active job of
+its cluster and asks SLURM for each one it has no SLURM id for (find-by-id: the cloudhpc id is in
+the SLURM job's name and comment), so a job is never lost and never submitted twice. Reports carry
+increasing sequence numbers so porter can drop stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from cloudhpc.config import ClusterConfig
+from cloudhpc.domain.jobs import Job, JobKind, Observation
+from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import (
+    AccountingUnavailable,
+    CloudHPCError,
+    EnvironmentBuildError,
+    SchedulerError,
+    SSHConnectError,
+    SubmitRejected,
+)
+from cloudhpc.hpc.backend import JobBackend, JobPaths, JobSubmission
+from cloudhpc.hpc.envs import EnvironmentCache
+from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.poller import Poller
+from cloudhpc.submitter.channel import Channel, ChannelError
+
+__all__ = ["Agent"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CHUNK = 4 << 20
+
+
+class _Sequence:
+    """Report sequence numbers that keep increasing across agent restarts (wall-clock nanoseconds)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, time.time_ns())
+        return self._last
+
+
+@dataclasses.dataclass
+class _Tracked:
+    job: Job
+    native_id: str
+    output_offset: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        cluster: str,
+        config: ClusterConfig,
+        backend: JobBackend,
+        channel: Channel,
+        *,
+        envs: EnvironmentCache | None = None,
+        workdir: str,
+        work_wait: float = 20.0,
+        output_interval: float = 2.0,
+        reconcile_interval: float = 30.0,
+    ) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.backend = backend
+        self.channel = channel
+        self.envs = envs
+        self.workdir = workdir
+        self.work_wait = work_wait
+        self.output_interval = output_interval
+        self.reconcile_interval = reconcile_interval
+        self._seq = _Sequence()
+        self._tracked: dict[UUID, _Tracked] = {}
+        self._busy: set[UUID] = set()
+        self._poller = Poller(backend, config.poll, self._on_observation)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._reconcile()
+        self._poller.start()
+        self._tasks = [
+            asyncio.create_task(self._work_loop(), name=f"agent-work-{self.cluster}"),
+            asyncio.create_task(self._output_loop(), name=f"agent-output-{self.cluster}"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self._poller.stop()
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for task in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def run_forever(self) -> None:
+        await self.start()
+        await self._stopping.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Background work the agent owns: referenced until done, cancelled on stop."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ---- reconciliation --------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Rebuild the agent's view from porter (desired state) and SLURM (observed state)."""
+        while not self._stopping.is_set():
+            try:
+                active = await self.channel.active_jobs(self.cluster)
+                break
+            except ChannelError as exc:
+                log.warning("cluster %s: cannot reach porter to reconcile (%s); retrying", self.cluster, exc)
+                await asyncio.sleep(2)
+        else:
+            return
+        await self._adopt(active)
+        log.info("cluster %s: reconciled %d active job(s)", self.cluster, len(active))
+
+    async def _adopt(self, active: list[Job]) -> None:
+        """Track every active job this agent is not already handling."""
+        for job in active:
+            if job.id in self._tracked or job.id in self._busy:
+                continue
+            if job.slurm_job_id:
+                self._track(job, job.slurm_job_id)
+            elif job.state != JobState.PENDING:
+                # It was being submitted when the agent stopped (or the connection broke during
+                # sbatch): SLURM knows whether it got there.
+                self._busy.add(job.id)
+                try:
+                    await self._resume_submission(job)
+                finally:
+                    self._busy.discard(job.id)
+
+    async def _resume_submission(self, job: Job) -> None:
+        try:
+            native = await self.backend.find(job.id)
+        except CloudHPCError as exc:
+            log.warning("job %s: find-by-id failed (%s); will retry from the work loop", job.id, exc)
+            return
+        if native is not None:
+            await self._report(job.id, JobState.QUEUED, slurm_job_id=native)
+            self._track(job, native)
+        else:
+            await self._submit(job)
+
+    # ---- work ------------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        last_reconcile = time.monotonic()
+        while not self._stopping.is_set():
+            if time.monotonic() - last_reconcile > self.reconcile_interval:
+                last_reconcile = time.monotonic()
+                try:
+                    await self._adopt(await self.channel.active_jobs(self.cluster))
+                except ChannelError as exc:
+                    log.warning("cluster %s: periodic reconcile failed (%s)", self.cluster, exc)
+            try:
+                jobs = await self.channel.claim_work(self.cluster, wait=self.work_wait)
+            except ChannelError as exc:
+                log.warning("cluster %s: work poll failed (%s)", self.cluster, exc)
+                await asyncio.sleep(2)
+                continue
+            for job in jobs:
+                if job.id in self._busy:
+                    continue
+                self._busy.add(job.id)
+                task = self._spawn(self._handle(job))
+                task.add_done_callback(self._done_with(job.id))
+
+    def _done_with(self, job_id: UUID) -> Callable[[asyncio.Task[None]], None]:
+        return lambda _task: self._busy.discard(job_id)
+
+    async def _handle(self, job: Job) -> None:
+        try:
+            if job.cancel_requested:
+                await self._cancel(job)
+            elif job.state == JobState.PENDING:
+                await self._submit(job)
+        except Exception:
+            log.exception("job %s: unexpected error; it will be retried", job.id)
+
+    async def _cancel(self, job: Job) -> None:
+        tracked = self._tracked.get(job.id)
+        native = tracked.native_id if tracked else job.slurm_job_id
+        if native is None:
+            native = await self.backend.find(job.id)
+        if native is None:
+            await self._report(job.id, JobState.CANCELLED, reason="cancelled before submission")
+            return
+        await self.backend.cancel(native)
+        if tracked is None:
+            self._track(job, native)
+        self._poller.poke()
+
+    async def _submit(self, job: Job) -> None:
+        await self._report(job.id, JobState.PREPARING)
+        try:
+            # find first: porter may re-offer a job whose sbatch succeeded just before a crash
+            native = await self.backend.find(job.id)
+            if native is None:
+                submission = await self._prepare(job)
+                native = await self.backend.submit(submission)
+        except (SubmitRejected, EnvironmentBuildError) as exc:
+            log.warning("job %s: rejected: %s", job.id, exc)
+            await self._report(job.id, JobState.FAILED, reason=str(exc)[:2000])
+            return
+        except (SSHConnectError, SchedulerError) as exc:
+            # Transport trouble: the job stays `preparing`; reconciliation (find-by-id) decides later.
+            log.warning("job %s: submission interrupted (%s); will reconcile", job.id, exc)
+            return
+        await self._report(job.id, JobState.QUEUED, slurm_job_id=native)
+        self._track(job, native)
+
+    async def _prepare(self, job: Job) -> JobSubmission:
+        spec = job.spec
+        if spec.kind != JobKind.BATCH:
+            raise SubmitRejected(
+                f"job kind {spec.kind.value} is not supported by this agent yet",
+                argv=["cloudhpc"],
+                exit_status=None,
+                stderr="",
+            )
+        resources = spec.resources.with_defaults(self.config.defaults.as_resources())
+        activation: list[str] = []
+        if self.envs is not None and not spec.environment.is_empty:
+            activation = await self.envs.ensure(spec.environment)
+        paths = JobPaths(self.workdir, job.id)
+        script = render_batch_script(
+            job_id=job.id, spec=spec, paths=paths, prelude=self.config.prelude, activation=activation
+        )
+        files = {path: content.encode() for path, content in spec.files.items()}
+        files[".cloudhpc/script"] = (spec.script or "").encode()
+        return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
+
+    # ---- observation -----------------------------------------------------------------------
+
+    def _track(self, job: Job, native_id: str) -> None:
+        self._tracked[job.id] = _Tracked(job=job, native_id=native_id)
+        self._poller.track(job.id, native_id)
+
+    async def _on_observation(self, job_id: UUID, native_id: str, observation: Observation) -> None:
+        tracked = self._tracked.get(job_id)
+        if observation.state.terminal and tracked is not None:
+            await self._collect_output(tracked)
+        await self._report(
+            job_id,
+            observation.state,
+            slurm_job_id=native_id,
+            reason=observation.reason,
+            exit_code=observation.exit_code,
+            submitted_at=observation.submitted_at,
+            started_at=observation.started_at,
+            ended_at=observation.ended_at,
+        )
+        if observation.state.terminal and tracked is not None:
+            self._tracked.pop(job_id, None)
+            self._spawn(self._collect_accounting(tracked))
+
+    async def _collect_output(self, tracked: _Tracked) -> None:
+        while True:
+            try:
+                data = await self.backend.read_output(
+                    tracked.job.id, offset=tracked.output_offset, length=OUTPUT_CHUNK
+                )
+                if not data:
+                    return
+                tracked.output_offset = await self.channel.upload_output(
+                    tracked.job.id, tracked.output_offset, data
+                )
+            except (CloudHPCError, ChannelError) as exc:
+                log.warning("job %s: output upload failed (%s); retrying later", tracked.job.id, exc)
+                return
+
+    async def _output_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.output_interval)
+            for tracked in list(self._tracked.values()):
+                await self._collect_output(tracked)
+
+    async def _collect_accounting(self, tracked: _Tracked, attempts: int = 10) -> None:
+        """sacct lags slurmctld by a few seconds: retry, and treat "unavailable" as "not yet"."""
+        for attempt in range(attempts):
+            try:
+                records = await self.backend.accounting(tracked.native_id)
+                efficiency = await self.backend.efficiency(tracked.native_id)
+                record: dict[str, Any] = {
+                    "slurm_job_id": tracked.native_id,
+                    "records": [_jsonable(dataclasses.asdict(r)) for r in records],
+                    "efficiency": _jsonable(dataclasses.asdict(efficiency)),
+                }
+                await self.channel.put_accounting(tracked.job.id, record)
+                return
+            except (AccountingUnavailable, CloudHPCError, ChannelError) as exc:
+                log.info("job %s: accounting not ready (%s), attempt %d", tracked.job.id, exc, attempt + 1)
+                await asyncio.sleep(min(2.0 * (attempt + 1), 10.0))
+        log.warning("job %s: gave up collecting accounting", tracked.job.id)
+
+    async def _report(self, job_id: UUID, state: JobState, **fields: Any) -> None:
+        report = JobReport(job_id=job_id, seq=self._seq.next(), state=state, **fields)
+        delay = 0.5
+        while True:
+            try:
+                await self.channel.report([report])
+                return
+            except ChannelError as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("job %s: report failed (%s); retrying", job_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return value

@@ -1,0 +1,243 @@
+"""The agent's side of the S3 mailbox, for agents that can reach an S3 bucket but not porter.
+
+`S3Channel` implements `Channel` over the layout of `cloudhpc.storage.mailbox`: it reads porter's
+newest `down/` snapshot after its cursor, and writes each report, output chunk or accounting
+record as a new `up/` object, which porter's relay applies in key order. The agent is the only
+writer of `up/`; once a snapshot acknowledges an up key, the agent deletes it and everything
+before it. One channel serves one cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from cloudhpc.config import Settings
+from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import ConfigError, ObjectNotFound, StorageError
+from cloudhpc.storage import ObjectStore, open_object_store
+from cloudhpc.storage.mailbox import (
+    AccountingMessage,
+    HeartbeatMessage,
+    KeyClock,
+    OutputMessage,
+    ReportMessage,
+    Snapshot,
+    UpBatch,
+    UpMessage,
+    down_prefix,
+    key_time_ns,
+    up_key,
+    up_prefix,
+)
+from cloudhpc.submitter.channel import ChannelError
+
+__all__ = ["S3Channel", "open_mailbox_channels"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class S3Channel:
+    """`S3Channel(open_object_store("s3://bucket/prefix"), "mahti")`.
+
+    porter's snapshots say which jobs are pending or have a cancel request; `claim_work` hands
+    each such job out once per `lease_seconds` (as porter's HTTP lease does), so a job whose
+    report is still on its way through the bucket is not submitted twice by this process.
+    """
+
+    def __init__(
+        self,
+        object_store: ObjectStore,
+        cluster: str,
+        *,
+        agent_name: str = "agent",
+        poll_interval: float = 0.25,
+        lease_seconds: float = 30.0,
+        heartbeat_interval: float = 15.0,
+    ) -> None:
+        self.object_store = object_store
+        self.cluster = cluster
+        self.agent_name = agent_name
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.heartbeat_interval = heartbeat_interval
+        self._up = up_prefix(cluster)
+        self._down = down_prefix(cluster)
+        self._snapshot: Snapshot | None = None
+        self._cursor: str | None = None
+        self._acked: str | None = None
+        self._handed: dict[tuple[UUID, str], float] = {}
+        self._clock = KeyClock()
+        self._floor_known = False
+        self._write_lock = asyncio.Lock()
+        self._last_write = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"S3Channel({self.cluster!r}, {self.object_store!r})"
+
+    async def _io(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking object-store call in a thread; storage failures become `ChannelError`."""
+        try:
+            return await asyncio.to_thread(func, *args, **kwargs)
+        except StorageError as exc:
+            raise ChannelError(f"mailbox of {self.cluster}: {exc}") from exc
+
+    def _check(self, cluster: str) -> None:
+        if cluster != self.cluster:
+            raise ChannelError(f"this S3 channel serves cluster {self.cluster!r}, not {cluster!r}")
+
+    # ---- porter -> agent ------------------------------------------------------------------
+
+    async def _list_all(self, prefix: str, start_after: str | None = None) -> list[str]:
+        keys: list[str] = []
+        while True:
+            page = await self._io(self.object_store.list, prefix, start_after=start_after, limit=1000)
+            keys += page
+            if len(page) < 1000:
+                return keys
+            start_after = page[-1]
+
+    async def _refresh(self) -> bool:
+        """Read porter's newest snapshot if there is one after the cursor; True when one was read."""
+        keys = [k for k in await self._list_all(self._down, self._cursor) if key_time_ns(k) is not None]
+        if not keys:
+            return False
+        newest = keys[-1]
+        try:
+            raw = await self._io(self.object_store.get, newest)
+        except ChannelError as exc:
+            if isinstance(exc.__cause__, ObjectNotFound):
+                return False  # pruned by porter between list and get: a newer one exists, read it next
+            raise
+        try:
+            snapshot = Snapshot.model_validate_json(raw)
+        except ValidationError as exc:
+            log.error("mailbox %s: skipping unreadable snapshot %s: %s", self.cluster, newest, exc)
+            self._cursor = newest
+            return False
+        self._cursor = newest
+        if snapshot.cluster != self.cluster:
+            log.error(
+                "mailbox %s: snapshot %s is for cluster %s; ignored", self.cluster, newest, snapshot.cluster
+            )
+            return False
+        self._snapshot = snapshot
+        if snapshot.ack is not None:
+            self._clock.observe(key_time_ns(snapshot.ack))
+            if self._acked is None or snapshot.ack > self._acked:
+                await self._delete_acked(snapshot.ack)
+        return True
+
+    async def _delete_acked(self, ack: str) -> None:
+        """Delete our up objects porter has applied. Best effort: a failure is retried at the next ack."""
+        try:
+            for key in await self._list_all(self._up):
+                if key > ack:
+                    break
+                await self._io(self.object_store.delete, key)
+        except ChannelError as exc:
+            log.warning("mailbox %s: could not delete acknowledged messages (%s)", self.cluster, exc)
+            return
+        self._acked = ack
+
+    def _needing_action(self) -> list[Job]:
+        if self._snapshot is None:
+            return []
+        now = time.monotonic()
+        wanted: dict[tuple[UUID, str], Job] = {}
+        for job in self._snapshot.jobs:
+            if job.state.terminal:
+                continue
+            if job.cancel_requested:
+                wanted[(job.id, "cancel")] = job
+            elif job.state == JobState.PENDING:
+                wanted[(job.id, "submit")] = job
+        # Forget hand-outs of jobs that no longer need this action, then hand out the rest.
+        self._handed = {k: t for k, t in self._handed.items() if k in wanted}
+        jobs: list[Job] = []
+        for action, job in wanted.items():
+            if now - self._handed.get(action, float("-inf")) >= self.lease_seconds:
+                self._handed[action] = now
+                jobs.append(job)
+        return jobs
+
+    async def claim_work(self, cluster: str, *, wait: float) -> list[Job]:
+        self._check(cluster)
+        deadline = time.monotonic() + wait
+        while True:
+            await self._refresh()
+            if time.monotonic() - self._last_write >= self.heartbeat_interval:
+                await self._write([HeartbeatMessage(agent=self.agent_name, at=datetime.now(UTC))])
+            jobs = self._needing_action()
+            remaining = deadline - time.monotonic()
+            if jobs or remaining <= 0:
+                return jobs
+            await asyncio.sleep(min(self.poll_interval, remaining))
+
+    async def active_jobs(self, cluster: str) -> list[Job]:
+        self._check(cluster)
+        await self._refresh()
+        if self._snapshot is None:
+            raise ChannelError(
+                f"mailbox of {self.cluster}: porter has published no snapshot yet under {self._down} "
+                "(is porter.mailbox_clusters set on porter?)"
+            )
+        return list(self._snapshot.jobs)
+
+    # ---- agent -> porter ------------------------------------------------------------------
+
+    async def _write(self, messages: list[UpMessage]) -> str:
+        """Write one up object. Serialised, so a key is in the bucket before any later key is made
+        and porter's cursor, moving in key order, never passes an object still being written."""
+        async with self._write_lock:
+            if not self._floor_known:
+                # After a restart, continue after what is already there, whatever our clock says.
+                for key in await self._list_all(self._up):
+                    self._clock.observe(key_time_ns(key))
+                await self._refresh()
+                self._floor_known = True
+            key = up_key(self.cluster, self._clock.next())
+            body = UpBatch(agent=self.agent_name, messages=messages).model_dump_json().encode()
+            await self._io(self.object_store.put, key, body, content_type="application/json")
+            self._last_write = time.monotonic()
+            return key
+
+    async def report(self, reports: list[JobReport]) -> None:
+        if reports:
+            await self._write([ReportMessage(report=r) for r in reports])
+
+    async def upload_output(self, job_id: UUID, offset: int, data: bytes) -> int:
+        """Queue the chunk for porter and assume it will be stored: porter applies chunks in order
+        and by offset, so a resent chunk is never stored twice."""
+        if data:
+            await self._write([OutputMessage.of(job_id, offset, data)])
+        return offset + len(data)
+
+    async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None:
+        await self._write([AccountingMessage(job_id=job_id, record=record)])
+
+    async def close(self) -> None:
+        """Nothing to release: every write is complete when its call returns."""
+
+
+def open_mailbox_channels(settings: Settings, *, agent_name: str = "agent") -> dict[str, S3Channel]:
+    """One channel per configured cluster, over `submitter.mailbox`."""
+    if not settings.submitter.mailbox:
+        raise ConfigError("submitter.mailbox: an s3://BUCKET/PREFIX URL is required with channel `s3`")
+    store = open_object_store(
+        settings.submitter.mailbox,
+        endpoint_url=settings.submitter.s3_endpoint_url,
+        region=settings.submitter.s3_region,
+    )
+    return {name: S3Channel(store, name, agent_name=agent_name) for name in settings.clusters}

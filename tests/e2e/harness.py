@@ -1,0 +1,152 @@
+"""Runs porter and the submitter as real processes (`cloudhpc serve ...`) for whole-flow tests.
+
+Processes, not threads, so that `kill -9` at any moment is a real crash: nothing is flushed, no
+`finally` runs, and whatever survives must come from the job store and from SLURM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cloudhpc.client import Client
+from cloudhpc.store import Store
+from tests.testbed import Testbed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Deployment:
+    root: Path
+    testbed: Testbed
+    database: str
+    channel: str = "http"
+    mailbox: str | None = None
+    port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config = self.root / "cloudhpc.yaml"
+        base = yaml.safe_load(self.testbed.config_file.read_text())
+        testbed_cluster = base["clusters"]["testbed"]
+        testbed_cluster["poll"] = {"fast_interval": 0.5, "slow_interval": 5, "max_commands_per_minute": 240}
+        config: dict[str, Any] = {
+            "porter": {
+                "listen": f"127.0.0.1:{self.port}",
+                "database": self.database,
+                "object_store": f"file://{self.root / 'objects'}",
+            },
+            "submitter": {
+                "porter_url": self.url,
+                "token_file": str(self.root / "agent-token"),
+                "channel": self.channel,
+                "listen": f"127.0.0.1:{free_port()}",
+            },
+            "clusters": {"testbed": testbed_cluster},
+        }
+        if self.mailbox:
+            config["submitter"]["mailbox"] = self.mailbox
+            config["submitter"]["s3_endpoint_url"] = self.testbed.s3_endpoint
+            config["porter"]["mailbox"] = self.mailbox
+            config["porter"]["mailbox_clusters"] = ["testbed"]
+            config["porter"]["s3_endpoint_url"] = self.testbed.s3_endpoint
+        self.config.write_text(yaml.safe_dump(config))
+        store = Store(self.database)
+        try:
+            store.migrate()
+            self.user_token = store.create_token("alice", "user")
+            (self.root / "agent-token").write_text(store.create_token("agent", "agent", ["testbed"]))
+        finally:
+            store.close()
+        (self.root / "agent-token").chmod(0o600)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> Client:
+        return Client(self.url, self.user_token)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
+        env["CLOUDHPC_CONFIG"] = str(self.config)
+        if self.mailbox:
+            env["AWS_ACCESS_KEY_ID"] = self.testbed.s3_access_key
+            env["AWS_SECRET_ACCESS_KEY"] = self.testbed.s3_secret_key
+            env["AWS_DEFAULT_REGION"] = "us-east-1"
+        return env
+
+    def start(self, role: str) -> None:
+        log = (self.root / f"{role}.log").open("ab")
+        self.processes[role] = subprocess.Popen(
+            [sys.executable, "-m", "cloudhpc", "serve", role, "--log-level", "INFO"],
+            cwd=self.root,
+            env=self._env(),
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        if role == "porter":
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.processes.get("porter")
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"porter exited {proc.returncode}: {self.log('porter')[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"porter not ready after {timeout}s: {self.log('porter')[-2000:]}")
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes.pop(role, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for role in list(self.processes):
+            self.kill(role, signal.SIGTERM)
+
+    def log(self, role: str) -> str:
+        path = self.root / f"{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def slurm_jobs_named(name: str) -> list[str]:
+    """SLURM's own answer (as root, locally): every allocation ever created with this job name."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", f"--name={name}", "--starttime=now-1days", "--format=JobID"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    queued = subprocess.run(
+        ["squeue", "-h", f"--name={name}", "--states=all", "-o", "%i"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted(set(out.split()) | set(queued.split()))

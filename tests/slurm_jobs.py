@@ -1,0 +1,55 @@
+"""Batch job submissions as the agent hands them to a backend, for SLURM tests and benchmarks."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+from cloudhpc.config import SSHConfig
+from cloudhpc.domain.jobs import JobSpec, Resources
+from cloudhpc.hpc.backend import JobPaths, JobSubmission
+from cloudhpc.hpc.jobscript import render_batch_script
+from tests.testbed import Testbed, load_testbed
+
+__all__ = ["make_submission", "testbed_ssh"]
+
+
+def testbed_ssh() -> tuple[Testbed, SSHConfig]:
+    """The testbed and its SSH settings, for scripts that run outside pytest (bench/)."""
+    testbed = load_testbed()
+    return testbed, SSHConfig(
+        host=testbed.ssh_host,
+        port=testbed.ssh_port,
+        user=testbed.ssh_user,
+        key_file=testbed.ssh_key,
+        known_hosts=testbed.known_hosts,
+    )
+
+
+def make_submission(
+    workdir: str,
+    script: str,
+    *,
+    resources: Resources | None = None,
+    env: dict[str, str] | None = None,
+    files: dict[str, str] | None = None,
+) -> JobSubmission:
+    """A batch job: the rendered wrapper plus the user's script and files, keyed by job-relative path."""
+    job_id = uuid4()
+    spec = JobSpec(
+        name="slurm-test",
+        cluster="testbed",
+        script=script,
+        resources=resources or Resources(),
+        env=env or {},
+        files=files or {},
+    )
+    paths = JobPaths(workdir, job_id)
+    staged = {path: content.encode() for path, content in spec.files.items()}
+    staged[".cloudhpc/script"] = script.encode()
+    return JobSubmission(
+        job_id=job_id,
+        spec=spec,
+        resources=spec.resources,
+        batch_script=render_batch_script(job_id=job_id, spec=spec, paths=paths),
+        files=staged,
+    )
