@@ -19,23 +19,65 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
+from cloudhpc.cli.platform import platform_app
 from cloudhpc.client import ApiError, Client, default_client
 from cloudhpc.config import Settings, load_settings
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ConfigError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run SLURM and Ray jobs from the cloud.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # messages and status lines stay whole in logs
+
+
+class _ExitCodes(TyperGroup):
+    """Turns the library's errors into one line on stderr and the documented exit code, inside the
+    command itself, so `CliRunner` tests see the same codes as a shell does.
+
+    `ApiError` with status 0 (porter unreachable or silent) is a configuration problem (wrong URL,
+    server not started): 2. Any answer from the API refusing the request (4xx, 5xx): 1.
+    `ConfigError`: 2. Any other `CloudHPCError`: 1.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context type is private
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            err.print(f"ApiError: {exc}", highlight=False, soft_wrap=True)
+            _print_details(exc.details)
+            raise typer.Exit(2 if exc.status == 0 else 1) from exc
+        except ConfigError as exc:
+            err.print(f"ConfigError: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from exc
+        except CloudHPCError as exc:
+            err.print(f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from exc
+
+
+def _print_details(details: Any) -> None:
+    """The API's per-field details of a 422, one line each (`field: message`)."""
+    if not isinstance(details, list) or len(details) < 2:
+        return  # the message already names the one bad field
+    for item in details:
+        if isinstance(item, dict) and "field" in item:
+            err.print(f"  {item['field']}: {item.get('message', '')}", highlight=False, soft_wrap=True)
+
+
+app = typer.Typer(
+    cls=_ExitCodes,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Run SLURM and Ray jobs from the cloud.",
+)
 jobs_app = typer.Typer(no_args_is_help=True, help="Submit and follow jobs.")
 clusters_app = typer.Typer(no_args_is_help=True, help="Clusters known to porter.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens (run where porter's database is).")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(clusters_app, name="clusters")
 app.add_typer(tokens_app, name="tokens")
-
-out = Console()
-err = Console(stderr=True)
+app.add_typer(platform_app, name="platform")
 
 
 class Output(StrEnum):
@@ -73,6 +115,11 @@ def _elapsed(job: Job) -> str:
         return "-"
     end = job.ended_at.timestamp() if job.ended_at else time.time()
     return f"{int(end - job.started_at.timestamp())}s"
+
+
+def _print_table(table: Table) -> None:
+    """Full ids and states when piped or logged: Rich would squeeze a table into 80 columns."""
+    (out if out.is_terminal else Console(width=240)).print(table)
 
 
 def _jobs_table(jobs: list[Job]) -> Table:
@@ -142,7 +189,11 @@ def serve(
 def _load_spec(file: Path | None, overrides: dict[str, Any]) -> JobSpec:
     body: dict[str, Any] = {}
     if file is not None:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            err.print(f"{file}: not valid YAML or JSON: {exc}", highlight=False)
+            raise typer.Exit(2) from exc
         if not isinstance(loaded, dict):
             err.print(f"{file}: a job spec must be a mapping (YAML or JSON)")
             raise typer.Exit(2)
@@ -197,10 +248,14 @@ def _wait_and_report(client: Client, job: Job, output: Output, timeout: float | 
 
 @jobs_app.command("submit")
 def jobs_submit(
-    file: Annotated[Path | None, typer.Argument(help="job spec (YAML or JSON)")] = None,
+    file: Annotated[
+        Path | None, typer.Argument(help="job spec (YAML or JSON)", exists=True, dir_okay=False)
+    ] = None,
     name: Annotated[str | None, typer.Option(help="job name")] = None,
     cluster: Annotated[str | None, typer.Option(help="cluster name")] = None,
-    script: Annotated[Path | None, typer.Option(help="batch script file (kind batch)")] = None,
+    script: Annotated[
+        Path | None, typer.Option(help="batch script file (kind batch)", exists=True, dir_okay=False)
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="resubmitting with the same key returns the same job")
     ] = None,
@@ -241,7 +296,7 @@ def jobs_list(
     if output == Output.json:
         _print_json([_job_json(j) for j in jobs])
     else:
-        out.print(_jobs_table(jobs))
+        _print_table(_jobs_table(jobs))
 
 
 @jobs_app.command("get")
@@ -252,7 +307,7 @@ def jobs_get(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) 
     if output == Output.json:
         _print_json(_job_json(job))
     else:
-        out.print(_jobs_table([job]))
+        _print_table(_jobs_table([job]))
 
 
 @jobs_app.command("wait")
@@ -327,7 +382,7 @@ def jobs_accounting(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.
             str(row.get("max_rss_bytes")),
             str(row.get("node_list")),
         )
-    out.print(table)
+    _print_table(table)
 
     def pct(value: Any) -> str:
         return "-" if value is None else f"{100 * float(value):.1f}%"
@@ -357,7 +412,7 @@ def clusters_list(url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
             "yes" if c["agent_online"] else "no",
             str(c["agent_last_seen"]),
         )
-    out.print(table)
+    _print_table(table)
 
 
 @clusters_app.command("check")
@@ -424,13 +479,4 @@ def demo() -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except ApiError as exc:
-        err.print(f"ApiError: {exc}", highlight=False)
-        if exc.status == 0:
-            sys.exit(2)
-        sys.exit(1)
-    except CloudHPCError as exc:
-        err.print(f"{type(exc).__name__}: {exc}", highlight=False)
-        sys.exit(1)
+    app()

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# porter and the submitter: one image build, two targets.
+#   docker build -f deploy/docker/cloudhpc.Dockerfile --target porter    -t cloudhpc/porter:0.1.0 .
+#   docker build -f deploy/docker/cloudhpc.Dockerfile --target submitter -t cloudhpc/submitter:0.1.0 .
+# The build context is the repository root; cloudhpc.Dockerfile.dockerignore keeps it to the package
+# sources, so no local state (.cloudhpc/, .testbed/ keys, tokens) can reach the image.
+
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/cloudhpc
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+# PostgreSQL driver for a shared job store, the Kubernetes client for bridge Services.
+RUN /opt/cloudhpc/bin/pip install ".[postgres,kubernetes]"
+
+FROM python:3.11.14-slim-bookworm AS runtime
+RUN groupadd --system --gid 10001 cloudhpc \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/cloudhpc --shell /usr/sbin/nologin cloudhpc \
+ && mkdir -p /var/lib/cloudhpc \
+ && chown 10001:10001 /var/lib/cloudhpc \
+ && chmod 1777 /var/lib/cloudhpc
+COPY --from=builder /opt/cloudhpc /opt/cloudhpc
+# HOME is fixed so that ~/.ssh/known_hosts resolves the same for any uid the container runs as
+# (compose runs the submitter as the owner of the mounted key files).
+ENV PATH=/opt/cloudhpc/bin:$PATH \
+    HOME=/var/lib/cloudhpc \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /var/lib/cloudhpc
+USER 10001:10001
+ENTRYPOINT ["cloudhpc"]
+
+# The agent next to the HPC key (deploy/compose/submitter.yaml); health and metrics on 5556.
+FROM runtime AS submitter
+EXPOSE 5556
+CMD ["serve", "submitter"]
+
+# The control plane (deploy/kustomize/porter); the last stage, so a plain `docker build` makes porter.
+FROM runtime AS porter
+EXPOSE 5555
+CMD ["serve", "porter"]

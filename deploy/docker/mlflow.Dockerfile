@@ -1,0 +1,25 @@
+# syntax=docker/dockerfile:1
+# The MLflow tracking server of the platform (deploy/kustomize/mlflow).
+#   docker build -f deploy/docker/mlflow.Dockerfile -t cloudhpc/mlflow:0.1.0 deploy/docker
+# Contract (kept from the original image): BACKEND_STORE_URI, port 5000; with artifact proxying on,
+# ARTIFACTS_DESTINATION names the store (s3://bucket/ with MLFLOW_S3_ENDPOINT_URL and the AWS_*
+# variables), so clients need only the tracking URL.
+
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG MLFLOW_VERSION=3.18.0
+RUN python -m venv /opt/mlflow \
+ && /opt/mlflow/bin/pip install "mlflow==${MLFLOW_VERSION}" "psycopg2-binary==2.9.13" "boto3==1.44.5"
+
+FROM python:3.11.14-slim-bookworm
+RUN groupadd --system --gid 10001 mlflow \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /mlflow --create-home --shell /usr/sbin/nologin mlflow
+COPY --from=builder /opt/mlflow /opt/mlflow
+ENV PATH=/opt/mlflow/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    BACKEND_STORE_URI=sqlite:////mlflow/mlflow.db \
+    ARTIFACTS_DESTINATION=/mlflow/artifacts
+WORKDIR /mlflow
+USER 10001:10001
+EXPOSE 5000
+CMD ["sh", "-c", "exec mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri \"$BACKEND_STORE_URI\" --serve-artifacts --artifacts-destination \"$ARTIFACTS_DESTINATION\""]

