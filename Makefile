@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: run a small job on the embedded default (serve all + local cluster)
+## demo: the cloud-HPC pipeline on the embedded default (serve all + local cluster + a local MLflow);
+## `make demo CLUSTER=testbed` runs it against the SLURM testbed (brought up first)
+CLUSTER ?= local
 demo: $(STAMP)
-	@$(VENV)/bin/cloudhpc demo
+	@if [ "$(CLUSTER)" = testbed ]; then bash scripts/testbed.sh up; fi
+	@$(VENV)/bin/cloudhpc demo --cluster $(CLUSTER)
 
 ## test: install, bring up the real testbed, then lint, type-check and run every test tier
 test: $(STAMP) testbed-up lint

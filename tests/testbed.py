@@ -36,6 +36,11 @@ class Testbed:
     pg_dsn: str
     partition: str
     config_file: Path
+    prometheus_url: str = "http://127.0.0.1:19090"
+    prometheus_targets: Path = ROOT / ".testbed" / "prometheus" / "targets"
+    """Prometheus file_sd directory: `porter-*.json` and `submitter-*.json` are scraped every second."""
+    mlflow_url: str = "http://127.0.0.1:19700"
+    """MLflow tracking server (PostgreSQL backend, artifacts proxied to the S3 bucket `mlflow`)."""
 
 
 def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
@@ -74,4 +79,9 @@ def load_testbed() -> Testbed:
         pg_dsn=env["TESTBED_PG_DSN"],
         partition=env.get("TESTBED_SLURM_PARTITION", "debug"),
         config_file=ENV_FILE.parent / "cloudhpc.yaml",
+        prometheus_url=env.get("TESTBED_PROMETHEUS_URL", "http://127.0.0.1:19090"),
+        prometheus_targets=Path(
+            env.get("TESTBED_PROMETHEUS_TARGETS", ROOT / ".testbed" / "prometheus" / "targets")
+        ),
+        mlflow_url=env.get("TESTBED_MLFLOW_URL", "http://127.0.0.1:19700"),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +24,7 @@ from uuid import UUID
 
 import httpx
 
-from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.jobs import Bridge, Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError
 
@@ -189,6 +189,70 @@ class Client:
 
     def accounting(self, job: JobRef) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", f"/api/v1/jobs/{_job_id(job)}/accounting").json()
+        return result
+
+    def bridges(self, job: JobRef) -> builtins.list[Bridge]:
+        """Where the job's exposed ports are reachable from the cloud, and whether they answer."""
+        body = self._request("GET", f"/api/v1/jobs/{_job_id(job)}/bridges").json()
+        return [Bridge.model_validate(b) for b in body["bridges"]]
+
+    def wait_bridges(
+        self, job: JobRef, *, names: Iterable[str] | None = None, timeout: float = 300.0
+    ) -> builtins.list[Bridge]:
+        """Block until the job's bridges (or those in `names`) are ready; return all its bridges.
+
+        Raises `ApiError` with code `job_ended` when the job ends first and `timeout` when they are
+        not ready in time (a queued job waits for SLURM: give a timeout that covers the queue).
+        """
+        wanted = set(names) if names is not None else None
+        deadline = time.monotonic() + timeout
+        job_id = _job_id(job)
+        path = f"/api/v1/jobs/{job_id}/bridges"
+        while True:
+            step = min(20.0, max(0.0, deadline - time.monotonic()))
+            body = self._request("GET", path, params={"wait": step}, timeout=step + 30).json()
+            if JobState(body["state"]).terminal:
+                raise ApiError(
+                    409, "job_ended", f"job {job_id} ended ({body['state']}) before its bridges were ready"
+                )
+            bridges = [Bridge.model_validate(b) for b in body["bridges"]]
+            missing = (wanted or set()) - {b.name for b in bridges}
+            if missing or not bridges:
+                what = ", ".join(sorted(missing)) if missing else "any port"
+                raise ApiError(404, "not_found", f"job {job_id} does not expose {what} (ray.expose)")
+            relevant = [b for b in bridges if wanted is None or b.name in wanted]
+            if all(b.ready for b in relevant):
+                return bridges
+            if time.monotonic() >= deadline:
+                waiting = ", ".join(b.name for b in relevant if not b.ready)
+                raise ApiError(
+                    0, "timeout", f"bridges of job {job_id} not ready after {timeout:.0f}s: {waiting}"
+                )
+
+    def ray_dashboard_url(self, job: JobRef, *, timeout: float = 300.0, in_cluster: bool = False) -> str:
+        """The URL of the job's Ray dashboard, once its `dashboard` bridge answers, for
+        `ray.job_submission.JobSubmissionClient(url)`. `in_cluster=True` gives the Kubernetes
+        Service address instead (from a pod; porter must publish bridges to Kubernetes)."""
+        bridges = self.wait_bridges(job, names=["dashboard"], timeout=timeout)
+        dashboard = next(b for b in bridges if b.name == "dashboard")
+        if in_cluster:
+            if not dashboard.service_dns:
+                raise ApiError(
+                    404,
+                    "not_published",
+                    "the dashboard is not published in Kubernetes (porter.bridge.kubernetes)",
+                )
+            return f"http://{dashboard.service_dns}:{dashboard.remote_port}"
+        if dashboard.url is None:
+            return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}"
+        return dashboard.url
+
+    def artifacts(self, job: JobRef) -> builtins.list[dict[str, Any]]:
+        """The job's stored files (`spec.json`, `job.sh`, `output.log`, `sacct.json`, ...), each
+        `{"name", "key", "url"}`: a presigned S3 URL, or porter's own download route (needs the token)."""
+        result: builtins.list[dict[str, Any]] = self._request(
+            "GET", f"/api/v1/jobs/{_job_id(job)}/artifacts"
+        ).json()["artifacts"]
         return result
 
     def clusters(self) -> builtins.list[dict[str, Any]]:

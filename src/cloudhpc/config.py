@@ -13,13 +13,23 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cloudhpc.domain.jobs import Name, Resources
 from cloudhpc.exceptions import ConfigError
 
 __all__ = [
+    "BridgeConfig",
+    "BridgeKubernetesConfig",
     "ClusterConfig",
     "ClusterDefaults",
     "PollConfig",
@@ -33,6 +43,14 @@ __all__ = [
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _host_port(value: str) -> str:
+    """A listen address is checked at load time, so a typo is reported with its key, not at bind."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} must look like HOST:PORT (e.g. 127.0.0.1:5555)")
+    return value
 
 
 class SSHConfig(_Section):
@@ -120,6 +138,61 @@ class ClusterConfig(_Section):
         return self
 
 
+class BridgeKubernetesConfig(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="publish each ready bridge as a selector-less Service + EndpointSlice (needs the "
+        "`kubernetes` extra and in-cluster or kubeconfig credentials)",
+    )
+    namespace: str = Field(
+        default="cloudhpc",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="namespace of the Services; porter creates objects in it and never deletes it",
+    )
+
+
+class BridgeConfig(_Section):
+    """The bridge VM: the sshd that jobs reach with `ssh -R`/`-L`. porter allocates its ports; the
+    submitter stages `key_file` and `known_hosts` into each job that has bridges."""
+
+    host: str = Field(description="bridge VM address the jobs' ssh connects to (as seen from the HPC side)")
+    ssh_user: str = Field(description="account on the bridge VM whose authorized_keys holds the bridge key")
+    ssh_port: int = Field(default=22, ge=1, le=65535, description="sshd port of the bridge VM")
+    key_file: Path = Field(
+        description="private key (no passphrase) jobs use to reach the bridge VM; restricted there by the "
+        "line `cloudhpc bridge authorized-key` prints; staged 0600 into each job and deleted at its end"
+    )
+    known_hosts: Path = Field(
+        description="known_hosts file holding the bridge VM's host key (pinned: the job's ssh never "
+        "accepts an unknown key)"
+    )
+    bind_address: str = Field(
+        default="127.0.0.1",
+        description="address sshd binds each forwarded port to (needs `GatewayPorts clientspecified` "
+        "unless loopback); also where porter and cloud clients reach the bridges, unless it is a "
+        "wildcard (0.0.0.0, ::), then `host` is used",
+    )
+    port_range: tuple[int, int] = Field(
+        default=(19500, 19599),
+        description="first and last port on the bridge VM handed out to bridges (both included)",
+    )
+    kubernetes: BridgeKubernetesConfig = Field(default_factory=BridgeKubernetesConfig)
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        low, high = self.port_range
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError("porter.bridge.port_range must be [low, high] with 1024 <= low <= high <= 65535")
+        return self
+
+    @property
+    def public_host(self) -> str:
+        """Where cloud-side clients (and porter's probes) reach a bridge port."""
+        if self.bind_address in ("", "*", "0.0.0.0", "::", "[::]"):  # noqa: S104 (a comparison)
+            return self.host
+        return self.bind_address
+
+
 class PorterConfig(_Section):
     listen: str = Field(default="127.0.0.1:5555", description="host:port of the HTTP API")
     database: str = Field(
@@ -145,6 +218,33 @@ class PorterConfig(_Section):
         default=[],
         description="clusters whose agent uses the S3 mailbox (submitter.channel: s3); porter relays for them",
     )
+    artifact_retention_days: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="days after a job ends before its artifacts (script, output, accounting) are deleted "
+        "from the object store; null keeps them forever",
+    )
+    artifact_sweep_interval: float = Field(
+        default=3600.0, gt=0, description="seconds between two runs of the artifact retention sweep"
+    )
+    artifact_url_expiry: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="seconds a presigned artifact download URL stays valid (S3 object stores)",
+    )
+    bridge: BridgeConfig | None = Field(
+        default=None,
+        description="the bridge VM for ray.expose/ray.import (see docs/bridge-vm.md); null: no bridges",
+    )
+    metrics_job_window: float = Field(
+        default=86400.0,
+        gt=0,
+        description="seconds after its end that a job keeps its per-job series on /metrics; live jobs "
+        "always have them, so the number of series is bounded by this window, not by history",
+    )
+
+    _listen = field_validator("listen")(_host_port)
 
     @model_validator(mode="after")
     def _mailbox_url(self) -> Self:
@@ -168,14 +268,22 @@ class SubmitterConfig(_Section):
         description="s3://BUCKET/PREFIX of the mailbox porter relays (channel `s3`); the same URL as "
         "porter.mailbox",
     )
+    object_store: str | None = Field(
+        default=None,
+        description="file:// directory or s3:// bucket where the agent keeps job artifacts; the same "
+        "place as porter.object_store (default: porter.object_store with porter's S3 endpoint and region)",
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
-        description="S3 endpoint of the mailbox when not AWS; credentials come from "
+        description="S3 endpoint of the mailbox (and of submitter.object_store) when not AWS; credentials come from "
         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
     )
     s3_region: str | None = Field(
-        default=None, description="S3 region of the mailbox (default: AWS_REGION, else us-east-1)"
+        default=None,
+        description="S3 region of the mailbox and of submitter.object_store (default: AWS_REGION, else us-east-1)",
     )
+
+    _listen = field_validator("listen")(_host_port)
 
     @model_validator(mode="after")
     def _mailbox_for_s3(self) -> Self:

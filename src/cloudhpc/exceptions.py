@@ -21,10 +21,15 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     │   └── ParseError
     ├── EnvironmentBuildError
     ├── StoreError
+    │   ├── BridgePortsExhausted
     │   ├── IdempotencyConflict
     │   └── UnknownJob
-    └── StorageError
-        └── ObjectNotFound
+    ├── StorageError
+    │   └── ObjectNotFound
+    ├── KubernetesError
+    └── PipelineError
+        ├── JobFailed
+        └── QualityGateFailed
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AccountingUnavailable",
+    "BridgePortsExhausted",
     "CloudHPCError",
     "CommandTimeout",
     "ConfigError",
@@ -40,10 +46,14 @@ __all__ = [
     "HostKeyError",
     "IdempotencyConflict",
     "InvalidTransition",
+    "JobFailed",
     "JobNotFound",
+    "KubernetesError",
     "ObjectNotFound",
     "OutputTooLarge",
     "ParseError",
+    "PipelineError",
+    "QualityGateFailed",
     "QuotaExceeded",
     "RemoteFileError",
     "SSHConnectError",
@@ -136,6 +146,10 @@ class StoreError(CloudHPCError):
     """The job store could not complete an operation."""
 
 
+class BridgePortsExhausted(StoreError):
+    """Every port of `porter.bridge.port_range` is held by a live job: try again when one ends."""
+
+
 class IdempotencyConflict(StoreError):
     """An idempotency key was reused by the same owner with a different job spec."""
 
@@ -150,3 +164,25 @@ class StorageError(CloudHPCError):
 
 class ObjectNotFound(StorageError):
     """No object has this key (never written, deleted, or removed by retention)."""
+
+
+class KubernetesError(CloudHPCError):
+    """The Kubernetes API server refused a call or could not be reached (bridge publishing)."""
+
+
+class PipelineError(CloudHPCError):
+    """A pipeline step must fail: a Kubeflow step exits non-zero on it, so a run never passes silently."""
+
+
+class JobFailed(PipelineError):
+    """A job followed to its end did not complete; carries the job so the step can report its state."""
+
+    def __init__(self, message: str, *, job_id: str = "", state: str = "", reason: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+        self.reason = reason
+
+
+class QualityGateFailed(PipelineError):
+    """A model's held-out test metrics are below the thresholds: it is not registered."""

@@ -1,7 +1,8 @@
 """The original submitter's `secrets.json`, accepted as is and turned into a cluster named `mahti`.
 
 Keys: CSC_USER, MAHTI_NODE_ADDRESS, MAHTI_PRIVATE_KEY_PATH, MAHTI_PRIVATE_KEY_PASSPHRASE and
-BRIDGE_PRIVATE_KEY_PATH (kept for the bridges; not needed to reach SLURM).
+BRIDGE_PRIVATE_KEY_PATH (the bridge key jobs use to reach the bridge VM: it becomes
+`porter.bridge.key_file` when the configuration has a `porter.bridge` section).
 """
 
 from __future__ import annotations
@@ -43,4 +44,10 @@ def apply_secrets_json(settings: Settings, path: Path, *, cluster: str = "mahti"
     base = existing.model_dump(exclude={"ssh"}) if existing else {"backend": "slurm"}
     clusters = dict(settings.clusters)
     clusters[cluster] = ClusterConfig.model_validate({**base, "backend": "slurm", "ssh": ssh})
-    return settings.model_copy(update={"clusters": clusters})
+    update: dict[str, object] = {"clusters": clusters}
+    bridge_key = data.get("BRIDGE_PRIVATE_KEY_PATH")
+    if bridge_key and settings.porter.bridge is not None:
+        # the bridge VM itself (host, user, known_hosts) comes from porter.bridge in the configuration
+        bridge = settings.porter.bridge.model_copy(update={"key_file": Path(str(bridge_key)).expanduser()})
+        update["porter"] = settings.porter.model_copy(update={"bridge": bridge})
+    return settings.model_copy(update=update)

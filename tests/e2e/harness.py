@@ -6,6 +6,7 @@ Processes, not threads, so that `kill -9` at any moment is a real crash: nothing
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -38,8 +39,14 @@ class Deployment:
     database: str
     channel: str = "http"
     mailbox: str | None = None
+    object_store: str | None = None
+    """s3://BUCKET/PREFIX on the testbed's S3 server for artifacts (default: a local directory)."""
+    porter_settings: dict[str, Any] = field(default_factory=dict)
+    """Extra `porter:` keys (e.g. metrics_job_window)."""
     port: int = field(default_factory=free_port)
+    submitter_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    scraped: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -51,16 +58,19 @@ class Deployment:
             "porter": {
                 "listen": f"127.0.0.1:{self.port}",
                 "database": self.database,
-                "object_store": f"file://{self.root / 'objects'}",
+                "object_store": self.object_store or f"file://{self.root / 'objects'}",
+                **self.porter_settings,
             },
             "submitter": {
                 "porter_url": self.url,
                 "token_file": str(self.root / "agent-token"),
                 "channel": self.channel,
-                "listen": f"127.0.0.1:{free_port()}",
+                "listen": f"127.0.0.1:{self.submitter_port}",
             },
             "clusters": {"testbed": testbed_cluster},
         }
+        if self.object_store:
+            config["porter"]["s3_endpoint_url"] = self.testbed.s3_endpoint
         if self.mailbox:
             config["submitter"]["mailbox"] = self.mailbox
             config["submitter"]["s3_endpoint_url"] = self.testbed.s3_endpoint
@@ -87,7 +97,7 @@ class Deployment:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
         env["CLOUDHPC_CONFIG"] = str(self.config)
-        if self.mailbox:
+        if self.mailbox or self.object_store:
             env["AWS_ACCESS_KEY_ID"] = self.testbed.s3_access_key
             env["AWS_SECRET_ACCESS_KEY"] = self.testbed.s3_secret_key
             env["AWS_DEFAULT_REGION"] = "us-east-1"
@@ -129,6 +139,20 @@ class Deployment:
     def stop(self) -> None:
         for role in list(self.processes):
             self.kill(role, signal.SIGTERM)
+        for path in self.scraped:
+            path.unlink(missing_ok=True)
+        self.scraped.clear()
+
+    def scrape_with_prometheus(self, label: str) -> None:
+        """Have the testbed's Prometheus scrape this deployment's porter and submitter, with the
+        label `deployment=<label>` on every series (removed again by `stop`)."""
+        targets = self.testbed.prometheus_targets
+        for role, port in (("porter", self.port), ("submitter", self.submitter_port)):
+            path = targets / f"{role}-{label}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": {"deployment": label}}]))
+            tmp.rename(path)  # Prometheus must never read half a file
+            self.scraped.append(path)
 
     def log(self, role: str) -> str:
         path = self.root / f"{role}.log"

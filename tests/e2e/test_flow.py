@@ -21,7 +21,7 @@ from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from tests.e2e.harness import Deployment, slurm_jobs_named
-from tests.integration.stores import store_urls
+from tests.integration.stores import StoreUrlFactory, store_urls
 from tests.testbed import Testbed
 
 MARKER_DIR = Path("/tmp")
@@ -165,10 +165,11 @@ def test_kill_9_of_porter_and_agent_loses_nothing_and_duplicates_nothing(
             dep.stop()
 
 
-def test_s3_mailbox_channel_end_to_end(tmp_path: Path, testbed: Testbed) -> None:
+@pytest.mark.parametrize("store_url", store_urls(), ids=["sqlite", "postgres"])
+def test_s3_mailbox_channel_end_to_end(tmp_path: Path, testbed: Testbed, store_url: StoreUrlFactory) -> None:
     """The agent never talks to porter: everything goes through the testbed's S3 server."""
     mailbox = f"s3://{testbed.s3_bucket}/e2e-{uuid.uuid4().hex[:8]}"
-    with store_urls()[0](tmp_path) as url:
+    with store_url(tmp_path) as url:
         dep = Deployment(tmp_path / "deploy", testbed, url, channel="s3", mailbox=mailbox)
         dep.start("porter")
         dep.start("submitter")

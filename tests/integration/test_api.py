@@ -261,6 +261,6 @@ def test_clusters_and_metrics(api: Api) -> None:
     ]
     api.submit(api.alice)
     metrics = api.call("GET", "/metrics", None).text
-    assert 'cloudhpc_jobs{cluster="local",state="pending"} 1.0' in metrics
+    assert 'cloudhpc_jobs{cluster="local",state="pending"} 1\n' in metrics
     assert "cloudhpc_api_request_duration_seconds_bucket" in metrics
     assert "cloudhpc_agent_last_seen_timestamp_seconds" in metrics

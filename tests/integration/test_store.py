@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tests.testbed import Testbed
 
 T = TypeVar("T")
-TABLES = ("job_output", "job_accounting", "job_transitions", "jobs", "tokens", "agents")
+TABLES = ("job_output", "job_accounting", "job_transitions", "jobs", "tokens", "agents", "bridges")
 
 
 @pytest.fixture(scope="session")

@@ -573,7 +573,11 @@ def _stages(dockerfile: Path) -> list[tuple[str, str | None, list[str]]]:
 
 
 def test_dockerfiles_exist() -> None:
-    assert [p.name for p in DOCKERFILES] == ["cloudhpc.Dockerfile", "mlflow.Dockerfile"]
+    assert [p.name for p in DOCKERFILES] == [
+        "cloudhpc.Dockerfile",
+        "mlflow.Dockerfile",
+        "pipelines.Dockerfile",
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

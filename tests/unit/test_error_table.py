@@ -28,10 +28,15 @@ EXPECTED = {
     "ParseError": 500,
     "EnvironmentBuildError": 500,
     "StoreError": 503,
+    "BridgePortsExhausted": 503,
     "IdempotencyConflict": 409,
     "UnknownJob": 404,
     "StorageError": 502,
     "ObjectNotFound": 404,
+    "KubernetesError": 502,
+    "PipelineError": 500,
+    "JobFailed": 500,
+    "QualityGateFailed": 500,
 }
 
 

@@ -47,7 +47,6 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
     log_path = state_dir / "demo-server.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]1/4[/bold] starting `cloudhpc serve all` on 127.0.0.1:{port}")
-    console.print(f"      server log: {log_path}", soft_wrap=True)
     with log_path.open("ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "cloudhpc", "serve", "all"],
@@ -56,6 +55,7 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
+    console.print(f"      server pid {server.pid}, log {log_path}", soft_wrap=True)
     try:
         token_file = state_dir / "admin-token"
         deadline = time.monotonic() + 60
@@ -101,7 +101,9 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
                     break
                 except ApiError:
                     time.sleep(0.2)
-            if accounting is not None:
+            if accounting is None:
+                console.print("      accounting was not collected in time; see the server log")
+            else:
                 eff = accounting.get("efficiency", {})
                 rows = accounting.get("records", [])
                 elapsed = rows[0].get("elapsed_seconds") if rows else None
@@ -118,3 +120,5 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        console.print(f"stopped the server (pid {server.pid})")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from cloudhpc.cli.bridges import bridge_app, bridges_table, doctor_app
 from cloudhpc.cli.platform import platform_app
 from cloudhpc.client import ApiError, Client, default_client
 from cloudhpc.config import Settings, load_settings
@@ -78,6 +79,8 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(clusters_app, name="clusters")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(platform_app, name="platform")
+app.add_typer(bridge_app, name="bridge")
+app.add_typer(doctor_app, name="doctor")
 
 
 class Output(StrEnum):
@@ -161,7 +164,6 @@ def serve(
     """Run porter, the submitter agent, or both."""
     from cloudhpc.submitter import service
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(config)
     if secrets is not None:
         from cloudhpc.secrets_json import apply_secrets_json
@@ -171,6 +173,8 @@ def serve(
         except ConfigError as exc:
             err.print(f"ConfigError: {exc}", highlight=False)
             raise typer.Exit(2) from exc
+    # Only once the configuration is known to be valid: a refused one is one message, not a log.
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = {
         Role.porter: service.serve_porter,
         Role.submitter: service.serve_submitter,
@@ -308,6 +312,8 @@ def jobs_get(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) 
         _print_json(_job_json(job))
     else:
         _print_table(_jobs_table([job]))
+        if job.bridges:
+            _print_table(bridges_table(list(job.bridges)))
 
 
 @jobs_app.command("wait")
@@ -471,11 +477,31 @@ def tokens_create(
 
 
 @app.command()
-def demo() -> None:
-    """Start `serve all` on the embedded default, run a small job on the local cluster, show the result."""
-    from cloudhpc.cli.demo import run_demo
+def demo(
+    cluster: Annotated[
+        str,
+        typer.Option(
+            help="`local` (the embedded default) or `testbed` (the SLURM testbed of scripts/testbed.sh)"
+        ),
+    ] = "local",
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 5,
+    data_url: Annotated[
+        str,
+        typer.Option(
+            help="Fashion-MNIST base URL (https://, s3://, file://); empty: the offline digits data"
+        ),
+    ] = "",
+    batch: Annotated[bool, typer.Option("--batch", help="run the quick batch-job demo instead")] = False,
+) -> None:
+    """Run the cloud-HPC pipeline (preprocess, Ray Train on the cluster, evaluate, register in MLflow)
+    against `serve all`, with a local MLflow; `--batch` runs one small batch job instead."""
+    if batch:
+        from cloudhpc.cli.demo import run_demo
 
-    raise typer.Exit(run_demo())
+        raise typer.Exit(run_demo())
+    from cloudhpc.cli.pipeline_demo import run_pipeline_demo
+
+    raise typer.Exit(run_pipeline_demo(cluster=cluster, epochs=epochs, data_url=data_url))
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Observation",
     "RaySpec",
     "Resources",
+    "import_variable",
     "is_object_url",
     "parse_slurm_time",
 ]
@@ -181,7 +182,24 @@ class ImportedService(_Model):
     port: int = Field(ge=1, le=65535)
 
 
+_RAY_HEAD_FIELDS = frozenset({"cpus_per_task", "gpus_per_node", "mem"})
+_RAY_WORKER_FIELDS = _RAY_HEAD_FIELDS | {"nodes"}
+
+
+def import_variable(name: str) -> str:
+    """The environment variable that gives a job the local address of an imported service."""
+    return "CLOUDHPC_IMPORT_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
 class RaySpec(_Model):
+    """A Ray cluster on SLURM: the head on the first node, one worker per other node.
+
+    `head`/`workers` size each Ray node (`cpus_per_task` -> Ray's --num-cpus, `gpus_per_node` ->
+    --num-gpus, `mem` -> what Ray may use, 30 % of it for the object store); `workers.nodes` is the
+    number of worker nodes. `expose` names ports of the head made reachable from the cloud,
+    `import` cloud services made reachable from the job.
+    """
+
     entrypoint: str | None = Field(default=None, max_length=8192)
     head: Resources = Field(default_factory=Resources)
     workers: Resources = Field(default_factory=Resources)
@@ -213,6 +231,28 @@ class RaySpec(_Model):
             names = [i.name for i in items]
             if len(names) != len(set(names)):
                 raise ValueError(f"ray.{label} names must be unique")
+        variables = [import_variable(i.name) for i in self.import_]
+        if len(variables) != len(set(variables)):
+            raise ValueError(
+                "ray.import names must stay distinct as environment variables "
+                f"({', '.join(variables)}): '.', '-' and '_' are the same there, and case is ignored"
+            )
+        ports = [e.port for e in self.expose]
+        if len(ports) != len(set(ports)):
+            raise ValueError("ray.expose ports must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _node_resources(self) -> Self:
+        """`head` and `workers` describe Ray nodes, not the SLURM allocation (that is `resources`)."""
+        for role, allowed in (("head", _RAY_HEAD_FIELDS), ("workers", _RAY_WORKER_FIELDS)):
+            resources: Resources = getattr(self, role)
+            extra = sorted(resources.model_dump(exclude_none=True).keys() - allowed)
+            if extra:
+                raise ValueError(
+                    f"ray.{role}: {', '.join(extra)} not used here; ray.{role} takes "
+                    f"{', '.join(sorted(allowed))} (time, partition, account... go in `resources`)"
+                )
         return self
 
 
@@ -264,6 +304,18 @@ class JobSpec(_Model):
                 raise ValueError(f"a {self.kind.value} job needs a `ray` section")
             if self.kind == JobKind.RAY_JOB and not self.ray.entrypoint:
                 raise ValueError("a ray-job needs `ray.entrypoint`")
+            if self.kind == JobKind.RAY_CLUSTER and self.ray.entrypoint:
+                raise ValueError(
+                    "`ray.entrypoint` is for kind ray-job; a ray-cluster takes Ray jobs from the cloud"
+                )
+            if self.script:
+                raise ValueError(f"a {self.kind.value} job takes `ray`, not `script`")
+            workers = self.ray.workers.nodes
+            if workers is not None and self.resources.nodes not in (None, workers + 1):
+                raise ValueError(
+                    f"resources.nodes ({self.resources.nodes}) must be ray.workers.nodes + 1 "
+                    f"({workers + 1}): the head takes one node"
+                )
         return self
 
 
@@ -280,6 +332,10 @@ class Observation(_Model):
 
 
 class Bridge(_Model):
+    """One exposed port of a job, reachable from the cloud at `bridge_host:bridge_port` (and, when
+    porter publishes to Kubernetes, at `service_dns:remote_port`). `ready` means porter's last probe
+    got an answer through the tunnel."""
+
     name: Name
     remote_port: int
     bridge_host: str

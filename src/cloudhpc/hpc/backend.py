@@ -123,6 +123,8 @@ class JobSubmission:
     batch_script: str = ""
     files: Mapping[str, bytes] = field(default_factory=dict)
     """Extra files to place in the job directory, keyed by path relative to it (user files, the user script)."""
+    modes: Mapping[str, int] = field(default_factory=dict)
+    """File modes of some `files` (the others get 0644): a private key must be 0600 for ssh to use it."""
 
 
 @dataclass(frozen=True)
@@ -194,5 +196,8 @@ class JobBackend(Protocol):
 
     async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
         """The job's combined stdout/stderr from `offset`; b"" before the file exists."""
+
+    async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
+        """Delete files of an ended job (a staged key): missing files are not an error."""
 
     async def close(self) -> None: ...

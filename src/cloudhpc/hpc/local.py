@@ -253,7 +253,8 @@ async def stage_job_directory(transfer: FileTransfer, paths: JobPaths, submissio
         )
     await transfer.makedirs(paths.control, mode=0o700)
     for relative, data in submission.files.items():
-        await transfer.write_file(paths.file(_checked_relative(relative)), data)
+        mode = submission.modes.get(relative, 0o644)
+        await transfer.write_file(paths.file(_checked_relative(relative)), data, mode=mode)
     await transfer.write_file(paths.batch_script, submission.batch_script.encode(), mode=0o700)
 
 
@@ -531,6 +532,12 @@ class LocalBackend:
             if await self.runner.exists(path):
                 raise
             return b""
+
+    async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
+        paths = self.paths(job_id)
+        for relative in relative_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(paths.file(_checked_relative(relative)))
 
     async def close(self) -> None:
         """Jobs keep running: they belong to their supervisors, not to this object."""

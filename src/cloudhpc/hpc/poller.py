@@ -108,6 +108,7 @@ class Poller:
         """Seconds from one tick to the next while nothing pokes the poller."""
         self._last_tick: float | None = None
         self._poked = False
+        self._expecting: set[UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
@@ -133,6 +134,15 @@ class Poller:
 
     def untrack(self, job_id: UUID) -> None:
         self._jobs.pop(job_id, None)
+        self._expecting.discard(job_id)
+
+    def expect_change(self, job_id: UUID) -> None:
+        """Poll now and keep polling fast until this job's state changes: something outside SLURM
+        said it is about to (a ray-job's entrypoint printed its end), and SLURM may lag behind."""
+        if job_id in self._jobs:
+            self._expecting.add(job_id)
+            self.interval = self.config.fast_interval
+            self.poke()
 
     def poke(self) -> None:
         """Poll as soon as the command budget allows (after a cancel, a submission...)."""
@@ -171,8 +181,10 @@ class Poller:
                 continue
             job.last = observation
             changed[job_id] = observation
+            self._expecting.discard(job_id)
             if observation.state.terminal:
                 self._jobs.pop(job_id, None)
+                self._expecting.discard(job_id)
         if changed or self._busy():
             self.interval = self.config.fast_interval
         else:
@@ -187,7 +199,9 @@ class Poller:
         self.interval = min(self.interval * 2, self.config.slow_interval)
 
     def _busy(self) -> bool:
-        """Some job is starting (never seen yet) or in a short-lived native state."""
+        """Some job is starting (never seen yet), in a short-lived native state, or expected to change."""
+        if self._expecting:
+            return True
         for job in self._jobs.values():
             if job.last is None or job.last.native_state in _TRANSIENT_NATIVE:
                 return True

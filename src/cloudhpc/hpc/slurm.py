@@ -38,6 +38,7 @@ from cloudhpc.exceptions import (
 from cloudhpc.hpc.backend import (
     AccountingRecord,
     CommandResult,
+    CommandRunner,
     Efficiency,
     FileTransfer,
     JobPaths,
@@ -784,18 +785,8 @@ def compute_efficiency(records: Sequence[AccountingRecord]) -> Efficiency:
 # ---------------------------------------------------------------------------------------------
 
 
-class SlurmConnection(FileTransfer, Protocol):
+class SlurmConnection(CommandRunner, FileTransfer, Protocol):
     """What `SlurmBackend` needs from its connection: `hpc/ssh.py`'s `SSHConnection` provides it."""
-
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: str | None = None,
-        timeout: float | None = None,
-        idempotent: bool = False,
-        prelude: str = "",
-    ) -> CommandResult: ...
 
 
 CommandObserver = Callable[[str, CommandResult, float], None]
@@ -895,7 +886,10 @@ class SlurmBackend:
             resources = resources.with_defaults(self._defaults)
         command = Sbatch(job_id=submission.job_id, paths=paths, resources=resources)
         command.argv()  # validate before anything is written on the cluster
-        targets = [(paths.file(_check_relative(rel)), data, 0o644) for rel, data in submission.files.items()]
+        targets = [
+            (paths.file(_check_relative(rel)), data, submission.modes.get(rel, 0o644))
+            for rel, data in submission.files.items()
+        ]
         targets.append((paths.batch_script, submission.batch_script.encode(), 0o700))
         await self._conn.makedirs(paths.control, mode=0o700)
         limit = asyncio.Semaphore(8)
@@ -1022,6 +1016,15 @@ class SlurmBackend:
             if await self._conn.exists(path):
                 raise
             return b""
+
+    async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
+        if not relative_paths:
+            return
+        paths = await self.paths(job_id)
+        argv = ["rm", "-f", "--", *(paths.file(_check_relative(p)) for p in relative_paths)]
+        result = await self._conn.run(argv, timeout=self._timeout, idempotent=True)
+        if not result.ok:
+            logger.warning("job %s: could not delete %s: %s", job_id, relative_paths, result.stderr.strip())
 
     async def close(self) -> None:
         closer = getattr(self._conn, "close", None)

@@ -4,59 +4,79 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudhpc import __version__
 from cloudhpc.config import Settings
-from cloudhpc.porter import routes_agent, routes_jobs
+from cloudhpc.metrics.porter import PorterMetrics
+from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_jobs
+from cloudhpc.porter.bridges import bridge_reconciler
 from cloudhpc.porter.errors import error_body, install_error_handlers
 from cloudhpc.porter.mailbox import mailbox_relay
+from cloudhpc.porter.retention import artifact_retention
 from cloudhpc.porter.state import PorterState
+from cloudhpc.storage import ObjectStore
+from cloudhpc.storage.artifacts import open_porter_object_store
 from cloudhpc.store import Store
 
 __all__ = ["create_app"]
 
 
-class _StoreCollector(Collector):
-    """Job gauges computed from the store at scrape time, so they survive restarts and never drift."""
+class _RequestTimer:
+    """Observes each request's time to its first response byte, by route template.
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs every
+    request through an extra task and memory streams, which cost about as much as the whole
+    `GET /jobs/{id}` route (bench/api.py).
+    """
 
-    def collect(self) -> Iterable[Metric]:
-        jobs = GaugeMetricFamily("cloudhpc_jobs", "Jobs by cluster and state", labels=["cluster", "state"])
-        for (cluster, state), count in sorted(self._store.count_by_state().items()):
-            jobs.add_metric([cluster, state], count)
-        yield jobs
-        seen = GaugeMetricFamily(
-            "cloudhpc_agent_last_seen_timestamp_seconds",
-            "When each cluster's agent last called",
-            labels=["cluster"],
-        )
-        for cluster, when in sorted(self._store.agents().items()):
-            seen.add_metric([cluster], when.timestamp())
-        yield seen
+    def __init__(self, app: ASGIApp, metrics: PorterMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                template = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.observe_request(
+                    template, scope["method"], message["status"], time.perf_counter() - started
+                )
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, store: Store | None = None, object_store: ObjectStore | None = None
+) -> FastAPI:
     """The porter application. A store passed in is used as is (tests, `serve all`); otherwise one is
-    opened from `settings.porter.database` and migrated at startup."""
+    opened from `settings.porter.database` and migrated at startup. The object store (artifacts)
+    is `settings.porter.object_store` unless one is passed in."""
     own_store = store is None
     the_store = store or Store(settings.porter.database)
+    objects = object_store or open_porter_object_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if own_store:
             await run_in_threadpool(the_store.migrate)
-        async with mailbox_relay(settings, the_store, app.state.porter.notifier):
+        async with (
+            mailbox_relay(settings, the_store, app.state.porter.notifier),
+            artifact_retention(settings, the_store, objects),
+            bridge_reconciler(settings, the_store, app.state.porter.notifier),
+        ):
             yield
         if own_store:
             the_store.close()
@@ -67,32 +87,23 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Submit and follow SLURM and Ray jobs. Every /api/v1 route needs a bearer token.",
     )
-    app.state.porter = PorterState(settings=settings, store=the_store)
+    app.state.porter = PorterState(settings=settings, store=the_store, objects=objects)
     install_error_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_agent.router)
+    app.include_router(routes_artifacts.router)
+    app.include_router(routes_artifacts.agent_router)
+    app.include_router(routes_bridges.router)
 
-    registry = CollectorRegistry()
-    registry.register(_StoreCollector(the_store))
-    latency = Histogram(
-        "cloudhpc_api_request_duration_seconds",
-        "API latency by route template and status",
-        ["route", "method", "status"],
-        registry=registry,
+    metrics = PorterMetrics(
+        the_store,
+        clusters=settings.clusters,
+        job_window=settings.porter.metrics_job_window,
+        bridges=the_store.bridge_readiness,
     )
+    app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def _time_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        latency.labels(template, request.method, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
+    app.add_middleware(_RequestTimer, metrics=metrics)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -106,8 +117,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
         return Response(json.dumps(body), status_code=503, media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        payload = await run_in_threadpool(generate_latest, registry)
+    async def metrics_endpoint() -> Response:
+        payload = await run_in_threadpool(metrics.render)
         return Response(payload, media_type=CONTENT_TYPE_LATEST)
 
     return app

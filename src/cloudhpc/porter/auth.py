@@ -1,8 +1,9 @@
 """Bearer-token authentication and the role rules of the API.
 
 Tokens are looked up by their SHA-256 in the store, so porter never holds a plaintext token beyond
-the request. Roles: `user` acts on its own jobs, `agent` only on the agent routes of the clusters it
-is bound to, `admin` on everything.
+the request; a verified token is remembered (by its hash) for a few seconds (`TokenCache`), so a
+revocation takes effect within that time. Roles: `user` acts on its own jobs, `agent` only on the
+agent routes of the clusters it is bound to, `admin` on everything.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.porter.errors import ApiError
 from cloudhpc.porter.state import PorterState
@@ -23,7 +25,7 @@ def _state(request: Request) -> PorterState:
     return state
 
 
-def authenticate(request: Request) -> Principal:
+async def authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -33,20 +35,25 @@ def authenticate(request: Request) -> Principal:
             "missing bearer token: send `Authorization: Bearer <token>` "
             "(create one with `cloudhpc tokens create --user NAME`)",
         )
-    principal = _state(request).store.verify_token(token.strip())
+    state = _state(request)
+    key = state.tokens.key(token.strip())
+    known, principal = state.tokens.get(key)
+    if not known:
+        principal = await run_in_threadpool(state.store.verify_token, token.strip())
+        state.tokens.put(key, principal)
     if principal is None:
         raise ApiError(401, "unauthorized", "invalid or revoked token")
     return principal
 
 
-def require_user(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_user(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     """User routes: people and admins. Agent tokens are for the agent protocol only."""
     if principal.role not in ("user", "admin"):
         raise ApiError(403, "forbidden", f"a {principal.role} token cannot use the user API")
     return principal
 
 
-def require_agent(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_agent(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if principal.role not in ("agent", "admin"):
         raise ApiError(403, "forbidden", "the agent API needs an agent token")
     return principal

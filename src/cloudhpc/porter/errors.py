@@ -44,9 +44,11 @@ _TABLE: list[tuple[type[Exception], int, str]] = [
     (exc.SSHError, 502, "ssh_error"),
     (exc.ConfigError, 500, "config_error"),
     (exc.UnknownJob, 404, "not_found"),
+    (exc.BridgePortsExhausted, 503, "bridge_ports_exhausted"),
     (exc.StoreError, 503, "store_unavailable"),
     (exc.ObjectNotFound, 404, "not_found"),
     (exc.StorageError, 502, "storage_unavailable"),
+    (exc.KubernetesError, 502, "kubernetes_unavailable"),
     (exc.CloudHPCError, 500, "internal_error"),
 ]
 

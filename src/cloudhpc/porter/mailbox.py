@@ -38,8 +38,10 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ObjectNotFound, UnknownJob
 from cloudhpc.porter.state import Notifier, cluster_key, job_key
 from cloudhpc.storage import ObjectStore, open_object_store
+from cloudhpc.storage.artifacts import foreign_keys
 from cloudhpc.storage.mailbox import (
     AccountingMessage,
+    ArtifactsMessage,
     HeartbeatMessage,
     KeyClock,
     OutputMessage,
@@ -270,8 +272,27 @@ class MailboxRelay:
                 elif isinstance(message, AccountingMessage):
                     self.store.set_accounting(job_id, message.record)
                     changed.add(job_id)
+                elif isinstance(message, ArtifactsMessage):
+                    self._add_artifacts(state, job_id, message.keys, key)
             except UnknownJob:
                 log.warning("mailbox %s: %s names job %s, which no longer exists", state.name, key, job_id)
+
+    def _add_artifacts(self, state: _Cluster, job_id: UUID, keys: list[str], key: str) -> None:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        outside = set(foreign_keys(job.owner, job.id, keys))
+        if outside:
+            log.warning(
+                "mailbox %s: %s: %d artifact key(s) of job %s are not under its prefix; refused",
+                state.name,
+                key,
+                len(outside),
+                job_id,
+            )
+        good = [k for k in keys if k not in outside]
+        if good:
+            self.store.add_artifacts(job_id, good)
 
     def _owns(self, state: _Cluster, job_id: UUID, key: str) -> bool:
         """Whether the job belongs to this mailbox's cluster (cached: a job never changes cluster)."""

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from cloudhpc.bridges.allocation import BridgesNotConfigured, plan_bridges
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.auth import UserPrincipal
@@ -54,16 +55,25 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Job:
     state = _state(request)
-    clusters = state.known_clusters()
-    if spec.cluster not in clusters:
+    # Configured clusters need no query; only others are looked up among the agents seen (a store
+    # read, so in a worker thread, off the event loop).
+    if spec.cluster not in state.settings.clusters and spec.cluster not in (
+        clusters := await run_in_threadpool(state.known_clusters)
+    ):
         raise ApiError(
             422,
             "invalid_request",
             f"invalid request: cluster: unknown cluster {spec.cluster!r}; known: {', '.join(clusters) or 'none'}",
             [{"field": "cluster", "message": "unknown cluster"}],
         )
+    try:
+        bridges = plan_bridges(spec, state.settings.porter.bridge)
+    except BridgesNotConfigured as exc:
+        raise ApiError(
+            422, "invalid_request", f"invalid request: ray: {exc}", [{"field": "ray", "message": str(exc)}]
+        ) from exc
     job, created = await run_in_threadpool(
-        state.store.create_job, principal.user, spec, idempotency_key=idempotency_key
+        lambda: state.store.create_job(principal.user, spec, idempotency_key=idempotency_key, bridges=bridges)
     )
     if created:
         state.notifier.notify(cluster_key(job.cluster))

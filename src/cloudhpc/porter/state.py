@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cloudhpc.config import Settings
-from cloudhpc.store import Store
+from cloudhpc.storage import ObjectStore
+from cloudhpc.store import Principal, Store
 
-__all__ = ["Notifier", "PorterState"]
+__all__ = ["Notifier", "PorterState", "TokenCache"]
+
+
+class TokenCache:
+    """Recently verified tokens, so that a client's burst of requests costs one store lookup.
+
+    Every API call carries a token; looking each one up in the database was the biggest single
+    cost of `GET /jobs/{id}` (bench/api.py). Entries live `ttl` seconds, so a revoked token
+    keeps working on this replica for at most that long. Keys are the tokens' SHA-256, never the
+    tokens; unknown tokens are remembered too (a flood of bad tokens does not reach the database)
+    and the whole cache is dropped when it reaches `max_entries`.
+    """
+
+    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[bool, Principal | None]:
+        """(True, principal or None) when `key` was verified less than `ttl` seconds ago."""
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: str, principal: Principal | None) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + self.ttl, principal)
 
 
 class Notifier:
@@ -58,6 +97,9 @@ class PorterState:
     settings: Settings
     store: Store
     notifier: Notifier = field(default_factory=Notifier)
+    tokens: TokenCache = field(default_factory=TokenCache)
+    objects: ObjectStore | None = None
+    """Where job artifacts are (`porter.object_store`); None only in tests that need none."""
     recheck_interval: float = 1.0
     """How often long-polls re-read the store, for changes made by other replicas."""
 

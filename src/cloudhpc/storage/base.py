@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +48,11 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object; deleting a missing key is not an error (as in S3)."""
+        ...
+
+    def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks, without holding it whole in memory; `ObjectNotFound` (raised
+        before the first chunk) when there is none."""
         ...
 
     def upload_file(self, key: str, path: Path, *, content_type: str | None = None) -> None:

@@ -13,6 +13,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cloudhpc.exceptions import ObjectNotFound, StorageError
 from cloudhpc.storage.base import check_key, check_prefix
@@ -117,6 +118,20 @@ class LocalObjectStore:
             if path.is_dir():
                 raise ObjectNotFound(f"no object {key!r} (it is only a prefix of other keys)")
             return path.read_bytes()
+
+    def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        path = self._path(key)
+        with _os_errors("read", key):
+            if path.is_dir():
+                raise ObjectNotFound(f"no object {key!r} (it is only a prefix of other keys)")
+            handle = open(path, "rb")  # noqa: SIM115 (closed by the generator below)
+        return self._chunks(handle, key, chunk_size)
+
+    @staticmethod
+    def _chunks(handle: BinaryIO, key: str, chunk_size: int) -> Iterator[bytes]:
+        with handle, _os_errors("read", key):
+            while chunk := handle.read(chunk_size):
+                yield chunk
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -35,6 +35,7 @@ from cloudhpc.domain.reports import JobReport
 __all__ = [
     "TIME_DIGITS",
     "AccountingMessage",
+    "ArtifactsMessage",
     "HeartbeatMessage",
     "KeyClock",
     "OutputMessage",
@@ -167,6 +168,14 @@ class AccountingMessage(_Message):
     record: dict[str, Any]
 
 
+class ArtifactsMessage(_Message):
+    """Object-store keys the agent wrote for a job (porter records those under the job's prefix)."""
+
+    type: Literal["artifacts"] = "artifacts"
+    job_id: UUID
+    keys: list[str] = Field(max_length=10_000)
+
+
 class HeartbeatMessage(_Message):
     """The agent is alive. Mailbox agents make no other call that porter could notice."""
 
@@ -176,7 +185,8 @@ class HeartbeatMessage(_Message):
 
 
 UpMessage = Annotated[
-    ReportMessage | OutputMessage | AccountingMessage | HeartbeatMessage, Field(discriminator="type")
+    ReportMessage | OutputMessage | AccountingMessage | ArtifactsMessage | HeartbeatMessage,
+    Field(discriminator="type"),
 ]
 
 

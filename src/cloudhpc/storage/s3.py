@@ -150,6 +150,19 @@ class S3ObjectStore:
             body: bytes = response["Body"].read()
             return body
 
+    def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        full = self._full(key)
+        with _s3_errors("read", self._what(key)):
+            body = self._client.get_object(Bucket=self.bucket, Key=full)["Body"]
+        return self._chunks(body, key, chunk_size)
+
+    def _chunks(self, body: Any, key: str, chunk_size: int) -> Iterator[bytes]:
+        try:
+            with _s3_errors("read", self._what(key)):
+                yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
     def delete(self, key: str) -> None:
         full = self._full(key)
         with _s3_errors("delete", self._what(key)):

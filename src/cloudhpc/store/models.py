@@ -29,13 +29,14 @@ from sqlalchemy import (
     false,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "AccountingRow",
     "AgentRow",
     "Base",
+    "BridgeRow",
     "JobRow",
     "OutputChunkRow",
     "TokenRow",
@@ -115,6 +116,9 @@ class JobRow(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     artifacts: Mapped[str] = mapped_column(Text, server_default=text("'[]'"))
+    bridges: Mapped[list[BridgeRow]] = relationship(
+        lazy="selectin", order_by="BridgeRow.id", passive_deletes=True, cascade="all, delete-orphan"
+    )
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
@@ -187,3 +191,30 @@ class AccountingRow(Base):
     )
     record: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BridgeRow(Base):
+    """A bridge port on the bridge VM, held by a live job; the row is deleted when the port is free.
+
+    The unique (bridge_host, bridge_port) pair is what guarantees a port in use is never handed out
+    twice, by any porter replica: rows exist only while their job holds the port.
+    """
+
+    __tablename__ = "bridges"
+
+    id: Mapped[int] = mapped_column(_BIGINT_PK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    remote_port: Mapped[int] = mapped_column(Integer)
+    bridge_host: Mapped[str] = mapped_column(String(255))
+    bridge_port: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(Text)
+    service_dns: Mapped[str | None] = mapped_column(String(255))
+    ready: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("bridge_host", "bridge_port"),
+        UniqueConstraint("job_id", "name"),
+    )

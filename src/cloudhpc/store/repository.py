@@ -36,39 +36,60 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar
 from uuid import UUID, uuid4
 
 import alembic.command
 import alembic.util
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, and_, create_engine, event, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.expression import Executable
 
-from cloudhpc.domain.jobs import Job, JobKind, JobSpec
+from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import ACTIVE_STATES, JobState, can_transition
-from cloudhpc.exceptions import IdempotencyConflict, StoreError, UnknownJob
+from cloudhpc.exceptions import BridgePortsExhausted, IdempotencyConflict, StoreError, UnknownJob
 from cloudhpc.store.models import (
     AccountingRow,
     AgentRow,
     Base,
+    BridgeRow,
     JobRow,
     OutputChunkRow,
     TokenRow,
     TransitionRow,
+    UTCDateTime,
 )
 
 __all__ = [
     "DEFAULT_URL",
     "ROLES",
     "TOKEN_PREFIX",
+    "AccountingFacts",
+    "BridgePlan",
+    "BridgeRecord",
+    "ExpiredArtifacts",
+    "ExposedPort",
+    "JobFacts",
     "Principal",
     "Store",
     "TokenInfo",
@@ -84,9 +105,13 @@ ROLES: Final = ("user", "agent", "admin")
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
+# A pooled PostgreSQL connection idle longer than this is pinged before use (see `_pg_engine`).
+_PG_PING_AFTER_IDLE_S = 10.0
+_PG_USED_AT = "cloudhpc_used_at"
 _WRITE_OPTION = "cloudhpc_write"
 # Any constant works; it only has to be the same for every porter replica sharing the database.
 _MIGRATION_LOCK_KEY = 0x636C6F7564687063  # "cloudhpc"
+_BRIDGE_LOCK_KEY = 0x6272696467657321  # "bridges!"
 _MAX_PAGE = 1000
 
 P = ParamSpec("P")
@@ -125,6 +150,188 @@ class Transition:
     to_state: JobState
     actor: str
     reason: str | None
+
+
+class JobFacts(NamedTuple):
+    """What the metrics exporter needs of one recent job.
+
+    Times are Unix seconds, not datetimes, and this is a NamedTuple, not a dataclass: a scrape
+    builds one per recent job (10,000 and more), and datetimes and frozen dataclasses cost more
+    than the query. `accounting_stamp` is when the accounting document was stored (None: not
+    yet); the figures after it come from that document (see `AccountingFacts`).
+    """
+
+    id: str
+    owner: str
+    cluster: str
+    name: str
+    kind: str
+    state: JobState
+    exit_code: int | None
+    submitted_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    accounting_stamp: float | None = None
+    cpu_efficiency: float | None = None
+    memory_efficiency: float | None = None
+    alloc_cpus: int | None = None
+    billing: float | None = None
+    elapsed_seconds: float | None = None
+    sacct_exit_code: int | None = None
+    max_rss_bytes: int | None = None
+
+    def with_accounting(self, facts: AccountingFacts) -> JobFacts:
+        return self._replace(
+            cpu_efficiency=facts.cpu_efficiency,
+            memory_efficiency=facts.memory_efficiency,
+            alloc_cpus=facts.alloc_cpus,
+            billing=facts.billing,
+            elapsed_seconds=facts.elapsed_seconds,
+            sacct_exit_code=facts.exit_code,
+            max_rss_bytes=facts.max_rss_bytes,
+        )
+
+
+class AccountingFacts(NamedTuple):
+    """The figures of one accounting document (as the agent stores it): seff's efficiency, the
+    allocation's sacct row (`records[0]`, the row without a step) and the largest MaxRSS of any row.
+    A document stored once never changes, so the exporter keeps these per job and asks again only
+    when the stamp moves."""
+
+    cpu_efficiency: float | None
+    memory_efficiency: float | None
+    alloc_cpus: int | None
+    billing: float | None
+    elapsed_seconds: float | None
+    exit_code: int | None
+    max_rss_bytes: int | None
+
+
+@dataclass(frozen=True)
+class ExpiredArtifacts:
+    """A job whose artifacts outlived the retention period."""
+
+    job_id: UUID
+    owner: str
+    keys: list[str]
+
+
+# JSON paths into the accounting document, in this order.
+_FACT_PATHS: Final = (
+    ("efficiency", "cpu_efficiency"),
+    ("efficiency", "memory_efficiency"),
+    ("records", "0", "step"),
+    ("records", "0", "alloc_cpus"),
+    ("records", "0", "billing"),
+    ("records", "0", "elapsed_seconds"),
+    ("records", "0", "exit_code"),
+)
+_RSS_STEPS: Final = 16
+"""SQLite reads the MaxRSS of the first 16 sacct rows in the same parse as the figures above
+(`json_each` over the document would parse it a second time and double the query); a job with
+more rows (many srun steps) has its document read whole in Python."""
+_N: Final = len(_FACT_PATHS)
+_IDS_PER_QUERY: Final = 2000
+
+
+def _sqlite_path(parts: tuple[str, ...]) -> str:
+    return "$" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts)
+
+
+def _sqlite_epoch(value: str) -> str:
+    return f"(julianday({value}) - 2440587.5) * 86400.0"
+
+
+def _pg_epoch(value: str) -> str:
+    return f"CAST(EXTRACT(EPOCH FROM {value}) AS double precision)"
+
+
+_SQLITE_PATHS: Final = ", ".join(
+    [f"'{_sqlite_path(p)}'" for p in _FACT_PATHS]
+    + [f"'$.records[{i}].max_rss_bytes'" for i in range(_RSS_STEPS)]
+    + [f"'$.records[{_RSS_STEPS}].job_id'"]
+)
+
+# Built from the constants above only; values are bound parameters.
+_RECENT_SQL: Final = {
+    dialect: f"""
+SELECT j.id, j.owner, j.cluster, j.name, j.kind, j.state, j.exit_code,
+       {epoch("j.submitted_at")} AS submitted, {epoch("j.started_at")} AS started,
+       {epoch("j.ended_at")} AS ended, {epoch("a.updated_at")} AS stamp
+FROM jobs AS j LEFT OUTER JOIN job_accounting AS a ON a.job_id = j.id
+WHERE j.state IN :active OR j.ended_at >= :since
+"""  # noqa: S608
+    for dialect, epoch in (("sqlite", _sqlite_epoch), ("postgresql", _pg_epoch))
+}
+# Each document is parsed once: by one multi-path json_extract on SQLite (a JSON array Python
+# reads), in a LATERAL join on PostgreSQL (plain columns).
+_ACCOUNTING_SQL: Final = {
+    "sqlite": f"""
+SELECT a.job_id, json_extract(a.record, {_SQLITE_PATHS}) AS facts FROM job_accounting AS a
+WHERE a.job_id IN :ids
+""",  # noqa: S608
+    "postgresql": """
+SELECT a.job_id,
+       CAST(d.doc #>> '{efficiency,cpu_efficiency}' AS double precision) AS cpu,
+       CAST(d.doc #>> '{efficiency,memory_efficiency}' AS double precision) AS mem,
+       d.doc #>> '{records,0,step}' AS step,
+       CAST(d.doc #>> '{records,0,alloc_cpus}' AS double precision) AS cpus,
+       CAST(d.doc #>> '{records,0,billing}' AS double precision) AS billing,
+       CAST(d.doc #>> '{records,0,elapsed_seconds}' AS double precision) AS elapsed,
+       CAST(d.doc #>> '{records,0,exit_code}' AS double precision) AS code,
+       (SELECT max(CAST(e.value ->> 'max_rss_bytes' AS double precision))
+          FROM jsonb_array_elements(d.doc -> 'records') AS e) AS max_rss
+FROM job_accounting AS a CROSS JOIN LATERAL (SELECT CAST(a.record AS jsonb) AS doc) AS d
+WHERE a.job_id IN :ids
+""",
+}
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _accounting_facts(values: Sequence[Any]) -> AccountingFacts:
+    """(cpu, mem, step, cpus, billing, elapsed, exit code, max RSS) -> the figures; the row's own
+    figures only when records[0] is the allocation (no step), which it always is for sacct."""
+    cpu, mem, step, cpus, billing, elapsed, code, rss = values
+    if step is None:
+        return AccountingFacts(cpu, mem, _int(cpus), billing, elapsed, _int(code), _int(rss))
+    return AccountingFacts(cpu, mem, None, None, None, None, _int(rss))
+
+
+def _max_rss(document: str) -> float | None:
+    sizes = [r.get("max_rss_bytes") for r in json.loads(document).get("records", [])]
+    known = [float(v) for v in sizes if isinstance(v, int | float)]
+    return max(known) if known else None
+
+
+@dataclass(frozen=True)
+class ExposedPort:
+    """One bridge to allocate: the job's port `remote_port` under `name`; `scheme` makes its URL."""
+
+    name: str
+    remote_port: int
+    scheme: str | None = None
+
+
+@dataclass(frozen=True)
+class BridgePlan:
+    """The bridge ports a new job needs on one bridge VM, from porter's `porter.bridge` settings."""
+
+    host: str
+    port_range: tuple[int, int]
+    exposed: tuple[ExposedPort, ...]
+
+
+@dataclass(frozen=True)
+class BridgeRecord:
+    """A held bridge port, with what the reconciler needs to know of its job."""
+
+    job_id: UUID
+    owner: str
+    state: JobState
+    bridge: Bridge
 
 
 def normalize_url(url: str) -> URL:
@@ -231,7 +438,25 @@ def _to_job(row: JobRow) -> Job:
         ended_at=row.ended_at,
         spec=JobSpec.model_validate_json(row.spec),
         artifacts=json.loads(row.artifacts),
+        # a bridge is forgotten the moment its job ends, even before porter releases its port
+        bridges=[] if JobState(row.state).terminal else [_to_bridge(b) for b in row.bridges],
     )
+
+
+def _to_bridge(row: BridgeRow) -> Bridge:
+    return Bridge(
+        name=row.name,
+        remote_port=row.remote_port,
+        bridge_host=row.bridge_host,
+        bridge_port=row.bridge_port,
+        url=row.url,
+        service_dns=row.service_dns,
+        ready=row.ready,
+    )
+
+
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _to_transition(row: TransitionRow) -> Transition:
@@ -279,7 +504,7 @@ class Store:
     @staticmethod
     def _create_engine(url: URL) -> Engine:
         if url.get_backend_name() == "postgresql":
-            return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            return Store._pg_engine(url)
         database = url.database or ""
         memory = database in ("", ":memory:") or "mode=memory" in database
         if memory:
@@ -291,6 +516,36 @@ class Store:
             engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", Store._sqlite_on_connect)
         event.listen(engine, "begin", Store._sqlite_on_begin)
+        return engine
+
+    @staticmethod
+    def _pg_engine(url: URL) -> Engine:
+        """A pool that pings a connection only when it has been idle for a while.
+
+        `pool_pre_ping` pings at every checkout: one more round trip per request, about 40% of
+        `GET /jobs/{id}` on PostgreSQL (bench/api.py). A connection in steady use is known to be
+        alive; one idle for `_PG_PING_AFTER_IDLE_S` (when a server restart or a firewall may have
+        dropped it) is pinged, and a failed ping makes the pool connect anew. A connection that
+        dies while in steady use fails its request (503, the client retries) and SQLAlchemy
+        invalidates the pool, so the next requests reconnect.
+        """
+        engine = create_engine(url, pool_size=10, max_overflow=20)
+
+        def used(_dbapi_connection: Any, record: Any, *_: Any) -> None:
+            record.info[_PG_USED_AT] = time.monotonic()
+
+        def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+            if time.monotonic() - record.info.get(_PG_USED_AT, 0.0) < _PG_PING_AFTER_IDLE_S:
+                return
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise DisconnectionError(f"idle connection failed its ping: {exc}") from exc
+            record.info[_PG_USED_AT] = time.monotonic()
+
+        event.listen(engine, "connect", used)
+        event.listen(engine, "checkout", ping_if_idle)
+        event.listen(engine, "checkin", used)
         return engine
 
     @staticmethod
@@ -388,13 +643,21 @@ class Store:
 
     @_map_db_errors
     def create_job(
-        self, owner: str, spec: JobSpec, *, idempotency_key: str | None = None
+        self,
+        owner: str,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        bridges: BridgePlan | None = None,
     ) -> tuple[Job, bool]:
         """Accept a job in state `pending`. Returns the job and whether it was created now.
 
         With an idempotency key this owner already used, the existing job is returned (and
         False), or `IdempotencyConflict` raised when the spec differs. Two concurrent creates
         with one key make one job: the loser hits the unique constraint and reads the winner's.
+
+        `bridges` allocates the job's bridge ports in the same transaction: a job exists with all
+        its ports or not at all (`BridgePortsExhausted` when the range has too few free ports).
         """
         if idempotency_key is not None:
             existing = self._find_by_key(owner, idempotency_key, spec)
@@ -415,11 +678,15 @@ class Store:
             idempotency_key=idempotency_key,
             observed_seq=0,
             artifacts="[]",
+            bridges=[],
         )
         try:
             with self._write() as session:
                 session.add(row)
                 session.flush()
+                if bridges is not None and bridges.exposed:
+                    row.bridges.extend(self._allocate_bridges(session, bridges, now))
+                    session.flush()
                 session.add(
                     TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
                 )
@@ -553,6 +820,33 @@ class Store:
                 raise UnknownJob(f"no job {job_id}")
 
     @_map_db_errors
+    def add_artifacts(self, job_id: UUID, keys: Sequence[str]) -> list[str]:
+        """Add keys to a job's artifacts (the agent reports them at submission and at the end, in
+        any order, possibly twice); returns the list as it is now, in the order first reported."""
+        with self._write() as session:
+            row = session.get(JobRow, str(job_id), with_for_update=True)
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            current: list[str] = json.loads(row.artifacts)
+            merged = list(dict.fromkeys([*current, *keys]))
+            if merged != current:
+                row.artifacts = json.dumps(merged)
+                row.updated_at = _utcnow()
+            return merged
+
+    @_map_db_errors
+    def expired_artifacts(self, ended_before: datetime, *, limit: int = 500) -> list[ExpiredArtifacts]:
+        """Jobs that ended before `ended_before` and still have artifacts: the retention sweep's work."""
+        with self._read() as session:
+            rows = session.execute(
+                select(JobRow.id, JobRow.owner, JobRow.artifacts)
+                .where(JobRow.ended_at < ended_before, JobRow.artifacts != "[]")
+                .order_by(JobRow.ended_at, JobRow.id)
+                .limit(limit)
+            )
+            return [ExpiredArtifacts(UUID(i), owner, json.loads(keys)) for i, owner, keys in rows]
+
+    @_map_db_errors
     def set_accounting(self, job_id: UUID, record: Mapping[str, Any]) -> None:
         """Store (or replace) a job's accounting document; it must be JSON-serialisable."""
         document = json.dumps(record)
@@ -573,6 +867,108 @@ class Store:
             return None
         value: dict[str, Any] = json.loads(document)
         return value
+
+    # -- bridges ---------------------------------------------------------------------------
+
+    def _allocate_bridges(self, session: Session, plan: BridgePlan, now: datetime) -> list[BridgeRow]:
+        """Free ports of `plan.host` in the range, picked at random among the free ones, so a port
+        released a moment ago (whose old tunnel may still be closing) is rarely handed out at once."""
+        if self.is_postgresql:
+            # replicas allocating at once would both see a port free; one lock orders them
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _BRIDGE_LOCK_KEY})
+        low, high = plan.port_range
+        used = set(
+            session.scalars(
+                select(BridgeRow.bridge_port).where(
+                    BridgeRow.bridge_host == plan.host, BridgeRow.bridge_port.between(low, high)
+                )
+            )
+        )
+        free = [port for port in range(low, high + 1) if port not in used]
+        if len(free) < len(plan.exposed):
+            raise BridgePortsExhausted(
+                f"the bridge VM {plan.host} has {len(free)} free port(s) in {low}-{high}, this job needs "
+                f"{len(plan.exposed)}: wait for jobs to end, or widen porter.bridge.port_range"
+            )
+        ports = secrets.SystemRandom().sample(free, len(plan.exposed))
+        host = _host_in_url(plan.host)
+        return [
+            BridgeRow(
+                name=exposed.name,
+                remote_port=exposed.remote_port,
+                bridge_host=plan.host,
+                bridge_port=port,
+                url=f"{exposed.scheme}://{host}:{port}" if exposed.scheme else f"{host}:{port}",
+                ready=False,
+                created_at=now,
+            )
+            for exposed, port in zip(plan.exposed, ports, strict=True)
+        ]
+
+    @_map_db_errors
+    def job_bridges(self, job_id: UUID) -> list[Bridge]:
+        """The bridges of a live job (none once it has ended)."""
+        job = self.get_job(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        return list(job.bridges)
+
+    @_map_db_errors
+    def bridge_records(self) -> list[BridgeRecord]:
+        """Every held bridge port with its job's owner and state: what porter's reconciler works on."""
+        with self._read() as session:
+            rows = session.execute(
+                select(BridgeRow, JobRow.owner, JobRow.state)
+                .join(JobRow, JobRow.id == BridgeRow.job_id)
+                .order_by(BridgeRow.id)
+            )
+            return [
+                BridgeRecord(job_id=UUID(b.job_id), owner=owner, state=JobState(state), bridge=_to_bridge(b))
+                for b, owner, state in rows
+            ]
+
+    @_map_db_errors
+    def set_bridge_ready(self, job_id: UUID, name: str, ready: bool) -> bool:
+        """Record a probe's verdict; True when it changed the bridge's `ready`."""
+        with self._write() as session:
+            result = session.execute(
+                update(BridgeRow)
+                .where(BridgeRow.job_id == str(job_id), BridgeRow.name == name, BridgeRow.ready != ready)
+                .values(ready=ready, ready_at=_utcnow() if ready else None)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    @_map_db_errors
+    def set_bridge_service(self, job_id: UUID, name: str, service_dns: str | None) -> None:
+        """Record where the bridge is published in Kubernetes (None: not published)."""
+        with self._write() as session:
+            session.execute(
+                update(BridgeRow)
+                .where(BridgeRow.job_id == str(job_id), BridgeRow.name == name)
+                .values(service_dns=service_dns)
+                .execution_options(synchronize_session=False)
+            )
+
+    @_map_db_errors
+    def release_bridges(self, job_id: UUID) -> int:
+        """Free a job's bridge ports (its job has ended and its Services are gone); returns how many."""
+        with self._write() as session:
+            result = session.execute(
+                delete(BridgeRow)
+                .where(BridgeRow.job_id == str(job_id))
+                .execution_options(synchronize_session=False)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    @_map_db_errors
+    def bridge_readiness(self) -> list[tuple[str, str, bool]]:
+        """(job id, bridge name, ready) of every bridge of a live job, for `cloudhpc_bridge_ready`."""
+        return [
+            (str(r.job_id), r.bridge.name, r.bridge.ready)
+            for r in self.bridge_records()
+            if not r.state.terminal
+        ]
 
     # -- the agent protocol -----------------------------------------------------------------
 
@@ -734,6 +1130,84 @@ class Store:
                 select(JobRow.cluster, JobRow.state, func.count()).group_by(JobRow.cluster, JobRow.state)
             )
             return {(cluster, state): count for cluster, state, count in rows}
+
+    @_map_db_errors
+    def transition_counts_by_cluster(self) -> dict[tuple[str, str, str], int]:
+        """Recorded transitions per (cluster, from_state, to_state); creation is from "none".
+
+        Counted from the audit trail, so the numbers are the same after a restart and on every
+        porter replica: a counter that never double counts.
+        """
+        with self._read() as session:
+            rows = session.execute(
+                select(JobRow.cluster, TransitionRow.from_state, TransitionRow.to_state, func.count())
+                .join(JobRow, JobRow.id == TransitionRow.job_id)
+                .group_by(JobRow.cluster, TransitionRow.from_state, TransitionRow.to_state)
+            )
+            return {(c, f or "none", t): n for c, f, t, n in rows}
+
+    @_map_db_errors
+    def recent_jobs(self, ended_since: datetime) -> list[JobFacts]:
+        """Every live job and every job that ended at or after `ended_since`, without the
+        accounting figures (`accounting_facts` reads those): one query, no JSON."""
+        statement = text(_RECENT_SQL["postgresql" if self.is_postgresql else "sqlite"]).bindparams(
+            bindparam("active", value=sorted(s.value for s in ACTIVE_STATES), expanding=True),
+            bindparam("since", value=ended_since, type_=UTCDateTime()),
+        )
+        with self._read() as session:
+            return [
+                JobFacts(
+                    r.id,
+                    r.owner,
+                    r.cluster,
+                    r.name,
+                    r.kind,
+                    JobState(r.state),
+                    r.exit_code,
+                    r.submitted,
+                    r.started,
+                    r.ended,
+                    r.stamp,
+                )
+                for r in session.execute(statement)
+            ]
+
+    @_map_db_errors
+    def accounting_facts(self, job_ids: Sequence[str]) -> dict[str, AccountingFacts]:
+        """The figures of these jobs' accounting documents, read by the database (one parse per
+        document), in a few queries whatever the number of jobs."""
+        out: dict[str, AccountingFacts] = {}
+        sql = _ACCOUNTING_SQL["postgresql" if self.is_postgresql else "sqlite"]
+        with self._read() as session:
+            for start in range(0, len(job_ids), _IDS_PER_QUERY):
+                chunk = list(job_ids[start : start + _IDS_PER_QUERY])
+                rows = session.execute(text(sql).bindparams(bindparam("ids", value=chunk, expanding=True)))
+                if self.is_postgresql:
+                    for r in rows:
+                        out[r.job_id] = _accounting_facts(
+                            (r.cpu, r.mem, r.step, r.cpus, r.billing, r.elapsed, r.code, r.max_rss)
+                        )
+                    continue
+                longer = []
+                for job_id, document in rows:
+                    facts = json.loads(document) if document else [None] * (_N + _RSS_STEPS + 1)
+                    sizes = [v for v in facts[_N : _N + _RSS_STEPS] if v is not None]
+                    out[job_id] = _accounting_facts((*facts[:_N], max(sizes) if sizes else None))
+                    if facts[-1] is not None:
+                        longer.append(job_id)
+                if longer:  # more sacct rows than the query read (many srun steps): read those whole
+                    query = select(AccountingRow.job_id, AccountingRow.record).where(
+                        AccountingRow.job_id.in_(longer)
+                    )
+                    for job_id, document in session.execute(query):
+                        out[job_id] = out[job_id]._replace(max_rss_bytes=_int(_max_rss(document)))
+        return out
+
+    def recent_job_facts(self, ended_since: datetime) -> list[JobFacts]:
+        """`recent_jobs` with their accounting figures filled in."""
+        jobs = self.recent_jobs(ended_since)
+        facts = self.accounting_facts([j.id for j in jobs if j.accounting_stamp is not None])
+        return [j.with_accounting(facts[j.id]) if j.id in facts else j for j in jobs]
 
     @_map_db_errors
     def transition_counts(self) -> dict[tuple[str, str], int]:

@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from cloudhpc.config import ClusterConfig
-from cloudhpc.domain.jobs import Job, JobKind, Observation
+from cloudhpc.config import BridgeConfig, ClusterConfig
+from cloudhpc.domain.jobs import Job, JobKind, Observation, Resources, is_object_url
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
@@ -29,12 +31,21 @@ from cloudhpc.exceptions import (
     EnvironmentBuildError,
     SchedulerError,
     SSHConnectError,
+    StorageError,
     SubmitRejected,
 )
 from cloudhpc.hpc.backend import JobBackend, JobPaths, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.hpc.poller import Poller
+from cloudhpc.ray.script import (
+    ENTRYPOINT_END_MARKER,
+    KEY_FILE,
+    RayJobScript,
+    TunnelAccess,
+    render_ray_job,
+)
+from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel, ChannelError
 
 __all__ = ["Agent"]
@@ -73,8 +84,11 @@ class Agent:
         envs: EnvironmentCache | None = None,
         workdir: str,
         work_wait: float = 20.0,
-        output_interval: float = 2.0,
+        output_interval: float = 1.0,
         reconcile_interval: float = 30.0,
+        artifacts: ArtifactWriter | None = None,
+        bridge: BridgeConfig | None = None,
+        fetch_file: Callable[[str], bytes] | None = None,
     ) -> None:
         self.cluster = cluster
         self.config = config
@@ -85,6 +99,11 @@ class Agent:
         self.work_wait = work_wait
         self.output_interval = output_interval
         self.reconcile_interval = reconcile_interval
+        self.artifacts = artifacts
+        self.bridge = bridge
+        self.fetch_file = fetch_file
+        """Reads a `files` value given as an object-store URL (blocking; run in a thread)."""
+        """How jobs reach the bridge VM (this side's copy of porter.bridge: its key and known_hosts)."""
         self._seq = _Sequence()
         self._tracked: dict[UUID, _Tracked] = {}
         self._busy: set[UUID] = set()
@@ -112,6 +131,11 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+
+    @property
+    def healthy(self) -> bool:
+        """The agent's loops are running (the submitter's `/healthz`)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def run_forever(self) -> None:
         await self.start()
@@ -219,14 +243,23 @@ class Agent:
 
     async def _submit(self, job: Job) -> None:
         await self._report(job.id, JobState.PREPARING)
+        stored: asyncio.Task[None] | None = None
         try:
             # find first: porter may re-offer a job whose sbatch succeeded just before a crash
             native = await self.backend.find(job.id)
             if native is None:
                 submission = await self._prepare(job)
+                # The script is kept while sbatch runs, so a job refused by sbatch still has it.
+                stored = self._spawn(self._store_artifacts(job, self._save_submission(job, submission)))
                 native = await self.backend.submit(submission)
         except (SubmitRejected, EnvironmentBuildError) as exc:
             log.warning("job %s: rejected: %s", job.id, exc)
+            if stored is None:
+                await self._store_artifacts(job, self._save_submission(job, None))
+            else:
+                await stored
+            message = str(exc)
+            await self._store_artifacts(job, lambda: self._writer().save_error(job, message))
             await self._report(job.id, JobState.FAILED, reason=str(exc)[:2000])
             return
         except (SSHConnectError, SchedulerError) as exc:
@@ -238,24 +271,89 @@ class Agent:
 
     async def _prepare(self, job: Job) -> JobSubmission:
         spec = job.spec
-        if spec.kind != JobKind.BATCH:
-            raise SubmitRejected(
-                f"job kind {spec.kind.value} is not supported by this agent yet",
-                argv=["cloudhpc"],
-                exit_status=None,
-                stderr="",
-            )
         resources = spec.resources.with_defaults(self.config.defaults.as_resources())
         activation: list[str] = []
         if self.envs is not None and not spec.environment.is_empty:
             activation = await self.envs.ensure(spec.environment)
         paths = JobPaths(self.workdir, job.id)
+        files = {path: await self._file_content(content) for path, content in spec.files.items()}
+        if spec.kind != JobKind.BATCH:
+            ray = self._render_ray(job, paths, resources)
+            script = render_batch_script(
+                job_id=job.id,
+                spec=spec,
+                paths=paths,
+                prelude=self.config.prelude,
+                activation=activation,
+                body=ray.body,
+            )
+            return JobSubmission(
+                job_id=job.id,
+                spec=spec,
+                resources=ray.resources,
+                batch_script=script,
+                files=files | ray.files,
+                modes=ray.modes,
+            )
         script = render_batch_script(
             job_id=job.id, spec=spec, paths=paths, prelude=self.config.prelude, activation=activation
         )
-        files = {path: content.encode() for path, content in spec.files.items()}
         files[".cloudhpc/script"] = (spec.script or "").encode()
         return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
+
+    async def _file_content(self, value: str) -> bytes:
+        """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store."""
+        if not is_object_url(value):
+            return value.encode()
+        if self.fetch_file is None:
+            message = f"{value}: this agent cannot fetch files from an object store"
+            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message)
+        try:
+            return await asyncio.to_thread(self.fetch_file, value)
+        except StorageError as exc:
+            raise SubmitRejected(str(exc), argv=["cloudhpc"], exit_status=None, stderr=str(exc)) from exc
+
+    def _render_ray(self, job: Job, paths: JobPaths, resources: Resources) -> RayJobScript:
+        """A Ray job's script and files; the bridge key and known_hosts come from this side's config."""
+        assert job.spec.ray is not None  # enforced by JobSpec for the Ray kinds
+        tunnel = None
+        if job.spec.ray.expose or job.spec.ray.import_:
+            tunnel = self._tunnel_access()
+        try:
+            return render_ray_job(
+                job_id=job.id,
+                spec=job.spec,
+                paths=paths,
+                resources=resources,
+                bridges=list(job.bridges),
+                tunnel=tunnel,
+            )
+        except ValueError as exc:
+            raise SubmitRejected(str(exc), argv=["cloudhpc"], exit_status=None, stderr=str(exc)) from exc
+
+    def _tunnel_access(self) -> TunnelAccess:
+        bridge = self.bridge
+        if bridge is None:
+            message = (
+                "this job has bridges (ray.expose/ray.import) but the submitter has no porter.bridge section"
+            )
+            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message)
+        try:
+            key = bridge.key_file.expanduser().read_bytes()
+            known_hosts = bridge.known_hosts.expanduser().read_bytes()
+        except OSError as exc:
+            message = (
+                f"cannot read the bridge key or known_hosts file: {exc.strerror or exc} ({exc.filename})"
+            )
+            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message) from exc
+        return TunnelAccess(
+            host=bridge.host,
+            ssh_port=bridge.ssh_port,
+            ssh_user=bridge.ssh_user,
+            bind_address=bridge.bind_address,
+            key=key,
+            known_hosts=known_hosts,
+        )
 
     # ---- observation -----------------------------------------------------------------------
 
@@ -279,7 +377,26 @@ class Agent:
         )
         if observation.state.terminal and tracked is not None:
             self._tracked.pop(job_id, None)
-            self._spawn(self._collect_accounting(tracked))
+            self._spawn(self._finish(tracked))
+        if observation.state.terminal and tracked is not None and tracked.job.spec.ray is not None:
+            # the script deletes the bridge key itself, unless it never ran (cancelled while queued)
+            # or was killed: whatever happened, the key does not outlive the job
+            self._spawn(self._discard_secrets(tracked.job))
+
+    async def _discard_secrets(self, job: Job) -> None:
+        try:
+            await self.backend.discard(job.id, [KEY_FILE])
+        except CloudHPCError as exc:
+            log.warning("job %s: could not delete the staged bridge key (%s)", job.id, exc)
+
+    async def _finish(self, tracked: _Tracked) -> None:
+        """After the end: accounting to porter, then output and accounting to the object store."""
+        record = await self._collect_accounting(tracked)
+        await self._store_output(tracked)
+        if record is not None:
+            await self._store_artifacts(
+                tracked.job, lambda: self._writer().save_accounting(tracked.job, record)
+            )
 
     async def _collect_output(self, tracked: _Tracked) -> None:
         while True:
@@ -292,6 +409,8 @@ class Agent:
                 tracked.output_offset = await self.channel.upload_output(
                     tracked.job.id, tracked.output_offset, data
                 )
+                if tracked.job.spec.kind == JobKind.RAY_JOB and ENTRYPOINT_END_MARKER.encode() in data:
+                    self._poller.expect_change(tracked.job.id)  # the job ends now: no waiting for a tick
             except (CloudHPCError, ChannelError) as exc:
                 log.warning("job %s: output upload failed (%s); retrying later", tracked.job.id, exc)
                 return
@@ -302,7 +421,7 @@ class Agent:
             for tracked in list(self._tracked.values()):
                 await self._collect_output(tracked)
 
-    async def _collect_accounting(self, tracked: _Tracked, attempts: int = 10) -> None:
+    async def _collect_accounting(self, tracked: _Tracked, attempts: int = 10) -> dict[str, Any] | None:
         """sacct lags slurmctld by a few seconds: retry, and treat "unavailable" as "not yet"."""
         for attempt in range(attempts):
             try:
@@ -314,11 +433,55 @@ class Agent:
                     "efficiency": _jsonable(dataclasses.asdict(efficiency)),
                 }
                 await self.channel.put_accounting(tracked.job.id, record)
-                return
+                return record
             except (AccountingUnavailable, CloudHPCError, ChannelError) as exc:
                 log.info("job %s: accounting not ready (%s), attempt %d", tracked.job.id, exc, attempt + 1)
                 await asyncio.sleep(min(2.0 * (attempt + 1), 10.0))
         log.warning("job %s: gave up collecting accounting", tracked.job.id)
+        return None
+
+    # ---- artifacts -------------------------------------------------------------------------
+
+    def _writer(self) -> ArtifactWriter:
+        assert self.artifacts is not None  # callers go through _store_artifacts, which checks
+        return self.artifacts
+
+    def _save_submission(self, job: Job, submission: JobSubmission | None) -> Callable[[], list[str]]:
+        script = submission.batch_script if submission is not None else None
+        return lambda: self._writer().save_submission(job, batch_script=script)
+
+    async def _store_artifacts(self, job: Job, save: Callable[[], list[str]]) -> None:
+        """Write artifacts (blocking object-store calls, in a thread) and report their keys.
+
+        Best effort: a job's outcome never depends on its artifacts, so a failing object store is
+        logged and the job goes on."""
+        if self.artifacts is None:
+            return
+        try:
+            keys = await asyncio.to_thread(save)
+            await self.channel.put_artifacts(job.id, keys)
+        except (CloudHPCError, ChannelError) as exc:
+            log.warning("job %s: could not store artifacts (%s)", job.id, exc)
+
+    async def _store_output(self, tracked: _Tracked) -> None:
+        """Copy the whole output file through a local temporary file, so a large log is uploaded
+        in parts and never held in memory."""
+        if self.artifacts is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="cloudhpc-output-") as tmp:
+            path = Path(tmp) / "output.log"
+            try:
+                with path.open("wb") as handle:
+                    offset = 0
+                    while data := await self.backend.read_output(
+                        tracked.job.id, offset=offset, length=OUTPUT_CHUNK
+                    ):
+                        handle.write(data)
+                        offset += len(data)
+            except CloudHPCError as exc:
+                log.warning("job %s: could not read the output to store it (%s)", tracked.job.id, exc)
+                return
+            await self._store_artifacts(tracked.job, lambda: self._writer().save_output(tracked.job, path))
 
     async def _report(self, job_id: UUID, state: JobState, **fields: Any) -> None:
         report = JobReport(job_id=job_id, seq=self._seq.next(), state=state, **fields)

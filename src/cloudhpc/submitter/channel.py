@@ -35,6 +35,9 @@ class Channel(Protocol):
 
     async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None: ...
 
+    async def put_artifacts(self, job_id: UUID, keys: list[str]) -> None:
+        """Tell porter which object-store keys the agent wrote for the job (added to its list)."""
+
     async def close(self) -> None: ...
 
 
@@ -99,6 +102,10 @@ class HttpChannel:
 
     async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None:
         await self._call("PUT", f"/api/v1/agent/jobs/{job_id}/accounting", json=record)
+
+    async def put_artifacts(self, job_id: UUID, keys: list[str]) -> None:
+        if keys:
+            await self._call("POST", f"/api/v1/agent/jobs/{job_id}/artifacts", json={"keys": keys})
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -27,6 +27,7 @@ from cloudhpc.exceptions import ConfigError, ObjectNotFound, StorageError
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.mailbox import (
     AccountingMessage,
+    ArtifactsMessage,
     HeartbeatMessage,
     KeyClock,
     OutputMessage,
@@ -226,6 +227,10 @@ class S3Channel:
 
     async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None:
         await self._write([AccountingMessage(job_id=job_id, record=record)])
+
+    async def put_artifacts(self, job_id: UUID, keys: list[str]) -> None:
+        if keys:
+            await self._write([ArtifactsMessage(job_id=job_id, keys=keys)])
 
     async def close(self) -> None:
         """Nothing to release: every write is complete when its call returns."""

@@ -21,10 +21,14 @@ from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.local import LocalBackend, LocalRunner
 from cloudhpc.hpc.slurm import SlurmBackend
 from cloudhpc.hpc.ssh import SSHConnection
+from cloudhpc.metrics.agent import AgentMetrics
 from cloudhpc.porter.app import create_app
+from cloudhpc.storage.artifacts import ArtifactWriter, open_agent_object_store, open_porter_object_store
 from cloudhpc.store import Store
 from cloudhpc.submitter.agent import Agent
 from cloudhpc.submitter.channel import Channel, HttpChannel
+from cloudhpc.submitter.files import FileFetcher
+from cloudhpc.submitter.health import create_submitter_app, serve_endpoint
 from cloudhpc.submitter.s3_channel import open_mailbox_channels
 
 __all__ = ["ensure_tokens", "open_agents", "serve_all", "serve_porter", "serve_submitter", "split_listen"]
@@ -72,7 +76,7 @@ def _local_path(path: str) -> str:
 
 
 async def _backend_for(
-    name: str, cluster: ClusterConfig, stack: AsyncExitStack
+    name: str, cluster: ClusterConfig, stack: AsyncExitStack, metrics: AgentMetrics | None = None
 ) -> tuple[JobBackend, EnvironmentCache, str]:
     if cluster.backend == "local":
         workdir = _local_path(cluster.workdir)
@@ -82,7 +86,11 @@ async def _backend_for(
         )
         return backend, EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude), workdir
     assert cluster.ssh is not None  # enforced by ClusterConfig
-    conn = SSHConnection(cluster.ssh, cluster=name)
+    conn = SSHConnection(
+        cluster.ssh, cluster=name, on_command=metrics.observe_command if metrics is not None else None
+    )
+    if metrics is not None:
+        metrics.watch_connection(name, conn)
     stack.push_async_callback(conn.close)
     home = await conn.home()
     workdir = cluster.workdir
@@ -102,17 +110,33 @@ async def _backend_for(
 
 @asynccontextmanager
 async def open_agents(
-    settings: Settings, channel: Channel | Mapping[str, Channel]
+    settings: Settings,
+    channel: Channel | Mapping[str, Channel],
+    *,
+    metrics: AgentMetrics | None = None,
+    artifacts: ArtifactWriter | None = None,
+    started: list[Agent] | None = None,
 ) -> AsyncIterator[list[Agent]]:
     """One started agent per configured cluster; stopped and disconnected on exit. `channel` is
-    shared by all clusters (http) or given per cluster (the S3 mailbox has one per cluster)."""
+    shared by all clusters (http) or given per cluster (the S3 mailbox has one per cluster).
+    Agents are appended to `started` as soon as each runs (the health endpoint reads it)."""
     async with AsyncExitStack() as stack:
-        agents = []
+        agents = started if started is not None else []
         for name, cluster in settings.clusters.items():
-            backend, envs, workdir = await _backend_for(name, cluster, stack)
+            backend, envs, workdir = await _backend_for(name, cluster, stack, metrics)
             stack.push_async_callback(backend.close)
             own = channel[name] if isinstance(channel, Mapping) else channel
-            agent = Agent(name, cluster, backend, own, envs=envs, workdir=workdir)
+            agent = Agent(
+                name,
+                cluster,
+                backend,
+                own,
+                envs=envs,
+                workdir=workdir,
+                artifacts=artifacts,
+                bridge=settings.porter.bridge,
+                fetch_file=FileFetcher.from_settings(settings).fetch,
+            )
             await agent.start()
             stack.push_async_callback(agent.stop)
             agents.append(agent)
@@ -153,12 +177,29 @@ async def serve_porter(settings: Settings) -> None:
     await task
 
 
+@asynccontextmanager
+async def _submitter_endpoint(
+    settings: Settings, *, required: bool
+) -> AsyncIterator[tuple[AgentMetrics, list[Agent]]]:
+    """The submitter's `/healthz` and `/metrics` on `submitter.listen`, up before the agents
+    start so that a slow start (porter or the cluster unreachable) is visible as `starting`."""
+    metrics = AgentMetrics()
+    agents: list[Agent] = []
+    app = create_submitter_app(lambda: agents, metrics)
+    async with serve_endpoint(app, settings.submitter.listen, required=required):
+        yield metrics, agents
+
+
 async def serve_submitter(settings: Settings) -> None:
+    artifacts = ArtifactWriter(open_agent_object_store(settings))
     if settings.submitter.channel == "s3":
         # The bucket's credentials are the agent's identity here: no porter token is involved.
         channels = open_mailbox_channels(settings)
         try:
-            async with open_agents(settings, channels):
+            async with (
+                _submitter_endpoint(settings, required=True) as (metrics, agents),
+                open_agents(settings, channels, metrics=metrics, artifacts=artifacts, started=agents),
+            ):
                 await _until_signalled()
         finally:
             for each in channels.values():
@@ -172,7 +213,10 @@ async def serve_submitter(settings: Settings) -> None:
         )
     channel = HttpChannel(settings.submitter.porter_url, token_file.read_text().strip())
     try:
-        async with open_agents(settings, channel):
+        async with (
+            _submitter_endpoint(settings, required=True) as (metrics, agents),
+            open_agents(settings, channel, metrics=metrics, artifacts=artifacts, started=agents),
+        ):
             await _until_signalled()
     finally:
         await channel.close()
@@ -183,7 +227,10 @@ async def serve_all(settings: Settings, *, ready: asyncio.Event | None = None) -
     store = Store(settings.porter.database)
     store.migrate()
     _admin, agent_token = ensure_tokens(store, settings)
-    server = _server(create_app(settings, store=store), settings.porter.listen)
+    objects = open_porter_object_store(settings)
+    # One object store for both roles unless the agent has its own (submitter.object_store).
+    agent_objects = objects if settings.submitter.object_store is None else open_agent_object_store(settings)
+    server = _server(create_app(settings, store=store, object_store=objects), settings.porter.listen)
     server_task = asyncio.create_task(server.serve())
     while not server.started:
         if server_task.done():
@@ -193,7 +240,12 @@ async def serve_all(settings: Settings, *, ready: asyncio.Event | None = None) -
     host, port = split_listen(settings.porter.listen)
     channel = HttpChannel(f"http://{host}:{port}", agent_token, agent_name="all-in-one")
     try:
-        async with open_agents(settings, channel):
+        async with (
+            _submitter_endpoint(settings, required=False) as (metrics, agents),
+            open_agents(
+                settings, channel, metrics=metrics, artifacts=ArtifactWriter(agent_objects), started=agents
+            ),
+        ):
             if ready is not None:
                 ready.set()
             await asyncio.wait(

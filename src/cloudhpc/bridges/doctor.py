@@ -1,0 +1,337 @@
+"""`cloudhpc doctor bridge-host`: check the bridge VM the way a job will use it, from porter's side.
+
+The original setup guide had people edit sshd_config and authorized_keys by hand and hope. Every
+check here is made with the system `ssh` client and the bridge key, exactly as a job's tunnel
+connects, and judged by what happens rather than by reading configuration files:
+
+- the key: readable, without a passphrase (jobs run unattended), and its host key pinned;
+- forwarding works: an `-R` on a free port of the range, reached from here at the address porter
+  probes, carries bytes to a local echo server. That needs `AllowTcpForwarding` (yes or remote) and,
+  for a non-loopback `bind_address`, `GatewayPorts clientspecified` (else sshd binds loopback only);
+- the key is restricted: it cannot run a command, cannot listen outside the range, and cannot
+  `-L` to a destination nobody allowed;
+- the port range is free: no port of it answers, except those held by live jobs' bridges.
+
+What it cannot see from here: whether the HPC site's NAT addresses may reach the VM's sshd (the
+cloud security group). docs/bridge-vm.md says how to check that from a login node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudhpc.config import BridgeConfig
+
+__all__ = ["Check", "check_bridge_host", "public_key_of", "ssh_base_argv"]
+
+SSH_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def ssh_base_argv(config: BridgeConfig) -> list[str]:
+    """The job tunnel's ssh options, with this machine's copy of the key and known_hosts."""
+    return [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(config.key_file.expanduser()),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={config.known_hosts.expanduser()}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ControlMaster=no",
+        "-o",
+        "ControlPath=none",
+        "-p",
+        str(config.ssh_port),
+    ]
+
+
+def public_key_of(key_file: Path) -> str:
+    """The public key line of an unencrypted private key (`ssh-keygen -y`); ValueError otherwise."""
+    try:
+        result = subprocess.run(
+            ["ssh-keygen", "-y", "-P", "", "-f", str(key_file.expanduser())],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise ValueError("ssh-keygen is not installed here (package openssh-client)") from exc
+    if result.returncode != 0:
+        raise ValueError(
+            f"{key_file}: not an unencrypted private key ({result.stderr.strip() or 'ssh-keygen failed'}); "
+            "the bridge key must have no passphrase, since jobs use it unattended"
+        )
+    return result.stdout.strip()
+
+
+async def _run(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
+    """Exit status (None: still running at `timeout`, then killed) and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        return proc.returncode, err.decode(errors="replace").strip()
+    except TimeoutError:
+        proc.kill()
+        _, err = await proc.communicate()
+        return None, err.decode(errors="replace").strip()
+
+
+async def _port_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+class _Echo:
+    """A one-shot TCP echo server on loopback: the far end of the test tunnel."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                writer.write(await reader.readexactly(16))
+                await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _round_trip(host: str, port: int) -> bool:
+    payload = os.urandom(8).hex().encode()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 3.0) == payload
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+
+
+async def _check_forwarding(config: BridgeConfig, port: int) -> Check:
+    """A real `-R` to a local echo server, reached from here where porter's probes connect."""
+    destination = f"{config.ssh_user}@{config.host}"
+    loopback = config.bind_address.startswith("127.") or config.bind_address in ("localhost", "::1")
+    async with _Echo() as echo_port:
+        argv = [
+            *ssh_base_argv(config),
+            "-N",
+            "-R",
+            f"{config.bind_address}:{port}:127.0.0.1:{echo_port}",
+            destination,
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            deadline = asyncio.get_running_loop().time() + SSH_TIMEOUT
+            while asyncio.get_running_loop().time() < deadline:
+                if proc.returncode is not None:
+                    break
+                if await _round_trip(config.public_host, port):
+                    note = (
+                        "GatewayPorts not needed (loopback bind_address)"
+                        if loopback
+                        else f"sshd honours the bind address {config.bind_address} (GatewayPorts clientspecified)"
+                    )
+                    return Check(
+                        "forwarding",
+                        True,
+                        f"-R {config.bind_address}:{port} reached from here at {config.public_host}:{port}; {note}",
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.3)
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            _, err = await proc.communicate()
+    stderr = err.decode(errors="replace").strip()
+    if proc.returncode not in (None, 0, -15) and stderr:
+        hint = "sshd refused the forward: AllowTcpForwarding must be yes (or remote) and the key allowed to listen there"
+        return Check("forwarding", False, f"ssh exited {proc.returncode}: {stderr[-300:]}; {hint}")
+    hint = (
+        "the tunnel came up but nothing arrived here: with a non-loopback bind_address, sshd needs "
+        "`GatewayPorts clientspecified` (it bound loopback only), and a firewall must let porter reach the port"
+    )
+    return Check("forwarding", False, f"{config.public_host}:{port} carried no bytes; {hint}")
+
+
+async def _check_no_command(config: BridgeConfig) -> Check:
+    status, _err = await _run(
+        [*ssh_base_argv(config), f"{config.ssh_user}@{config.host}", "true"], SSH_TIMEOUT
+    )
+    if status == 0:
+        return Check(
+            "restricted: no command",
+            False,
+            "the key can run commands on the bridge VM: authorize it with the line of `cloudhpc bridge authorized-key`",
+        )
+    return Check("restricted: no command", True, f"a command is refused (ssh exited {status})")
+
+
+async def _check_listen_outside(config: BridgeConfig) -> Check:
+    low, high = config.port_range
+    outside = high + 1 if high < 65535 else low - 1
+    argv = [*ssh_base_argv(config), "-N", "-R", f"{config.bind_address}:{outside}:127.0.0.1:1"]
+    status, _ = await _run([*argv, f"{config.ssh_user}@{config.host}"], 5.0)
+    if status is None:
+        return Check(
+            "restricted: listen",
+            False,
+            f"the key may listen on port {outside}, outside {low}-{high}: the authorized_keys line lacks permitlisten",
+        )
+    return Check("restricted: listen", True, f"-R on port {outside} (outside the range) is refused")
+
+
+async def _check_open_elsewhere(config: BridgeConfig) -> Check:
+    """-L to a destination nobody permitted: sshd must refuse the channel ("prohibited"),
+    not try to connect (which would say "Connection refused")."""
+    local = _free_local_port()
+    argv = [
+        *ssh_base_argv(config),
+        "-N",
+        "-L",
+        f"127.0.0.1:{local}:127.0.0.1:2",
+        f"{config.ssh_user}@{config.host}",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(50):
+            if await _port_answers("127.0.0.1", local) or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        _, err = await proc.communicate()
+    stderr = err.decode(errors="replace")
+    if "prohibited" in stderr:
+        return Check("restricted: open", True, "-L to a destination not in permitopen is refused")
+    return Check(
+        "restricted: open",
+        False,
+        "-L to 127.0.0.1:2 was not refused by policy: the authorized_keys line lacks permitopen",
+    )
+
+
+async def _check_range(config: BridgeConfig, held: set[int]) -> tuple[Check, int | None]:
+    low, high = config.port_range
+    ports = [p for p in range(low, high + 1) if p not in held]
+    answers = await asyncio.gather(*(_port_answers(config.public_host, p) for p in ports))
+    busy = [p for p, a in zip(ports, answers, strict=True) if a]
+    free = [p for p, a in zip(ports, answers, strict=True) if not a]
+    detail = f"{len(free)} of {high - low + 1} ports free at {config.public_host}"
+    if held:
+        detail += f", {len(held)} held by live jobs"
+    if busy:
+        shown = ", ".join(map(str, busy[:10]))
+        return Check("port range", False, f"{detail}; in use by something else: {shown}"), (
+            free[0] if free else None
+        )
+    return Check("port range", bool(free), detail), (free[0] if free else None)
+
+
+async def check_bridge_host(config: BridgeConfig, *, held: set[int] | None = None) -> list[Check]:
+    """Every check, in order; later checks are skipped (reported failed) when the key is unusable."""
+    checks: list[Check] = []
+    key = config.key_file.expanduser()
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+        public = public_key_of(key)
+    except (OSError, ValueError) as exc:
+        return [Check("key", False, str(exc))]
+    if mode & 0o077:
+        checks.append(
+            Check("key", False, f"{key} is mode {mode:o}: ssh refuses a key others can read (chmod 600)")
+        )
+        return checks
+    checks.append(Check("key", True, f"{key}: {public.split()[0]}, no passphrase, mode {mode:o}"))
+    name = config.host if config.ssh_port == 22 else f"[{config.host}]:{config.ssh_port}"
+    status, _ = await _run(["ssh-keygen", "-F", name, "-f", str(config.known_hosts.expanduser())], 10.0)
+    if status != 0:
+        checks.append(
+            Check(
+                "host key", False, f"{config.known_hosts} has no key for {name}: ssh-keyscan it and check it"
+            )
+        )
+        return checks
+    checks.append(Check("host key", True, f"{name} pinned in {config.known_hosts}"))
+    range_check, free_port = await _check_range(config, held or set())
+    checks.append(range_check)
+    if free_port is None:
+        return checks
+    checks.append(await _check_forwarding(config, free_port))
+    checks += await asyncio.gather(
+        _check_no_command(config), _check_listen_outside(config), _check_open_elsewhere(config)
+    )
+    return checks

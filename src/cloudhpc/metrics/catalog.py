@@ -1,0 +1,142 @@
+"""Every metric cloudhpc exports, once: name, type, labels and help text.
+
+The exporters take their help text from here, `docs/monitoring.md` lists the same names (a test
+checks it), and the dashboards may only use names from this table (another test), so a renamed
+metric cannot leave a dashboard or a page silently pointing at nothing.
+
+Naming follows Prometheus conventions: base units (`_seconds`, `_bytes`, `_ratio` for 0..1),
+`_total` for counters, and one metric per quantity instead of the original's three gauges whose
+`metric` label carried sacct abbreviations (CPUEffPe, ElaSec, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["AGENT_METRICS", "JOB_LABELS", "METRICS", "PORTER_METRICS", "MetricSpec"]
+
+JOB_LABELS = ("cluster", "owner", "job_id", "job_name", "kind")
+"""Labels of every per-job series. Bounded: only live jobs and jobs that ended within
+`porter.metrics_job_window` have series."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    """As it appears in PromQL (counters with `_total`)."""
+    type: Literal["gauge", "counter", "histogram"]
+    labels: tuple[str, ...]
+    help: str
+    role: Literal["porter", "submitter"]
+
+
+PORTER_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "cloudhpc_jobs", "gauge", ("cluster", "state"), "Jobs in the store by cluster and state", "porter"
+    ),
+    MetricSpec(
+        "cloudhpc_job_transitions_total",
+        "counter",
+        ("cluster", "from_state", "to_state"),
+        "State changes of jobs, counted from the job store's audit trail (from_state `none`: creation)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_queue_wait_seconds",
+        "gauge",
+        JOB_LABELS,
+        "Time from submission to SLURM until start (so far, for a job still queued)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_run_seconds",
+        "gauge",
+        JOB_LABELS,
+        "Run time: sacct's Elapsed once the job ended, time since start while it runs",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_cpu_efficiency_ratio",
+        "gauge",
+        JOB_LABELS,
+        "CPU time used / (elapsed x allocated cores), as seff reports it (0..1)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_memory_efficiency_ratio",
+        "gauge",
+        JOB_LABELS,
+        "Peak memory / requested memory, as seff reports it (may exceed 1 where limits are not enforced)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_max_rss_bytes", "gauge", JOB_LABELS, "Largest MaxRSS of any step (sacct)", "porter"
+    ),
+    MetricSpec(
+        "cloudhpc_job_allocated_cpus",
+        "gauge",
+        JOB_LABELS,
+        "CPUs allocated to the job (sacct AllocCPUS)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_job_billing_units",
+        "gauge",
+        JOB_LABELS,
+        "Billing units SLURM charged (the billing TRES), where the site reports them",
+        "porter",
+    ),
+    MetricSpec("cloudhpc_job_exit_code", "gauge", JOB_LABELS, "Exit code of an ended job", "porter"),
+    MetricSpec(
+        "cloudhpc_agent_last_seen_timestamp_seconds",
+        "gauge",
+        ("cluster",),
+        "When each cluster's agent last called porter (Unix time)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_bridge_ready",
+        "gauge",
+        ("job_id", "name"),
+        "1 when a job's bridge answers its readiness probe, else 0",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_api_request_duration_seconds",
+        "histogram",
+        ("route", "method", "status"),
+        "porter API latency by route template, method and status",
+        "porter",
+    ),
+)
+
+AGENT_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "cloudhpc_slurm_commands_total",
+        "counter",
+        ("cluster", "command", "outcome"),
+        "SLURM commands run over SSH by command and outcome (ok, error, timeout, disconnect)",
+        "submitter",
+    ),
+    MetricSpec(
+        "cloudhpc_slurm_command_duration_seconds",
+        "histogram",
+        ("cluster", "command"),
+        "Wall time of SLURM commands over SSH, connection set-up included",
+        "submitter",
+    ),
+    MetricSpec(
+        "cloudhpc_ssh_reconnects_total",
+        "counter",
+        ("cluster",),
+        "Times the agent's SSH connection to a cluster was lost and opened again",
+        "submitter",
+    ),
+)
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in (*PORTER_METRICS, *AGENT_METRICS)}
+
+
+def spec(name: str) -> MetricSpec:
+    return METRICS[name]

@@ -1,0 +1,175 @@
+"""porter's `/metrics`: job figures computed from the job store at scrape time, and API latency.
+
+Nothing about jobs is counted in memory: every scrape reads the store (four queries, whatever the
+number of jobs), so the figures survive restarts, agree between porter replicas and never double
+count. Per-job series exist for live jobs and for jobs that ended within the window
+(`porter.metrics_job_window`); older jobs drop out, so the number of series follows recent
+activity, not history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+
+from cloudhpc.domain.states import JobState
+from cloudhpc.metrics.catalog import JOB_LABELS, spec
+from cloudhpc.metrics.exposition import Family, label_set, render
+from cloudhpc.store import AccountingFacts, JobFacts, Store
+
+__all__ = ["API_BUCKETS", "BridgeSource", "PorterMetrics", "job_values"]
+
+# `_created` series double the series count and no dashboard uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Long-polls (`?wait=`, the agent's work poll) last up to 60 s: the top buckets keep them apart."""
+
+BridgeSource = Callable[[], Iterable[tuple[str, str, bool]]]
+"""Returns (job id, bridge name, ready) for every bridge of a live job."""
+
+
+_PER_JOB = (
+    "cloudhpc_job_queue_wait_seconds",
+    "cloudhpc_job_run_seconds",
+    "cloudhpc_job_cpu_efficiency_ratio",
+    "cloudhpc_job_memory_efficiency_ratio",
+    "cloudhpc_job_max_rss_bytes",
+    "cloudhpc_job_allocated_cpus",
+    "cloudhpc_job_billing_units",
+    "cloudhpc_job_exit_code",
+)
+
+
+def _seconds(later: float, earlier: float) -> float:
+    return max(0.0, later - earlier)
+
+
+def job_values(job: JobFacts, now: float) -> dict[str, float]:
+    """The per-job figures of one job at `now` (Unix seconds), by metric name; a figure nobody
+    knows yet is left out.
+
+    The times are SLURM's (Submit, Start, End, as the agent observed them); sacct's Elapsed wins
+    for the run time of an ended job once the accounting is in.
+    """
+    values: dict[str, float] = {}
+    ended = job.state.terminal
+    submit = job.submitted_at
+    start = job.started_at
+    if submit is not None:
+        if start is not None:
+            values["cloudhpc_job_queue_wait_seconds"] = _seconds(start, submit)
+        elif not ended:
+            values["cloudhpc_job_queue_wait_seconds"] = _seconds(now, submit)
+        elif job.ended_at is not None:  # cancelled (or failed) while still queued
+            values["cloudhpc_job_queue_wait_seconds"] = _seconds(job.ended_at, submit)
+    if ended and job.elapsed_seconds is not None:
+        values["cloudhpc_job_run_seconds"] = job.elapsed_seconds
+    elif start is not None:
+        values["cloudhpc_job_run_seconds"] = _seconds(job.ended_at if ended and job.ended_at else now, start)
+    if job.cpu_efficiency is not None:
+        values["cloudhpc_job_cpu_efficiency_ratio"] = job.cpu_efficiency
+    if job.memory_efficiency is not None:
+        values["cloudhpc_job_memory_efficiency_ratio"] = job.memory_efficiency
+    if job.max_rss_bytes is not None:
+        values["cloudhpc_job_max_rss_bytes"] = job.max_rss_bytes
+    if job.alloc_cpus is not None:
+        values["cloudhpc_job_allocated_cpus"] = job.alloc_cpus
+    if job.billing is not None:
+        values["cloudhpc_job_billing_units"] = job.billing
+    code = job.exit_code if job.exit_code is not None else job.sacct_exit_code
+    if ended and code is not None:
+        values["cloudhpc_job_exit_code"] = code
+    return values
+
+
+class PorterMetrics:
+    """`PorterMetrics(store, clusters=settings.clusters)`; `render()` is the `/metrics` body.
+
+    `render` blocks on the store: call it from a thread in async code.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clusters: Iterable[str] = (),
+        job_window: float = 86400.0,
+        bridges: BridgeSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.clusters = tuple(clusters)
+        self.job_window = job_window
+        self.bridges = bridges
+        self._clock = clock
+        self._accounting: dict[str, tuple[float, AccountingFacts]] = {}
+        """Figures of stored accounting documents by job id, with the document's stamp: parsing
+        10,000 documents is most of a scrape, and a stored document does not change."""
+        self.registry = CollectorRegistry()
+        self._latency = Histogram(
+            "cloudhpc_api_request_duration_seconds",
+            spec("cloudhpc_api_request_duration_seconds").help,
+            ["route", "method", "status"],
+            buckets=API_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._latency.labels(route, method, str(status)).observe(seconds)
+
+    def families(self) -> list[Family]:
+        """Everything computed from the store, as of now."""
+        now = self._clock()
+        counts = self.store.count_by_state()
+        jobs = Family(spec("cloudhpc_jobs"))
+        clusters = sorted(set(self.clusters) | {cluster for cluster, _ in counts})
+        jobs.add_values({(c, s.value): counts.get((c, s.value), 0) for c in clusters for s in JobState})
+
+        transitions = Family(spec("cloudhpc_job_transitions_total"))
+        transitions.add_values({k: float(n) for k, n in self.store.transition_counts_by_cluster().items()})
+
+        per_job = {name: Family(spec(name)) for name in _PER_JOB}
+        lines = {name: family.lines for name, family in per_job.items()}
+        for job in self._recent_jobs(now):
+            labels = label_set(JOB_LABELS, (job.cluster, job.owner, job.id, job.name, job.kind))
+            # The hot loop of a large scrape: values are finite numbers, so plain str() formats them.
+            for name, value in job_values(job, now).items():
+                lines[name].append(f"{name}{labels} {value}")
+
+        seen = Family(spec("cloudhpc_agent_last_seen_timestamp_seconds"))
+        seen.add_values({(cluster,): when.timestamp() for cluster, when in self.store.agents().items()})
+
+        bridges = Family(spec("cloudhpc_bridge_ready"))
+        if self.bridges is not None:
+            bridges.add_values(
+                {(job_id, name): 1.0 if ready else 0.0 for job_id, name, ready in self.bridges()}
+            )
+        return [jobs, transitions, *per_job.values(), seen, bridges]
+
+    def _recent_jobs(self, now: float) -> list[JobFacts]:
+        jobs = self.store.recent_jobs(datetime.fromtimestamp(now - self.job_window, UTC))
+        cache = self._accounting
+        stale = [
+            j.id
+            for j in jobs
+            if j.accounting_stamp is not None and cache.get(j.id, (None,))[0] != j.accounting_stamp
+        ]
+        if stale:
+            fresh = self.store.accounting_facts(stale)
+            stamps = {j.id: j.accounting_stamp for j in jobs}
+            for job_id, facts in fresh.items():
+                stamp = stamps[job_id]
+                if stamp is not None:
+                    cache[job_id] = (stamp, facts)
+        if len(cache) > len(jobs):  # forget jobs that left the window
+            current = {j.id for j in jobs}
+            for job_id in [k for k in cache if k not in current]:
+                del cache[job_id]
+        return [j.with_accounting(cache[j.id][1]) if j.id in cache else j for j in jobs]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + render(self.families()).encode()

@@ -1,0 +1,278 @@
+"""Kubeflow Pipelines (KFP v2) components: thin wrappers over `cloudhpc.pipelines` functions.
+
+Each component runs in the `cloudhpc/pipelines` image (deploy/docker/pipelines.Dockerfile), which
+has cloudhpc with its `pipelines` extra installed; its body only imports from cloudhpc and calls
+one function, so everything a step does is tested without Kubeflow.
+
+The porter token is never a pipeline parameter (parameters are stored in the clear with the run):
+the components read `CLOUDHPC_TOKEN` from the environment, which the pipelines fill from a
+Kubernetes Secret with kfp-kubernetes (`use_secret_as_env`). S3 credentials, where a step reads or
+writes the object store, come the same way (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`).
+
+No `from __future__ import annotations` here, unlike the rest of cloudhpc: KFP reads the
+parameter types of a component from its annotations, and postponed (string) annotations break it.
+"""
+
+import os
+from typing import Any, NamedTuple
+
+from kfp import dsl
+
+__all__ = [
+    "PIPELINES_IMAGE",
+    "cloudhpc_job",
+    "fmnist_evaluate_register",
+    "fmnist_preprocess",
+    "fmnist_train_cloud",
+    "fmnist_train_hpc",
+]
+
+PIPELINES_IMAGE = os.environ.get("CLOUDHPC_PIPELINES_IMAGE", "cloudhpc/pipelines:0.1.0")
+"""The components' image: built from deploy/docker/pipelines.Dockerfile (cloudhpc[pipelines], CPU torch)."""
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def cloudhpc_job(
+    spec: dict[str, Any],
+    porter_url: str,
+    timeout_seconds: float = 0.0,
+    pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+) -> NamedTuple(  # type: ignore[valid-type]
+    "Outputs",
+    [
+        ("job_id", str),
+        ("state", str),
+        ("accounting", dict[str, Any]),
+        ("artifacts", dict[str, str]),
+        ("timings", dict[str, float]),
+    ],
+):
+    """Run any cloudhpc job (batch, ray-cluster, ray-job) to its end; fail the step if it fails.
+
+    The job's state changes and output lines stream into this step's log. A retried step finds
+    its job again (the idempotency key is the run and task id) instead of submitting a second one.
+    """
+    import collections
+    import functools
+
+    from cloudhpc.client import Client
+    from cloudhpc.pipelines.runner import run_job
+
+    say = functools.partial(print, flush=True)
+    with Client(porter_url) as client:
+        outcome = run_job(
+            client,
+            spec,
+            say=say,
+            timeout=timeout_seconds or None,
+            idempotency_key=f"kfp-{pipeline_job_id}-{task_id}",
+        )
+    outputs = collections.namedtuple("outputs", ["job_id", "state", "accounting", "artifacts", "timings"])
+    return outputs(
+        outcome.job_id,
+        outcome.job.state.value,
+        outcome.accounting or {},
+        outcome.artifact_urls(),
+        outcome.timings,
+    )
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def fmnist_preprocess(
+    data_url: str,
+    store_url: str,
+    s3_endpoint_url: str = "",
+    seed: int = 42,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.15,
+    train_limit: int = 0,
+    test_limit: int = 0,
+    pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+) -> NamedTuple(  # type: ignore[valid-type]
+    "Outputs",
+    [
+        ("train_url", str),
+        ("test_url", str),
+        ("meta_url", str),
+        ("source", str),
+        ("offline", bool),
+        ("note", str),
+    ],
+):
+    """Fetch Fashion-MNIST (or, offline, scikit-learn's digits), split train/validation/test and
+    store `train.npz` (what training sees) apart from `test.npz` (what only evaluation sees)."""
+    import collections
+    import functools
+
+    from cloudhpc.pipelines.fmnist.steps import preprocess
+
+    refs = preprocess(
+        data_url=data_url,
+        store_url=store_url,
+        prefix=f"pipelines/fmnist/{pipeline_job_id}",
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        s3_endpoint_url=s3_endpoint_url or None,
+        say=functools.partial(print, flush=True),
+    )
+    outputs = collections.namedtuple(
+        "outputs", ["train_url", "test_url", "meta_url", "source", "offline", "note"]
+    )
+    return outputs(refs.train_url, refs.test_url, refs.meta_url, refs.source, refs.offline, refs.note)
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def fmnist_train_hpc(
+    porter_url: str,
+    cluster: str,
+    train_url: str,
+    tracking_uri: str,
+    experiment: str,
+    mlflow_import: str = "",
+    job_tracking_uri: str = "",
+    data_note: str = "",
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 42,
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    nodes: int = 1,
+    cpus_per_node: int = 2,
+    time_limit: str = "00:20:00",
+    partition: str = "",
+    account: str = "",
+    modules: list[str] = [],  # noqa: B006 -- KFP needs a literal default; it is never mutated
+    packages: list[str] = [],  # noqa: B006
+    python: str = "python",
+    timeout_seconds: float = 0.0,
+    pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+) -> NamedTuple(  # type: ignore[valid-type]
+    "Outputs",
+    [
+        ("run_id", str),
+        ("job_id", str),
+        ("val_accuracy", float),
+        ("timings", dict[str, float]),
+        ("accounting", dict[str, Any]),
+        ("artifacts", dict[str, str]),
+    ],
+):
+    """Train on the HPC cluster as a Ray Train `ray-job` through porter; log accounting and the
+    stage timing breakdown to the MLflow run. Fails the step when the job fails."""
+    import collections
+    import functools
+
+    from cloudhpc.client import Client
+    from cloudhpc.pipelines.fmnist.steps import train_on_hpc
+    from cloudhpc.pipelines.fmnist.train import HParams
+
+    with Client(porter_url) as client:
+        out = train_on_hpc(
+            client,
+            train_url=train_url,
+            cluster=cluster,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            hp=HParams(epochs, batch_size, learning_rate, momentum, seed),
+            data_note=data_note,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            nodes=nodes,
+            cpus_per_node=cpus_per_node,
+            time_limit=time_limit,
+            partition=partition,
+            account=account,
+            modules=[str(m) for m in modules],
+            packages=[str(p) for p in packages],
+            python=python,
+            mlflow_import=mlflow_import,
+            job_tracking_uri=job_tracking_uri,
+            timeout=timeout_seconds or None,
+            idempotency_key=f"kfp-{pipeline_job_id}-{task_id}",
+            say=functools.partial(print, flush=True),
+        )
+    outputs = collections.namedtuple(
+        "outputs", ["run_id", "job_id", "val_accuracy", "timings", "accounting", "artifacts"]
+    )
+    return outputs(out.run_id, out.job_id, out.val_accuracy, out.timings, out.accounting or {}, out.artifacts)
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def fmnist_train_cloud(
+    train_url: str,
+    tracking_uri: str,
+    experiment: str,
+    data_note: str = "",
+    s3_endpoint_url: str = "",
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 42,
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+) -> NamedTuple("Outputs", [("run_id", str), ("val_accuracy", float), ("timings", dict[str, float])]):  # type: ignore[valid-type]
+    """The `cloud` variant's training: the same Ray Train script inside this step."""
+    import collections
+    import functools
+
+    from cloudhpc.pipelines.fmnist.steps import train_in_cloud
+    from cloudhpc.pipelines.fmnist.train import HParams
+
+    out = train_in_cloud(
+        train_url=train_url,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        hp=HParams(epochs, batch_size, learning_rate, momentum, seed),
+        data_note=data_note,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        s3_endpoint_url=s3_endpoint_url or None,
+        say=functools.partial(print, flush=True),
+    )
+    outputs = collections.namedtuple("outputs", ["run_id", "val_accuracy", "timings"])
+    return outputs(out.run_id, out.val_accuracy, out.timings)
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def fmnist_evaluate_register(
+    tracking_uri: str,
+    run_id: str,
+    test_url: str,
+    thresholds: dict[str, float],
+    registered_model_name: str,
+    data_source: str = "",
+    s3_endpoint_url: str = "",
+) -> NamedTuple(  # type: ignore[valid-type]
+    "Outputs", [("test_accuracy", float), ("model_version", str), ("model_uri", str)]
+):
+    """Score the run's model on the held-out test split, gate on the metrics logged in MLflow and
+    register the model with its signature. A model below a threshold fails the step."""
+    import collections
+    import functools
+    import tempfile
+    from pathlib import Path
+
+    from cloudhpc.pipelines.fmnist.evaluate import evaluate_and_register
+    from cloudhpc.pipelines.fmnist.steps import fetch_to
+
+    with tempfile.TemporaryDirectory() as tmp:
+        test_path = fetch_to(test_url, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
+        result = evaluate_and_register(
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            test_path=test_path,
+            thresholds={str(k): float(v) for k, v in thresholds.items()},
+            registered_model_name=registered_model_name,
+            tags={"data.source": data_source},
+            say=functools.partial(print, flush=True),
+        )
+    outputs = collections.namedtuple("outputs", ["test_accuracy", "model_version", "model_uri"])
+    return outputs(result.metrics["test_accuracy"], result.model_version or "", result.model_uri or "")

@@ -1,0 +1,197 @@
+"""The two example pipelines: `fmnist-cloud-hpc` (train on the supercomputer) and `fmnist-cloud`.
+
+Both: preprocess (cloud) -> train -> evaluate on the held-out test split, gate, register (cloud).
+They differ only in where training runs, which is what the original's experiments compared.
+
+Secrets come from Kubernetes Secrets in the run's namespace, mounted as environment variables with
+kfp-kubernetes: `cloudhpc-porter` (key `CLOUDHPC_TOKEN`; scripts/platform-up.sh creates it) for the
+step that talks to porter, `cloudhpc-s3` (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`) for the steps
+that read or write the object store; outside Kubernetes (the KFP local runner, the demo, tests) the same variables
+come from the environment. The parameter defaults name the in-cluster services of
+`deploy/kustomize` (porter in `monitoring`, MLflow and its S3 in `mlflow`).
+
+No `from __future__ import annotations`: KFP reads parameter types from the annotations.
+"""
+
+from kfp import dsl, kubernetes
+
+from cloudhpc.pipelines.components import (
+    fmnist_evaluate_register,
+    fmnist_preprocess,
+    fmnist_train_cloud,
+    fmnist_train_hpc,
+)
+
+__all__ = ["PIPELINES", "S3_SECRET", "TOKEN_SECRET", "cloud_hpc_pipeline", "cloud_pipeline"]
+
+TOKEN_SECRET = "cloudhpc-porter"  # noqa: S105 -- a Secret's name, not a secret
+S3_SECRET = "cloudhpc-s3"  # noqa: S105
+TOKEN_ENV = {"CLOUDHPC_TOKEN": "CLOUDHPC_TOKEN"}
+S3_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+
+PORTER_URL = "http://porter-service.monitoring.svc.cluster.local:5555"
+MLFLOW_URL = "http://mlflow.mlflow.svc.cluster.local:5000"
+S3_ENDPOINT = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
+STORE_URL = "s3://cloudhpc"
+THRESHOLDS = {"test_accuracy": 0.8, "test_macro_precision": 0.8, "test_macro_recall": 0.8}
+HPC_PACKAGES = ["ray[default,train]", "torch", "mlflow-skinny", "numpy"]
+
+
+def _secret_env(task: dsl.PipelineTask, keys: dict[str, str]) -> None:
+    secret = TOKEN_SECRET if keys is TOKEN_ENV else S3_SECRET
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
+
+
+@dsl.pipeline(  # type: ignore[untyped-decorator]
+    name="fmnist-cloud-hpc",
+    description="Preprocess in the cloud, train a CNN with Ray Train on a SLURM cluster through cloudhpc, "
+    "evaluate on the held-out test split, register in MLflow.",
+)
+def cloud_hpc_pipeline(
+    porter_url: str = PORTER_URL,
+    cluster: str = "mahti",
+    tracking_uri: str = MLFLOW_URL,
+    mlflow_import: str = "",
+    job_tracking_uri: str = "",
+    experiment: str = "cloud-hpc-fmnist-pipeline",
+    registered_model_name: str = "CLOUD-HPC-FMNIST-CNN",
+    data_url: str = "",
+    store_url: str = STORE_URL,
+    s3_endpoint_url: str = S3_ENDPOINT,
+    train_limit: int = 0,
+    test_limit: int = 0,
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 42,
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    nodes: int = 2,
+    cpus_per_node: int = 4,
+    time_limit: str = "00:30:00",
+    partition: str = "",
+    account: str = "",
+    modules: list[str] = [],  # noqa: B006 -- a KFP default, never mutated
+    packages: list[str] = HPC_PACKAGES,
+    # `python`, not `python3`: KFP's local runner rewrites the text "python3" in everything it passes
+    # to a step, parameter values included, into its own interpreter's path.
+    python: str = "python",
+    thresholds: dict[str, float] = THRESHOLDS,
+    timeout_seconds: float = 0.0,
+) -> float:
+    pre = fmnist_preprocess(
+        data_url=data_url,
+        store_url=store_url,
+        s3_endpoint_url=s3_endpoint_url,
+        seed=seed,
+        train_limit=train_limit,
+        test_limit=test_limit,
+    ).set_display_name("preprocess")
+    _secret_env(pre, S3_ENV)
+    train = fmnist_train_hpc(
+        porter_url=porter_url,
+        cluster=cluster,
+        train_url=pre.outputs["train_url"],
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        mlflow_import=mlflow_import,
+        job_tracking_uri=job_tracking_uri,
+        data_note=pre.outputs["note"],
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        seed=seed,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        nodes=nodes,
+        cpus_per_node=cpus_per_node,
+        time_limit=time_limit,
+        partition=partition,
+        account=account,
+        modules=modules,
+        packages=packages,
+        python=python,
+        timeout_seconds=timeout_seconds,
+    ).set_display_name("train on HPC (Ray Train ray-job)")
+    _secret_env(train, TOKEN_ENV)
+    evaluate = fmnist_evaluate_register(
+        tracking_uri=tracking_uri,
+        run_id=train.outputs["run_id"],
+        test_url=pre.outputs["test_url"],
+        thresholds=thresholds,
+        registered_model_name=registered_model_name,
+        data_source=pre.outputs["source"],
+        s3_endpoint_url=s3_endpoint_url,
+    ).set_display_name("evaluate, gate, register")
+    _secret_env(evaluate, S3_ENV)
+    for task in (pre, train, evaluate):
+        # A cached step would skip a job submission or a registration: never reuse results.
+        task.set_caching_options(False)
+    return evaluate.outputs["test_accuracy"]  # type: ignore[no-any-return]
+
+
+@dsl.pipeline(  # type: ignore[untyped-decorator]
+    name="fmnist-cloud",
+    description="The same pipeline with training inside the cloud step (the original's cloud-only baseline).",
+)
+def cloud_pipeline(
+    tracking_uri: str = MLFLOW_URL,
+    experiment: str = "cloud-fmnist-pipeline",
+    registered_model_name: str = "CLOUD-FMNIST-CNN",
+    data_url: str = "",
+    store_url: str = STORE_URL,
+    s3_endpoint_url: str = S3_ENDPOINT,
+    train_limit: int = 0,
+    test_limit: int = 0,
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 42,
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    thresholds: dict[str, float] = THRESHOLDS,
+) -> float:
+    pre = fmnist_preprocess(
+        data_url=data_url,
+        store_url=store_url,
+        s3_endpoint_url=s3_endpoint_url,
+        seed=seed,
+        train_limit=train_limit,
+        test_limit=test_limit,
+    ).set_display_name("preprocess")
+    _secret_env(pre, S3_ENV)
+    train = fmnist_train_cloud(
+        train_url=pre.outputs["train_url"],
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        data_note=pre.outputs["note"],
+        s3_endpoint_url=s3_endpoint_url,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        seed=seed,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+    ).set_display_name("train in the cloud (Ray Train in the step)")
+    _secret_env(train, S3_ENV)
+    evaluate = fmnist_evaluate_register(
+        tracking_uri=tracking_uri,
+        run_id=train.outputs["run_id"],
+        test_url=pre.outputs["test_url"],
+        thresholds=thresholds,
+        registered_model_name=registered_model_name,
+        data_source=pre.outputs["source"],
+        s3_endpoint_url=s3_endpoint_url,
+    ).set_display_name("evaluate, gate, register")
+    _secret_env(evaluate, S3_ENV)
+    for task in (pre, train, evaluate):
+        task.set_caching_options(False)
+    return evaluate.outputs["test_accuracy"]  # type: ignore[no-any-return]
+
+
+PIPELINES = {"fmnist-cloud-hpc": cloud_hpc_pipeline, "fmnist-cloud": cloud_pipeline}
+"""Compiled into deploy/pipelines/<name>.yaml by `python -m cloudhpc.pipelines.compile`."""

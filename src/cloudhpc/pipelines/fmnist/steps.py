@@ -1,0 +1,510 @@
+"""The steps of the example pipelines as plain functions: the KFP components, the demo and the
+tests call these, so what a pipeline run does is testable without Kubeflow.
+
+- `preprocess`: fetch, split, store `train.npz` / `test.npz` / `meta.json` in object storage.
+- `train_on_hpc`: create the MLflow run, run the training as a `ray-job` through porter (the job
+  imports the MLflow server through a bridge and logs to the run live), then log the job's
+  accounting, efficiency and a stage timing breakdown to the same run.
+- `train_in_cloud`: the same training in this process (the `cloud` pipeline's step).
+- evaluation and registration live in `evaluate.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from cloudhpc.client import Client
+from cloudhpc.exceptions import JobFailed
+from cloudhpc.pipelines.fmnist.data import load_dataset, read_url, write_splits
+from cloudhpc.pipelines.fmnist.train import HParams
+from cloudhpc.pipelines.runner import JobOutcome, run_job
+
+__all__ = [
+    "TRAIN_ENTRYPOINT_FILE",
+    "DataRefs",
+    "TrainOutcome",
+    "object_url",
+    "preprocess",
+    "stage_breakdown",
+    "train_in_cloud",
+    "train_on_hpc",
+    "training_job_spec",
+]
+
+Say = Callable[[str], None]
+
+TRAIN_ENTRYPOINT_FILE = "train_fmnist.py"
+"""The training script's name in the job directory (its source is shipped inline in `files`)."""
+
+
+@dataclass
+class DataRefs:
+    train_url: str
+    test_url: str
+    meta_url: str
+    source: str
+    offline: bool
+    note: str
+    counts: dict[str, int]
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    val_accuracy: float
+    timings: dict[str, float]
+    job_id: str = ""
+    state: str = "completed"
+    accounting: dict[str, Any] | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+def object_url(store_url: str, key: str) -> str:
+    """The URL of `key` in the store `store_url` (`file://DIR` made absolute, or `s3://BUCKET/PREFIX`)."""
+    if store_url.startswith("file://"):
+        root = Path(unquote(store_url[len("file://") :])).expanduser().resolve()
+        return f"file://{root}/{key}"
+    return f"{store_url.rstrip('/')}/{key}"
+
+
+def _open_store(store_url: str, s3_endpoint_url: str | None) -> Any:
+    from cloudhpc.storage import open_object_store
+
+    if store_url.startswith("file://"):
+        root = Path(unquote(store_url[len("file://") :])).expanduser().resolve()
+        store_url = f"file://{root}"
+    return open_object_store(store_url, endpoint_url=s3_endpoint_url)
+
+
+def preprocess(
+    *,
+    data_url: str,
+    store_url: str,
+    prefix: str,
+    seed: int = 42,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.15,
+    train_limit: int = 0,
+    test_limit: int = 0,
+    s3_endpoint_url: str | None = None,
+    say: Say = print,
+) -> DataRefs:
+    """Fetch the data (digits when `data_url` cannot be read), split it, store it under `prefix`."""
+    started = time.monotonic()
+    splits = load_dataset(
+        data_url or None,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        train_limit=train_limit or None,
+        test_limit=test_limit or None,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    say(f"data: {splits.source.note}")
+    say(
+        f"splits: {splits.counts['train']} train, {splits.counts['validation']} validation, {splits.counts['test']} test"
+    )
+    store = _open_store(store_url, s3_endpoint_url)
+    urls: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in write_splits(splits, Path(tmp)).items():
+            key = f"{prefix.strip('/')}/{path.name}"
+            store.upload_file(key, path)
+            urls[name] = object_url(store_url, key)
+    say(
+        f"stored {urls['train']} (train + validation) and {urls['test']} (held-out test) in {time.monotonic() - started:.1f} s"
+    )
+    return DataRefs(
+        train_url=urls["train"],
+        test_url=urls["test"],
+        meta_url=urls["meta"],
+        source=splits.source.name,
+        offline=splits.source.offline,
+        note=splits.source.note,
+        counts=dict(splits.counts),
+    )
+
+
+def fetch_to(url: str, directory: Path, *, s3_endpoint_url: str | None = None) -> Path:
+    """Download an object (s3://, file://, https://) into `directory`, keeping its file name."""
+    path = directory / url.rstrip("/").rsplit("/", 1)[-1]
+    path.write_bytes(read_url(url, s3_endpoint_url=s3_endpoint_url))
+    return path
+
+
+def _train_args(hp: HParams, *, workers: int, cpus_per_worker: int) -> list[str]:
+    return [
+        f"--epochs={hp.epochs}",
+        f"--batch-size={hp.batch_size}",
+        f"--learning-rate={hp.learning_rate}",
+        f"--momentum={hp.momentum}",
+        f"--seed={hp.seed}",
+        f"--workers={workers}",
+        f"--cpus-per-worker={cpus_per_worker}",
+    ]
+
+
+def training_job_spec(
+    *,
+    name: str,
+    cluster: str,
+    train_url: str,
+    run_id: str,
+    hp: HParams,
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    nodes: int = 1,
+    cpus_per_node: int = 2,
+    time_limit: str = "00:20:00",
+    partition: str = "",
+    account: str = "",
+    packages: list[str] | None = None,
+    modules: list[str] | None = None,
+    python: str = "python",
+    mlflow_import: str = "",
+    job_tracking_uri: str = "",
+) -> dict[str, Any]:
+    """The `ray-job` that trains: the data and the training script in `files`, the MLflow run in
+    `env`, and MLflow reached through an import bridge (`mlflow_import` = host:port as the bridge
+    host sees the server) or, where the job can reach it directly, `job_tracking_uri`."""
+    import shlex
+
+    from cloudhpc.pipelines.fmnist import train as train_module
+
+    source = Path(train_module.__file__).read_text(encoding="utf-8")
+    argv = [
+        python,
+        TRAIN_ENTRYPOINT_FILE,
+        "--data=data/train.npz",
+        "--storage-path=ray_results",
+        *_train_args(hp, workers=workers, cpus_per_worker=cpus_per_worker),
+    ]
+    ray: dict[str, Any] = {
+        "entrypoint": shlex.join(argv) + "\n",
+        "head": {"cpus_per_task": cpus_per_node},
+    }
+    if nodes > 1:
+        ray["workers"] = {"nodes": nodes - 1, "cpus_per_task": cpus_per_node}
+    env = {"MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
+    if mlflow_import:
+        host, _, port = mlflow_import.rpartition(":")
+        ray["import"] = [{"name": "mlflow", "host": host, "port": int(port)}]
+    elif job_tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = job_tracking_uri
+    else:
+        raise ValueError("the training job needs MLflow: give mlflow_import (host:port) or job_tracking_uri")
+    resources: dict[str, Any] = {"nodes": nodes, "cpus_per_task": cpus_per_node, "time": time_limit}
+    if partition:
+        resources["partition"] = partition
+    if account:
+        resources["account"] = account
+    return {
+        "name": name,
+        "cluster": cluster,
+        "kind": "ray-job",
+        "ray": ray,
+        "resources": resources,
+        "environment": {"modules": list(modules or []), "packages": list(packages or [])},
+        "files": {TRAIN_ENTRYPOINT_FILE: source, "data/train.npz": train_url},
+        "env": env,
+    }
+
+
+def stage_breakdown(
+    outcome: JobOutcome, run_metrics: Mapping[str, float], step_seconds: float
+) -> dict[str, float]:
+    """Where the train step's wall time went, from the job record (SLURM's times), the training
+    script's own clock (logged to MLflow) and the step's clock.
+
+    - `staging`: accept -> sbatch (agent pickup, cached environment check or build, files, sbatch)
+    - `queue_wait`: sbatch -> SLURM start
+    - `ray_start`: SLURM start -> entrypoint start (environment activation, Ray head and workers up)
+    - `training`: `TorchTrainer.fit` (worker startup included; `train_worker_startup` says how much)
+    - `entrypoint_other`: the rest of the entrypoint (imports, connecting, uploading the model)
+    - `teardown`: entrypoint end -> SLURM end (stopping Ray)
+    - `collection`: SLURM end seen -> accounting and artifacts available
+    - `overhead`: step wall time minus queue wait minus training: what integration costs
+    """
+    job = outcome.job
+    out = {f"{k}": v for k, v in outcome.timings.items() if k in ("staging", "queue_wait", "collection")}
+    start = run_metrics.get("timing.entrypoint_start_unix")
+    end = run_metrics.get("timing.entrypoint_end_unix")
+    training = run_metrics.get("timing.training_seconds")
+    if job.started_at is not None and start is not None:
+        out["ray_start"] = max(0.0, start - job.started_at.timestamp())
+    if training is not None:
+        out["training"] = training
+    if "timing.worker_startup_seconds" in run_metrics:
+        out["train_worker_startup"] = run_metrics["timing.worker_startup_seconds"]
+    if start is not None and end is not None and training is not None:
+        out["entrypoint_other"] = max(0.0, end - start - training)
+    if job.ended_at is not None and end is not None:
+        out["teardown"] = max(0.0, job.ended_at.timestamp() - end)
+    out["step_wall"] = step_seconds
+    out["overhead"] = step_seconds - out.get("queue_wait", 0.0) - out.get("training", 0.0)
+    return out
+
+
+def _accounting_metrics(accounting: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, str]]:
+    """MLflow metrics and params from porter's accounting record (sacct allocation row + efficiency)."""
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    if not accounting:
+        return metrics, params
+    eff = accounting.get("efficiency") or {}
+    for key in (
+        "cpu_efficiency",
+        "memory_efficiency",
+        "cpu_utilized_seconds",
+        "core_walltime_seconds",
+        "memory_utilized_bytes",
+        "memory_requested_bytes",
+    ):
+        if isinstance(eff.get(key), int | float):
+            metrics[f"slurm.{key}"] = float(eff[key])
+    records = accounting.get("records") or []
+    main = next((r for r in records if not r.get("step")), records[0] if records else None)
+    if main:
+        for key in (
+            "elapsed_seconds",
+            "total_cpu_seconds",
+            "alloc_cpus",
+            "nodes",
+            "max_rss_bytes",
+            "billing",
+        ):
+            if isinstance(main.get(key), int | float):
+                metrics[f"slurm.{key}"] = float(main[key])
+        for key in ("job_id", "state", "partition", "account", "node_list"):
+            if main.get(key):
+                params[f"slurm.{key}"] = str(main[key])
+    if eff.get("source"):
+        params["slurm.efficiency_source"] = str(eff["source"])
+    return metrics, params
+
+
+def _mlflow_client(tracking_uri: str) -> Any:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def _create_run(client: Any, experiment: str, tags: Mapping[str, str]) -> str:
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, tags=dict(tags))
+    return str(run.info.run_id)
+
+
+def train_on_hpc(
+    porter: Client,
+    *,
+    train_url: str,
+    cluster: str,
+    tracking_uri: str,
+    experiment: str,
+    hp: HParams,
+    data_note: str = "",
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    nodes: int = 1,
+    cpus_per_node: int = 2,
+    time_limit: str = "00:20:00",
+    partition: str = "",
+    account: str = "",
+    packages: list[str] | None = None,
+    modules: list[str] | None = None,
+    python: str = "python",
+    mlflow_import: str = "",
+    job_tracking_uri: str = "",
+    timeout: float | None = None,
+    idempotency_key: str | None = None,
+    say: Say = print,
+) -> TrainOutcome:
+    """Train on the cluster as a `ray-job` and log everything about the job to the MLflow run.
+
+    Raises `JobFailed` when the job does not complete, after marking the run FAILED and logging the
+    accounting it has, so the failure is visible in MLflow as well as in the step."""
+    step_started = time.monotonic()
+    mlflow_client = _mlflow_client(tracking_uri)
+    run_id = _create_run(
+        mlflow_client,
+        experiment,
+        {"pipeline.variant": "cloud-hpc", "cloudhpc.cluster": cluster, "data.note": data_note[:5000]},
+    )
+    say(f"MLflow run {run_id} (experiment {experiment!r} at {tracking_uri})")
+    spec = training_job_spec(
+        name="fmnist-train",
+        cluster=cluster,
+        train_url=train_url,
+        run_id=run_id,
+        hp=hp,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        nodes=nodes,
+        cpus_per_node=cpus_per_node,
+        time_limit=time_limit,
+        partition=partition,
+        account=account,
+        packages=packages,
+        modules=modules,
+        python=python,
+        mlflow_import=mlflow_import,
+        job_tracking_uri=job_tracking_uri,
+    )
+    mlflow_client.log_param(
+        run_id, "cloudhpc.spec", json.dumps({k: v for k, v in spec.items() if k != "files"})[:6000]
+    )
+
+    def submitted(job: Any) -> None:
+        mlflow_client.set_tag(run_id, "cloudhpc.job_id", str(job.id))
+
+    outcome = run_job(
+        porter,
+        spec,
+        say=say,
+        timeout=timeout,
+        idempotency_key=idempotency_key,
+        on_submitted=submitted,
+        check=False,
+    )
+    run = mlflow_client.get_run(run_id)
+    metrics, params = _accounting_metrics(outcome.accounting)
+    breakdown = stage_breakdown(outcome, run.data.metrics, time.monotonic() - step_started)
+    metrics |= {f"stage.{k}_seconds": v for k, v in breakdown.items()}
+    params |= {"cloudhpc.job_id": outcome.job_id, "cloudhpc.state": outcome.job.state.value}
+    if outcome.job.slurm_job_id:
+        params["slurm.native_id"] = outcome.job.slurm_job_id
+    _log_flat(mlflow_client, run_id, metrics, params)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = {
+            "job": outcome.job.model_dump(mode="json"),
+            "accounting": outcome.accounting,
+            "artifacts": outcome.artifacts,
+            "stages": breakdown,
+        }
+        path = Path(tmp) / "job.json"
+        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        mlflow_client.log_artifact(run_id, str(path), artifact_path="cloudhpc")
+    say("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in breakdown.items()))
+    if outcome.job.state.value != "completed":
+        mlflow_client.set_terminated(run_id, status="FAILED")
+        outcome.raise_for_state()
+    val = run.data.metrics.get("val_accuracy")
+    if val is None:
+        raise JobFailed(
+            f"job {outcome.job_id} completed but run {run_id} has no val_accuracy: the training did not log",
+            job_id=outcome.job_id,
+            state=outcome.job.state.value,
+        )
+    return TrainOutcome(
+        run_id=run_id,
+        val_accuracy=float(val),
+        timings=breakdown,
+        job_id=outcome.job_id,
+        state=outcome.job.state.value,
+        accounting=outcome.accounting,
+        artifacts=outcome.artifact_urls(),
+    )
+
+
+def _log_flat(client: Any, run_id: str, metrics: Mapping[str, float], params: Mapping[str, str]) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=fresh)
+
+
+def train_in_cloud(
+    *,
+    train_url: str,
+    tracking_uri: str,
+    experiment: str,
+    hp: HParams,
+    data_note: str = "",
+    workers: int = 0,
+    cpus_per_worker: int = 1,
+    s3_endpoint_url: str | None = None,
+    say: Say = print,
+) -> TrainOutcome:
+    """The `cloud` pipeline's training: the same script, in this process, on a local Ray."""
+    from cloudhpc.pipelines.fmnist import train as train_module
+
+    step_started = time.monotonic()
+    mlflow_client = _mlflow_client(tracking_uri)
+    run_id = _create_run(
+        mlflow_client, experiment, {"pipeline.variant": "cloud", "data.note": data_note[:5000]}
+    )
+    say(f"MLflow run {run_id} (experiment {experiment!r} at {tracking_uri})")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = fetch_to(train_url, Path(tmp), s3_endpoint_url=s3_endpoint_url)
+        argv = [
+            f"--data={data}",
+            f"--storage-path={Path(tmp) / 'ray_results'}",
+            f"--tracking-uri={tracking_uri}",
+            f"--run-id={run_id}",
+            *_train_args(hp, workers=workers, cpus_per_worker=cpus_per_worker),
+        ]
+        try:
+            code = train_module.main(argv)
+        except BaseException:
+            mlflow_client.set_terminated(run_id, status="FAILED")
+            raise
+        finally:
+            _shutdown_ray()
+    if code != 0:
+        raise JobFailed(f"training exited {code}", state="failed")
+    run = mlflow_client.get_run(run_id)
+    m = run.data.metrics
+    breakdown = {
+        "training": m.get("timing.training_seconds", float("nan")),
+        "train_worker_startup": m.get("timing.worker_startup_seconds", float("nan")),
+        "step_wall": time.monotonic() - step_started,
+    }
+    breakdown["overhead"] = breakdown["step_wall"] - breakdown["training"]
+    _log_flat(mlflow_client, run_id, {f"stage.{k}_seconds": v for k, v in breakdown.items()}, {})
+    return TrainOutcome(
+        run_id=run_id, val_accuracy=float(m.get("val_accuracy", float("nan"))), timings=breakdown
+    )
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict (for step outputs)."""
+    return json.loads(json.dumps(asdict(value), default=str))  # type: ignore[no-any-return]
+
+
+def environment_packages(torch_requirement: str = "") -> list[str]:
+    """What the training job's cached environment installs: Ray (with Train), PyTorch, the MLflow
+    client and numpy. `torch_requirement` pins the PyTorch build a site wants (a CPU wheel, a
+    module-provided build...); the default asks pip for `torch`, which on PyPI is a CUDA build."""
+    return [
+        "ray[default,train]",
+        torch_requirement or "torch",
+        "mlflow-skinny",
+        "numpy",
+    ]
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,121 @@
+"""Job artifacts: users list and download them; the agent reports the keys it wrote.
+
+The agent writes the objects itself (it has the files, and the bytes never pass through porter);
+porter only records their keys, under the job's own prefix, and hands out download URLs:
+presigned S3 URLs, or its own streaming route for a local-directory store, which has no URL a
+client could use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from cloudhpc.domain.jobs import Job
+from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
+from cloudhpc.porter.errors import ApiError
+from cloudhpc.porter.state import PorterState
+from cloudhpc.storage import ObjectStore
+from cloudhpc.storage.artifacts import foreign_keys, job_prefix
+
+__all__ = ["agent_router", "router"]
+
+router = APIRouter(prefix="/api/v1", tags=["artifacts"])
+agent_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+
+_TEXT_SUFFIXES = (".log", ".txt", ".sh")
+
+
+def _state(request: Request) -> PorterState:
+    state: PorterState = request.app.state.porter
+    return state
+
+
+def _objects(state: PorterState) -> ObjectStore:
+    if state.objects is None:
+        raise ApiError(404, "not_available", "this porter has no object store configured")
+    return state.objects
+
+
+async def _user_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None or (principal.role != "admin" and job.owner != principal.user):
+        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+    return job
+
+
+def _names(job: Job) -> dict[str, str]:
+    """Artifact name (the key below the job's prefix) -> key, for the keys porter recorded."""
+    prefix = job_prefix(job.owner, job.id)
+    return {key[len(prefix) :]: key for key in job.artifacts if key.startswith(prefix)}
+
+
+@router.get("/jobs/{job_id}/artifacts")
+async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
+    """`{"artifacts": [{"name", "key", "url"}]}`. S3 URLs are presigned (valid for
+    `porter.artifact_url_expiry` seconds, no token needed); with a local store the URL is porter's
+    download route, which needs the bearer token."""
+    state = _state(request)
+    job = await _user_job(state, job_id, principal)
+    objects = _objects(state)
+    expiry = state.settings.porter.artifact_url_expiry
+    items = []
+    for name, key in sorted(_names(job).items()):
+        url = await run_in_threadpool(objects.url, key, expiry)
+        if not url.startswith(("https://", "http://")):
+            url = str(request.url_for("download_artifact", job_id=str(job.id), name=name))
+        items.append({"name": name, "key": key, "url": url})
+    return {"artifacts": items}
+
+
+@router.get("/jobs/{job_id}/artifacts/{name:path}", name="download_artifact")
+async def download_artifact(
+    job_id: UUID, name: str, request: Request, principal: UserPrincipal
+) -> StreamingResponse:
+    state = _state(request)
+    job = await _user_job(state, job_id, principal)
+    key = _names(job).get(name)
+    if key is None:
+        raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}")
+    chunks = await run_in_threadpool(_objects(state).iter_bytes, key)
+    if name.endswith(_TEXT_SUFFIXES):
+        media_type = "text/plain; charset=utf-8"
+    elif name.endswith(".json"):
+        media_type = "application/json"
+    else:
+        media_type = "application/octet-stream"
+    return StreamingResponse(iterate_in_threadpool(chunks), media_type=media_type)
+
+
+class ArtifactKeys(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(max_length=10_000)
+
+
+@agent_router.post("/jobs/{job_id}/artifacts")
+async def add_artifacts(
+    job_id: UUID, request: Request, principal: AgentPrincipal, body: Annotated[ArtifactKeys, Body()]
+) -> dict[str, Any]:
+    """Record keys the agent wrote. Only keys under the job's own prefix are accepted, so an agent
+    cannot make a user's download point at another user's objects."""
+    state = _state(request)
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    require_agent_for(principal, job.cluster)
+    outside = foreign_keys(job.owner, job.id, body.keys)
+    if outside:
+        prefix = job_prefix(job.owner, job.id)
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"invalid request: keys: {len(outside)} key(s) are not under the job's prefix {prefix}",
+            [{"field": "keys", "message": f"not under {prefix}: {outside[0]!r}"}],
+        )
+    keys = await run_in_threadpool(state.store.add_artifacts, job.id, body.keys)
+    return {"artifacts": keys}

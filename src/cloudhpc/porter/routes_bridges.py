@@ -1,0 +1,67 @@
+"""`GET /api/v1/jobs/{id}/bridges`: where a job's exposed ports are reachable, and whether they answer.
+
+With `?wait=SECONDS` the answer comes as soon as every bridge is ready (or the job has ended, or
+the time is up): what `Client.wait_bridges` and `Client.ray_dashboard_url` long-poll on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from cloudhpc.domain.jobs import Job
+from cloudhpc.porter.auth import UserPrincipal
+from cloudhpc.porter.errors import ApiError
+from cloudhpc.porter.state import PorterState, job_key
+from cloudhpc.store import Principal
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1", tags=["bridges"])
+
+MAX_WAIT_SECONDS = 60.0
+
+
+def _state(request: Request) -> PorterState:
+    state: PorterState = request.app.state.porter
+    return state
+
+
+async def _owned(state: PorterState, job_id: UUID, principal: Principal) -> Job:
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None or (principal.role != "admin" and job.owner != principal.user):
+        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+    return job
+
+
+def _settled(job: Job) -> bool:
+    return job.state.terminal or all(b.ready for b in job.bridges)
+
+
+@router.get("/jobs/{job_id}/bridges")
+async def job_bridges(
+    job_id: UUID,
+    request: Request,
+    principal: UserPrincipal,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
+) -> dict[str, Any]:
+    """The job's bridges: `{name, remote_port, bridge_host, bridge_port, url, service_dns, ready}`
+    each; empty for a job that exposes nothing or has ended (its ports are released)."""
+    state = _state(request)
+    job = await _owned(state, job_id, principal)
+    deadline = time.monotonic() + wait
+    while wait > 0 and not _settled(job):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval))
+        job = await _owned(state, job_id, principal)
+    return {
+        "job_id": str(job.id),
+        "state": job.state.value,
+        "bridges": [b.model_dump(mode="json") for b in job.bridges],
+    }

@@ -1,0 +1,155 @@
+"""Job artifacts in the object store: the key layout (a contract) and the writer the agent uses.
+
+Every job keeps its files under one prefix, so that a user, a retention sweep or an S3 lifecycle
+rule can find them without asking porter:
+
+    jobs/<owner>/<job id>/spec.json         the spec as submitted
+    jobs/<owner>/<job id>/job.sh            the batch script cloudhpc rendered and gave to sbatch
+    jobs/<owner>/<job id>/files/<path>      the spec's files, as staged in the job directory
+    jobs/<owner>/<job id>/output.log        the job's output (stdout + stderr), copied when it ends
+    jobs/<owner>/<job id>/sacct.json        sacct's records of the job, typed
+    jobs/<owner>/<job id>/efficiency.json   seff's figures (computed with seff's formulas without seff)
+    jobs/<owner>/<job id>/error.txt         only for a job refused before SLURM ran it: why
+
+JSON and text only: the original kept pickles, which cannot be read by other tools or versions and
+run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from uuid import UUID
+
+from cloudhpc.config import Settings
+from cloudhpc.domain.jobs import Job
+from cloudhpc.storage import ObjectStore, open_object_store
+from cloudhpc.storage.base import check_key
+
+__all__ = [
+    "ARTIFACT_ROOT",
+    "ArtifactWriter",
+    "artifact_key",
+    "delete_job_artifacts",
+    "foreign_keys",
+    "job_prefix",
+    "open_agent_object_store",
+    "open_porter_object_store",
+]
+
+ARTIFACT_ROOT = "jobs/"
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
+
+
+def _owner_segment(owner: str) -> str:
+    """The owner as one key segment. Token user names are free text: anything that could split the
+    key or name a parent (`/`, `..`, control characters) is percent-encoded."""
+    segment = quote(owner, safe="@+-_.")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
+def job_prefix(owner: str, job_id: UUID) -> str:
+    """`jobs/<owner>/<job id>/`: every artifact of the job starts with it."""
+    return check_key(f"{ARTIFACT_ROOT}{_owner_segment(owner)}/{job_id}") + "/"
+
+
+def artifact_key(owner: str, job_id: UUID, name: str) -> str:
+    """The key of one artifact; `name` may hold `/` (`files/conf/a.yaml`) but never `..`."""
+    return check_key(job_prefix(owner, job_id) + name)
+
+
+def foreign_keys(owner: str, job_id: UUID, keys: list[str]) -> list[str]:
+    """The keys that are not artifacts of this job: porter refuses to record them, so an agent
+    cannot make a user's download point at another user's objects."""
+    prefix = job_prefix(owner, job_id)
+    return [key for key in keys if not key.startswith(prefix) or key == prefix]
+
+
+def _dump(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+class ArtifactWriter:
+    """Writes one job's artifacts and returns their keys, for the agent to report to porter.
+
+    Blocking (object stores are): the agent calls it from a thread. Each method writes whole
+    objects, so writing the same artifact twice (a retried end of job) just replaces it.
+    """
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    def __repr__(self) -> str:
+        return f"ArtifactWriter({self.objects!r})"
+
+    def _put(self, job: Job, name: str, data: bytes, content_type: str) -> str:
+        key = artifact_key(job.owner, job.id, name)
+        self.objects.put(key, data, content_type=content_type)
+        return key
+
+    def save_submission(self, job: Job, *, batch_script: str | None) -> list[str]:
+        """What the job was asked to run: the spec, the rendered script (when there is one) and
+        the spec's files. Written at submission, so a job that never runs still has them."""
+        keys = [self._put(job, "spec.json", _dump(job.spec.model_dump(mode="json", by_alias=True)), _JSON)]
+        if batch_script is not None:
+            keys.append(self._put(job, "job.sh", batch_script.encode(), "text/x-shellscript"))
+        for path, content in sorted(job.spec.files.items()):
+            keys.append(self._put(job, f"files/{path}", content.encode(), "application/octet-stream"))
+        return keys
+
+    def save_error(self, job: Job, message: str) -> list[str]:
+        return [self._put(job, "error.txt", (message.rstrip("\n") + "\n").encode(), _TEXT)]
+
+    def save_output(self, job: Job, path: Path) -> list[str]:
+        """The job's output from a local copy; large logs go up in parts (`upload_file`)."""
+        key = artifact_key(job.owner, job.id, "output.log")
+        self.objects.upload_file(key, path, content_type=_TEXT)
+        return [key]
+
+    def save_accounting(self, job: Job, record: Mapping[str, Any]) -> list[str]:
+        """The accounting document the agent sent porter, split as the layout says."""
+        sacct = {"slurm_job_id": record.get("slurm_job_id"), "records": record.get("records", [])}
+        keys = [self._put(job, "sacct.json", _dump(sacct), _JSON)]
+        if record.get("efficiency") is not None:
+            keys.append(self._put(job, "efficiency.json", _dump(record["efficiency"]), _JSON))
+        return keys
+
+
+def delete_job_artifacts(objects: ObjectStore, owner: str, job_id: UUID, keys: list[str]) -> int:
+    """Delete the recorded keys and anything else under the job's prefix (an artifact written but
+    never reported, because the agent stopped in between). Returns how many objects were deleted."""
+    prefix = job_prefix(owner, job_id)
+    found = set(keys)
+    while True:
+        page = objects.list(prefix, limit=1000)
+        found.update(page)
+        for key in page:
+            objects.delete(key)
+        if len(page) < 1000:
+            break
+    for key in found:
+        if key.startswith(prefix):
+            objects.delete(key)
+    return len(found)
+
+
+def open_porter_object_store(settings: Settings) -> ObjectStore:
+    return open_object_store(
+        settings.porter.object_store,
+        endpoint_url=settings.porter.s3_endpoint_url,
+        region=settings.porter.s3_region,
+    )
+
+
+def open_agent_object_store(settings: Settings) -> ObjectStore:
+    """Where the agent writes artifacts: `submitter.object_store`, else porter's (one config file
+    shared by both roles, or `serve all`). Credentials come from the environment of the agent's own
+    process (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), never from porter."""
+    sub = settings.submitter
+    if sub.object_store is None:
+        return open_porter_object_store(settings)
+    return open_object_store(sub.object_store, endpoint_url=sub.s3_endpoint_url, region=sub.s3_region)

@@ -1,0 +1,534 @@
+"""The `cloudhpc` command, in-process with Typer's `CliRunner`, against a real `cloudhpc serve all`.
+
+The server runs as a subprocess (cwd = a fresh directory, so `.cloudhpc/` is its own) serving the
+`local` cluster and the testbed's SLURM cluster over SSH. Every command is checked for what it
+prints and for its exit code: 0 ok, 1 the job failed or the API refused, 2 usage or configuration
+error (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import text
+from typer.testing import CliRunner, Result
+
+from cloudhpc.cli.main import app
+from cloudhpc.store import Store
+from tests.e2e.harness import free_port, slurm_jobs_named
+from tests.testbed import Testbed
+
+JOB_FIELDS = {
+    "id", "name", "owner", "cluster", "kind", "state", "reason", "cancel_requested", "slurm_job_id",
+    "exit_code", "created_at", "submitted_at", "started_at", "ended_at", "spec", "bridges", "artifacts",
+}  # fmt: skip
+
+
+@dataclass
+class ServeAll:
+    """`cloudhpc serve all` as a child process in `root` (its `.cloudhpc/` lives there)."""
+
+    root: Path
+    config: Path | None = None
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.root / ".cloudhpc" / "admin-token").read_text().strip()
+
+    def start(self, clusters: int = 1, timeout: float = 60) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
+        env["CLOUDHPC_PORTER__LISTEN"] = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "cloudhpc", "serve", "all"]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        with (self.root / "serve-all.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=self.root, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve all exited {self.process.returncode}: {self.log()[-3000:]}")
+            try:
+                clusters_seen = httpx.get(
+                    f"{self.url}/api/v1/clusters",
+                    headers={"Authorization": f"Bearer {self.admin_token}"},
+                    timeout=2,
+                ).json()["clusters"]
+                if sum(c["agent_online"] for c in clusters_seen) >= clusters:
+                    return
+            except (httpx.TransportError, OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"serve all not ready after {timeout}s: {self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def log(self) -> str:
+        path = self.root / "serve-all.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@dataclass
+class Cli:
+    """Runs `cloudhpc ARGS` in-process against one server, with the admin token of `serve all`."""
+
+    server: ServeAll
+    runner: CliRunner = field(default_factory=CliRunner)
+
+    def __call__(self, *args: str, token: str | None = None, url: str | None = None) -> Result:
+        env = {
+            "CLOUDHPC_URL": url or self.server.url,
+            "CLOUDHPC_TOKEN": token or self.server.admin_token,
+            "CLOUDHPC_CONFIG": None,
+        }
+        result = self.runner.invoke(app, list(args), env=env)
+        # An exception other than the exits the CLI raises itself is a bug, whatever the exit code.
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            result.exception,
+            result.output,
+        )
+        return result
+
+    def json(self, *args: str, **kwargs: Any) -> Any:
+        result = self(*args, "-o", "json", **kwargs)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[ServeAll]:
+    """One `serve all` for the module: SQLite, the `local` cluster and the testbed's SLURM."""
+    root = tmp_path_factory.mktemp("serve-all")
+    testbed_cluster = yaml.safe_load(testbed.config_file.read_text())["clusters"]["testbed"]
+    testbed_cluster["poll"] = {"fast_interval": 0.5, "slow_interval": 5, "max_commands_per_minute": 240}
+    config = {
+        "porter": {
+            "database": f"sqlite:///{root / 'state.db'}",
+            "object_store": f"file://{root / 'objects'}",
+        },
+        "clusters": {
+            "local": {"backend": "local", "workdir": str(root / "local-jobs")},
+            "testbed": testbed_cluster,
+        },
+    }
+    (root / "cloudhpc.yaml").write_text(yaml.safe_dump(config))
+    serve = ServeAll(root, config=root / "cloudhpc.yaml")
+    serve.start(clusters=2)
+    try:
+        yield serve
+    finally:
+        serve.stop()
+
+
+@pytest.fixture
+def cli(server: ServeAll) -> Cli:
+    return Cli(server)
+
+
+def words(text: str) -> str:
+    """Output with line breaks and repeated blanks folded, so assertions ignore wrapping."""
+    return " ".join(text.split())
+
+
+def write(path: Path, content: str) -> Path:
+    path.write_text(content)
+    return path
+
+
+def accounting_when_ready(cli: Cli, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """Accounting is collected after the job ends (sacct lags a little): 1 and a clear message until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cli("jobs", "accounting", job_id, "-o", "json")
+        if result.exit_code == 0:
+            record: dict[str, Any] = json.loads(result.stdout)
+            return record
+        assert result.exit_code == 1, result.output
+        assert "no accounting" in result.stderr
+        assert time.monotonic() < deadline, "accounting never arrived"
+        time.sleep(0.5)
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+def test_tokens_create_prints_the_token_once_and_stores_only_its_hash(cli: Cli, server: ServeAll) -> None:
+    config = str(server.config)
+    result = cli("tokens", "create", "--user", "carol", "--config", config)
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    assert token.startswith("chpc_")
+    assert result.stdout.count(token) == 1
+    assert token not in result.stderr
+
+    store = Store(f"sqlite:///{server.root / 'state.db'}")
+    try:
+        principal = store.verify_token(token)
+        assert principal is not None
+        assert (principal.user, principal.role, principal.clusters) == ("carol", "user", ())
+        with store.engine.connect() as conn:
+            stored = [tuple(row) for row in conn.execute(text("SELECT * FROM tokens"))]
+    finally:
+        store.close()
+    assert token not in repr(stored)
+    assert hashlib.sha256(token.encode()).hexdigest() in repr(stored)
+
+    # The new token works and sees only carol's jobs (none yet).
+    assert cli.json("jobs", "list", token=token) == []
+
+    agent = cli(
+        "tokens", "create", "--user", "a2", "--role", "agent", "--cluster", "testbed", "--config", config
+    )
+    assert agent.exit_code == 0, agent.output
+    assert cli("tokens", "create", "--user", "x", "--role", "agent", "--config", config).exit_code == 2
+    refused = cli("tokens", "create", "--user", "x", "--role", "wizard", "--config", config)
+    assert refused.exit_code == 2
+    assert "--role" in refused.stderr
+
+
+# ---- jobs on the local cluster -----------------------------------------------------------------
+
+
+def test_submit_a_yaml_file_and_read_it_back(cli: Cli, tmp_path: Path) -> None:
+    name = f"yaml-{uuid.uuid4().hex[:8]}"
+    spec = write(
+        tmp_path / "job.yaml",
+        yaml.safe_dump(
+            {
+                "name": name,
+                "cluster": "local",
+                "script": 'echo "first line"\necho "greeting=$GREETING"\n',
+                "env": {"GREETING": "hi; $(not run)"},
+            }
+        ),
+    )
+    result = cli("jobs", "submit", str(spec), "--wait", "-o", "json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert set(job) == JOB_FIELDS
+    assert (job["name"], job["state"], job["exit_code"]) == (name, "completed", 0)
+    assert "state=completed" in result.stderr  # the status line
+
+    got = cli.json("jobs", "get", job["id"])
+    assert set(got) == JOB_FIELDS
+    assert got["id"] == job["id"]
+    listed = cli.json("jobs", "list", "--name", name)
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert all(set(j) == JOB_FIELDS for j in listed)
+    assert job["id"] in [j["id"] for j in cli.json("jobs", "list", "--state", "completed")]
+    assert cli.json("jobs", "list", "--name", name, "--state", "failed") == []
+    table = cli("jobs", "get", job["id"])
+    assert table.exit_code == 0
+    assert "completed" in table.stdout
+
+    logs = cli("jobs", "logs", job["id"])
+    assert logs.exit_code == 0
+    assert logs.stdout == "first line\ngreeting=hi; $(not run)\n"
+    assert cli("jobs", "logs", "-f", job["id"]).stdout == logs.stdout
+    chunk = cli.json("jobs", "logs", job["id"], "--offset", "6")
+    assert chunk == {
+        "data": "line\ngreeting=hi; $(not run)\n",
+        "next_offset": len(logs.stdout),
+        "complete": True,
+    }
+
+    accounting = accounting_when_ready(cli, job["id"])
+    assert {"slurm_job_id", "records", "efficiency"} <= set(accounting)
+    assert accounting["slurm_job_id"] == job["slurm_job_id"]
+    table = cli("jobs", "accounting", job["id"])
+    assert table.exit_code == 0
+    assert "CPU efficiency" in table.stdout
+
+
+def test_submit_from_options_wait_exit_codes_and_cancel(cli: Cli, tmp_path: Path) -> None:
+    failing = write(tmp_path / "fail.sh", "echo about to fail\nexit 3\n")
+    result = cli(
+        "jobs",
+        "submit",
+        "--name",
+        "opt-fail",
+        "--cluster",
+        "local",
+        "--script",
+        str(failing),
+        "--wait",
+        "-o",
+        "json",
+    )
+    assert result.exit_code == 1, result.output
+    assert "ended failed" in result.stderr
+    job = json.loads(result.stdout)  # the final job is printed before exiting 1
+    job_id = job["id"]
+    assert (job["state"], job["exit_code"]) == ("failed", 3)
+    waited = cli("jobs", "wait", job_id)
+    assert waited.exit_code == 1
+    assert f"job {job_id} ended failed" in waited.stderr
+    assert cli("jobs", "logs", job_id).stdout == "about to fail\n"
+
+    ok = write(tmp_path / "ok.sh", "echo fine\n")
+    submitted = cli("jobs", "submit", "--name", "opt-ok", "--cluster", "local", "--script", str(ok))
+    assert submitted.exit_code == 0, submitted.output
+    ok_id = submitted.stdout.strip()
+    uuid.UUID(ok_id)  # the table form prints the id alone
+    waited = cli("jobs", "wait", ok_id)
+    assert waited.exit_code == 0, waited.output
+    assert "state=completed" in waited.stderr
+    assert cli.json("jobs", "wait", ok_id)["state"] == "completed"
+
+    slow = write(tmp_path / "slow.sh", "echo started\nsleep 300\n")
+    sleeper = cli.json("jobs", "submit", "--name", "opt-slow", "--cluster", "local", "--script", str(slow))
+    deadline = time.monotonic() + 30
+    while cli.json("jobs", "get", sleeper["id"])["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    timed_out = cli("jobs", "wait", sleeper["id"], "--timeout", "1")
+    assert timed_out.exit_code == 1
+    assert "still running" in timed_out.stderr
+    cancelled = cli("jobs", "cancel", sleeper["id"])
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "cancel requested" in cancelled.stdout
+    final = cli("jobs", "wait", sleeper["id"], "--timeout", "60")
+    assert final.exit_code == 1
+    assert "ended cancelled" in final.stderr
+    assert cli.json("jobs", "get", sleeper["id"])["state"] == "cancelled"
+
+
+def test_logs_follow_prints_output_as_the_job_runs(cli: Cli, tmp_path: Path) -> None:
+    script = write(tmp_path / "slowly.sh", "echo one\nsleep 2\necho two\nsleep 1\necho three\n")
+    job = cli.json("jobs", "submit", "--name", "follow", "--cluster", "local", "--script", str(script))
+    started = time.monotonic()
+    followed = cli("jobs", "logs", "-f", job["id"])
+    assert followed.exit_code == 0, followed.output
+    assert followed.stdout == "one\ntwo\nthree\n"
+    assert time.monotonic() - started >= 2.5  # it really waited for the job, not just read what was there
+    assert cli.json("jobs", "get", job["id"])["state"] == "completed"
+
+
+def test_clusters_list(cli: Cli) -> None:
+    clusters = {c["name"]: c for c in cli.json("clusters", "list")}
+    assert set(clusters) == {"local", "testbed"}
+    for cluster in clusters.values():
+        assert set(cluster) == {"name", "backend", "agent_online", "agent_last_seen"}
+        assert cluster["agent_online"] is True
+    assert (clusters["local"]["backend"], clusters["testbed"]["backend"]) == ("local", "slurm")
+    table = cli("clusters", "list")
+    assert table.exit_code == 0
+    assert "testbed" in table.stdout
+
+
+# ---- refusals and errors -----------------------------------------------------------------------
+
+
+def test_bad_specs_exit_2_locally_and_1_when_the_api_refuses(cli: Cli, tmp_path: Path) -> None:
+    before = len(cli.json("jobs", "list"))
+    unknown_field = write(tmp_path / "extra.yaml", "name: x\ncluster: local\nscript: echo\nnodes: 2\n")
+    result = cli("jobs", "submit", str(unknown_field))
+    assert result.exit_code == 2
+    assert "invalid job spec: nodes" in result.stderr
+    bad_name = cli(
+        "jobs", "submit", "--name", "no spaces!", "--cluster", "local", "--script", str(unknown_field)
+    )
+    assert bad_name.exit_code == 2
+    assert "invalid job spec: name" in bad_name.stderr
+    not_yaml = write(tmp_path / "broken.yaml", "name: [unclosed\n")
+    assert cli("jobs", "submit", str(not_yaml)).exit_code == 2
+    missing = cli("jobs", "submit", str(tmp_path / "missing.yaml"))
+    assert missing.exit_code == 2
+    assert "does not exist" in words(missing.output)
+
+    # Valid locally, refused by porter (it alone knows the clusters): 422 -> exit 1.
+    refused = cli(
+        "jobs", "submit", "--name", "nowhere", "--cluster", "nowhere", "--script", str(unknown_field)
+    )
+    assert refused.exit_code == 1
+    assert "ApiError: invalid request: cluster: unknown cluster 'nowhere'" in refused.stderr
+    assert "HTTP 422" in refused.stderr
+    assert len(cli.json("jobs", "list")) == before  # nothing stored
+
+    gone = cli("jobs", "get", str(uuid.uuid4()))
+    assert gone.exit_code == 1
+    assert "HTTP 404" in gone.stderr
+    assert cli("jobs", "get", "not-a-uuid").exit_code == 1  # porter's 422 on the path
+    assert cli("jobs", "list", "--token-typo").exit_code == 2  # usage error
+
+
+def test_unreachable_porter_is_a_clear_message_and_exit_2(cli: Cli) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (("jobs", "list"), ("jobs", "get", str(uuid.uuid4())), ("clusters", "list")):
+        result = cli(*args, url=url)
+        assert result.exit_code == 2, result.output
+        assert f"cannot reach porter at {url}" in result.stderr
+        assert "is `cloudhpc serve` running?" in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_wrong_token_is_refused_with_exit_1(cli: Cli) -> None:
+    result = cli("jobs", "list", token="chpc_not-a-real-token")
+    assert result.exit_code == 1
+    assert "HTTP 401" in result.stderr
+
+
+def test_invalid_config_exits_2_naming_the_key(cli: Cli, tmp_path: Path) -> None:
+    bad = write(
+        tmp_path / "bad.yaml", "porter:\n  databse: sqlite:///x.db\nclusters:\n  c1: {backend: slurm}\n"
+    )
+    for args in (
+        ("tokens", "create", "--user", "x"),
+        ("clusters", "check"),
+        ("serve", "all"),
+        ("serve", "submitter"),
+    ):
+        result = cli(*args, "--config", str(bad))
+        assert result.exit_code == 2, (args, result.output)
+        assert "porter.databse: Extra inputs are not permitted" in result.stderr
+        assert "clusters.c1" in result.stderr
+        assert "Traceback" not in result.output
+    missing = cli("clusters", "check", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 2
+    assert "does not exist" in missing.stderr
+    # Environment overrides are validated the same way, and named by their key.
+    from_env = CliRunner().invoke(
+        app, ["serve", "porter"], env={"CLOUDHPC_CONFIG": None, "CLOUDHPC_PORTER__LISTEN": "nonsense"}
+    )
+    assert from_env.exit_code == 2
+    assert "porter.listen: Value error, 'nonsense' must look like HOST:PORT" in from_env.stderr
+
+
+# ---- the testbed -------------------------------------------------------------------------------
+
+
+def test_clusters_check_against_the_testbed(
+    cli: Cli, server: ServeAll, tmp_path: Path, testbed: Testbed
+) -> None:
+    ok = cli("clusters", "check", "testbed", "--config", str(server.config))
+    assert ok.exit_code == 0, ok.output
+    assert "testbed: ok" in words(ok.stdout)
+    assert "slurm" in ok.stdout
+    checked = cli.json("clusters", "check", "--config", str(server.config))
+    assert {r["cluster"]: r["ok"] for r in checked} == {"local": True, "testbed": True}
+
+    # The same cluster, but this machine has never seen its host key: refused, not trusted.
+    assert server.config is not None
+    config = yaml.safe_load(server.config.read_text())
+    config["clusters"]["testbed"]["ssh"]["known_hosts"] = str(write(tmp_path / "known_hosts", ""))
+    stranger = write(tmp_path / "stranger.yaml", yaml.safe_dump(config))
+    failed = cli("clusters", "check", "testbed", "--config", str(stranger))
+    assert failed.exit_code == 1, failed.output
+    assert "testbed: FAILED" in words(failed.stdout)
+    assert "host key" in failed.stdout.lower()
+    unknown = cli("clusters", "check", "nosuch", "--config", str(server.config))
+    assert unknown.exit_code == 1
+    assert "not in the configuration" in unknown.stdout
+
+
+def test_a_job_on_the_testbed_through_the_cli(cli: Cli, tmp_path: Path) -> None:
+    script = write(tmp_path / "hello.sh", 'echo "on $(hostname) as $SLURM_JOB_ID"\nsrun true\n')
+    result = cli(
+        "jobs",
+        "submit",
+        "--name",
+        "cli-slurm",
+        "--cluster",
+        "testbed",
+        "--script",
+        str(script),
+        "--wait",
+        "-o",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert job["state"] == "completed"
+    assert cli("jobs", "logs", job["id"]).stdout.startswith("on ")
+    assert f"as {job['slurm_job_id']}" in cli("jobs", "logs", job["id"]).stdout
+    accounting = accounting_when_ready(cli, job["id"])
+    assert accounting["slurm_job_id"] == job["slurm_job_id"]
+    states = {r["step"]: r["state"] for r in accounting["records"]}
+    assert states[None] == "COMPLETED"
+    assert accounting["efficiency"]["state"] == "COMPLETED"
+    assert slurm_jobs_named(f"chpc-{job['id']}") == [job["slurm_job_id"]]
+
+    failing = write(tmp_path / "fail.sh", "exit 5\n")
+    failed = cli(
+        "jobs",
+        "submit",
+        "--name",
+        "cli-slurm-fail",
+        "--cluster",
+        "testbed",
+        "--script",
+        str(failing),
+        "--wait",
+    )
+    assert failed.exit_code == 1
+    assert "ended failed" in failed.stderr
+
+
+# ---- serve all's token files -------------------------------------------------------------------
+
+
+def test_serve_all_creates_token_files_0600_once_and_reuses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no configuration at all (the embedded default), as a new user starts it."""
+    serve = ServeAll(tmp_path)
+    admin_file = tmp_path / ".cloudhpc" / "admin-token"
+    agent_file = tmp_path / ".cloudhpc" / "agent-token"
+    assert not admin_file.exists()
+    serve.start()
+    try:
+        first = {}
+        for path in (admin_file, agent_file):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            first[path] = path.read_text()
+        assert first[admin_file] != first[agent_file]
+    finally:
+        serve.stop()
+    serve.start()
+    try:
+        for path in (admin_file, agent_file):
+            assert path.read_text() == first[path], f"{path} was replaced on the second start"
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        # Next to `serve all`, the CLI needs no token: it reads .cloudhpc/admin-token.
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(
+            app,
+            ["clusters", "list", "-o", "json"],
+            env={"CLOUDHPC_URL": serve.url, "CLOUDHPC_TOKEN": None, "CLOUDHPC_CONFIG": None},
+        )
+        assert result.exit_code == 0, result.output
+        assert [c["name"] for c in json.loads(result.stdout)] == ["local"]
+    finally:
+        serve.stop()
+    assert "created the admin token" in serve.log()
+    assert serve.log().count("created the admin token") == 1

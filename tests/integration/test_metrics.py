@@ -1,0 +1,224 @@
+"""porter's `/metrics` computed from a real job store (SQLite and the testbed's PostgreSQL).
+
+The accounting documents are built from real sacct/seff output (tests/recordings) the way the
+agent builds them, so the JSON paths the store reads are the ones the agent writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloudhpc.config import PorterConfig, Settings
+from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.states import JobState
+from cloudhpc.hpc.slurm import Sacct, Seff
+from cloudhpc.metrics.porter import PorterMetrics
+from cloudhpc.porter.app import create_app
+from cloudhpc.store import Store
+from cloudhpc.submitter.agent import _jsonable
+from tests.integration.stores import store_urls
+from tests.recordings import load_recording
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with request.param(tmp_path) as url:
+        the_store = Store(url)
+        the_store.migrate()
+        yield the_store
+        the_store.close()
+
+
+def accounting_record() -> dict[str, Any]:
+    """What the agent stores for SLURM job 10 of the multistep recording."""
+    rows = Sacct(jobs=["10"]).parse(load_recording("sacct_multistep"))
+    records = [r.record for r in rows if r.record.job_id == rows[0].record.job_id]
+    efficiency = Seff("10").parse(load_recording("seff_completed"))
+    return {
+        "slurm_job_id": records[0].job_id,
+        "records": [_jsonable(dataclasses.asdict(r)) for r in records],
+        "efficiency": _jsonable(dataclasses.asdict(efficiency)),
+    }
+
+
+def walk(store: Store, job: Job, *states: JobState, **fields: Any) -> None:
+    for seq, state in enumerate(states, start=1):
+        extra = fields if seq == len(states) else {}
+        applied = store.apply_report(JobReport(job_id=job.id, seq=seq, state=state, **extra), actor="test")
+        assert applied is not None
+        assert applied.state == state
+
+
+def submit(store: Store, name: str, owner: str = "alice", cluster: str = "mahti") -> Job:
+    job, _ = store.create_job(owner, JobSpec(name=name, cluster=cluster, script="echo hi"))
+    return job
+
+
+def scrape(metrics: PorterMetrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """name -> {sorted label items -> value}"""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def per_job(series: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str) -> dict[str, float]:
+    return {dict(labels)["job_id"]: value for labels, value in series.get(name, {}).items()}
+
+
+def test_per_job_series_follow_the_window_and_the_accounting(store: Store) -> None:
+    record = accounting_record()
+    done = submit(store, "done")
+    walk(
+        store,
+        done,
+        JobState.PREPARING,
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.COMPLETED,
+        exit_code=0,
+        submitted_at=NOW - timedelta(seconds=70),
+        started_at=NOW - timedelta(seconds=60),
+        ended_at=NOW - timedelta(seconds=10),
+    )
+    store.set_accounting(done.id, record)
+    old = submit(store, "old", owner="bob")
+    walk(store, old, JobState.PREPARING, JobState.FAILED, ended_at=NOW - timedelta(hours=3), exit_code=1)
+    running = submit(store, "running")
+    walk(
+        store,
+        running,
+        JobState.PREPARING,
+        JobState.QUEUED,
+        JobState.RUNNING,
+        submitted_at=NOW - timedelta(seconds=30),
+        started_at=NOW - timedelta(seconds=20),
+    )
+    pending = submit(store, "pending", cluster="lumi")
+
+    clock = [NOW.timestamp()]
+    metrics = PorterMetrics(store, clusters=["mahti"], job_window=3600, clock=lambda: clock[0])
+    series = scrape(metrics)
+
+    jobs = {dict(k)["cluster"] + "/" + dict(k)["state"]: v for k, v in series["cloudhpc_jobs"].items()}
+    assert jobs["mahti/completed"] == 1
+    assert jobs["mahti/failed"] == 1
+    assert jobs["mahti/running"] == 1
+    assert jobs["lumi/pending"] == 1
+    assert jobs["mahti/timeout"] == 0  # every state of every cluster, so panels never miss a zero
+    transitions = {
+        (dict(k)["cluster"], dict(k)["from_state"], dict(k)["to_state"]): v
+        for k, v in series["cloudhpc_job_transitions_total"].items()
+    }
+    assert transitions[("mahti", "none", "pending")] == 3
+    assert transitions[("lumi", "none", "pending")] == 1
+    assert transitions[("mahti", "running", "completed")] == 1
+    assert transitions[("mahti", "preparing", "failed")] == 1
+
+    # sacct's own figures for the ended job; the running job's grow with the clock
+    allocation = record["records"][0]
+    assert per_job(series, "cloudhpc_job_run_seconds") == {
+        str(done.id): allocation["elapsed_seconds"],
+        str(running.id): pytest.approx(20.0, abs=1e-3),
+    }
+    assert per_job(series, "cloudhpc_job_cpu_efficiency_ratio") == {
+        str(done.id): record["efficiency"]["cpu_efficiency"]
+    }
+    assert per_job(series, "cloudhpc_job_memory_efficiency_ratio") == {
+        str(done.id): record["efficiency"]["memory_efficiency"]
+    }
+    assert per_job(series, "cloudhpc_job_allocated_cpus") == {str(done.id): allocation["alloc_cpus"]}
+    assert per_job(series, "cloudhpc_job_billing_units") == {str(done.id): allocation["billing"]}
+    assert per_job(series, "cloudhpc_job_max_rss_bytes") == {
+        str(done.id): max(r["max_rss_bytes"] or 0 for r in record["records"])
+    }
+    assert per_job(series, "cloudhpc_job_exit_code") == {str(done.id): 0}
+    waits = per_job(series, "cloudhpc_job_queue_wait_seconds")
+    assert waits.keys() == {str(done.id), str(running.id)}
+    assert waits[str(done.id)] == pytest.approx(10.0, abs=1e-3)
+    assert waits[str(running.id)] == pytest.approx(10.0, abs=1e-3)
+    labels = dict(next(iter(series["cloudhpc_job_exit_code"])))
+    assert labels == {
+        "cluster": "mahti",
+        "owner": "alice",
+        "job_id": str(done.id),
+        "job_name": "done",
+        "kind": "batch",
+    }
+    assert str(old.id) not in str(series)  # ended 3 h ago: outside the 1 h window
+    assert str(pending.id) not in str(series)  # nothing known yet
+
+    # A restart (a new exporter on the same database) serves the same figures.
+    again = scrape(PorterMetrics(store, clusters=["mahti"], job_window=3600, clock=lambda: clock[0]))
+    assert again == series
+
+    # The ended job's series leave once it ended longer ago than the window; the live job stays.
+    clock[0] += 3600
+    later = scrape(metrics)
+    assert per_job(later, "cloudhpc_job_cpu_efficiency_ratio") == {}
+    assert set(per_job(later, "cloudhpc_job_run_seconds")) == {str(running.id)}
+    assert later["cloudhpc_jobs"] == series["cloudhpc_jobs"]
+
+
+def test_replaced_accounting_and_many_steps(store: Store) -> None:
+    """A re-sent document is read again (the exporter caches by the document's stamp), and MaxRSS
+    is found in any sacct row, also past the rows SQLite reads in the main query."""
+    record = accounting_record()
+    job = submit(store, "steps")
+    walk(store, job, JobState.PREPARING, JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED, ended_at=NOW)
+    store.set_accounting(job.id, record)
+    metrics = PorterMetrics(store, job_window=3600, clock=lambda: NOW.timestamp())
+    assert per_job(scrape(metrics), "cloudhpc_job_cpu_efficiency_ratio") == {
+        str(job.id): record["efficiency"]["cpu_efficiency"]
+    }
+    steps = [dict(record["records"][-1], step=str(i), max_rss_bytes=1000 + i) for i in range(30)]
+    steps[25]["max_rss_bytes"] = 7_777_777
+    changed = {
+        **record,
+        "records": [record["records"][0], *steps],
+        "efficiency": {**record["efficiency"], "cpu_efficiency": 0.125},
+    }
+    time.sleep(0.01)  # a new stamp
+    store.set_accounting(job.id, changed)
+    series = scrape(metrics)
+    assert per_job(series, "cloudhpc_job_cpu_efficiency_ratio") == {str(job.id): 0.125}
+    assert per_job(series, "cloudhpc_job_max_rss_bytes") == {str(job.id): 7_777_777}
+
+
+def test_metrics_endpoint_counts_requests_and_agents(store: Store, tmp_path: Path) -> None:
+    settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path / 'objects'}"))
+    agent = store.create_token("agent-local", "agent", ["local"])
+    with TestClient(create_app(settings, store=store)) as client:
+        client.get("/api/v1/agent/work?cluster=local", headers={"Authorization": f"Bearer {agent}"})
+        client.get(f"/api/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer nope"})
+        body = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    seen = {s.labels["cluster"] for s in families["cloudhpc_agent_last_seen_timestamp_seconds"].samples}
+    assert seen == {"local"}
+    routes = {
+        (s.labels["route"], s.labels["status"])
+        for s in families["cloudhpc_api_request_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert ("/api/v1/agent/work", "200") in routes
+    assert ("/api/v1/jobs/{job_id}", "401") in routes
+    assert "_created" not in body
+    assert {f.name for f in families.values()} >= {
+        "cloudhpc_jobs",
+        "cloudhpc_job_transitions",
+        "cloudhpc_bridge_ready",
+    }

@@ -1,0 +1,122 @@
+#!/bin/bash
+# cloudhpc job 12345678-1234-5678-1234-567812345678 (ray-test); rendered by cloudhpc, do not edit
+cd '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678' || exit 97
+export CLOUDHPC_JOB_ID=12345678-1234-5678-1234-567812345678
+export CLOUDHPC_JOB_NAME=ray-test
+export CLOUDHPC_JOB_DIR='/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678'
+# cached Python environment
+source /envs/abc/venv/bin/activate
+# ---- cloudhpc: ray-cluster with 3 Ray node(s); rendered by cloudhpc, do not edit
+set -u
+chpc_control='/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc'
+chpc_state="$chpc_control/ray"
+mkdir -p "$chpc_state" || exit 97
+command -v ray >/dev/null 2>&1 || {
+  echo "cloudhpc: 'ray' is not in this job's environment: add \"ray[default]\" to environment.packages" >&2
+  exit 98
+}
+chpc_helpers() { python3 "$chpc_control/ray_helpers.py" "$@"; }
+# stop one `ray start --block` and everything it started: TERM its process group, then KILL
+# whatever is left in its session (Ray's workers have their own process groups). Never `ray stop`:
+# it stops every Ray process of this user on the node, other jobs' clusters included.
+chpc_stop_session() {  # PID [TENTHS of a second of grace]
+  local sid=$1 grace=${2:-10} i
+  kill -TERM -- "-$sid" 2>/dev/null || return 0
+  for ((i = 0; i < grace; i++)); do
+    kill -0 -- "-$sid" 2>/dev/null || break
+    sleep 0.1
+  done
+  ps -o pid= --sid "$sid" 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+  return 0
+}
+chpc_head_pid= chpc_workers_pid= chpc_tunnel_pid= chpc_main_pid= chpc_cleaned=
+chpc_tmp=$(mktemp -d /tmp/chpc.XXXXXX) || { echo "cloudhpc: cannot create a directory in /tmp" >&2; exit 97; }
+chpc_cleanup() {  # [TENTHS of a second Ray gets to stop]
+  [ -n "$chpc_cleaned" ] && return 0
+  chpc_cleaned=1
+  [ -n "$chpc_tunnel_pid" ] && kill "$chpc_tunnel_pid" 2>/dev/null
+  [ -s "$chpc_state/tunnel.pid" ] && kill "$(cat "$chpc_state/tunnel.pid")" 2>/dev/null
+  [ -n "$chpc_main_pid" ] && kill "$chpc_main_pid" 2>/dev/null
+  [ -n "$chpc_workers_pid" ] && kill "$chpc_workers_pid" 2>/dev/null
+  [ -n "$chpc_head_pid" ] && chpc_stop_session "$chpc_head_pid" "${1:-10}"
+  rm -rf "$chpc_tmp"
+  rm -f '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc/bridge_key'
+  return 0
+}
+trap 'chpc_cleanup; exit 143' TERM
+trap 'chpc_cleanup; exit 130' INT
+trap chpc_cleanup EXIT
+read -r chpc_gcs chpc_dashboard chpc_client chpc_agent chpc_metrics chpc_rtenv <<<"$(chpc_helpers ports 6)"
+[ -n "$chpc_rtenv" ] || { echo "cloudhpc: could not pick free ports on $(hostname -s)" >&2; exit 97; }
+chpc_ip=$(chpc_helpers node-ip)
+export RAY_TMPDIR="$chpc_tmp" RAY_USAGE_STATS_ENABLED=0
+cat > "$chpc_state/ports.env" <<CHPC_PORTS
+RAY_NODE_IP=$chpc_ip
+RAY_GCS_PORT=$chpc_gcs
+RAY_DASHBOARD_PORT=$chpc_dashboard
+RAY_CLIENT_PORT=$chpc_client
+RAY_METRICS_PORT=$chpc_metrics
+RAY_TMPDIR=$chpc_tmp
+CHPC_PORTS
+echo "cloudhpc: starting the Ray head on $(hostname -s): GCS $chpc_ip:$chpc_gcs, dashboard 127.0.0.1:$chpc_dashboard, temp dir $chpc_tmp"
+setsid ray start --head --block --disable-usage-stats --log-style=record --log-color=false \
+  --node-ip-address="$chpc_ip" --port="$chpc_gcs" --include-dashboard=true \
+  --dashboard-host=127.0.0.1 --dashboard-port="$chpc_dashboard" --ray-client-server-port="$chpc_client" \
+  --dashboard-agent-listen-port="$chpc_agent" --metrics-export-port="$chpc_metrics" \
+  --runtime-env-agent-port="$chpc_rtenv" --temp-dir="$chpc_tmp" --num-cpus=2 --memory=3006477108 --object-store-memory=1288490188 </dev/null &
+chpc_head_pid=$!
+export CLOUDHPC_RAY_HEAD="$chpc_ip:$chpc_gcs"
+srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+  /bin/bash "$chpc_control/ray_worker.sh" </dev/null &
+chpc_workers_pid=$!
+# the bridges: one supervised ssh to the bridge VM (-R per exported port, -L per import)
+chpc_tunnel() {
+  local delay=1 started status
+  while :; do
+    started=$SECONDS
+    ssh -N -T \
+      -F /dev/null \
+      -i '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc/bridge_key' \
+      -o IdentitiesOnly=yes \
+      -o IdentityAgent=none \
+      -o BatchMode=yes \
+      -o ExitOnForwardFailure=yes \
+      -o ServerAliveInterval=5 \
+      -o ServerAliveCountMax=3 \
+      -o ConnectTimeout=10 \
+      -o StrictHostKeyChecking=yes \
+      -o 'UserKnownHostsFile=/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc/bridge_known_hosts' \
+      -o GlobalKnownHostsFile=/dev/null \
+      -o UpdateHostKeys=no \
+      -o ControlMaster=no \
+      -o ControlPath=none \
+      -o LogLevel=ERROR \
+      -p 2222 \
+      -R 0.0.0.0:19500:127.0.0.1:"$chpc_dashboard" \
+      -R 0.0.0.0:19501:127.0.0.1:"$chpc_client" \
+      -R 0.0.0.0:19502:127.0.0.1:"$chpc_metrics" \
+      -R 0.0.0.0:19503:127.0.0.1:6006 \
+      -- \
+      cloudhpc@bridge.example.org </dev/null &
+    echo $! > '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc/ray/tunnel.pid'
+    wait "$!"; status=$?
+    if [ $((SECONDS - started)) -ge 10 ]; then delay=1; fi
+    echo "cloudhpc: bridge tunnel to "cloudhpc@bridge.example.org:2222" ended (status $status); reconnecting in ${delay}s" >&2
+    sleep "$delay"
+    if [ "$delay" -lt 8 ]; then delay=$((delay * 2)); fi
+  done
+}
+chpc_tunnel &
+chpc_tunnel_pid=$!
+echo 'cloudhpc: bridge tunnel started (dashboard -> 0.0.0.0:19500, client -> 0.0.0.0:19501, metrics -> 0.0.0.0:19502, tensorboard -> 0.0.0.0:19503)'
+chpc_helpers wait-ready --dashboard "$chpc_dashboard" --nodes 3 --pid "$chpc_head_pid" --timeout 300 || {
+  echo "cloudhpc: the Ray cluster did not come up (see above)" >&2
+  exit 96
+}
+touch "$chpc_state/ready"
+echo "cloudhpc: Ray cluster ready: 3 node(s)"
+# a ray-cluster serves until its time limit or a cancel (SIGTERM runs chpc_cleanup)
+wait "$chpc_head_pid"; chpc_rc=$?
+echo "cloudhpc: the Ray head exited (status $chpc_rc) before the job ended" >&2
+if [ "$chpc_rc" -eq 0 ]; then chpc_rc=1; fi
+exit "$chpc_rc"
