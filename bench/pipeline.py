@@ -44,7 +44,7 @@ from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline, cloud_pipelin
 TARGET_OVERHEAD = 15.0
 TORCH_WHEEL = "torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 STAGES = (
-    "staging",
+    "environment",
     "queue_wait",
     "ray_start",
     "training",

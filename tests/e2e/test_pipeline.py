@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -146,7 +147,15 @@ def test_cloud_hpc_pipeline_on_the_testbed(
     assert 0 < m["slurm.cpu_efficiency"] <= 1
     assert m["slurm.alloc_cpus"] == 2
     # the stage breakdown
-    for stage in ("staging", "queue_wait", "ray_start", "training", "collection", "step_wall", "overhead"):
+    for stage in (
+        "environment",
+        "queue_wait",
+        "ray_start",
+        "training",
+        "collection",
+        "step_wall",
+        "overhead",
+    ):
         assert f"stage.{stage}_seconds" in m, stage
     assert m["stage.training_seconds"] > 0
     assert m["stage.step_wall_seconds"] < took
@@ -236,8 +245,13 @@ def test_cloud_pipeline(testbed: Testbed, kfp_env: Path) -> None:
 
 @pytest.mark.timeout(400)
 def test_demo_runs_the_pipeline_on_the_embedded_default(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDHPC_", "AWS_"))}
-    env["RAY_AUTH_MODE"] = "disabled"  # see kfp_env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDHPC_", "AWS_", "RAY_"))}
+    # A user who once ran `ray.init()` has ~/.ray/auth_token, and then every `ray start` of theirs
+    # requires it: the job's readiness probe and the training driver must send it.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    env["HOME"] = str(home)
     script = Path(sys.executable).with_name("cloudhpc")
     done = subprocess.run(
         [str(script), "demo", "--epochs", "3"],
@@ -254,7 +268,7 @@ def test_demo_runs_the_pipeline_on_the_embedded_default(tmp_path: Path) -> None:
     assert "OFFLINE" in done.stdout
     assert "registered model cloudhpc-demo-cnn version 1" in done.stdout
     assert re.search(r"MLflow run [0-9a-f]{32}", done.stdout)
-    for stage in ("queue_wait", "ray_start", "training", "collection", "overhead"):
+    for stage in ("environment", "queue_wait", "ray_start", "training", "collection", "overhead"):
         assert re.search(rf"│ {stage} +│ +\d+\.\d │", done.stdout), stage
     for step in ("step 1/3 preprocess", "step 2/3 train on the cluster", "step 3/3 evaluate"):
         assert step in done.stderr
@@ -267,7 +281,8 @@ def test_demo_runs_the_pipeline_on_the_embedded_default(tmp_path: Path) -> None:
     for pid in (int(server.group(1)), int(tracker.group(1))):
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert (tmp_path / ".cloudhpc" / "mlflow" / "mlflow.db").exists()
-    assert (tmp_path / ".cloudhpc" / "demo-pipeline.log").stat().st_size > 0
+    pipeline_log = (tmp_path / ".cloudhpc" / "demo-pipeline.log").read_text()
+    assert "Token authentication is enabled" in pipeline_log  # the job's Ray did use the token
 
 
 @pytest.mark.timeout(ENV_BUILD + 300)

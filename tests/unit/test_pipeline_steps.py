@@ -239,6 +239,7 @@ def test_stage_breakdown_adds_up() -> None:
     assert stages["teardown"] == pytest.approx(3.0)
     assert stages["overhead"] == pytest.approx(66.0 - 10.0 - 35.0)
     assert stages["collection"] == 1.5
+    assert stages["environment"] == 2.0  # accept -> sbatch
 
 
 def test_a_failed_job_raises_with_its_state() -> None:

@@ -123,7 +123,7 @@ def _serve_all(
     }
     argv = [sys.executable, "-m", "cloudhpc", "serve", "all"]
     if config is not None:
-        argv[3:3] = ["--config", str(config)]
+        argv += ["--config", str(config)]
     log_path = state_dir / "demo-server.log"
     with log_path.open("ab") as log:
         server = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -161,7 +161,7 @@ def _serve_all(
 
 def _timing_table(metrics: dict[str, float]) -> Table:
     rows = [
-        ("staging", "accept -> sbatch: agent pickup, cached environment, files, sbatch"),
+        ("environment", "accept -> sbatch: agent pickup, cached environment, files, sbatch"),
         ("queue_wait", "queue wait: sbatch -> start"),
         ("ray_start", "environment activation + Ray head and workers up"),
         ("training", "Ray Train fit (all workers)"),

@@ -4,6 +4,9 @@ It is the same server a platform runs (`mlflow server --serve-artifacts`), with 
 that the demo exercises the same client paths as a real deployment: clients (and jobs) need only
 its URL. It runs in its own session and is stopped by signalling that session: `mlflow server`
 starts uvicorn as a child, which a signal to the parent alone leaves running.
+
+A small supervisor (this module run as a program) leads that session and ends it when the process
+that started it is gone, so a demo killed with SIGKILL (a test's timeout) leaves no server behind.
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ class LocalMlflowServer:
         ]
         # Job execution starts a pool of worker processes nothing here uses.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        supervised = [sys.executable, "-m", __name__, "--parent", str(os.getpid()), "--", *argv]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                supervised, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -94,3 +98,31 @@ class LocalMlflowServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _supervise(parent: int, argv: list[str]) -> int:
+    """Run `argv` in this process's group (this process leads its own session) until it exits or
+    `parent` is gone; then end the whole group, this process included."""
+    child = subprocess.Popen(argv)
+    while child.poll() is None and os.getppid() == parent:
+        time.sleep(0.5)
+    if child.poll() is not None:
+        return child.returncode
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=10)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(0, signal.SIGKILL)
+    return 1
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run a command; end its process group when --parent is gone")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    sys.exit(_supervise(args.parent, command))

@@ -12,12 +12,11 @@ tests call these, so what a pipeline run does is testable without Kubeflow.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -32,6 +31,7 @@ __all__ = [
     "TRAIN_ENTRYPOINT_FILE",
     "DataRefs",
     "TrainOutcome",
+    "fetch_to",
     "object_url",
     "preprocess",
     "stage_breakdown",
@@ -225,7 +225,8 @@ def stage_breakdown(
     """Where the train step's wall time went, from the job record (SLURM's times), the training
     script's own clock (logged to MLflow) and the step's clock.
 
-    - `staging`: accept -> sbatch (agent pickup, cached environment check or build, files, sbatch)
+    - `environment`: accept -> sbatch (agent pickup, cached environment check or build, files staged,
+      sbatch): the runner's `staging`
     - `queue_wait`: sbatch -> SLURM start
     - `ray_start`: SLURM start -> entrypoint start (environment activation, Ray head and workers up)
     - `training`: `TorchTrainer.fit` (worker startup included; `train_worker_startup` says how much)
@@ -235,7 +236,8 @@ def stage_breakdown(
     - `overhead`: step wall time minus queue wait minus training: what integration costs
     """
     job = outcome.job
-    out = {f"{k}": v for k, v in outcome.timings.items() if k in ("staging", "queue_wait", "collection")}
+    names = {"staging": "environment", "queue_wait": "queue_wait", "collection": "collection"}
+    out = {names[k]: v for k, v in outcome.timings.items() if k in names}
     start = run_metrics.get("timing.entrypoint_start_unix")
     end = run_metrics.get("timing.entrypoint_end_unix")
     training = run_metrics.get("timing.training_seconds")
@@ -487,24 +489,3 @@ def _shutdown_ray() -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-
-
-def describe(value: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-ready dict (for step outputs)."""
-    return json.loads(json.dumps(asdict(value), default=str))  # type: ignore[no-any-return]
-
-
-def environment_packages(torch_requirement: str = "") -> list[str]:
-    """What the training job's cached environment installs: Ray (with Train), PyTorch, the MLflow
-    client and numpy. `torch_requirement` pins the PyTorch build a site wants (a CPU wheel, a
-    module-provided build...); the default asks pip for `torch`, which on PyPI is a CUDA build."""
-    return [
-        "ray[default,train]",
-        torch_requirement or "torch",
-        "mlflow-skinny",
-        "numpy",
-    ]
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
