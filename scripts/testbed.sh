@@ -409,8 +409,10 @@ authorize_bridge() {
   chmod 600 "$KEYS/bridge_ed25519"
   local h ak blob line; h=$(home_of "$TEST_USER"); ak=$h/.ssh/authorized_keys
   blob=$(cut -d' ' -f2 "$KEYS/bridge_ed25519.pub"); line=$(bridge_authorized_line)
-  grep -qxF "$line" "$ak" && return 0
-  { grep -vF "$blob" "$ak" || true; printf '%s\n' "$line"; } > "$ak.new"
+  # exactly one bridge line: drop this key's old line and any left by an earlier checkout's testbed
+  # (each checkout generates its own bridge key, while hpcuser's home outlives the checkout)
+  [ "$(grep -c ' cloudhpc-bridge$' "$ak" || true)" = 1 ] && grep -qxF "$line" "$ak" && return 0
+  { grep -vF "$blob" "$ak" | grep -v ' cloudhpc-bridge$' || true; printf '%s\n' "$line"; } > "$ak.new"
   chown "$TEST_USER:$(id -gn "$TEST_USER")" "$ak.new"; chmod 600 "$ak.new"; mv "$ak.new" "$ak"
   log "ssh: authorized the bridge key for $TEST_USER (forwarding only, ports $BRIDGE_PORT_LOW-$BRIDGE_PORT_HIGH)"
 }

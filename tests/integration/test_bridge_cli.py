@@ -30,7 +30,11 @@ def config_with_bridge(tmp_path: Path, testbed: Testbed, **changes: Any) -> Path
 def test_authorized_key_is_the_line_the_testbed_installed(tmp_path: Path, testbed: Testbed) -> None:
     config = config_with_bridge(tmp_path, testbed)
     authorized = (Path("/home") / testbed.ssh_user / ".ssh" / "authorized_keys").read_text().splitlines()
+    blob = yaml.safe_load(testbed.config_file.read_text())["porter"]["bridge"]["key_file"]
+    blob = Path(f"{blob}.pub").read_text().split()[1]
+    # exactly one bridge line, and it carries this checkout's bridge key
     (installed,) = [line for line in authorized if line.endswith(" cloudhpc-bridge")]
+    assert f" {blob} " in installed
     # the services the testbed lets jobs import (its S3 server, and whatever else it runs)
     permitted = re.findall(r'permitopen="([^"]+)"', installed)
     assert f"127.0.0.1:{testbed.s3_endpoint.rsplit(':', 1)[1]}" in permitted
