@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 
 from cloudhpc.cli.bridges import bridge_app, bridges_table, doctor_app
 from cloudhpc.cli.platform import platform_app
+from cloudhpc.cli.testbed import run_testbed
 from cloudhpc.client import ApiError, Client, default_client
 from cloudhpc.config import Settings, load_settings
 from cloudhpc.domain.jobs import Job, JobSpec
@@ -81,6 +82,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(platform_app, name="platform")
 app.add_typer(bridge_app, name="bridge")
 app.add_typer(doctor_app, name="doctor")
+app.command("testbed")(run_testbed)
 
 
 class Output(StrEnum):
@@ -506,3 +508,7 @@ def demo(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
