@@ -145,7 +145,7 @@ async def test_round_trip_through_s3(
     await wait_until(lambda: job.id in changed)  # porter's waiters are woken after each pass
     # The finished job leaves the snapshot, and the agent's messages are deleted once acked.
     await wait_until(lambda: latest_snapshot(objects).jobs == [])
-    assert await channel.active_jobs(CLUSTER) == []
+    assert (await channel.reconciliation(CLUSTER)).jobs == []
     assert objects.list(up_prefix(CLUSTER)) == []
     assert len(objects.list(down_prefix(CLUSTER))) <= 3
 
@@ -234,12 +234,12 @@ async def test_agent_deletes_only_acknowledged_messages(
     ack = latest_snapshot(objects).ack
     assert ack is not None
     await channel.report([report(job, 1, JobState.PREPARING)])  # after porter's pass: not acked yet
-    await channel.active_jobs(CLUSTER)  # the agent reads the snapshot and cleans up
+    await channel.reconciliation(CLUSTER)  # the agent reads the snapshot and cleans up
     remaining = objects.list(up_prefix(CLUSTER))
     assert len(remaining) == 1
     assert remaining[0] > ack
     await relay.tick()
-    await channel.active_jobs(CLUSTER)
+    await channel.reconciliation(CLUSTER)
     assert objects.list(up_prefix(CLUSTER)) == []
     current = store.get_job(job.id)
     assert current is not None

@@ -381,6 +381,39 @@ def test_active_jobs_are_the_non_terminal_ones(store: Store) -> None:
     assert {j.id for j in store.active_jobs("testbed")} == {pending.id, running.id}
 
 
+def test_reconciliation_hands_back_ended_jobs_whose_accounting_never_arrived(store: Store) -> None:
+    running, _ = store.create_job("alice", spec())
+    unaccounted, _ = store.create_job("alice", spec())
+    accounted, _ = store.create_job("alice", spec())
+    never_ran, _ = store.create_job("alice", spec())
+    long_ago, _ = store.create_job("alice", spec())
+    elsewhere, _ = store.create_job("alice", spec(cluster="elsewhere"))
+
+    def run(job: Job, seq: int, end: JobState | None, slurm_id: str, **fields: Any) -> None:
+        store.apply_report(report(job, seq, JobState.QUEUED, slurm_job_id=slurm_id), actor="a")
+        store.apply_report(report(job, seq + 1, end or JobState.RUNNING, **fields), actor="a")
+
+    run(running, 10, None, "1")
+    run(unaccounted, 12, JobState.FAILED, "2", exit_code=3)
+    run(accounted, 14, JobState.COMPLETED, "3")
+    store.set_accounting(accounted.id, {"slurm_job_id": "3", "records": []})
+    store.apply_report(report(never_ran, 16, JobState.FAILED, reason="sbatch: invalid partition"), actor="a")
+    ended = datetime.now(UTC) - timedelta(days=8)
+    run(long_ago, 17, JobState.COMPLETED, "5", ended_at=ended)
+    run(elsewhere, 98, JobState.COMPLETED, "6")
+
+    view = store.reconciliation("testbed")
+    assert [j.id for j in view.jobs] == [running.id]
+    # ran in SLURM, ended within the window, no accounting: only this one needs collecting
+    assert [j.id for j in view.unaccounted] == [unaccounted.id]
+    assert view.unaccounted[0].slurm_job_id == "2"
+    # the highest seq applied for this cluster, not another's
+    assert view.seq_floor == 18
+    wider = store.reconciliation("testbed", unaccounted_within=timedelta(days=9))
+    assert [j.id for j in wider.unaccounted] == [long_ago.id, unaccounted.id]  # oldest end first
+    assert store.reconciliation("nowhere").seq_floor == 0
+
+
 def test_stale_and_duplicate_reports_are_ignored(store: Store) -> None:
     job, _ = store.create_job("alice", spec())
     queued = store.apply_report(report(job, 5, JobState.QUEUED, slurm_job_id="42"), actor="agent-1")

@@ -210,15 +210,15 @@ def objects(tmp_path: Path) -> LocalObjectStore:
 async def test_channel_reads_only_the_newest_snapshot(objects: LocalObjectStore) -> None:
     channel = S3Channel(objects, "c1", heartbeat_interval=3600)
     with pytest.raises(ChannelError, match="no snapshot"):
-        await channel.active_jobs("c1")
+        await channel.reconciliation("c1")
     old, new = make_job(), make_job()
     publish(objects, 10, [old])
     publish(objects, 20, [new])
-    assert [j.id for j in await channel.active_jobs("c1")] == [new.id]
+    assert [j.id for j in (await channel.reconciliation("c1")).jobs] == [new.id]
     # Nothing newer: the cursor stays and the same snapshot keeps answering.
-    assert [j.id for j in await channel.active_jobs("c1")] == [new.id]
+    assert [j.id for j in (await channel.reconciliation("c1")).jobs] == [new.id]
     with pytest.raises(ChannelError, match="serves cluster"):
-        await channel.active_jobs("c2")
+        await channel.reconciliation("c2")
 
 
 async def test_pending_and_cancel_are_handed_out_once_per_lease(objects: LocalObjectStore) -> None:
@@ -268,7 +268,7 @@ async def test_up_keys_follow_the_ack_and_acked_ones_are_deleted(objects: LocalO
     assert isinstance(first.messages[0], ReportMessage)
     # Porter acknowledges the first one: the agent deletes it (and only it) on its next read.
     publish(objects, 11, [], ack=keys[0])
-    await channel.active_jobs("c1")
+    await channel.reconciliation("c1")
     assert objects.list(up_prefix("c1")) == keys[1:]
 
 

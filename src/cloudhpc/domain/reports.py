@@ -13,9 +13,10 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 
-__all__ = ["JobReport"]
+__all__ = ["JobReport", "Reconciliation"]
 
 
 class JobReport(BaseModel):
@@ -32,3 +33,23 @@ class JobReport(BaseModel):
     submitted_at: AwareDatetime | None = None
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime | None = None
+
+
+class Reconciliation(BaseModel):
+    """What a (re)started agent rebuilds its view from, as porter sees the cluster.
+
+    `unaccounted` closes the one window a crash could otherwise leave open: a job whose end was
+    reported but whose accounting had not reached porter yet when the agent stopped. `seq_floor`
+    is the highest report number porter has applied for the cluster, so an agent on a machine
+    whose clock is behind the previous agent's still sends reports porter will apply.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    jobs: list[Job] = Field(description="every non-terminal job of the cluster")
+    unaccounted: list[Job] = Field(
+        default_factory=list, description="jobs that ended recently in SLURM and have no accounting yet"
+    )
+    seq_floor: int = Field(
+        default=0, ge=0, description="the highest report seq porter applied for the cluster"
+    )

@@ -321,19 +321,27 @@ class MailboxRelay:
             state.name, self.agent_name(state.name), lease_seconds=self.lease_seconds
         )
         state.claims.update(job.id for job in claimed if job.state == JobState.PENDING)
-        active = self.store.active_jobs(state.name)
+        view = self.store.reconciliation(state.name)
+        active = view.jobs
         pending = {job.id for job in active if job.state == JobState.PENDING}
         state.claims &= pending
         state.owned.update(job.id for job in active)
         # A pending job is offered only once claimed here: one that an HTTP agent holds a lease on
         # (a misconfiguration) is not handed to the mailbox agent too.
         jobs = [job for job in active if job.state != JobState.PENDING or job.id in state.claims]
-        fingerprint = _fingerprint(jobs)
+        fingerprint = _fingerprint([*jobs, *view.unaccounted])
         now = time.monotonic()
         ack_moved = state.cursor != state.published_ack and now - state.last_publish >= self.ack_interval
         if fingerprint == state.fingerprint and not ack_moved:
             return
-        snapshot = Snapshot(cluster=state.name, published_at=datetime.now(UTC), jobs=jobs, ack=state.cursor)
+        snapshot = Snapshot(
+            cluster=state.name,
+            published_at=datetime.now(UTC),
+            jobs=jobs,
+            ack=state.cursor,
+            unaccounted=view.unaccounted,
+            seq_floor=view.seq_floor,
+        )
         key = down_key(state.name, state.clock.next())
         self.object_store.put(
             key, snapshot.model_dump_json(by_alias=True).encode(), content_type="application/json"

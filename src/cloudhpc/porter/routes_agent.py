@@ -73,10 +73,12 @@ async def claim_work(
 async def active_jobs(
     request: Request, principal: AgentPrincipal, cluster: Annotated[Name, Query()]
 ) -> dict[str, Any]:
-    """Every non-terminal job of the cluster: what a restarted agent reconciles against SLURM."""
+    """What a (re)started agent reconciles against SLURM: every non-terminal job of the cluster
+    (`jobs`), recently ended jobs whose accounting never arrived (`unaccounted`), and the highest
+    report seq applied for the cluster (`seq_floor`)."""
     require_agent_for(principal, cluster)
-    jobs = await run_in_threadpool(_state(request).store.active_jobs, cluster)
-    return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}
+    view = await run_in_threadpool(_state(request).store.reconciliation, cluster)
+    return view.model_dump(mode="json", by_alias=True)
 
 
 @router.post("/reports")

@@ -207,6 +207,12 @@ class Snapshot(_Message):
     published_at: AwareDatetime
     jobs: list[Job]
     ack: str | None = Field(default=None, description="the last up key porter applied; older ones may go")
+    unaccounted: list[Job] = Field(
+        default_factory=list, description="recently ended jobs whose accounting never arrived"
+    )
+    seq_floor: int = Field(
+        default=0, ge=0, description="the highest report seq porter applied, when published"
+    )
 
 
 class PorterCursor(_Message):

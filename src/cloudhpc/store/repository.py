@@ -60,13 +60,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.expression import Executable
 
 from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec
-from cloudhpc.domain.reports import JobReport
-from cloudhpc.domain.states import ACTIVE_STATES, JobState, can_transition
+from cloudhpc.domain.reports import JobReport, Reconciliation
+from cloudhpc.domain.states import ACTIVE_STATES, TERMINAL_STATES, JobState, can_transition
 from cloudhpc.exceptions import BridgePortsExhausted, IdempotencyConflict, StoreError, UnknownJob
 from cloudhpc.store.models import (
     AccountingRow,
@@ -103,6 +103,9 @@ DEFAULT_URL: Final = "sqlite:///.cloudhpc/state.db"
 TOKEN_PREFIX: Final = "chpc_"  # noqa: S105 (a prefix, not a secret)
 ROLES: Final = ("user", "agent", "admin")
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+# How long after its end a job without accounting is still handed to a restarted agent to collect:
+# long enough to outlast an agent outage over a weekend, short of sites' sacct purge periods.
+UNACCOUNTED_WINDOW: Final = timedelta(days=7)
 
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 # A pooled PostgreSQL connection idle longer than this is pinged before use (see `_pg_engine`).
@@ -494,7 +497,15 @@ class Store:
         self.dialect = self.url.get_backend_name()
         self._engine = self._create_engine(self.url)
         self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
-        self._reads = sessionmaker(self._engine, expire_on_commit=False)
+        # PostgreSQL reads run without BEGIN/COMMIT: under READ COMMITTED each statement takes its
+        # own snapshot inside a transaction too, so a transaction buys reads nothing but two round
+        # trips (half of a `GET /jobs/{id}`). SQLite reads keep theirs: there it is the snapshot.
+        read_engine = (
+            self._engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.is_postgresql
+            else self._engine
+        )
+        self._reads = sessionmaker(read_engine, expire_on_commit=False)
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._counts_lock = threading.Lock()
         self._report_counts: Counter[str] = Counter()
@@ -717,7 +728,9 @@ class Store:
     @_map_db_errors
     def get_job(self, job_id: UUID) -> Job | None:
         with self._read() as session:
-            row = session.get(JobRow, str(job_id))
+            # one statement for the job and its bridges (the relationship's default is a second one)
+            query = select(JobRow).where(JobRow.id == str(job_id)).options(joinedload(JobRow.bridges))
+            row = session.scalars(query).unique().one_or_none()
             return _to_job(row) if row is not None else None
 
     @_map_db_errors
@@ -1018,6 +1031,34 @@ class Store:
                 .order_by(JobRow.created_at, JobRow.id)
             )
             return [_to_job(row) for row in rows]
+
+    @_map_db_errors
+    def reconciliation(
+        self, cluster: str, *, unaccounted_within: timedelta = UNACCOUNTED_WINDOW
+    ) -> Reconciliation:
+        """What an agent of `cluster` reconciles against after a start (see `Reconciliation`).
+
+        A job counts as unaccounted when it ran in SLURM (it has a SLURM id), ended within
+        `unaccounted_within` and its accounting document never arrived."""
+        since = _utcnow() - unaccounted_within
+        with self._read() as session:
+            unaccounted = session.scalars(
+                select(JobRow)
+                .outerjoin(AccountingRow, AccountingRow.job_id == JobRow.id)
+                .where(
+                    JobRow.cluster == cluster,
+                    JobRow.state.in_([s.value for s in TERMINAL_STATES]),
+                    JobRow.slurm_job_id.is_not(None),
+                    JobRow.ended_at >= since,
+                    AccountingRow.job_id.is_(None),
+                )
+                .order_by(JobRow.ended_at, JobRow.id)
+            )
+            unaccounted_jobs = [_to_job(row) for row in unaccounted]
+            floor = session.scalar(select(func.max(JobRow.observed_seq)).where(JobRow.cluster == cluster))
+        return Reconciliation(
+            jobs=self.active_jobs(cluster), unaccounted=unaccounted_jobs, seq_floor=floor or 0
+        )
 
     @_map_db_errors
     def apply_report(self, report: JobReport, *, actor: str) -> Job | None:

@@ -23,7 +23,7 @@ from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.jobs import Job, JobKind, Observation, Resources, is_object_url
-from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
     AccountingUnavailable,
@@ -53,6 +53,10 @@ __all__ = ["Agent"]
 log = logging.getLogger(__name__)
 
 OUTPUT_CHUNK = 4 << 20
+# After giving up on a job's accounting (sacct silent for ~1 min), ask again this much later,
+# doubling up to the maximum: slurmdbd outages end, and a job's figures are worth the wait.
+ACCOUNTING_RETRY_FIRST = 120.0
+ACCOUNTING_RETRY_MAX = 3600.0
 
 
 class _Sequence:
@@ -64,6 +68,11 @@ class _Sequence:
     def next(self) -> int:
         self._last = max(self._last + 1, time.time_ns())
         return self._last
+
+    def advance_past(self, floor: int) -> None:
+        """Never number a report at or below what porter already applied (a clock set back, or an
+        agent moved to a machine whose clock is behind): porter would drop it as stale."""
+        self._last = max(self._last, floor)
 
 
 @dataclasses.dataclass
@@ -107,6 +116,8 @@ class Agent:
         self._seq = _Sequence()
         self._tracked: dict[UUID, _Tracked] = {}
         self._busy: set[UUID] = set()
+        self._finishing: set[UUID] = set()
+        self._accounting_retry: dict[UUID, tuple[float, float]] = {}  # job -> (not before, next delay)
         self._poller = Poller(backend, config.poll, self._on_observation)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -154,19 +165,29 @@ class Agent:
         """Rebuild the agent's view from porter (desired state) and SLURM (observed state)."""
         while not self._stopping.is_set():
             try:
-                active = await self.channel.active_jobs(self.cluster)
+                view = await self.channel.reconciliation(self.cluster)
                 break
             except ChannelError as exc:
                 log.warning("cluster %s: cannot reach porter to reconcile (%s); retrying", self.cluster, exc)
                 await asyncio.sleep(2)
         else:
             return
-        await self._adopt(active)
-        log.info("cluster %s: reconciled %d active job(s)", self.cluster, len(active))
+        await self._adopt(view)
+        log.info(
+            "cluster %s: reconciled %d active job(s), %d ended without accounting",
+            self.cluster,
+            len(view.jobs),
+            len(view.unaccounted),
+        )
 
-    async def _adopt(self, active: list[Job]) -> None:
-        """Track every active job this agent is not already handling."""
-        for job in active:
+    async def _adopt(self, view: Reconciliation) -> None:
+        """Track every active job this agent is not already handling, and finish the collection of
+        ended jobs whose accounting porter never received (the agent stopped in between)."""
+        self._seq.advance_past(view.seq_floor)
+        for job in view.unaccounted:
+            if job.slurm_job_id and self._may_collect(job.id):
+                self._start_finish(_Tracked(job=job, native_id=job.slurm_job_id))
+        for job in view.jobs:
             if job.id in self._tracked or job.id in self._busy:
                 continue
             if job.slurm_job_id:
@@ -200,7 +221,7 @@ class Agent:
             if time.monotonic() - last_reconcile > self.reconcile_interval:
                 last_reconcile = time.monotonic()
                 try:
-                    await self._adopt(await self.channel.active_jobs(self.cluster))
+                    await self._adopt(await self.channel.reconciliation(self.cluster))
                 except ChannelError as exc:
                     log.warning("cluster %s: periodic reconcile failed (%s)", self.cluster, exc)
             try:
@@ -377,11 +398,7 @@ class Agent:
         )
         if observation.state.terminal and tracked is not None:
             self._tracked.pop(job_id, None)
-            self._spawn(self._finish(tracked))
-        if observation.state.terminal and tracked is not None and tracked.job.spec.ray is not None:
-            # the script deletes the bridge key itself, unless it never ran (cancelled while queued)
-            # or was killed: whatever happened, the key does not outlive the job
-            self._spawn(self._discard_secrets(tracked.job))
+            self._start_finish(tracked)
 
     async def _discard_secrets(self, job: Job) -> None:
         try:
@@ -389,9 +406,37 @@ class Agent:
         except CloudHPCError as exc:
             log.warning("job %s: could not delete the staged bridge key (%s)", job.id, exc)
 
+    def _may_collect(self, job_id: UUID) -> bool:
+        """Not already being collected, and not in the pause after a failed attempt."""
+        if job_id in self._finishing:
+            return False
+        not_before, _delay = self._accounting_retry.get(job_id, (0.0, 0.0))
+        return time.monotonic() >= not_before
+
+    def _start_finish(self, tracked: _Tracked) -> None:
+        job_id = tracked.job.id
+        self._finishing.add(job_id)
+        task = self._spawn(self._finish(tracked))
+        task.add_done_callback(lambda _task: self._finishing.discard(job_id))
+        if tracked.job.spec.ray is not None:
+            # the script deletes the bridge key itself, unless it never ran (cancelled while queued)
+            # or was killed: whatever happened, the key does not outlive the job
+            self._spawn(self._discard_secrets(tracked.job))
+
     async def _finish(self, tracked: _Tracked) -> None:
-        """After the end: accounting to porter, then output and accounting to the object store."""
+        """After the end: accounting to porter, then output and accounting to the object store.
+
+        Run again for a job porter still lists as unaccounted after an agent restart, so every
+        step here must be safe to repeat (artifacts are overwritten under the same keys)."""
         record = await self._collect_accounting(tracked)
+        job_id = tracked.job.id
+        if record is None:
+            _not_before, delay = self._accounting_retry.get(job_id, (0.0, ACCOUNTING_RETRY_FIRST / 2))
+            delay = min(delay * 2, ACCOUNTING_RETRY_MAX)
+            self._accounting_retry[job_id] = (time.monotonic() + delay, delay)
+            log.warning("job %s: accounting still unavailable; asking again in %.0f s", job_id, delay)
+        else:
+            self._accounting_retry.pop(job_id, None)
         await self._store_output(tracked)
         if record is not None:
             await self._store_artifacts(
@@ -443,7 +488,6 @@ class Agent:
             except (AccountingUnavailable, CloudHPCError, ChannelError) as exc:
                 log.info("job %s: accounting not ready (%s), attempt %d", tracked.job.id, exc, attempt + 1)
                 await asyncio.sleep(min(2.0 * (attempt + 1), 10.0))
-        log.warning("job %s: gave up collecting accounting", tracked.job.id)
         return None
 
     # ---- artifacts -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from uuid import UUID
 import httpx
 
 from cloudhpc.domain.jobs import Job
-from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.reports import JobReport, Reconciliation
 
 __all__ = ["Channel", "ChannelError", "HttpChannel"]
 
@@ -26,7 +26,7 @@ class ChannelError(Exception):
 class Channel(Protocol):
     async def claim_work(self, cluster: str, *, wait: float) -> list[Job]: ...
 
-    async def active_jobs(self, cluster: str) -> list[Job]: ...
+    async def reconciliation(self, cluster: str) -> Reconciliation: ...
 
     async def report(self, reports: list[JobReport]) -> None: ...
 
@@ -85,9 +85,9 @@ class HttpChannel:
         )
         return [Job.model_validate(j) for j in body["jobs"]]
 
-    async def active_jobs(self, cluster: str) -> list[Job]:
+    async def reconciliation(self, cluster: str) -> Reconciliation:
         body = await self._call("GET", "/api/v1/agent/jobs", params={"cluster": cluster})
-        return [Job.model_validate(j) for j in body["jobs"]]
+        return Reconciliation.model_validate(body)
 
     async def report(self, reports: list[JobReport]) -> None:
         if reports:

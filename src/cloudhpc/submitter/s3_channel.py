@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
-from cloudhpc.domain.reports import JobReport
+from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ConfigError, ObjectNotFound, StorageError
 from cloudhpc.storage import ObjectStore, open_object_store
@@ -186,7 +186,7 @@ class S3Channel:
                 return jobs
             await asyncio.sleep(min(self.poll_interval, remaining))
 
-    async def active_jobs(self, cluster: str) -> list[Job]:
+    async def reconciliation(self, cluster: str) -> Reconciliation:
         self._check(cluster)
         await self._refresh()
         if self._snapshot is None:
@@ -194,7 +194,10 @@ class S3Channel:
                 f"mailbox of {self.cluster}: porter has published no snapshot yet under {self._down} "
                 "(is porter.mailbox_clusters set on porter?)"
             )
-        return list(self._snapshot.jobs)
+        snapshot = self._snapshot
+        return Reconciliation(
+            jobs=snapshot.jobs, unaccounted=snapshot.unaccounted, seq_floor=snapshot.seq_floor
+        )
 
     # ---- agent -> porter ------------------------------------------------------------------
 

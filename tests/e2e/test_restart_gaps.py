@@ -1,0 +1,96 @@
+"""What a restarted submitter must repair, with real processes on the testbed.
+
+Each test builds, in porter's database, the exact state a crash or a clock change leaves behind,
+then starts the submitter and checks that the job's facts come out right:
+
+- the submitter stopped after reporting a job's end and before its accounting reached porter:
+  the restarted one collects the accounting from sacct;
+- the previous submitter's clock was ahead (another machine, or a clock set back since): its
+  successor's reports must still be applied, or the job would stay `running` for ever.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from cloudhpc.client import ApiError, Client
+from cloudhpc.domain.states import JobState
+from tests.e2e.harness import Deployment
+from tests.testbed import Testbed
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")
+    dep.start("porter")
+    dep.start("submitter")
+    try:
+        yield dep
+    finally:
+        dep.stop()
+
+
+def _sql(deployment: Deployment, statement: str, **params: object) -> None:
+    engine = create_engine(deployment.database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement), params)
+    finally:
+        engine.dispose()
+
+
+def test_accounting_lost_in_a_crash_is_collected_after_the_restart(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        job = client.wait(
+            client.submit({"name": "acct-gap", "cluster": "testbed", "script": "echo counted"}), timeout=90
+        )
+        assert job.state == JobState.COMPLETED
+        first = _wait_for_accounting(client, job.id, timeout=60)
+        deployment.kill("submitter", signal.SIGKILL)
+        # the state a crash between the end report and the accounting upload leaves
+        _sql(deployment, "DELETE FROM job_accounting WHERE job_id = :id", id=str(job.id))
+        with pytest.raises(ApiError) as missing:
+            client.accounting(job.id)
+        assert missing.value.status == 404
+        deployment.start("submitter")
+        again = _wait_for_accounting(client, job.id, timeout=60)
+    assert again["slurm_job_id"] == first["slurm_job_id"] == job.slurm_job_id
+    assert [r["job_id"] for r in again["records"]] == [r["job_id"] for r in first["records"]]
+    assert "reconciled 0 active job(s), 1 ended without accounting" in deployment.log("submitter")
+
+
+def test_reports_apply_after_a_restart_on_a_clock_that_is_behind(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        job = client.submit({"name": "clock", "cluster": "testbed", "script": "sleep 6; echo done"})
+        deadline = time.monotonic() + 60
+        while (job := client.get(job.id, wait=5, since_state=job.state)).state != JobState.RUNNING:
+            assert not job.state.terminal, job
+            assert time.monotonic() < deadline, job
+        deployment.kill("submitter", signal.SIGKILL)
+        # the previous agent numbered its reports from a clock one day ahead of this machine's
+        ahead = time.time_ns() + 86_400 * 10**9
+        _sql(deployment, "UPDATE jobs SET observed_seq = :seq WHERE id = :id", seq=ahead, id=str(job.id))
+        deployment.start("submitter")
+        final = client.wait(job.id, timeout=60)
+    assert final.state == JobState.COMPLETED, deployment.log("porter")[-3000:]
+    assert final.exit_code == 0
+    assert "stale report" not in deployment.log("porter")
+
+
+def _wait_for_accounting(client: Client, job_id: UUID, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.accounting(job_id)
+        except ApiError as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
