@@ -216,6 +216,33 @@ def test_tokens_create_prints_the_token_once_and_stores_only_its_hash(cli: Cli, 
     assert "--role" in refused.stderr
 
 
+def test_tokens_list_shows_no_secret_and_revoke_shuts_a_token_out(cli: Cli, server: ServeAll) -> None:
+    config = str(server.config)
+    token = cli("tokens", "create", "--user", "dave", "--config", config).stdout.strip()
+    assert cli.json("jobs", "list", token=token) == []
+    listed = cli("tokens", "list", "--user", "dave", "--config", config, "-o", "json")
+    assert listed.exit_code == 0, listed.output
+    assert token not in listed.stdout
+    (entry,) = json.loads(listed.stdout)
+    assert (entry["user"], entry["role"], entry["revoked_at"]) == ("dave", "user", None)
+    table = cli("tokens", "list", "--config", config)
+    assert "dave" in table.stdout
+    assert token not in table.stdout
+
+    revoked = cli("tokens", "revoke", str(entry["id"]), "--config", config)
+    assert revoked.exit_code == 0, revoked.output
+    (after,) = json.loads(cli("tokens", "list", "--user", "dave", "--config", config, "-o", "json").stdout)
+    assert after["revoked_at"] is not None
+    deadline = time.monotonic() + 15  # porter caches a verified token for up to 5 s
+    while (refused := cli("jobs", "list", token=token)).exit_code == 0:
+        assert time.monotonic() < deadline, "the revoked token still works"
+        time.sleep(0.5)
+    assert "HTTP 401" in refused.stderr
+    again = cli("tokens", "revoke", str(entry["id"]), "--config", config)
+    assert again.exit_code == 1
+    assert "already revoked" in again.stderr
+
+
 # ---- jobs on the local cluster -----------------------------------------------------------------
 
 

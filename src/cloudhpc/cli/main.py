@@ -6,13 +6,15 @@ Exit codes: 0 ok, 1 the job failed (or the API refused), 2 usage or configuratio
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -29,6 +31,11 @@ from cloudhpc.config import Settings, load_settings
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from cloudhpc.store import Store
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages and status lines stay whole in logs
@@ -457,22 +464,62 @@ def tokens_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create a token in porter's database and print it once (it is stored only as a hash)."""
-    from cloudhpc.store import Store
-
     if role not in ("user", "agent", "admin"):
         err.print(f"--role: {role!r} is not one of user, agent, admin")
         raise typer.Exit(2)
     if role == "agent" and not cluster:
         err.print("--cluster: an agent token must name the cluster(s) it serves")
         raise typer.Exit(2)
-    settings = _settings(config)
-    store = Store(settings.porter.database)
+    with _porter_store(config) as store:
+        token = store.create_token(user, role, list(cluster or []))
+    sys.stdout.write(token + "\n")
+
+
+@contextlib.contextmanager
+def _porter_store(config: Path | None) -> Iterator[Store]:
+    """porter's database, migrated: token commands run where porter's database is reachable."""
+    from cloudhpc.store import Store
+
+    store = Store(_settings(config).porter.database)
     try:
         store.migrate()
-        token = store.create_token(user, role, list(cluster or []))
+        yield store
     finally:
         store.close()
-    sys.stdout.write(token + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    user: Annotated[str | None, typer.Option(help="only this user's tokens")] = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List tokens (never their secrets): id, user, role, clusters, when created and revoked."""
+    with _porter_store(config) as store:
+        tokens = store.list_tokens(user)
+    if output == Output.json:
+        _print_json([dataclasses.asdict(t) for t in tokens])
+        return
+    table = Table("ID", "USER", "ROLE", "CLUSTERS", "CREATED", "REVOKED")
+    for t in tokens:
+        revoked = t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else "-"
+        created = t.created_at.isoformat(timespec="seconds")
+        table.add_row(str(t.id), t.user, t.role, ",".join(t.clusters) or "-", created, revoked)
+    _print_table(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[int, typer.Argument(help="the ID `tokens list` shows")],
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke a token: every porter replica refuses it within 5 s (they cache verified tokens that long)."""
+    with _porter_store(config) as store:
+        revoked = store.revoke_token_id(token_id)
+    if not revoked:
+        err.print(f"token {token_id}: no such token, or already revoked (see `cloudhpc tokens list`)")
+        raise typer.Exit(1)
+    err.print(f"token {token_id}: revoked")
 
 
 # ---- demo --------------------------------------------------------------------------------------
