@@ -110,7 +110,7 @@ class PollConfig(_Section):
     max_commands_per_minute: int = Field(
         default=60,
         ge=1,
-        description="budget of squeue/sacct calls per minute (sites rate-limit slurmctld RPCs)",
+        description="budget of the status polls' squeue/sacct calls per minute (sites rate-limit slurmctld RPCs); submissions, cancels and end-of-job accounting are outside it",
     )
 
     @model_validator(mode="after")

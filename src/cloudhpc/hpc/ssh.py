@@ -129,7 +129,8 @@ _ERROR_TABLE: tuple[_ErrorRule, ...] = (
         asyncssh.PermissionDenied,
         SSHConnectError,
         False,
-        "the server refused our key: check ssh.user, ssh.key_file and ~/.ssh/authorized_keys on the cluster",
+        "the server refused our key: check ssh.user and ssh.key_file, and that the public key is registered"
+        " on the cluster (~/.ssh/authorized_keys, or the site's portal where it manages keys, e.g. MyCSC)",
     ),
     _ErrorRule(asyncssh.KeyEncryptionError, SSHConnectError, False, "the private key could not be decrypted"),
     _ErrorRule(asyncssh.KeyImportError, SSHConnectError, False, "the private key could not be read"),
