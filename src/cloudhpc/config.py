@@ -57,7 +57,15 @@ class SSHConfig(_Section):
     host: str = Field(description="login node address")
     port: int = Field(default=22, ge=1, le=65535, description="sshd port")
     user: str = Field(description="account name on the cluster")
-    key_file: Path = Field(description="private key used to log in; it never leaves this machine")
+    key_file: Path | None = Field(
+        default=None,
+        description="private key used to log in; it never leaves this machine. Unset: sign with the "
+        "keys of an ssh-agent (agent_socket)",
+    )
+    agent_socket: Path | None = Field(
+        default=None,
+        description="ssh-agent socket used when key_file is unset (default: $SSH_AUTH_SOCK)",
+    )
     passphrase_file: Path | None = Field(
         default=None,
         description="file holding the key's passphrase (or set CLOUDHPC_SSH_PASSPHRASE); never logged",

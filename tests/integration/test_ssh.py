@@ -7,9 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -379,6 +380,65 @@ async def test_wrong_passphrase_is_a_clear_error(testbed_ssh: SSHConfig, testbed
     assert "definitely-wrong-77" not in str(caught.value)
     assert not isinstance(caught.value, HostKeyError)
     await conn.close()
+
+
+# --------------------------------------------------------------------------- keys held by an ssh-agent
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path, testbed: Testbed) -> Iterator[Path]:
+    """A real ssh-agent of our own (stopped by its PID) holding the testbed's passphrase key."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.05)
+        askpass = tmp_path / "askpass.sh"  # ssh-add reads the passphrase from this, not a terminal
+        askpass.write_text(f"#!/bin/sh\ncat {testbed.passphrase_file}\n")
+        askpass.chmod(0o700)
+        env = {
+            **os.environ,
+            "SSH_AUTH_SOCK": str(sock),
+            "SSH_ASKPASS": str(askpass),
+            "SSH_ASKPASS_REQUIRE": "force",
+        }
+        subprocess.run(
+            ["ssh-add", str(testbed.ssh_key_pass)], env=env, check=True, capture_output=True, timeout=30
+        )
+        yield sock
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
+async def test_key_from_an_ssh_agent(
+    testbed_ssh: SSHConfig, ssh_agent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no key file, no passphrase: the agent signs; and only the agent is asked (no ~/.ssh defaults)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    config = _with(testbed_ssh, key_file=None, agent_socket=ssh_agent)
+    async with SSHConnection(config, cluster="tb") as conn:
+        assert (await conn.run(["whoami"])).stdout == "hpcuser\n"
+    # SSH_AUTH_SOCK is the default socket
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(ssh_agent))
+    async with SSHConnection(_with(testbed_ssh, key_file=None), cluster="tb") as conn:
+        assert (await conn.run(["true"])).ok
+
+
+async def test_no_key_and_no_agent_is_a_clear_error(
+    testbed_ssh: SSHConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    conn = SSHConnection(_with(testbed_ssh, key_file=None), cluster="tb")
+    with pytest.raises(SSHConnectError, match=r"no SSH key: set ssh.key_file, or run an ssh-agent"):
+        await conn.run(["true"])
+    await conn.close()
+    gone = SSHConnection(_with(testbed_ssh, key_file=None, agent_socket=tmp_path / "none.sock"), cluster="tb")
+    with pytest.raises(SSHConnectError, match=r"ssh-agent socket .*none.sock does not exist"):
+        await gone.run(["true"])
+    await gone.close()
 
 
 # --------------------------------------------------------------------------- files

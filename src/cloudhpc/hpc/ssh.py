@@ -387,9 +387,29 @@ class SSHConnection:
             return _Secret(env), f"the {PASSPHRASE_ENV} environment variable"
         return None, "none given"
 
-    async def _load_key(self) -> asyncssh.SSHKey:
+    def _agent_socket(self) -> str:
+        """The ssh-agent to sign with when no key file is configured (checked before connecting)."""
+        socket = self._config.agent_socket or os.environ.get("SSH_AUTH_SOCK")
+        if not socket:
+            raise SSHConnectError(
+                f"cluster {self.cluster}: no SSH key: set ssh.key_file, or run an ssh-agent holding the key "
+                "and set ssh.agent_socket (or SSH_AUTH_SOCK)"
+            )
+        path = Path(socket).expanduser()
+        if not path.is_socket():
+            raise SSHConnectError(
+                f"cluster {self.cluster}: the ssh-agent socket {path} does not exist: start the agent "
+                "(`eval $(ssh-agent)`, then `ssh-add KEY`) or fix ssh.agent_socket / SSH_AUTH_SOCK"
+            )
+        return str(path)
+
+    async def _load_key(self) -> asyncssh.SSHKey | None:
+        """The configured key, decrypted once; None when the keys come from an ssh-agent."""
         if self._key is not None:
             return self._key
+        if self._config.key_file is None:
+            self._agent_socket()  # a missing agent is a setup error: say so before any retrying
+            return None
         key_file = self._config.key_file.expanduser()
         secret: _Secret | None = None
         source = "none given"
@@ -435,7 +455,7 @@ class SSHConnection:
             f"`{hint}` (or set ssh.known_hosts to the right file)"
         )
 
-    async def _open_connection(self, key: asyncssh.SSHKey) -> asyncssh.SSHClientConnection:
+    async def _open_connection(self, key: asyncssh.SSHKey | None) -> asyncssh.SSHClientConnection:
         self._check_known_hosts_file()
         cfg = self._config
         client = _Client(self)
@@ -455,8 +475,9 @@ class SSHConnection:
                 cfg.port,
                 username=cfg.user,
                 client_factory=lambda: client,
-                client_keys=[key],
-                agent_path=None,
+                # exactly one source of keys: the configured file, or else the agent's keys alone
+                client_keys=[key] if key is not None else (),
+                agent_path=None if key is not None else self._agent_socket(),
                 known_hosts=str(self._known_hosts),
                 config=[],  # our settings alone decide; ~/.ssh/config could silently redirect
                 password_auth=False,
