@@ -94,7 +94,7 @@ class Deployment:
     def client(self) -> Client:
         return Client(self.url, self.user_token)
 
-    def _env(self) -> dict[str, str]:
+    def process_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
         env["CLOUDHPC_CONFIG"] = str(self.config)
         if self.mailbox or self.object_store:
@@ -108,7 +108,7 @@ class Deployment:
         self.processes[role] = subprocess.Popen(
             [sys.executable, "-m", "cloudhpc", "serve", role, "--log-level", "INFO"],
             cwd=self.root,
-            env=self._env(),
+            env=self.process_env(),
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -6,12 +6,17 @@ then starts the submitter and checks that the job's facts come out right:
 - the submitter stopped after reporting a job's end and before its accounting reached porter:
   the restarted one collects the accounting from sacct;
 - the previous submitter's clock was ahead (another machine, or a clock set back since): its
-  successor's reports must still be applied, or the job would stay `running` for ever.
+  successor's reports must still be applied, or the job would stay `running` for ever;
+- a second submitter for the same cluster (a misconfiguration, or a restart while the old process
+  still runs) must not act beside the first, since it could submit a job the first is preparing,
+  and must take over once the first is gone.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +28,7 @@ from sqlalchemy import create_engine, text
 
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, free_port, slurm_jobs_named
 from tests.testbed import Testbed
 
 
@@ -83,6 +88,49 @@ def test_reports_apply_after_a_restart_on_a_clock_that_is_behind(deployment: Dep
     assert final.state == JobState.COMPLETED, deployment.log("porter")[-3000:]
     assert final.exit_code == 0
     assert "stale report" not in deployment.log("porter")
+
+
+def test_a_second_submitter_waits_while_the_first_serves_and_takes_over_when_it_dies(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deadline = time.monotonic() + 60
+    while "reconciled" not in deployment.log("submitter"):  # the first one serves the cluster
+        assert time.monotonic() < deadline, deployment.log("submitter")[-3000:]
+        time.sleep(0.2)
+    second_log = (tmp_path / "second-submitter.log").open("ab")
+    env = {**deployment.process_env(), "CLOUDHPC_SUBMITTER__LISTEN": f"127.0.0.1:{free_port()}"}
+    second = subprocess.Popen(
+        [sys.executable, "-m", "cloudhpc", "serve", "submitter", "--log-level", "INFO"],
+        cwd=deployment.root,
+        env=env,
+        stdout=second_log,
+        stderr=second_log,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "served by another submitter" not in (text := (tmp_path / "second-submitter.log").read_text()):
+            assert second.poll() is None, text[-3000:]
+            assert time.monotonic() < deadline, text[-3000:]
+            time.sleep(0.5)
+        with deployment.client() as client:
+            jobs = [
+                client.submit({"name": f"one{i}", "cluster": "testbed", "script": "echo one"})
+                for i in range(4)
+            ]
+            for job in jobs:
+                assert client.wait(job, timeout=90).state == JobState.COMPLETED
+            deployment.kill("submitter", signal.SIGKILL)
+            later = client.submit({"name": "taken-over", "cluster": "testbed", "script": "echo two"})
+            final = client.wait(later, timeout=90)  # only the second submitter is left to run it
+            assert final.state == JobState.COMPLETED
+            for job in [*jobs, final]:
+                # each job in SLURM exactly once, though two agents were reconciling the cluster
+                assert slurm_jobs_named(f"chpc-{job.id}") == [client.get(job.id).slurm_job_id]
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+        second_log.close()
 
 
 def _wait_for_accounting(client: Client, job_id: UUID, timeout: float) -> dict[str, Any]:

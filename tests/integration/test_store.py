@@ -569,6 +569,20 @@ def test_agents_heartbeat(store: Store) -> None:
     assert seen["testbed"].tzinfo == UTC
 
 
+def test_one_agent_at_a_time_serves_a_cluster(store: Store) -> None:
+    assert store.take_agent_slot("testbed", "a", hold_seconds=5) is None
+    assert store.take_agent_slot("testbed", "a", hold_seconds=5) is None  # the holder renews
+    refused = store.take_agent_slot("testbed", "b", hold_seconds=5)
+    assert refused is not None
+    assert refused[0] == "a"
+    assert 0 <= refused[1] < 5
+    assert store.take_agent_slot("mahti", "b", hold_seconds=5) is None  # another cluster is free
+    time.sleep(0.3)
+    # once the holder has been silent for the hold time, a newcomer (a restarted agent) takes over
+    assert store.take_agent_slot("testbed", "b", hold_seconds=0.25) is None
+    assert store.take_agent_slot("testbed", "a", hold_seconds=5) == ("b", pytest.approx(0, abs=1))
+
+
 def test_artifacts(store: Store) -> None:
     job, _ = store.create_job("alice", spec())
     store.set_artifacts(job.id, ["jobs/x/script.sh", "jobs/x/output.log"])

@@ -27,6 +27,9 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
 MAX_WAIT_SECONDS = 60.0
+# How long a cluster stays with the agent that last called: a live agent calls every second or so
+# (its long-poll re-checks), so this is also how soon a restarted agent takes over from a dead one.
+AGENT_HOLD_SECONDS = 10.0
 
 
 def _state(request: Request) -> PorterState:
@@ -47,6 +50,22 @@ async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> 
     return job
 
 
+async def _serve_as(state: PorterState, cluster: str, agent: str) -> None:
+    """Let `agent` act for `cluster` only if no other agent does (see `Store.take_agent_slot`)."""
+    held = await run_in_threadpool(
+        lambda: state.store.take_agent_slot(cluster, agent, hold_seconds=AGENT_HOLD_SECONDS)
+    )
+    if held is not None:
+        other, silent = held
+        raise ApiError(
+            409,
+            "agent_conflict",
+            f"cluster {cluster!r} is served by another submitter ({other}, heard from {silent:.0f} s ago): "
+            f"run one submitter per cluster; a restarted one takes over {AGENT_HOLD_SECONDS:.0f} s after "
+            "its predecessor's last call",
+        )
+
+
 @router.get("/work")
 async def claim_work(
     request: Request,
@@ -60,7 +79,7 @@ async def claim_work(
     state = _state(request)
     deadline = time.monotonic() + wait
     while True:
-        await run_in_threadpool(state.store.touch_agent, cluster, agent)
+        await _serve_as(state, cluster, agent)
         jobs = await run_in_threadpool(state.store.claim_work, cluster, agent)
         remaining = deadline - time.monotonic()
         if jobs or remaining <= 0 or await request.is_disconnected():
@@ -71,12 +90,16 @@ async def claim_work(
 
 @router.get("/jobs")
 async def active_jobs(
-    request: Request, principal: AgentPrincipal, cluster: Annotated[Name, Query()]
+    request: Request,
+    principal: AgentPrincipal,
+    cluster: Annotated[Name, Query()],
+    agent: Annotated[str, Query(max_length=128)] = "agent",
 ) -> dict[str, Any]:
     """What a (re)started agent reconciles against SLURM: every non-terminal job of the cluster
     (`jobs`), recently ended jobs whose accounting never arrived (`unaccounted`), and the highest
     report seq applied for the cluster (`seq_floor`)."""
     require_agent_for(principal, cluster)
+    await _serve_as(_state(request), cluster, agent)
     view = await run_in_threadpool(_state(request).store.reconciliation, cluster)
     return view.model_dump(mode="json", by_alias=True)
 

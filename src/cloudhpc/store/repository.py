@@ -1342,6 +1342,27 @@ class Store:
             session.execute(statement)
 
     @_map_db_errors
+    def take_agent_slot(self, cluster: str, agent: str, *, hold_seconds: float) -> tuple[str, float] | None:
+        """Record `agent` as the one serving `cluster`, unless another agent was heard from within
+        `hold_seconds`: then nothing changes and the other's name and silence (s) come back.
+
+        One agent per cluster is what keeps reconciliation from submitting a job twice: an agent
+        that finds a job `preparing` without a SLURM id cannot tell a dead agent's job from a live
+        one's. A restarted agent (a new name) takes over once its predecessor is silent."""
+        now = _utcnow()
+        with self._write() as session:
+            query = select(AgentRow).where(AgentRow.cluster == cluster)
+            if self.is_postgresql:
+                query = query.with_for_update()
+            row = session.scalars(query).one_or_none()
+            if row is not None and row.agent != agent:
+                silent = (now - row.last_seen).total_seconds()
+                if silent < hold_seconds:
+                    return row.agent, silent
+            session.execute(self._upsert(AgentRow, {"cluster": cluster, "agent": agent, "last_seen": now}))
+        return None
+
+    @_map_db_errors
     def agents(self) -> dict[str, datetime]:
         """When each cluster's agent was last seen."""
         with self._read() as session:

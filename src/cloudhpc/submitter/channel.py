@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
+import uuid
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -44,11 +47,13 @@ class Channel(Protocol):
 class HttpChannel:
     """The agent protocol over porter's `/api/v1/agent` routes, with retries on transient errors."""
 
-    def __init__(self, url: str, token: str, *, agent_name: str = "agent", attempts: int = 5) -> None:
+    def __init__(self, url: str, token: str, *, agent_name: str | None = None, attempts: int = 5) -> None:
         self._http = httpx.AsyncClient(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=30.0
         )
-        self._agent = agent_name
+        # unique per process: porter lets one agent at a time serve a cluster, and tells a restarted
+        # agent from a second one by this name
+        self._agent = agent_name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._attempts = attempts
 
     def __repr__(self) -> str:
@@ -86,7 +91,9 @@ class HttpChannel:
         return [Job.model_validate(j) for j in body["jobs"]]
 
     async def reconciliation(self, cluster: str) -> Reconciliation:
-        body = await self._call("GET", "/api/v1/agent/jobs", params={"cluster": cluster})
+        body = await self._call(
+            "GET", "/api/v1/agent/jobs", params={"cluster": cluster, "agent": self._agent}
+        )
         return Reconciliation.model_validate(body)
 
     async def report(self, reports: list[JobReport]) -> None:

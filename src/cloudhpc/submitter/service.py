@@ -238,7 +238,7 @@ async def serve_all(settings: Settings, *, ready: asyncio.Event | None = None) -
             raise ConfigError(f"porter could not listen on {settings.porter.listen}")
         await asyncio.sleep(0.05)
     host, port = split_listen(settings.porter.listen)
-    channel = HttpChannel(f"http://{host}:{port}", agent_token, agent_name="all-in-one")
+    channel = HttpChannel(f"http://{host}:{port}", agent_token)
     try:
         async with (
             _submitter_endpoint(settings, required=False) as (metrics, agents),
