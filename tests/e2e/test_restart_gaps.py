@@ -19,10 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -131,6 +133,44 @@ def test_a_second_submitter_waits_while_the_first_serves_and_takes_over_when_it_
         second.terminate()
         second.wait(timeout=30)
         second_log.close()
+
+
+def test_porter_stopping_answers_its_long_polls_instead_of_cutting_them(
+    tmp_path: Path, testbed: Testbed
+) -> None:
+    dep = Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")
+    dep.start("porter")  # no submitter: the job stays pending
+    agent = {"Authorization": f"Bearer {(dep.root / 'agent-token').read_text().strip()}"}
+    try:
+        with dep.client() as client:
+            job = client.submit({"name": "waited-on", "cluster": "testbed", "script": "true"})
+        work = httpx.get(
+            f"{dep.url}/api/v1/agent/work", params={"cluster": "testbed", "agent": "t"}, headers=agent
+        )
+        assert [j["id"] for j in work.json()["jobs"]] == [str(job.id)]  # leased now: the next poll waits
+
+        def long_poll(path: str, **params: object) -> tuple[httpx.Response, float]:
+            headers = agent if "agent" in path else {"Authorization": f"Bearer {dep.user_token}"}
+            started = time.monotonic()
+            response = httpx.get(f"{dep.url}{path}", params=params, headers=headers, timeout=60)
+            return response, time.monotonic() - started
+
+        with ThreadPoolExecutor(2) as pool:
+            user = pool.submit(long_poll, f"/api/v1/jobs/{job.id}", wait=30)
+            work_poll = pool.submit(long_poll, "/api/v1/agent/work", cluster="testbed", agent="t", wait=30)
+            time.sleep(1.5)  # both are waiting inside porter now
+            dep.processes["porter"].send_signal(signal.SIGTERM)
+            (got, user_s), (more, agent_s) = user.result(), work_poll.result()
+        assert got.status_code == 200, got.text
+        assert got.json()["state"] == "pending"
+        assert more.status_code == 200, more.text
+        assert more.json() == {"jobs": []}
+        assert user_s < 5
+        assert agent_s < 5
+        assert dep.processes["porter"].wait(timeout=30) == 0
+        assert "Traceback" not in dep.log("porter")
+    finally:
+        dep.stop()
 
 
 def _wait_for_accounting(client: Client, job_id: UUID, timeout: float) -> dict[str, Any]:

@@ -82,7 +82,7 @@ async def claim_work(
         await _serve_as(state, cluster, agent)
         jobs = await run_in_threadpool(state.store.claim_work, cluster, agent)
         remaining = deadline - time.monotonic()
-        if jobs or remaining <= 0 or await request.is_disconnected():
+        if jobs or remaining <= 0 or state.stopping or await request.is_disconnected():
             break
         await state.notifier.wait(cluster_key(cluster), min(remaining, state.recheck_interval))
     return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}

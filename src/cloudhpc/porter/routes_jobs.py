@@ -125,7 +125,7 @@ async def get_job(
     deadline = time.monotonic() + wait
     while job.state == baseline and not job.state.terminal:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or state.stopping:
             break
         await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval))
         job = await _owned_job(state, job_id, principal)
@@ -181,8 +181,8 @@ async def job_logs(
                     yield tail
                     continue
                 return
-            if await request.is_disconnected():
-                return
+            if state.stopping or await request.is_disconnected():
+                return  # the client's `follow` resumes from its offset against the next porter
             await state.notifier.wait(job_key(job_id), state.recheck_interval)
 
     return StreamingResponse(stream(), media_type="application/octet-stream")

@@ -102,6 +102,10 @@ class PorterState:
     """Where job artifacts are (`porter.object_store`); None only in tests that need none."""
     recheck_interval: float = 1.0
     """How often long-polls re-read the store, for changes made by other replicas."""
+    stopping: bool = False
+    """Set when porter is asked to stop: long-polls answer with what they have at their next
+    re-check (within `recheck_interval`), inside the server's short graceful-shutdown window,
+    instead of being cut off with a 500."""
 
     def known_clusters(self) -> list[str]:
         return sorted(set(self.settings.clusters) | set(self.store.agents()))

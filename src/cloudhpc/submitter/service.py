@@ -169,11 +169,18 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def _stop_server(server: uvicorn.Server, app: FastAPI) -> None:
+    """Long-polls first (they answer within a second), then the server (it waits 2 s for them)."""
+    app.state.porter.stopping = True
+    server.should_exit = True
+
+
 async def serve_porter(settings: Settings) -> None:
-    server = _server(create_app(settings), settings.porter.listen)
+    app = create_app(settings)
+    server = _server(app, settings.porter.listen)
     task = asyncio.create_task(server.serve())
     await asyncio.wait([task, asyncio.create_task(_until_signalled())], return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
+    _stop_server(server, app)
     await task
 
 
@@ -230,7 +237,8 @@ async def serve_all(settings: Settings, *, ready: asyncio.Event | None = None) -
     objects = open_porter_object_store(settings)
     # One object store for both roles unless the agent has its own (submitter.object_store).
     agent_objects = objects if settings.submitter.object_store is None else open_agent_object_store(settings)
-    server = _server(create_app(settings, store=store, object_store=objects), settings.porter.listen)
+    app = create_app(settings, store=store, object_store=objects)
+    server = _server(app, settings.porter.listen)
     server_task = asyncio.create_task(server.serve())
     while not server.started:
         if server_task.done():
@@ -252,7 +260,7 @@ async def serve_all(settings: Settings, *, ready: asyncio.Event | None = None) -
                 [server_task, asyncio.create_task(_until_signalled())], return_when=asyncio.FIRST_COMPLETED
             )
     finally:
-        server.should_exit = True
+        _stop_server(server, app)
         await channel.close()
         with contextlib.suppress(Exception):
             await server_task
