@@ -6,6 +6,7 @@ Processes, not threads, so that `kill -9` at any moment is a real crash: nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,17 @@ import yaml
 from cloudhpc.client import Client
 from cloudhpc.store import Store
 from tests.testbed import Testbed
+
+
+@contextlib.contextmanager
+def running(dep: Deployment) -> Iterator[Deployment]:
+    """porter and the submitter of `dep` as processes for the block, stopped (by PID) after it."""
+    dep.start("porter")
+    dep.start("submitter")
+    try:
+        yield dep
+    finally:
+        dep.stop()
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import pytest
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, slurm_jobs_named
+from tests.e2e.harness import Deployment, running, slurm_jobs_named
 from tests.integration.stores import StoreUrlFactory, store_urls
 from tests.testbed import Testbed
 
@@ -42,14 +42,8 @@ def wait_all(client: Client, jobs: list[Job], timeout: float) -> list[Job]:
 
 @pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
 def deployment(request: pytest.FixtureRequest, tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
-    with request.param(tmp_path) as url:
-        dep = Deployment(tmp_path / "deploy", testbed, url)
-        dep.start("porter")
-        dep.start("submitter")
-        try:
-            yield dep
-        finally:
-            dep.stop()
+    with request.param(tmp_path) as url, running(Deployment(tmp_path / "deploy", testbed, url)) as dep:
+        yield dep
 
 
 def test_batch_jobs_complete_fail_and_cancel(deployment: Deployment) -> None:

@@ -33,7 +33,7 @@ from cloudhpc.hpc.slurm import SlurmBackend
 from cloudhpc.hpc.ssh import SSHConnection
 from cloudhpc.ray.script import render_ray_job
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, running
 from tests.testbed import Testbed
 
 RAY_ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
@@ -65,12 +65,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> It
         object_store=f"s3://{testbed.s3_bucket}/ray-e2e",  # artifacts, and `files` given as s3:// URLs
         porter_settings={"bridge": bridge},
     )
-    dep.start("porter")
-    dep.start("submitter")
-    try:
+    with running(dep):
         yield dep
-    finally:
-        dep.stop()
 
 
 def hpc(ssh: SSHConfig, *argv: str) -> CommandResult:

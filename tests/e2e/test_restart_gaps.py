@@ -30,19 +30,14 @@ from sqlalchemy import create_engine, text
 
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, free_port, slurm_jobs_named
+from tests.e2e.harness import Deployment, free_port, running, slurm_jobs_named
 from tests.testbed import Testbed
 
 
 @pytest.fixture
 def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")
-    dep.start("porter")
-    dep.start("submitter")
-    try:
+    with running(Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def _sql(deployment: Deployment, statement: str, **params: object) -> None:
