@@ -59,6 +59,10 @@ from cloudhpc.store import Store
 
 __all__ = ["MailboxRelay", "mailbox_relay"]
 
+# How often a relay re-reads the jobs whose accounting never arrived (they matter only to an agent
+# that restarts, and change only when a job ends or its accounting arrives).
+UNACCOUNTED_INTERVAL = 10.0
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +77,8 @@ class _Cluster:
     saved: PorterCursor | None = None
     clock: KeyClock = field(default_factory=KeyClock)
     fingerprint: str | None = None
+    unaccounted: list[Job] = field(default_factory=list)
+    unaccounted_read: float = float("-inf")
     published_ack: str | None = None
     last_publish: float = 0.0
     owned: set[UUID] = field(default_factory=set)
@@ -321,16 +327,17 @@ class MailboxRelay:
             state.name, self.agent_name(state.name), lease_seconds=self.lease_seconds
         )
         state.claims.update(job.id for job in claimed if job.state == JobState.PENDING)
-        view = self.store.reconciliation(state.name)
-        active = view.jobs
+        active = self.store.active_jobs(state.name)
         pending = {job.id for job in active if job.state == JobState.PENDING}
         state.claims &= pending
         state.owned.update(job.id for job in active)
         # A pending job is offered only once claimed here: one that an HTTP agent holds a lease on
         # (a misconfiguration) is not handed to the mailbox agent too.
         jobs = [job for job in active if job.state != JobState.PENDING or job.id in state.claims]
-        fingerprint = _fingerprint([*jobs, *view.unaccounted])
         now = time.monotonic()
+        if now - state.unaccounted_read >= UNACCOUNTED_INTERVAL:  # a slow-moving list: off the hot pass
+            state.unaccounted, state.unaccounted_read = self.store.unaccounted_jobs(state.name), now
+        fingerprint = _fingerprint([*jobs, *state.unaccounted])
         ack_moved = state.cursor != state.published_ack and now - state.last_publish >= self.ack_interval
         if fingerprint == state.fingerprint and not ack_moved:
             return
@@ -339,8 +346,8 @@ class MailboxRelay:
             published_at=datetime.now(UTC),
             jobs=jobs,
             ack=state.cursor,
-            unaccounted=view.unaccounted,
-            seq_floor=view.seq_floor,
+            unaccounted=state.unaccounted,
+            seq_floor=self.store.seq_floor(state.name),
         )
         key = down_key(state.name, state.clock.next())
         self.object_store.put(

@@ -1032,17 +1032,23 @@ class Store:
             )
             return [_to_job(row) for row in rows]
 
-    @_map_db_errors
     def reconciliation(
         self, cluster: str, *, unaccounted_within: timedelta = UNACCOUNTED_WINDOW
     ) -> Reconciliation:
-        """What an agent of `cluster` reconciles against after a start (see `Reconciliation`).
+        """What an agent of `cluster` reconciles against after a start (see `Reconciliation`)."""
+        return Reconciliation(
+            jobs=self.active_jobs(cluster),
+            unaccounted=self.unaccounted_jobs(cluster, within=unaccounted_within),
+            seq_floor=self.seq_floor(cluster),
+        )
 
-        A job counts as unaccounted when it ran in SLURM (it has a SLURM id), ended within
-        `unaccounted_within` and its accounting document never arrived."""
-        since = _utcnow() - unaccounted_within
+    @_map_db_errors
+    def unaccounted_jobs(self, cluster: str, *, within: timedelta = UNACCOUNTED_WINDOW) -> list[Job]:
+        """Jobs that ran in SLURM (they have a SLURM id), ended within `within` and whose
+        accounting document never arrived, oldest end first."""
+        since = _utcnow() - within
         with self._read() as session:
-            unaccounted = session.scalars(
+            rows = session.scalars(
                 select(JobRow)
                 .outerjoin(AccountingRow, AccountingRow.job_id == JobRow.id)
                 .where(
@@ -1054,11 +1060,14 @@ class Store:
                 )
                 .order_by(JobRow.ended_at, JobRow.id)
             )
-            unaccounted_jobs = [_to_job(row) for row in unaccounted]
+            return [_to_job(row) for row in rows]
+
+    @_map_db_errors
+    def seq_floor(self, cluster: str) -> int:
+        """The highest report seq applied for any job of `cluster` (0 when none)."""
+        with self._read() as session:
             floor = session.scalar(select(func.max(JobRow.observed_seq)).where(JobRow.cluster == cluster))
-        return Reconciliation(
-            jobs=self.active_jobs(cluster), unaccounted=unaccounted_jobs, seq_floor=floor or 0
-        )
+        return int(floor or 0)
 
     @_map_db_errors
     def apply_report(self, report: JobReport, *, actor: str) -> Job | None:

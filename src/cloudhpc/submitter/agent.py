@@ -184,6 +184,8 @@ class Agent:
         """Track every active job this agent is not already handling, and finish the collection of
         ended jobs whose accounting porter never received (the agent stopped in between)."""
         self._seq.advance_past(view.seq_floor)
+        listed = {job.id for job in view.unaccounted}
+        self._accounting_retry = {k: v for k, v in self._accounting_retry.items() if k in listed}
         for job in view.unaccounted:
             if job.slurm_job_id and self._may_collect(job.id):
                 self._start_finish(_Tracked(job=job, native_id=job.slurm_job_id))
