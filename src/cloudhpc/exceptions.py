@@ -5,7 +5,10 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
 
     CloudHPCError
     ├── ConfigError
+    │   └── BridgesNotConfigured
     ├── InvalidTransition
+    ├── HttpProblem
+    ├── ChannelError
     ├── SSHError
     │   ├── SSHConnectError
     │   │   └── HostKeyError
@@ -19,7 +22,8 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     │   │   └── AccountingUnavailable
     │   ├── JobNotFound
     │   └── ParseError
-    ├── EnvironmentBuildError
+    ├── StagingError
+    │   └── EnvironmentBuildError
     ├── StoreError
     │   ├── BridgePortsExhausted
     │   ├── IdempotencyConflict
@@ -30,20 +34,26 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     └── PipelineError
         ├── JobFailed
         └── QualityGateFailed
+
+docs/exceptions.md says what each one means to a user, its HTTP status and what to do next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AccountingUnavailable",
     "BridgePortsExhausted",
+    "BridgesNotConfigured",
+    "ChannelError",
     "CloudHPCError",
     "CommandTimeout",
     "ConfigError",
     "EnvironmentBuildError",
     "HostKeyError",
+    "HttpProblem",
     "IdempotencyConflict",
     "InvalidTransition",
     "JobFailed",
@@ -60,6 +70,7 @@ __all__ = [
     "SSHError",
     "SchedulerCommandError",
     "SchedulerError",
+    "StagingError",
     "StorageError",
     "StoreError",
     "SubmitRejected",
@@ -75,8 +86,32 @@ class ConfigError(CloudHPCError):
     """The configuration is invalid; the message names the key and what is expected."""
 
 
+class BridgesNotConfigured(ConfigError):
+    """The job exposes or imports ports, and this porter has no bridge VM configured.
+
+    A configuration gap of the server, but the caller's request is what cannot be served: porter
+    answers 422 naming the `ray` field."""
+
+
 class InvalidTransition(CloudHPCError):
     """A job state change that the state machine forbids (for example, leaving a terminal state)."""
+
+
+class HttpProblem(CloudHPCError):
+    """An answer porter decides to give, raised by its routes and dependencies (unknown job, bad
+    token...). It carries its own status and code; the SDK sees it as `cloudhpc.client.ApiError`."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class ChannelError(CloudHPCError):
+    """The agent could not reach porter (HTTP or its S3 mailbox), or porter refused the call; the
+    agent retries later."""
 
 
 class SSHError(CloudHPCError):
@@ -138,7 +173,12 @@ class ParseError(SchedulerError):
     """Scheduler output did not have the expected shape; the message quotes what was seen."""
 
 
-class EnvironmentBuildError(CloudHPCError):
+class StagingError(CloudHPCError):
+    """The agent could not prepare a job for the cluster (its files, its script, the bridge key):
+    the job fails with the message as its reason, since trying again would fail the same way."""
+
+
+class EnvironmentBuildError(StagingError):
     """Building a cached Python environment on the cluster failed; the message holds the log tail."""
 
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from cloudhpc.domain.jobs import Job, JobKind, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import ChannelError
 from cloudhpc.storage import LocalObjectStore
 from cloudhpc.storage.mailbox import (
     TIME_DIGITS,
@@ -35,7 +36,6 @@ from cloudhpc.storage.mailbox import (
     up_key,
     up_prefix,
 )
-from cloudhpc.submitter.channel import ChannelError
 from cloudhpc.submitter.s3_channel import S3Channel
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from cloudhpc.config import BridgeConfig
 from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.exceptions import BridgesNotConfigured
 from cloudhpc.store import BridgePlan, ExposedPort
 
-__all__ = ["HTTP_PORTS", "URL_SCHEMES", "BridgesNotConfigured", "plan_bridges"]
+__all__ = ["HTTP_PORTS", "URL_SCHEMES", "plan_bridges"]
 
 URL_SCHEMES = {"dashboard": "http", "metrics": "http", "client": "ray"}
 """How a client addresses each well-known Ray port; other names get a bare `host:port`."""
@@ -19,12 +20,9 @@ HTTP_PORTS = frozenset({"dashboard", "metrics"})
 """Bridges whose far end speaks HTTP: porter's probe asks for a page, not only a connection."""
 
 
-class BridgesNotConfigured(ValueError):
-    """The job exposes or imports ports, and this porter has no bridge VM configured."""
-
-
 def plan_bridges(spec: JobSpec, config: BridgeConfig | None) -> BridgePlan | None:
-    """The bridge ports a job needs, or None when it needs none."""
+    """The bridge ports a job needs, or None when it needs none; `BridgesNotConfigured` when it
+    needs some and this porter has no bridge VM."""
     if spec.ray is None or not (spec.ray.expose or spec.ray.import_):
         return None
     if config is None:

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from cloudhpc.porter.errors import ApiError
+from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.state import PorterState
 from cloudhpc.store import Principal
 
@@ -29,7 +29,7 @@ async def authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
+        raise HttpProblem(
             401,
             "unauthorized",
             "missing bearer token: send `Authorization: Bearer <token>` "
@@ -42,20 +42,20 @@ async def authenticate(request: Request) -> Principal:
         principal = await run_in_threadpool(state.store.verify_token, token.strip())
         state.tokens.put(key, principal)
     if principal is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked token")
+        raise HttpProblem(401, "unauthorized", "invalid or revoked token")
     return principal
 
 
 async def require_user(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     """User routes: people and admins. Agent tokens are for the agent protocol only."""
     if principal.role not in ("user", "admin"):
-        raise ApiError(403, "forbidden", f"a {principal.role} token cannot use the user API")
+        raise HttpProblem(403, "forbidden", f"a {principal.role} token cannot use the user API")
     return principal
 
 
 async def require_agent(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if principal.role not in ("agent", "admin"):
-        raise ApiError(403, "forbidden", "the agent API needs an agent token")
+        raise HttpProblem(403, "forbidden", "the agent API needs an agent token")
     return principal
 
 
@@ -64,7 +64,7 @@ def require_agent_for(principal: Principal, cluster: str) -> None:
     if principal.role == "admin":
         return
     if cluster not in (principal.clusters or []):
-        raise ApiError(403, "forbidden", f"this agent token is not bound to cluster {cluster!r}")
+        raise HttpProblem(403, "forbidden", f"this agent token is not bound to cluster {cluster!r}")
 
 
 UserPrincipal = Annotated[Principal, Depends(require_user)]

@@ -16,23 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudhpc import exceptions as exc
 
-__all__ = ["ApiError", "error_body", "install_error_handlers", "status_for"]
+__all__ = ["error_body", "install_error_handlers", "status_for"]
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error porter decides to answer with, raised by routes and dependencies."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-# Most specific first: the first matching class wins.
+# Most specific first: the first matching class wins. An `HttpProblem` carries its own answer.
 _TABLE: list[tuple[type[Exception], int, str]] = [
     (exc.IdempotencyConflict, 409, "idempotency_conflict"),
     (exc.InvalidTransition, 409, "invalid_transition"),
@@ -42,6 +31,7 @@ _TABLE: list[tuple[type[Exception], int, str]] = [
     (exc.CommandTimeout, 504, "command_timeout"),
     (exc.SSHConnectError, 502, "ssh_unavailable"),
     (exc.SSHError, 502, "ssh_error"),
+    (exc.BridgesNotConfigured, 422, "invalid_request"),
     (exc.ConfigError, 500, "config_error"),
     (exc.UnknownJob, 404, "not_found"),
     (exc.BridgePortsExhausted, 503, "bridge_ports_exhausted"),
@@ -55,6 +45,8 @@ _TABLE: list[tuple[type[Exception], int, str]] = [
 
 def status_for(error: Exception) -> tuple[int, str]:
     """The HTTP status and error code for one of our exceptions (first matching row of the table)."""
+    if isinstance(error, exc.HttpProblem):
+        return error.status, error.code
     for cls, status, code in _TABLE:
         if isinstance(error, cls):
             return status, code
@@ -73,8 +65,8 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    @app.exception_handler(exc.HttpProblem)
+    async def _problem(_: Request, error: exc.HttpProblem) -> JSONResponse:
         return JSONResponse(error_body(error.code, error.message, error.details), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)

@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.domain.jobs import Job, Name
 from cloudhpc.domain.reports import JobReport
+from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
-from cloudhpc.porter.errors import ApiError
 from cloudhpc.porter.state import PorterState, cluster_key, job_key
 from cloudhpc.store import Principal
 
@@ -45,7 +45,7 @@ class ReportBatch(BaseModel):
 async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id}")
+        raise HttpProblem(404, "not_found", f"no job {job_id}")
     require_agent_for(principal, job.cluster)
     return job
 
@@ -57,7 +57,7 @@ async def _serve_as(state: PorterState, cluster: str, agent: str) -> None:
     )
     if held is not None:
         other, silent = held
-        raise ApiError(
+        raise HttpProblem(
             409,
             "agent_conflict",
             f"cluster {cluster!r} is served by another submitter ({other}, heard from {silent:.0f} s ago): "
@@ -134,7 +134,7 @@ async def post_output(
     await _agent_job(state, job_id, principal)
     data = await request.body()
     if len(data) > 8 << 20:
-        raise ApiError(413, "too_large", "send output in chunks of at most 8 MiB")
+        raise HttpProblem(413, "too_large", "send output in chunks of at most 8 MiB")
     size = await run_in_threadpool(state.store.append_output, job_id, offset, data)
     state.notifier.notify(job_key(job_id))
     return {"size": size}

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from cloudhpc.domain.jobs import Job
+from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
-from cloudhpc.porter.errors import ApiError
 from cloudhpc.porter.state import PorterState
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import foreign_keys, job_prefix
@@ -38,14 +38,14 @@ def _state(request: Request) -> PorterState:
 
 def _objects(state: PorterState) -> ObjectStore:
     if state.objects is None:
-        raise ApiError(404, "not_available", "this porter has no object store configured")
+        raise HttpProblem(404, "not_available", "this porter has no object store configured")
     return state.objects
 
 
 async def _user_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None or (principal.role != "admin" and job.owner != principal.user):
-        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+        raise HttpProblem(404, "not_found", "no such job (or it is not yours)")
     return job
 
 
@@ -81,7 +81,7 @@ async def download_artifact(
     job = await _user_job(state, job_id, principal)
     key = _names(job).get(name)
     if key is None:
-        raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}")
+        raise HttpProblem(404, "not_found", f"job {job.id} has no artifact {name!r}")
     chunks = await run_in_threadpool(_objects(state).iter_bytes, key)
     if name.endswith(_TEXT_SUFFIXES):
         media_type = "text/plain; charset=utf-8"
@@ -106,12 +106,12 @@ async def add_artifacts(
     state = _state(request)
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id}")
+        raise HttpProblem(404, "not_found", f"no job {job_id}")
     require_agent_for(principal, job.cluster)
     outside = foreign_keys(job.owner, job.id, body.keys)
     if outside:
         prefix = job_prefix(job.owner, job.id)
-        raise ApiError(
+        raise HttpProblem(
             422,
             "invalid_request",
             f"invalid request: keys: {len(outside)} key(s) are not under the job's prefix {prefix}",

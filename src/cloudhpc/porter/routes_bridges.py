@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.domain.jobs import Job
+from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
-from cloudhpc.porter.errors import ApiError
 from cloudhpc.porter.state import PorterState, job_key
 from cloudhpc.store import Principal
 
@@ -34,7 +34,7 @@ def _state(request: Request) -> PorterState:
 async def _owned(state: PorterState, job_id: UUID, principal: Principal) -> Job:
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None or (principal.role != "admin" and job.owner != principal.user):
-        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+        raise HttpProblem(404, "not_found", "no such job (or it is not yours)")
     return job
 
 

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from cloudhpc.bridges.allocation import BridgesNotConfigured, plan_bridges
+from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
-from cloudhpc.porter.errors import ApiError
 from cloudhpc.porter.state import PorterState, cluster_key, job_key
 from cloudhpc.store import Principal
 
@@ -38,7 +38,7 @@ def _state(request: Request) -> PorterState:
 
 def _visible(job: Job | None, principal: Principal) -> Job:
     if job is None or (principal.role != "admin" and job.owner != principal.user):
-        raise ApiError(404, "not_found", "no such job (or it is not yours)")
+        raise HttpProblem(404, "not_found", "no such job (or it is not yours)")
     return job
 
 
@@ -66,7 +66,7 @@ async def submit_job(
     if spec.cluster not in state.settings.clusters and spec.cluster not in (
         clusters := await run_in_threadpool(state.known_clusters)
     ):
-        raise ApiError(
+        raise HttpProblem(
             422,
             "invalid_request",
             f"invalid request: cluster: unknown cluster {spec.cluster!r}; known: {', '.join(clusters) or 'none'}",
@@ -75,7 +75,7 @@ async def submit_job(
     try:
         bridges = plan_bridges(spec, state.settings.porter.bridge)
     except BridgesNotConfigured as exc:
-        raise ApiError(
+        raise HttpProblem(
             422, "invalid_request", f"invalid request: ray: {exc}", [{"field": "ray", "message": str(exc)}]
         ) from exc
     job, created = await run_in_threadpool(
@@ -194,7 +194,7 @@ async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipa
     job = await _owned_job(state, job_id, principal)
     record = await run_in_threadpool(state.store.get_accounting, job.id)
     if record is None:
-        raise ApiError(
+        raise HttpProblem(
             404,
             "not_available",
             f"no accounting for job {job.id} yet (state {job.state.value}); it is collected when the job ends",

@@ -27,10 +27,11 @@ from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
     AccountingUnavailable,
+    ChannelError,
     CloudHPCError,
-    EnvironmentBuildError,
     SchedulerError,
     SSHConnectError,
+    StagingError,
     StorageError,
     SubmitRejected,
 )
@@ -46,7 +47,7 @@ from cloudhpc.ray.script import (
     render_ray_job,
 )
 from cloudhpc.storage.artifacts import ArtifactWriter
-from cloudhpc.submitter.channel import Channel, ChannelError
+from cloudhpc.submitter.channel import Channel
 
 __all__ = ["Agent"]
 
@@ -275,7 +276,7 @@ class Agent:
                 # The script is kept while sbatch runs, so a job refused by sbatch still has it.
                 stored = self._spawn(self._store_artifacts(job, self._save_submission(job, submission)))
                 native = await self.backend.submit(submission)
-        except (SubmitRejected, EnvironmentBuildError) as exc:
+        except (SubmitRejected, StagingError) as exc:
             log.warning("job %s: rejected: %s", job.id, exc)
             if stored is None:
                 await self._store_artifacts(job, self._save_submission(job, None))
@@ -329,12 +330,11 @@ class Agent:
         if not is_object_url(value):
             return value.encode()
         if self.fetch_file is None:
-            message = f"{value}: this agent cannot fetch files from an object store"
-            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message)
+            raise StagingError(f"{value}: this agent cannot fetch files from an object store")
         try:
             return await asyncio.to_thread(self.fetch_file, value)
         except StorageError as exc:
-            raise SubmitRejected(str(exc), argv=["cloudhpc"], exit_status=None, stderr=str(exc)) from exc
+            raise StagingError(str(exc)) from exc
 
     def _render_ray(self, job: Job, paths: JobPaths, resources: Resources) -> RayJobScript:
         """A Ray job's script and files; the bridge key and known_hosts come from this side's config."""
@@ -352,23 +352,21 @@ class Agent:
                 tunnel=tunnel,
             )
         except ValueError as exc:
-            raise SubmitRejected(str(exc), argv=["cloudhpc"], exit_status=None, stderr=str(exc)) from exc
+            raise StagingError(str(exc)) from exc
 
     def _tunnel_access(self) -> TunnelAccess:
         bridge = self.bridge
         if bridge is None:
-            message = (
+            raise StagingError(
                 "this job has bridges (ray.expose/ray.import) but the submitter has no porter.bridge section"
             )
-            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message)
         try:
             key = bridge.key_file.expanduser().read_bytes()
             known_hosts = bridge.known_hosts.expanduser().read_bytes()
         except OSError as exc:
-            message = (
+            raise StagingError(
                 f"cannot read the bridge key or known_hosts file: {exc.strerror or exc} ({exc.filename})"
-            )
-            raise SubmitRejected(message, argv=["cloudhpc"], exit_status=None, stderr=message) from exc
+            ) from exc
         return TunnelAccess(
             host=bridge.host,
             ssh_port=bridge.ssh_port,

@@ -16,14 +16,11 @@ import httpx
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
+from cloudhpc.exceptions import ChannelError
 
-__all__ = ["Channel", "ChannelError", "HttpChannel"]
+__all__ = ["Channel", "HttpChannel"]
 
 log = logging.getLogger(__name__)
-
-
-class ChannelError(Exception):
-    """porter could not be reached or refused the call; the agent retries later."""
 
 
 class Channel(Protocol):

@@ -23,7 +23,7 @@ from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import ConfigError, ObjectNotFound, StorageError
+from cloudhpc.exceptions import ChannelError, ConfigError, ObjectNotFound, StorageError
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.mailbox import (
     AccountingMessage,
@@ -40,7 +40,6 @@ from cloudhpc.storage.mailbox import (
     up_key,
     up_prefix,
 )
-from cloudhpc.submitter.channel import ChannelError
 
 __all__ = ["S3Channel", "open_mailbox_channels"]
 
