@@ -38,6 +38,7 @@ __all__ = [
     "Settings",
     "SubmitterConfig",
     "load_settings",
+    "parse_listen",
 ]
 
 
@@ -45,11 +46,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _host_port(value: str) -> str:
-    """A listen address is checked at load time, so a typo is reported with its key, not at bind."""
+def parse_listen(value: str) -> tuple[str, int]:
+    """The one reading of a listen address (`porter.listen`, `submitter.listen`): HOST:PORT to the
+    host and port a socket binds; an IPv6 host may be bracketed (`[::1]:5556`).
+
+    A `ValueError`, so that pydantic reports a bad value under its key when the file is loaded.
+    """
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{value!r} must look like HOST:PORT (e.g. 127.0.0.1:5555)")
+    return host.strip("[]"), int(port)
+
+
+def _host_port(value: str) -> str:
+    """A listen address is checked at load time, so a typo is reported with its key, not at bind."""
+    parse_listen(value)
     return value
 
 

@@ -1,0 +1,82 @@
+"""The submitter side of a process: one started agent per configured cluster, and the agent's own
+`/healthz` + `/metrics` endpoint on `submitter.listen`. Used by `serve submitter` and `serve all`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from cloudhpc.config import Settings
+from cloudhpc.exceptions import ConfigError
+from cloudhpc.metrics.agent import AgentMetrics
+from cloudhpc.runtime.backends import open_backend
+from cloudhpc.runtime.servers import bind, serving
+from cloudhpc.storage.artifacts import ArtifactWriter
+from cloudhpc.submitter.agent import Agent
+from cloudhpc.submitter.channel import Channel
+from cloudhpc.submitter.files import FileFetcher
+from cloudhpc.submitter.health import create_submitter_app
+
+__all__ = ["open_agents", "submitter_endpoint"]
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_agents(
+    settings: Settings,
+    channel: Channel | Mapping[str, Channel],
+    *,
+    metrics: AgentMetrics | None = None,
+    artifacts: ArtifactWriter | None = None,
+    started: list[Agent] | None = None,
+) -> AsyncIterator[list[Agent]]:
+    """One started agent per configured cluster; stopped and disconnected on exit. `channel` is
+    shared by all clusters (http) or given per cluster (the S3 mailbox has one per cluster).
+    Agents are appended to `started` as soon as each runs (the health endpoint reads it)."""
+    async with AsyncExitStack() as stack:
+        agents = started if started is not None else []
+        for name, cluster in settings.clusters.items():
+            backend, envs, workdir = await open_backend(name, cluster, stack, metrics)
+            stack.push_async_callback(backend.close)
+            own = channel[name] if isinstance(channel, Mapping) else channel
+            agent = Agent(
+                name,
+                cluster,
+                backend,
+                own,
+                envs=envs,
+                workdir=workdir,
+                artifacts=artifacts,
+                bridge=settings.porter.bridge,
+                fetch_file=FileFetcher.from_settings(settings).fetch,
+            )
+            await agent.start()
+            stack.push_async_callback(agent.stop)
+            agents.append(agent)
+        yield agents
+
+
+@asynccontextmanager
+async def submitter_endpoint(
+    settings: Settings, *, required: bool
+) -> AsyncIterator[tuple[AgentMetrics, list[Agent]]]:
+    """The submitter's `/healthz` and `/metrics` on `submitter.listen`, up before the agents
+    start so that a slow start (porter or the cluster unreachable) is visible as `starting`.
+
+    A busy port is fatal when `required` (`serve submitter`) and a warning otherwise: `serve all`
+    must start even when another process holds 5556, since its porter port still works."""
+    metrics = AgentMetrics()
+    agents: list[Agent] = []
+    app = create_submitter_app(lambda: agents, metrics)
+    try:
+        sock = bind(settings.submitter.listen, key="submitter.listen")
+    except ConfigError as exc:
+        if required:
+            raise
+        log.warning("%s; the submitter's /healthz and /metrics are off", exc)
+        yield metrics, agents
+        return
+    async with serving(app, sock, lifespan=False):
+        yield metrics, agents

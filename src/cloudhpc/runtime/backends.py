@@ -1,0 +1,48 @@
+"""The backend factory: a cluster's configuration to the `JobBackend` and environment cache its
+agent drives (`local`: processes on this machine; `slurm`: one multiplexed SSH connection)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+
+from cloudhpc.config import ClusterConfig
+from cloudhpc.hpc.backend import JobBackend
+from cloudhpc.hpc.envs import EnvironmentCache
+from cloudhpc.hpc.local import LocalBackend, LocalRunner
+from cloudhpc.hpc.slurm import SlurmBackend
+from cloudhpc.hpc.ssh import SSHConnection
+from cloudhpc.metrics.agent import AgentMetrics
+
+__all__ = ["open_backend"]
+
+
+def _local_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+async def open_backend(
+    name: str, cluster: ClusterConfig, stack: AsyncExitStack, metrics: AgentMetrics | None = None
+) -> tuple[JobBackend, EnvironmentCache, str]:
+    """The backend, environment cache and resolved work directory of cluster `name`; the SSH
+    connection (if any) is closed by `stack`."""
+    if cluster.backend == "local":
+        workdir = _local_path(cluster.workdir)
+        runner = LocalRunner()
+        backend: JobBackend = LocalBackend(name, workdir=workdir, runner=runner)
+        return backend, EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude), workdir
+    assert cluster.ssh is not None  # enforced by ClusterConfig
+    conn = SSHConnection(
+        cluster.ssh, cluster=name, on_command=metrics.observe_command if metrics is not None else None
+    )
+    if metrics is not None:
+        metrics.watch_connection(name, conn)
+    stack.push_async_callback(conn.close)
+    home = await conn.home()
+    workdir = cluster.workdir
+    if workdir.startswith("~/") or workdir == "~":
+        workdir = home.rstrip("/") + workdir[1:]
+    elif not workdir.startswith("/"):
+        workdir = f"{home.rstrip('/')}/{workdir}"
+    backend = SlurmBackend(name, conn, workdir=workdir, prelude=cluster.prelude)
+    return backend, EnvironmentCache(conn, workdir=workdir, prelude=cluster.prelude), workdir
