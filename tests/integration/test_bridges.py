@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from cloudhpc.bridges.kubernetes import BridgePublisher, RecordingKubernetesApi, service_dns
 from cloudhpc.config import Settings
+from cloudhpc.domain.bridges import BridgePlan, PlannedBridge
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
@@ -31,7 +32,7 @@ from cloudhpc.exceptions import BridgePortsExhausted
 from cloudhpc.porter.app import create_app
 from cloudhpc.porter.bridges import BridgeReconciler
 from cloudhpc.porter.state import Notifier
-from cloudhpc.store import BridgePlan, ExposedPort, Store
+from cloudhpc.store import Store
 from tests.integration.stores import store_urls
 
 LOW, HIGH = 20510, 20529
@@ -58,7 +59,7 @@ def plan(*names: str, low: int = LOW, high: int = HIGH) -> BridgePlan:
     schemes = {"dashboard": "http", "client": "ray"}
     ports = {"dashboard": 8265, "client": 10001, "metrics": 8080}
     return BridgePlan(
-        "127.0.0.1", (low, high), tuple(ExposedPort(n, ports[n], schemes.get(n)) for n in names)
+        "127.0.0.1", (low, high), tuple(PlannedBridge(n, ports[n], schemes.get(n)) for n in names)
     )
 
 

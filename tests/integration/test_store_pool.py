@@ -16,7 +16,8 @@ from sqlalchemy import text
 
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import StoreError
-from cloudhpc.store import Store, repository
+from cloudhpc.store import Store
+from cloudhpc.store import engine as store_engine
 from tests.integration.stores import postgres_url
 from tests.testbed import Testbed
 
@@ -48,7 +49,7 @@ def test_an_idle_dead_connection_is_pinged_and_replaced(
 ) -> None:
     job, _ = store.create_job("u", SPEC)
     kill_pooled_connections(store, testbed.pg_dsn)
-    monkeypatch.setattr(repository, "_PG_PING_AFTER_IDLE_S", 0.0)  # every connection counts as idle
+    monkeypatch.setattr(store_engine, "_PG_PING_AFTER_IDLE_S", 0.0)  # every connection counts as idle
     fetched = store.get_job(job.id)  # the ping fails, the pool connects anew, the call succeeds
     assert fetched is not None
     assert fetched.id == job.id
@@ -58,7 +59,7 @@ def test_a_connection_dying_in_steady_use_fails_one_call_then_recovers(
     store: Store, testbed: Testbed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job, _ = store.create_job("u", SPEC)
-    monkeypatch.setattr(repository, "_PG_PING_AFTER_IDLE_S", 3600.0)  # never pinged
+    monkeypatch.setattr(store_engine, "_PG_PING_AFTER_IDLE_S", 3600.0)  # never pinged
     kill_pooled_connections(store, testbed.pg_dsn)
     with pytest.raises(StoreError):
         store.get_job(job.id)

@@ -8,9 +8,9 @@ turns a job spec and the `porter.bridge` settings into that request.
 from __future__ import annotations
 
 from cloudhpc.config import BridgeConfig
+from cloudhpc.domain.bridges import BridgePlan, PlannedBridge
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import BridgesNotConfigured
-from cloudhpc.store import BridgePlan, ExposedPort
 
 __all__ = ["HTTP_PORTS", "URL_SCHEMES", "plan_bridges"]
 
@@ -30,5 +30,5 @@ def plan_bridges(spec: JobSpec, config: BridgeConfig | None) -> BridgePlan | Non
             "ray.expose and ray.import need a bridge VM, and this porter has none configured "
             "(porter.bridge; see docs/bridge-vm.md)"
         )
-    exposed = tuple(ExposedPort(e.name, e.port, URL_SCHEMES.get(e.name)) for e in spec.ray.expose)
+    exposed = tuple(PlannedBridge(e.name, e.port, URL_SCHEMES.get(e.name)) for e in spec.ray.expose)
     return BridgePlan(host=config.public_host, port_range=config.port_range, exposed=exposed)

@@ -1,0 +1,292 @@
+"""The store's database: engine creation and tuning per dialect, sessions, migrations, and the one
+place where driver errors become `StoreError`.
+
+Every repository of the store (`jobs`, `bridges`, `tokens`, `agents`, `output`, `metrics_view`)
+is a `Database` and reaches SQL only through `_read()` and `_write()`, so the concurrency rules
+below hold for all of them.
+
+Concurrency rules, per dialect:
+
+- PostgreSQL: READ COMMITTED with explicit row locks (`SELECT ... FOR UPDATE`) where a decision
+  depends on the current row, and `FOR UPDATE SKIP LOCKED` for handing out work, so several
+  porter replicas can share one database (ARCHITECTURE §9).
+- SQLite: one writer at a time. Write transactions start with `BEGIN IMMEDIATE`, taking the write
+  lock up front; a deferred transaction that reads and then writes can fail with "database is
+  locked" when another writer got in between, which `busy_timeout` cannot fix. Reads use plain
+  `BEGIN` and, thanks to WAL, never wait for writers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+
+import alembic.command
+import alembic.util
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event, inspect, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.expression import Executable
+
+from cloudhpc.exceptions import StoreError
+from cloudhpc.store.models import Base
+
+__all__ = ["DEFAULT_URL", "Database", "map_db_errors", "normalize_url", "utcnow"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL: Final = "sqlite:///.cloudhpc/state.db"
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+# A pooled PostgreSQL connection idle longer than this is pinged before use (see `_pg_engine`).
+_PG_PING_AFTER_IDLE_S = 10.0
+_PG_USED_AT = "cloudhpc_used_at"
+_WRITE_OPTION = "cloudhpc_write"
+# Any constant works; it only has to be the same for every porter replica sharing the database.
+_MIGRATION_LOCK_KEY = 0x636C6F7564687063  # "cloudhpc"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+D = TypeVar("D", bound="Database")
+
+
+def normalize_url(url: str) -> URL:
+    """The SQLAlchemy URL for a configured database URL.
+
+    `postgresql://` and `postgres://` mean the psycopg 3 driver (the only PostgreSQL driver we
+    install); an explicit `postgresql+driver://` is kept. Any URL query (`?options=-csearch_path%3Dx`,
+    `?sslmode=require`) is passed to the driver.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StoreError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or postgresql://..."
+        )
+    return parsed
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """A one-line message without the SQL statement and its parameters (they can be large)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        origin: BaseException = exc.orig
+    else:
+        origin = exc
+    first = str(origin).strip().splitlines()
+    return f"{type(origin).__name__}: {first[0] if first else '(no message)'}"
+
+
+def map_db_errors(method: Callable[Concatenate[D, P], R]) -> Callable[Concatenate[D, P], R]:
+    """The one boundary where SQLAlchemy and driver errors become `StoreError`.
+
+    Our own `StoreError`s (unknown job, idempotency conflict) pass through unchanged.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: D, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"job store ({self.dialect}) failed in {method.__name__}: {_describe(exc)}"
+            ) from exc
+
+    return wrapper
+
+
+class Database:
+    """One SQLite or PostgreSQL database, its connection pool, and the store's transactions.
+
+    `Database("sqlite:///.cloudhpc/state.db")` (the default, parent directory created) or
+    `Database("postgresql://user:pass@host/db")`. Call `migrate()` once at start-up; it is a no-op
+    when the schema is current and safe to run from several replicas at once.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.get_backend_name()
+        self._engine = self._create_engine(self.url)
+        self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        # PostgreSQL reads run without BEGIN/COMMIT: under READ COMMITTED each statement takes its
+        # own snapshot inside a transaction too, so a transaction buys reads nothing but two round
+        # trips (half of a `GET /jobs/{id}`). SQLite reads keep theirs: there it is the snapshot.
+        read_engine = (
+            self._engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.is_postgresql
+            else self._engine
+        )
+        self._reads = sessionmaker(read_engine, expire_on_commit=False)
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+
+    # -- engine ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _create_engine(url: URL) -> Engine:
+        if url.get_backend_name() == "postgresql":
+            return Database._pg_engine(url)
+        database = url.database or ""
+        memory = database in ("", ":memory:") or "mode=memory" in database
+        if memory:
+            # One shared connection, or every pooled connection would see its own empty database.
+            # Fine for a quick script or a unit test; not for concurrent writers (use a file).
+            engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", Database._sqlite_on_connect)
+        event.listen(engine, "begin", Database._sqlite_on_begin)
+        return engine
+
+    @staticmethod
+    def _pg_engine(url: URL) -> Engine:
+        """A pool that pings a connection only when it has been idle for a while.
+
+        `pool_pre_ping` pings at every checkout: one more round trip per request, about 40% of
+        `GET /jobs/{id}` on PostgreSQL (bench/api.py). A connection in steady use is known to be
+        alive; one idle for `_PG_PING_AFTER_IDLE_S` (when a server restart or a firewall may have
+        dropped it) is pinged, and a failed ping makes the pool connect anew. A connection that
+        dies while in steady use fails its request (503, the client retries) and SQLAlchemy
+        invalidates the pool, so the next requests reconnect.
+        """
+        engine = create_engine(url, pool_size=10, max_overflow=20)
+
+        def used(_dbapi_connection: Any, record: Any, *_: Any) -> None:
+            record.info[_PG_USED_AT] = time.monotonic()
+
+        def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+            if time.monotonic() - record.info.get(_PG_USED_AT, 0.0) < _PG_PING_AFTER_IDLE_S:
+                return
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise DisconnectionError(f"idle connection failed its ping: {exc}") from exc
+            record.info[_PG_USED_AT] = time.monotonic()
+
+        event.listen(engine, "connect", used)
+        event.listen(engine, "checkout", ping_if_idle)
+        event.listen(engine, "checkin", used)
+        return engine
+
+    @staticmethod
+    def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so `_sqlite_on_begin` decides how to BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            Database._sqlite_enable_wal(cursor)
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _sqlite_enable_wal(cursor: Any) -> None:
+        """Switch the database to WAL (a persistent setting, so only a new database switches).
+
+        The switch needs an exclusive lock and SQLite reports "database is locked" at once,
+        without the busy handler, when another connection holds any lock: retry a while.
+        """
+        deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+                continue
+            if mode != "wal" and mode != "memory":
+                log.warning("SQLite refused WAL mode (journal_mode=%s); concurrent reads will wait", mode)
+            return
+
+    @staticmethod
+    def _sqlite_on_begin(connection: Any) -> None:
+        write = connection.get_execution_options().get(_WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for tests and the schema check only: nothing else runs SQL."""
+        return self._engine
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.dialect == "postgresql"
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    def _upsert(self, model: type[Base], values: dict[str, Any]) -> Executable:
+        """INSERT, or UPDATE the row with the same primary key: one statement, no race window."""
+        insert = pg_insert if self.is_postgresql else sqlite_insert
+        keys = [column.name for column in inspect(model).primary_key]
+        statement = insert(model).values(values)
+        return statement.on_conflict_do_update(
+            index_elements=keys, set_={k: v for k, v in values.items() if k not in keys}
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def alembic_config(self) -> AlembicConfig:
+        """The Alembic configuration of the packaged migrations (no alembic.ini involved)."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("path_separator", "os")
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; a no-op when it is already there."""
+        cfg = self.alembic_config()
+        try:
+            with self._write_engine.begin() as conn:
+                if self.is_postgresql:
+                    # Replicas starting together would otherwise race to create the same tables.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                cfg.attributes["connection"] = conn
+                alembic.command.upgrade(cfg, "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migrating the job store ({self.dialect}) failed: {_describe(exc)}") from exc
+        except alembic.util.CommandError as exc:
+            raise StoreError(f"migrating the job store ({self.dialect}) failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def ping(self) -> bool:
+        """True when the database answers (for `/readyz`); never raises."""
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(select(1))
+        except SQLAlchemyError as exc:
+            log.warning("job store ping failed: %s", _describe(exc))
+            return False
+        return True

@@ -1,0 +1,299 @@
+"""Jobs as porter writes and reads them: desired state (create, cancel), pages of jobs, and each
+job's audit trail of transitions.
+
+What the agents write (observed state, leases, reconciliation) is in `store/agents.py`; both sides
+convert rows with `to_job`, so a caller never sees an ORM object and cannot trigger a lazy load
+outside a transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+from uuid import UUID, uuid4
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import joinedload
+
+from cloudhpc.domain.bridges import BridgePlan
+from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import IdempotencyConflict, UnknownJob
+from cloudhpc.store.bridges import allocate_bridges, to_bridge
+from cloudhpc.store.engine import Database, map_db_errors, utcnow
+from cloudhpc.store.models import JobRow, TransitionRow
+
+__all__ = ["JobRepository", "Transition", "to_job"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PAGE: Final = 1000
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One recorded state change. `from_state` is None for the creation of the job."""
+
+    job_id: UUID
+    at: datetime
+    from_state: JobState | None
+    to_state: JobState
+    actor: str
+    reason: str | None
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, job_id = json.loads(raw)
+        created_at = datetime.fromisoformat(stamp)
+        UUID(job_id)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged") from exc
+    if created_at.tzinfo is None:
+        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged")
+    return created_at, str(job_id)
+
+
+def _spec_json(spec: JobSpec) -> str:
+    return spec.model_dump_json(by_alias=True)
+
+
+def _same_spec(stored: str, spec: JobSpec) -> bool:
+    """Compare specs by content, so defaults written out or left implicit do not matter."""
+    return JobSpec.model_validate_json(stored).model_dump(mode="json", by_alias=True) == spec.model_dump(
+        mode="json", by_alias=True
+    )
+
+
+def to_job(row: JobRow) -> Job:
+    return Job(
+        id=UUID(row.id),
+        name=row.name,
+        owner=row.owner,
+        cluster=row.cluster,
+        kind=JobKind(row.kind),
+        state=JobState(row.state),
+        reason=row.reason,
+        cancel_requested=row.cancel_requested,
+        slurm_job_id=row.slurm_job_id,
+        exit_code=row.exit_code,
+        created_at=row.created_at,
+        submitted_at=row.submitted_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        spec=JobSpec.model_validate_json(row.spec),
+        artifacts=json.loads(row.artifacts),
+        # a bridge is forgotten the moment its job ends, even before porter releases its port
+        bridges=[] if JobState(row.state).terminal else [to_bridge(b) for b in row.bridges],
+    )
+
+
+def _to_transition(row: TransitionRow) -> Transition:
+    return Transition(
+        job_id=UUID(row.job_id),
+        at=row.at,
+        from_state=JobState(row.from_state) if row.from_state is not None else None,
+        to_state=JobState(row.to_state),
+        actor=row.actor,
+        reason=row.reason,
+    )
+
+
+class JobRepository(Database):
+    """Jobs as their owners see them: created, listed, read, cancelled, with their transitions."""
+
+    @map_db_errors
+    def create_job(
+        self,
+        owner: str,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        bridges: BridgePlan | None = None,
+    ) -> tuple[Job, bool]:
+        """Accept a job in state `pending`. Returns the job and whether it was created now.
+
+        With an idempotency key this owner already used, the existing job is returned (and
+        False), or `IdempotencyConflict` raised when the spec differs. Two concurrent creates
+        with one key make one job: the loser hits the unique constraint and reads the winner's.
+
+        `bridges` allocates the job's bridge ports in the same transaction: a job exists with all
+        its ports or not at all (`BridgePortsExhausted` when the range has too few free ports).
+        """
+        if idempotency_key is not None:
+            existing = self._find_by_key(owner, idempotency_key, spec)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        row = JobRow(
+            id=str(uuid4()),
+            owner=owner,
+            cluster=spec.cluster,
+            name=spec.name,
+            kind=spec.kind.value,
+            state=JobState.PENDING.value,
+            cancel_requested=False,
+            created_at=now,
+            updated_at=now,
+            spec=_spec_json(spec),
+            idempotency_key=idempotency_key,
+            observed_seq=0,
+            artifacts="[]",
+            bridges=[],
+        )
+        try:
+            with self._write() as session:
+                session.add(row)
+                session.flush()
+                if bridges is not None and bridges.exposed:
+                    row.bridges.extend(allocate_bridges(session, bridges, now))
+                    session.flush()
+                session.add(
+                    TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
+                )
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            log.debug("job create for %s lost the race for idempotency key %r", owner, idempotency_key)
+            existing = self._find_by_key(owner, idempotency_key, spec)
+            if existing is None:
+                raise
+            return existing, False
+        return to_job(row), True
+
+    def _find_by_key(self, owner: str, key: str, spec: JobSpec) -> Job | None:
+        with self._read() as session:
+            row = session.scalars(
+                select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
+            ).one_or_none()
+            if row is None:
+                return None
+            if not _same_spec(row.spec, spec):
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} was already used for job {row.id} with a different "
+                    "spec; use a new key for a new job"
+                )
+            return to_job(row)
+
+    @map_db_errors
+    def get_job(self, job_id: UUID) -> Job | None:
+        with self._read() as session:
+            # one statement for the job and its bridges (the relationship's default is a second one)
+            query = select(JobRow).where(JobRow.id == str(job_id)).options(joinedload(JobRow.bridges))
+            row = session.scalars(query).unique().one_or_none()
+            return to_job(row) if row is not None else None
+
+    @map_db_errors
+    def get_state(self, job_id: UUID) -> JobState | None:
+        """Only the state: what a waiting request re-reads while it long-polls."""
+        with self._read() as session:
+            state = session.scalar(select(JobRow.state).where(JobRow.id == str(job_id)))
+            return JobState(state) if state is not None else None
+
+    @map_db_errors
+    def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        state: JobState | None = None,
+        cluster: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Newest first. `owner=None` lists everybody's jobs (admins).
+
+        Returns a page and the cursor of the next page (None on the last page). The cursor is
+        opaque (keyset pagination on created_at, id), so pages stay consistent while jobs are
+        being added. A malformed cursor raises `ValueError`.
+        """
+        if not 1 <= limit <= _MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
+        query = select(JobRow)
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
+        if state is not None:
+            query = query.where(JobRow.state == state.value)
+        if cluster is not None:
+            query = query.where(JobRow.cluster == cluster)
+        if name is not None:
+            query = query.where(JobRow.name == name)
+        if cursor is not None:
+            after_at, after_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(JobRow.created_at < after_at, and_(JobRow.created_at == after_at, JobRow.id < after_id))
+            )
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        with self._read() as session:
+            rows = list(session.scalars(query))
+            jobs = [to_job(row) for row in rows[:limit]]
+        next_cursor = (
+            _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        )
+        return jobs, next_cursor
+
+    @map_db_errors
+    def request_cancel(self, job_id: UUID, actor: str) -> Job:
+        """Ask for a job to be cancelled; honoured in every non-terminal state.
+
+        A pending job that no agent has ever claimed cannot be on the cluster, so it is
+        cancelled here at once. Any other live job keeps its state with `cancel_requested` set
+        and its lease cleared, so the next `claim_work` hands it to the agent right away. A
+        terminal job is returned unchanged.
+        """
+        with self._write() as session:
+            row = session.get(JobRow, str(job_id), with_for_update=True)
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            current = JobState(row.state)
+            if current.terminal:
+                return to_job(row)
+            now = utcnow()
+            row.cancel_requested = True
+            row.updated_at = now
+            if current == JobState.PENDING and row.lease_owner is None:
+                row.state = JobState.CANCELLED.value
+                row.ended_at = now
+                row.reason = "cancelled before an agent picked it up"
+                session.add(
+                    TransitionRow(
+                        job_id=row.id,
+                        at=now,
+                        from_state=current.value,
+                        to_state=row.state,
+                        actor=actor,
+                        reason=row.reason,
+                    )
+                )
+            else:
+                row.lease_until = None
+            return to_job(row)
+
+    @map_db_errors
+    def job_bridges(self, job_id: UUID) -> list[Bridge]:
+        """The bridges of a live job (none once it has ended)."""
+        job = self.get_job(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        return list(job.bridges)
+
+    @map_db_errors
+    def transitions(self, job_id: UUID) -> list[Transition]:
+        """A job's state changes, oldest first."""
+        with self._read() as session:
+            rows = session.scalars(
+                select(TransitionRow).where(TransitionRow.job_id == str(job_id)).order_by(TransitionRow.id)
+            )
+            return [_to_transition(row) for row in rows]
