@@ -19,7 +19,7 @@ import pytest
 
 from cloudhpc.config import SSHConfig
 from cloudhpc.exceptions import CommandTimeout, HostKeyError, OutputTooLarge, RemoteFileError, SSHConnectError
-from cloudhpc.hpc.ssh import SSHConnection, SSHPool
+from cloudhpc.hpc.ssh import SSHConnection
 from tests.conftest import HOSTILE_STRINGS
 
 if TYPE_CHECKING:
@@ -512,11 +512,3 @@ async def test_runs_and_files_concurrently(conn: SSHConnection, scratch: str) ->
 
     await asyncio.gather(*(one(i) for i in range(20)))
     assert conn._connect_count == 1
-
-
-async def test_pool_closes_every_connection(testbed_ssh: SSHConfig, testbed: Testbed) -> None:
-    pool = SSHPool({"one": testbed_ssh, "two": testbed_ssh})
-    async with pool:
-        await asyncio.gather(pool.get("one").run(["true"]), pool.get("two").run(["true"]))
-        assert _our_tcp_connections_to(testbed.ssh_port) == 2
-    assert _our_tcp_connections_to(testbed.ssh_port) == 0

@@ -30,8 +30,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cloudhpc.cli.main import app
-from cloudhpc.cli.platform import FORWARDS, Forward, ForwardSupervisor, Kubectl, Target
 from cloudhpc.config import load_settings
+from cloudhpc.port_forwards import FORWARDS, Forward, ForwardSupervisor, Kubectl, Target
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -20,7 +20,7 @@ from cloudhpc.bridges.tunnel import TunnelExport, TunnelPlan, render_tunnel, ssh
 from cloudhpc.domain.jobs import Bridge, JobSpec, import_variable
 from cloudhpc.hpc.backend import JobPaths
 from cloudhpc.hpc.jobscript import render_batch_script
-from cloudhpc.ray import helpers
+from cloudhpc.ray import node_script
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
     ENTRYPOINT_FILE,
@@ -158,7 +158,7 @@ def test_cluster_layout() -> None:
     assert f"--object-store-memory={int(memory * 0.3)}" in script
     assert "--num-gpus=1" in files[WORKER_FILE].decode()
     assert "ray stop" not in script.replace("Never `ray stop`", "")
-    assert files[HELPERS_FILE] == Path(helpers.__file__).read_bytes()
+    assert files[HELPERS_FILE] == Path(node_script.__file__).read_bytes()
     # a ray-cluster has no entrypoint; it serves until cancelled
     assert ENTRYPOINT_FILE not in files
     assert 'wait "$chpc_head_pid"' in script
@@ -355,8 +355,8 @@ def test_node_count_and_import_variables() -> None:
 
 
 def test_helpers_pick_distinct_free_ports_and_an_address() -> None:
-    ports = helpers.free_ports(6)
+    ports = node_script.free_ports(6)
     assert len(set(ports)) == 6
     assert all(1024 < p < 65536 for p in ports)
-    assert helpers.node_ip().count(".") == 3
-    assert helpers.alive_nodes("127.0.0.1:1", timeout=0.5) == -1  # nothing there: "cannot answer"
+    assert node_script.node_ip().count(".") == 3
+    assert node_script.alive_nodes("127.0.0.1:1", timeout=0.5) == -1  # nothing there: "cannot answer"

@@ -10,9 +10,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cloudhpc.config import ClusterConfig, SSHConfig
+from cloudhpc.config import SSHConfig
 from cloudhpc.exceptions import (
-    ConfigError,
     HostKeyError,
     RemoteFileError,
     SSHConnectError,
@@ -20,7 +19,7 @@ from cloudhpc.exceptions import (
 )
 from cloudhpc.hpc import ssh
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer
-from cloudhpc.hpc.ssh import SSHConnection, SSHPool, build_command_line, command_name
+from cloudhpc.hpc.ssh import SSHConnection, build_command_line, command_name
 from tests.conftest import HOSTILE_STRINGS
 
 SECRET = "pa55-VERY-secret-phrase"
@@ -269,19 +268,3 @@ def test_implements_the_backend_protocols(tmp_path: Path) -> None:
     files: FileTransfer = conn
     assert isinstance(runner, CommandRunner)
     assert isinstance(files, FileTransfer)
-
-
-async def test_pool_gives_one_connection_per_cluster(tmp_path: Path) -> None:
-    clusters = {
-        "a": ClusterConfig(backend="slurm", ssh=_config(tmp_path)),
-        "b": ClusterConfig(backend="slurm", ssh=_config(tmp_path)),
-        "local": ClusterConfig(backend="local"),
-    }
-    async with SSHPool.from_clusters(clusters) as pool:
-        assert pool.clusters == ["a", "b"]
-        assert pool.get("a") is pool.get("a")
-        assert pool.get("a") is not pool.get("b")
-        assert pool.get("b").cluster == "b"
-        assert "local" not in pool
-        with pytest.raises(ConfigError, match="'local'"):
-            pool.get("local")

@@ -437,7 +437,7 @@ def clusters_check(
     output: OutputOpt = Output.table,
 ) -> None:
     """Connect to each configured cluster from here and run a harmless SLURM query."""
-    from cloudhpc.cli.check import check_clusters
+    from cloudhpc.hpc.cluster_check import check_clusters
 
     settings = _settings(config)
     results = asyncio.run(check_clusters(settings, name))

@@ -27,7 +27,7 @@ import random
 import secrets
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,10 +35,9 @@ from typing import IO, Literal, Self, TypeVar
 
 import asyncssh
 
-from cloudhpc.config import ClusterConfig, SSHConfig
+from cloudhpc.config import SSHConfig
 from cloudhpc.exceptions import (
     CommandTimeout,
-    ConfigError,
     HostKeyError,
     OutputTooLarge,
     RemoteFileError,
@@ -53,7 +52,6 @@ __all__ = [
     "CommandHook",
     "Outcome",
     "SSHConnection",
-    "SSHPool",
     "build_command_line",
     "command_name",
 ]
@@ -894,70 +892,3 @@ class SSHConnection:
             with contextlib.suppress(Exception):
                 await sftp.remove(partial)
             raise
-
-
-# --------------------------------------------------------------------------- many clusters
-
-
-class SSHPool:
-    """One `SSHConnection` per cluster name, created on first use and closed together."""
-
-    def __init__(
-        self,
-        configs: Mapping[str, SSHConfig],
-        *,
-        on_command: CommandHook | None = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-    ) -> None:
-        self._configs = dict(configs)
-        self._on_command = on_command
-        self._max_output = max_output
-        self._connections: dict[str, SSHConnection] = {}
-
-    @classmethod
-    def from_clusters(
-        cls,
-        clusters: Mapping[str, ClusterConfig],
-        *,
-        on_command: CommandHook | None = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-    ) -> SSHPool:
-        """A pool for the clusters that are reached over SSH (the `slurm` backend)."""
-        configs = {name: c.ssh for name, c in clusters.items() if c.ssh is not None}
-        return cls(configs, on_command=on_command, max_output=max_output)
-
-    @property
-    def clusters(self) -> list[str]:
-        return sorted(self._configs)
-
-    def __contains__(self, cluster: object) -> bool:
-        return cluster in self._configs
-
-    def get(self, cluster: str) -> SSHConnection:
-        conn = self._connections.get(cluster)
-        if conn is None:
-            config = self._configs.get(cluster)
-            if config is None:
-                known = ", ".join(self.clusters) or "none"
-                raise ConfigError(f"no SSH settings for cluster {cluster!r} (clusters with ssh: {known})")
-            conn = SSHConnection(
-                config, cluster=cluster, on_command=self._on_command, max_output=self._max_output
-            )
-            self._connections[cluster] = conn
-        return conn
-
-    async def close(self) -> None:
-        connections = list(self._connections.values())
-        self._connections.clear()
-        results = await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
-        for conn, result in zip(connections, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.warning("ssh[%s]: error while closing: %s", conn.cluster, result)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

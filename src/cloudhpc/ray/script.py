@@ -198,7 +198,7 @@ def render_ray_job(
     q = _q
     control = paths.control
 
-    files: dict[str, bytes] = {HELPERS_FILE: Path(__file__).with_name("helpers.py").read_bytes()}
+    files: dict[str, bytes] = {HELPERS_FILE: Path(__file__).with_name("node_script.py").read_bytes()}
     modes: dict[str, int] = {}
     secrets: list[str] = []
     if workers:

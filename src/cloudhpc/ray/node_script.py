@@ -1,4 +1,5 @@
-"""Small tools the Ray batch script runs on the compute nodes, with the job's own Python.
+"""Small tools the Ray batch script runs on the compute nodes, with the job's own Python: a script
+shipped to the nodes, never imported by cloudhpc itself (`ray/script.py` reads it as a file).
 
 This file is staged as is into every Ray job (`.cloudhpc/ray_helpers.py`) and run as
 `python3 ray_helpers.py COMMAND ...`, so it uses the standard library only and no cloudhpc import:

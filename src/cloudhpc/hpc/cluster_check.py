@@ -1,4 +1,9 @@
-"""`cloudhpc clusters check`: can this machine reach each cluster and talk to its scheduler?"""
+"""Can this machine reach each configured cluster and talk to its scheduler? (`cloudhpc clusters check`)
+
+One SSH connection per cluster, opened and closed again, and a harmless `sinfo --version`: the same
+path the agent takes, so a failure here names what the agent would trip on (host key, key file,
+prelude). Each result is `{"cluster", "ok", "detail"}`, printed by the CLI as a line or as JSON.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ __all__ = ["check_clusters"]
 
 
 async def check_clusters(settings: Settings, only: str | None = None) -> list[dict[str, Any]]:
+    """One result per configured cluster (or only `only`); never raises for a cluster that fails."""
     results: list[dict[str, Any]] = []
     for name, cluster in settings.clusters.items():
         if only is not None and name != only:
