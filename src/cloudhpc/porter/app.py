@@ -24,7 +24,7 @@ from cloudhpc.porter.retention import artifact_retention
 from cloudhpc.porter.state import PorterState
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import open_porter_object_store
-from cloudhpc.store import Store
+from cloudhpc.store import AsyncStore, Store
 
 __all__ = ["create_app"]
 
@@ -66,12 +66,13 @@ def create_app(
     is `settings.porter.object_store` unless one is passed in."""
     own_store = store is None
     the_store = store or Store(settings.porter.database)
+    db = AsyncStore(the_store)
     objects = object_store or open_porter_object_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if own_store:
-            await run_in_threadpool(the_store.migrate)
+            await db.migrate()
         async with (
             mailbox_relay(settings, the_store, app.state.porter.notifier),
             artifact_retention(settings, the_store, objects),
@@ -87,7 +88,7 @@ def create_app(
         lifespan=lifespan,
         description="Submit and follow SLURM and Ray jobs. Every /api/v1 route needs a bearer token.",
     )
-    app.state.porter = PorterState(settings=settings, store=the_store, objects=objects)
+    app.state.porter = PorterState(settings=settings, store=db, objects=objects)
     install_error_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_agent.router)
@@ -111,7 +112,7 @@ def create_app(
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
-        if await run_in_threadpool(the_store.ping):
+        if await db.ping():
             return Response('{"status":"ready"}', media_type="application/json")
         body: Any = error_body("not_ready", "the job store does not answer")
         return Response(json.dumps(body), status_code=503, media_type="application/json")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.state import PorterState
@@ -39,7 +38,7 @@ async def authenticate(request: Request) -> Principal:
     key = state.tokens.key(token.strip())
     known, principal = state.tokens.get(key)
     if not known:
-        principal = await run_in_threadpool(state.store.verify_token, token.strip())
+        principal = await state.store.verify_token(token.strip())
         state.tokens.put(key, principal)
     if principal is None:
         raise HttpProblem(401, "unauthorized", "invalid or revoked token")

@@ -38,7 +38,7 @@ from cloudhpc.config import Settings
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError
 from cloudhpc.porter.state import Notifier, job_key
-from cloudhpc.store import BridgeRecord, Store
+from cloudhpc.store import AsyncStore, BridgeRecord, Store
 
 __all__ = ["BridgeReconciler", "bridge_reconciler"]
 
@@ -70,6 +70,10 @@ class BridgeReconciler:
     _published: set[tuple[UUID, str]] = field(default_factory=set)
     _next_sweep: float = 0.0
     passes: int = 0
+    _db: AsyncStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._db = AsyncStore(self.store)
 
     async def run(self) -> None:
         async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
@@ -86,7 +90,7 @@ class BridgeReconciler:
     async def reconcile(self, client: httpx.AsyncClient) -> None:
         """One pass over every held bridge port."""
         self.passes += 1
-        records = await run_in_threadpool(self.store.bridge_records)
+        records = await self._db.bridge_records()
         by_job: dict[UUID, list[BridgeRecord]] = {}
         for record in records:
             by_job.setdefault(record.job_id, []).append(record)
@@ -147,7 +151,7 @@ class BridgeReconciler:
             await self._publish(record)
 
     async def _set_ready(self, record: BridgeRecord, ready: bool) -> None:
-        if await run_in_threadpool(self.store.set_bridge_ready, record.job_id, record.bridge.name, ready):
+        if await self._db.set_bridge_ready(record.job_id, record.bridge.name, ready):
             self.notifier.notify(job_key(record.job_id))
 
     async def _publish(self, record: BridgeRecord) -> None:
@@ -162,7 +166,7 @@ class BridgeReconciler:
             return
         self._published.add((record.job_id, record.bridge.name))
         if record.bridge.service_dns != dns:
-            await run_in_threadpool(self.store.set_bridge_service, record.job_id, record.bridge.name, dns)
+            await self._db.set_bridge_service(record.job_id, record.bridge.name, dns)
             self.notifier.notify(job_key(record.job_id))
 
     async def _release(self, job_id: UUID) -> None:
@@ -174,7 +178,7 @@ class BridgeReconciler:
                     "job %s: withdrawing its bridges from Kubernetes failed (%s); retrying", job_id, exc
                 )
                 return  # the port stays held until nothing points at it any more
-        released = await run_in_threadpool(self.store.release_bridges, job_id)
+        released = await self._db.release_bridges(job_id)
         for key in [k for k in self._probed if k[0] == job_id]:
             self._probed.pop(key, None)
         self._published = {k for k in self._published if k[0] != job_id}

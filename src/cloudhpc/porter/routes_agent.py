@@ -13,7 +13,6 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.domain.jobs import Job, Name
 from cloudhpc.domain.reports import JobReport
@@ -43,7 +42,7 @@ class ReportBatch(BaseModel):
 
 
 async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
-    job = await run_in_threadpool(state.store.get_job, job_id)
+    job = await state.store.get_job(job_id)
     if job is None:
         raise HttpProblem(404, "not_found", f"no job {job_id}")
     require_agent_for(principal, job.cluster)
@@ -52,9 +51,7 @@ async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> 
 
 async def _serve_as(state: PorterState, cluster: str, agent: str) -> None:
     """Let `agent` act for `cluster` only if no other agent does (see `Store.take_agent_slot`)."""
-    held = await run_in_threadpool(
-        lambda: state.store.take_agent_slot(cluster, agent, hold_seconds=AGENT_HOLD_SECONDS)
-    )
+    held = await state.store.take_agent_slot(cluster, agent, hold_seconds=AGENT_HOLD_SECONDS)
     if held is not None:
         other, silent = held
         raise HttpProblem(
@@ -80,7 +77,7 @@ async def claim_work(
     deadline = time.monotonic() + wait
     while True:
         await _serve_as(state, cluster, agent)
-        jobs = await run_in_threadpool(state.store.claim_work, cluster, agent)
+        jobs = await state.store.claim_work(cluster, agent)
         remaining = deadline - time.monotonic()
         if jobs or remaining <= 0 or state.stopping or await request.is_disconnected():
             break
@@ -100,7 +97,7 @@ async def active_jobs(
     report seq applied for the cluster (`seq_floor`)."""
     require_agent_for(principal, cluster)
     await _serve_as(_state(request), cluster, agent)
-    view = await run_in_threadpool(_state(request).store.reconciliation, cluster)
+    view = await _state(request).store.reconciliation(cluster)
     return view.model_dump(mode="json", by_alias=True)
 
 
@@ -110,17 +107,13 @@ async def post_reports(batch: ReportBatch, request: Request, principal: AgentPri
     applied = ignored = 0
     for report in batch.reports:
         await _agent_job(state, report.job_id, principal)
-        job = await run_in_threadpool(_apply, state, report, principal.user)
+        job = await state.store.apply_report(report, actor=principal.user)
         if job is None:
             ignored += 1
             continue
         applied += 1
         state.notifier.notify(job_key(report.job_id))
     return {"applied": applied, "ignored": ignored}
-
-
-def _apply(state: PorterState, report: JobReport, actor: str) -> Job | None:
-    return state.store.apply_report(report, actor=actor)
 
 
 @router.post("/jobs/{job_id}/output")
@@ -135,7 +128,7 @@ async def post_output(
     data = await request.body()
     if len(data) > 8 << 20:
         raise HttpProblem(413, "too_large", "send output in chunks of at most 8 MiB")
-    size = await run_in_threadpool(state.store.append_output, job_id, offset, data)
+    size = await state.store.append_output(job_id, offset, data)
     state.notifier.notify(job_key(job_id))
     return {"size": size}
 
@@ -149,5 +142,5 @@ async def put_accounting(
 ) -> dict[str, bool]:
     state = _state(request)
     await _agent_job(state, job_id, principal)
-    await run_in_threadpool(state.store.set_accounting, job_id, record)
+    await state.store.set_accounting(job_id, record)
     return {"stored": True}

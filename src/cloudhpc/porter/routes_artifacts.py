@@ -43,7 +43,7 @@ def _objects(state: PorterState) -> ObjectStore:
 
 
 async def _user_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
-    job = await run_in_threadpool(state.store.get_job, job_id)
+    job = await state.store.get_job(job_id)
     if job is None or (principal.role != "admin" and job.owner != principal.user):
         raise HttpProblem(404, "not_found", "no such job (or it is not yours)")
     return job
@@ -104,7 +104,7 @@ async def add_artifacts(
     """Record keys the agent wrote. Only keys under the job's own prefix are accepted, so an agent
     cannot make a user's download point at another user's objects."""
     state = _state(request)
-    job = await run_in_threadpool(state.store.get_job, job_id)
+    job = await state.store.get_job(job_id)
     if job is None:
         raise HttpProblem(404, "not_found", f"no job {job_id}")
     require_agent_for(principal, job.cluster)
@@ -117,5 +117,5 @@ async def add_artifacts(
             f"invalid request: keys: {len(outside)} key(s) are not under the job's prefix {prefix}",
             [{"field": "keys", "message": f"not under {prefix}: {outside[0]!r}"}],
         )
-    keys = await run_in_threadpool(state.store.add_artifacts, job.id, body.keys)
+    keys = await state.store.add_artifacts(job.id, body.keys)
     return {"artifacts": keys}

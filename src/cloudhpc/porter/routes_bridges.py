@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem
@@ -32,7 +31,7 @@ def _state(request: Request) -> PorterState:
 
 
 async def _owned(state: PorterState, job_id: UUID, principal: Principal) -> Job:
-    job = await run_in_threadpool(state.store.get_job, job_id)
+    job = await state.store.get_job(job_id)
     if job is None or (principal.role != "admin" and job.owner != principal.user):
         raise HttpProblem(404, "not_found", "no such job (or it is not yours)")
     return job

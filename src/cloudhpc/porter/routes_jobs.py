@@ -13,7 +13,6 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.domain.jobs import Job, JobSpec
@@ -43,7 +42,7 @@ def _visible(job: Job | None, principal: Principal) -> Job:
 
 
 async def _owned_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
-    return _visible(await run_in_threadpool(state.store.get_job, job_id), principal)
+    return _visible(await state.store.get_job(job_id), principal)
 
 
 def _job_response(job: Job) -> Response:
@@ -64,7 +63,7 @@ async def submit_job(
     # Configured clusters need no query; only others are looked up among the agents seen (a store
     # read, so in a worker thread, off the event loop).
     if spec.cluster not in state.settings.clusters and spec.cluster not in (
-        clusters := await run_in_threadpool(state.known_clusters)
+        clusters := await state.known_clusters()
     ):
         raise HttpProblem(
             422,
@@ -78,8 +77,8 @@ async def submit_job(
         raise HttpProblem(
             422, "invalid_request", f"invalid request: ray: {exc}", [{"field": "ray", "message": str(exc)}]
         ) from exc
-    job, created = await run_in_threadpool(
-        lambda: state.store.create_job(principal.user, spec, idempotency_key=idempotency_key, bridges=bridges)
+    job, created = await state.store.create_job(
+        principal.user, spec, idempotency_key=idempotency_key, bridges=bridges
     )
     if created:
         state.notifier.notify(cluster_key(job.cluster))
@@ -100,10 +99,8 @@ async def list_jobs(
 ) -> dict[str, Any]:
     state = _state(request)
     owner = None if principal.role == "admin" else principal.user
-    jobs, next_cursor = await run_in_threadpool(
-        lambda: state.store.list_jobs(
-            owner=owner, state=state_filter, cluster=cluster, name=name, limit=limit, cursor=cursor
-        )
+    jobs, next_cursor = await state.store.list_jobs(
+        owner=owner, state=state_filter, cluster=cluster, name=name, limit=limit, cursor=cursor
     )
     return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs], "next_cursor": next_cursor}
 
@@ -136,7 +133,7 @@ async def get_job(
 async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -> Job:
     state = _state(request)
     job = await _owned_job(state, job_id, principal)
-    job = await run_in_threadpool(state.store.request_cancel, job.id, principal.user)
+    job = await state.store.request_cancel(job.id, principal.user)
     state.notifier.notify(job_key(job_id))
     state.notifier.notify(cluster_key(job.cluster))
     return job
@@ -157,9 +154,9 @@ async def job_logs(
     state = _state(request)
     job = await _owned_job(state, job_id, principal)
     if not follow:
-        data = await run_in_threadpool(state.store.read_output, job_id, offset, limit)
+        data = await state.store.read_output(job_id, offset, limit)
         next_offset = offset + len(data)
-        size = await run_in_threadpool(state.store.output_size, job_id)
+        size = await state.store.output_size(job_id)
         complete = job.state.terminal and next_offset >= size
         headers = {"X-Next-Offset": str(next_offset), "X-Complete": "true" if complete else "false"}
         return Response(content=data, media_type="application/octet-stream", headers=headers)
@@ -167,15 +164,15 @@ async def job_logs(
     async def stream() -> AsyncIterator[bytes]:
         position = offset
         while True:
-            data = await run_in_threadpool(state.store.read_output, job_id, position, LOG_CHUNK)
+            data = await state.store.read_output(job_id, position, LOG_CHUNK)
             if data:
                 position += len(data)
                 yield data
                 continue
-            current = await run_in_threadpool(state.store.get_job, job_id)
+            current = await state.store.get_job(job_id)
             if current is None or current.state.terminal:
                 # the agent uploads the last chunk before it reports the end: one more read drains it
-                tail = await run_in_threadpool(state.store.read_output, job_id, position, LOG_CHUNK)
+                tail = await state.store.read_output(job_id, position, LOG_CHUNK)
                 if tail:
                     position += len(tail)
                     yield tail
@@ -192,7 +189,7 @@ async def job_logs(
 async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
     state = _state(request)
     job = await _owned_job(state, job_id, principal)
-    record = await run_in_threadpool(state.store.get_accounting, job.id)
+    record = await state.store.get_accounting(job.id)
     if record is None:
         raise HttpProblem(
             404,
@@ -205,10 +202,10 @@ async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipa
 @router.get("/clusters")
 async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str, Any]:
     state = _state(request)
-    seen = await run_in_threadpool(state.store.agents)
+    seen = await state.store.agents()
     now = time.time()
     out = []
-    for name in state.known_clusters():
+    for name in state.cluster_names(seen):
         cfg = state.settings.clusters.get(name)
         last = seen.get(name)
         out.append(

@@ -7,11 +7,12 @@ import hashlib
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cloudhpc.config import Settings
 from cloudhpc.storage import ObjectStore
-from cloudhpc.store import Principal, Store
+from cloudhpc.store import AsyncStore, Principal
 
 __all__ = ["Notifier", "PorterState", "TokenCache"]
 
@@ -95,7 +96,8 @@ def cluster_key(cluster: str) -> str:
 @dataclass
 class PorterState:
     settings: Settings
-    store: Store
+    store: AsyncStore
+    """The job store, awaitable: every call runs in a worker thread, never on the event loop."""
     notifier: Notifier = field(default_factory=Notifier)
     tokens: TokenCache = field(default_factory=TokenCache)
     objects: ObjectStore | None = None
@@ -107,5 +109,9 @@ class PorterState:
     re-check (within `recheck_interval`), inside the server's short graceful-shutdown window,
     instead of being cut off with a 500."""
 
-    def known_clusters(self) -> list[str]:
-        return sorted(set(self.settings.clusters) | set(self.store.agents()))
+    def cluster_names(self, agents_seen: Iterable[str]) -> list[str]:
+        """The configured clusters and those an agent has served (`agents_seen`), sorted."""
+        return sorted(set(self.settings.clusters) | set(agents_seen))
+
+    async def known_clusters(self) -> list[str]:
+        return self.cluster_names(await self.store.agents())
