@@ -12,6 +12,7 @@ import importlib.metadata
 import inspect
 import pkgutil
 import re
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -186,3 +187,14 @@ def test_the_drawn_tree_is_the_class_tree() -> None:
         (base,) = cls.__bases__  # one parent each, or the drawing could not show it
         actual[cls.__name__] = None if cls is exceptions.CloudHPCError else base.__name__
     assert _drawn_tree() == actual
+
+
+def test_docs_draw_the_same_tree() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "exceptions.md").read_text()
+    drawn = doc.split("```\n", 2)[1].split("\n```", 1)[0]
+    lines = (exceptions.__doc__ or "").splitlines()
+    start = lines.index("    CloudHPCError")
+    tree = [line[4:] for line in lines[start : start + len(_drawn_tree())]]
+    assert drawn.splitlines() == tree
+    for name in EXPECTED:
+        assert f"| `{name}` |" in doc, f"docs/exceptions.md has no row for {name}"
