@@ -92,10 +92,10 @@ async def main() -> None:
             "testbed",
             conn,
             workdir="~/.cloudhpc-bench",
-            default_resources=Resources(partition=testbed.partition, time="00:20:00"),
         )
         workdir = await backend.workdir()
-        submissions = [make_submission(workdir, "sleep 1200\n") for _ in range(JOBS)]
+        defaults = Resources(partition=testbed.partition, time="00:20:00")
+        submissions = [make_submission(workdir, "sleep 1200\n", defaults=defaults) for _ in range(JOBS)]
         t0 = time.monotonic()
         native = await asyncio.gather(*(backend.submit(s) for s in submissions))
         jobs = {s.job_id: n for s, n in zip(submissions, native, strict=True)}

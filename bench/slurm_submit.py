@@ -38,8 +38,8 @@ TARGET = 5.0
 async def shared(
     conn: SSHConnection, workdir: str, defaults: Resources, concurrent: bool
 ) -> tuple[float, list[str]]:
-    backend = SlurmBackend("testbed", conn, workdir=workdir, default_resources=defaults)
-    submissions = [make_submission(workdir, "true\n") for _ in range(N)]
+    backend = SlurmBackend("testbed", conn, workdir=workdir)
+    submissions = [make_submission(workdir, "true\n", defaults=defaults) for _ in range(N)]
     t0 = time.perf_counter()
     if concurrent:
         ids = list(await asyncio.gather(*(backend.submit(s) for s in submissions)))
@@ -53,11 +53,9 @@ async def connection_per_submit(
 ) -> tuple[float, list[str]]:
     async def one(submission: JobSubmission) -> str:
         async with SSHConnection(config, cluster="testbed") as conn:
-            return await SlurmBackend("testbed", conn, workdir=workdir, default_resources=defaults).submit(
-                submission
-            )
+            return await SlurmBackend("testbed", conn, workdir=workdir).submit(submission)
 
-    submissions = [make_submission(workdir, "true\n") for _ in range(N)]
+    submissions = [make_submission(workdir, "true\n", defaults=defaults) for _ in range(N)]
     t0 = time.perf_counter()
     ids = [await one(s) for s in submissions]
     return time.perf_counter() - t0, ids

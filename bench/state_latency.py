@@ -60,12 +60,16 @@ async def main() -> None:
             "testbed",
             conn,
             workdir="~/.cloudhpc-bench",
-            default_resources=Resources(partition=testbed.partition, time="00:05:00"),
         )
         workdir = await backend.workdir()
         poller = Poller(backend, CONFIG, record)
-        blockers = [make_submission(workdir, f"sleep {2 + 0.37 * i:.2f}\n") for i in range(CPUS)]
-        measured = [make_submission(workdir, script(2 + 0.29 * i + 0.13)) for i in range(JOBS)]
+        defaults = Resources(partition=testbed.partition, time="00:05:00")
+        blockers = [
+            make_submission(workdir, f"sleep {2 + 0.37 * i:.2f}\n", defaults=defaults) for i in range(CPUS)
+        ]
+        measured = [
+            make_submission(workdir, script(2 + 0.29 * i + 0.13), defaults=defaults) for i in range(JOBS)
+        ]
         blocker_ids = [await backend.submit(s) for s in blockers]
         poller.start()
         try:

@@ -32,8 +32,10 @@ def make_submission(
     resources: Resources | None = None,
     env: dict[str, str] | None = None,
     files: dict[str, str] | None = None,
+    defaults: Resources | None = None,
 ) -> JobSubmission:
-    """A batch job: the rendered wrapper plus the user's script and files, keyed by job-relative path."""
+    """A batch job: the rendered wrapper plus the user's script and files, keyed by job-relative path.
+    `defaults` are the cluster's, applied as the agent applies them (backends take complete resources)."""
     job_id = uuid4()
     spec = JobSpec(
         name="slurm-test",
@@ -49,7 +51,7 @@ def make_submission(
     return JobSubmission(
         job_id=job_id,
         spec=spec,
-        resources=spec.resources,
+        resources=spec.resources.with_defaults(defaults) if defaults is not None else spec.resources,
         batch_script=render_batch_script(job_id=job_id, spec=spec, paths=paths),
         files=staged,
     )

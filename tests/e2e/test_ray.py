@@ -278,12 +278,14 @@ def test_workers_started_by_srun_join_the_head(testbed_ssh: SSHConfig, testbed: 
                 "testbed",
                 conn,
                 workdir="~/.cloudhpc",
-                default_resources=Resources(partition=testbed.partition),
             )
             workdir = await backend.workdir()
             activation = await EnvironmentCache(conn, workdir=workdir).ensure(spec.environment)
             paths = JobPaths(workdir, job_id)
-            resources = spec.resources.model_copy(update={"cpus_per_task": 2})
+            # the cluster's defaults, applied as the agent applies them
+            resources = spec.resources.model_copy(update={"cpus_per_task": 2}).with_defaults(
+                Resources(partition=testbed.partition)
+            )
             ray_job = render_ray_job(
                 job_id=job_id,
                 spec=spec,

@@ -167,11 +167,9 @@ async def test_time_limit_ends_in_timeout(backend: LocalBackend) -> None:
 
 
 async def test_time_limit_escalates_to_sigkill(tmp_path: Path) -> None:
-    # The limit comes from the cluster defaults here: the submission names none.
-    defaults = Resources(time="0:1")
-    backend = LocalBackend("local", workdir=tmp_path / "work", kill_grace=0.5, default_resources=defaults)
+    backend = LocalBackend("local", workdir=tmp_path / "work", kill_grace=0.5)
     script = "trap '' TERM\necho ignoring\nwhile :; do sleep 0.1; done\n"
-    native = await backend.submit(make_submission(backend, script))
+    native = await backend.submit(make_submission(backend, script, resources=Resources(time="0:1")))
     obs = await wait_for(backend, native, ENDED, timeout=8)
     assert obs.state == JobState.TIMEOUT
     (record,) = await backend.accounting(native)

@@ -27,7 +27,7 @@ from cloudhpc.hpc.slurm import SlurmBackend, compute_efficiency
 from cloudhpc.hpc.ssh import SSHConnection
 from tests.conftest import HOSTILE_STRINGS
 from tests.slurm_jobs import make_submission
-from tests.testbed import Testbed
+from tests.testbed import Testbed, load_testbed
 
 pytestmark = pytest.mark.testbed
 
@@ -52,13 +52,22 @@ def make_backend(cfg: SSHConfig, testbed: Testbed, log: CommandLog | None = None
         "testbed",
         SSHConnection(cfg, cluster="testbed"),
         workdir=WORKDIR,
-        default_resources=Resources(partition=testbed.partition, time="00:05:00"),
         on_command=log,
     )
 
 
+def cluster_defaults() -> Resources:
+    """The cluster's `defaults`: the agent applies them before a backend sees a submission."""
+    return Resources(partition=load_testbed().partition, time="00:05:00")
+
+
 async def submit(backend: SlurmBackend, script: str, **kwargs: object) -> tuple[UUID, str]:
-    submission = make_submission(await backend.workdir(), script, **kwargs)  # type: ignore[arg-type]
+    submission = make_submission(
+        await backend.workdir(),
+        script,
+        defaults=cluster_defaults(),
+        **kwargs,  # type: ignore[arg-type]
+    )
     return submission.job_id, await backend.submit(submission)
 
 
@@ -273,7 +282,10 @@ async def test_poll_answers_known_ids_beside_unknown_ones(backend: SlurmBackend)
 
 async def test_rejected_submission_keeps_the_evidence(backend: SlurmBackend) -> None:
     submission = make_submission(
-        await backend.workdir(), "true\n", resources=Resources(partition="nosuchpart")
+        await backend.workdir(),
+        "true\n",
+        resources=Resources(partition="nosuchpart"),
+        defaults=cluster_defaults(),
     )
     with pytest.raises(SubmitRejected) as info:
         await backend.submit(submission)

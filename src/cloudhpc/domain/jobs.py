@@ -26,6 +26,7 @@ from pydantic import (
 from cloudhpc.domain.states import JobState
 
 __all__ = [
+    "MEMORY_UNITS",
     "RESERVED_PREFIX",
     "Bridge",
     "Environment",
@@ -40,6 +41,7 @@ __all__ = [
     "Resources",
     "import_variable",
     "is_object_url",
+    "parse_mem",
     "parse_slurm_time",
 ]
 
@@ -59,6 +61,17 @@ _TIME = re.compile(
     r"|(?P<mm>\d+)(?::(?P<ss>\d+))?)$"
 )
 _OBJECT_URL = re.compile(r"^(?:s3|file)://[^\s]+$")
+
+MEMORY_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+"""SLURM's size suffixes, all binary (`16G` is 16 GiB), in requests and in what sacct and seff print."""
+
+
+def parse_mem(mem: str) -> int:
+    """Bytes in SLURM's memory request syntax (`Resources.mem`): a bare number is megabytes."""
+    unit = mem[-1].upper()
+    if unit in MEMORY_UNITS:
+        return int(mem[:-1]) * MEMORY_UNITS[unit]
+    return int(mem) * MEMORY_UNITS["M"]
 
 
 def parse_slurm_time(value: str) -> int:
@@ -131,6 +144,11 @@ class Resources(_Model):
     )
     partition: Name | None = None
     account: Name | None = None
+
+    @property
+    def mem_bytes(self) -> int | None:
+        """`mem` in bytes, None when unset."""
+        return parse_mem(self.mem) if self.mem else None
 
     def with_defaults(self, defaults: Resources) -> Resources:
         """These resources, with every unset field taken from `defaults`."""

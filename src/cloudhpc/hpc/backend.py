@@ -6,8 +6,8 @@ Three layers, each replaceable on its own:
   scheduler (`hpc/ssh.py` over one SSH connection; `hpc/local.py` on this machine).
 - `JobBackend`: scheduler verbs (submit, find, poll, cancel, accounting, output), in terms of our
   own job ids and `Observation`s, never SLURM words.
-- Paths: where a job lives on the cluster, decided once here so that the renderer, the backends and
-  the artifact collector agree.
+- Paths: where a job lives on the cluster (`JobPaths`, from `domain.paths`, re-exported here), so
+  that the renderer, the backends and the artifact collector agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from uuid import UUID
 
 from cloudhpc.domain.jobs import JobSpec, Observation, Resources
+from cloudhpc.domain.paths import JobPaths
 
 __all__ = [
     "AccountingRecord",
@@ -79,38 +80,6 @@ class FileTransfer(Protocol):
         """File size in bytes, or None when the file does not exist."""
 
     async def makedirs(self, path: str, *, mode: int = 0o700) -> None: ...
-
-
-@dataclass(frozen=True)
-class JobPaths:
-    """Where one job lives on the cluster: `<workdir>/jobs/<id>/`, cloudhpc's own files under `.cloudhpc/`."""
-
-    workdir: str
-    job_id: UUID
-
-    @property
-    def jobdir(self) -> str:
-        return f"{self.workdir.rstrip('/')}/jobs/{self.job_id}"
-
-    @property
-    def control(self) -> str:
-        return f"{self.jobdir}/.cloudhpc"
-
-    @property
-    def batch_script(self) -> str:
-        return f"{self.control}/job.sh"
-
-    @property
-    def user_script(self) -> str:
-        return f"{self.control}/script"
-
-    @property
-    def output(self) -> str:
-        return f"{self.control}/output.log"
-
-    def file(self, relative: str) -> str:
-        """Absolute path of a user file; `relative` was validated by JobSpec (no `..`, not absolute)."""
-        return f"{self.jobdir}/{relative}"
 
 
 @dataclass(frozen=True)

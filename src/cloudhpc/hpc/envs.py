@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from cloudhpc.domain.jobs import Environment
+from cloudhpc.domain.paths import resolve_workdir
 from cloudhpc.exceptions import CommandTimeout, EnvironmentBuildError
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer
 
@@ -294,12 +295,8 @@ class EnvironmentCache:
     async def envs_dir(self) -> str:
         """`<workdir>/envs` as an absolute path (the batch script must not depend on its cwd)."""
         if self._envs_dir is None:
-            workdir = self._workdir.rstrip("/") or "/"
-            if not workdir.startswith("/"):
-                home = (await self._runner.home()).rstrip("/")
-                rest = "" if workdir == "~" else workdir.removeprefix("~/")
-                workdir = f"{home}/{rest}" if rest else home
-            self._envs_dir = f"{workdir.rstrip('/')}/envs"
+            home = "" if self._workdir.startswith("/") else await self._runner.home()
+            self._envs_dir = f"{resolve_workdir(self._workdir, home).rstrip('/')}/envs"
         return self._envs_dir
 
     async def envdir(self, env: Environment) -> str:

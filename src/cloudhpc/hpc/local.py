@@ -24,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from cloudhpc.domain.jobs import Observation, Resources, parse_slurm_time
+from cloudhpc.domain.paths import resolve_workdir
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CommandTimeout, JobNotFound, RemoteFileError, SubmitRejected
 from cloudhpc.hpc.backend import (
@@ -58,7 +59,6 @@ NATIVE_PREFIX = "local-"
 """Native ids are `local-<job uuid>`: they map back to the job directory without any lookup."""
 
 _LOST = "SUPERVISOR_LOST"
-_MEM_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _makedirs(path: Path, mode: int) -> None:
@@ -99,12 +99,7 @@ class LocalRunner:
         """Resolve like the SSH runner does over SFTP: absolute as is, `~`, `~/x` and `x` under home."""
         if not path:
             raise ValueError("a path must not be empty")
-        if path == "~":
-            return self._home
-        if path.startswith("~/"):
-            path = path[2:]
-        p = Path(path)
-        return p if p.is_absolute() else self._home / p
+        return Path(resolve_workdir(path, str(self._home)))
 
     async def run(
         self,
@@ -258,16 +253,6 @@ async def stage_job_directory(transfer: FileTransfer, paths: JobPaths, submissio
     await transfer.write_file(paths.batch_script, submission.batch_script.encode(), mode=0o700)
 
 
-def _mem_bytes(mem: str | None) -> int | None:
-    """SLURM memory syntax (`4000` is MB, `16G`) in bytes."""
-    if not mem:
-        return None
-    unit = mem[-1].upper()
-    if unit in _MEM_UNITS:
-        return int(mem[:-1]) * _MEM_UNITS[unit]
-    return int(mem) * _MEM_UNITS["M"]
-
-
 def _cores(resources: Resources) -> int:
     """Cores a job asked for; like seff, 1 when it named none."""
     return (resources.cpus_per_task or 1) * (resources.ntasks_per_node or 1) * (resources.nodes or 1)
@@ -284,9 +269,9 @@ class LocalBackend:
     `workdir` (and `~`) is resolved against the runner's home, the same rule as for a cluster's
     `workdir` over SSH, so one configuration key means one thing for both backends.
 
-    `default_resources` fill what a submission leaves unset (the cluster's `defaults`, as the SLURM
-    backend does); only `time`, `cpus_per_task`/`ntasks_per_node`/`nodes` (cores, for efficiency)
-    and `mem` (for memory efficiency) mean anything here, nothing is enforced but the time limit.
+    A submission's resources are complete (the agent applied the cluster's `defaults`); only
+    `time`, `cpus_per_task`/`ntasks_per_node`/`nodes` (cores, for efficiency) and `mem` (for memory
+    efficiency) mean anything here, nothing is enforced but the time limit.
     `kill_grace` is SLURM's KillWait: seconds between SIGTERM and SIGKILL at the time limit or on
     cancel.
     """
@@ -300,18 +285,10 @@ class LocalBackend:
         kill_grace: float = 10.0,
         launch_timeout: float = 30.0,
         python: str | None = None,
-        default_resources: Resources | None = None,
     ) -> None:
         self.cluster = cluster
-        self._defaults = default_resources
         self.runner = runner if runner is not None else LocalRunner()
-        home = self.runner.home_path
-        raw = str(workdir)
-        if raw == "~" or raw.startswith("~/"):
-            path = home / raw[2:]
-        else:
-            path = Path(raw) if Path(raw).is_absolute() else home / raw
-        self.workdir = str(path)
+        self.workdir = resolve_workdir(str(workdir), str(self.runner.home_path))
         self._kill_grace = kill_grace
         self._launch_timeout = launch_timeout
         self._python = python or sys.executable
@@ -346,8 +323,6 @@ class LocalBackend:
             return native
         await stage_job_directory(self.runner, paths, submission)
         res = submission.resources
-        if self._defaults is not None:
-            res = res.with_defaults(self._defaults)
         limit = parse_slurm_time(res.time) if res.time else None
         write_json_atomic(
             control / REQUEST_FILE,
@@ -363,7 +338,7 @@ class LocalBackend:
                 "time_limit_seconds": limit,
                 "kill_grace_seconds": self._kill_grace,
                 "cpus": _cores(res),
-                "mem_bytes": _mem_bytes(res.mem),
+                "mem_bytes": res.mem_bytes,
             },
         )
         await self._launch(control, paths)

@@ -25,7 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 from uuid import UUID
 
-from cloudhpc.domain.jobs import Observation, Resources
+from cloudhpc.domain.jobs import MEMORY_UNITS, Observation, Resources
+from cloudhpc.domain.paths import resolve_workdir
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
     AccountingUnavailable,
@@ -248,7 +249,8 @@ def parse_duration(value: str | None) -> float | None:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+_UNITS = {"": 1, **MEMORY_UNITS}
+"""sacct and seff print bare numbers as bytes, unlike a memory request (megabytes)."""
 _SIZE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[KMGTP]?)(?P<per>[cn]?)$")
 
 
@@ -827,7 +829,6 @@ class SlurmBackend:
         *,
         workdir: str,
         prelude: str = "",
-        default_resources: Resources | None = None,
         on_command: CommandObserver | None = None,
         sacct_lookback: timedelta = timedelta(days=30),
         command_timeout: float | None = None,
@@ -837,7 +838,6 @@ class SlurmBackend:
         self._workdir = workdir
         self._resolved_workdir: str | None = None
         self._prelude = prelude
-        self._defaults = default_resources
         self._on_command = on_command
         self._lookback = sacct_lookback
         self._timeout = command_timeout
@@ -868,23 +868,18 @@ class SlurmBackend:
         """The absolute work directory (`~/x` and relative paths resolved against the home directory),
         because sbatch's `--chdir` and `--output` must not depend on the shell's expansion."""
         if self._resolved_workdir is None:
-            path = self._workdir
-            if not path.startswith("/"):
-                home = (await self._conn.home()).rstrip("/")
-                rest = path[1:].lstrip("/") if path == "~" or path.startswith("~/") else path
-                path = f"{home}/{rest}" if rest else home
-            self._resolved_workdir = path.rstrip("/") or "/"
+            home = "" if self._workdir.startswith("/") else await self._conn.home()
+            self._resolved_workdir = resolve_workdir(self._workdir, home)
         return self._resolved_workdir
 
     async def paths(self, job_id: UUID) -> JobPaths:
         return JobPaths(workdir=await self.workdir(), job_id=job_id)
 
     async def submit(self, submission: JobSubmission) -> str:
+        """Stage and sbatch. `submission.resources` are complete: the agent applies the cluster's
+        defaults once, before rendering, so what is submitted is what the rendered script saw."""
         paths = await self.paths(submission.job_id)
-        resources = submission.resources
-        if self._defaults is not None:
-            resources = resources.with_defaults(self._defaults)
-        command = Sbatch(job_id=submission.job_id, paths=paths, resources=resources)
+        command = Sbatch(job_id=submission.job_id, paths=paths, resources=submission.resources)
         command.argv()  # validate before anything is written on the cluster
         targets = [
             (paths.file(_check_relative(rel)), data, submission.modes.get(rel, 0o644))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from cloudhpc.config import ClusterConfig
+from cloudhpc.domain.paths import resolve_workdir
 from cloudhpc.hpc.backend import JobBackend
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.local import LocalBackend, LocalRunner
@@ -17,17 +19,14 @@ from cloudhpc.metrics.agent import AgentMetrics
 __all__ = ["open_backend"]
 
 
-def _local_path(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
-
-
 async def open_backend(
     name: str, cluster: ClusterConfig, stack: AsyncExitStack, metrics: AgentMetrics | None = None
 ) -> tuple[JobBackend, EnvironmentCache, str]:
     """The backend, environment cache and resolved work directory of cluster `name`; the SSH
     connection (if any) is closed by `stack`."""
     if cluster.backend == "local":
-        workdir = _local_path(cluster.workdir)
+        # a local path in the configuration reads like any other: relative to the current directory
+        workdir = resolve_workdir(cluster.workdir, str(Path.home()), relative_to=os.getcwd())
         runner = LocalRunner()
         backend: JobBackend = LocalBackend(name, workdir=workdir, runner=runner)
         return backend, EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude), workdir
@@ -38,11 +37,6 @@ async def open_backend(
     if metrics is not None:
         metrics.watch_connection(name, conn)
     stack.push_async_callback(conn.close)
-    home = await conn.home()
-    workdir = cluster.workdir
-    if workdir.startswith("~/") or workdir == "~":
-        workdir = home.rstrip("/") + workdir[1:]
-    elif not workdir.startswith("/"):
-        workdir = f"{home.rstrip('/')}/{workdir}"
+    workdir = resolve_workdir(cluster.workdir, await conn.home())
     backend = SlurmBackend(name, conn, workdir=workdir, prelude=cluster.prelude)
     return backend, EnvironmentCache(conn, workdir=workdir, prelude=cluster.prelude), workdir

@@ -295,6 +295,7 @@ class Agent:
 
     async def _prepare(self, job: Job) -> JobSubmission:
         spec = job.spec
+        # The cluster's defaults are applied here and nowhere else: backends take complete resources.
         resources = spec.resources.with_defaults(self.config.defaults.as_resources())
         activation: list[str] = []
         if self.envs is not None and not spec.environment.is_empty:
