@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudhpc.bridges.tunnel import tunnel_ssh_options
 from cloudhpc.config import BridgeConfig
 
 __all__ = ["Check", "check_bridge_host", "public_key_of", "ssh_base_argv"]
@@ -43,36 +44,14 @@ class Check:
 
 
 def ssh_base_argv(config: BridgeConfig) -> list[str]:
-    """The job tunnel's ssh options, with this machine's copy of the key and known_hosts."""
-    return [
-        "ssh",
-        "-F",
-        "/dev/null",
-        "-i",
-        str(config.key_file.expanduser()),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "IdentityAgent=none",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-o",
-        "ConnectTimeout=10",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"UserKnownHostsFile={config.known_hosts.expanduser()}",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "ControlMaster=no",
-        "-o",
-        "ControlPath=none",
-        "-p",
-        str(config.ssh_port),
-    ]
+    """The job tunnel's ssh options (`tunnel_ssh_options`), with this machine's copy of the key and
+    known_hosts."""
+    options = tunnel_ssh_options(
+        key_path=str(config.key_file.expanduser()),
+        known_hosts_path=str(config.known_hosts.expanduser()),
+        ssh_port=config.ssh_port,
+    )
+    return ["ssh", *options]
 
 
 def public_key_of(key_file: Path) -> str:

@@ -18,7 +18,14 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["TunnelExport", "TunnelImport", "TunnelPlan", "render_tunnel"]
+__all__ = [
+    "TunnelExport",
+    "TunnelImport",
+    "TunnelPlan",
+    "render_tunnel",
+    "ssh_argv_words",
+    "tunnel_ssh_options",
+]
 
 SERVER_ALIVE_INTERVAL = 5
 """Seconds between ssh keepalives: a dead path is noticed after about 3 x this."""
@@ -76,17 +83,14 @@ def _local(word: str) -> str:
     raise ValueError(f'local port {word!r} must be a number or a "$chpc_..." variable')
 
 
-def ssh_argv_words(plan: TunnelPlan) -> list[str]:
-    """The ssh command as shell words (quoted literals and the local-port expansions)."""
-    q = shlex.quote
-    words = [
-        "ssh",
-        "-N",
-        "-T",
+def tunnel_ssh_options(*, key_path: str, known_hosts_path: str, ssh_port: int) -> list[str]:
+    """The ssh options of a job's tunnel, as an argv (unquoted): `cloudhpc doctor bridge-host`
+    connects with the same ones, so what it checks is what a job will get."""
+    return [
         "-F",
         "/dev/null",
         "-i",
-        q(plan.key_path),
+        key_path,
         "-o",
         "IdentitiesOnly=yes",
         "-o",
@@ -104,7 +108,7 @@ def ssh_argv_words(plan: TunnelPlan) -> list[str]:
         "-o",
         "StrictHostKeyChecking=yes",
         "-o",
-        q(f"UserKnownHostsFile={plan.known_hosts_path}"),
+        f"UserKnownHostsFile={known_hosts_path}",
         "-o",
         "GlobalKnownHostsFile=/dev/null",
         "-o",
@@ -116,8 +120,17 @@ def ssh_argv_words(plan: TunnelPlan) -> list[str]:
         "-o",
         "LogLevel=ERROR",
         "-p",
-        str(_check_port(plan.ssh_port, "ssh port")),
+        str(_check_port(ssh_port, "ssh port")),
     ]
+
+
+def ssh_argv_words(plan: TunnelPlan) -> list[str]:
+    """The ssh command as shell words (quoted literals and the local-port expansions)."""
+    q = shlex.quote
+    options = tunnel_ssh_options(
+        key_path=plan.key_path, known_hosts_path=plan.known_hosts_path, ssh_port=plan.ssh_port
+    )
+    words = ["ssh", "-N", "-T", *(q(word) for word in options)]
     for export in plan.exports:
         target = f"{plan.bind_address}:{_check_port(export.bridge_port, 'bridge port')}:127.0.0.1:"
         words += ["-R", q(target) + _local(export.local)]
