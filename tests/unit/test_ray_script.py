@@ -16,8 +16,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cloudhpc.bridges.tunnel import TunnelExport, TunnelPlan, render_tunnel, ssh_argv_words
-from cloudhpc.domain.jobs import Bridge, JobSpec, import_variable
+from cloudhpc.bridges.doctor import ssh_base_argv
+from cloudhpc.bridges.tunnel import (
+    TunnelExport,
+    TunnelPlan,
+    render_tunnel,
+    ssh_argv_words,
+    tunnel_ssh_options,
+)
+from cloudhpc.config import BridgeConfig
+from cloudhpc.domain.jobs import Bridge, JobSpec, Resources, import_variable, parse_mem
 from cloudhpc.hpc.backend import JobPaths
 from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.ray import node_script
@@ -27,9 +35,10 @@ from cloudhpc.ray.script import (
     HELPERS_FILE,
     KEY_FILE,
     KNOWN_HOSTS_FILE,
+    SECTIONS,
     WORKER_FILE,
+    RayJobScript,
     TunnelAccess,
-    mem_bytes,
     ray_node_count,
     render_ray_job,
 )
@@ -61,20 +70,24 @@ def bridges_for(s: JobSpec, first: int = 19500) -> list[Bridge]:
     ]
 
 
-def render(
-    s: JobSpec, *, workdir: str = HOSTILE_WORKDIR, colocate: bool = False
-) -> tuple[str, dict[str, bytes]]:
-    paths = JobPaths(workdir, JOB_ID)
+def render_body(s: JobSpec, *, workdir: str = HOSTILE_WORKDIR, colocate: bool = False) -> RayJobScript:
     tunnel = ACCESS if s.ray and (s.ray.expose or s.ray.import_) else None
-    result = render_ray_job(
+    return render_ray_job(
         job_id=JOB_ID,
         spec=s,
-        paths=paths,
+        paths=JobPaths(workdir, JOB_ID),
         resources=s.resources,
         bridges=bridges_for(s),
         tunnel=tunnel,
         colocate_workers=colocate,
     )
+
+
+def render(
+    s: JobSpec, *, workdir: str = HOSTILE_WORKDIR, colocate: bool = False
+) -> tuple[str, dict[str, bytes]]:
+    paths = JobPaths(workdir, JOB_ID)
+    result = render_body(s, workdir=workdir, colocate=colocate)
     script = render_batch_script(
         job_id=JOB_ID,
         spec=s,
@@ -135,6 +148,17 @@ def test_golden_ray_cluster(tmp_path: Path) -> None:
     bash_syntax_ok(files[WORKER_FILE].decode(), tmp_path)
 
 
+@pytest.mark.parametrize("case", ["ray_cluster", "ray_job"])
+def test_golden_sections(case: str) -> None:
+    """Each section of the body on its own (tests/unit/golden/<case>/<section>.sh, empty when the
+    job has none), so a change shows which part of the script it touched."""
+    result = render_body(CLUSTER if case == "ray_cluster" else JOB)
+    assert list(result.sections) == list(SECTIONS)
+    for name, lines in result.sections.items():
+        check_golden(f"{case}/{name}.sh", "".join(f"{line}\n" for line in lines))
+    assert result.body == [line for name in SECTIONS for line in result.sections[name]]
+
+
 def test_golden_ray_job(tmp_path: Path) -> None:
     script, files = render(JOB)
     check_golden("ray_job.sh", script)
@@ -154,7 +178,7 @@ def test_cluster_layout() -> None:
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" not in script  # workers would refuse to join
     assert "--dashboard-host=127.0.0.1" in script
     assert "--num-cpus=2" in script
-    memory = mem_bytes("4G")
+    memory = parse_mem("4G")
     assert f"--object-store-memory={int(memory * 0.3)}" in script
     assert "--num-gpus=1" in files[WORKER_FILE].decode()
     assert "ray stop" not in script.replace("Never `ray stop`", "")
@@ -310,6 +334,29 @@ def test_tunnel_words_are_quoted_and_checked() -> None:
     assert render_tunnel(TunnelPlan(**{**plan.__dict__, "exports": []})) == []
 
 
+def test_doctor_connects_with_the_tunnels_options() -> None:
+    """`cloudhpc doctor bridge-host` checks what a job gets: the same ssh options, one function."""
+    config = BridgeConfig(
+        host="vm.example.org",
+        ssh_user="cloudhpc",
+        ssh_port=2222,
+        key_file=Path("/keys/bridge"),
+        known_hosts=Path("/keys/known_hosts"),
+    )
+    options = tunnel_ssh_options(key_path="/keys/bridge", known_hosts_path="/keys/known_hosts", ssh_port=2222)
+    assert ssh_base_argv(config) == ["ssh", *options]
+    plan = TunnelPlan(
+        host="vm.example.org",
+        ssh_port=2222,
+        ssh_user="cloudhpc",
+        bind_address="0.0.0.0",
+        key_path="/keys/bridge",
+        known_hosts_path="/keys/known_hosts",
+        pid_file="/w/pid",
+    )
+    assert ssh_argv_words(plan)[3 : 3 + len(options)] == options
+
+
 # ---- the spec's rules -------------------------------------------------------------------------
 
 
@@ -350,8 +397,10 @@ def test_node_count_and_import_variables() -> None:
     assert ray_node_count(spec()) == 1
     assert import_variable("mlflow") == "CLOUDHPC_IMPORT_MLFLOW"
     assert import_variable("s3.main-store") == "CLOUDHPC_IMPORT_S3_MAIN_STORE"
-    assert mem_bytes("4000") == 4000 * 1024**2
-    assert mem_bytes("2G") == 2 * 1024**3
+    assert parse_mem("4000") == 4000 * 1024**2
+    assert parse_mem("2G") == 2 * 1024**3
+    assert Resources(mem="16G").mem_bytes == 16 * 1024**3
+    assert Resources().mem_bytes is None
 
 
 def test_helpers_pick_distinct_free_ports_and_an_address() -> None:

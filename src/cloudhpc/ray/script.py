@@ -24,6 +24,7 @@ and every number is checked.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -45,7 +46,6 @@ __all__ = [
     "READY_TIMEOUT",
     "RayJobScript",
     "TunnelAccess",
-    "mem_bytes",
     "ray_node_count",
     "render_ray_job",
 ]
@@ -66,15 +66,6 @@ OBJECT_STORE_SHARE = 0.3
 
 _RAY_PORTS = {"dashboard": '"$chpc_dashboard"', "client": '"$chpc_client"', "metrics": '"$chpc_metrics"'}
 """Exposed names that mean Ray's own ports, picked at run time; other names are the user's ports."""
-_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def mem_bytes(mem: str) -> int:
-    """SLURM memory syntax in bytes: `4000` is megabytes, `16G` gigabytes."""
-    unit = mem[-1].upper()
-    if unit in _UNITS:
-        return int(mem[:-1]) * _UNITS[unit]
-    return int(mem) * _UNITS["M"]
 
 
 def ray_node_count(spec: JobSpec) -> int:
@@ -99,12 +90,18 @@ class TunnelAccess:
 
 @dataclass(frozen=True)
 class RayJobScript:
-    body: list[str]
+    sections: dict[str, list[str]]
+    """The body's sections by name (`SECTIONS`), in order."""
     files: dict[str, bytes]
     modes: dict[str, int] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     secret_files: tuple[str, ...] = ()
     """Job-relative files to delete when the job ends (the bridge key), whatever way it ends."""
+
+    @property
+    def body(self) -> list[str]:
+        """The lines of the batch-script body: every section, in order."""
+        return [line for lines in self.sections.values() for line in lines]
 
 
 def _q(value: str) -> str:
@@ -117,8 +114,8 @@ def _start_flags(role: Resources) -> list[str]:
     flags = [f"--num-cpus={cpus}"]
     if role.gpus_per_node is not None:
         flags.append(f"--num-gpus={role.gpus_per_node}")
-    if role.mem is not None:
-        total = mem_bytes(role.mem)
+    total = role.mem_bytes
+    if total is not None:
         store = max(int(total * OBJECT_STORE_SHARE), 80 * 1024 * 1024)
         flags += [f"--memory={max(total - store, 0)}", f"--object-store-memory={store}"]
     return flags
@@ -172,6 +169,235 @@ def _worker_script(job_id: UUID, paths: JobPaths, workers: Resources, multi_node
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What every section of the script is rendered from: decided once, before any line is written."""
+
+    kind: JobKind
+    ray: RaySpec
+    paths: JobPaths
+    nodes: int
+    workers: int
+    multi_node: bool
+    colocate_workers: bool
+    plan: TunnelPlan | None
+    secrets: tuple[str, ...]
+
+
+def _header(layout: _Layout) -> list[str]:
+    """The job's control directory, the `ray` check and the shell functions every later section uses."""
+    return [
+        f"# ---- cloudhpc: {layout.kind.value} with {layout.nodes} Ray node(s); rendered by cloudhpc, do not edit",
+        "set -u",
+        f"chpc_control={_q(layout.paths.control)}",
+        'chpc_state="$chpc_control/ray"',
+        'mkdir -p "$chpc_state" || exit 97',
+        "command -v ray >/dev/null 2>&1 || {",
+        "  echo \"cloudhpc: 'ray' is not in this job's environment: add \\\"ray[default]\\\" to "
+        'environment.packages" >&2',
+        "  exit 98",
+        "}",
+        'chpc_helpers() { python3 "$chpc_control/ray_helpers.py" "$@"; }',
+        *_STOP_SESSION,
+    ]
+
+
+def _teardown(layout: _Layout) -> list[str]:
+    """The cleanup, set up before anything starts: whatever way the job ends (its end, a cancel, the
+    time limit), the tunnel, the entrypoint, the workers and the head stop and the secrets go."""
+    return [
+        "chpc_head_pid= chpc_workers_pid= chpc_tunnel_pid= chpc_main_pid= chpc_cleaned=",
+        'chpc_tmp=$(mktemp -d /tmp/chpc.XXXXXX) || { echo "cloudhpc: cannot create a directory in /tmp" >&2; exit 97; }',
+        "chpc_cleanup() {  # [TENTHS of a second Ray gets to stop]",
+        '  [ -n "$chpc_cleaned" ] && return 0',
+        "  chpc_cleaned=1",
+        '  [ -n "$chpc_tunnel_pid" ] && kill "$chpc_tunnel_pid" 2>/dev/null',
+        '  [ -s "$chpc_state/tunnel.pid" ] && kill "$(cat "$chpc_state/tunnel.pid")" 2>/dev/null',
+        '  [ -n "$chpc_main_pid" ] && kill "$chpc_main_pid" 2>/dev/null',
+        '  [ -n "$chpc_workers_pid" ] && kill "$chpc_workers_pid" 2>/dev/null',
+        '  [ -n "$chpc_head_pid" ] && chpc_stop_session "$chpc_head_pid" "${1:-10}"',
+        '  rm -rf "$chpc_tmp"',
+        *[f"  rm -f {_q(layout.paths.file(s))}" for s in layout.secrets],
+        "  return 0",
+        "}",
+        "trap 'chpc_cleanup; exit 143' TERM",
+        "trap 'chpc_cleanup; exit 130' INT",
+        "trap chpc_cleanup EXIT",
+    ]
+
+
+def _environment(layout: _Layout) -> list[str]:
+    """Free ports and the address Ray binds on this node, recorded in `ports.env` for the agent."""
+    lines = [
+        'read -r chpc_gcs chpc_dashboard chpc_client chpc_agent chpc_metrics chpc_rtenv <<<"$(chpc_helpers ports 6)"',
+        '[ -n "$chpc_rtenv" ] || { echo "cloudhpc: could not pick free ports on $(hostname -s)" >&2; exit 97; }',
+    ]
+    if layout.multi_node:
+        lines.append("chpc_ip=$(chpc_helpers node-ip)")
+    else:
+        lines += ["chpc_ip=127.0.0.1", "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"]
+        if layout.colocate_workers and layout.workers:
+            lines.append("unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # workers refuse to join when it is 0")
+    return [
+        *lines,
+        'export RAY_TMPDIR="$chpc_tmp" RAY_USAGE_STATS_ENABLED=0',
+        'cat > "$chpc_state/ports.env" <<CHPC_PORTS',
+        "RAY_NODE_IP=$chpc_ip",
+        "RAY_GCS_PORT=$chpc_gcs",
+        "RAY_DASHBOARD_PORT=$chpc_dashboard",
+        "RAY_CLIENT_PORT=$chpc_client",
+        "RAY_METRICS_PORT=$chpc_metrics",
+        "RAY_TMPDIR=$chpc_tmp",
+        "CHPC_PORTS",
+    ]
+
+
+def _head(layout: _Layout) -> list[str]:
+    """The Ray head on the batch node, in its own session; the dashboard on loopback only."""
+    flags = " ".join(_start_flags(layout.ray.head))
+    return [
+        'echo "cloudhpc: starting the Ray head on $(hostname -s): GCS $chpc_ip:$chpc_gcs, '
+        'dashboard 127.0.0.1:$chpc_dashboard, temp dir $chpc_tmp"',
+        f"setsid ray start --head {_COMMON_RAY_FLAGS} \\",
+        '  --node-ip-address="$chpc_ip" --port="$chpc_gcs" --include-dashboard=true \\',
+        '  --dashboard-host=127.0.0.1 --dashboard-port="$chpc_dashboard" --ray-client-server-port="$chpc_client" \\',
+        '  --dashboard-agent-listen-port="$chpc_agent" --metrics-export-port="$chpc_metrics" \\',
+        f'  --runtime-env-agent-port="$chpc_rtenv" --temp-dir="$chpc_tmp" {flags} </dev/null &',
+        "chpc_head_pid=$!",
+    ]
+
+
+def _workers(layout: _Layout) -> list[str]:
+    """One worker per other node through `srun` (or beside the head, for one-node tests)."""
+    workers = layout.workers
+    if not workers:
+        return []
+    if layout.colocate_workers:
+        placement = f"--nodes=1 --ntasks={workers} --overlap"
+    else:
+        placement = f'--nodes={workers} --ntasks={workers} --ntasks-per-node=1 --exclude="$SLURMD_NODENAME"'
+    return [
+        'export CLOUDHPC_RAY_HEAD="$chpc_ip:$chpc_gcs"',
+        f"srun {placement} --kill-on-bad-exit=0 "
+        '${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \\',
+        f'  /bin/bash "$chpc_control/{Path(WORKER_FILE).name}" </dev/null &',
+        "chpc_workers_pid=$!",
+    ]
+
+
+def _bridges(layout: _Layout) -> list[str]:
+    """The supervised tunnel, started with Ray rather than after it: Ray takes seconds to start, the
+    ssh handshake overlaps with that, and porter marks a bridge ready only once the far end answers
+    through it (the dashboard may answer before every worker has joined)."""
+    plan = layout.plan
+    if plan is None:
+        return []
+    lines: list[str] = []
+    if plan.imports:
+        names = " ".join(f"chpc_import_{i}" for i in range(len(plan.imports)))
+        lines.append(f'read -r {names} <<<"$(chpc_helpers ports {len(plan.imports)})"')
+        lines += [f"export {import_variable(imp.name)}=127.0.0.1:{imp.local}" for imp in plan.imports]
+    lines += render_tunnel(plan)
+    lines.append("echo " + _q(f"cloudhpc: bridge tunnel started ({_describe(plan)})"))
+    return lines
+
+
+def _readiness(layout: _Layout) -> list[str]:
+    """Ready means every requested node alive, read from the head's dashboard."""
+    nodes = layout.nodes
+    return [
+        f'chpc_helpers wait-ready --dashboard "$chpc_dashboard" --nodes {nodes} --pid "$chpc_head_pid" '
+        f"--timeout {READY_TIMEOUT} || {{",
+        '  echo "cloudhpc: the Ray cluster did not come up (see above)" >&2',
+        "  exit 96",
+        "}",
+        'touch "$chpc_state/ready"',
+        f'echo "cloudhpc: Ray cluster ready: {nodes} node(s)"',
+    ]
+
+
+def _main(layout: _Layout) -> list[str]:
+    """A ray-cluster serves until its end; a ray-job runs its entrypoint and ends with it."""
+    if layout.kind == JobKind.RAY_CLUSTER:
+        return [
+            "# a ray-cluster serves until its time limit or a cancel (SIGTERM runs chpc_cleanup)",
+            'wait "$chpc_head_pid"; chpc_rc=$?',
+            'echo "cloudhpc: the Ray head exited (status $chpc_rc) before the job ended" >&2',
+            'if [ "$chpc_rc" -eq 0 ]; then chpc_rc=1; fi',
+            'exit "$chpc_rc"',
+        ]
+    lines: list[str] = []
+    plan = layout.plan
+    if plan is not None and plan.imports:
+        ports = " ".join(imp.local for imp in plan.imports)
+        lines.append(
+            f'chpc_helpers wait-ports {ports} --pid "$chpc_tunnel_pid" --timeout {IMPORT_WAIT} || true'
+        )
+    return [
+        *lines,
+        "# a ray-job ends with its entrypoint, with the entrypoint's exit status",
+        'export RAY_ADDRESS="$chpc_ip:$chpc_gcs"',
+        'export CLOUDHPC_RAY_DASHBOARD_URL="http://127.0.0.1:$chpc_dashboard"',
+        "# Ray >= 2.5x turns on token auth for every cluster a user starts once ~/.ray/auth_token",
+        "# exists; a driver joining such a cluster must then ask for it too",
+        'if [ -z "${RAY_AUTH_MODE:-}" ] && [ -s "$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi',
+        'echo "cloudhpc: running the entrypoint"',
+        f'/bin/bash "$chpc_control/{Path(ENTRYPOINT_FILE).name}" </dev/null &',
+        "chpc_main_pid=$!",
+        'wait "$chpc_main_pid"; chpc_rc=$?',
+        "chpc_main_pid=",
+        "# the entrypoint is done: nothing of Ray is worth waiting for",
+        "chpc_cleanup 3",
+        f'echo "{ENTRYPOINT_END_MARKER} $chpc_rc"',
+        'exit "$chpc_rc"',
+    ]
+
+
+SECTIONS: dict[str, Callable[[_Layout], list[str]]] = {
+    "header": _header,
+    "teardown": _teardown,
+    "environment": _environment,
+    "head": _head,
+    "workers": _workers,
+    "bridges": _bridges,
+    "readiness": _readiness,
+    "main": _main,
+}
+"""The script's sections in order; each has its golden file under tests/unit/golden/."""
+
+
+def _tunnel_plan(
+    ray: RaySpec, paths: JobPaths, bridges: list[Bridge], tunnel: TunnelAccess | None
+) -> TunnelPlan | None:
+    """The tunnel for `ray.expose` (on porter's allocated bridge ports) and `ray.import`, if any."""
+    if not (ray.expose or ray.import_):
+        return None
+    if tunnel is None:
+        raise ValueError("this job exposes or imports ports: a bridge VM (porter.bridge) is needed")
+    by_name = {b.name: b for b in bridges}
+    exports = []
+    for exposed in ray.expose:
+        bridge = by_name.get(exposed.name)
+        if bridge is None:
+            raise ValueError(f"porter allocated no bridge port for ray.expose {exposed.name!r}")
+        local = _RAY_PORTS.get(exposed.name, str(exposed.port))
+        exports.append(TunnelExport(exposed.name, bridge.bridge_port, local))
+    imports = [
+        TunnelImport(imp.name, imp.host, imp.port, f'"$chpc_import_{i}"') for i, imp in enumerate(ray.import_)
+    ]
+    return TunnelPlan(
+        host=tunnel.host,
+        ssh_port=tunnel.ssh_port,
+        ssh_user=tunnel.ssh_user,
+        bind_address=tunnel.bind_address,
+        key_path=paths.file(KEY_FILE),
+        known_hosts_path=paths.file(KNOWN_HOSTS_FILE),
+        pid_file=f"{paths.control}/ray/tunnel.pid",
+        exports=exports,
+        imports=imports,
+    )
+
+
 def render_ray_job(
     *,
     job_id: UUID,
@@ -186,7 +412,8 @@ def render_ray_job(
 
     `bridges` are porter's allocations for `ray.expose` (one per name); `tunnel` says how to reach
     the bridge VM and is required when the job exposes or imports anything. `colocate_workers`
-    starts the workers on the head's node (tests on a one-node cluster only).
+    starts the workers on the head's node (tests on a one-node cluster only). `resources` are
+    complete (the cluster's defaults applied); only `nodes` is changed, to the Ray node count.
     """
     if spec.kind == JobKind.BATCH or spec.ray is None:
         raise ValueError("render_ray_job is for kinds ray-cluster and ray-job")
@@ -194,9 +421,7 @@ def render_ray_job(
     nodes = ray_node_count(spec)
     workers = nodes - 1
     multi_node = workers > 0 and not colocate_workers
-    sbatch = resources.model_copy(update={"nodes": 1 if colocate_workers else nodes})
-    q = _q
-    control = paths.control
+    plan = _tunnel_plan(ray, paths, bridges, tunnel)
 
     files: dict[str, bytes] = {HELPERS_FILE: Path(__file__).with_name("node_script.py").read_bytes()}
     modes: dict[str, int] = {}
@@ -208,164 +433,31 @@ def render_ray_job(
         modes[WORKER_FILE] = 0o700
     if spec.kind == JobKind.RAY_JOB:
         files[ENTRYPOINT_FILE] = (ray.entrypoint or "").encode()
-
-    plan: TunnelPlan | None = None
-    if ray.expose or ray.import_:
-        if tunnel is None:
-            raise ValueError("this job exposes or imports ports: a bridge VM (porter.bridge) is needed")
-        by_name = {b.name: b for b in bridges}
-        exports = []
-        for exposed in ray.expose:
-            bridge = by_name.get(exposed.name)
-            if bridge is None:
-                raise ValueError(f"porter allocated no bridge port for ray.expose {exposed.name!r}")
-            local = _RAY_PORTS.get(exposed.name, str(exposed.port))
-            exports.append(TunnelExport(exposed.name, bridge.bridge_port, local))
-        imports = [
-            TunnelImport(imp.name, imp.host, imp.port, f'"$chpc_import_{i}"')
-            for i, imp in enumerate(ray.import_)
-        ]
-        plan = TunnelPlan(
-            host=tunnel.host,
-            ssh_port=tunnel.ssh_port,
-            ssh_user=tunnel.ssh_user,
-            bind_address=tunnel.bind_address,
-            key_path=paths.file(KEY_FILE),
-            known_hosts_path=paths.file(KNOWN_HOSTS_FILE),
-            pid_file=f"{control}/ray/tunnel.pid",
-            exports=exports,
-            imports=imports,
-        )
+    if plan is not None:
+        assert tunnel is not None  # _tunnel_plan requires it
         files[KEY_FILE] = tunnel.key
         modes[KEY_FILE] = 0o600
         files[KNOWN_HOSTS_FILE] = tunnel.known_hosts
         secrets.append(KEY_FILE)
 
-    head_flags = " ".join(_start_flags(ray.head))
-    kind = spec.kind.value
-    body: list[str] = [
-        f"# ---- cloudhpc: {kind} with {nodes} Ray node(s); rendered by cloudhpc, do not edit",
-        "set -u",
-        f"chpc_control={q(control)}",
-        'chpc_state="$chpc_control/ray"',
-        'mkdir -p "$chpc_state" || exit 97',
-        "command -v ray >/dev/null 2>&1 || {",
-        "  echo \"cloudhpc: 'ray' is not in this job's environment: add \\\"ray[default]\\\" to "
-        'environment.packages" >&2',
-        "  exit 98",
-        "}",
-        'chpc_helpers() { python3 "$chpc_control/ray_helpers.py" "$@"; }',
-        *_STOP_SESSION,
-        "chpc_head_pid= chpc_workers_pid= chpc_tunnel_pid= chpc_main_pid= chpc_cleaned=",
-        'chpc_tmp=$(mktemp -d /tmp/chpc.XXXXXX) || { echo "cloudhpc: cannot create a directory in /tmp" >&2; exit 97; }',
-        "chpc_cleanup() {  # [TENTHS of a second Ray gets to stop]",
-        '  [ -n "$chpc_cleaned" ] && return 0',
-        "  chpc_cleaned=1",
-        '  [ -n "$chpc_tunnel_pid" ] && kill "$chpc_tunnel_pid" 2>/dev/null',
-        '  [ -s "$chpc_state/tunnel.pid" ] && kill "$(cat "$chpc_state/tunnel.pid")" 2>/dev/null',
-        '  [ -n "$chpc_main_pid" ] && kill "$chpc_main_pid" 2>/dev/null',
-        '  [ -n "$chpc_workers_pid" ] && kill "$chpc_workers_pid" 2>/dev/null',
-        '  [ -n "$chpc_head_pid" ] && chpc_stop_session "$chpc_head_pid" "${1:-10}"',
-        '  rm -rf "$chpc_tmp"',
-        *[f"  rm -f {q(paths.file(s))}" for s in secrets],
-        "  return 0",
-        "}",
-        "trap 'chpc_cleanup; exit 143' TERM",
-        "trap 'chpc_cleanup; exit 130' INT",
-        "trap chpc_cleanup EXIT",
-        'read -r chpc_gcs chpc_dashboard chpc_client chpc_agent chpc_metrics chpc_rtenv <<<"$(chpc_helpers ports 6)"',
-        '[ -n "$chpc_rtenv" ] || { echo "cloudhpc: could not pick free ports on $(hostname -s)" >&2; exit 97; }',
-    ]
-    if multi_node:
-        body.append("chpc_ip=$(chpc_helpers node-ip)")
-    else:
-        body += ["chpc_ip=127.0.0.1", "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"]
-        if colocate_workers and workers:
-            body.append("unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # workers refuse to join when it is 0")
-    body += [
-        'export RAY_TMPDIR="$chpc_tmp" RAY_USAGE_STATS_ENABLED=0',
-        'cat > "$chpc_state/ports.env" <<CHPC_PORTS',
-        "RAY_NODE_IP=$chpc_ip",
-        "RAY_GCS_PORT=$chpc_gcs",
-        "RAY_DASHBOARD_PORT=$chpc_dashboard",
-        "RAY_CLIENT_PORT=$chpc_client",
-        "RAY_METRICS_PORT=$chpc_metrics",
-        "RAY_TMPDIR=$chpc_tmp",
-        "CHPC_PORTS",
-        'echo "cloudhpc: starting the Ray head on $(hostname -s): GCS $chpc_ip:$chpc_gcs, '
-        'dashboard 127.0.0.1:$chpc_dashboard, temp dir $chpc_tmp"',
-        f"setsid ray start --head {_COMMON_RAY_FLAGS} \\",
-        '  --node-ip-address="$chpc_ip" --port="$chpc_gcs" --include-dashboard=true \\',
-        '  --dashboard-host=127.0.0.1 --dashboard-port="$chpc_dashboard" --ray-client-server-port="$chpc_client" \\',
-        '  --dashboard-agent-listen-port="$chpc_agent" --metrics-export-port="$chpc_metrics" \\',
-        f'  --runtime-env-agent-port="$chpc_rtenv" --temp-dir="$chpc_tmp" {head_flags} </dev/null &',
-        "chpc_head_pid=$!",
-    ]
-    if workers:
-        if colocate_workers:
-            placement = f"--nodes=1 --ntasks={workers} --overlap"
-        else:
-            placement = (
-                f'--nodes={workers} --ntasks={workers} --ntasks-per-node=1 --exclude="$SLURMD_NODENAME"'
-            )
-        body += [
-            'export CLOUDHPC_RAY_HEAD="$chpc_ip:$chpc_gcs"',
-            f"srun {placement} --kill-on-bad-exit=0 "
-            '${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \\',
-            f'  /bin/bash "$chpc_control/{Path(WORKER_FILE).name}" </dev/null &',
-            "chpc_workers_pid=$!",
-        ]
-    if plan is not None:
-        # The tunnel starts with Ray rather than after it: Ray takes seconds to start, the ssh
-        # handshake overlaps with that, and porter marks a bridge ready only once the far end
-        # answers through it (the dashboard may answer before every worker has joined).
-        if plan.imports:
-            names = " ".join(f"chpc_import_{i}" for i in range(len(plan.imports)))
-            body.append(f'read -r {names} <<<"$(chpc_helpers ports {len(plan.imports)})"')
-            body += [f"export {import_variable(imp.name)}=127.0.0.1:{imp.local}" for imp in plan.imports]
-        body += render_tunnel(plan)
-        body.append("echo " + q(f"cloudhpc: bridge tunnel started ({_describe(plan)})"))
-    body += [
-        f'chpc_helpers wait-ready --dashboard "$chpc_dashboard" --nodes {nodes} --pid "$chpc_head_pid" '
-        f"--timeout {READY_TIMEOUT} || {{",
-        '  echo "cloudhpc: the Ray cluster did not come up (see above)" >&2',
-        "  exit 96",
-        "}",
-        'touch "$chpc_state/ready"',
-        f'echo "cloudhpc: Ray cluster ready: {nodes} node(s)"',
-    ]
-    if spec.kind == JobKind.RAY_CLUSTER:
-        body += [
-            "# a ray-cluster serves until its time limit or a cancel (SIGTERM runs chpc_cleanup)",
-            'wait "$chpc_head_pid"; chpc_rc=$?',
-            'echo "cloudhpc: the Ray head exited (status $chpc_rc) before the job ended" >&2',
-            'if [ "$chpc_rc" -eq 0 ]; then chpc_rc=1; fi',
-            'exit "$chpc_rc"',
-        ]
-    else:
-        if plan is not None and plan.imports:
-            ports = " ".join(imp.local for imp in plan.imports)
-            body.append(
-                f'chpc_helpers wait-ports {ports} --pid "$chpc_tunnel_pid" --timeout {IMPORT_WAIT} || true'
-            )
-        body += [
-            "# a ray-job ends with its entrypoint, with the entrypoint's exit status",
-            'export RAY_ADDRESS="$chpc_ip:$chpc_gcs"',
-            'export CLOUDHPC_RAY_DASHBOARD_URL="http://127.0.0.1:$chpc_dashboard"',
-            "# Ray >= 2.5x turns on token auth for every cluster a user starts once ~/.ray/auth_token",
-            "# exists; a driver joining such a cluster must then ask for it too",
-            'if [ -z "${RAY_AUTH_MODE:-}" ] && [ -s "$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi',
-            'echo "cloudhpc: running the entrypoint"',
-            f'/bin/bash "$chpc_control/{Path(ENTRYPOINT_FILE).name}" </dev/null &',
-            "chpc_main_pid=$!",
-            'wait "$chpc_main_pid"; chpc_rc=$?',
-            "chpc_main_pid=",
-            "# the entrypoint is done: nothing of Ray is worth waiting for",
-            "chpc_cleanup 3",
-            f'echo "{ENTRYPOINT_END_MARKER} $chpc_rc"',
-            'exit "$chpc_rc"',
-        ]
-    return RayJobScript(body=body, files=files, modes=modes, resources=sbatch, secret_files=tuple(secrets))
+    layout = _Layout(
+        kind=spec.kind,
+        ray=ray,
+        paths=paths,
+        nodes=nodes,
+        workers=workers,
+        multi_node=multi_node,
+        colocate_workers=colocate_workers,
+        plan=plan,
+        secrets=tuple(secrets),
+    )
+    return RayJobScript(
+        sections={name: render(layout) for name, render in SECTIONS.items()},
+        files=files,
+        modes=modes,
+        resources=resources.model_copy(update={"nodes": 1 if colocate_workers else nodes}),
+        secret_files=tuple(secrets),
+    )
 
 
 def _describe(plan: TunnelPlan) -> str:

@@ -1,0 +1,6 @@
+chpc_helpers wait-ready --dashboard "$chpc_dashboard" --nodes 1 --pid "$chpc_head_pid" --timeout 300 || {
+  echo "cloudhpc: the Ray cluster did not come up (see above)" >&2
+  exit 96
+}
+touch "$chpc_state/ready"
+echo "cloudhpc: Ray cluster ready: 1 node(s)"
