@@ -11,8 +11,9 @@ RUN python -m venv /opt/cloudhpc
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-# PostgreSQL driver for a shared job store, the Kubernetes client for bridge Services.
-RUN /opt/cloudhpc/bin/pip install ".[postgres,kubernetes]"
+# The server extra (porter and the submitter), the PostgreSQL driver for a shared job store, the
+# Kubernetes client for bridge Services.
+RUN /opt/cloudhpc/bin/pip install ".[server,postgres,kubernetes]"
 
 FROM python:3.11.14-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 cloudhpc \

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The image of the Kubeflow components (cloudhpc.pipelines.components: PIPELINES_IMAGE).
 #   docker build -f deploy/docker/pipelines.Dockerfile -t cloudhpc/pipelines:0.1.0 .
-# cloudhpc with its `pipelines` extra: the KFP SDK, kfp-kubernetes, MLflow, Ray with Train,
+# cloudhpc with its `server` and `pipelines` extras: the KFP SDK, kfp-kubernetes, MLflow, Ray with Train,
 # scikit-learn and PyTorch's CPU build (torch==2.13.0+cpu, from PyTorch's CPU wheel index, given
 # as TORCH_INDEX; the default build on PyPI is a CUDA build of several GB that a CPU pod never uses).
 # The build context is the repository root; cloudhpc.Dockerfile.dockerignore keeps it to the sources.
@@ -14,7 +14,7 @@ RUN python -m venv /opt/cloudhpc
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN /opt/cloudhpc/bin/pip install --extra-index-url "$TORCH_INDEX" ".[pipelines,postgres]"
+RUN /opt/cloudhpc/bin/pip install --extra-index-url "$TORCH_INDEX" ".[server,pipelines,postgres]"
 
 FROM python:3.11.14-slim-bookworm
 RUN groupadd --system --gid 10001 cloudhpc \

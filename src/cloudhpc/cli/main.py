@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import sys
@@ -47,7 +48,8 @@ class _ExitCodes(TyperGroup):
 
     `ApiError` with status 0 (porter unreachable or silent) is a configuration problem (wrong URL,
     server not started): 2. Any answer from the API refusing the request (4xx, 5xx): 1.
-    `ConfigError`: 2. Any other `CloudHPCError`: 1.
+    `ConfigError`: 2. Any other `CloudHPCError`: 1. A command whose extra is not installed (`serve`
+    with the light install): 2, naming the extra to install.
     """
 
     def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context type is private
@@ -63,6 +65,38 @@ class _ExitCodes(TyperGroup):
         except CloudHPCError as exc:
             err.print(f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from exc
+        except ModuleNotFoundError as exc:
+            extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            err.print(
+                f"this command needs cloudhpc's {extra} extra (no module {exc.name!r} here): "
+                f"pip install 'cloudhpc[{extra}]'",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from exc
+
+
+# `pip install cloudhpc` is the SDK and this CLI; commands that run a server, open the job store or
+# talk SSH import these lazily, and say which extra brings them when they are missing.
+_EXTRA_OF = {
+    **dict.fromkeys(
+        (
+            "fastapi",
+            "starlette",
+            "uvicorn",
+            "sqlalchemy",
+            "alembic",
+            "asyncssh",
+            "prometheus_client",
+            "boto3",
+        ),
+        "server",
+    ),
+    **dict.fromkeys(("kfp", "mlflow", "torch", "ray", "sklearn"), "pipelines"),
+}
 
 
 def _print_details(details: Any) -> None:
@@ -171,7 +205,7 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", envvar="CLOUDHPC_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run porter, the submitter agent, or both."""
-    from cloudhpc.submitter import service
+    from cloudhpc import runtime
 
     settings = _settings(config)
     if secrets is not None:
@@ -185,9 +219,9 @@ def serve(
     # Only once the configuration is known to be valid: a refused one is one message, not a log.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = {
-        Role.porter: service.serve_porter,
-        Role.submitter: service.serve_submitter,
-        Role.all: service.serve_all,
+        Role.porter: runtime.serve_porter,
+        Role.submitter: runtime.serve_submitter,
+        Role.all: runtime.serve_all,
     }
     try:
         asyncio.run(runner[role](settings))
@@ -544,6 +578,8 @@ def demo(
 ) -> None:
     """Run the cloud-HPC pipeline (preprocess, Ray Train on the cluster, evaluate, register in MLflow)
     against `serve all`, with a local MLflow; `--batch` runs one small batch job instead."""
+    # `serve all` runs in a child process: without the server extra, say so here rather than in its log.
+    importlib.import_module("cloudhpc.runtime")
     if batch:
         from cloudhpc.cli.demo import run_demo
 
