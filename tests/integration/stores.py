@@ -1,4 +1,6 @@
-"""Job-store URLs for tests: a fresh SQLite file, and a fresh schema on the testbed's PostgreSQL."""
+"""The stores tests run against, shared by `tests/integration/conftest.py` and the tests that need
+more than its fixtures: job-store URLs (a fresh SQLite file, a fresh schema on the testbed's
+PostgreSQL) and object stores (a fresh prefix of the testbed's S3 bucket)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
-from tests.testbed import load_testbed
+from cloudhpc.storage import ObjectStore
+from cloudhpc.storage.s3 import S3ObjectStore
+from cloudhpc.store import Store
+from tests.testbed import Testbed, load_testbed
 
 StoreUrlFactory = Callable[[Path], AbstractContextManager[str]]
 
@@ -37,3 +43,45 @@ def postgres_url(tmp_path: Path) -> Iterator[str]:
 
 def store_urls() -> list[StoreUrlFactory]:
     return [sqlite_url, postgres_url]
+
+
+@contextlib.contextmanager
+def open_store(url: str) -> Iterator[Store]:
+    """A migrated job store at `url`, closed afterwards."""
+    store = Store(url)
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
+
+
+def s3_object_store(testbed: Testbed, prefix: str | None = None, **options: Any) -> S3ObjectStore:
+    """The testbed bucket under `prefix` (default: a fresh `test-<uuid>/`); `options` override the
+    testbed's endpoint and keys or pass S3ObjectStore's own (`page_size`)."""
+    settings: dict[str, Any] = {
+        "endpoint_url": testbed.s3_endpoint,
+        "access_key": testbed.s3_access_key,
+        "secret_key": testbed.s3_secret_key,
+        **options,
+    }
+    return S3ObjectStore(
+        testbed.s3_bucket, f"test-{uuid.uuid4().hex}" if prefix is None else prefix, **settings
+    )
+
+
+def purge(objects: ObjectStore) -> None:
+    """Delete every object under the store's prefix."""
+    while keys := objects.list("", limit=1000):
+        for key in keys:
+            objects.delete(key)
+
+
+@contextlib.contextmanager
+def fresh_s3(testbed: Testbed, **options: Any) -> Iterator[S3ObjectStore]:
+    """A fresh prefix of the testbed bucket, emptied afterwards."""
+    objects = s3_object_store(testbed, **options)
+    try:
+        yield objects
+    finally:
+        purge(objects)

@@ -15,7 +15,6 @@ from cloudhpc.config import Settings
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
-from tests.integration.stores import store_urls
 
 BATCH = {"name": "hello", "cluster": "local", "script": "echo hi"}
 
@@ -40,16 +39,12 @@ class Api:
         return self.call("POST", "/api/v1/jobs", token, json=body or BATCH, **kwargs)
 
 
-@pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
-def api(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Api]:
-    with request.param(tmp_path) as url:
-        store = Store(url)
-        store.migrate()
-        app = create_app(Settings(), store=store)
-        app.state.porter.recheck_interval = 0.2
-        with TestClient(app) as client:
-            yield Api(client, store)
-        store.close()
+@pytest.fixture
+def api(store: Store) -> Iterator[Api]:
+    app = create_app(Settings(), store=store)
+    app.state.porter.recheck_interval = 0.2
+    with TestClient(app) as client:
+        yield Api(client, store)
 
 
 def assert_error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:

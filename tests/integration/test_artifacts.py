@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from cloudhpc.config import PorterConfig, Settings
@@ -24,7 +21,7 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.porter.mailbox import MailboxRelay
 from cloudhpc.porter.retention import artifact_retention, sweep_artifacts
-from cloudhpc.storage import LocalObjectStore, ObjectStore
+from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key, job_prefix
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
@@ -32,32 +29,6 @@ from cloudhpc.submitter.s3_channel import S3Channel
 from tests.testbed import Testbed
 
 SCRIPT = "#!/bin/bash\n#SBATCH --job-name=chpc-x\necho hi\n"
-
-
-@pytest.fixture(params=["s3", "local"])
-def objects(request: pytest.FixtureRequest, testbed: Testbed, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-        return
-    store = S3ObjectStore(
-        testbed.s3_bucket,
-        f"test-artifacts-{uuid.uuid4().hex}",
-        endpoint_url=testbed.s3_endpoint,
-        access_key=testbed.s3_access_key,
-        secret_key=testbed.s3_secret_key,
-    )
-    yield store
-    while keys := store.list(limit=1000):
-        for key in keys:
-            store.delete(key)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    the_store = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    the_store.migrate()
-    yield the_store
-    the_store.close()
 
 
 def submit(store: Store, owner: str = "alice") -> Job:
@@ -216,28 +187,17 @@ async def test_retention_reconciler_runs_in_porter(
     assert objects.list(job_prefix(job.owner, job.id)) == []
 
 
-async def test_keys_reported_through_the_s3_mailbox(store: Store, testbed: Testbed) -> None:
+async def test_keys_reported_through_the_s3_mailbox(store: Store, s3_objects: S3ObjectStore) -> None:
     """An agent behind the S3 mailbox reports its keys there; porter's relay records those under
     the job's prefix and refuses the rest."""
-    mailbox = S3ObjectStore(
-        testbed.s3_bucket,
-        f"test-mailbox-{uuid.uuid4().hex}",
-        endpoint_url=testbed.s3_endpoint,
-        access_key=testbed.s3_access_key,
-        secret_key=testbed.s3_secret_key,
-    )
+    mailbox = s3_objects
     job, _ = store.create_job("alice", JobSpec(name="edge", cluster="edge", script="echo hi"))
     relay = MailboxRelay(store, mailbox, ["edge"], ack_interval=0)
     channel = S3Channel(mailbox, "edge", heartbeat_interval=3600)
-    try:
-        await relay.tick()
-        mine = artifact_key("alice", job.id, "job.sh")
-        await channel.put_artifacts(job.id, [mine, f"jobs/bob/{job.id}/job.sh"])
-        await relay.tick()
-        current = store.get_job(job.id)
-        assert current is not None
-        assert current.artifacts == [mine]
-    finally:
-        while keys := mailbox.list(limit=1000):
-            for key in keys:
-                mailbox.delete(key)
+    await relay.tick()
+    mine = artifact_key("alice", job.id, "job.sh")
+    await channel.put_artifacts(job.id, [mine, f"jobs/bob/{job.id}/job.sh"])
+    await relay.tick()
+    current = store.get_job(job.id)
+    assert current is not None
+    assert current.artifacts == [mine]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,22 +16,16 @@ from fastapi.testclient import TestClient
 from cloudhpc.config import Settings
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
-from tests.integration.stores import StoreUrlFactory, store_urls
 
 TTL = 0.5
 
 
-@pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
-def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
-    factory: StoreUrlFactory = request.param
-    with factory(tmp_path) as url:
-        store = Store(url)
-        store.migrate()
-        application = create_app(Settings(), store=store)
-        application.state.porter.tokens.ttl = TTL
-        with TestClient(application) as client:
-            yield client, store
-        store.close()
+@pytest.fixture
+def app(store: Store) -> Iterator[tuple[TestClient, Store]]:
+    application = create_app(Settings(), store=store)
+    application.state.porter.tokens.ttl = TTL
+    with TestClient(application) as client:
+        yield client, store
 
 
 def test_a_revoked_token_stops_working_within_the_ttl(app: tuple[TestClient, Store]) -> None:

@@ -33,20 +33,8 @@ from cloudhpc.porter.app import create_app
 from cloudhpc.porter.bridges import BridgeReconciler
 from cloudhpc.porter.state import Notifier
 from cloudhpc.store import Store
-from tests.integration.stores import store_urls
 
 LOW, HIGH = 20510, 20529
-
-
-@pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
-    with request.param(tmp_path) as url:
-        s = Store(url)
-        s.migrate()
-        try:
-            yield s
-        finally:
-            s.close()
 
 
 def ray_spec(*expose: str) -> JobSpec:

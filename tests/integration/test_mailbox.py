@@ -1,5 +1,5 @@
 """The S3 mailbox end to end: porter's relay and the agent's `S3Channel` over the testbed's real
-SeaweedFS S3 server, with a real job store on SQLite.
+SeaweedFS S3 server, with a real job store on SQLite and on PostgreSQL.
 
 Each test has its own `test-<uuid>/` prefix in the testbed bucket, deleted afterwards. Most tests
 drive the relay one pass at a time (`relay.tick()`) so that what is applied when is exact; the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,26 +40,9 @@ CLUSTER = "edge"
 
 
 @pytest.fixture
-def objects(testbed: Testbed) -> Iterator[S3ObjectStore]:
-    store = S3ObjectStore(
-        testbed.s3_bucket,
-        f"test-{uuid.uuid4().hex}",
-        endpoint_url=testbed.s3_endpoint,
-        access_key=testbed.s3_access_key,
-        secret_key=testbed.s3_secret_key,
-    )
-    yield store
-    while keys := store.list(limit=1000):
-        for key in keys:
-            store.delete(key)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    the_store = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    the_store.migrate()
-    yield the_store
-    the_store.close()
+def objects(s3_objects: S3ObjectStore) -> S3ObjectStore:
+    """The mailbox's medium: a fresh prefix of the testbed's S3 bucket (no local directory here)."""
+    return s3_objects
 
 
 @pytest.fixture

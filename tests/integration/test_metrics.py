@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,9 @@ from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
 from cloudhpc.submitter.agent import _jsonable
-from tests.integration.stores import store_urls
 from tests.recordings import load_recording
 
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture(params=store_urls(), ids=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with request.param(tmp_path) as url:
-        the_store = Store(url)
-        the_store.migrate()
-        yield the_store
-        the_store.close()
 
 
 def accounting_record() -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -21,38 +20,21 @@ from cloudhpc.exceptions import ConfigError, ObjectNotFound, StorageError
 from cloudhpc.storage import LocalObjectStore, ObjectStore, open_object_store
 from cloudhpc.storage.s3 import S3ObjectStore
 from tests.conftest import HOSTILE_STRINGS
+from tests.integration.stores import purge, s3_object_store
 
 if TYPE_CHECKING:
     from tests.testbed import Testbed
 
 
-def s3_store(testbed: Testbed, prefix: str, **kwargs: object) -> S3ObjectStore:
-    options: dict[str, object] = {
-        "endpoint_url": testbed.s3_endpoint,
-        "access_key": testbed.s3_access_key,
-        "secret_key": testbed.s3_secret_key,
-        **kwargs,
-    }
-    return S3ObjectStore(testbed.s3_bucket, prefix, **options)  # type: ignore[arg-type]
+@pytest.fixture
+def s3_options() -> dict[str, object]:
+    return {"page_size": 2}
 
 
-def purge(store: ObjectStore) -> None:
-    while keys := store.list("", limit=1000):
-        for key in keys:
-            store.delete(key)
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-        return
-    testbed: Testbed = request.getfixturevalue("testbed")
-    s3 = s3_store(testbed, f"test-{uuid.uuid4().hex}", page_size=2)
-    try:
-        yield s3
-    finally:
-        purge(s3)
+@pytest.fixture
+def store(objects: ObjectStore) -> ObjectStore:
+    """Here `store` is the object store under test: a local directory, or S3 paged by two."""
+    return objects
 
 
 def test_put_get_overwrite_delete(store: ObjectStore) -> None:
@@ -135,7 +117,7 @@ def test_download_url(store: ObjectStore) -> None:
 
 
 def test_presigned_url_expires(testbed: Testbed) -> None:
-    store = s3_store(testbed, f"test-{uuid.uuid4().hex}")
+    store = s3_object_store(testbed, f"test-{uuid.uuid4().hex}")
     try:
         store.put("k", b"v")
         # The signature's clock has whole seconds: 2 s is the shortest lifetime that surely
@@ -149,8 +131,8 @@ def test_presigned_url_expires(testbed: Testbed) -> None:
 
 
 def test_wrong_secret_key_is_a_storage_error(testbed: Testbed) -> None:
-    good = s3_store(testbed, f"test-{uuid.uuid4().hex}")
-    bad = s3_store(testbed, good.prefix, secret_key="not-the-secret")
+    good = s3_object_store(testbed, f"test-{uuid.uuid4().hex}")
+    bad = s3_object_store(testbed, good.prefix, secret_key="not-the-secret")
     try:
         good.put("k", b"v")
         for call in (lambda: bad.put("k2", b"x"), lambda: bad.get("k"), lambda: bad.list()):
@@ -274,7 +256,7 @@ def test_open_object_store(testbed: Testbed, tmp_path: Path, monkeypatch: pytest
     assert isinstance(s3, S3ObjectStore)
     try:
         s3.put("a/b", b"c")
-        direct = s3_store(testbed, "")
+        direct = s3_object_store(testbed, "")
         assert direct.get(f"{prefix}/a/b") == b"c"
         assert s3.list() == ["a/b"]
     finally:

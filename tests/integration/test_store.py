@@ -1,7 +1,7 @@
 """The job store against real databases: a SQLite file and the testbed's PostgreSQL.
 
-Every test that takes `store` runs on both. PostgreSQL tests share one schema created for the
-session (the testbed role may not create databases) and start from empty tables.
+Every test that takes `store` (tests/integration/conftest.py) runs on both; on PostgreSQL each gets
+a schema of its own (the testbed role may not create databases), migrated and dropped afterwards.
 """
 
 from __future__ import annotations
@@ -37,43 +37,9 @@ T = TypeVar("T")
 TABLES = ("job_output", "job_accounting", "job_transitions", "jobs", "tokens", "agents", "bridges")
 
 
-@pytest.fixture(scope="session")
-def pg_schema_url(testbed: Testbed) -> Iterator[str]:
-    """A migrated, private schema in the testbed's PostgreSQL, dropped after the session."""
-    schema = f"cloudhpc_test_{uuid4().hex[:12]}"
-    admin = create_engine(normalize_url(testbed.pg_dsn))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    url = _schema_url(testbed, schema)
-    store = Store(url)
-    store.migrate()
-    store.close()
-    try:
-        yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
 def _schema_url(testbed: Testbed, schema: str) -> str:
     url = normalize_url(testbed.pg_dsn).update_query_dict({"options": f"-csearch_path={schema}"})
     return url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path}/state.db")
-        s.migrate()
-    else:
-        s = Store(request.getfixturevalue("pg_schema_url"))
-        with s.engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

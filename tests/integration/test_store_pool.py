@@ -18,7 +18,7 @@ from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import StoreError
 from cloudhpc.store import Store
 from cloudhpc.store import engine as store_engine
-from tests.integration.stores import postgres_url
+from tests.integration.stores import open_store, postgres_url
 from tests.testbed import Testbed
 
 SPEC = JobSpec.model_validate({"name": "pool", "cluster": "c", "script": "true"})
@@ -26,13 +26,9 @@ SPEC = JobSpec.model_validate({"name": "pool", "cluster": "c", "script": "true"}
 
 @pytest.fixture
 def store(tmp_path: Path, testbed: Testbed) -> Iterator[Store]:
-    with postgres_url(tmp_path) as url:
-        the_store = Store(url)
-        the_store.migrate()
-        try:
-            yield the_store
-        finally:
-            the_store.close()
+    """PostgreSQL only: the pool's ping rules are PostgreSQL's."""
+    with postgres_url(tmp_path) as url, open_store(url) as the_store:
+        yield the_store
 
 
 def kill_pooled_connections(store: Store, dsn: str) -> int:
