@@ -116,10 +116,17 @@ def main() -> int:
             "porter_url": dep.url,
             "cluster": "testbed",
             "mlflow_import": tb.mlflow_url.removeprefix("http://"),
-            "nodes": 1,
-            "cpus_per_node": 2,
-            "time_limit": "00:20:00",
-            "packages": [f"ray[default,train]=={ray.__version__}", TORCH_WHEEL, "mlflow-skinny", "numpy"],
+            "hpc_job": {
+                "resources": {"nodes": 1, "cpus_per_task": 2, "time": "00:20:00"},
+                "environment": {
+                    "packages": [
+                        f"ray[default,train]=={ray.__version__}",
+                        TORCH_WHEEL,
+                        "mlflow-skinny",
+                        "numpy",
+                    ]
+                },
+            },
             "timeout_seconds": 1800.0,
             "experiment": f"bench-cloud-hpc-{tag}",
             "registered_model_name": f"bench-cloud-hpc-{tag}",

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
+from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
 from cloudhpc.pipelines.fmnist.steps import preprocess, training_job_spec
 from cloudhpc.pipelines.fmnist.train import HParams
 
@@ -73,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         train_url=refs.train_url,
         run_id=run_id,
         hp=HParams(epochs=args.epochs),
-        nodes=1,
-        cpus_per_node=2,
-        packages=args.package,
+        # the job's resources and environment, as in a job spec (what is left out: HPC_JOB's)
+        hpc_job=HpcJob.from_parameter(
+            {
+                "resources": {"nodes": 1, "cpus_per_task": 2, "time": "00:20:00"},
+                "environment": {"packages": args.package},
+            }
+        ),
         mlflow_import=args.mlflow_import,
         job_tracking_uri="" if args.mlflow_import else tracking_uri,
     )

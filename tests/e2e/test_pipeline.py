@@ -94,10 +94,10 @@ def hpc_params(deployment: Deployment, testbed: Testbed, **overrides: Any) -> di
         "store_url": f"s3://{testbed.s3_bucket}",
         "s3_endpoint_url": testbed.s3_endpoint,
         "epochs": EPOCHS,
-        "nodes": 1,
-        "cpus_per_node": 2,
-        "time_limit": "00:20:00",
-        "packages": HPC_PACKAGES,
+        "hpc_job": {
+            "resources": {"nodes": 1, "cpus_per_task": 2, "time": "00:20:00"},
+            "environment": {"packages": HPC_PACKAGES},
+        },
         "timeout_seconds": float(ENV_BUILD + 300),
         **overrides,
     }

@@ -19,12 +19,14 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec, Resources
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import JobFailed
 from cloudhpc.pipelines.fmnist import data as fdata
 from cloudhpc.pipelines.fmnist.evaluate import DEFAULT_THRESHOLDS, check_gate, classification_metrics
+from cloudhpc.pipelines.fmnist.hpc_job import HPC_JOB, HpcJob
 from cloudhpc.pipelines.fmnist.steps import object_url, stage_breakdown, training_job_spec
 from cloudhpc.pipelines.fmnist.train import HParams, load_train_file
 from cloudhpc.pipelines.runner import JobOutcome, job_timings
@@ -157,9 +159,7 @@ def test_training_job_spec_is_a_valid_ray_job() -> None:
         train_url="s3://bucket/pipelines/fmnist/1/train.npz",
         run_id="abc123",
         hp=HParams(epochs=2),
-        nodes=2,
-        cpus_per_node=4,
-        packages=["ray[default,train]", "torch", "mlflow-skinny", "numpy"],
+        hpc_job=HpcJob.from_parameter({"resources": {"nodes": 2, "cpus_per_task": 4, "partition": "medium"}}),
         mlflow_import="10.0.0.5:5000",
     )
     job = JobSpec.model_validate(spec)
@@ -169,7 +169,9 @@ def test_training_job_spec_is_a_valid_ray_job() -> None:
     assert job.ray.entrypoint.startswith("python train_fmnist.py --data=data/train.npz")
     assert "--epochs=2" in job.ray.entrypoint
     assert job.ray.workers.nodes == 1
-    assert job.resources.nodes == 2
+    assert job.ray.head.cpus_per_task == job.ray.workers.cpus_per_task == 4
+    assert job.resources == Resources(nodes=2, cpus_per_task=4, time="00:30:00", partition="medium")
+    assert job.environment.packages == ["ray[default,train]", "torch", "mlflow-skinny", "numpy"]
     assert [(i.name, i.host, i.port) for i in job.ray.import_] == [("mlflow", "10.0.0.5", 5000)]
     assert job.env["MLFLOW_RUN_ID"] == "abc123"
     assert "MLFLOW_TRACKING_URI" not in job.env
@@ -188,8 +190,26 @@ def test_training_job_spec_is_a_valid_ray_job() -> None:
     )
     assert direct["env"]["MLFLOW_TRACKING_URI"] == "http://m"
     assert "import" not in direct["ray"]
+    assert direct["resources"] == HPC_JOB["resources"]
     with pytest.raises(ValueError, match="needs MLflow"):
         training_job_spec(name="x", cluster="local", train_url="file:///t", run_id="r", hp=HParams())
+
+
+def test_the_hpc_job_parameter_is_validated_with_one_set_of_defaults() -> None:
+    assert HpcJob.from_parameter({}).as_parameter() == HPC_JOB
+    assert HpcJob.from_parameter(None) == HpcJob()
+    # what KFP hands a step: numbers of a struct parameter arrive as floats
+    job = HpcJob.from_parameter(
+        {"resources": {"nodes": 1.0, "time": "00:15:00"}, "environment": {"packages": []}}
+    )
+    assert (job.nodes, job.cpus_per_node, job.resources.time) == (1, 4, "00:15:00")
+    assert job.environment.packages == []
+    with pytest.raises(ValidationError, match=r"resources\.time"):
+        HpcJob.from_parameter({"resources": {"time": "half an hour"}})
+    with pytest.raises(ValidationError, match="resourcs"):
+        HpcJob.from_parameter({"resourcs": {"nodes": 2}})
+    with pytest.raises(ValidationError, match="partition"):
+        HpcJob.from_parameter({"resources": {"partition": "a b"}})
 
 
 def test_object_urls(tmp_path: Path) -> None:

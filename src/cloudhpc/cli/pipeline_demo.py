@@ -199,9 +199,6 @@ def run_pipeline_demo(
         "cluster": cluster,
         "epochs": epochs,
         "data_url": data_url,
-        "nodes": 1,
-        "cpus_per_node": 2,
-        "time_limit": "00:15:00",
         "timeout_seconds": 1800.0,
         "experiment": "cloudhpc-demo",
         "registered_model_name": "cloudhpc-demo-cnn",
@@ -210,8 +207,8 @@ def run_pipeline_demo(
         params |= {
             "store_url": f"file://{(state_dir / 'objects').resolve()}",
             "s3_endpoint_url": "",
-            "packages": [],  # the local cluster runs in this virtualenv
         }
+        packages: list[str] = []  # the local cluster runs in this virtualenv
     elif cluster == "testbed":
         if not TESTBED_ENV.exists():
             console.print(
@@ -231,11 +228,16 @@ def run_pipeline_demo(
             "store_url": f"s3://{tb['TESTBED_S3_BUCKET']}",
             "s3_endpoint_url": tb["TESTBED_S3_ENDPOINT"],
             "mlflow_import": tb.get("TESTBED_MLFLOW_URL", "http://127.0.0.1:19700").removeprefix("http://"),
-            "packages": [f"ray[default,train]=={ray.__version__}", TESTBED_TORCH, "mlflow-skinny", "numpy"],
         }
+        packages = [f"ray[default,train]=={ray.__version__}", TESTBED_TORCH, "mlflow-skinny", "numpy"]
     else:
         console.print(f"[red]unknown cluster {cluster!r}: use `local` or `testbed`[/red]")
         return 2
+    # one Ray node of 2 CPUs: what a laptop and the testbed's one node have to spare
+    params["hpc_job"] = {
+        "resources": {"nodes": 1, "cpus_per_task": 2, "time": "00:15:00"},
+        "environment": {"packages": packages},
+    }
 
     from cloudhpc.pipelines.mlflow_server import LocalMlflowServer
 

@@ -142,13 +142,7 @@ def fmnist_train_hpc(
     seed: int = 42,
     workers: int = 0,
     cpus_per_worker: int = 1,
-    nodes: int = 1,
-    cpus_per_node: int = 2,
-    time_limit: str = "00:20:00",
-    partition: str = "",
-    account: str = "",
-    modules: list[str] = [],  # noqa: B006 -- KFP needs a literal default; it is never mutated
-    packages: list[str] = [],  # noqa: B006
+    hpc_job: dict[str, Any] = {},  # noqa: B006 -- KFP needs a literal default; it is never mutated
     python: str = "python",
     timeout_seconds: float = 0.0,
     pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -165,14 +159,18 @@ def fmnist_train_hpc(
     ],
 ):
     """Train on the HPC cluster as a Ray Train `ray-job` through porter; log accounting and the
-    stage timing breakdown to the MLflow run. Fails the step when the job fails."""
+    stage timing breakdown to the MLflow run. Fails the step when the job fails, or at once when
+    `hpc_job` (`{"resources": {...}, "environment": {...}}`, as in a job spec; what it leaves out
+    comes from `HPC_JOB`) is not valid."""
     import collections
     import functools
 
     from cloudhpc.client import Client
+    from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
     from cloudhpc.pipelines.fmnist.steps import train_on_hpc
     from cloudhpc.pipelines.fmnist.train import HParams
 
+    job = HpcJob.from_parameter(hpc_job)
     with Client(porter_url) as client:
         out = train_on_hpc(
             client,
@@ -184,13 +182,7 @@ def fmnist_train_hpc(
             data_note=data_note,
             workers=workers,
             cpus_per_worker=cpus_per_worker,
-            nodes=nodes,
-            cpus_per_node=cpus_per_node,
-            time_limit=time_limit,
-            partition=partition,
-            account=account,
-            modules=[str(m) for m in modules],
-            packages=[str(p) for p in packages],
+            hpc_job=job,
             python=python,
             mlflow_import=mlflow_import,
             job_tracking_uri=job_tracking_uri,

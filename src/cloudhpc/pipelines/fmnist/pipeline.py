@@ -13,6 +13,8 @@ come from the environment. The parameter defaults name the in-cluster services o
 No `from __future__ import annotations`: KFP reads parameter types from the annotations.
 """
 
+from typing import Any
+
 from kfp import dsl, kubernetes
 
 from cloudhpc.pipelines.components import (
@@ -21,6 +23,7 @@ from cloudhpc.pipelines.components import (
     fmnist_train_cloud,
     fmnist_train_hpc,
 )
+from cloudhpc.pipelines.fmnist.hpc_job import HPC_JOB
 
 __all__ = ["PIPELINES", "S3_SECRET", "TOKEN_SECRET", "cloud_hpc_pipeline", "cloud_pipeline"]
 
@@ -34,7 +37,6 @@ MLFLOW_URL = "http://mlflow.mlflow.svc.cluster.local:5000"
 S3_ENDPOINT = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
 STORE_URL = "s3://cloudhpc"
 THRESHOLDS = {"test_accuracy": 0.8, "test_macro_precision": 0.8, "test_macro_recall": 0.8}
-HPC_PACKAGES = ["ray[default,train]", "torch", "mlflow-skinny", "numpy"]
 
 
 def _secret_env(task: dsl.PipelineTask, keys: dict[str, str]) -> None:
@@ -67,13 +69,7 @@ def cloud_hpc_pipeline(
     seed: int = 42,
     workers: int = 0,
     cpus_per_worker: int = 1,
-    nodes: int = 2,
-    cpus_per_node: int = 4,
-    time_limit: str = "00:30:00",
-    partition: str = "",
-    account: str = "",
-    modules: list[str] = [],  # noqa: B006 -- a KFP default, never mutated
-    packages: list[str] = HPC_PACKAGES,
+    hpc_job: dict[str, Any] = HPC_JOB,
     # `python`, not `python3`: KFP's local runner rewrites the text "python3" in everything it passes
     # to a step, parameter values included, into its own interpreter's path.
     python: str = "python",
@@ -105,13 +101,7 @@ def cloud_hpc_pipeline(
         seed=seed,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
-        nodes=nodes,
-        cpus_per_node=cpus_per_node,
-        time_limit=time_limit,
-        partition=partition,
-        account=account,
-        modules=modules,
-        packages=packages,
+        hpc_job=hpc_job,
         python=python,
         timeout_seconds=timeout_seconds,
     ).set_display_name("train on HPC (Ray Train ray-job)")

@@ -22,8 +22,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from cloudhpc.client import Client
+from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import JobFailed
 from cloudhpc.pipelines.fmnist.data import load_dataset, read_url, write_splits
+from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
 from cloudhpc.pipelines.fmnist.train import HParams
 from cloudhpc.pipelines.runner import JobOutcome, run_job
 
@@ -162,21 +164,19 @@ def training_job_spec(
     hp: HParams,
     workers: int = 0,
     cpus_per_worker: int = 1,
-    nodes: int = 1,
-    cpus_per_node: int = 2,
-    time_limit: str = "00:20:00",
-    partition: str = "",
-    account: str = "",
-    packages: list[str] | None = None,
-    modules: list[str] | None = None,
+    hpc_job: HpcJob | None = None,
     python: str = "python",
     mlflow_import: str = "",
     job_tracking_uri: str = "",
 ) -> dict[str, Any]:
     """The `ray-job` that trains: the data and the training script in `files`, the MLflow run in
     `env`, and MLflow reached through an import bridge (`mlflow_import` = host:port as the bridge
-    host sees the server) or, where the job can reach it directly, `job_tracking_uri`."""
+    host sees the server) or, where the job can reach it directly, `job_tracking_uri`. `hpc_job`
+    gives its resources and environment (default: `HPC_JOB`); the spec is validated here."""
     import shlex
+
+    job = hpc_job or HpcJob()
+    nodes, cpus_per_node = job.nodes, job.cpus_per_node
 
     from cloudhpc.pipelines.fmnist import train as train_module
 
@@ -202,21 +202,18 @@ def training_job_spec(
         env["MLFLOW_TRACKING_URI"] = job_tracking_uri
     else:
         raise ValueError("the training job needs MLflow: give mlflow_import (host:port) or job_tracking_uri")
-    resources: dict[str, Any] = {"nodes": nodes, "cpus_per_task": cpus_per_node, "time": time_limit}
-    if partition:
-        resources["partition"] = partition
-    if account:
-        resources["account"] = account
-    return {
+    spec = {
         "name": name,
         "cluster": cluster,
         "kind": "ray-job",
         "ray": ray,
-        "resources": resources,
-        "environment": {"modules": list(modules or []), "packages": list(packages or [])},
+        "resources": job.resources.model_dump(exclude_none=True),
+        "environment": job.environment.model_dump(exclude_none=True),
         "files": {TRAIN_ENTRYPOINT_FILE: source, "data/train.npz": train_url},
         "env": env,
     }
+    JobSpec.model_validate(spec)  # a bad value fails this step, with the field named
+    return spec
 
 
 def stage_breakdown(
@@ -320,13 +317,7 @@ def train_on_hpc(
     data_note: str = "",
     workers: int = 0,
     cpus_per_worker: int = 1,
-    nodes: int = 1,
-    cpus_per_node: int = 2,
-    time_limit: str = "00:20:00",
-    partition: str = "",
-    account: str = "",
-    packages: list[str] | None = None,
-    modules: list[str] | None = None,
+    hpc_job: HpcJob | None = None,
     python: str = "python",
     mlflow_import: str = "",
     job_tracking_uri: str = "",
@@ -354,13 +345,7 @@ def train_on_hpc(
         hp=hp,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
-        nodes=nodes,
-        cpus_per_node=cpus_per_node,
-        time_limit=time_limit,
-        partition=partition,
-        account=account,
-        packages=packages,
-        modules=modules,
+        hpc_job=hpc_job,
         python=python,
         mlflow_import=mlflow_import,
         job_tracking_uri=job_tracking_uri,
