@@ -297,6 +297,32 @@ def test_submit_a_yaml_file_and_read_it_back(cli: Cli, tmp_path: Path) -> None:
     assert "CPU efficiency" in table.stdout
 
 
+def test_a_job_whose_files_cannot_be_staged_fails_with_the_reason(
+    cli: Cli, server: ServeAll, tmp_path: Path
+) -> None:
+    """A staging failure (`StagingError`) ends the job `failed`, its reason the agent's message alone."""
+    spec = write(
+        tmp_path / "job.yaml",
+        yaml.safe_dump(
+            {
+                "name": f"unstaged-{uuid.uuid4().hex[:8]}",
+                "cluster": "local",
+                "script": "cat data.txt\n",
+                "files": {"data.txt": "file:///etc/hostname"},
+            }
+        ),
+    )
+    result = cli("jobs", "submit", str(spec), "--wait", "-o", "json")
+    assert result.exit_code == 1, result.output
+    job = json.loads(result.stdout)
+    assert (job["state"], job["slurm_job_id"]) == ("failed", None)
+    objects = (server.root / "objects").resolve()
+    assert job["reason"] == (
+        "file:///etc/hostname: file:// URLs are read only inside this agent's object store directory "
+        f"({objects})"
+    )
+
+
 def test_submit_from_options_wait_exit_codes_and_cancel(cli: Cli, tmp_path: Path) -> None:
     failing = write(tmp_path / "fail.sh", "echo about to fail\nexit 3\n")
     result = cli(
