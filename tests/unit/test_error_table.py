@@ -7,6 +7,7 @@ package, so an exception class added anywhere under `src/` fails here until it i
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
 import inspect
@@ -141,6 +142,24 @@ def test_every_exception_class_lives_in_exceptions_or_has_a_reason() -> None:
         f"{sorted(outside - set(ALLOWED_ELSEWHERE))}; allowed but gone: "
         f"{sorted(set(ALLOWED_ELSEWHERE) - outside)}"
     )
+
+
+def test_no_exception_class_hides_inside_a_function() -> None:
+    """The import scan sees only classes made at import; this reads the source for the others
+    (a KFP component's body, a class made inside a function), by the names of their bases."""
+    src = Path(cloudhpc.__file__).parent
+    allowed = {name.rsplit(".", 1)[1] for name in ALLOWED_ELSEWHERE}
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name == "exceptions.py" and path.parent == src:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ClassDef) or node.name in allowed:
+                continue
+            bases = [ast.unparse(base).rsplit(".", 1)[-1] for base in node.bases]
+            if any(b.endswith(("Error", "Exception")) or b in ("Exit", "Abort") for b in bases):
+                found.append(f"{path.relative_to(src)}:{node.lineno} {node.name}({', '.join(bases)})")
+    assert found == []
 
 
 def test_every_exception_is_in_this_table() -> None:
