@@ -7,7 +7,7 @@ from uuid import UUID
 import pytest
 
 from cloudhpc.domain.jobs import Resources, parse_mem
-from cloudhpc.domain.paths import JobPaths, resolve_workdir
+from cloudhpc.domain.paths import JobPaths, resolve_path
 
 
 @pytest.mark.parametrize(
@@ -23,18 +23,18 @@ from cloudhpc.domain.paths import JobPaths, resolve_workdir
     ],
 )
 def test_workdir_resolves_against_the_home_directory(workdir: str, expected: str) -> None:
-    assert resolve_workdir(workdir, "/home/u/") == expected
+    assert resolve_path(workdir, "/home/u/") == expected
 
 
 def test_a_local_relative_workdir_starts_from_the_given_directory() -> None:
-    assert resolve_workdir(".cloudhpc/local", "/home/u", relative_to="/srv/x") == "/srv/x/.cloudhpc/local"
-    assert resolve_workdir("~/w", "/home/u", relative_to="/srv/x") == "/home/u/w"
-    assert resolve_workdir("x", "/") == "/x"
+    assert resolve_path(".cloudhpc/local", "/home/u", relative_to="/srv/x") == "/srv/x/.cloudhpc/local"
+    assert resolve_path("~/w", "/home/u", relative_to="/srv/x") == "/home/u/w"
+    assert resolve_path("x", "/") == "/x"
 
 
 def test_job_paths_live_under_the_resolved_workdir() -> None:
     job = UUID(int=1)
-    paths = JobPaths(resolve_workdir("~/w/", "/home/u"), job)
+    paths = JobPaths(resolve_path("~/w/", "/home/u"), job)
     assert paths.jobdir == f"/home/u/w/jobs/{job}"
     assert paths.batch_script == f"/home/u/w/jobs/{job}/.cloudhpc/job.sh"
     assert paths.output == f"/home/u/w/jobs/{job}/.cloudhpc/output.log"

@@ -3,7 +3,8 @@
 A cluster's `workdir` may be written `~/x`, `~` or relative (`x`, under the home directory, where an
 SSH session starts). sbatch's `--chdir` and `--output`, the staged files and the environment cache
 must not depend on a shell's expansion, so the work directory is made absolute before any path is
-built from it, by `resolve_workdir` and nothing else.
+built from it, by `resolve_path` and nothing else; the runners (SSH and local) read the paths they
+are given by the same rule.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-__all__ = ["JobPaths", "resolve_workdir"]
+__all__ = ["JobPaths", "resolve_path"]
 
 
-def resolve_workdir(workdir: str, home: str, *, relative_to: str | None = None) -> str:
-    """`workdir` as an absolute path without a trailing slash: `~` and `~/x` under `home`, a relative
+def resolve_path(path: str, home: str, *, relative_to: str | None = None) -> str:
+    """`path` as an absolute path without a trailing slash: `~` and `~/x` under `home`, a relative
     path under `relative_to` when given (a local backend's configuration, read like any local
     path from the current directory), else under `home` (a cluster, where an SSH session starts)."""
-    path = workdir
     if not path.startswith("/"):
         if path == "~" or path.startswith("~/"):
             base, rest = home, path[1:].lstrip("/")
@@ -32,7 +32,7 @@ def resolve_workdir(workdir: str, home: str, *, relative_to: str | None = None) 
 @dataclass(frozen=True)
 class JobPaths:
     """Where one job lives on the cluster: `<workdir>/jobs/<id>/`, cloudhpc's own files under
-    `.cloudhpc/`. `workdir` is the resolved one (`resolve_workdir`)."""
+    `.cloudhpc/`. `workdir` is absolute (`resolve_path`)."""
 
     workdir: str
     job_id: UUID

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from cloudhpc.domain.jobs import Environment
-from cloudhpc.domain.paths import resolve_workdir
+from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import CommandTimeout, EnvironmentBuildError
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer
 
@@ -296,7 +296,7 @@ class EnvironmentCache:
         """`<workdir>/envs` as an absolute path (the batch script must not depend on its cwd)."""
         if self._envs_dir is None:
             home = "" if self._workdir.startswith("/") else await self._runner.home()
-            self._envs_dir = f"{resolve_workdir(self._workdir, home).rstrip('/')}/envs"
+            self._envs_dir = f"{resolve_path(self._workdir, home).rstrip('/')}/envs"
         return self._envs_dir
 
     async def envdir(self, env: Environment) -> str:

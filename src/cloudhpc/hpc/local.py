@@ -24,7 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from cloudhpc.domain.jobs import Observation, Resources, parse_slurm_time
-from cloudhpc.domain.paths import resolve_workdir
+from cloudhpc.domain.paths import resolve_path
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CommandTimeout, JobNotFound, RemoteFileError, SubmitRejected
 from cloudhpc.hpc.backend import (
@@ -99,7 +99,7 @@ class LocalRunner:
         """Resolve like the SSH runner does over SFTP: absolute as is, `~`, `~/x` and `x` under home."""
         if not path:
             raise ValueError("a path must not be empty")
-        return Path(resolve_workdir(path, str(self._home)))
+        return Path(resolve_path(path, str(self._home)))
 
     async def run(
         self,
@@ -288,7 +288,7 @@ class LocalBackend:
     ) -> None:
         self.cluster = cluster
         self.runner = runner if runner is not None else LocalRunner()
-        self.workdir = resolve_workdir(str(workdir), str(self.runner.home_path))
+        self.workdir = resolve_path(str(workdir), str(self.runner.home_path))
         self._kill_grace = kill_grace
         self._launch_timeout = launch_timeout
         self._python = python or sys.executable

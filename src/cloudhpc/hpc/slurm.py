@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 from uuid import UUID
 
 from cloudhpc.domain.jobs import MEMORY_UNITS, Observation, Resources
-from cloudhpc.domain.paths import resolve_workdir
+from cloudhpc.domain.paths import resolve_path
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
     AccountingUnavailable,
@@ -869,7 +869,7 @@ class SlurmBackend:
         because sbatch's `--chdir` and `--output` must not depend on the shell's expansion."""
         if self._resolved_workdir is None:
             home = "" if self._workdir.startswith("/") else await self._conn.home()
-            self._resolved_workdir = resolve_workdir(self._workdir, home)
+            self._resolved_workdir = resolve_path(self._workdir, home)
         return self._resolved_workdir
 
     async def paths(self, job_id: UUID) -> JobPaths:

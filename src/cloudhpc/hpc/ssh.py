@@ -36,6 +36,7 @@ from typing import IO, Literal, Self, TypeVar
 import asyncssh
 
 from cloudhpc.config import SSHConfig
+from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import (
     CommandTimeout,
     HostKeyError,
@@ -752,12 +753,7 @@ class SSHConnection:
             raise ValueError("remote path must not be empty")
         if path.startswith("/"):
             return path
-        home = await self.home()
-        if path == "~":
-            return home
-        if path.startswith("~/"):
-            path = path[2:]
-        return posixpath.join(home, path)
+        return resolve_path(path, await self.home())
 
     async def makedirs(self, path: str, *, mode: int = 0o700) -> None:
         full = await self._resolve(path)

@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from cloudhpc.config import ClusterConfig
-from cloudhpc.domain.paths import resolve_workdir
+from cloudhpc.domain.paths import resolve_path
 from cloudhpc.hpc.backend import JobBackend
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.local import LocalBackend, LocalRunner
@@ -26,7 +26,7 @@ async def open_backend(
     connection (if any) is closed by `stack`."""
     if cluster.backend == "local":
         # a local path in the configuration reads like any other: relative to the current directory
-        workdir = resolve_workdir(cluster.workdir, str(Path.home()), relative_to=os.getcwd())
+        workdir = resolve_path(cluster.workdir, str(Path.home()), relative_to=os.getcwd())
         runner = LocalRunner()
         backend: JobBackend = LocalBackend(name, workdir=workdir, runner=runner)
         return backend, EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude), workdir
@@ -37,6 +37,6 @@ async def open_backend(
     if metrics is not None:
         metrics.watch_connection(name, conn)
     stack.push_async_callback(conn.close)
-    workdir = resolve_workdir(cluster.workdir, await conn.home())
+    workdir = resolve_path(cluster.workdir, await conn.home())
     backend = SlurmBackend(name, conn, workdir=workdir, prelude=cluster.prelude)
     return backend, EnvironmentCache(conn, workdir=workdir, prelude=cluster.prelude), workdir
