@@ -1,0 +1,46 @@
+"""The cluster's `defaults` are applied once, by the agent: what a backend receives is complete."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+from cloudhpc.config import ClusterConfig, ClusterDefaults
+from cloudhpc.domain.jobs import Job, JobSpec, Resources
+from cloudhpc.domain.states import JobState
+from cloudhpc.submitter.agent import Agent
+
+
+def job(**body: Any) -> Job:
+    spec = JobSpec.model_validate({"name": "j", "cluster": "c", **body})
+    return Job(
+        id=uuid4(),
+        name="j",
+        owner="alice",
+        cluster="c",
+        kind=spec.kind,
+        state=JobState.PENDING,
+        created_at=datetime.now(UTC),
+        spec=spec,
+    )
+
+
+def agent() -> Agent:
+    config = ClusterConfig(
+        backend="local", defaults=ClusterDefaults(partition="debug", account="proj", time="00:10:00")
+    )
+    # _prepare reads neither the backend nor the channel
+    return Agent("c", config, backend=None, channel=None, workdir="/w")  # type: ignore[arg-type]
+
+
+async def test_a_batch_job_gets_the_cluster_defaults_where_it_names_none() -> None:
+    submission = await agent()._prepare(job(script="true\n", resources={"time": "5", "nodes": 2}))
+    assert submission.resources == Resources(nodes=2, time="5", partition="debug", account="proj")
+    assert submission.spec.resources == Resources(nodes=2, time="5")  # the spec stays as sent
+
+
+async def test_a_ray_job_gets_them_too_with_its_node_count() -> None:
+    ray = {"entrypoint": "python -c 1", "workers": {"nodes": 1}}
+    submission = await agent()._prepare(job(kind="ray-job", ray=ray))
+    assert submission.resources == Resources(nodes=2, time="00:10:00", partition="debug", account="proj")
