@@ -10,6 +10,10 @@ so that the cluster's local time zone never leaks into our tz-aware UTC datetime
 
 Nothing here opens connections: `SlurmBackend` is handed an object that runs commands and moves
 files (`hpc/ssh.py` in production).
+
+Why one module of about a thousand lines: it is the only place that speaks SLURM (as submitit's
+`slurm/slurm.py` is), and its parts are read together: a command, its parser, the state table they
+share and the backend verb that runs them. Nothing outside it says sbatch or sacct.
 """
 
 from __future__ import annotations
