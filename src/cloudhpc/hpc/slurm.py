@@ -13,7 +13,9 @@ files (`hpc/ssh.py` in production).
 
 Why one module of about a thousand lines: it is the only place that speaks SLURM (as submitit's
 `slurm/slurm.py` is), and its parts are read together: a command, its parser, the state table they
-share and the backend verb that runs them. Nothing outside it says sbatch or sacct.
+share and the backend verb that runs them. Outside it, SLURM appears only as text in a rendered job
+script (`srun` in `ray/script.py`) and as `sinfo --version`, the reachability probe of
+`hpc/cluster_check.py`.
 """
 
 from __future__ import annotations
