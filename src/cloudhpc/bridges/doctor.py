@@ -50,6 +50,7 @@ def ssh_base_argv(config: BridgeConfig) -> list[str]:
         key_path=str(config.key_file.expanduser()),
         known_hosts_path=str(config.known_hosts.expanduser()),
         ssh_port=config.ssh_port,
+        log_level="INFO",  # "administratively prohibited" (a refused -L) is an INFO message
     )
     return ["ssh", *options]
 

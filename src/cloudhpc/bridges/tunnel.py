@@ -83,9 +83,12 @@ def _local(word: str) -> str:
     raise ValueError(f'local port {word!r} must be a number or a "$chpc_..." variable')
 
 
-def tunnel_ssh_options(*, key_path: str, known_hosts_path: str, ssh_port: int) -> list[str]:
+def tunnel_ssh_options(
+    *, key_path: str, known_hosts_path: str, ssh_port: int, log_level: str = "ERROR"
+) -> list[str]:
     """The ssh options of a job's tunnel, as an argv (unquoted): `cloudhpc doctor bridge-host`
-    connects with the same ones, so what it checks is what a job will get."""
+    connects with the same ones, so what it checks is what a job will get. Only `log_level` may
+    differ: a job's log wants ssh's errors, the doctor reads sshd's refusals, logged at INFO."""
     return [
         "-F",
         "/dev/null",
@@ -118,7 +121,7 @@ def tunnel_ssh_options(*, key_path: str, known_hosts_path: str, ssh_port: int) -
         "-o",
         "ControlPath=none",
         "-o",
-        "LogLevel=ERROR",
+        f"LogLevel={log_level}",
         "-p",
         str(_check_port(ssh_port, "ssh port")),
     ]
