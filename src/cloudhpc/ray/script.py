@@ -11,14 +11,16 @@ The layout follows what works on shared HPC nodes, and avoids what the original 
   default route's address). A multi-node job must bind an address the other nodes reach;
 - `ray start --block` runs in its own session, and is stopped by signalling that session, never
   with `ray stop` (which stops every Ray process of the user on the machine, other jobs' too);
-- readiness is "all requested nodes alive", read from the head's dashboard, after which the bridge
-  tunnel starts;
+- readiness is "all requested nodes alive", read from the head's dashboard; the bridge tunnel starts
+  with Ray, not after it (see `_bridges`);
 - a `ray-job` runs its entrypoint against its own cluster and the SLURM job ends when the
   entrypoint does, with its exit status: no idle cluster billed until the time limit.
 
-Pure functions: the agent calls `render_ray_job` and hands the result to the backend. Nothing a user
-sends reaches the shell: the entrypoint is a file run by bash, names and hosts are quoted literals,
-and every number is checked.
+Pure functions: the agent calls `render_ray_job` and hands the result to the backend. The body is
+its named sections in order (`SECTIONS`: header, teardown, environment, head, workers, bridges,
+readiness, main), each rendered by one function from one `_Layout` and kept as a golden file in
+tests/unit/golden/. Nothing a user sends reaches the shell: the entrypoint is a file run by bash,
+names and hosts are quoted literals, and every number is checked.
 """
 
 from __future__ import annotations
