@@ -936,8 +936,8 @@ do_status() {
   local bad=0 h pgd
   check() { # check NAME WHERE OK-CMD... ; prints one line
     local n=$1 w=$2; shift 2
-    if "$@" >/dev/null 2>&1; then printf '%-16s %-5s %s\n' "$n" up "$w"
-    else printf '%-16s %-5s %s\n' "$n" down "$w"; bad=1; fi
+    if "$@" >/dev/null 2>&1; then printf '%-18s %-5s %s\n' "$n" up "$w"
+    else printf '%-18s %-5s %s\n' "$n" down "$w"; bad=1; fi
   }
   check "netns $P-router" "$OP_GW $LAPTOP_GW $CLOUD_GW $HPC_GW" test -e "$(ns_path router)"
   for h in $HOSTS; do check "netns $P-$h" "$(addr_of "$h")" test -e "$(ns_path "$h")"; done

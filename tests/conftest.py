@@ -4,6 +4,7 @@ import pytest
 
 from cloudhpc.config import SSHConfig
 from tests.testbed import Testbed, load_testbed
+from tests.topology import Topology, load_topology
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,9 @@ HOSTILE_STRINGS = [
     "*",
 ]
 """Strings that would execute something if they ever reached a shell unquoted."""
+
+
+@pytest.fixture(scope="session")
+def topology() -> Topology:
+    """The multi-host topology (scripts/topology.sh); fails the test (never skips) when it is not up."""
+    return load_topology()
