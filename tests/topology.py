@@ -9,7 +9,6 @@ pytest runs, is the operator's console and reaches every host. Tests that need t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -169,7 +168,9 @@ def load_topology() -> Topology:
             "(or `scripts/testbed.sh up`, which runs `scripts/topology.sh up` at its end) first",
             pytrace=False,
         )
-    env = {**read_topology_env(), **{k: v for k, v in os.environ.items() if k.startswith("TOPOLOGY_")}}
+    # only the file: it describes what runs (TOPOLOGY_DELAY_MS in the environment of the tests would
+    # not change the relay; `TOPOLOGY_DELAY_MS=0 scripts/topology.sh up` does)
+    env = read_topology_env()
     netns_dir = Path(env["TOPOLOGY_NETNS_DIR"])
     uts_dir = Path(env["TOPOLOGY_UTS_DIR"])
     prefix = env["TOPOLOGY_NETNS_PREFIX"]

@@ -458,3 +458,17 @@ def test_bridge_account_line_is_what_the_cli_prints(topology: Topology, tmp_path
         ["getent", "passwd", topology.bridge_user], capture_output=True, text=True, check=True
     ).stdout.split(":")[5]
     assert Path(home, ".ssh", "authorized_keys").read_text() == printed
+
+
+def test_topology_scripts_are_clean() -> None:
+    """scripts/topology.sh passes shellcheck (as the deploy scripts do) and the relay is stdlib-only."""
+    script = ROOT / "scripts" / "topology.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    proc = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout
+    relay = (ROOT / "scripts" / "delay_relay.py").read_text()
+    imports = {
+        line.split()[1].split(".")[0] for line in relay.splitlines() if line.startswith(("import ", "from "))
+    }
+    assert imports <= set(sys.stdlib_module_names) | {"__future__"}, imports
