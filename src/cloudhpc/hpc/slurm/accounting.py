@@ -1,0 +1,166 @@
+"""sacct: the accounting record of jobs and their steps, from slurmdbd, read by field name.
+
+It answers for jobs that have left the queue: the exit code, the final times and the resources
+used. Right after a job ends some cells are placeholders for a moment, so secondary cells are read
+leniently (see `_lenient`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cloudhpc.domain.jobs import Observation
+from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import AccountingUnavailable, ParseError
+from cloudhpc.hpc.backend import AccountingRecord, CommandResult
+from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES
+from cloudhpc.hpc.slurm.ids import check_native_id, parse_job_id
+from cloudhpc.hpc.slurm.states import map_state, normalize_state
+from cloudhpc.hpc.slurm.tables import parse_table
+from cloudhpc.hpc.slurm.values import (
+    _empty,
+    _int_or_none,
+    _tres_size,
+    _tres_value,
+    parse_duration,
+    parse_exit_code,
+    parse_size,
+    parse_timestamp,
+)
+
+__all__ = ["SACCT_FIELDS", "Sacct", "SacctRow"]
+
+# The package logs under one name, the one it had as a single module.
+logger = logging.getLogger(__package__)
+
+SACCT_FIELDS: tuple[str, ...] = (
+    "JobID",
+    "JobName",
+    "State",
+    "ExitCode",
+    "Submit",
+    "Start",
+    "End",
+    "ElapsedRaw",
+    "TotalCPU",
+    "AllocCPUS",
+    "NNodes",
+    "NodeList",
+    "ReqMem",
+    "MaxRSS",
+    "Partition",
+    "Account",
+    "TimelimitRaw",
+    "AllocTRES",
+    "Comment",
+)
+"""The sacct columns cloudhpc reads, by name. Comment is last: free text may hold the delimiter."""
+
+
+@dataclass(frozen=True)
+class SacctRow:
+    record: AccountingRecord
+    comment: str | None
+
+    def observation(self) -> Observation | None:
+        state = map_state(self.record.state)
+        if state is None:
+            return None
+        native = normalize_state(self.record.state)
+        return Observation(
+            state=state,
+            native_state=native,
+            reason=native if state == JobState.FAILED else None,
+            exit_code=self.record.exit_code if state.terminal else None,
+            submitted_at=self.record.submit,
+            started_at=self.record.start if state != JobState.QUEUED else None,
+            ended_at=self.record.end if state.terminal else None,
+        )
+
+
+_V = TypeVar("_V")
+
+
+def _lenient(parse: Callable[[str], _V], row: Mapping[str, str], column: str) -> _V | None:
+    """A secondary cell that does not parse becomes None instead of losing the whole row: right
+    after a job ends, 22.05 prints placeholders such as ReqMem `16?` and JobName `allocation`
+    for about a second, while State and ExitCode are already final."""
+    try:
+        return parse(row[column])
+    except ParseError as exc:
+        logger.debug("sacct row %s: unreadable %s (%s)", row.get("JobID"), column, exc)
+        return None
+
+
+def _sacct_row(row: Mapping[str, str]) -> SacctRow:
+    job = parse_job_id(row["JobID"])
+    exit_code, signal = parse_exit_code(row["ExitCode"])
+    alloc_cpus = _lenient(_int_or_none, row, "AllocCPUS")
+    nodes = _lenient(_int_or_none, row, "NNodes")
+    limit = _lenient(_int_or_none, row, "TimelimitRaw")
+    record = AccountingRecord(
+        job_id=job.allocation,
+        step=job.step,
+        name=row["JobName"],
+        state=row["State"].strip(),
+        exit_code=exit_code,
+        signal=signal,
+        submit=_lenient(parse_timestamp, row, "Submit"),
+        start=_lenient(parse_timestamp, row, "Start"),
+        end=_lenient(parse_timestamp, row, "End"),
+        elapsed_seconds=_lenient(_int_or_none, row, "ElapsedRaw"),
+        total_cpu_seconds=_lenient(parse_duration, row, "TotalCPU"),
+        alloc_cpus=alloc_cpus,
+        nodes=nodes,
+        node_list=None if _empty(row["NodeList"]) or row["NodeList"] == "None assigned" else row["NodeList"],
+        req_mem_bytes=_lenient(lambda v: parse_size(v, alloc_cpus=alloc_cpus, nodes=nodes), row, "ReqMem")
+        or _lenient(_tres_size, row, "AllocTRES"),
+        max_rss_bytes=_lenient(parse_size, row, "MaxRSS"),
+        partition=None if _empty(row["Partition"]) else row["Partition"],
+        account=None if _empty(row["Account"]) else row["Account"],
+        timelimit_seconds=None if limit is None else limit * 60,
+        alloc_tres=None if _empty(row["AllocTRES"]) else row["AllocTRES"],
+        billing=_tres_value(row["AllocTRES"], "billing"),
+    )
+    return SacctRow(record=record, comment=None if _empty(row["Comment"]) else row["Comment"])
+
+
+@dataclass(frozen=True)
+class Sacct:
+    """sacct for explicit job ids or one derived job name, since an explicit start time (sacct
+    silently drops jobs that ended before it, `--jobs` or not)."""
+
+    jobs: Sequence[str] = ()
+    job_name: str | None = None
+    starttime: str = "now-2592000"
+    """SLURM time syntax; the relative form uses the cluster's own clock, immune to skew."""
+    allocations_only: bool = False
+
+    name = "sacct"
+
+    def argv(self) -> list[str]:
+        argv = [*_EPOCH_TIMES, "sacct", "--parsable2", f"--starttime={self.starttime}"]
+        if self.allocations_only:
+            argv.append("--allocations")
+        if self.jobs:
+            argv.append("--jobs=" + ",".join(check_native_id(j) for j in self.jobs))
+        if self.job_name is not None:
+            argv.append(f"--name={self.job_name}")
+        if not self.jobs and self.job_name is None:
+            raise ValueError("sacct needs job ids or a job name")
+        argv.append("--format=" + ",".join(SACCT_FIELDS))
+        return argv
+
+    @staticmethod
+    def parse(result: CommandResult) -> list[SacctRow]:
+        if not result.ok:
+            raise AccountingUnavailable(
+                "sacct could not answer",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        return [_sacct_row(row) for row in parse_table(result.stdout, expected=SACCT_FIELDS)]

@@ -1,0 +1,274 @@
+"""`SlurmBackend`: the `JobBackend` verbs (submit, find, poll, cancel, accounting, efficiency,
+output) as runs of the command objects of this package.
+
+Nothing here opens connections: `SlurmBackend` is handed an object that runs commands and moves
+files (`hpc/ssh/` in production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Protocol, TypeVar
+from uuid import UUID
+
+from cloudhpc.domain.jobs import Observation
+from cloudhpc.domain.paths import resolve_path
+from cloudhpc.exceptions import AccountingUnavailable, ParseError, RemoteFileError, SchedulerCommandError
+from cloudhpc.hpc.backend import (
+    AccountingRecord,
+    CommandResult,
+    CommandRunner,
+    Efficiency,
+    FileTransfer,
+    JobPaths,
+    JobSubmission,
+)
+from cloudhpc.hpc.slurm.accounting import Sacct
+from cloudhpc.hpc.slurm.cancel import Scancel
+from cloudhpc.hpc.slurm.commands import _Command
+from cloudhpc.hpc.slurm.efficiency import Seff, compute_efficiency
+from cloudhpc.hpc.slurm.ids import allocation_ids, check_native_id, comment_for, job_name_for
+from cloudhpc.hpc.slurm.queue import Squeue, SqueueRow
+from cloudhpc.hpc.slurm.submit import Sbatch
+
+__all__ = ["CommandObserver", "SlurmBackend", "SlurmConnection"]
+
+# The package logs under one name, the one it had as a single module.
+logger = logging.getLogger(__package__)
+
+
+class SlurmConnection(CommandRunner, FileTransfer, Protocol):
+    """What `SlurmBackend` needs from its connection: `cloudhpc.hpc.ssh.SSHConnection` provides it."""
+
+
+CommandObserver = Callable[[str, CommandResult, float], None]
+"""Called after every SLURM command with (command name, result, seconds): metrics and tests hook here."""
+
+
+_T = TypeVar("_T")
+
+
+def _check_relative(path: str) -> str:
+    parts = path.split("/")
+    if path.startswith("/") or "\x00" in path or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"job file path {path!r} must stay inside the job directory")
+    return path
+
+
+class SlurmBackend:
+    """`JobBackend` for one SLURM cluster reached through one connection.
+
+    A poll costs one squeue call for every tracked job, plus one sacct call only for jobs that left
+    the queue or ended: slurmctld load stays flat as the number of jobs grows.
+    """
+
+    def __init__(
+        self,
+        cluster: str,
+        conn: SlurmConnection,
+        *,
+        workdir: str,
+        prelude: str = "",
+        on_command: CommandObserver | None = None,
+        sacct_lookback: timedelta = timedelta(days=30),
+        command_timeout: float | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self._conn = conn
+        self._workdir = workdir
+        self._resolved_workdir: str | None = None
+        self._prelude = prelude
+        self._on_command = on_command
+        self._lookback = sacct_lookback
+        self._timeout = command_timeout
+        self._seff_installed: bool | None = None
+        self.last_poll_commands = 0
+        """Commands the last `poll` issued; the poller charges them to its command budget."""
+
+    @property
+    def _starttime(self) -> str:
+        return f"now-{int(self._lookback.total_seconds())}"
+
+    async def _exec(self, command: _Command[object], *, idempotent: bool = True) -> CommandResult:
+        argv = command.argv()
+        logger.debug("%s on %s: %s", command.name, self.cluster, argv)
+        started = time.monotonic()
+        result = await self._conn.run(
+            argv, timeout=self._timeout, idempotent=idempotent, prelude=self._prelude
+        )
+        if self._on_command is not None:
+            self._on_command(command.name, result, time.monotonic() - started)
+        return result
+
+    async def _run(self, command: _Command[_T], *, idempotent: bool = True) -> tuple[CommandResult, _T]:
+        result = await self._exec(command, idempotent=idempotent)
+        return result, command.parse(result)
+
+    async def workdir(self) -> str:
+        """The absolute work directory (`~/x` and relative paths resolved against the home directory),
+        because sbatch's `--chdir` and `--output` must not depend on the shell's expansion."""
+        if self._resolved_workdir is None:
+            home = "" if self._workdir.startswith("/") else await self._conn.home()
+            self._resolved_workdir = resolve_path(self._workdir, home)
+        return self._resolved_workdir
+
+    async def paths(self, job_id: UUID) -> JobPaths:
+        return JobPaths(workdir=await self.workdir(), job_id=job_id)
+
+    async def submit(self, submission: JobSubmission) -> str:
+        """Stage and sbatch. `submission.resources` are complete: the agent applies the cluster's
+        defaults once, before rendering, so what is submitted is what the rendered script saw."""
+        paths = await self.paths(submission.job_id)
+        command = Sbatch(job_id=submission.job_id, paths=paths, resources=submission.resources)
+        command.argv()  # validate before anything is written on the cluster
+        targets = [
+            (paths.file(_check_relative(rel)), data, submission.modes.get(rel, 0o644))
+            for rel, data in submission.files.items()
+        ]
+        targets.append((paths.batch_script, submission.batch_script.encode(), 0o700))
+        await self._conn.makedirs(paths.control, mode=0o700)
+        limit = asyncio.Semaphore(8)
+
+        async def put(path: str, data: bytes, mode: int) -> None:
+            async with limit:
+                await self._conn.write_file(path, data, mode=mode)
+
+        await asyncio.gather(*(put(*target) for target in targets))
+        _, native_id = await self._run(command, idempotent=False)
+        logger.info("job %s submitted to %s as SLURM job %s", submission.job_id, self.cluster, native_id)
+        return native_id
+
+    async def find(self, job_id: UUID) -> str | None:
+        name, comment = job_name_for(job_id), comment_for(job_id)
+        _, queued = await self._run(Squeue(job_name=name))
+        found = [r.job_id for r in queued if r.name == name and r.comment in (comment, None)]
+        if not found:
+            _, rows = await self._run(Sacct(job_name=name, starttime=self._starttime, allocations_only=True))
+            found = [
+                r.record.job_id
+                for r in rows
+                if r.record.step is None and r.record.name == name and r.comment in (comment, None)
+            ]
+        if not found:
+            return None
+        ids = sorted(set(found), key=lambda j: [int(p) for p in j.split("_")])
+        if len(ids) > 1:
+            logger.warning(
+                "job %s has several SLURM jobs on %s: %s; using the newest", job_id, self.cluster, ids
+            )
+        return ids[-1]
+
+    async def poll(self, native_ids: Sequence[str]) -> dict[str, Observation]:
+        ids = list(dict.fromkeys(check_native_id(i) for i in native_ids))
+        self.last_poll_commands = 0
+        if not ids:
+            return {}
+        observations: dict[str, Observation] = {}
+        ask_sacct: list[str] = []
+        self.last_poll_commands += 1
+        try:
+            _, rows = await self._run(Squeue(jobs=ids))
+        except (SchedulerCommandError, ParseError) as exc:
+            logger.warning(
+                "squeue on %s failed (%s); asking sacct for all %d jobs", self.cluster, exc, len(ids)
+            )
+            rows = []
+        by_id: dict[str, SqueueRow] = {}
+        for row in rows:
+            for alloc in allocation_ids(row.job_id):
+                by_id[alloc] = row
+        for native_id in ids:
+            queued = by_id.get(native_id)
+            if queued is None:
+                ask_sacct.append(native_id)
+                continue
+            observation = queued.observation()
+            if observation is None:
+                continue
+            if observation.state.terminal:
+                ask_sacct.append(native_id)  # the exit code and final times live in accounting
+            else:
+                observations[native_id] = observation
+        if ask_sacct:
+            self.last_poll_commands += 1
+            try:
+                _, accounted = await self._run(
+                    Sacct(jobs=ask_sacct, starttime=self._starttime, allocations_only=True)
+                )
+            except (AccountingUnavailable, ParseError) as exc:
+                logger.warning(
+                    "sacct on %s failed (%s): %d jobs stay unknown", self.cluster, exc, len(ask_sacct)
+                )
+                return observations
+            wanted = set(ask_sacct)
+            for sacct_row in accounted:
+                if sacct_row.record.step is None and sacct_row.record.job_id in wanted:
+                    observation = sacct_row.observation()
+                    if observation is None:
+                        continue
+                    if sacct_row.record.job_id in by_id and not observation.state.terminal:
+                        continue  # slurmdbd has not caught up with slurmctld yet: ask again
+                    observations[sacct_row.record.job_id] = observation
+        return observations
+
+    async def cancel(self, native_id: str) -> None:
+        await self._run(Scancel(native_id))
+
+    async def accounting(self, native_id: str) -> list[AccountingRecord]:
+        try:
+            result, rows = await self._run(Sacct(jobs=[native_id], starttime=self._starttime))
+        except ParseError as exc:
+            raise AccountingUnavailable(
+                f"sacct output for job {native_id} was unreadable ({exc})", argv=[], exit_status=0, stderr=""
+            ) from exc
+        records = [r.record for r in rows if r.record.job_id == native_id]
+        if not records:
+            raise AccountingUnavailable(
+                f"sacct has no record of job {native_id} yet",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        return records
+
+    async def efficiency(self, native_id: str) -> Efficiency:
+        if self._seff_installed is not False:
+            command = Seff(native_id)
+            result = await self._exec(command)
+            if result.exit_status == 127:
+                logger.info("seff is not installed on %s: computing efficiency from sacct", self.cluster)
+                self._seff_installed = False
+            else:
+                self._seff_installed = True
+                return command.parse(result)
+        return compute_efficiency(await self.accounting(native_id))
+
+    async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
+        path = (await self.paths(job_id)).output
+        try:
+            return await self._conn.read_file(path, offset=offset, length=length)
+        except RemoteFileError:
+            if await self._conn.exists(path):
+                raise
+            return b""
+
+    async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
+        if not relative_paths:
+            return
+        paths = await self.paths(job_id)
+        argv = ["rm", "-f", "--", *(paths.file(_check_relative(p)) for p in relative_paths)]
+        result = await self._conn.run(argv, timeout=self._timeout, idempotent=True)
+        if not result.ok:
+            logger.warning("job %s: could not delete %s: %s", job_id, relative_paths, result.stderr.strip())
+
+    async def close(self) -> None:
+        closer = getattr(self._conn, "close", None)
+        if closer is not None:
+            outcome = closer()
+            if inspect.isawaitable(outcome):
+                await outcome

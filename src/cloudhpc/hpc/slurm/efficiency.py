@@ -1,0 +1,97 @@
+"""How well a job used what it asked for: seff's report where the site has it, else the same
+numbers computed from sacct's rows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cloudhpc.exceptions import AccountingUnavailable, ParseError
+from cloudhpc.hpc.backend import AccountingRecord, CommandResult, Efficiency
+from cloudhpc.hpc.slurm.ids import check_native_id
+from cloudhpc.hpc.slurm.states import normalize_state
+from cloudhpc.hpc.slurm.values import _UNITS, parse_duration
+
+__all__ = ["Seff", "compute_efficiency"]
+
+_SEFF_MEM = re.compile(r"^(?P<num>[0-9.]+) (?P<unit>[KMGTP]?B)")
+_SEFF_PERCENT = re.compile(r"^(?P<pct>[0-9.]+)% of (?P<rest>.+)$")
+
+
+def _seff_bytes(text: str) -> int | None:
+    match = _SEFF_MEM.match(text.strip())
+    if match is None:
+        return None
+    return int(float(match["num"]) * _UNITS[match["unit"][:-1]])
+
+
+@dataclass(frozen=True)
+class Seff:
+    """seff's text report, for sites that have it (it is a contrib script, often missing)."""
+
+    native_id: str
+
+    name = "seff"
+
+    def argv(self) -> list[str]:
+        return ["seff", check_native_id(self.native_id)]
+
+    @staticmethod
+    def parse(result: CommandResult) -> Efficiency:
+        if not result.ok:
+            raise AccountingUnavailable(
+                "seff could not answer",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        fields: dict[str, str] = {}
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "State" not in fields:
+            raise ParseError(f"seff printed {result.stdout!r}; expected `Key: value` lines with a State")
+        state = normalize_state(fields["State"])
+        cpu_used = parse_duration(fields.get("CPU Utilized"))
+        cpu_eff = _SEFF_PERCENT.match(fields.get("CPU Efficiency", ""))
+        core_wall = parse_duration(cpu_eff["rest"].split()[0]) if cpu_eff else None
+        mem_used = _seff_bytes(fields.get("Memory Utilized", ""))
+        mem_eff = _SEFF_PERCENT.match(fields.get("Memory Efficiency", ""))
+        mem_req = _seff_bytes(mem_eff["rest"]) if mem_eff else None
+        return Efficiency(
+            state=state,
+            cpu_efficiency=float(cpu_eff["pct"]) / 100 if cpu_eff else None,
+            memory_efficiency=float(mem_eff["pct"]) / 100 if mem_eff else None,
+            cpu_utilized_seconds=cpu_used,
+            core_walltime_seconds=core_wall,
+            memory_utilized_bytes=mem_used,
+            memory_requested_bytes=mem_req,
+            source="seff",
+        )
+
+
+def compute_efficiency(records: Sequence[AccountingRecord]) -> Efficiency:
+    """seff's numbers from sacct rows: CPU = TotalCPU / (Elapsed x AllocCPUS) of the allocation;
+    memory = the largest MaxRSS of any step / the allocation's total ReqMem."""
+    allocation = next((r for r in records if r.step is None), None)
+    if allocation is None:
+        raise ParseError(f"no allocation row among {len(records)} sacct rows; cannot compute efficiency")
+    core_wall: float | None = None
+    if allocation.elapsed_seconds is not None and allocation.alloc_cpus is not None:
+        core_wall = float(allocation.elapsed_seconds * allocation.alloc_cpus)
+    cpu_used = allocation.total_cpu_seconds
+    peaks = [r.max_rss_bytes for r in records if r.max_rss_bytes is not None]
+    mem_used = max(peaks) if peaks else 0
+    mem_req = allocation.req_mem_bytes
+    return Efficiency(
+        state=normalize_state(allocation.state),
+        cpu_efficiency=cpu_used / core_wall if cpu_used is not None and core_wall else 0.0,
+        memory_efficiency=mem_used / mem_req if mem_req else None,
+        cpu_utilized_seconds=cpu_used,
+        core_walltime_seconds=core_wall,
+        memory_utilized_bytes=mem_used,
+        memory_requested_bytes=mem_req,
+        source="sacct",
+    )

@@ -1,0 +1,90 @@
+"""sbatch: the resource flags of a job and the submission of its wrapper script.
+
+A refusal is told apart from a quota or policy limit (`QuotaExceeded`), which the user fixes
+differently from a bad request (`SubmitRejected`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from cloudhpc.domain.jobs import Resources
+from cloudhpc.exceptions import ParseError, QuotaExceeded, SubmitRejected
+from cloudhpc.hpc.backend import CommandResult, JobPaths
+from cloudhpc.hpc.slurm.ids import comment_for, job_name_for
+
+__all__ = ["Sbatch", "resource_flags"]
+
+_QUOTA = re.compile(
+    r"QOSMax\w*|QOSGrp\w*|AssocMax\w*|AssocGrp\w*|MaxSubmitJob\w*|accounting/QOS policy|"
+    r"job submit limit|Job violates accounting",
+    re.IGNORECASE,
+)
+
+
+def resource_flags(resources: Resources) -> list[str]:
+    """`--flag=value` argv elements for the set fields, each value re-validated by the domain model
+    (defence in depth: a `model_construct`ed Resources never bypasses the patterns)."""
+    checked = Resources.model_validate(resources.model_dump())
+    flags: list[str] = []
+    if checked.nodes is not None:
+        flags.append(f"--nodes={checked.nodes}")
+    if checked.ntasks_per_node is not None:
+        flags.append(f"--ntasks-per-node={checked.ntasks_per_node}")
+    if checked.cpus_per_task is not None:
+        flags.append(f"--cpus-per-task={checked.cpus_per_task}")
+    if checked.gpus_per_node:
+        flags.append(f"--gpus-per-node={checked.gpus_per_node}")
+    if checked.mem is not None:
+        flags.append(f"--mem={checked.mem}")
+    if checked.time is not None:
+        flags.append(f"--time={checked.time}")
+    if checked.partition is not None:
+        flags.append(f"--partition={checked.partition}")
+    if checked.account is not None:
+        flags.append(f"--account={checked.account}")
+    return flags
+
+
+@dataclass(frozen=True)
+class Sbatch:
+    """Submit the wrapper script of one job; `parse` returns the SLURM job id."""
+
+    job_id: UUID
+    paths: JobPaths
+    resources: Resources = field(default_factory=Resources)
+
+    name = "sbatch"
+
+    def argv(self) -> list[str]:
+        return [
+            "sbatch",
+            "--parsable",
+            f"--comment={comment_for(self.job_id)}",
+            f"--job-name={job_name_for(self.job_id)}",
+            f"--chdir={self.paths.jobdir}",
+            f"--output={self.paths.output}",
+            *resource_flags(self.resources),
+            self.paths.batch_script,
+        ]
+
+    @staticmethod
+    def parse(result: CommandResult) -> str:
+        if not result.ok:
+            error = QuotaExceeded if _QUOTA.search(result.stderr) else SubmitRejected
+            raise error(
+                "sbatch refused the job",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        match = re.match(r"^([0-9]+)(?:;\S+)?$", lines[-1]) if lines else None
+        if match is None:
+            raise ParseError(
+                f"sbatch --parsable printed {result.stdout!r} (stderr {result.stderr!r}); "
+                "expected a job id such as `123` or `123;cluster`"
+            )
+        return match.group(1)
