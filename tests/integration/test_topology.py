@@ -383,7 +383,7 @@ ssh -N -i bridge_key -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChec
   -R {cloud}:{port}:127.0.0.1:18080 -L 127.0.0.1:18081:{cloud}:5000 \\
   -p {topology.bridge_port} {topology.bridge_user}@{topology.bridge_host} 2> ssh.err &
 for i in $(seq 1 100); do curl -s -o mlflow_health.txt http://127.0.0.1:18081/health && break; sleep 0.2; done
-hostname > node.txt
+hostname > node.tmp && mv node.tmp node.txt   # written last, at once: the test waits for it
 wait
 """
         (work / "job.sh").write_text(script)
