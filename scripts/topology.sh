@@ -286,6 +286,15 @@ link_root() { # the operator's console: the root namespace reaches every host, n
   ip route replace "$OP_GW/32" dev "$ROOT_LINK" src "$OP_ADDR"
   ip route replace "$NET" via "$OP_GW" dev "$ROOT_LINK" src "$OP_ADDR"
 }
+# One topology per machine: the namespace names are fixed. The checkout that built them owns them.
+OWNER=/run/$P-topology.owner
+foreign_owner() { [ -s "$OWNER" ] && [ "$(cat "$OWNER")" != "$ROOT" ]; }
+claim_net() {
+  if foreign_owner && [ -e "$(ns_path router)" ]; then
+    die "the topology of $(cat "$OWNER") is up on this machine (namespaces $P-*): run its scripts/topology.sh down first"
+  fi
+  echo "$ROOT" > "$OWNER"
+}
 build_net() {
   local h
   for h in $NAMESPACES; do ensure_ns "$h"; done
@@ -874,6 +883,7 @@ MLFLOW_STARTED=0
 do_up() {
   need_root; lock
   mkdir -p "$RUN" "$LOGD"; chmod 755 "$TB" "$TP"
+  claim_net
   install_pkgs
   check_base
   build_net
@@ -912,9 +922,14 @@ do_down() {
   stop_pidfile "$LOGIN_SSHD_PID" sshd
   stop_slurm
   local h
+  if foreign_owner; then
+    log "the namespaces $P-* belong to $(cat "$OWNER"): left alone"
+    log "DOWN in $(elapsed) s"; return 0
+  fi
   for h in $NAMESPACES; do
     if [ -e "$(ns_path "$h")" ]; then ip netns del "$P-$h"; log "netns $P-$h: deleted"; fi
   done
+  rm -f "$OWNER"
   ip link del "$ROOT_LINK" 2>/dev/null && log "link $ROOT_LINK: deleted" || true
   for h in $HOSTS; do
     if [ -e "$UTS_DIR/$h" ]; then umount "$UTS_DIR/$h" 2>/dev/null || true; rm -f "$UTS_DIR/$h"; fi
