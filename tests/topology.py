@@ -9,6 +9,7 @@ pytest runs, is the operator's console and reaches every host. Tests that need t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -107,6 +108,18 @@ class Topology:
         if check and proc.returncode != 0:
             raise AssertionError(f"{host}: {cmd} exited {proc.returncode}: {proc.stderr or proc.stdout}")
         return proc
+
+    def popen(
+        self, host: str, cmd: Sequence[str], *, env: Mapping[str, str] | None = None, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running `cmd` on `host` (porter on cloud, the submitter on the laptop...);
+        the caller stops it by the returned handle."""
+        argv = list(cmd) if host == "operator" else self.hosts[host].argv(*cmd)
+        return subprocess.Popen(argv, env=dict(env) if env is not None else None, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    def slurm_env(self) -> dict[str, str]:
+        """The environment for SLURM commands on the operator's console against cluster `topo`."""
+        return {**os.environ, "SLURM_CONF": str(self.slurm_conf)}
 
     def ssh_argv(self, *remote: str, key: Path | None = None) -> list[str]:
         """OpenSSH client argv to login:22 as the user, host key pinned (run it on a host with `run`)."""
