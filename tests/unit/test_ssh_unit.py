@@ -1,4 +1,4 @@
-"""ssh.py without a server: command-line quoting, error translation, secrets kept out of sight."""
+"""hpc/ssh/ without a server: command-line quoting, error translation, secrets kept out of sight."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cloudhpc.exceptions import (
 from cloudhpc.hpc import ssh
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer
 from cloudhpc.hpc.ssh import SSHConnection, build_command_line, command_name
+from cloudhpc.hpc.ssh import errors as ssh_errors
 from tests.conftest import HOSTILE_STRINGS
 
 SECRET = "pa55-VERY-secret-phrase"
@@ -96,17 +97,17 @@ def test_every_asyncssh_exception_maps_to_our_hierarchy() -> None:
     types = _asyncssh_exception_types()
     assert len(types) > 30  # the walk really found asyncssh's tree
     for cls in types:
-        rule = ssh._rule_for(cls.__new__(cls))
+        rule = ssh_errors._rule_for(cls.__new__(cls))
         assert rule is not None, f"{cls.__qualname__} is not mapped"
         assert issubclass(rule.target, SSHError)
 
 
 def test_exception_types_named_in_ssh_py_are_in_the_table() -> None:
-    """Any asyncssh exception the module mentions (except clauses, suppress) must be translatable."""
-    tree = ast.parse(Path(ssh.__file__).read_text())
+    """Any asyncssh exception the package mentions (except clauses, suppress) must be translatable."""
     named = {
         getattr(asyncssh, node.attr)
-        for node in ast.walk(tree)
+        for path in sorted(Path(ssh.__file__).parent.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)
         and node.value.id == "asyncssh"
@@ -114,17 +115,19 @@ def test_exception_types_named_in_ssh_py_are_in_the_table() -> None:
     exceptions = {obj for obj in named if isinstance(obj, type) and issubclass(obj, BaseException)}
     assert asyncssh.ChannelOpenError in exceptions
     for cls in exceptions:
-        assert any(issubclass(cls, rule.source) for rule in ssh._ERROR_TABLE), f"asyncssh.{cls.__name__}"
+        assert any(issubclass(cls, rule.source) for rule in ssh_errors._ERROR_TABLE), (
+            f"asyncssh.{cls.__name__}"
+        )
 
 
 def test_no_rule_is_shadowed_by_an_earlier_one() -> None:
-    rules = ssh._ERROR_TABLE
+    rules = ssh_errors._ERROR_TABLE
     for i, earlier in enumerate(rules):
         for later in rules[i + 1 :]:
             assert not issubclass(later.source, earlier.source), (
                 f"{later.source.__name__} can never match: {earlier.source.__name__} comes first"
             )
-    assert tuple(rule.source for rule in rules) == ssh._CAUGHT
+    assert tuple(rule.source for rule in rules) == ssh_errors._CAUGHT
 
 
 def _instance(cls: type[BaseException]) -> BaseException:
@@ -161,23 +164,23 @@ def _instance(cls: type[BaseException]) -> BaseException:
 )
 def test_translation_table(source: type[BaseException], target: type[SSHError], transient: bool) -> None:
     original = _instance(source)
-    with pytest.raises(SSHError) as caught, ssh._translate_errors("doing something on cluster c"):
+    with pytest.raises(SSHError) as caught, ssh_errors._translate_errors("doing something on cluster c"):
         raise original
     assert type(caught.value) is target
     assert caught.value.__cause__ is original
     assert str(caught.value).startswith("doing something on cluster c: ")
-    assert ssh._is_transient(caught.value) is transient
+    assert ssh_errors._is_transient(caught.value) is transient
 
 
 def test_translation_leaves_other_errors_alone() -> None:
-    with pytest.raises(KeyError), ssh._translate_errors("x"):
+    with pytest.raises(KeyError), ssh_errors._translate_errors("x"):
         raise KeyError("not ours to translate")
 
 
 def test_explain_replaces_the_generic_hint() -> None:
     with (
         pytest.raises(HostKeyError, match=r"cluster c: precise advice$"),
-        ssh._translate_errors("cluster c", lambda exc: "precise advice"),
+        ssh_errors._translate_errors("cluster c", lambda exc: "precise advice"),
     ):
         raise asyncssh.HostKeyNotVerifiable("Host key is not trusted")
 
@@ -216,7 +219,7 @@ async def test_wrong_passphrase_is_a_clear_error_without_the_passphrase(tmp_path
     assert "ssh.passphrase_file" in message
     assert wrong not in message
     assert SECRET not in message
-    assert not ssh._is_transient(caught.value)
+    assert not ssh_errors._is_transient(caught.value)
 
 
 async def test_passphrase_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
