@@ -54,7 +54,7 @@ def ssh_base() -> list[str]:
 
 
 def remote(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run an argument list on the login node, quoted once, the way hpc/ssh.py does."""
+    """Run an argument list on the login node, quoted once, the way hpc/ssh/ does."""
     return subprocess.run(
         [*ssh_base(), "--", shlex.join(argv)], input=stdin, capture_output=True, text=True, check=False
     )

@@ -3,7 +3,7 @@
 Three layers, each replaceable on its own:
 
 - `CommandRunner` + `FileTransfer`: run an argument list and move files on the machine that has the
-  scheduler (`hpc/ssh.py` over one SSH connection; `hpc/local.py` on this machine).
+  scheduler (`hpc/ssh/` over one SSH connection; `hpc/local.py` on this machine).
 - `JobBackend`: scheduler verbs (submit, find, poll, cancel, accounting, output), in terms of our
   own job ids and `Observation`s, never SLURM words.
 - Paths: where a job lives on the cluster (`JobPaths`, from `domain.paths`, re-exported here), so
