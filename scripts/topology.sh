@@ -91,11 +91,24 @@ PG_FALLBACK_DATA=/var/lib/cloudhpc-testbed/topology-pg
 DBD_DB=${P}_topo_acct_db
 DBD_USER=${P}_topo
 
-SLURM_DIR=$TP/slurm
+# others_can_reach DIR: every directory from / to DIR lets other users through (o+x)
+others_can_reach() {
+  local d=$1 m
+  while [ "$d" != / ] && [ -n "$d" ]; do
+    m=$(stat -L -c %A "$d" 2>/dev/null) || return 1
+    case ${m:9:1} in x|t) ;; *) return 1 ;; esac
+    d=$(dirname "$d")
+  done
+}
+# slurm (slurmctld, slurmdbd) and hpcuser (sbatch, jobs) read the cluster's files: in .testbed/topology/
+# when other users can reach the checkout, else under /var/lib (a checkout in a private home)
+SLURM_BASE=$TP
+others_can_reach "$ROOT" || SLURM_BASE=/var/lib/cloudhpc-testbed/topology
+SLURM_DIR=$SLURM_BASE/slurm
 SLURM_CONF=$SLURM_DIR/slurm.conf
 DBD_CONF=$SLURM_DIR/slurmdbd.conf
-SLURM_RUN=$RUN/slurm
-SLURM_LOG=$LOGD/slurm
+SLURM_RUN=$SLURM_BASE/run/slurm
+SLURM_LOG=$SLURM_BASE/log/slurm
 CTLD_PID=$SLURM_RUN/slurmctld.pid
 DBD_PID=$SLURM_RUN/slurmdbd.pid
 slurmd_pid() { echo "$SLURM_RUN/slurmd-$1.pid"; }
@@ -418,6 +431,9 @@ start_relay() {
 SLURM_CONF_CHANGED=0
 DBD_CONF_CHANGED=0
 write_slurm_conf() {
+  [ "$SLURM_BASE" = "$TP" ] || { install -d -m 755 "$SLURM_BASE" "$SLURM_BASE/run" "$SLURM_BASE/log"
+    log "slurm: other users cannot reach $ROOT: the cluster's files are in $SLURM_BASE"; }
+  install -d -m 755 "$SLURM_DIR"
   install -d -o slurm -g slurm -m 755 "$SLURM_DIR/state" "$SLURM_RUN" "$SLURM_LOG"
   install -d -m 755 "$SLURM_DIR/spool"
   if write_if_changed "$SLURM_CONF" <<EOF
@@ -641,6 +657,11 @@ ensure_role_db() { # ensure_role_db ROLE DB PASSWORD
 }
 start_pg() {
   PGDATA_DIR=$(pg_datadir)
+  PG_LOG=$LOGD/pg.log
+  if [ "$PGDATA_DIR" = "$PG_FALLBACK_DATA" ]; then   # postgres cannot reach .testbed/: socket and log beside the data
+    log "pg: $TP is not traversable by user postgres: data dir is $PGDATA_DIR"
+    PG_SOCK=$PG_FALLBACK_DATA-run; PG_LOG=$PG_FALLBACK_DATA-run/pg.log
+  fi
   install -d -o postgres -g postgres -m 755 "$PG_SOCK"
   if [ ! -s "$PGDATA_DIR/PG_VERSION" ]; then
     rm -rf "$PGDATA_DIR"; mkdir -p "$PGDATA_DIR"; chown postgres:postgres "$PGDATA_DIR"; chmod 700 "$PGDATA_DIR"
@@ -663,10 +684,10 @@ EOF
   else
     alive "$PGDATA_DIR/postmaster.pid" postgres && stop_pid "$(pid_of "$PGDATA_DIR/postmaster.pid")" postgres
     rm -f "$PGDATA_DIR/postmaster.pid"
-    touch "$LOGD/pg.log"; chown postgres "$LOGD/pg.log"
-    (cd / && in_host cloud runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOGD/pg.log" -w -t 60 \
+    touch "$PG_LOG"; chown postgres "$PG_LOG"
+    (cd / && in_host cloud runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$PG_LOG" -w -t 60 \
       -o "-p $PG_PORT -c listen_addresses=$CLOUD_ADDR -c unix_socket_directories=$PG_SOCK" start > /dev/null 8>&- 9>&-) ||
-      { tail -20 "$LOGD/pg.log" >&2; die "pg_ctl start failed (see $LOGD/pg.log)"; }
+      { tail -20 "$PG_LOG" >&2; die "pg_ctl start failed (see $PG_LOG)"; }
     log "pg: started on cloud $CLOUD_ADDR:$PG_PORT (pid $(pid_of "$PGDATA_DIR/postmaster.pid"))"
   fi
   [ -s "$TP/pg-password" ] || (umask 077; randhex 16 > "$TP/pg-password")
@@ -946,7 +967,7 @@ do_purge() {
   else
     log "purge: MariaDB is not running: accounting database $DBD_DB left in place"
   fi
-  rm -rf "$SLURM_DIR/state" "$SLURM_DIR/spool" "$TP/pg" "$PG_FALLBACK_DATA" "$TP/s3" "$PROM_DIR/data"
+  rm -rf "$SLURM_DIR/state" "$SLURM_DIR/spool" "$TP/pg" "$PG_FALLBACK_DATA" "$PG_FALLBACK_DATA-run" "$TP/s3" "$PROM_DIR/data"
   log "purge: wiped SLURM state, PostgreSQL, S3 and Prometheus data of the topology"
 }
 do_status() {
