@@ -704,7 +704,7 @@ stop_pg() {
       log "stopping postgres (pid $p, $d)"
       kill -INT "$p" 2>/dev/null || true      # SIGINT = fast shutdown
       for _ in $(seq 1 150); do running "$p" || break; sleep 0.1; done
-      running "$p" && stop_pid "$p" postgres
+      if running "$p"; then stop_pid "$p" postgres; fi
     fi
   done
 }
