@@ -10,8 +10,10 @@ connects onwards from the address given with --source. Standard library only.
         --route 198.18.1.1:40022=198.18.3.10:22 --route 198.18.1.1:45555=198.18.2.10:5555
 
 Each chunk read from one side is written to the other side `delay` after it was read, in order;
-EOF (a half-close) is passed on after the last chunk, also delayed. With --delay-ms 0 it is a plain
-relay. SIGTERM stops it (open connections are closed).
+EOF (a half-close) is passed on after the last chunk, also delayed. A new connection reaches the
+server 3 x delay after the client connected (the TCP handshake over the delayed link), so the first
+answer takes 4 x delay, as it would; when the server refuses, the client's connection is reset.
+With --delay-ms 0 it is a plain relay. SIGTERM stops it (open connections are closed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -54,36 +57,50 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    """Copy reader -> writer, each chunk `delay` seconds after it arrived; pass EOF on the same way."""
-    # bounded: a slow receiver slows the sender down (TCP backpressure) instead of filling memory
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=256)
+class _Pipe:
+    """One direction: chunks stamped when they were read, written `delay` later, in order."""
 
-    async def read() -> None:
+    def __init__(self, reader: asyncio.StreamReader, delay: float) -> None:
+        self.delay = delay
+        # bounded: a slow receiver slows the sender down (TCP backpressure) instead of filling memory
+        self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=256)
+        self.reading = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 data = await reader.read(CHUNK)
-                await queue.put((time.monotonic() + delay, data))
+                await self.queue.put((time.monotonic() + self.delay, data))
                 if not data:
                     return
         except OSError:
-            await queue.put((time.monotonic() + delay, b""))
+            await self.queue.put((time.monotonic() + self.delay, b""))
 
-    reading = asyncio.create_task(read())
-    try:
-        while True:
-            due, data = await queue.get()
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if not data:
-                if writer.can_write_eof():
-                    writer.write_eof()
-                return
-            writer.write(data)
-            await writer.drain()
-    finally:
-        reading.cancel()
+    async def write_to(self, writer: asyncio.StreamWriter) -> None:
+        """Deliver to `writer` (EOF passed on as a half-close) until the reading side ends."""
+        try:
+            while True:
+                due, data = await self.queue.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self.reading.cancel()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset: what a client sees of a refused connection once it has been accepted."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
 
 
 async def _serve(
@@ -94,7 +111,13 @@ async def _serve(
     client_w: asyncio.StreamWriter,
 ) -> None:
     _nodelay(client_w)
+    # what the client sends is stamped from now on, while the onward connection is being made
+    upstream = _Pipe(client_r, delay)
     try:
+        # the onward connection reaches the server when it would have over the delayed link: after the
+        # SYN, SYN-ACK and ACK (3 x delay), so a server's first bytes arrive 4 x delay after the
+        # client's connect, as they would. (The client's own connect() returns at once.)
+        await asyncio.sleep(3 * delay)
         local = (source, 0) if source else None
         up_r, up_w = await asyncio.wait_for(
             asyncio.open_connection(route.target_host, route.target_port, local_addr=local), 10
@@ -102,13 +125,12 @@ async def _serve(
     except (OSError, TimeoutError) as exc:
         peer = client_w.get_extra_info("peername")
         print(f"delay_relay: {peer} -> {route.target_host}:{route.target_port}: {exc!r}", file=sys.stderr)
-        client_w.close()
+        upstream.reading.cancel()
+        _reset(client_w)
         return
     _nodelay(up_w)
-    pumps = [
-        asyncio.create_task(_pump(client_r, up_w, delay)),
-        asyncio.create_task(_pump(up_r, client_w, delay)),
-    ]
+    downstream = _Pipe(up_r, delay)
+    pumps = [asyncio.create_task(upstream.write_to(up_w)), asyncio.create_task(downstream.write_to(client_w))]
     try:
         await asyncio.gather(*pumps)
     except (OSError, asyncio.IncompleteReadError):

@@ -416,11 +416,12 @@ relay_alive() { alive_in "$RELAY_PID" python3 router && grep -qF "$RELAY" "/proc
 start_relay() {
   [[ $DELAY_MS =~ ^[0-9]+([.][0-9]+)?$ ]] || die "TOPOLOGY_DELAY_MS must be a number of milliseconds, not '$DELAY_MS'"
   local changed=0 args=()
-  relay_args | write_if_changed "$RUN/relay.args" && changed=1
+  # restarted when its arguments or its code change
+  { relay_args; sha256sum "$RELAY"; } | write_if_changed "$RUN/relay.state" && changed=1
   if relay_alive && [ $changed = 0 ]; then log "relay: running, ${DELAY_MS} ms each way (pid $(pid_of "$RELAY_PID"))"; return 0; fi
   relay_alive && stop_pid "$(pid_of "$RELAY_PID")" relay
   rm -f "$RELAY_PID"
-  mapfile -t args < "$RUN/relay.args"
+  mapfile -t args < <(relay_args)
   setsid nsenter --net="$(ns_path router)" -- "${args[@]}" > "$LOGD/relay.log" 2>&1 < /dev/null 8>&- 9>&- &
   echo $! > "$RELAY_PID"
   wait_for 10 "relay on $LAPTOP_GW:$RELAY_SSH_PORT" port_open "$LAPTOP_GW" "$RELAY_SSH_PORT"
