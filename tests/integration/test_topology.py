@@ -212,6 +212,23 @@ def test_login_needs_the_pinned_host_key(topology: Topology, tmp_path: Path) -> 
     )
 
 
+def test_relay_resets_the_laptop_when_nothing_listens_behind_it(topology: Topology) -> None:
+    """With no porter on cloud:5555, the laptop's connection (accepted by the relay in the router)
+    is reset once the relay's onward connection is refused: an error, as a refusal would be."""
+    cloud, port = topology.cloud.addr, topology.porter_port
+    assert topology.probe("operator", [(cloud, port)]) == ["refused"], "something listens on cloud:5555"
+    code = (
+        "import socket, sys\n"
+        "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+        "try:\n"
+        "    print('eof' if s.recv(1) == b'' else 'data')\n"
+        "except ConnectionResetError:\n"
+        "    print('reset')\n"
+    )
+    out = topology.run("laptop", [sys.executable, "-c", code, cloud, str(port)]).stdout.strip()
+    assert out == "reset"
+
+
 # ---------------------------------------------------------------- the firewalls
 
 
