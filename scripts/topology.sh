@@ -317,6 +317,40 @@ build_net() {
   link_root
 }
 
+# ---------------------------------------------------------------- host names
+# Each host resolves its own name (and the others'), as at a real site: software that finds its
+# address from its host name (Ray does, when it cannot route to 8.8.8.8) gets the host's address,
+# not 127.0.0.1. /etc/hosts is shared by all namespaces: one marked block, removed by `down`.
+HOSTS_FILE=/etc/hosts
+HOSTS_BEGIN="# >>> cloudhpc scripts/topology.sh (removed by its down)"
+HOSTS_END="# <<< cloudhpc scripts/topology.sh"
+# /etc/hosts without the block (exact line comparison, no patterns); fails rather than print nothing
+hosts_without_block() {
+  awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' "$HOSTS_FILE"
+}
+write_hosts() {
+  local h want kept total inside
+  kept=$(hosts_without_block) || die "could not read /etc/hosts"
+  # never lose the machine's own lines: kept + the block's lines must be the whole file
+  total=$(grep -c '' "$HOSTS_FILE" || true)
+  inside=$(awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {n = 1} n {c++} $0 == e {n = 0} END {print c + 0}' "$HOSTS_FILE")
+  [ "$(( $(printf '%s' "$kept" | grep -c '' || true) + inside ))" = "$total" ] ||
+    die "refusing to rewrite /etc/hosts: its lines outside the topology's block do not add up"
+  want=$(printf '%s\n%s\n' "$kept" "$HOSTS_BEGIN"
+         for h in $HOSTS; do printf '%s %s.topology %s\n' "$(addr_of "$h")" "$h" "$h"; done
+         echo "$HOSTS_END")
+  [ "$want" = "$(cat "$HOSTS_FILE")" ] && return 0
+  printf '%s\n' "$want" > "$HOSTS_FILE.chpc-new"
+  cat "$HOSTS_FILE.chpc-new" > "$HOSTS_FILE"; rm -f "$HOSTS_FILE.chpc-new"   # same inode: /etc/hosts may be a mount
+  log "/etc/hosts: names of $HOSTS"
+}
+remove_hosts() {
+  grep -qxF "$HOSTS_BEGIN" "$HOSTS_FILE" 2>/dev/null || return 0
+  hosts_without_block > "$HOSTS_FILE.chpc-new" || die "could not read /etc/hosts"
+  cat "$HOSTS_FILE.chpc-new" > "$HOSTS_FILE"; rm -f "$HOSTS_FILE.chpc-new"
+  log "/etc/hosts: removed the topology's names"
+}
+
 # ---------------------------------------------------------------- firewalls (nftables)
 # One table `inet chpc` per namespace, replaced atomically on every `up`. Hosts filter what comes in
 # (their security groups); the router NATs, redirects the laptop's delayed paths to the relay, keeps
@@ -909,6 +943,7 @@ do_up() {
   install_pkgs
   check_base
   build_net
+  write_hosts
   apply_firewalls
   write_slurm_conf
   start_slurmdbd
@@ -952,6 +987,7 @@ do_down() {
     if [ -e "$(ns_path "$h")" ]; then ip netns del "$P-$h"; log "netns $P-$h: deleted"; fi
   done
   rm -f "$OWNER"
+  remove_hosts
   ip link del "$ROOT_LINK" 2>/dev/null && log "link $ROOT_LINK: deleted" || true
   for h in $HOSTS; do
     if [ -e "$UTS_DIR/$h" ]; then umount "$UTS_DIR/$h" 2>/dev/null || true; rm -f "$UTS_DIR/$h"; fi

@@ -149,6 +149,9 @@ def test_each_host_has_its_own_address_name_and_no_way_out(topology: Topology) -
         routes = topology.run(name, ["ip", "-4", "route"]).stdout
         assert "default" not in routes, (name, routes)
         assert topology.net in routes, (name, routes)
+        # its name resolves to its address (software that finds its address by its name, like Ray
+        # without a route to 8.8.8.8, gets this one and not 127.0.0.1)
+        assert topology.run(name, ["getent", "hosts", name]).stdout.split()[0] == host.addr
     status = subprocess.run(
         ["bash", str(ROOT / "scripts" / "topology.sh"), "status"], capture_output=True, text=True, check=False
     )
