@@ -261,7 +261,7 @@ ensure_ns() { # ensure_ns NAME
   # a name left from before a restart of the machine (/run kept, the namespace gone) is made anew
   if [ -e "$NETNS_DIR/$n" ] && ! nsenter --net="$NETNS_DIR/$n" true 2>/dev/null; then ip netns del "$n" 2>/dev/null || rm -f "$NETNS_DIR/$n"; fi
   [ -e "$NETNS_DIR/$n" ] || { ip netns add "$n"; log "netns $n: created"; }
-  nsenter --net="$NETNS_DIR/$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null
+  nsenter --net="$NETNS_DIR/$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null 2>&1 || true
   ip -n "$n" link set lo up
 }
 # link_host HOST: veth HOST (router side, address = the gateway) <-> eth0 (host side, ADDR/32);
