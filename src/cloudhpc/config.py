@@ -8,6 +8,7 @@ cluster, so that a new user can run a job before configuring anything.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -37,6 +38,9 @@ __all__ = [
     "SSHConfig",
     "Settings",
     "SubmitterConfig",
+    "check_job_bridge",
+    "is_ip_address",
+    "is_loopback",
     "load_settings",
     "parse_listen",
 ]
@@ -56,6 +60,24 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{value!r} must look like HOST:PORT (e.g. 127.0.0.1:5555)")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`: an address only the host itself reaches."""
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _host_port(value: str) -> str:
@@ -177,13 +199,17 @@ class BridgeConfig(_Section):
     host: str = Field(description="bridge VM address the jobs' ssh connects to (as seen from the HPC side)")
     ssh_user: str = Field(description="account on the bridge VM whose authorized_keys holds the bridge key")
     ssh_port: int = Field(default=22, ge=1, le=65535, description="sshd port of the bridge VM")
-    key_file: Path = Field(
+    key_file: Path | None = Field(
+        default=None,
         description="private key (no passphrase) jobs use to reach the bridge VM; restricted there by the "
-        "line `cloudhpc bridge authorized-key` prints; staged 0600 into each job and deleted at its end"
+        "line `cloudhpc bridge authorized-key` prints; staged 0600 into each job and deleted at its end. "
+        "Required where jobs are staged (the submitter, `serve all`) and by `cloudhpc bridge`/`doctor`; "
+        "porter alone never reads it",
     )
-    known_hosts: Path = Field(
+    known_hosts: Path | None = Field(
+        default=None,
         description="known_hosts file holding the bridge VM's host key (pinned: the job's ssh never "
-        "accepts an unknown key)"
+        "accepts an unknown key); required where key_file is",
     )
     bind_address: str = Field(
         default="127.0.0.1",
@@ -203,6 +229,49 @@ class BridgeConfig(_Section):
         if not 1024 <= low <= high <= 65535:
             raise ValueError("porter.bridge.port_range must be [low, high] with 1024 <= low <= high <= 65535")
         return self
+
+    @model_validator(mode="after")
+    def _publishable(self) -> Self:
+        """With Kubernetes publishing, the EndpointSlice holds `public_host`: it must be an address
+        that pods reach (not loopback: that is the pod itself) and an IP (kube-proxy does not route
+        an `FQDN` EndpointSlice)."""
+        if not self.kubernetes.enabled:
+            return self
+        if is_loopback(self.bind_address):
+            raise ValueError(
+                f"porter.bridge.bind_address: {self.bind_address!r} is loopback, and with "
+                "porter.bridge.kubernetes.enabled the EndpointSlice would point pods at it (their own "
+                "loopback); set the bridge VM's private address, where sshd binds the jobs' -R ports "
+                "(`GatewayPorts clientspecified`; docs/bridge-vm.md)"
+            )
+        if not is_ip_address(self.public_host):
+            field = "bind_address" if self.public_host == self.bind_address else "host"
+            raise ValueError(
+                f"porter.bridge.{field}: {self.public_host!r} is a host name, and with "
+                "porter.bridge.kubernetes.enabled it would become an `FQDN` EndpointSlice, which "
+                "kube-proxy does not route; set porter.bridge.bind_address to the bridge VM's private "
+                "IP address"
+            )
+        return self
+
+    def missing_for_jobs(self) -> list[str]:
+        """The keys a side that stages jobs (the submitter) needs and this section lacks."""
+        return [
+            f"porter.bridge.{name}"
+            for name, value in (("key_file", self.key_file), ("known_hosts", self.known_hosts))
+            if value is None
+        ]
+
+    def job_files(self) -> tuple[Path, Path]:
+        """(key_file, known_hosts), `~` expanded, for the sides that give jobs the key (the submitter,
+        `cloudhpc bridge`, `cloudhpc doctor`); `ConfigError` naming the missing key(s)."""
+        missing = self.missing_for_jobs()
+        if missing or self.key_file is None or self.known_hosts is None:
+            raise ConfigError(
+                f"{' and '.join(missing)} not set: the side that stages jobs with bridges (the "
+                "submitter) needs the bridge key and the bridge VM's pinned host key (docs/bridge-vm.md)"
+            )
+        return self.key_file.expanduser(), self.known_hosts.expanduser()
 
     @property
     def public_host(self) -> str:
@@ -311,6 +380,29 @@ class SubmitterConfig(_Section):
         if self.mailbox is not None and not self.mailbox.startswith(("s3://", "file://")):
             raise ValueError("submitter.mailbox must be an s3:// (or file://) URL")
         return self
+
+
+def check_job_bridge(settings: Settings) -> str | None:
+    """What a process that stages jobs (`serve submitter`, `serve all`) checks at startup.
+
+    `porter.bridge` there but unusable (key_file or known_hosts unset, or not a readable file):
+    `ConfigError` naming the key. No `porter.bridge` while a cluster is a real one (backend `slurm`):
+    the warning to log, since porter may have one and its Ray jobs with ray.expose/ray.import would
+    then fail at staging. Otherwise None."""
+    bridge = settings.porter.bridge
+    if bridge is None:
+        if any(c.backend == "slurm" for c in settings.clusters.values()):
+            return (
+                "no porter.bridge section: this submitter cannot stage Ray jobs with ray.expose or "
+                "ray.import (they fail at staging; a BRIDGE_PRIVATE_KEY_PATH from secrets.json is used "
+                "only with one). Give it the bridge VM as porter has it: docs/bridge-vm.md"
+            )
+        return None
+    key_file, known_hosts = bridge.job_files()
+    for key, path in (("porter.bridge.key_file", key_file), ("porter.bridge.known_hosts", known_hosts)):
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"{key}: {path} is not a readable file")
+    return None
 
 
 def _default_clusters() -> dict[str, ClusterConfig]:

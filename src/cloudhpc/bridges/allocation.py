@@ -26,8 +26,9 @@ def plan_bridges(spec: JobSpec, config: BridgeConfig | None) -> BridgePlan | Non
     if spec.ray is None or not (spec.ray.expose or spec.ray.import_):
         return None
     if config is None:
+        field = "ray.expose" if spec.ray.expose else "ray.import"
         raise BridgesNotConfigured(
-            "ray.expose and ray.import need a bridge VM, and this porter has none configured "
+            f"{field}: ray.expose and ray.import need a bridge VM, and this porter has none configured "
             "(porter.bridge; see docs/bridge-vm.md)"
         )
     exposed = tuple(PlannedBridge(e.name, e.port, URL_SCHEMES.get(e.name)) for e in spec.ray.expose)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cloudhpc.bridges.tunnel import tunnel_ssh_options
 from cloudhpc.config import BridgeConfig
+from cloudhpc.exceptions import ConfigError
 
 __all__ = ["Check", "check_bridge_host", "public_key_of", "ssh_base_argv"]
 
@@ -46,9 +47,10 @@ class Check:
 def ssh_base_argv(config: BridgeConfig) -> list[str]:
     """The job tunnel's ssh options (`tunnel_ssh_options`), with this machine's copy of the key and
     known_hosts."""
+    key_file, known_hosts = config.job_files()
     options = tunnel_ssh_options(
-        key_path=str(config.key_file.expanduser()),
-        known_hosts_path=str(config.known_hosts.expanduser()),
+        key_path=str(key_file),
+        known_hosts_path=str(known_hosts),
         ssh_port=config.ssh_port,
         log_level="INFO",  # "administratively prohibited" (a refused -L) is an INFO message
     )
@@ -284,7 +286,10 @@ async def _check_range(config: BridgeConfig, held: set[int]) -> tuple[Check, int
 async def check_bridge_host(config: BridgeConfig, *, held: set[int] | None = None) -> list[Check]:
     """Every check, in order; later checks are skipped (reported failed) when the key is unusable."""
     checks: list[Check] = []
-    key = config.key_file.expanduser()
+    try:
+        key, known_hosts = config.job_files()
+    except ConfigError as exc:
+        return [Check("key", False, str(exc))]
     try:
         mode = stat.S_IMODE(key.stat().st_mode)
         public = public_key_of(key)
@@ -297,7 +302,7 @@ async def check_bridge_host(config: BridgeConfig, *, held: set[int] | None = Non
         return checks
     checks.append(Check("key", True, f"{key}: {public.split()[0]}, no passphrase, mode {mode:o}"))
     name = config.host if config.ssh_port == 22 else f"[{config.host}]:{config.ssh_port}"
-    status, _ = await _run(["ssh-keygen", "-F", name, "-f", str(config.known_hosts.expanduser())], 10.0)
+    status, _ = await _run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], 10.0)
     if status != 0:
         checks.append(
             Check(

@@ -93,9 +93,9 @@ def bridge_authorized_key(
     listening only on porter.bridge.port_range, opening only the --permit-open services."""
     bridge = _bridge_config(config)
     try:
-        public = public_key_of(bridge.key_file)
+        public = public_key_of(bridge.job_files()[0])
         line = authorized_key_line(public, bridge, permit_open or [])
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from exc
     sys.stdout.write(line + "\n")

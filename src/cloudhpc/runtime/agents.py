@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from cloudhpc.config import Settings
+from cloudhpc.config import Settings, check_job_bridge
 from cloudhpc.exceptions import ConfigError
 from cloudhpc.metrics.agent import AgentMetrics
 from cloudhpc.runtime.backends import open_backend
@@ -35,6 +35,9 @@ async def open_agents(
     """One started agent per configured cluster; stopped and disconnected on exit. `channel` is
     shared by all clusters (http) or given per cluster (the S3 mailbox has one per cluster).
     Agents are appended to `started` as soon as each runs (the health endpoint reads it)."""
+    note = check_job_bridge(settings)  # a ConfigError naming the key when porter.bridge is unusable
+    if note:
+        log.warning("%s", note)
     async with AsyncExitStack() as stack:
         agents = started if started is not None else []
         for name, cluster in settings.clusters.items():

@@ -29,6 +29,7 @@ from cloudhpc.exceptions import (
     AccountingUnavailable,
     ChannelError,
     CloudHPCError,
+    ConfigError,
     SchedulerError,
     SSHConnectError,
     StagingError,
@@ -342,7 +343,7 @@ class Agent:
         assert job.spec.ray is not None  # enforced by JobSpec for the Ray kinds
         tunnel = None
         if job.spec.ray.expose or job.spec.ray.import_:
-            tunnel = self._tunnel_access()
+            tunnel = self._tunnel_access(job)
         try:
             return render_ray_job(
                 job_id=job.id,
@@ -355,15 +356,28 @@ class Agent:
         except ValueError as exc:
             raise StagingError(str(exc)) from exc
 
-    def _tunnel_access(self) -> TunnelAccess:
+    def _tunnel_access(self, job: Job) -> TunnelAccess:
         bridge = self.bridge
         if bridge is None:
             raise StagingError(
-                "this job has bridges (ray.expose/ray.import) but the submitter has no porter.bridge section"
+                "this job has bridges (ray.expose/ray.import) but the submitter has no porter.bridge "
+                "section: give it the bridge VM (host, ssh_user, key_file, known_hosts, bind_address) as "
+                "porter has it (docs/bridge-vm.md)"
+            )
+        published = {b.bridge_host for b in job.bridges}
+        if published and published != {bridge.public_host}:
+            raise StagingError(
+                f"porter.bridge.bind_address: porter publishes this job's bridges at "
+                f"{', '.join(sorted(published))}, but this submitter's porter.bridge would bind them at "
+                f"{bridge.public_host}; give both sides the same porter.bridge (docs/bridge-vm.md)"
             )
         try:
-            key = bridge.key_file.expanduser().read_bytes()
-            known_hosts = bridge.known_hosts.expanduser().read_bytes()
+            key_file, known_hosts_file = bridge.job_files()
+        except ConfigError as exc:
+            raise StagingError(str(exc)) from exc
+        try:
+            key = key_file.read_bytes()
+            known_hosts = known_hosts_file.read_bytes()
         except OSError as exc:
             raise StagingError(
                 f"cannot read the bridge key or known_hosts file: {exc.strerror or exc} ({exc.filename})"
