@@ -435,7 +435,7 @@ def test_porter_deployment_contract(tmp_path: Path) -> None:
 
 def test_porter_bridge_settings_fit_the_rbac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables docs/platform.md puts in ConfigMap porter-bridge make a valid bridge section that
-    publishes into the namespace porter's Role covers, with the key files where the Secret is mounted."""
+    publishes into the namespace porter's Role covers; porter gets no bridge key (it never reads one)."""
     objs = _render("kubeflow-monitoring/local")
     doc = (REPO / "docs" / "platform.md").read_text()
     literals = re.findall(r"--from-literal=(CLOUDHPC_PORTER__BRIDGE__\w+)=(\S+)", doc)
@@ -458,10 +458,9 @@ def test_porter_bridge_settings_fit_the_rbac(tmp_path: Path, monkeypatch: pytest
     assert bridge is not None
     assert bridge.kubernetes.enabled
     assert bridge.kubernetes.namespace == _one(objs, "Role", "porter-bridges")["metadata"]["namespace"]
+    assert (bridge.key_file, bridge.known_hosts) == (None, None)
     spec = _one(objs, "Deployment", "porter")["spec"]["template"]["spec"]
-    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "bridge")["mountPath"]
-    assert str(bridge.key_file).startswith(mount + "/")
-    assert str(bridge.known_hosts).startswith(mount + "/")
+    assert not [v for v in spec["volumes"] if "bridge" in v["name"]], "porter mounts no bridge key"
 
 
 # ---- monitoring --------------------------------------------------------------------------------
@@ -647,6 +646,13 @@ def test_compose_runs_the_submitter_with_the_original_secrets() -> None:
 
 
 def test_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    service = yaml.safe_load((DEPLOY / "compose" / "submitter.yaml").read_text())["services"]["submitter"]
+    env = {k: v for k, v in service["environment"].items() if k.startswith("CLOUDHPC_PORTER__BRIDGE__")}
+    assert set(env) == {f"CLOUDHPC_PORTER__BRIDGE__{k}" for k in ("HOST", "SSH_USER", "BIND_ADDRESS")}
+    for key in env:  # the values porter's ConfigMap porter-bridge has (docs/platform.md)
+        monkeypatch.setenv(
+            key, {"HOST": "86.50.1.2", "SSH_USER": "ubuntu"}.get(key.rsplit("__")[-1], "10.0.0.4")
+        )
     monkeypatch.setenv("CLOUDHPC_CLUSTERS__MAHTI__DEFAULTS__ACCOUNT", "project_2001234")
     settings = load_settings(DEPLOY / "compose" / "submitter-cloudhpc.yaml")
     mahti = settings.clusters["mahti"]
@@ -654,6 +660,12 @@ def test_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mahti.defaults.account == "project_2001234"
     assert mahti.ssh is not None
     assert str(mahti.ssh.key_file) == "/run/secrets/mahti_key"
+    # the bridge VM: the key is the compose secret bridge_key, its host key a mounted file
+    bridge = settings.porter.bridge
+    assert bridge is not None
+    assert (bridge.host, bridge.bind_address) == ("86.50.1.2", "10.0.0.4")
+    assert str(bridge.key_file) == "/run/secrets/bridge_key"
+    assert any(v.split(":")[-2] == str(bridge.known_hosts) for v in service["volumes"])
 
 
 # ---- scripts -----------------------------------------------------------------------------------
