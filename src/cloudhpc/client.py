@@ -24,7 +24,7 @@ from uuid import UUID
 
 import httpx
 
-from cloudhpc.domain.jobs import Bridge, Job, JobSpec
+from cloudhpc.domain.jobs import Bridge, Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError
 
@@ -49,11 +49,11 @@ class LogChunk:
     complete: bool
 
 
-JobRef = UUID | str | Job
+JobRef = UUID | str | JobSummary
 
 
 def _job_id(ref: JobRef) -> str:
-    return str(ref.id if isinstance(ref, Job) else ref)
+    return str(ref.id if isinstance(ref, JobSummary) else ref)
 
 
 class Client:
@@ -128,16 +128,16 @@ class Client:
         cluster: str | None = None,
         name: str | None = None,
         limit: int = 50,
-    ) -> builtins.list[Job]:
-        """Every matching job, following pages."""
+    ) -> builtins.list[JobSummary]:
+        """Every matching job as a summary (no spec, bridges or artifacts: `get` has them), following pages."""
         params: dict[str, Any] = {"limit": limit}
         for key, value in (("state", state), ("cluster", cluster), ("name", name)):
             if value is not None:
                 params[key] = str(value)
-        out: builtins.list[Job] = []
+        out: builtins.list[JobSummary] = []
         while True:
             page = self._request("GET", "/api/v1/jobs", params=params).json()
-            out += [Job.model_validate(j) for j in page["jobs"]]
+            out += [JobSummary.model_validate(j) for j in page["jobs"]]
             if not page.get("next_cursor"):
                 return out
             params["cursor"] = page["next_cursor"]

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,7 +30,7 @@ from cloudhpc.cli.platform import platform_app
 from cloudhpc.cli.testbed import run_testbed
 from cloudhpc.client import ApiError, Client, default_client
 from cloudhpc.config import Settings, load_settings
-from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ConfigError
 
@@ -152,11 +153,11 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def _job_json(job: Job) -> dict[str, Any]:
+def _job_json(job: JobSummary) -> dict[str, Any]:
     return job.model_dump(mode="json", by_alias=True)
 
 
-def _elapsed(job: Job) -> str:
+def _elapsed(job: JobSummary) -> str:
     if job.started_at is None:
         return "-"
     end = job.ended_at.timestamp() if job.ended_at else time.time()
@@ -168,7 +169,7 @@ def _print_table(table: Table) -> None:
     (out if out.is_terminal else Console(width=240)).print(table)
 
 
-def _jobs_table(jobs: list[Job]) -> Table:
+def _jobs_table(jobs: Sequence[JobSummary]) -> Table:
     table = Table("ID", "NAME", "CLUSTER", "KIND", "STATE", "SLURM ID", "EXIT", "ELAPSED", "REASON")
     for job in jobs:
         table.add_row(

@@ -35,6 +35,7 @@ __all__ = [
     "Job",
     "JobKind",
     "JobSpec",
+    "JobSummary",
     "Name",
     "Observation",
     "RaySpec",
@@ -61,6 +62,21 @@ _TIME = re.compile(
     r"|(?P<mm>\d+)(?::(?P<ss>\d+))?)$"
 )
 _OBJECT_URL = re.compile(r"^(?:s3|file)://[^\s]+$")
+
+# Caps on every list and map of a spec, so that one job stays a small row (its spec is stored and
+# sent to the agent whole) and a request can never make porter or the agent hold an unbounded
+# amount of memory. Inputs larger than MAX_FILES_BYTES belong in the object store (s3:// URLs).
+MAX_FILES = 1000
+MAX_FILES_BYTES = 4 << 20
+"""Total UTF-8 size of the inline `files` contents (URLs count by their length)."""
+MAX_ENV = 256
+MAX_ENV_VALUE = 32 << 10
+MAX_ENV_BYTES = 1 << 20
+"""Total size of `env` names and values: what the job's processes can exec with (ARG_MAX)."""
+MAX_MODULES = 64
+MAX_PACKAGES = 256
+MAX_PORTS = 16
+"""Per list: `ray.expose`, `ray.import`."""
 
 MEMORY_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 """SLURM's size suffixes, all binary (`16G` is 16 GiB), in requests and in what sacct and seff print."""
@@ -159,11 +175,15 @@ class Resources(_Model):
 class Environment(_Model):
     """A Python environment on the cluster: modules to load, a Python, pip packages."""
 
-    modules: list[Annotated[str, StringConstraints(pattern=_MODULE.pattern)]] = Field(default_factory=list)
+    modules: list[Annotated[str, StringConstraints(pattern=_MODULE.pattern)]] = Field(
+        default_factory=list, max_length=MAX_MODULES
+    )
     python: Annotated[str, StringConstraints(pattern=_MODULE.pattern)] | None = Field(
         default=None, description="a Python version (3.11) or a module providing it"
     )
-    packages: list[str] = Field(default_factory=list, description="pip requirement specifiers")
+    packages: list[str] = Field(
+        default_factory=list, max_length=MAX_PACKAGES, description="pip requirement specifiers"
+    )
 
     @field_validator("packages")
     @classmethod
@@ -221,8 +241,8 @@ class RaySpec(_Model):
     entrypoint: str | None = Field(default=None, max_length=8192)
     head: Resources = Field(default_factory=Resources)
     workers: Resources = Field(default_factory=Resources)
-    expose: list[ExposedPort] = Field(default_factory=list)
-    import_: list[ImportedService] = Field(default_factory=list, alias="import")
+    expose: list[ExposedPort] = Field(default_factory=list, max_length=MAX_PORTS)
+    import_: list[ImportedService] = Field(default_factory=list, max_length=MAX_PORTS, alias="import")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -284,16 +304,20 @@ class JobSpec(_Model):
     ray: RaySpec | None = None
     resources: Resources = Field(default_factory=Resources)
     environment: Environment = Field(default_factory=Environment)
-    files: dict[str, str] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, max_length=MAX_FILES)
+    env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV)
 
     @field_validator("files")
     @classmethod
     def _files_stay_inside(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > 1000:
-            raise ValueError("at most 1000 files per job")
         for path in value:
             _check_relative_path(path)
+        total = sum(len(content.encode()) for content in value.values())
+        if total > MAX_FILES_BYTES:
+            raise ValueError(
+                f"the files' contents total {total} bytes, over the limit of {MAX_FILES_BYTES}: "
+                "put large inputs in the object store and name them by s3:// URL"
+            )
         return value
 
     @field_validator("env")
@@ -306,8 +330,11 @@ class JobSpec(_Model):
                 raise ValueError(
                     f"environment variable {name!r}: the CLOUDHPC_ and SLURM_ prefixes are reserved"
                 )
-            if "\x00" in val or len(val) > 32_768:
+            if "\x00" in val or len(val) > MAX_ENV_VALUE:
                 raise ValueError(f"environment variable {name!r}: value has a NUL byte or is over 32 KiB")
+        total = sum(len(name) + len(val.encode()) for name, val in value.items())
+        if total > MAX_ENV_BYTES:
+            raise ValueError(f"env totals {total} bytes, over the limit of {MAX_ENV_BYTES}")
         return value
 
     @model_validator(mode="after")
@@ -363,8 +390,9 @@ class Bridge(_Model):
     ready: bool = False
 
 
-class Job(_Model):
-    """The job record as the API returns it."""
+class JobSummary(_Model):
+    """A job as `GET /jobs` lists it: the record without its spec, bridges and artifacts, so that a
+    page of 500 jobs stays small whatever the jobs carry. `GET /jobs/{id}` gives the whole `Job`."""
 
     id: UUID
     name: str
@@ -380,6 +408,11 @@ class Job(_Model):
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+
+
+class Job(JobSummary):
+    """The job record as the API returns it."""
+
     spec: JobSpec
     bridges: list[Bridge] = Field(default_factory=list)
     artifacts: list[str] = Field(default_factory=list)

@@ -7,17 +7,19 @@ so a retried upload never duplicates bytes) and stores accounting when a job end
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloudhpc.domain.jobs import Job, Name
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
+from cloudhpc.porter.limits import read_capped
 from cloudhpc.porter.state import PorterState, cluster_key, job_key
 from cloudhpc.store import Principal
 
@@ -26,6 +28,12 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
 MAX_WAIT_SECONDS = 60.0
+MAX_OUTPUT_CHUNK = 8 << 20
+"""The largest output upload; the agent sends 4 MiB chunks."""
+MAX_ACCOUNTING_BYTES = 1 << 20
+"""sacct rows and seff figures of one job: a few KiB even for a large job with many steps."""
+MAX_OFFSET = 2**63 - 1
+"""Byte offsets are stored as SQL BIGINT."""
 # How long a cluster stays with the agent that last called: a live agent calls every second or so
 # (its long-poll re-checks), so this is also how soon a restarted agent takes over from a dead one.
 AGENT_HOLD_SECONDS = 10.0
@@ -39,6 +47,15 @@ def _state(request: Request) -> PorterState:
 class ReportBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reports: list[JobReport] = Field(max_length=1000)
+
+
+def _invalid_body(message: str) -> HttpProblem:
+    return HttpProblem(
+        422,
+        "invalid_request",
+        f"invalid request: (body): {message}",
+        [{"field": "(body)", "message": message}],
+    )
 
 
 async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
@@ -121,26 +138,37 @@ async def post_output(
     job_id: UUID,
     request: Request,
     principal: AgentPrincipal,
-    offset: Annotated[int, Query(ge=0)],
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)],
 ) -> dict[str, int]:
+    """The body (raw bytes) is the job's output from `offset`, at most 8 MiB per request."""
     state = _state(request)
     await _agent_job(state, job_id, principal)
-    data = await request.body()
-    if len(data) > 8 << 20:
-        raise HttpProblem(413, "too_large", "send output in chunks of at most 8 MiB")
+    data = await read_capped(request, MAX_OUTPUT_CHUNK, "an output chunk (send output in chunks)")
     size = await state.store.append_output(job_id, offset, data)
     state.notifier.notify(job_key(job_id))
     return {"size": size}
 
 
-@router.put("/jobs/{job_id}/accounting")
-async def put_accounting(
-    job_id: UUID,
-    request: Request,
-    principal: AgentPrincipal,
-    record: Annotated[dict[str, Any], Body()],
-) -> dict[str, bool]:
+@router.put(
+    "/jobs/{job_id}/accounting",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
+        }
+    },
+)
+async def put_accounting(job_id: UUID, request: Request, principal: AgentPrincipal) -> dict[str, bool]:
+    """The body is the job's accounting document (a JSON object of at most 1 MiB: sacct rows and
+    seff figures), read with that cap rather than whole."""
     state = _state(request)
     await _agent_job(state, job_id, principal)
+    raw = await read_capped(request, MAX_ACCOUNTING_BYTES, "the accounting document")
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python parses
+        raise _invalid_body(f"not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise _invalid_body("the accounting document must be a JSON object")
     await state.store.set_accounting(job_id, record)
     return {"stored": True}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from cloudhpc.store.bridges import BridgeRecord
 from cloudhpc.store.engine import DEFAULT_URL, normalize_url
 from cloudhpc.store.facade import AsyncStore, Store
-from cloudhpc.store.jobs import Transition
+from cloudhpc.store.jobs import Transition, decode_cursor
 from cloudhpc.store.metrics_view import AccountingFacts, JobFacts
 from cloudhpc.store.output import ExpiredArtifacts
 from cloudhpc.store.tokens import ROLES, TOKEN_PREFIX, Principal, TokenInfo
@@ -34,5 +34,6 @@ __all__ = [
     "Store",
     "TokenInfo",
     "Transition",
+    "decode_cursor",
     "normalize_url",
 ]

@@ -9,27 +9,26 @@ outside a transaction.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID, uuid4
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import joinedload, load_only
 
 from cloudhpc.domain.bridges import BridgePlan
-from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec
+from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import IdempotencyConflict, UnknownJob
 from cloudhpc.store.bridges import allocate_bridges, to_bridge
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
 from cloudhpc.store.models import JobRow, TransitionRow
 
-__all__ = ["JobRepository", "Transition", "to_job"]
+__all__ = ["JobRepository", "Transition", "decode_cursor", "to_job"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +52,25 @@ def _encode_cursor(created_at: datetime, job_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+_BAD_CURSOR: Final = "invalid cursor: pass back the `next_cursor` of a previous page unchanged"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, job id) a cursor of `_encode_cursor` holds; `ValueError` for anything else.
+
+    A cursor comes from the client, so every way it can be wrong (not base64, not JSON, JSON of
+    another shape, a date Python cannot convert to UTC, JSON nested past the recursion limit) is
+    the same `ValueError`, which porter answers with 422 naming `cursor`."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, job_id = json.loads(raw)
-        created_at = datetime.fromisoformat(stamp)
-        UUID(job_id)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged") from exc
-    if created_at.tzinfo is None:
-        raise ValueError("invalid cursor: pass back the `next` value of a previous page unchanged")
-    return created_at, str(job_id)
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError("not a [created_at, id] pair")
+        created_at = datetime.fromisoformat(value[0])
+        if created_at.tzinfo is None or created_at.utcoffset() is None:
+            raise ValueError("a naive timestamp")
+        return created_at.astimezone(UTC), str(UUID(value[1]))
+    except (ValueError, OverflowError, RecursionError) as exc:  # binascii.Error is a ValueError
+        raise ValueError(_BAD_CURSOR) from exc
 
 
 def _spec_json(spec: JobSpec) -> str:
@@ -74,6 +81,17 @@ def _same_spec(stored: str, spec: JobSpec) -> bool:
     """Compare specs by content, so defaults written out or left implicit do not matter."""
     return JobSpec.model_validate_json(stored).model_dump(mode="json", by_alias=True) == spec.model_dump(
         mode="json", by_alias=True
+    )
+
+
+_SUMMARY_FIELDS: Final = tuple(JobSummary.model_fields)
+
+
+def to_summary(row: JobRow) -> JobSummary:
+    """The listed half of a job; reads none of the row's spec, artifacts or bridges."""
+    values = {name: getattr(row, name) for name in _SUMMARY_FIELDS}
+    return JobSummary(
+        **values | {"id": UUID(row.id), "kind": JobKind(row.kind), "state": JobState(row.state)}
     )
 
 
@@ -212,8 +230,8 @@ class JobRepository(Database):
         name: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
-    ) -> tuple[list[Job], str | None]:
-        """Newest first. `owner=None` lists everybody's jobs (admins).
+    ) -> tuple[list[JobSummary], str | None]:
+        """Newest first, as summaries (no spec). `owner=None` lists everybody's jobs (admins).
 
         Returns a page and the cursor of the next page (None on the last page). The cursor is
         opaque (keyset pagination on created_at, id), so pages stay consistent while jobs are
@@ -221,7 +239,7 @@ class JobRepository(Database):
         """
         if not 1 <= limit <= _MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {_MAX_PAGE}, not {limit}")
-        query = select(JobRow)
+        query = select(JobRow).options(load_only(*(getattr(JobRow, f) for f in _SUMMARY_FIELDS)))
         if owner is not None:
             query = query.where(JobRow.owner == owner)
         if state is not None:
@@ -231,14 +249,14 @@ class JobRepository(Database):
         if name is not None:
             query = query.where(JobRow.name == name)
         if cursor is not None:
-            after_at, after_id = _decode_cursor(cursor)
+            after_at, after_id = decode_cursor(cursor)
             query = query.where(
                 or_(JobRow.created_at < after_at, and_(JobRow.created_at == after_at, JobRow.id < after_id))
             )
         query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         with self._read() as session:
             rows = list(session.scalars(query))
-            jobs = [to_job(row) for row in rows[:limit]]
+            jobs = [to_summary(row) for row in rows[:limit]]
         next_cursor = (
             _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
         )

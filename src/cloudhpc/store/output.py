@@ -24,6 +24,8 @@ __all__ = ["ExpiredArtifacts", "OutputRepository"]
 
 log = logging.getLogger(__name__)
 
+_MAX_OFFSET = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class ExpiredArtifacts:
@@ -85,13 +87,16 @@ class OutputRepository(Database):
 
     @map_db_errors
     def read_output(self, job_id: UUID, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of a job's stored stdout from byte `offset` (empty past the end)."""
+        """Up to `limit` bytes of a job's stored stdout from byte `offset` (empty past the end).
+
+        Offsets are SQL BIGINTs: the end of the range is clamped to the largest one, so an offset
+        near 2**63 is an empty read rather than an integer overflow in the database."""
         if offset < 0 or limit < 0:
             raise ValueError("offset and limit must be >= 0")
-        if limit == 0:
+        if limit == 0 or offset >= _MAX_OFFSET:
             return b""
         key = str(job_id)
-        end = offset + limit
+        end = min(offset + limit, _MAX_OFFSET)
         with self._read() as session:
             first = session.scalar(
                 select(func.max(OutputChunkRow.byte_offset)).where(

@@ -1,0 +1,140 @@
+"""Bounded request bodies: porter never holds more of a request than it is willing to store.
+
+Two layers. `RequestSizeLimit` is plain ASGI around the whole app: a declared `Content-Length`
+over the limit is answered 413 before a byte of the body is read, and a body sent without one
+(chunked) is counted as it streams in and cut off at the limit, so a 100 MiB POST never reaches
+memory. `read_capped` is the same rule inside a route, for the agent routes whose own caps are
+tighter than the app-wide one (an output chunk, an accounting document).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Final
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cloudhpc.exceptions import HttpProblem
+from cloudhpc.porter.errors import error_body
+
+__all__ = ["RequestSizeLimit", "read_capped", "too_large"]
+
+log = logging.getLogger(__name__)
+
+_CODE: Final = "too_large"
+
+
+def _limit_message(limit: int, what: str) -> str:
+    return f"{what} is over the limit of {limit} bytes"
+
+
+def too_large(limit: int, what: str, setting: str | None = None) -> HttpProblem:
+    """The 413 for a body over `limit` bytes; `setting` names the configuration key that sets it."""
+    message = _limit_message(limit, what)
+    if setting:
+        message += f" ({setting})"
+    return HttpProblem(413, _CODE, message, {"limit": limit})
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, or None when it sent none. A malformed one counts as none:
+    the server (h11) refuses it before the app sees the request."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app from `receive` once the body passes the limit; never leaves the middleware."""
+
+
+class RequestSizeLimit:
+    """Answers 413 to every HTTP request whose body is over `limit` bytes, reading at most that much.
+
+    When the body turns out too large while the app is reading it, the app's own answer to the
+    interrupted read (whatever it makes of the exception) is dropped and the 413 sent instead.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, setting: str = "porter.max_request_bytes") -> None:
+        self.app = app
+        self.limit = limit
+        self.setting = setting
+
+    async def _refuse(self, send: Send) -> None:
+        problem = too_large(self.limit, "the request body", self.setting)
+        body = json.dumps(error_body(problem.code, problem.message, problem.details)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.limit:
+            await self._refuse(send)
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to a read it could not finish; the 413 follows
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
+            log.info(
+                "refused a request body over %d bytes: %s %s", self.limit, scope["method"], scope["path"]
+            )
+            if not started:
+                await self._refuse(send)
+
+
+async def read_capped(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, refused with 413 as soon as it passes `limit` bytes (the declared
+    Content-Length is checked first), so a route never holds more than its own cap."""
+    declared = _declared_length(request.scope)
+    if declared is not None and declared > limit:
+        raise too_large(limit, what)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit, what)
+        parts.append(chunk)
+    return b"".join(parts)
