@@ -79,9 +79,14 @@ class _Sequence:
 
 @dataclasses.dataclass
 class _Tracked:
+    """A job the agent follows in SLURM. Its output has one writer at a time (`output_lock`): the
+    periodic collection and the end-of-job collection both upload it, and two uploads reading from
+    the same offset at once stored a chunk twice (issue 12, item 5)."""
+
     job: Job
     native_id: str
     output_offset: int = 0
+    output_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
 class Agent:
@@ -99,7 +104,7 @@ class Agent:
         reconcile_interval: float = 30.0,
         artifacts: ArtifactWriter | None = None,
         bridge: BridgeConfig | None = None,
-        fetch_file: Callable[[str], bytes] | None = None,
+        fetch_file: Callable[[str, str], bytes] | None = None,
     ) -> None:
         self.cluster = cluster
         self.config = config
@@ -302,7 +307,7 @@ class Agent:
         if self.envs is not None and not spec.environment.is_empty:
             activation = await self.envs.ensure(spec.environment)
         paths = JobPaths(self.workdir, job.id)
-        files = {path: await self._file_content(content) for path, content in spec.files.items()}
+        files = {path: await self._file_content(content, job.owner) for path, content in spec.files.items()}
         if spec.kind != JobKind.BATCH:
             ray = self._render_ray(job, paths, resources)
             script = render_batch_script(
@@ -327,14 +332,15 @@ class Agent:
         files[".cloudhpc/script"] = (spec.script or "").encode()
         return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
 
-    async def _file_content(self, value: str) -> bytes:
-        """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store."""
+    async def _file_content(self, value: str, owner: str) -> bytes:
+        """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when
+        it names one of `owner`'s own objects (`submitter/files.py`)."""
         if not is_object_url(value):
             return value.encode()
         if self.fetch_file is None:
             raise StagingError(f"{value}: this agent cannot fetch files from an object store")
         try:
-            return await asyncio.to_thread(self.fetch_file, value)
+            return await asyncio.to_thread(self.fetch_file, value, owner)
         except StorageError as exc:
             raise StagingError(str(exc)) from exc
 
@@ -394,7 +400,11 @@ class Agent:
     # ---- observation -----------------------------------------------------------------------
 
     def _track(self, job: Job, native_id: str) -> None:
-        self._tracked[job.id] = _Tracked(job=job, native_id=native_id)
+        # A job followed already (a cancel of a running job) keeps its `_Tracked`, output offset and
+        # lock: a second one would be a second writer of the job's output.
+        tracked = self._tracked.get(job.id)
+        if tracked is None or tracked.native_id != native_id:
+            self._tracked[job.id] = _Tracked(job=job, native_id=native_id)
         self._poller.track(job.id, native_id)
 
     async def _on_observation(self, job_id: UUID, native_id: str, observation: Observation) -> None:
@@ -459,16 +469,19 @@ class Agent:
             )
 
     async def _collect_output(self, tracked: _Tracked) -> None:
+        """Upload what the job printed since the last upload. Serialised per job, and the offset a
+        chunk is uploaded at is the one it was read from, taken before the read."""
+        async with tracked.output_lock:
+            await self._upload_new_output(tracked)
+
+    async def _upload_new_output(self, tracked: _Tracked) -> None:
         while True:
             try:
-                data = await self.backend.read_output(
-                    tracked.job.id, offset=tracked.output_offset, length=OUTPUT_CHUNK
-                )
+                offset = tracked.output_offset
+                data = await self.backend.read_output(tracked.job.id, offset=offset, length=OUTPUT_CHUNK)
                 if not data:
                     return
-                tracked.output_offset = await self.channel.upload_output(
-                    tracked.job.id, tracked.output_offset, data
-                )
+                tracked.output_offset = await self.channel.upload_output(tracked.job.id, offset, data)
                 if tracked.job.spec.kind == JobKind.RAY_JOB and ENTRYPOINT_END_MARKER.encode() in data:
                     self._poller.expect_change(tracked.job.id)  # the job ends now: no waiting for a tick
             except (CloudHPCError, ChannelError) as exc:
