@@ -29,8 +29,10 @@ from cloudhpc.domain.jobs import Name, Resources
 from cloudhpc.exceptions import ConfigError
 
 __all__ = [
+    "AccessConfig",
     "BridgeConfig",
     "BridgeKubernetesConfig",
+    "ClusterAccess",
     "ClusterConfig",
     "ClusterDefaults",
     "PollConfig",
@@ -281,6 +283,42 @@ class BridgeConfig(_Section):
         return self.bind_address
 
 
+class ClusterAccess(_Section):
+    """Who besides the cluster's owner may use one cluster (see AccessConfig)."""
+
+    users: list[str] = Field(
+        default=[], description='user names that may use the cluster; `"*"`: every user of porter'
+    )
+    groups: list[str] = Field(
+        default=[], description="groups (porter.access.groups) whose members may use it"
+    )
+
+
+class AccessConfig(_Section):
+    """Who may use which cluster. A cluster is one HPC identity (the key of the submitter serving it):
+    its owners (the users of the agent tokens bound to it) and admins may always use it; others only
+    when listed here. Everyone else gets 404 for the cluster (docs/security.md)."""
+
+    groups: dict[str, list[str]] = Field(
+        default={}, description="named groups of users: `{ml-team: [alice, bob]}`"
+    )
+    clusters: dict[Name, ClusterAccess] = Field(
+        default={},
+        description="per cluster, the users and groups that may use it besides its owners: "
+        '`{mahti: {users: [carol], groups: [ml-team]}}`; `users: ["*"]` opens a cluster to everyone',
+    )
+
+    @model_validator(mode="after")
+    def _groups_exist(self) -> Self:
+        for name, rule in self.clusters.items():
+            unknown = sorted(set(rule.groups) - set(self.groups))
+            if unknown:
+                raise ValueError(
+                    f"porter.access.clusters.{name}.groups: {', '.join(unknown)} not defined in porter.access.groups"
+                )
+        return self
+
+
 class PorterConfig(_Section):
     listen: str = Field(default="127.0.0.1:5555", description="host:port of the HTTP API")
     database: str = Field(
@@ -324,6 +362,10 @@ class PorterConfig(_Section):
     bridge: BridgeConfig | None = Field(
         default=None,
         description="the bridge VM for ray.expose/ray.import (see docs/bridge-vm.md); null: no bridges",
+    )
+    access: AccessConfig = Field(
+        default_factory=AccessConfig,
+        description="who may use which cluster besides its owners and admins (docs/security.md)",
     )
     metrics_job_window: float = Field(
         default=86400.0,

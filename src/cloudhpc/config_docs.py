@@ -55,7 +55,10 @@ def _rows(model: type[BaseModel], prefix: str, env_prefix: str | None) -> list[s
         key = f"{prefix}.{name}"
         env = f"`{env_prefix}__{name.upper()}`" if env_prefix else "(see below)"
         if sub is not None:
-            nested.append((sub, key, f"{env_prefix}__{name.upper()}" if env_prefix else None))
+            env_sub = f"{env_prefix}__{name.upper()}" if env_prefix else None
+            if typing.get_origin(annotation) is dict:  # one section per name
+                key, env_sub = f"{key}.<name>", (f"{env_sub}__<NAME>" if env_sub else None)
+            nested.append((sub, key, env_sub))
             continue
         description = (info.description or "").replace("|", "\\|")
         rows.append(f"| `{key}` | {_type_name(annotation)} | {_default(info)} | {env} | {description} |")

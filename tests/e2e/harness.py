@@ -95,7 +95,8 @@ class Deployment:
         try:
             store.migrate()
             self.user_token = store.create_token("alice", "user")
-            (self.root / "agent-token").write_text(store.create_token("agent", "agent", ["testbed"]))
+            # alice's agent token: she owns the testbed cluster, so her jobs may use it
+            (self.root / "agent-token").write_text(store.create_token("alice", "agent", ["testbed"]))
         finally:
             store.close()
         (self.root / "agent-token").chmod(0o600)

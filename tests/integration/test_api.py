@@ -41,7 +41,9 @@ class Api:
 
 @pytest.fixture
 def api(store: Store) -> Iterator[Api]:
-    app = create_app(Settings(), store=store)
+    # alice and bob may use the embedded `local` cluster (its agent token is agent-local's)
+    access = {"clusters": {"local": {"users": ["alice", "bob"]}}}
+    app = create_app(Settings.model_validate({"porter": {"access": access}}), store=store)
     app.state.porter.recheck_interval = 0.2
     with TestClient(app) as client:
         yield Api(client, store)
@@ -105,7 +107,7 @@ def test_auth_matrix(api: Api) -> None:
 BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({**BATCH, "name": "$(id)"}, "name"),
     ({**BATCH, "name": ""}, "name"),
-    ({**BATCH, "cluster": "nowhere"}, "cluster"),
+    ({**BATCH, "files": {"data": "file:///etc/hostname"}}, "files.data"),
     ({**BATCH, "kind": "spark"}, "kind"),
     ({**BATCH, "script": None}, "(body)"),
     ({**BATCH, "surprise": 1}, "surprise"),

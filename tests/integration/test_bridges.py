@@ -274,11 +274,12 @@ def test_bridges_route_and_configuration(store: Store) -> None:
     }
     body = {"name": "r", "cluster": "local", "kind": "ray-cluster", "ray": {"expose": ["dashboard"]}}
     alice, bob = store.create_token("alice", "user"), store.create_token("bob", "user")
-    with TestClient(create_app(Settings(), store=store)) as http:
+    access = {"clusters": {"local": {"users": ["alice", "bob"]}}}
+    with TestClient(create_app(Settings.model_validate({"porter": {"access": access}}), store=store)) as http:
         refused = http.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"})
         assert refused.status_code == 422
         assert "porter.bridge" in refused.json()["error"]["message"]
-    app = create_app(Settings.model_validate({"porter": {"bridge": bridge}}), store=store)
+    app = create_app(Settings.model_validate({"porter": {"bridge": bridge, "access": access}}), store=store)
     app.state.porter.recheck_interval = 0.1
     with TestClient(app) as http:
         created = http.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"}).json()

@@ -301,6 +301,7 @@ def test_a_job_whose_files_cannot_be_staged_fails_with_the_reason(
     cli: Cli, server: ServeAll, tmp_path: Path
 ) -> None:
     """A staging failure (`StagingError`) ends the job `failed`, its reason the agent's message alone."""
+    missing = f"file://{(server.root / 'objects').resolve()}/users/admin/missing.txt"  # the admin's own
     spec = write(
         tmp_path / "job.yaml",
         yaml.safe_dump(
@@ -308,7 +309,7 @@ def test_a_job_whose_files_cannot_be_staged_fails_with_the_reason(
                 "name": f"unstaged-{uuid.uuid4().hex[:8]}",
                 "cluster": "local",
                 "script": "cat data.txt\n",
-                "files": {"data.txt": "file:///etc/hostname"},
+                "files": {"data.txt": missing},
             }
         ),
     )
@@ -316,11 +317,7 @@ def test_a_job_whose_files_cannot_be_staged_fails_with_the_reason(
     assert result.exit_code == 1, result.output
     job = json.loads(result.stdout)
     assert (job["state"], job["slurm_job_id"]) == ("failed", None)
-    objects = (server.root / "objects").resolve()
-    assert job["reason"] == (
-        "file:///etc/hostname: file:// URLs are read only inside this agent's object store directory "
-        f"({objects})"
-    )
+    assert job["reason"] == f"{missing}: no such object"
 
 
 def test_submit_from_options_wait_exit_codes_and_cancel(cli: Cli, tmp_path: Path) -> None:
@@ -419,13 +416,13 @@ def test_bad_specs_exit_2_locally_and_1_when_the_api_refuses(cli: Cli, tmp_path:
     assert missing.exit_code == 2
     assert "does not exist" in words(missing.output)
 
-    # Valid locally, refused by porter (it alone knows the clusters): 422 -> exit 1.
+    # Valid locally, refused by porter (it alone knows the clusters, and whose they are): 404 -> exit 1.
     refused = cli(
         "jobs", "submit", "--name", "nowhere", "--cluster", "nowhere", "--script", str(unknown_field)
     )
     assert refused.exit_code == 1
-    assert "ApiError: invalid request: cluster: unknown cluster 'nowhere'" in refused.stderr
-    assert "HTTP 422" in refused.stderr
+    assert "ApiError: cluster 'nowhere': no such cluster, or not one you may use" in refused.stderr
+    assert "HTTP 404" in refused.stderr
     assert len(cli.json("jobs", "list")) == before  # nothing stored
 
     gone = cli("jobs", "get", str(uuid.uuid4()))

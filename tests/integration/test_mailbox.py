@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from cloudhpc.config import ClusterConfig, PorterConfig, Settings, SubmitterConfig
+from cloudhpc.config import (
+    AccessConfig,
+    ClusterAccess,
+    ClusterConfig,
+    PorterConfig,
+    Settings,
+    SubmitterConfig,
+)
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
@@ -296,6 +303,7 @@ def mailbox_settings(testbed: Testbed, objects: S3ObjectStore, tmp_path: Path) -
             mailbox=url,
             s3_endpoint_url=testbed.s3_endpoint,
             mailbox_clusters=[CLUSTER],
+            access=AccessConfig(clusters={CLUSTER: ClusterAccess(users=["alice"])}),
         ),
         submitter=SubmitterConfig(channel="s3", mailbox=url, s3_endpoint_url=testbed.s3_endpoint),
         clusters={CLUSTER: ClusterConfig(backend="local", workdir=str(tmp_path / "work"))},

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloudhpc import __version__
 from cloudhpc.config import Settings
 from cloudhpc.metrics.porter import PorterMetrics
-from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_jobs
+from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_clusters, routes_jobs
 from cloudhpc.porter.bridges import bridge_reconciler
 from cloudhpc.porter.errors import error_body, install_error_handlers
 from cloudhpc.porter.mailbox import mailbox_relay
@@ -91,6 +91,7 @@ def create_app(
     app.state.porter = PorterState(settings=settings, store=db, objects=objects)
     install_error_handlers(app)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_clusters.router)
     app.include_router(routes_agent.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_artifacts.agent_router)

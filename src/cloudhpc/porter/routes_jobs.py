@@ -18,7 +18,9 @@ from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
+from cloudhpc.porter.access import require_cluster
 from cloudhpc.porter.auth import UserPrincipal
+from cloudhpc.porter.inputs import check_inputs, input_scope
 from cloudhpc.porter.state import PorterState, cluster_key, job_key
 from cloudhpc.store import Principal
 
@@ -60,17 +62,8 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Job:
     state = _state(request)
-    # Configured clusters need no query; only others are looked up among the agents seen (a store
-    # read, so in a worker thread, off the event loop).
-    if spec.cluster not in state.settings.clusters and spec.cluster not in (
-        clusters := await state.known_clusters()
-    ):
-        raise HttpProblem(
-            422,
-            "invalid_request",
-            f"invalid request: cluster: unknown cluster {spec.cluster!r}; known: {', '.join(clusters) or 'none'}",
-            [{"field": "cluster", "message": "unknown cluster"}],
-        )
+    await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
+    check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
     try:
         bridges = plan_bridges(spec, state.settings.porter.bridge)
     except BridgesNotConfigured as exc:
@@ -197,23 +190,3 @@ async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipa
             f"no accounting for job {job.id} yet (state {job.state.value}); it is collected when the job ends",
         )
     return record
-
-
-@router.get("/clusters")
-async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str, Any]:
-    state = _state(request)
-    seen = await state.store.agents()
-    now = time.time()
-    out = []
-    for name in state.cluster_names(seen):
-        cfg = state.settings.clusters.get(name)
-        last = seen.get(name)
-        out.append(
-            {
-                "name": name,
-                "backend": cfg.backend if cfg else None,
-                "agent_last_seen": last.isoformat() if last else None,
-                "agent_online": last is not None and now - last.timestamp() < 90,
-            }
-        )
-    return {"clusters": out}

@@ -21,13 +21,13 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 from uuid import UUID
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.base import check_key
+from cloudhpc.storage.inputs import owner_segment
 
 __all__ = [
     "ARTIFACT_ROOT",
@@ -45,16 +45,9 @@ _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
 
 
-def _owner_segment(owner: str) -> str:
-    """The owner as one key segment. Token user names are free text: anything that could split the
-    key or name a parent (`/`, `..`, control characters) is percent-encoded."""
-    segment = quote(owner, safe="@+-_.")
-    return segment.replace(".", "%2E") if segment in (".", "..") else segment
-
-
 def job_prefix(owner: str, job_id: UUID) -> str:
     """`jobs/<owner>/<job id>/`: every artifact of the job starts with it."""
-    return check_key(f"{ARTIFACT_ROOT}{_owner_segment(owner)}/{job_id}") + "/"
+    return check_key(f"{ARTIFACT_ROOT}{owner_segment(owner)}/{job_id}") + "/"
 
 
 def artifact_key(owner: str, job_id: UUID, name: str) -> str:

@@ -104,6 +104,7 @@ class AsyncStore:
     revoke_token = _in_thread(Store.revoke_token)
     revoke_token_id = _in_thread(Store.revoke_token_id)
     list_tokens = _in_thread(Store.list_tokens)
+    cluster_owners = _in_thread(Store.cluster_owners)
     # output, artifacts, accounting
     append_output = _in_thread(Store.append_output)
     output_size = _in_thread(Store.output_size)

@@ -123,6 +123,25 @@ class TokenRepository(Database):
             return bool(getattr(result, "rowcount", 0))
 
     @map_db_errors
+    def cluster_owners(self) -> dict[str, frozenset[str]]:
+        """Per cluster, the users of the unrevoked agent tokens bound to it: the cluster's owners.
+
+        An agent token's user names the person whose HPC account the submitter uses, so `tokens
+        create --user alice --role agent --cluster mahti` makes alice the owner of mahti (porter's
+        cluster access rules, docs/security.md). Revoking the token ends that ownership."""
+        owners: dict[str, set[str]] = {}
+        with self._read() as session:
+            rows = session.execute(
+                select(TokenRow.user_name, TokenRow.clusters).where(
+                    TokenRow.role == "agent", TokenRow.revoked_at.is_(None)
+                )
+            )
+            for user, clusters in rows:
+                for cluster in json.loads(clusters):
+                    owners.setdefault(cluster, set()).add(user)
+        return {cluster: frozenset(users) for cluster, users in owners.items()}
+
+    @map_db_errors
     def list_tokens(self, user: str | None = None) -> list[TokenInfo]:
         with self._read() as session:
             query = select(TokenRow).order_by(TokenRow.id)

@@ -1,71 +1,49 @@
 """A job's `files` given as object-store URLs, fetched by the agent before staging.
 
-`s3://BUCKET/KEY` is read with the agent's S3 settings (endpoint, region, and credentials from the
-standard AWS variables). `file://PATH` is read only inside the object store directories this agent
-is configured with: a job spec must never be a way to read the submitter's own files (its SSH key).
+The agent's credentials (its S3 keys, its directory) reach every user's objects, so a URL is read
+only when it names one of the job owner's own objects in the agent's object store
+(`storage.inputs.InputScope`: `users/<owner>/...` or `jobs/<owner>/...`). porter refuses other URLs
+when the job is submitted; this is the second check, against a work item that did not come from
+porter's checks (a forged mailbox message, an older porter). The object is read through the store
+(`submitter.object_store`, else `porter.object_store`), never from a bucket or path the URL picks,
+so a job spec is never a way to read the submitter's own files (its SSH key) or another bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
-
 from cloudhpc.config import Settings
-from cloudhpc.exceptions import ObjectNotFound, StorageError
-from cloudhpc.storage import open_object_store
+from cloudhpc.exceptions import ObjectNotFound
+from cloudhpc.storage import ObjectStore
+from cloudhpc.storage.artifacts import open_agent_object_store
+from cloudhpc.storage.inputs import InputScope
 
-__all__ = ["FileFetcher"]
+__all__ = ["FileFetcher", "agent_store_url"]
+
+
+def agent_store_url(settings: Settings) -> str:
+    """The URL of the store the agent reads inputs from and writes artifacts to."""
+    return settings.submitter.object_store or settings.porter.object_store
 
 
 class FileFetcher:
-    def __init__(
-        self,
-        *,
-        s3_endpoint_url: str | None = None,
-        s3_region: str | None = None,
-        local_roots: Sequence[Path] = (),
-    ) -> None:
-        self._endpoint = s3_endpoint_url
-        self._region = s3_region
-        self._roots = [root.expanduser().resolve() for root in local_roots]
+    """Reads a job's input objects from one store, for the job's owner only."""
+
+    def __init__(self, objects: ObjectStore, scope: InputScope) -> None:
+        self._objects = objects
+        self.scope = scope
+
+    def __repr__(self) -> str:
+        return f"FileFetcher({self.scope.store_url!r})"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileFetcher:
-        roots = [
-            Path(unquote(url[len("file://") :]))
-            for url in (settings.porter.object_store, settings.submitter.object_store)
-            if url and url.startswith("file://")
-        ]
-        return cls(
-            s3_endpoint_url=settings.submitter.s3_endpoint_url or settings.porter.s3_endpoint_url,
-            s3_region=settings.submitter.s3_region or settings.porter.s3_region,
-            local_roots=roots,
-        )
+        return cls(open_agent_object_store(settings), InputScope.from_store_url(agent_store_url(settings)))
 
-    def fetch(self, url: str) -> bytes:
-        """The object's bytes (blocking). Raises StorageError with the URL named."""
-        if url.startswith("s3://"):
-            parts = urlsplit(url)
-            key = unquote(parts.path.lstrip("/"))
-            if not parts.netloc or not key:
-                raise StorageError(f"{url!r} must look like s3://BUCKET/KEY")
-            store = open_object_store(
-                f"s3://{parts.netloc}", endpoint_url=self._endpoint, region=self._region
-            )
-            try:
-                return store.get(key)
-            except ObjectNotFound as exc:
-                raise ObjectNotFound(f"{url}: no such object") from exc
-        if url.startswith("file://"):
-            path = Path(unquote(url[len("file://") :])).expanduser().resolve()
-            if not any(path.is_relative_to(root) for root in self._roots):
-                raise StorageError(
-                    f"{url}: file:// URLs are read only inside this agent's object store directory "
-                    f"({', '.join(map(str, self._roots)) or 'none configured'})"
-                )
-            try:
-                return path.read_bytes()
-            except OSError as exc:
-                raise ObjectNotFound(f"{url}: {exc.strerror or exc}") from exc
-        raise StorageError(f"{url!r} is neither an s3:// nor a file:// URL")
+    def fetch(self, url: str, owner: str) -> bytes:
+        """The object's bytes (blocking). A StorageError names the URL: one that is not `owner`'s
+        (with where the owner's inputs may be), or one that names no object."""
+        key = self.scope.key_for(url, owner)
+        try:
+            return self._objects.get(key)
+        except ObjectNotFound as exc:
+            raise ObjectNotFound(f"{url}: no such object") from exc
