@@ -22,7 +22,7 @@ from cloudhpc.porter.app import create_app
 from cloudhpc.porter.mailbox import MailboxRelay
 from cloudhpc.porter.retention import artifact_retention, sweep_artifacts
 from cloudhpc.storage import ObjectStore
-from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key, job_prefix
+from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key, delete_job_artifacts, job_prefix
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.s3_channel import S3Channel
@@ -146,6 +146,48 @@ def test_porter_lists_and_serves_artifacts(objects: ObjectStore, store: Store, t
         assert call("GET", f"/api/v1/jobs/{job.id}/artifacts/nothing.txt", alice).status_code == 404
         climbing = call("GET", f"/api/v1/jobs/{job.id}/artifacts/%2E%2E/%2E%2E/bob/x", alice)
         assert climbing.status_code == 404
+
+
+ODD_KEYS = [
+    "{prefix}../../bob/x",  # climbs out of the job's prefix while starting with it
+    "{prefix}a/../../../bob/x",
+    "{prefix}./job.sh",
+    "{prefix}a//b",
+    "{prefix}x\\y",
+    "{prefix}x\ny",
+    "/{prefix}job.sh",
+    "{prefix}",
+]
+
+
+def test_odd_artifact_keys_are_refused_and_never_break_the_listing(
+    objects: ObjectStore, store: Store, tmp_path: Path
+) -> None:
+    """An agent reporting `..` (or absolute, or otherwise odd) keys gets 422, and a bad key already
+    recorded leaves the owner's listing working (it answered 502)."""
+    settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path / 'unused'}"))
+    alice = store.create_token("alice", "user")
+    agent = store.create_token("agent-local", "agent", ["local"])
+    job = submit(store)
+    keys = write_all(objects, job, tmp_path, b"the output\n")
+    prefix = job_prefix("alice", job.id)
+    odd = [key.format(prefix=prefix) for key in ODD_KEYS]
+    with TestClient(create_app(settings, store=store, object_store=objects)) as client:
+        auth = {"agent": {"Authorization": f"Bearer {agent}"}, "alice": {"Authorization": f"Bearer {alice}"}}
+        route = f"/api/v1/agent/jobs/{job.id}/artifacts"
+        assert client.post(route, json={"keys": keys}, headers=auth["agent"]).status_code == 200
+        for key in odd:
+            refused = client.post(route, json={"keys": [keys[0], key]}, headers=auth["agent"])
+            assert refused.status_code == 422, key
+            assert refused.json()["error"]["details"][0]["field"] == "keys"
+        assert store.get_job(job.id).artifacts == keys  # nothing of a refused report was kept
+
+        store.add_artifacts(job.id, odd)  # as recorded by a porter that did not check
+        listing = client.get(f"/api/v1/jobs/{job.id}/artifacts", headers=auth["alice"])
+        assert listing.status_code == 200, listing.text
+        assert sorted(item["key"] for item in listing.json()["artifacts"]) == sorted(keys)
+    assert delete_job_artifacts(objects, "alice", job.id, store.get_job(job.id).artifacts) >= len(keys)
+    assert objects.list(prefix) == []
 
 
 def test_retention_deletes_only_old_artifacts(objects: ObjectStore, store: Store, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ client could use.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -17,13 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from cloudhpc.domain.jobs import Job
-from cloudhpc.exceptions import HttpProblem
+from cloudhpc.exceptions import HttpProblem, StorageError
 from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
 from cloudhpc.porter.state import PorterState
 from cloudhpc.storage import ObjectStore
-from cloudhpc.storage.artifacts import foreign_keys, job_prefix
+from cloudhpc.storage.artifacts import foreign_keys, is_job_artifact, job_prefix
 
 __all__ = ["agent_router", "router"]
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1", tags=["artifacts"])
 agent_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
@@ -50,9 +53,12 @@ async def _user_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
 
 
 def _names(job: Job) -> dict[str, str]:
-    """Artifact name (the key below the job's prefix) -> key, for the keys porter recorded."""
+    """Artifact name (the key below the job's prefix) -> key, for the keys porter recorded.
+
+    A key that is not a valid artifact of the job (recorded before porter checked keys) is left
+    out, so that one bad key cannot make the whole listing fail."""
     prefix = job_prefix(job.owner, job.id)
-    return {key[len(prefix) :]: key for key in job.artifacts if key.startswith(prefix)}
+    return {key[len(prefix) :]: key for key in job.artifacts if is_job_artifact(prefix, key)}
 
 
 @router.get("/jobs/{job_id}/artifacts")
@@ -66,7 +72,12 @@ async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipa
     expiry = state.settings.porter.artifact_url_expiry
     items = []
     for name, key in sorted(_names(job).items()):
-        url = await run_in_threadpool(objects.url, key, expiry)
+        try:
+            url = await run_in_threadpool(objects.url, key, expiry)
+        except StorageError as exc:
+            # one object the store cannot give a URL for does not hide the job's other artifacts
+            log.warning("job %s: artifact %r left out of the listing: %s", job.id, key, exc)
+            continue
         if not url.startswith(("https://", "http://")):
             url = str(request.url_for("download_artifact", job_id=str(job.id), name=name))
         items.append({"name": name, "key": key, "url": url})

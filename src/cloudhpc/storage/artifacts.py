@@ -25,6 +25,7 @@ from uuid import UUID
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
+from cloudhpc.exceptions import StorageError
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.base import check_key
 from cloudhpc.storage.inputs import owner_segment
@@ -35,6 +36,7 @@ __all__ = [
     "artifact_key",
     "delete_job_artifacts",
     "foreign_keys",
+    "is_job_artifact",
     "job_prefix",
     "open_agent_object_store",
     "open_porter_object_store",
@@ -55,11 +57,25 @@ def artifact_key(owner: str, job_id: UUID, name: str) -> str:
     return check_key(job_prefix(owner, job_id) + name)
 
 
+def is_job_artifact(prefix: str, key: str) -> bool:
+    """Whether `key` names an object below the job prefix `prefix` (`job_prefix`), and only there.
+
+    Starting with the prefix is not enough: `jobs/alice/<id>/../../bob/x` does, and climbs out of
+    it; an empty, `.` or `..` segment, a backslash or a control character is never an artifact."""
+    if not key.startswith(prefix) or key == prefix:
+        return False
+    try:
+        check_key(key)
+    except StorageError:
+        return False
+    return True
+
+
 def foreign_keys(owner: str, job_id: UUID, keys: list[str]) -> list[str]:
     """The keys that are not artifacts of this job: porter refuses to record them, so an agent
-    cannot make a user's download point at another user's objects."""
+    cannot make a user's download point at another user's objects, nor break the job's listing."""
     prefix = job_prefix(owner, job_id)
-    return [key for key in keys if not key.startswith(prefix) or key == prefix]
+    return [key for key in keys if not is_job_artifact(prefix, key)]
 
 
 def _dump(value: Any) -> bytes:
@@ -125,7 +141,7 @@ def delete_job_artifacts(objects: ObjectStore, owner: str, job_id: UUID, keys: l
         if len(page) < 1000:
             break
     for key in found:
-        if key.startswith(prefix):
+        if is_job_artifact(prefix, key):
             objects.delete(key)
     return len(found)
 
