@@ -496,6 +496,17 @@ def wait_state(client: Client, job: Job, timeout: float) -> Job:
     return final
 
 
+def sacct(topology: Topology, job: Job, fields: str, expected: str, timeout: float = 30) -> str:
+    """The job's sacct line on the login node (over ssh from the laptop), asked again for a while
+    until it is `expected`: slurmdbd completes a record a moment after the job ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = topology.ssh(f"sacct -X -P -n -j {job.slurm_job_id} --format={fields}").strip()
+        if record == expected or time.monotonic() > deadline:
+            return record
+        time.sleep(1)
+
+
 def no_secrets_leaked(topology: Topology, platform: Platform, laptop: Laptop) -> None:
     secrets = [*platform.secrets, laptop.passphrase]
     for process in (platform.porter, laptop.submitter):
@@ -522,18 +533,17 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
             "resources": {"time": "00:02:00"},
         }
     )
+    t0 = time.monotonic()
     final = wait_state(client, job, timeout=120)
+    print(f"TIMING batch ended after {time.monotonic() - t0:.1f}s")
     assert final.state == JobState.COMPLETED, (final.state, final.reason, laptop.submitter.tail())
     assert final.slurm_job_id
     out = client.logs(final).data.decode()
     assert re.search(rf"hello-{tag} from c[12]\b", out), out
     # SLURM's own record on the login node: the topo cluster, cloudhpc's comment, the site's account
-    record = topology.ssh(
-        f"sacct -X -P -n -j {final.slurm_job_id} --format=Cluster,State,Comment,Account,Partition,User"
-    ).strip()
-    assert (
-        record == f"{topology.slurm_cluster}|COMPLETED|cloudhpc:{final.id}|default|debug|{topology.ssh_user}"
-    ), record
+    expected = f"{topology.slurm_cluster}|COMPLETED|cloudhpc:{final.id}|default|debug|{topology.ssh_user}"
+    record = sacct(topology, final, "Cluster,State,Comment,Account,Partition,User", expected)
+    assert record == expected, record
     # accounting came back through porter
     deadline = time.monotonic() + 90
     accounting: dict[str, Any] = {}
@@ -543,8 +553,10 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
         except ApiError as exc:
             assert exc.code == "not_available", exc
             time.sleep(1)
+    print(f"TIMING accounting after {time.monotonic() - t0:.1f}s")
     assert accounting, f"no accounting came back:\n{laptop.submitter.tail()}"
     print(json.dumps(accounting)[:600])
+
     no_secrets_leaked(topology, platform, laptop)
 
 
@@ -646,10 +658,9 @@ def test_a_ray_job_exposes_its_dashboard_on_cloud_and_imports_mlflow_through_its
         node = re.search(r"^node: (\S+)$", out, re.M)
         assert node is not None
         assert node.group(1) in topology.slurm_nodes
-        record = topology.ssh(
-            f"sacct -X -P -n -j {final.slurm_job_id} --format=State,Comment,NodeList"
-        ).strip()
-        assert record == f"COMPLETED|cloudhpc:{final.id}|{node.group(1)}", record
+        expected = f"COMPLETED|cloudhpc:{final.id}|{node.group(1)}"
+        record = sacct(topology, final, "State,Comment,NodeList", expected)
+        assert record == expected, record
         no_secrets_leaked(topology, platform, laptop)
     finally:
         subprocess.run(["rm", "-rf", str(marker_dir)], check=False)
