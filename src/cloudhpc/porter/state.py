@@ -7,14 +7,17 @@ import hashlib
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cloudhpc.config import Settings
 from cloudhpc.storage import ObjectStore
 from cloudhpc.store import AsyncStore, Principal
 
 __all__ = ["Notifier", "PorterState", "TokenCache"]
+
+V = TypeVar("V")
 
 
 class TokenCache:
@@ -23,14 +26,20 @@ class TokenCache:
     Every API call carries a token; looking each one up in the database was the biggest single
     cost of `GET /jobs/{id}` (bench/api.py). Entries live `ttl` seconds, so a revoked token
     keeps working on this replica for at most that long. Keys are the tokens' SHA-256, never the
-    tokens; unknown tokens are remembered too (a flood of bad tokens does not reach the database)
-    and the whole cache is dropped when it reaches `max_entries`.
+    tokens.
+
+    Unknown tokens are remembered too (a flood of bad tokens does not reach the database), but in
+    a separate, smaller map (`max_unknown`): a flood of bad tokens only pushes out other bad
+    tokens, never a good one. When a map is full its oldest entry goes (expired ones first), so
+    10,000 bad tokens cannot empty the cache of the tokens in use (issue 12).
     """
 
-    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000, max_unknown: int = 1_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self.max_unknown = max_unknown
+        self._known: dict[str, tuple[float, Principal]] = {}
+        self._unknown: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -39,17 +48,41 @@ class TokenCache:
 
     def get(self, key: str) -> tuple[bool, Principal | None]:
         """(True, principal or None) when `key` was verified less than `ttl` seconds ago."""
+        now = time.monotonic()
         with self._lock:
-            entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            return False, None
-        return True, entry[1]
+            known = self._known.get(key)
+            unknown_until = self._unknown.get(key)
+        if known is not None and known[0] >= now:
+            return True, known[1]
+        if unknown_until is not None and unknown_until >= now:
+            return True, None
+        return False, None
 
     def put(self, key: str, principal: Principal | None) -> None:
+        until = time.monotonic() + self.ttl
         with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[key] = (time.monotonic() + self.ttl, principal)
+            if principal is None:
+                self._known.pop(key, None)
+                _insert_bounded(self._unknown, key, until, self.max_unknown, lambda v: v)
+            else:
+                self._unknown.pop(key, None)
+                _insert_bounded(self._known, key, (until, principal), self.max_entries, lambda v: v[0])
+
+
+def _insert_bounded(
+    entries: dict[str, V], key: str, value: V, limit: int, expiry: Callable[[V], float]
+) -> None:
+    """Insert `key` as the newest entry, after dropping the expired entries at the front and, while
+    the map is full, the oldest ones. Dicts keep insertion order, which is expiry order since every
+    entry lives the same `ttl`: the oldest entry is the first to expire."""
+    entries.pop(key, None)
+    now = time.monotonic()
+    while entries:
+        oldest = next(iter(entries))
+        if len(entries) < limit and expiry(entries[oldest]) >= now:
+            break
+        del entries[oldest]
+    entries[key] = value
 
 
 class Notifier:
