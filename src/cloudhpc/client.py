@@ -256,7 +256,14 @@ class Client:
         return result
 
     def clusters(self) -> builtins.list[dict[str, Any]]:
+        """The clusters this token may use, with their agent's liveness."""
         result: builtins.list[dict[str, Any]] = self._request("GET", "/api/v1/clusters").json()["clusters"]
+        return result
+
+    def me(self) -> dict[str, Any]:
+        """`{"user", "role", "inputs"}`: who this token speaks for, and the URL prefixes under which
+        its jobs' `files` may name objects (store a job's inputs there before submitting it)."""
+        result: dict[str, Any] = self._request("GET", "/api/v1/me").json()
         return result
 
 

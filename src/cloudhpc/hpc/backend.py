@@ -81,6 +81,10 @@ class FileTransfer(Protocol):
 
     async def makedirs(self, path: str, *, mode: int = 0o700) -> None: ...
 
+    async def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of an existing file or directory (a job directory made private
+        even when something created it wider before)."""
+
 
 @dataclass(frozen=True)
 class JobSubmission:

@@ -216,6 +216,12 @@ class LocalRunner:
         except OSError as exc:
             raise RemoteFileError(f"cannot create directory {path}: {exc.strerror or exc}") from exc
 
+    async def chmod(self, path: str, mode: int) -> None:
+        try:
+            os.chmod(self._path(path), mode)
+        except OSError as exc:
+            raise RemoteFileError(f"cannot set the mode of {path}: {exc.strerror or exc}") from exc
+
     async def close(self) -> None:
         """Nothing to release; present so a LocalRunner can stand wherever an SSH connection does."""
 
@@ -247,6 +253,7 @@ async def stage_job_directory(transfer: FileTransfer, paths: JobPaths, submissio
             stderr="the batch script is empty",
         )
     await transfer.makedirs(paths.control, mode=0o700)
+    await transfer.chmod(paths.jobdir, 0o700)  # also when it existed before, wider
     for relative, data in submission.files.items():
         mode = submission.modes.get(relative, 0o644)
         await transfer.write_file(paths.file(_checked_relative(relative)), data, mode=mode)

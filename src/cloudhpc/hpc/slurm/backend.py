@@ -132,6 +132,9 @@ class SlurmBackend:
         ]
         targets.append((paths.batch_script, submission.batch_script.encode(), 0o700))
         await self._conn.makedirs(paths.control, mode=0o700)
+        # private to the HPC account, also when it existed before (created wider by hand or by an
+        # older version), before any file of the job is written into it
+        await self._conn.chmod(paths.jobdir, 0o700)
         limit = asyncio.Semaphore(8)
 
         async def put(path: str, data: bytes, mode: int) -> None:

@@ -95,6 +95,10 @@ class _SftpFiles(_Session):
             f"creating directory {full!r}", lambda sftp: sftp.makedirs(full, attrs, exist_ok=True)
         )
 
+    async def chmod(self, path: str, mode: int) -> None:
+        full = await self._resolve(path)
+        await self._sftp_op(f"setting the mode of {full!r}", lambda sftp: sftp.chmod(full, mode))
+
     async def exists(self, path: str) -> bool:
         full = await self._resolve(path)
         return await self._sftp_op(f"checking {full!r}", lambda sftp: sftp.exists(full))
