@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import ValidationError
 
 from cloudhpc.domain.jobs import (
@@ -115,11 +116,72 @@ def test_env_names_and_reserved_prefixes() -> None:
         assert "env" in field_of(exc)
 
 
-@pytest.mark.parametrize("pkg", ["--index-url=http://evil", "-e .", "a\nb", " ", "-r x.txt"])
-def test_package_options_are_refused(pkg: str) -> None:
+REFUSED_PACKAGES = [
+    "--index-url=http://evil",
+    "-e .",
+    "a\nb",
+    " ",
+    "-r x.txt",
+    "git+https://github.com/evil/pkg",
+    "pkg @ file:///home/other/pkg",
+    "pkg @ https://evil.example/pkg-1.0.tar.gz",
+    "https://evil.example/pkg-1.0-py3-none-any.whl",
+    "./src",
+    "/tmp/pkg",
+    "pkg-1.0-py3-none-any.whl",
+    "pkg.tar.gz",
+    "pkg --index-url http://evil",  # an option after the name is an option all the same
+    "pkg==1.0 --hash=sha256:00",
+    "pkg; os_name == ' --index-url=http://evil'",
+    "pkg #comment",
+    "pkg; os_name == '${HOME}'",
+    "pkg; import os",
+    "pkg;",
+    "pkg\\",
+    "pkg[extra",
+    "pkg==",
+    "two words",
+]
+ACCEPTED_PACKAGES = [
+    "six",
+    "six==1.16.0",
+    "numpy >= 1.26",
+    "ray[default,Client]==2.9",
+    "ray[client, default] == 2.9",
+    "Foo_Bar.baz",
+    "foo (>=1.0, <2)",
+    "torch==2.1.0+cpu",
+    "foo~=1.4.2",
+    "foo==1.*",
+    "foo; python_version < '3.12'",
+    'foo>=1; sys_platform == "linux" and (python_version >= "3.8" or extra == "x")',
+]
+
+
+@pytest.mark.parametrize("pkg", REFUSED_PACKAGES)
+def test_package_urls_paths_and_options_are_refused(pkg: str) -> None:
     with pytest.raises(ValidationError) as exc:
         spec(environment={"packages": [pkg]})
     assert "environment.packages" in field_of(exc)
+
+
+@pytest.mark.parametrize("pkg", ACCEPTED_PACKAGES)
+def test_plain_requirements_are_accepted_and_are_pep_508(pkg: str) -> None:
+    assert spec(environment={"packages": [pkg]}).environment.packages == [pkg]
+    parsed = Requirement(pkg)  # the reference grammar agrees, and sees no URL
+    assert parsed.url is None
+
+
+@pytest.mark.parametrize("pkg", REFUSED_PACKAGES)
+def test_refused_packages_are_not_plain_requirements_for_packaging_either(pkg: str) -> None:
+    """Each refusal is either outside PEP 508, a direct URL, or something pip reads from a
+    requirements file as more than a requirement (an option, a comment, a file name)."""
+    try:
+        parsed = Requirement(pkg)
+    except InvalidRequirement:
+        return
+    pip_specials = ("-", "#", "$", ".whl", ".tar.gz")
+    assert parsed.url is not None or any(s in pkg for s in pip_specials), pkg
 
 
 def test_kind_needs_matching_payload() -> None:

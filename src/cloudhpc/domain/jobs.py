@@ -40,6 +40,7 @@ __all__ = [
     "Observation",
     "RaySpec",
     "Resources",
+    "check_requirement",
     "import_variable",
     "is_object_url",
     "parse_mem",
@@ -172,6 +173,50 @@ class Resources(_Model):
         return Resources(**merged)
 
 
+_REQ_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_REQ_VERSION = r"(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9_.*+!-]+"
+_REQ_VERSIONS = rf"{_REQ_VERSION}(?:\s*,\s*{_REQ_VERSION})*"
+_REQUIREMENT = re.compile(
+    rf"^\s*(?P<name>{_REQ_NAME})\s*"
+    rf"(?:\[\s*(?:{_REQ_NAME}(?:\s*,\s*{_REQ_NAME})*)?\s*\]\s*)?"
+    rf"(?:\(\s*{_REQ_VERSIONS}\s*\)|{_REQ_VERSIONS})?\s*"
+    r"(?:;(?P<marker>.*))?$",
+    re.DOTALL,
+)
+_MARKER_TOKEN = re.compile(
+    r"\s+|[()]|===|==|!=|~=|<=|>=|<|>"
+    r"|'[A-Za-z0-9 ._+*!,:=<>~()-]*'|\"[A-Za-z0-9 ._+*!,:=<>~()-]*\""
+    r"|(?:and|or|not|in|extra|python_version|python_full_version|os_name|sys_platform"
+    r"|platform_release|platform_system|platform_version|platform_machine"
+    r"|platform_python_implementation|implementation_name|implementation_version)\b"
+)
+# pip takes a name ending like this for a file to install, not a project on the index
+_ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz")
+
+
+def check_requirement(spec: str) -> str:
+    """Accept only a plain PEP 508 requirement: a project name, extras, version specifiers and an
+    environment marker. pip reads the packages from a requirements file, where a direct reference
+    (`name @ URL`), a URL or path (`git+https://...`, `./dir`) or an option (`-e`, `--index-url`,
+    even after the name) would fetch code from anywhere or change where pip looks; those are
+    refused, with the reason. (`packaging` is not a dependency of the light install, so this is
+    the grammar as a regular expression, checked against `packaging` in the tests.)"""
+    if not spec.strip() or len(spec) > 512:
+        raise ValueError("a package specifier must have 1 to 512 characters")
+    match = _REQUIREMENT.match(spec)
+    if match is None or any(word.startswith("-") for word in spec.split()):
+        raise ValueError(
+            f"{spec!r} is not a plain requirement specifier (name[extras] version; marker): "
+            "URLs, paths, `name @ URL` and pip options are refused"
+        )
+    if match["name"].lower().endswith(_ARCHIVE_SUFFIXES):
+        raise ValueError(f"{spec!r} names a file (pip would install it from a path), not a project")
+    marker = match["marker"]
+    if marker is not None and (not marker.strip() or "".join(_MARKER_TOKEN.findall(marker)) != marker):
+        raise ValueError(f"{spec!r}: the environment marker after `;` is not one pip reads as a marker")
+    return spec
+
+
 class Environment(_Model):
     """A Python environment on the cluster: modules to load, a Python, pip packages."""
 
@@ -189,12 +234,7 @@ class Environment(_Model):
     @classmethod
     def _packages_are_requirements(cls, value: list[str]) -> list[str]:
         for spec in value:
-            if not spec.strip() or len(spec) > 512:
-                raise ValueError("a package specifier must have 1 to 512 characters")
-            if spec.lstrip().startswith("-") or any(c in spec for c in "\n\r\x00"):
-                raise ValueError(
-                    f"{spec!r} is not a requirement specifier (options and newlines are refused)"
-                )
+            check_requirement(spec)
         return value
 
     @property
