@@ -128,5 +128,23 @@ async def add_artifacts(
             f"invalid request: keys: {len(outside)} key(s) are not under the job's prefix {prefix}",
             [{"field": "keys", "message": f"not under {prefix}: {outside[0]!r}"}],
         )
+    if state.objects is not None:
+        absent = await run_in_threadpool(_absent, state.objects, body.keys)
+        if absent:
+            # an agent whose object store is not porter's (a submitter on a laptop with the default
+            # file:// store): listing its keys would hand users links that answer NoSuchKey
+            raise HttpProblem(
+                422,
+                "invalid_request",
+                f"invalid request: keys: {len(absent)} key(s) are not in porter's object store; the "
+                "agent writes its artifacts where porter cannot read them (submitter.object_store "
+                "must be porter.object_store, reachable from the agent)",
+                [{"field": "keys", "message": f"not in porter's object store: {absent[0]!r}"}],
+            )
     keys = await state.store.add_artifacts(job.id, body.keys)
     return {"artifacts": keys}
+
+
+def _absent(objects: ObjectStore, keys: list[str]) -> list[str]:
+    """The keys porter's object store does not hold (one listing call per key, at most 1 result)."""
+    return [key for key in keys if objects.list(key, limit=1) != [key]]
