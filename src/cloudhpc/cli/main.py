@@ -491,7 +491,9 @@ def clusters_check(
 
 @tokens_app.command("create")
 def tokens_create(
-    user: Annotated[str, typer.Option(help="who the token is for")],
+    user: Annotated[
+        str, typer.Option(help="who the token is for; for an agent token, the owner of its clusters")
+    ],
     role: Annotated[str, typer.Option(help="user, agent or admin")] = "user",
     cluster: Annotated[
         list[str] | None, typer.Option(help="agent tokens: a cluster it may serve (repeat)")
