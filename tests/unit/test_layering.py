@@ -19,8 +19,9 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "cloudhpc"
 LAYERS: list[set[str]] = [
     {"exceptions"},
     {"domain"},
-    # settings and the SDK: both importable with the light install (no server extra)
-    {"config", "client"},
+    # settings and the SDK: both importable with the light install (no server extra); the modes
+    # of cloudhpc's private files, which the store, the object store and the token files share
+    {"config", "client", "private_files"},
     # libraries, one per external system or concern; none of them knows a role
     {"store", "storage", "hpc", "ray", "bridges", "metrics", "port_forwards", "secrets_json", "config_docs"},
     # the roles, and the pipelines (which talk to porter through the SDK only)

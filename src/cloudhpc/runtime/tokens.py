@@ -1,5 +1,6 @@
 """The tokens `serve all` makes for itself on first start: an admin token for the user and an
-agent token for its own submitter, kept in 0600 files and reused while the store accepts them."""
+agent token for its own submitter, kept in 0600 files (in a 0700 `.cloudhpc/` when it makes it)
+and reused while the store accepts them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 
 from cloudhpc.config import Settings
+from cloudhpc.private_files import make_private_dirs, open_private_file
 from cloudhpc.store import Store
 
 __all__ = ["ensure_tokens"]
@@ -16,11 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    make_private_dirs(path.parent)
+    with os.fdopen(open_private_file(path, os.O_WRONLY | os.O_TRUNC), "w") as handle:
         handle.write(value + "\n")
-    path.chmod(0o600)
 
 
 def ensure_tokens(store: Store, settings: Settings, state_dir: Path = Path(".cloudhpc")) -> tuple[str, str]:

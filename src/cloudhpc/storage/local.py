@@ -1,7 +1,8 @@
 """Objects as files under one directory: the embedded default, and what tests can read directly.
 
 A key maps to the file `<root>/<key>`. Writes go to a temporary file first and are renamed into
-place, so a reader never sees half an object, even when porter is killed mid-write.
+place, so a reader never sees half an object, even when porter is killed mid-write. The objects are
+every user's job files and logs: files are 0600 and the directories this store creates 0700.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cloudhpc.exceptions import ObjectNotFound, StorageError
+from cloudhpc.private_files import make_private_dirs, open_private_file
 from cloudhpc.storage.base import check_key, check_prefix
 
 __all__ = ["LocalObjectStore"]
@@ -52,7 +54,7 @@ class LocalObjectStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         try:
-            (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.root / TMP_DIR)
         except OSError as exc:
             raise StorageError(f"cannot create the object store directory {self.root}: {exc}") from exc
         self._real_root = self.root.resolve()
@@ -76,7 +78,7 @@ class LocalObjectStore:
     def _install(self, tmp: Path, path: Path) -> None:
         """Rename a finished temporary file into place, creating parent directories."""
         for attempt in range(3):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
             try:
                 os.replace(tmp, path)
                 return
@@ -90,7 +92,7 @@ class LocalObjectStore:
         tmp = self._tmp()
         with _os_errors("store", key):
             try:
-                with open(tmp, "wb") as handle:
+                with os.fdopen(open_private_file(tmp, os.O_WRONLY | os.O_EXCL), "wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -105,8 +107,12 @@ class LocalObjectStore:
             if not Path(path).is_file():
                 raise StorageError(f"cannot upload {path} as {key!r}: not a regular file")
             try:
-                shutil.copyfile(path, tmp)
-                with open(tmp, "rb+") as handle:
+                with (
+                    open(path, "rb") as source,
+                    os.fdopen(open_private_file(tmp, os.O_WRONLY | os.O_EXCL), "wb") as handle,
+                ):
+                    shutil.copyfileobj(source, handle, 1 << 20)
+                    handle.flush()
                     os.fsync(handle.fileno())
                 self._install(tmp, target)
             finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.expression import Executable
 
 from cloudhpc.exceptions import StoreError
+from cloudhpc.private_files import make_private_dirs, open_private_file
 from cloudhpc.store.models import Base
 
 __all__ = ["DEFAULT_URL", "Database", "map_db_errors", "normalize_url", "utcnow"]
@@ -151,11 +153,20 @@ class Database:
             # Fine for a quick script or a unit test; not for concurrent writers (use a file).
             engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            Database._create_private_file(Path(database).expanduser())
             engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", Database._sqlite_on_connect)
         event.listen(engine, "begin", Database._sqlite_on_begin)
         return engine
+
+    @staticmethod
+    def _create_private_file(path: Path) -> None:
+        """Create the SQLite file 0600 (in a 0700 directory, if it makes one) before SQLite does:
+        it holds every job's spec and environment values, and SQLite would create it, and its WAL
+        and shared-memory files, which take the database file's mode, 0644 under the usual umask."""
+        make_private_dirs(path.parent)
+        if not path.exists():
+            os.close(open_private_file(path, os.O_WRONLY))
 
     @staticmethod
     def _pg_engine(url: URL) -> Engine:
