@@ -78,6 +78,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400:  # FastAPI could not read the body (not UTF-8): bad input like any other
+            message = f"invalid request: (body): {error.detail}"
+            details = [{"field": "(body)", "message": str(error.detail)}]
+            return JSONResponse(error_body("invalid_request", message, details), status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return JSONResponse(error_body(code, str(error.detail)), status_code=error.status_code)
 

@@ -50,10 +50,6 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-class _BodyTooLarge(Exception):
-    """Raised into the app from `receive` once the body passes the limit; never leaves the middleware."""
-
-
 class RequestSizeLimit:
     """Answers 413 to every HTTP request whose body is over `limit` bytes, reading at most that much.
 
@@ -66,8 +62,11 @@ class RequestSizeLimit:
         self.limit = limit
         self.setting = setting
 
+    def _problem(self) -> HttpProblem:
+        return too_large(self.limit, "the request body", self.setting)
+
     async def _refuse(self, send: Send) -> None:
-        problem = too_large(self.limit, "the request body", self.setting)
+        problem = self._problem()
         body = json.dumps(error_body(problem.code, problem.message, problem.details)).encode()
         await send(
             {
@@ -101,7 +100,7 @@ class RequestSizeLimit:
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     exceeded = True
-                    raise _BodyTooLarge
+                    raise self._problem()  # into the app's read; never leaves this middleware
             return message
 
         async def guarded_send(message: Message) -> None:

@@ -13,16 +13,17 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator, BaseModel
 
 from cloudhpc.bridges.allocation import plan_bridges
-from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import check_inputs, input_scope
 from cloudhpc.porter.state import PorterState, cluster_key, job_key
-from cloudhpc.store import Principal
+from cloudhpc.store import Principal, decode_cursor
 
 __all__ = ["router"]
 
@@ -30,6 +31,8 @@ router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
 MAX_WAIT_SECONDS = 60.0
 LOG_CHUNK = 1 << 20
+MAX_OFFSET = 2**63 - 1
+"""Byte offsets are SQL BIGINTs; past the output's end a read is simply empty."""
 
 
 def _state(request: Request) -> PorterState:
@@ -80,7 +83,21 @@ async def submit_job(
     return job
 
 
-@router.get("/jobs")
+class JobPage(BaseModel):
+    """A page of `GET /jobs`: summaries (no spec), and the cursor of the next page (null: the last)."""
+
+    jobs: list[JobSummary]
+    next_cursor: str | None
+
+
+def _valid_cursor(cursor: str | None) -> str | None:
+    """Checked with the query, so a bad cursor is a 422 naming `cursor` before the store is asked."""
+    if cursor is not None:
+        decode_cursor(cursor)
+    return cursor
+
+
+@router.get("/jobs", response_model=JobPage)
 async def list_jobs(
     request: Request,
     principal: UserPrincipal,
@@ -88,14 +105,16 @@ async def list_jobs(
     cluster: Annotated[str | None, Query(max_length=64)] = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=256)] = None,
-) -> dict[str, Any]:
+    cursor: Annotated[str | None, Query(max_length=256), AfterValidator(_valid_cursor)] = None,
+) -> Response:
+    """Your jobs (every job for an admin), newest first, as summaries: `GET /jobs/{id}` has the spec."""
     state = _state(request)
     owner = None if principal.role == "admin" else principal.user
     jobs, next_cursor = await state.store.list_jobs(
         owner=owner, state=state_filter, cluster=cluster, name=name, limit=limit, cursor=cursor
     )
-    return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs], "next_cursor": next_cursor}
+    page = JobPage(jobs=jobs, next_cursor=next_cursor)
+    return Response(page.model_dump_json(by_alias=True), media_type="application/json")
 
 
 @router.get("/jobs/{job_id}", response_model=Job)
@@ -132,12 +151,31 @@ async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -
     return job
 
 
-@router.get("/jobs/{job_id}/logs")
+_LOG_HEADERS = {
+    "X-Next-Offset": {"description": "where the next read continues", "schema": {"type": "integer"}},
+    "X-Complete": {
+        "description": "true once the job has ended and every byte has been delivered",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+}
+
+
+@router.get(
+    "/jobs/{job_id}/logs",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the output's bytes from `offset` (with `follow`, streamed until complete)",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "headers": _LOG_HEADERS,
+        }
+    },
+)
 async def job_logs(
     job_id: UUID,
     request: Request,
     principal: UserPrincipal,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     follow: bool = False,
     limit: Annotated[int, Query(ge=1, le=LOG_CHUNK)] = LOG_CHUNK,
 ) -> Response:
