@@ -344,6 +344,12 @@ class PorterConfig(_Section):
         default=[],
         description="clusters whose agent uses the S3 mailbox (submitter.channel: s3); porter relays for them",
     )
+    mailbox_key_dir: Path | None = Field(
+        default=None,
+        description="directory with the mailbox key of each of mailbox_clusters, as `<cluster>.key` (a "
+        "Kubernetes Secret mounted as a volume); each file is the agent's submitter.mailbox_key_file. "
+        "Required with mailbox_clusters; never put it in the bucket",
+    )
     artifact_retention_days: float | None = Field(
         default=30.0,
         gt=0,
@@ -397,6 +403,12 @@ class SubmitterConfig(_Section):
         default=None,
         description="s3://BUCKET/PREFIX of the mailbox porter relays (channel `s3`); the same URL as "
         "porter.mailbox",
+    )
+    mailbox_key_file: Path | None = Field(
+        default=None,
+        description="file with the key that signs the mailbox's objects and encrypts job env values "
+        "(base64, at least 32 random bytes: `openssl rand -base64 32`), beside the HPC key; porter has "
+        "the same file as porter.mailbox_key_dir/<cluster>.key. Required with channel `s3`",
     )
     object_store: str | None = Field(
         default=None,

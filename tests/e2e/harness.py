@@ -6,9 +6,11 @@ Processes, not threads, so that `kill -9` at any moment is a real crash: nothing
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -90,6 +92,15 @@ class Deployment:
             config["porter"]["mailbox"] = self.mailbox
             config["porter"]["mailbox_clusters"] = ["testbed"]
             config["porter"]["s3_endpoint_url"] = self.testbed.s3_endpoint
+            # One key, two places: porter's directory (a mounted Secret) and beside the HPC key.
+            keys = self.root / "mailbox-keys"
+            keys.mkdir(mode=0o700, exist_ok=True)
+            key_file = keys / "testbed.key"
+            if not key_file.exists():
+                key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+                key_file.chmod(0o600)
+            config["porter"]["mailbox_key_dir"] = str(keys)
+            config["submitter"]["mailbox_key_file"] = str(key_file)
         self.config.write_text(yaml.safe_dump(config))
         store = Store(self.database)
         try:

@@ -23,6 +23,7 @@ from cloudhpc.porter.mailbox import MailboxRelay
 from cloudhpc.porter.retention import artifact_retention, sweep_artifacts
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key, delete_job_artifacts, job_prefix
+from cloudhpc.storage.mailbox_seal import MailboxKey
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.s3_channel import S3Channel
@@ -234,8 +235,9 @@ async def test_keys_reported_through_the_s3_mailbox(store: Store, s3_objects: S3
     the job's prefix and refuses the rest."""
     mailbox = s3_objects
     job, _ = store.create_job("alice", JobSpec(name="edge", cluster="edge", script="echo hi"))
-    relay = MailboxRelay(store, mailbox, ["edge"], ack_interval=0)
-    channel = S3Channel(mailbox, "edge", heartbeat_interval=3600)
+    key = MailboxKey.generate()
+    relay = MailboxRelay(store, mailbox, {"edge": key}, ack_interval=0)
+    channel = S3Channel(mailbox, "edge", key=key, heartbeat_interval=3600)
     await relay.tick()
     mine = artifact_key("alice", job.id, "job.sh")
     await channel.put_artifacts(job.id, [mine, f"jobs/bob/{job.id}/job.sh"])

@@ -4,11 +4,17 @@ SeaweedFS S3 server, with a real job store on SQLite and on PostgreSQL.
 Each test has its own `test-<uuid>/` prefix in the testbed bucket, deleted afterwards. Most tests
 drive the relay one pass at a time (`relay.tick()`) so that what is applied when is exact; the
 round trip and wiring tests run it in the background as porter does.
+
+The attack tests play someone who can write the mailbox prefix but holds no mailbox key: what they
+write, alter, replay or move is refused and counted, and the agent's backend never sees a job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cloudhpc.config import (
     AccessConfig,
@@ -27,18 +34,35 @@ from cloudhpc.config import (
     Settings,
     SubmitterConfig,
 )
-from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.jobs import Job, JobKind, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import ChannelError, ConfigError
+from cloudhpc.hpc.backend import JobSubmission
 from cloudhpc.hpc.local import LocalBackend
+from cloudhpc.metrics.agent import AgentMetrics
+from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter.app import create_app
 from cloudhpc.porter.mailbox import MailboxRelay, mailbox_relay
 from cloudhpc.porter.state import Notifier, cluster_key
-from cloudhpc.storage.mailbox import KeyClock, Snapshot, down_prefix, key_time_ns, up_key, up_prefix
+from cloudhpc.storage.mailbox import (
+    KeyClock,
+    MailboxCodec,
+    OutputMessage,
+    ReportMessage,
+    Snapshot,
+    UpBatch,
+    down_key,
+    down_prefix,
+    key_time_ns,
+    up_key,
+    up_prefix,
+)
+from cloudhpc.storage.mailbox_seal import REASONS, MailboxKey
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.agent import Agent
-from cloudhpc.submitter.s3_channel import S3Channel, open_mailbox_channels
+from cloudhpc.submitter.s3_channel import S3Channel, count_refusals, open_mailbox_channels
 
 if TYPE_CHECKING:
     from tests.testbed import Testbed
@@ -53,13 +77,26 @@ def objects(s3_objects: S3ObjectStore) -> S3ObjectStore:
 
 
 @pytest.fixture
-def relay(store: Store, objects: S3ObjectStore) -> MailboxRelay:
-    return MailboxRelay(store, objects, [CLUSTER], ack_interval=0)
+def key() -> MailboxKey:
+    """The mailbox key porter and the agent of `edge` share."""
+    return MailboxKey.generate()
 
 
 @pytest.fixture
-def channel(objects: S3ObjectStore) -> S3Channel:
-    return S3Channel(objects, CLUSTER, agent_name="edge-agent", heartbeat_interval=3600, poll_interval=0.05)
+def codec(key: MailboxKey) -> MailboxCodec:
+    return MailboxCodec(CLUSTER, key)
+
+
+@pytest.fixture
+def relay(store: Store, objects: S3ObjectStore, key: MailboxKey) -> MailboxRelay:
+    return MailboxRelay(store, objects, {CLUSTER: key}, ack_interval=0)
+
+
+@pytest.fixture
+def channel(objects: S3ObjectStore, key: MailboxKey) -> S3Channel:
+    return S3Channel(
+        objects, CLUSTER, key=key, agent_name="edge-agent", heartbeat_interval=3600, poll_interval=0.05
+    )
 
 
 def submit(store: Store, cluster: str = CLUSTER, name: str = "job") -> Job:
@@ -76,9 +113,9 @@ def path_of(store: Store, job: Job) -> list[tuple[str | None, str]]:
     return [(t.from_state, t.to_state) for t in store.transitions(job.id)]
 
 
-def latest_snapshot(objects: S3ObjectStore) -> Snapshot:
+def latest_snapshot(objects: S3ObjectStore, codec: MailboxCodec) -> Snapshot:
     keys = objects.list(down_prefix(CLUSTER))
-    return Snapshot.model_validate_json(objects.get(keys[-1]))
+    return codec.load_snapshot(keys[-1], objects.get(keys[-1]))
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -99,7 +136,11 @@ async def running_relay(relay: MailboxRelay) -> AsyncIterator[MailboxRelay]:
 
 
 async def test_round_trip_through_s3(
-    store: Store, channel: S3Channel, running_relay: MailboxRelay, objects: S3ObjectStore
+    store: Store,
+    channel: S3Channel,
+    running_relay: MailboxRelay,
+    objects: S3ObjectStore,
+    codec: MailboxCodec,
 ) -> None:
     changed: list[uuid.UUID] = []
     running_relay.on_change = changed.append
@@ -134,14 +175,16 @@ async def test_round_trip_through_s3(
     assert store.read_output(job.id, 0, 100) == b"hello\n"
     await wait_until(lambda: job.id in changed)  # porter's waiters are woken after each pass
     # The finished job leaves the snapshot, and the agent's messages are deleted once acked.
-    await wait_until(lambda: latest_snapshot(objects).jobs == [])
+    await wait_until(lambda: latest_snapshot(objects, codec).jobs == [])
     assert (await channel.reconciliation(CLUSTER)).jobs == []
     assert objects.list(up_prefix(CLUSTER)) == []
     assert len(objects.list(down_prefix(CLUSTER))) <= 3
+    assert running_relay.refused == {}
+    assert channel.refused == {}
 
 
 async def test_reports_apply_in_seq_order_and_replays_change_nothing(
-    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore
+    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore, codec: MailboxCodec
 ) -> None:
     job = submit(store)
     await relay.tick()
@@ -162,14 +205,16 @@ async def test_reports_apply_in_seq_order_and_replays_change_nothing(
     stale_before = store.report_counts().get("stale", 0)
     assert stale_before == 1
 
-    # Replay every message under new, later keys (a confused agent, a restored backup...).
+    # Every message again under new, later keys, sealed with the key (a confused agent, a restored
+    # backup...): authentic, and still nothing changes.
     clock = KeyClock()
     originals = objects.list(up_prefix(CLUSTER))
     assert len(originals) == 7  # the six above, after the heartbeat of the first claim
     for key in originals:
         clock.observe(key_time_ns(key))
     for key in originals:
-        objects.put(up_key(CLUSTER, clock.next()), objects.get(key))
+        again = up_key(CLUSTER, clock.next())
+        objects.put(again, codec.dump_batch(again, codec.load_batch(key, objects.get(key))))
     applied_before = relay.applied[CLUSTER]
     await relay.tick()
     assert relay.applied[CLUSTER] == applied_before + 7
@@ -179,7 +224,7 @@ async def test_reports_apply_in_seq_order_and_replays_change_nothing(
 
 
 async def test_porter_restart_resumes_from_its_cursor(
-    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore
+    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore, key: MailboxKey
 ) -> None:
     job = submit(store)
     await relay.tick()
@@ -193,14 +238,14 @@ async def test_porter_restart_resumes_from_its_cursor(
     first_snapshots = objects.list(down_prefix(CLUSTER))
     counts = store.report_counts()
 
-    restarted = MailboxRelay(store, objects, [CLUSTER], ack_interval=0)
+    restarted = MailboxRelay(store, objects, {CLUSTER: key}, ack_interval=0)
     await restarted.tick()
     assert restarted.applied[CLUSTER] == 0, "a restarted relay must not re-read what was applied"
     assert store.report_counts() == counts
     # Its snapshots sort after the old ones, and still offer the job the old relay had claimed.
     newest = objects.list(down_prefix(CLUSTER))[-1]
     assert newest > first_snapshots[-1]
-    assert {j.id for j in latest_snapshot(objects).jobs} == {job.id, waiting.id}
+    assert {j.id for j in latest_snapshot(objects, channel.codec).jobs} == {job.id, waiting.id}
     assert [j.id for j in await channel.claim_work(CLUSTER, wait=0)] == [waiting.id]
 
     await channel.report([report(job, 3, JobState.RUNNING)])
@@ -221,7 +266,7 @@ async def test_agent_deletes_only_acknowledged_messages(
         await channel.upload_output(job.id, seq - 1, b"x")
     assert len(objects.list(up_prefix(CLUSTER))) == 4  # with the first claim's heartbeat
     await relay.tick()
-    ack = latest_snapshot(objects).ack
+    ack = latest_snapshot(objects, channel.codec).ack
     assert ack is not None
     await channel.report([report(job, 1, JobState.PREPARING)])  # after porter's pass: not acked yet
     await channel.reconciliation(CLUSTER)  # the agent reads the snapshot and cleans up
@@ -270,6 +315,7 @@ async def test_messages_about_other_clusters_and_garbage_are_skipped(
     objects.put(f"{up_prefix(CLUSTER)}README.txt", b"not a message key")
     await channel.report([report(mine, 2, JobState.QUEUED, slurm_job_id="5")])
     await relay.tick()
+    assert relay.refused == {(CLUSTER, "unsigned"): 3}
     other = store.get_job(foreign.id)
     assert other is not None
     assert other.state == JobState.PENDING
@@ -279,8 +325,10 @@ async def test_messages_about_other_clusters_and_garbage_are_skipped(
     assert current.state == JobState.QUEUED  # the mailbox kept going past the bad objects
 
 
-async def test_heartbeats_and_accounting(store: Store, relay: MailboxRelay, objects: S3ObjectStore) -> None:
-    channel = S3Channel(objects, CLUSTER, agent_name="edge-agent", heartbeat_interval=0)
+async def test_heartbeats_and_accounting(
+    store: Store, relay: MailboxRelay, objects: S3ObjectStore, key: MailboxKey
+) -> None:
+    channel = S3Channel(objects, CLUSTER, key=key, agent_name="edge-agent", heartbeat_interval=0)
     job = submit(store)
     await relay.tick()
     await channel.claim_work(CLUSTER, wait=0)  # writes a heartbeat
@@ -295,7 +343,14 @@ async def test_heartbeats_and_accounting(store: Store, relay: MailboxRelay, obje
 
 
 def mailbox_settings(testbed: Testbed, objects: S3ObjectStore, tmp_path: Path) -> Settings:
+    """porter and the agent of `edge` as they are deployed: the key in `<dir>/edge.key` on porter's
+    side (a mounted Secret), the same file beside the HPC key on the agent's."""
     url = f"s3://{objects.bucket}/{objects.prefix}"
+    keys = tmp_path / "mailbox-keys"
+    keys.mkdir(exist_ok=True)
+    key_file = keys / f"{CLUSTER}.key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
     return Settings(
         porter=PorterConfig(
             database=f"sqlite:///{tmp_path / 'state.db'}",
@@ -303,9 +358,12 @@ def mailbox_settings(testbed: Testbed, objects: S3ObjectStore, tmp_path: Path) -
             mailbox=url,
             s3_endpoint_url=testbed.s3_endpoint,
             mailbox_clusters=[CLUSTER],
+            mailbox_key_dir=keys,
             access=AccessConfig(clusters={CLUSTER: ClusterAccess(users=["alice"])}),
         ),
-        submitter=SubmitterConfig(channel="s3", mailbox=url, s3_endpoint_url=testbed.s3_endpoint),
+        submitter=SubmitterConfig(
+            channel="s3", mailbox=url, s3_endpoint_url=testbed.s3_endpoint, mailbox_key_file=key_file
+        ),
         clusters={CLUSTER: ClusterConfig(backend="local", workdir=str(tmp_path / "work"))},
     )
 
@@ -349,12 +407,15 @@ async def test_porter_app_runs_the_relay(
 
 @pytest.mark.usefixtures("aws_env")
 async def test_a_submission_wakes_the_relay(
-    testbed: Testbed, store: Store, objects: S3ObjectStore, channel: S3Channel, tmp_path: Path
+    testbed: Testbed, store: Store, objects: S3ObjectStore, tmp_path: Path
 ) -> None:
     """porter's job routes notify the cluster on submit; the relay then runs at once, so dispatch
     does not wait for the relay's interval (30 s here)."""
     notifier = Notifier()
     settings = mailbox_settings(testbed, objects, tmp_path)
+    assert settings.submitter.mailbox_key_file is not None
+    key = MailboxKey.from_file(settings.submitter.mailbox_key_file, setting="submitter.mailbox_key_file")
+    channel = S3Channel(objects, CLUSTER, key=key, heartbeat_interval=3600, poll_interval=0.05)
     async with mailbox_relay(settings, store, notifier, interval=30) as relay:
         assert relay is not None
         await wait_until(lambda: objects.list(down_prefix(CLUSTER)) != [])
@@ -368,12 +429,12 @@ async def test_a_submission_wakes_the_relay(
 
 
 async def test_the_agent_runs_a_job_through_the_mailbox(
-    store: Store, objects: S3ObjectStore, running_relay: MailboxRelay, tmp_path: Path
+    store: Store, objects: S3ObjectStore, running_relay: MailboxRelay, tmp_path: Path, key: MailboxKey
 ) -> None:
     """The real agent with the local backend, talking to porter only through the bucket."""
     cluster = ClusterConfig(backend="local", workdir=str(tmp_path / "work"))
     backend = LocalBackend(CLUSTER, workdir=tmp_path / "work")
-    channel = S3Channel(objects, CLUSTER, agent_name="edge-agent", poll_interval=0.05)
+    channel = S3Channel(objects, CLUSTER, key=key, agent_name="edge-agent", poll_interval=0.05)
     agent = Agent(
         CLUSTER, cluster, backend, channel, workdir=backend.workdir, work_wait=1.0, output_interval=0.3
     )
@@ -397,3 +458,245 @@ async def test_the_agent_runs_a_job_through_the_mailbox(
         ["pending", "preparing", "queued", "running", "completed"],
         ["pending", "preparing", "queued", "completed"],
     )
+
+
+# ---- someone who can write the prefix, without the mailbox key --------------------------------
+
+
+class RecordingBackend(LocalBackend):
+    """The local backend, remembering every job handed to it: what "SLURM saw"."""
+
+    def __init__(self, cluster: str, *, workdir: Path) -> None:
+        super().__init__(cluster, workdir=workdir)
+        self.submitted: list[uuid.UUID] = []
+
+    async def submit(self, submission: JobSubmission) -> str:
+        self.submitted.append(submission.job_id)
+        return await super().submit(submission)
+
+
+def forged_job(script: str = "echo pwned", cluster: str = CLUSTER) -> Job:
+    """A pending job porter never made, as an attacker would put it in a snapshot."""
+    spec = JobSpec(name="forged", cluster=cluster, script=script, env={"STOLEN": "x"})
+    return Job(
+        id=uuid.uuid4(),
+        name="forged",
+        owner="mallory",
+        cluster=cluster,
+        kind=JobKind.BATCH,
+        state=JobState.PENDING,
+        created_at=datetime.now(UTC),
+        spec=spec,
+    )
+
+
+def next_down_key(objects: S3ObjectStore) -> str:
+    """A key that sorts after every snapshot in the mailbox (the attacker's clock is as good as porter's)."""
+    clock = KeyClock()
+    for existing in objects.list(down_prefix(CLUSTER)):
+        clock.observe(key_time_ns(existing))
+    return down_key(CLUSTER, clock.next())
+
+
+def with_job(sealed: bytes, job: Job) -> bytes:
+    """A sealed snapshot with `job` added to its body and its signature line kept."""
+    header, _, body = sealed.partition(b"\n")
+    doc = json.loads(body)
+    doc["jobs"].append(job.model_dump(mode="json", by_alias=True))
+    return header + b"\n" + json.dumps(doc).encode()
+
+
+def refusals(text: str, metric: str) -> dict[str, float]:
+    """{reason: count} of `edge` in a /metrics text."""
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == metric.removesuffix("_total")]
+    return {s.labels["reason"]: s.value for s in family.samples if s.labels["cluster"] == CLUSTER}
+
+
+async def test_env_values_are_not_readable_in_the_bucket(
+    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore
+) -> None:
+    secret = f"sk-{uuid.uuid4().hex}"
+    job, _ = store.create_job(
+        "alice", JobSpec(name="keyed", cluster=CLUSTER, script="echo hi", env={"API_TOKEN": secret})
+    )
+    await relay.tick()
+    work = await channel.claim_work(CLUSTER, wait=0)
+    assert [(j.id, j.spec.env) for j in work] == [(job.id, {"API_TOKEN": secret})]
+    await relay.tick()
+    stored = objects.list("")
+    assert any(k.startswith(down_prefix(CLUSTER)) for k in stored)
+    for key in stored:
+        raw = objects.get(key)
+        assert secret.encode() not in raw, key
+        assert base64.b64encode(secret.encode()) not in raw, key
+    snapshot_key = objects.list(down_prefix(CLUSTER))[-1]
+    assert b'"API_TOKEN"' in objects.get(snapshot_key)  # the name stays readable, the value does not
+
+
+async def test_forged_altered_replayed_and_moved_snapshots_run_nothing(
+    store: Store, relay: MailboxRelay, objects: S3ObjectStore, key: MailboxKey, tmp_path: Path
+) -> None:
+    """The agent, with a real backend, against four kinds of planted snapshot, each offering a job:
+    none reaches the backend, each is refused once and counted in the agent's /metrics."""
+    cancelled = submit(store, name="cancelled-later")
+    await relay.tick()
+    first = objects.list(down_prefix(CLUSTER))[-1]
+    first_bytes = objects.get(first)  # the attacker keeps a genuine snapshot offering `cancelled`
+    store.request_cancel(cancelled.id, "alice")
+    await relay.tick()
+    objects.delete(first)
+
+    metrics = AgentMetrics()
+    backend = RecordingBackend(CLUSTER, workdir=tmp_path / "work")
+    channel = S3Channel(objects, CLUSTER, key=key, agent_name="edge-agent", poll_interval=0.05)
+    count_refusals({CLUSTER: channel}, metrics)
+    cluster = ClusterConfig(backend="local", workdir=str(tmp_path / "work"))
+    agent = Agent(CLUSTER, cluster, backend, channel, workdir=backend.workdir, work_wait=0.2)
+    await agent.start()
+    try:
+        for _ in range(100):  # porter's passes until the agent's cancel report is in
+            await relay.tick()
+            if (j := store.get_job(cancelled.id)) is not None and j.state.terminal:
+                break
+            await asyncio.sleep(0.1)
+        genuine = objects.list(down_prefix(CLUSTER))[-1]
+        unsigned, altered, replayed, moved = (forged_job() for _ in range(4))
+        # 1. the protocol before signatures: plain JSON
+        plain = Snapshot(cluster=CLUSTER, published_at=datetime.now(UTC), jobs=[unsigned])
+        objects.put(next_down_key(objects), plain.model_dump_json(by_alias=True).encode())
+        # 2. porter's newest snapshot with one more job, its signature line kept
+        objects.put(next_down_key(objects), with_job(objects.get(genuine), altered))
+        # 3. the genuine old snapshot back, under a newer key: it offers the job cancelled since
+        objects.put(next_down_key(objects), first_bytes)
+        # 4. a snapshot signed for another cluster's mailbox (the same key: one agent, two clusters)
+        other = MailboxCodec("other", key)
+        other_key = down_key("other", time.time_ns())
+        other_bytes = other.dump_snapshot(
+            other_key,
+            Snapshot(cluster=CLUSTER, published_at=datetime.now(UTC), jobs=[moved]),
+        )
+        objects.put(next_down_key(objects), other_bytes)
+        await wait_until(lambda: sum(channel.refused.values()) == 4)
+        await asyncio.sleep(1.0)  # the agent's work loop had every chance to act
+    finally:
+        await agent.stop()
+        await backend.close()
+    assert backend.submitted == []
+    for job in (unsigned, altered, replayed, moved, cancelled):
+        assert await backend.find(job.id) is None
+    final = store.get_job(cancelled.id)
+    assert final is not None
+    assert final.state == JobState.CANCELLED
+    assert channel.refused == {"unsigned": 1, "bad_signature": 3}
+    text = metrics.render().decode()
+    assert refusals(text, "cloudhpc_mailbox_refused_snapshots_total") == {
+        "unsigned": 1,
+        "bad_signature": 3,
+        "stale": 0,
+    }
+
+
+async def test_an_old_snapshot_put_back_at_its_own_key_is_stale(
+    store: Store, relay: MailboxRelay, objects: S3ObjectStore, key: MailboxKey
+) -> None:
+    """The one replay a signature cannot refuse: a genuine snapshot at its genuine key, after the
+    newer ones were deleted. A restarted agent refuses it for its age instead."""
+    job = submit(store)
+    await relay.tick()
+    (old,) = objects.list(down_prefix(CLUSTER))
+    saved = objects.get(old)
+    store.request_cancel(job.id, "alice")
+    await relay.tick()
+    await asyncio.sleep(1.2)
+    for existing in objects.list(down_prefix(CLUSTER)):
+        objects.delete(existing)
+    objects.put(old, saved)
+    restarted = S3Channel(objects, CLUSTER, key=key, heartbeat_interval=3600, max_age=1.0)
+    assert await restarted.claim_work(CLUSTER, wait=0) == []
+    with pytest.raises(ChannelError, match="no snapshot"):
+        await restarted.reconciliation(CLUSTER)
+    assert restarted.refused == {"stale": 1}
+    # The same snapshot while fresh is acted on: the age is what refused it.
+    fresh = S3Channel(objects, CLUSTER, key=key, heartbeat_interval=3600, max_age=60)
+    assert [j.id for j in await fresh.claim_work(CLUSTER, wait=0)] == [job.id]
+
+
+async def test_forged_altered_and_moved_messages_change_nothing(
+    store: Store, relay: MailboxRelay, channel: S3Channel, objects: S3ObjectStore, key: MailboxKey
+) -> None:
+    """porter's side: planted up objects are not applied, are counted in porter's /metrics, and a
+    planted key that sorts after the agent's does not hide the agent's later messages."""
+    metrics = PorterMetrics(store, clusters=[CLUSTER])
+    relay.on_refused = metrics.mailbox_refusals([CLUSTER], REASONS)
+    job = submit(store)
+    await relay.tick()
+    await channel.claim_work(CLUSTER, wait=0)
+    await channel.report([report(job, 1, JobState.QUEUED, slurm_job_id="21")])
+    await relay.tick()
+    genuine = objects.list(up_prefix(CLUSTER))[-1]
+    sealed = objects.get(genuine)
+
+    clock = KeyClock()
+    clock.observe(key_time_ns(genuine))
+    forged = UpBatch(
+        agent="edge-agent",
+        messages=[
+            ReportMessage(report=report(job, 50, JobState.COMPLETED, exit_code=0)),
+            OutputMessage.of(job.id, 0, b"forged output"),
+        ],
+    )
+    objects.put(up_key(CLUSTER, clock.next()), forged.model_dump_json().encode())  # unsigned
+    header, _, body = sealed.partition(b"\n")
+    altered = body.replace(b'"seq":1', b'"seq":60').replace(b'"queued"', b'"failed"')
+    assert altered != body
+    objects.put(up_key(CLUSTER, clock.next()), header + b"\n" + altered)  # altered in place of a copy
+    objects.put(up_key(CLUSTER, clock.next()), sealed)  # a genuine message moved to a newer key
+    other = MailboxCodec("other", key)  # signed for another cluster's mailbox with the same key
+    other_key = up_key("other", clock.next())
+    objects.put(up_key(CLUSTER, clock.next()), other.dump_batch(other_key, forged))
+    planted = f"{up_prefix(CLUSTER)}{'9' * 20}-00000000.json"
+    objects.put(planted, forged.model_dump_json().encode())
+    objects.put(f"{down_prefix(CLUSTER)}{'9' * 20}.json", b"{}")  # would push porter's snapshots out
+    await relay.tick()
+    await channel.report([report(job, 2, JobState.RUNNING)])  # the agent, after all of that
+    await relay.tick()
+    await relay.tick()  # a second pass reads nothing again (each refused object is counted once)
+
+    current = store.get_job(job.id)
+    assert current is not None
+    assert (current.state, current.exit_code) == (JobState.RUNNING, None)
+    assert store.read_output(job.id, 0, 100) == b""
+    assert relay.refused == {(CLUSTER, "unsigned"): 2, (CLUSTER, "bad_signature"): 3}
+    assert refusals(metrics.render().decode(), "cloudhpc_mailbox_refused_objects_total") == {
+        "unsigned": 2,
+        "bad_signature": 3,
+        "stale": 0,
+    }
+    assert planted in objects.list(up_prefix(CLUSTER))  # left as evidence, never applied
+    # The planted snapshot key is gone, and the agent reads porter's newest.
+    assert all(k < f"{down_prefix(CLUSTER)}{'9' * 20}.json" for k in objects.list(down_prefix(CLUSTER)))
+    assert [j.state for j in (await channel.reconciliation(CLUSTER)).jobs] == [JobState.RUNNING]
+
+
+@pytest.mark.usefixtures("aws_env")
+async def test_a_missing_key_stops_both_sides_at_startup(
+    testbed: Testbed, store: Store, objects: S3ObjectStore, tmp_path: Path
+) -> None:
+    settings = mailbox_settings(testbed, objects, tmp_path)
+    unset_agent = settings.model_copy(
+        update={"submitter": settings.submitter.model_copy(update={"mailbox_key_file": None})}
+    )
+    with pytest.raises(ConfigError, match=r"submitter\.mailbox_key_file: not set.*openssl rand"):
+        open_mailbox_channels(unset_agent)
+    unset_porter = settings.model_copy(
+        update={"porter": settings.porter.model_copy(update={"mailbox_key_dir": None})}
+    )
+    with pytest.raises(ConfigError, match=r"porter\.mailbox_key_dir: not set"):
+        create_app(unset_porter, store=store)
+    empty = tmp_path / "empty-keys"
+    empty.mkdir()
+    elsewhere = settings.model_copy(
+        update={"porter": settings.porter.model_copy(update={"mailbox_key_dir": empty})}
+    )
+    with pytest.raises(ConfigError, match=r"porter\.mailbox_key_dir: .*edge\.key does not exist"):
+        create_app(elsewhere, store=store)

@@ -62,6 +62,10 @@ ALLOWED_ELSEWHERE = {
         "the client, which works without porter installed, and is a CloudHPCError so one except "
         "clause catches everything"
     ),
+    "cloudhpc.storage.mailbox_seal.Refused": (
+        "a verdict on one S3 mailbox object (skip it, log and count it), raised and caught inside the "
+        "mailbox modules; it never reaches a caller, porter's error table or a user"
+    ),
 }
 """Exception classes defined outside `cloudhpc.exceptions`, each with the reason it may be."""
 

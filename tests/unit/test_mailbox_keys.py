@@ -6,6 +6,7 @@ under test is the cursor and hand-out bookkeeping, which is the same over both b
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import UTC, datetime
@@ -18,12 +19,13 @@ from pydantic import ValidationError
 from cloudhpc.domain.jobs import Job, JobKind, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import ChannelError
+from cloudhpc.exceptions import ChannelError, ConfigError
 from cloudhpc.storage import LocalObjectStore
 from cloudhpc.storage.mailbox import (
     TIME_DIGITS,
     HeartbeatMessage,
     KeyClock,
+    MailboxCodec,
     OutputMessage,
     PorterCursor,
     ReportMessage,
@@ -36,7 +38,11 @@ from cloudhpc.storage.mailbox import (
     up_key,
     up_prefix,
 )
+from cloudhpc.storage.mailbox_seal import MailboxKey, Refused
 from cloudhpc.submitter.s3_channel import S3Channel
+
+KEY = MailboxKey.generate()
+CODEC = MailboxCodec("c1", KEY)
 
 
 def make_job(state: JobState = JobState.PENDING, *, cancel: bool = False, cluster: str = "c1") -> Job:
@@ -192,14 +198,92 @@ def test_snapshot_round_trips_jobs() -> None:
     assert PorterCursor.model_validate_json(PorterCursor().model_dump_json()) == PorterCursor()
 
 
+# ---- sealing ----------------------------------------------------------------------------------
+
+
+def test_a_sealed_object_opens_only_at_its_key_with_its_key() -> None:
+    key = up_key("c1", 5, "00000000")
+    sealed = KEY.seal(key, b'{"a": 1}')
+    assert sealed.startswith(b"cloudhpc-mailbox/1 hmac-sha256=")
+    assert KEY.open(key, sealed) == b'{"a": 1}'
+    cases = {
+        "unsigned": [(key, b'{"a": 1}'), (key, b""), (key, sealed.partition(b"\n")[2])],
+        "bad_signature": [
+            (key, sealed.replace(b'"a": 1', b'"a": 2')),  # altered
+            (up_key("c1", 6, "00000000"), sealed),  # moved to a later key
+            (up_key("c2", 5, "00000000"), sealed),  # moved to another cluster's mailbox
+        ],
+    }
+    for reason, attempts in cases.items():
+        for where, data in attempts:
+            with pytest.raises(Refused) as caught:
+                KEY.open(where, data)
+            assert caught.value.reason == reason
+    with pytest.raises(Refused, match="signature does not match"):
+        MailboxKey.generate().open(key, sealed)
+
+
+def test_values_are_encrypted_for_their_place() -> None:
+    token = KEY.encrypt("s3cret", "c1/job/env/TOKEN")
+    assert "s3cret" not in token
+    assert token != KEY.encrypt("s3cret", "c1/job/env/TOKEN")  # a fresh nonce each time
+    assert KEY.decrypt(token, "c1/job/env/TOKEN", key="k") == "s3cret"
+    for context in ("c1/job/env/OTHER", "c2/job/env/TOKEN"):
+        with pytest.raises(Refused, match="does not open"):
+            KEY.decrypt(token, context, key="k")
+
+
+def test_a_snapshot_carries_env_values_encrypted() -> None:
+    job = make_job()
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"env": {"TOKEN": "s3cret-value"}})})
+    key = down_key("c1", 7)
+    snap = Snapshot(cluster="c1", published_at=datetime.now(UTC), jobs=[job], unaccounted=[job])
+    sealed = CODEC.dump_snapshot(key, snap)
+    assert b"s3cret-value" not in sealed
+    assert b'"TOKEN"' in sealed
+    assert CODEC.load_snapshot(key, sealed) == snap
+    # Another cluster's codec with the same key opens neither the object nor the values.
+    with pytest.raises(Refused):
+        MailboxCodec("c2", KEY).load_snapshot(key, sealed)
+
+
+def test_key_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.key"
+    good.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    key = MailboxKey.from_file(good, setting="submitter.mailbox_key_file")
+    assert repr(key) == f"MailboxKey(fingerprint={key.fingerprint})"
+    assert key.fingerprint == MailboxKey.from_file(good, setting="x").fingerprint
+    short = tmp_path / "short.key"
+    short.write_text(base64.b64encode(b"sixteen byte key").decode())
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not base64 at all!")
+    for path, message in (
+        (tmp_path / "missing.key", "does not exist"),
+        (short, "holds 16 bytes, at least 32"),
+        (garbage, "is not base64"),
+    ):
+        with pytest.raises(ConfigError, match=message) as caught:
+            MailboxKey.from_file(path, setting="submitter.mailbox_key_file")
+        text = str(caught.value)
+        assert text.startswith("submitter.mailbox_key_file: ")
+        assert "openssl rand -base64 32" in text
+        assert "sixteen" not in text
+        assert "base64 at all" not in text
+
+
 # ---- the agent's cursor ------------------------------------------------------------------------
 
 
 def publish(store: LocalObjectStore, ns: int, jobs: list[Job], ack: str | None = None) -> str:
-    key = down_key("c1", ns)
+    """A snapshot as porter seals it, stamped now + `ns` (later calls sort later)."""
+    key = down_key("c1", time.time_ns() + ns)
     snap = Snapshot(cluster="c1", published_at=datetime.now(UTC), jobs=jobs, ack=ack)
-    store.put(key, snap.model_dump_json(by_alias=True).encode())
+    store.put(key, CODEC.dump_snapshot(key, snap))
     return key
+
+
+def batch_at(store: LocalObjectStore, key: str) -> UpBatch:
+    return CODEC.load_batch(key, store.get(key))
 
 
 @pytest.fixture
@@ -208,7 +292,7 @@ def objects(tmp_path: Path) -> LocalObjectStore:
 
 
 async def test_channel_reads_only_the_newest_snapshot(objects: LocalObjectStore) -> None:
-    channel = S3Channel(objects, "c1", heartbeat_interval=3600)
+    channel = S3Channel(objects, "c1", key=KEY, heartbeat_interval=3600)
     with pytest.raises(ChannelError, match="no snapshot"):
         await channel.reconciliation("c1")
     old, new = make_job(), make_job()
@@ -222,7 +306,7 @@ async def test_channel_reads_only_the_newest_snapshot(objects: LocalObjectStore)
 
 
 async def test_pending_and_cancel_are_handed_out_once_per_lease(objects: LocalObjectStore) -> None:
-    channel = S3Channel(objects, "c1", heartbeat_interval=3600, lease_seconds=30)
+    channel = S3Channel(objects, "c1", key=KEY, heartbeat_interval=3600, lease_seconds=30)
     pending, running, cancel = make_job(), make_job(JobState.RUNNING), make_job(JobState.QUEUED, cancel=True)
     publish(objects, 10, [pending, running, cancel])
     first = await channel.claim_work("c1", wait=0)
@@ -235,7 +319,7 @@ async def test_pending_and_cancel_are_handed_out_once_per_lease(objects: LocalOb
 
 
 async def test_hand_out_again_after_the_lease(objects: LocalObjectStore) -> None:
-    channel = S3Channel(objects, "c1", heartbeat_interval=3600, lease_seconds=0.2)
+    channel = S3Channel(objects, "c1", key=KEY, heartbeat_interval=3600, lease_seconds=0.2)
     job = make_job()
     publish(objects, 10, [job])
     assert [j.id for j in await channel.claim_work("c1", wait=0)] == [job.id]
@@ -245,7 +329,7 @@ async def test_hand_out_again_after_the_lease(objects: LocalObjectStore) -> None
 
 
 async def test_claim_waits_for_a_snapshot(objects: LocalObjectStore) -> None:
-    channel = S3Channel(objects, "c1", heartbeat_interval=3600, poll_interval=0.05)
+    channel = S3Channel(objects, "c1", key=KEY, heartbeat_interval=3600, poll_interval=0.05)
     started = time.monotonic()
     assert await channel.claim_work("c1", wait=0.3) == []
     assert 0.25 <= time.monotonic() - started < 1.0
@@ -256,7 +340,7 @@ async def test_up_keys_follow_the_ack_and_acked_ones_are_deleted(objects: LocalO
     ahead = time.time_ns() + 3_600 * 10**9
     acked = up_key("c1", ahead, "00000000")
     publish(objects, 10, [], ack=acked)
-    channel = S3Channel(objects, "c1", heartbeat_interval=3600)
+    channel = S3Channel(objects, "c1", key=KEY, heartbeat_interval=3600)
     job_id = uuid4()
     await channel.report([JobReport(job_id=job_id, seq=1, state=JobState.PREPARING)])
     size = await channel.upload_output(job_id, 0, b"hello")
@@ -264,7 +348,7 @@ async def test_up_keys_follow_the_ack_and_acked_ones_are_deleted(objects: LocalO
     keys = objects.list(up_prefix("c1"))
     assert len(keys) == 2
     assert all(k > acked for k in keys), "a new key behind porter's cursor would never be read"
-    first = UpBatch.model_validate_json(objects.get(keys[0]))
+    first = batch_at(objects, keys[0])
     assert isinstance(first.messages[0], ReportMessage)
     # Porter acknowledges the first one: the agent deletes it (and only it) on its next read.
     publish(objects, 11, [], ack=keys[0])
@@ -274,9 +358,9 @@ async def test_up_keys_follow_the_ack_and_acked_ones_are_deleted(objects: LocalO
 
 async def test_heartbeat_written_when_idle(objects: LocalObjectStore) -> None:
     publish(objects, 10, [])
-    channel = S3Channel(objects, "c1", agent_name="edge", heartbeat_interval=0.1, poll_interval=0.05)
+    channel = S3Channel(objects, "c1", key=KEY, agent_name="edge", heartbeat_interval=0.1, poll_interval=0.05)
     await channel.claim_work("c1", wait=0.35)
-    beats = [UpBatch.model_validate_json(objects.get(k)) for k in objects.list(up_prefix("c1"))]
+    beats = [batch_at(objects, k) for k in objects.list(up_prefix("c1"))]
     assert 2 <= len(beats) <= 5
     assert all(isinstance(b.messages[0], HeartbeatMessage) and b.agent == "edge" for b in beats)
 

@@ -7,7 +7,7 @@ repeats them, so a Prometheus scraping both ports counts every command once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cloudhpc.metrics.catalog import spec
+from cloudhpc.metrics.refusals import RefusalCounter
 
 __all__ = ["SLURM_COMMANDS", "AgentMetrics", "Reconnecting"]
 
@@ -69,6 +70,7 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.registry.register(_Reconnects(self))
+        self._refusals = RefusalCounter(self.registry, "cloudhpc_mailbox_refused_snapshots_total")
 
     def observe_command(self, cluster: str, command: str, outcome: str, seconds: float) -> None:
         if command not in SLURM_COMMANDS:
@@ -78,6 +80,10 @@ class AgentMetrics:
 
     def watch_connection(self, cluster: str, conn: Reconnecting) -> None:
         self.connections[cluster] = conn
+
+    def mailbox_refusals(self, clusters: Iterable[str], reasons: Iterable[str]) -> Callable[[str, str], None]:
+        """The `on_refused` of the S3 mailbox channels of `clusters` (call once per process)."""
+        return self._refusals.for_clusters(clusters, reasons)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -109,6 +109,14 @@ PORTER_METRICS: tuple[MetricSpec, ...] = (
         "porter API latency by route template, method and status",
         "porter",
     ),
+    MetricSpec(
+        "cloudhpc_mailbox_refused_objects_total",
+        "counter",
+        ("cluster", "reason"),
+        "Objects of a cluster's S3 mailbox that porter refused to act on (the agent's messages, its own "
+        "cursor): reason `unsigned` or `bad_signature` (altered, moved from another key, another key)",
+        "porter",
+    ),
 )
 
 AGENT_METRICS: tuple[MetricSpec, ...] = (
@@ -131,6 +139,15 @@ AGENT_METRICS: tuple[MetricSpec, ...] = (
         "counter",
         ("cluster",),
         "Times the agent's SSH connection to a cluster was lost and opened again",
+        "submitter",
+    ),
+    MetricSpec(
+        "cloudhpc_mailbox_refused_snapshots_total",
+        "counter",
+        ("cluster", "reason"),
+        "porter's snapshots in the S3 mailbox that the agent refused to act on: reason `unsigned`, "
+        "`bad_signature` (altered, moved from another key, another key) or `stale` (too old: a replay, "
+        "porter not publishing, or clocks apart)",
         "submitter",
     ),
 )

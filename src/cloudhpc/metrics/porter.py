@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from cloudhpc.domain.states import JobState
 from cloudhpc.metrics.catalog import JOB_LABELS, spec
 from cloudhpc.metrics.exposition import Family, label_set, render
+from cloudhpc.metrics.refusals import RefusalCounter
 from cloudhpc.store import AccountingFacts, JobFacts, Store
 
 __all__ = ["API_BUCKETS", "BridgeSource", "PorterMetrics", "job_values"]
@@ -117,9 +118,15 @@ class PorterMetrics:
             buckets=API_BUCKETS,
             registry=self.registry,
         )
+        self._refusals = RefusalCounter(self.registry, "cloudhpc_mailbox_refused_objects_total")
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self._latency.labels(route, method, str(status)).observe(seconds)
+
+    def mailbox_refusals(self, clusters: Iterable[str], reasons: Iterable[str]) -> Callable[[str, str], None]:
+        """The `on_refused` of the S3 mailbox relay of `clusters` (call once per app). Counted in
+        memory: the relay runs in one porter replica only."""
+        return self._refusals.for_clusters(clusters, reasons)
 
     def families(self) -> list[Family]:
         """Everything computed from the store, as of now."""

@@ -19,7 +19,7 @@ from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_clusters, routes_jobs
 from cloudhpc.porter.bridges import bridge_reconciler
 from cloudhpc.porter.errors import error_body, install_error_handlers
-from cloudhpc.porter.mailbox import mailbox_relay
+from cloudhpc.porter.mailbox import mailbox_relay, porter_mailbox_keys
 from cloudhpc.porter.retention import artifact_retention
 from cloudhpc.porter.state import PorterState
 from cloudhpc.storage import ObjectStore
@@ -68,13 +68,20 @@ def create_app(
     the_store = store or Store(settings.porter.database)
     db = AsyncStore(the_store)
     objects = object_store or open_porter_object_store(settings)
+    mailbox_keys = porter_mailbox_keys(settings)  # a ConfigError before anything starts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if own_store:
             await db.migrate()
         async with (
-            mailbox_relay(settings, the_store, app.state.porter.notifier),
+            mailbox_relay(
+                settings,
+                the_store,
+                app.state.porter.notifier,
+                keys=mailbox_keys,
+                metrics=metrics,
+            ),
             artifact_retention(settings, the_store, objects),
             bridge_reconciler(settings, the_store, app.state.porter.notifier),
         ):

@@ -11,8 +11,16 @@ For each mailbox cluster, every `interval` seconds, `MailboxRelay`:
    key as `ack` so the agent can delete what was read; older snapshots are deleted.
 
 Run one relay per mailbox cluster (one porter replica): the cursor key has one writer.
-The mailbox is as trustworthy as the bucket's credentials: whoever can write `up/` speaks for the
-cluster's agent. A report for a job of another cluster is refused, as the HTTP routes refuse it.
+
+Every object is sealed with the cluster's mailbox key (`porter.mailbox_key_dir/<cluster>.key`, the
+same key as the agent's `submitter.mailbox_key_file`): only the key's holders speak for the
+cluster, whatever the bucket's credentials allow. An up object that is unsigned, altered or moved
+from another key is refused: not applied, logged once, counted in
+`cloudhpc_mailbox_refused_objects_total`, and the cursor does not move past it (so a planted key
+that sorts after the agent's cannot hide them). A report for a job of another cluster is refused,
+as the HTTP routes refuse it. Replayed authentic messages change nothing: they can only be put
+back at their own keys, which the cursor has passed, and a re-read after a lost cursor meets the
+store's seq numbers and output offsets.
 """
 
 from __future__ import annotations
@@ -24,18 +32,17 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
 
-from pydantic import ValidationError
-
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import CloudHPCError, ObjectNotFound, UnknownJob
+from cloudhpc.exceptions import CloudHPCError, ConfigError, ObjectNotFound, UnknownJob
+from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter.state import Notifier, cluster_key, job_key
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.artifacts import foreign_keys
@@ -44,6 +51,7 @@ from cloudhpc.storage.mailbox import (
     ArtifactsMessage,
     HeartbeatMessage,
     KeyClock,
+    MailboxCodec,
     OutputMessage,
     PorterCursor,
     ReportMessage,
@@ -55,13 +63,21 @@ from cloudhpc.storage.mailbox import (
     key_time_ns,
     up_prefix,
 )
+from cloudhpc.storage.mailbox_seal import CONTENT_TYPE, KEYGEN_HINT, REASONS, MailboxKey, Reason, Refused
 from cloudhpc.store import Store
 
-__all__ = ["MailboxRelay", "mailbox_relay"]
+__all__ = ["MailboxRelay", "mailbox_relay", "porter_mailbox_keys"]
 
 # How often a relay re-reads the jobs whose accounting never arrived (they matter only to an agent
 # that restarts, and change only when a job ends or its accounting arrives).
 UNACCOUNTED_INTERVAL = 10.0
+
+REPUBLISH_INTERVAL = 60.0
+"""A snapshot is published at least this often, changed or not, so the agent can tell a fresh one
+from a replayed one by its age (`s3_channel.SNAPSHOT_MAX_AGE`)."""
+
+OnRefused = Callable[[str, Reason], None]
+"""Told (cluster, reason) for every refused object: the refusal metric."""
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +87,7 @@ class _Cluster:
     """What the relay knows about one cluster's mailbox between ticks."""
 
     name: str
+    codec: MailboxCodec
     loaded: bool = False
     cursor: str | None = None
     claims: set[UUID] = field(default_factory=set)
@@ -84,10 +101,13 @@ class _Cluster:
     owned: set[UUID] = field(default_factory=set)
     failing_since: float | None = None
     last_failure_log: float = 0.0
+    refused_keys: set[str] = field(default_factory=set)
+    """Up keys refused after the cursor: skipped without another read, log line or count."""
 
 
 class MailboxRelay:
-    """`MailboxRelay(store, object_store, ["mahti"])`; `await relay.run()` until `stop()`.
+    """`MailboxRelay(store, object_store, {"mahti": MailboxKey.from_file(...)})`; `await relay.run()`
+    until `stop()`.
 
     `tick()` does one pass over every cluster (tests drive it directly). Store and object-store
     calls block, so each cluster's pass runs in a worker thread and never stalls porter's loop.
@@ -97,7 +117,7 @@ class MailboxRelay:
         self,
         store: Store,
         object_store: ObjectStore,
-        clusters: Sequence[str],
+        keys: Mapping[str, MailboxKey],
         interval: float = 0.5,
         *,
         lease_seconds: float = 30.0,
@@ -105,7 +125,9 @@ class MailboxRelay:
         keep_snapshots: int = 3,
         heartbeat_max_age: float = 120.0,
         batch: int = 100,
+        republish_interval: float = REPUBLISH_INTERVAL,
         on_change: Callable[[UUID], None] | None = None,
+        on_refused: OnRefused | None = None,
     ) -> None:
         self.store = store
         self.object_store = object_store
@@ -115,16 +137,18 @@ class MailboxRelay:
         self.keep_snapshots = max(1, keep_snapshots)
         self.heartbeat_max_age = heartbeat_max_age
         self.batch = batch
+        self.republish_interval = republish_interval
         self.on_change = on_change
-        self._clusters = {name: _Cluster(name) for name in clusters}
-        for name in clusters:
-            up_prefix(name)  # validates the name before anything runs
+        self.on_refused = on_refused
+        self._clusters = {name: _Cluster(name, MailboxCodec(name, key)) for name, key in keys.items()}
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.applied: Counter[str] = Counter()
         """Up objects read past (applied, or skipped as unreadable), per cluster."""
         self.published: Counter[str] = Counter()
         """Snapshots published, per cluster."""
+        self.refused: Counter[tuple[str, Reason]] = Counter()
+        """Objects refused, per cluster and reason (the metric counts the same)."""
 
     def __repr__(self) -> str:
         return f"MailboxRelay({sorted(self._clusters)}, {self.object_store!r})"
@@ -202,19 +226,39 @@ class MailboxRelay:
         return changed
 
     def _load(self, state: _Cluster) -> None:
+        key = cursor_key(state.name)
         try:
-            saved = PorterCursor.model_validate_json(self.object_store.get(cursor_key(state.name)))
+            saved = state.codec.load_cursor(key, self.object_store.get(key))
         except ObjectNotFound:
             saved = PorterCursor()
-        except ValidationError as exc:
+        except Refused as exc:
+            self._refuse(state, key, exc)
+            saved = PorterCursor()  # re-reading is harmless (seq numbers, offsets): only slower
+        except ValueError as exc:
             log.error("mailbox %s: unreadable cursor ignored, re-reading the mailbox (%s)", state.name, exc)
             saved = PorterCursor()
         state.cursor, state.claims, state.saved = saved.cursor, set(saved.claims), saved
-        # Snapshot keys must keep increasing across restarts, whatever this machine's clock says.
-        for key in self._list_all(down_prefix(state.name)):
-            state.clock.observe(key_time_ns(key))
+        # Snapshot keys must keep increasing across restarts, whatever this machine's clock says:
+        # above the newest one this porter signed (not above a key anyone could plant).
+        for down in reversed(self._list_all(down_prefix(state.name))):
+            if key_time_ns(down) is not None and self._authentic_snapshot(state, down):
+                state.clock.observe(key_time_ns(down))
+                break
         state.loaded = True
         log.info("mailbox %s: resuming after %s", state.name, state.cursor or "(the beginning)")
+
+    def _authentic_snapshot(self, state: _Cluster, key: str) -> bool:
+        try:
+            state.codec.load_snapshot(key, self.object_store.get(key))
+        except (ObjectNotFound, Refused, ValueError):
+            return False
+        return True
+
+    def _refuse(self, state: _Cluster, key: str, exc: Refused) -> None:
+        log.warning("mailbox %s: refused, not acted on: %s", state.name, exc)
+        self.refused[(state.name, exc.reason)] += 1
+        if self.on_refused is not None:
+            self.on_refused(state.name, exc.reason)
 
     def _list_all(self, prefix: str, start_after: str | None = None) -> list[str]:
         keys: list[str] = []
@@ -228,36 +272,52 @@ class MailboxRelay:
     def _save_cursor(self, state: _Cluster) -> None:
         current = PorterCursor(cursor=state.cursor, claims=sorted(state.claims))
         if current != state.saved:
-            self.object_store.put(
-                cursor_key(state.name), current.model_dump_json().encode(), content_type="application/json"
-            )
+            key = cursor_key(state.name)
+            self.object_store.put(key, state.codec.dump_cursor(key, current), content_type=CONTENT_TYPE)
             state.saved = current
 
     # ---- (a) the agent's messages -------------------------------------------------------------
 
     def _read_up(self, state: _Cluster, changed: set[UUID]) -> None:
+        """Apply the objects after the cursor in key order. The cursor moves past authentic ones
+        only; the listing pages on its own, past refused ones."""
         prefix = up_prefix(state.name)
+        start = state.cursor
+        state.refused_keys = {k for k in state.refused_keys if state.cursor is None or k > state.cursor}
         while True:
-            keys = self.object_store.list(prefix, start_after=state.cursor, limit=self.batch)
+            keys = self.object_store.list(prefix, start_after=start, limit=self.batch)
             for key in keys:
-                self._apply_object(state, key, changed)
-                state.cursor = key
-                self.applied[state.name] += 1
+                if key in state.refused_keys:
+                    continue
+                if self._apply_object(state, key, changed):
+                    state.cursor = key
+                    self.applied[state.name] += 1
+                else:
+                    state.refused_keys.add(key)
             if len(keys) < self.batch:
                 return
+            start = keys[-1]
 
-    def _apply_object(self, state: _Cluster, key: str, changed: set[UUID]) -> None:
-        if key_time_ns(key) is None:
-            log.warning("mailbox %s: skipping %s, not a message key", state.name, key)
-            return
+    def _apply_object(self, state: _Cluster, key: str, changed: set[UUID]) -> bool:
+        """Apply one up object; False when it was refused (the cursor must not pass it)."""
         try:
-            batch = UpBatch.model_validate_json(self.object_store.get(key))
+            if key_time_ns(key) is None:
+                raise Refused("unsigned", f"{key} is not a message key")
+            batch = state.codec.load_batch(key, self.object_store.get(key))
         except ObjectNotFound:
-            return  # deleted by the agent: it was acked, so applied before
-        except ValidationError as exc:
-            # Skipped, not retried forever: one bad object must not block the mailbox.
+            return True  # deleted by the agent: it was acked, so applied before
+        except Refused as exc:
+            self._refuse(state, key, exc)
+            return False
+        except ValueError as exc:
+            # Signed but unreadable (a version skew): skipped, not retried forever, so that one
+            # bad object does not block the mailbox.
             log.error("mailbox %s: skipping malformed %s: %s", state.name, key, exc)
-            return
+            return True
+        self._apply_batch(state, key, batch, changed)
+        return True
+
+    def _apply_batch(self, state: _Cluster, key: str, batch: UpBatch, changed: set[UUID]) -> None:
         actor = self.agent_name(state.name)
         for message in batch.messages:
             if isinstance(message, HeartbeatMessage):
@@ -339,7 +399,8 @@ class MailboxRelay:
             state.unaccounted, state.unaccounted_read = self.store.unaccounted_jobs(state.name), now
         fingerprint = _fingerprint([*jobs, *state.unaccounted])
         ack_moved = state.cursor != state.published_ack and now - state.last_publish >= self.ack_interval
-        if fingerprint == state.fingerprint and not ack_moved:
+        due = now - state.last_publish >= self.republish_interval
+        if fingerprint == state.fingerprint and not ack_moved and not due:
             return
         snapshot = Snapshot(
             cluster=state.name,
@@ -350,17 +411,27 @@ class MailboxRelay:
             seq_floor=self.store.seq_floor(state.name),
         )
         key = down_key(state.name, state.clock.next())
-        self.object_store.put(
-            key, snapshot.model_dump_json(by_alias=True).encode(), content_type="application/json"
-        )
+        self.object_store.put(key, state.codec.dump_snapshot(key, snapshot), content_type=CONTENT_TYPE)
         state.fingerprint, state.published_ack, state.last_publish = fingerprint, state.cursor, now
         self.published[state.name] += 1
         log.debug("mailbox %s: published %s (%d jobs, ack %s)", state.name, key, len(jobs), state.cursor)
-        self._prune_snapshots(state)
+        self._prune_snapshots(state, key)
 
-    def _prune_snapshots(self, state: _Cluster) -> None:
-        keys = [k for k in self._list_all(down_prefix(state.name)) if key_time_ns(k) is not None]
-        for key in keys[: -self.keep_snapshots]:
+    def _prune_snapshots(self, state: _Cluster, newest: str) -> None:
+        """Keep the last few snapshots up to `newest`. A key after it is not one of this porter's
+        (its clock is past every key it wrote), so it goes too: planted there, it would otherwise
+        count as one of the last few and push porter's own snapshots out."""
+        keys = self._list_all(down_prefix(state.name))
+        foreign = [k for k in keys if k > newest]
+        if foreign:
+            log.warning(
+                "mailbox %s: deleting %d object(s) under down/ that porter did not write, such as %s",
+                state.name,
+                len(foreign),
+                foreign[0],
+            )
+        own = [k for k in keys if k <= newest and key_time_ns(k) is not None]
+        for key in [*own[: -self.keep_snapshots], *foreign]:
             self.object_store.delete(key)
 
 
@@ -369,21 +440,57 @@ def _fingerprint(jobs: list[Job]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def porter_mailbox_keys(settings: Settings) -> dict[str, MailboxKey]:
+    """The key of each of `porter.mailbox_clusters`, from `porter.mailbox_key_dir/<cluster>.key`;
+    a `ConfigError` naming the setting and the file when one is missing or unusable. Called when
+    the app is built, so that porter does not start without them."""
+    clusters = settings.porter.mailbox_clusters
+    directory = settings.porter.mailbox_key_dir
+    if not clusters:
+        return {}
+    if directory is None:
+        raise ConfigError(
+            f"porter.mailbox_key_dir: not set, and porter.mailbox_clusters ({', '.join(clusters)}) need "
+            f"a key each, in <dir>/<cluster>.key, the file the cluster's agent has as "
+            f"submitter.mailbox_key_file; {KEYGEN_HINT}"
+        )
+    keys = {
+        name: MailboxKey.from_file(directory / f"{name}.key", setting="porter.mailbox_key_dir")
+        for name in clusters
+    }
+    for name, key in keys.items():
+        log.info("mailbox %s: key %s", name, key.fingerprint)
+    return keys
+
+
 @asynccontextmanager
 async def mailbox_relay(
-    settings: Settings, store: Store, notifier: Notifier, *, interval: float = 0.5
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    *,
+    interval: float = 0.5,
+    keys: Mapping[str, MailboxKey] | None = None,
+    metrics: PorterMetrics | None = None,
 ) -> AsyncIterator[MailboxRelay | None]:
-    """Run the relay in the background for `porter.mailbox_clusters` (nothing when there are none)."""
+    """Run the relay in the background for `porter.mailbox_clusters` (nothing when there are none),
+    with `keys` (default: `porter_mailbox_keys(settings)`), counting refusals in `metrics`."""
     clusters = settings.porter.mailbox_clusters
     if not clusters:
         yield None
         return
+    keys = keys if keys is not None else porter_mailbox_keys(settings)
     url = settings.porter.mailbox or settings.porter.object_store
     object_store = open_object_store(
         url, endpoint_url=settings.porter.s3_endpoint_url, region=settings.porter.s3_region
     )
     relay = MailboxRelay(
-        store, object_store, clusters, interval, on_change=lambda job_id: notifier.notify(job_key(job_id))
+        store,
+        object_store,
+        keys,
+        interval,
+        on_change=lambda job_id: notifier.notify(job_key(job_id)),
+        on_refused=metrics.mailbox_refusals(keys, REASONS) if metrics is not None else None,
     )
 
     async def watch(cluster: str) -> None:

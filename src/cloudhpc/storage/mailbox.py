@@ -15,12 +15,17 @@ Keys carry a zero-padded nanosecond stamp, so lexicographic order (what `list` r
 "directory", on every S3 server) is time order. Each writer stamps with a `KeyClock`, which never
 goes back, and serialises its own writes, so a key is visible before any later key is written and
 a reader's cursor never skips an object.
+
+Every object is sealed with the cluster's mailbox key (`MailboxCodec`, `mailbox_seal.py`): signed
+for its key, so that nobody without the key can add, alter, copy or move one, and with the jobs'
+`env` values encrypted, so that they are not readable in the bucket.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import secrets
 import time
@@ -31,6 +36,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from cloudhpc.domain.jobs import NAME_PATTERN, Job
 from cloudhpc.domain.reports import JobReport
+from cloudhpc.storage.mailbox_seal import MailboxKey
 
 __all__ = [
     "TIME_DIGITS",
@@ -38,6 +44,7 @@ __all__ = [
     "ArtifactsMessage",
     "HeartbeatMessage",
     "KeyClock",
+    "MailboxCodec",
     "OutputMessage",
     "PorterCursor",
     "ReportMessage",
@@ -224,3 +231,72 @@ class PorterCursor(_Message):
     claims: list[UUID] = Field(
         default_factory=list, description="pending jobs this mailbox has claimed for its agent"
     )
+
+
+class MailboxCodec:
+    """One cluster's mailbox objects as bytes and back: `dump_*` seals a model for the key it is
+    stored at, `load_*` opens what was read at a key. A load raises `mailbox_seal.Refused` for an
+    object nobody holding the key wrote for that key (not to be acted on), and `ValueError`
+    (pydantic's `ValidationError` among them) for a signed one that does not parse (a bug or a
+    version skew between porter and the agent).
+
+    In a snapshot, each job's `env` values are encrypted (AES-GCM, bound to the cluster, the job
+    and the variable's name); the names stay readable, as does the rest of the spec.
+    """
+
+    def __init__(self, cluster: str, key: MailboxKey) -> None:
+        mailbox_prefix(cluster)  # validates the name
+        self.cluster = cluster
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"MailboxCodec({self.cluster!r}, {self.key!r})"
+
+    def dump_batch(self, object_key: str, batch: UpBatch) -> bytes:
+        return self.key.seal(object_key, batch.model_dump_json().encode())
+
+    def load_batch(self, object_key: str, data: bytes) -> UpBatch:
+        return UpBatch.model_validate_json(self.key.open(object_key, data))
+
+    def dump_cursor(self, object_key: str, cursor: PorterCursor) -> bytes:
+        return self.key.seal(object_key, cursor.model_dump_json().encode())
+
+    def load_cursor(self, object_key: str, data: bytes) -> PorterCursor:
+        return PorterCursor.model_validate_json(self.key.open(object_key, data))
+
+    def dump_snapshot(self, object_key: str, snapshot: Snapshot) -> bytes:
+        doc = snapshot.model_dump(mode="json", by_alias=True)
+        for job in _job_docs(doc):
+            env = job["spec"]["env"]
+            job["spec"]["env"] = {
+                name: self.key.encrypt(value, self._env_context(job, name)) for name, value in env.items()
+            }
+        return self.key.seal(object_key, json.dumps(doc, separators=(",", ":")).encode())
+
+    def load_snapshot(self, object_key: str, data: bytes) -> Snapshot:
+        doc = json.loads(self.key.open(object_key, data))
+        for job in _job_docs(doc):
+            env = job["spec"]["env"]
+            if not isinstance(env, dict):
+                raise ValueError(f"{object_key}: a job's env is not an object")
+            job["spec"]["env"] = {
+                name: self.key.decrypt(str(token), self._env_context(job, name), key=object_key)
+                for name, token in env.items()
+            }
+        return Snapshot.model_validate(doc)
+
+    def _env_context(self, job: dict[str, Any], name: str) -> str:
+        return f"{self.cluster}/{job.get('id')}/env/{name}"
+
+
+def _job_docs(doc: Any) -> list[dict[str, Any]]:
+    """The jobs of a snapshot document that have an `env` to seal or open (others are left to
+    validation, which refuses them)."""
+    if not isinstance(doc, dict):
+        raise ValueError("a snapshot is a JSON object")
+    jobs = [*(doc.get("jobs") or []), *(doc.get("unaccounted") or [])]
+    return [
+        job
+        for job in jobs
+        if isinstance(job, dict) and isinstance(job.get("spec"), dict) and "env" in job["spec"]
+    ]

@@ -5,6 +5,12 @@ newest `down/` snapshot after its cursor, and writes each report, output chunk o
 record as a new `up/` object, which porter's relay applies in key order. The agent is the only
 writer of `up/`; once a snapshot acknowledges an up key, the agent deletes it and everything
 before it. One channel serves one cluster.
+
+Every object is sealed with the mailbox key porter holds too (`storage/mailbox_seal.py`). A
+snapshot that is unsigned, altered, moved from another key, or older than `max_age` (a replay: an
+authentic snapshot put back after newer ones were deleted) is refused: logged once, counted in
+`cloudhpc_mailbox_refused_snapshots_total`, and never acted on. The newest acceptable snapshot after
+the cursor is used instead.
 """
 
 from __future__ import annotations
@@ -12,24 +18,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
-
-from pydantic import ValidationError
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ChannelError, ConfigError, ObjectNotFound, StorageError
+from cloudhpc.metrics.agent import AgentMetrics
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.mailbox import (
     AccountingMessage,
     ArtifactsMessage,
     HeartbeatMessage,
     KeyClock,
+    MailboxCodec,
     OutputMessage,
     ReportMessage,
     Snapshot,
@@ -40,16 +47,25 @@ from cloudhpc.storage.mailbox import (
     up_key,
     up_prefix,
 )
+from cloudhpc.storage.mailbox_seal import CONTENT_TYPE, KEYGEN_HINT, REASONS, MailboxKey, Reason, Refused
 
-__all__ = ["S3Channel", "open_mailbox_channels"]
+__all__ = ["S3Channel", "count_refusals", "open_mailbox_channels"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SNAPSHOT_MAX_AGE = 300.0
+"""Seconds after which porter's snapshot is too old to act on. porter republishes at least every
+`mailbox.REPUBLISH_INTERVAL` (60 s), so a fresh one is always younger; the margin absorbs clock
+differences between the two machines (keep them in NTP sync)."""
+
+OnRefused = Callable[[str, Reason], None]
+"""Told (cluster, reason) for every refused object: the refusal metric."""
+
 
 class S3Channel:
-    """`S3Channel(open_object_store("s3://bucket/prefix"), "mahti")`.
+    """`S3Channel(open_object_store("s3://bucket/prefix"), "mahti", key=MailboxKey.from_file(...))`.
 
     porter's snapshots say which jobs are pending or have a cancel request; `claim_work` hands
     each such job out once per `lease_seconds` (as porter's HTTP lease does), so a job whose
@@ -61,13 +77,22 @@ class S3Channel:
         object_store: ObjectStore,
         cluster: str,
         *,
+        key: MailboxKey,
         agent_name: str = "agent",
         poll_interval: float = 0.25,
         lease_seconds: float = 30.0,
         heartbeat_interval: float = 15.0,
+        max_age: float = SNAPSHOT_MAX_AGE,
+        on_refused: OnRefused | None = None,
     ) -> None:
         self.object_store = object_store
         self.cluster = cluster
+        self.codec = MailboxCodec(cluster, key)
+        self.max_age = max_age
+        self.on_refused = on_refused
+        self.refused: Counter[Reason] = Counter()
+        """Snapshots refused, by reason (the metric counts the same)."""
+        self._refused_keys: set[str] = set()
         self.agent_name = agent_name
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
@@ -109,35 +134,75 @@ class S3Channel:
             start_after = page[-1]
 
     async def _refresh(self) -> bool:
-        """Read porter's newest snapshot if there is one after the cursor; True when one was read."""
+        """Read porter's newest acceptable snapshot after the cursor; True when one was read.
+
+        Newest first: a refused or vanished key is skipped for the next older one, so an object
+        planted after porter's last snapshot cannot hide it. Refused keys are remembered (while
+        they are listed) so that each is fetched, logged and counted once."""
         keys = [k for k in await self._list_all(self._down, self._cursor) if key_time_ns(k) is not None]
-        if not keys:
-            return False
-        newest = keys[-1]
+        self._refused_keys &= set(keys)
+        for key in reversed(keys):
+            if key in self._refused_keys:
+                continue
+            try:
+                snapshot = await self._read_snapshot(key)
+            except Refused as exc:
+                self._refuse(key, exc)
+                if exc.reason == "stale":  # every older one is older still
+                    self._refused_keys.update(k for k in keys if k < key)
+                    return False
+                continue
+            if snapshot is None:
+                continue
+            self._cursor = key
+            await self._adopt(snapshot)
+            return True
+        return False
+
+    async def _read_snapshot(self, key: str) -> Snapshot | None:
+        """The snapshot at `key`; None when unreadable or pruned by porter meanwhile, `Refused` when
+        it must not be acted on."""
         try:
-            raw = await self._io(self.object_store.get, newest)
+            raw = await self._io(self.object_store.get, key)
         except ChannelError as exc:
             if isinstance(exc.__cause__, ObjectNotFound):
-                return False  # pruned by porter between list and get: a newer one exists, read it next
+                return None  # pruned by porter between list and get
             raise
         try:
-            snapshot = Snapshot.model_validate_json(raw)
-        except ValidationError as exc:
-            log.error("mailbox %s: skipping unreadable snapshot %s: %s", self.cluster, newest, exc)
-            self._cursor = newest
-            return False
-        self._cursor = newest
-        if snapshot.cluster != self.cluster:
+            snapshot = self.codec.load_snapshot(key, raw)
+        except ValueError as exc:
+            log.error("mailbox %s: skipping unreadable snapshot %s: %s", self.cluster, key, exc)
+            self._refused_keys.add(key)
+            return None
+        if snapshot.cluster != self.cluster:  # signed for this cluster's key: porter's bug
             log.error(
-                "mailbox %s: snapshot %s is for cluster %s; ignored", self.cluster, newest, snapshot.cluster
+                "mailbox %s: snapshot %s is for cluster %s; ignored", self.cluster, key, snapshot.cluster
             )
-            return False
+            self._refused_keys.add(key)
+            return None
+        # The stamp is in the key, which the signature covers: it cannot be made younger.
+        age = time.time() - (key_time_ns(key) or 0) / 1e9
+        if age > self.max_age:
+            raise Refused(
+                "stale",
+                f"{key} is {age:.0f} s old (at most {self.max_age:.0f} s): a replayed snapshot, porter "
+                "not publishing, or the two machines' clocks apart",
+            )
+        return snapshot
+
+    def _refuse(self, key: str, exc: Refused) -> None:
+        log.warning("mailbox %s: refused snapshot, not acted on: %s", self.cluster, exc)
+        self._refused_keys.add(key)
+        self.refused[exc.reason] += 1
+        if self.on_refused is not None:
+            self.on_refused(self.cluster, exc.reason)
+
+    async def _adopt(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         if snapshot.ack is not None:
             self._clock.observe(key_time_ns(snapshot.ack))
             if self._acked is None or snapshot.ack > self._acked:
                 await self._delete_acked(snapshot.ack)
-        return True
 
     async def _delete_acked(self, ack: str) -> None:
         """Delete our up objects porter has applied. Best effort: a failure is retried at the next ack."""
@@ -211,8 +276,8 @@ class S3Channel:
                 await self._refresh()
                 self._floor_known = True
             key = up_key(self.cluster, self._clock.next())
-            body = UpBatch(agent=self.agent_name, messages=messages).model_dump_json().encode()
-            await self._io(self.object_store.put, key, body, content_type="application/json")
+            body = self.codec.dump_batch(key, UpBatch(agent=self.agent_name, messages=messages))
+            await self._io(self.object_store.put, key, body, content_type=CONTENT_TYPE)
             self._last_write = time.monotonic()
             return key
 
@@ -239,12 +304,28 @@ class S3Channel:
 
 
 def open_mailbox_channels(settings: Settings, *, agent_name: str = "agent") -> dict[str, S3Channel]:
-    """One channel per configured cluster, over `submitter.mailbox`."""
+    """One channel per configured cluster, over `submitter.mailbox`, sealed with
+    `submitter.mailbox_key_file` (a `ConfigError` naming it when it is unset or unusable)."""
     if not settings.submitter.mailbox:
         raise ConfigError("submitter.mailbox: an s3://BUCKET/PREFIX URL is required with channel `s3`")
+    key_file = settings.submitter.mailbox_key_file
+    if key_file is None:
+        raise ConfigError(
+            "submitter.mailbox_key_file: not set, and the S3 mailbox needs the key porter holds for "
+            f"these clusters (porter.mailbox_key_dir); {KEYGEN_HINT}"
+        )
+    key = MailboxKey.from_file(key_file, setting="submitter.mailbox_key_file")
     store = open_object_store(
         settings.submitter.mailbox,
         endpoint_url=settings.submitter.s3_endpoint_url,
         region=settings.submitter.s3_region,
     )
-    return {name: S3Channel(store, name, agent_name=agent_name) for name in settings.clusters}
+    log.info("mailbox: key %s from submitter.mailbox_key_file", key.fingerprint)
+    return {name: S3Channel(store, name, key=key, agent_name=agent_name) for name in settings.clusters}
+
+
+def count_refusals(channels: Mapping[str, S3Channel], metrics: AgentMetrics) -> None:
+    """Count the channels' refused snapshots in the agent's `/metrics`."""
+    on_refused = metrics.mailbox_refusals(channels, REASONS)
+    for channel in channels.values():
+        channel.on_refused = on_refused

@@ -1,0 +1,166 @@
+"""The S3 mailbox's shared key: signatures on every object, encryption of secret values.
+
+Whoever can write a mailbox prefix could otherwise make the agent run jobs with the HPC key, and
+whoever can read it would see every user's environment values. porter and the agent of a cluster
+share a secret (a file on each side, never in the bucket); from it HKDF derives two keys:
+
+- a MAC key: every object is `HEADER hmac-sha256=<hex>\\n` + its body, the HMAC taken over the
+  object's key and the body's exact bytes, so an object cannot be altered, nor copied or moved to
+  another key (another cluster's mailbox, or a later stamp that a reader's cursor has not passed);
+- an encryption key: AES-256-GCM for values that must not be readable in the bucket (a job's
+  `env`), bound to where they belong (`context`) so that they cannot be swapped around either.
+
+The secret is kept out of `repr`, logs and error messages; errors name the setting and the path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cloudhpc.exceptions import ConfigError
+
+__all__ = [
+    "CONTENT_TYPE",
+    "HEADER",
+    "KEYGEN_HINT",
+    "MIN_SECRET_BYTES",
+    "REASONS",
+    "MailboxKey",
+    "Reason",
+    "Refused",
+]
+
+HEADER = b"cloudhpc-mailbox/1"
+"""First word of every sealed object; a new protocol version gets a new header."""
+
+CONTENT_TYPE = "text/plain; charset=utf-8"
+"""A sealed object is text: the signature line, then JSON."""
+
+MIN_SECRET_BYTES = 32
+
+KEYGEN_HINT = (
+    "create one with `(umask 077; openssl rand -base64 32 > FILE)`; porter and the cluster's agent "
+    "need the same file (docs/submitter.md)"
+)
+
+Reason = Literal["unsigned", "bad_signature", "stale"]
+REASONS: tuple[Reason, ...] = ("unsigned", "bad_signature", "stale")
+"""Why an object was refused, as the refusal metrics label it: no (readable) signature; a
+signature that does not match the bytes and the key (altered, moved, another key); authentic but
+too old to act on (a replayed snapshot)."""
+
+_NONCE_BYTES = 12
+
+
+class Refused(Exception):
+    """An object the mailbox must not act on. Raised and caught inside the mailbox modules only;
+    the message names the object key and never the secret or the object's contents."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason: Reason = reason
+
+
+def _derive(secret: bytes, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"cloudhpc mailbox " + purpose).derive(
+        secret
+    )
+
+
+class MailboxKey:
+    """`MailboxKey.from_file(path, setting="submitter.mailbox_key_file")`; `seal`/`open` objects,
+    `encrypt`/`decrypt` values. The file holds at least 32 random bytes, base64 encoded."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"a mailbox key needs at least {MIN_SECRET_BYTES} bytes, not {len(secret)}")
+        self._mac_key = _derive(secret, b"mac v1")
+        self._aead = AESGCM(_derive(secret, b"env v1"))
+        self.fingerprint = hashlib.sha256(_derive(secret, b"fingerprint v1")).hexdigest()[:12]
+        """Says whether two sides hold the same key (logs, `repr`) without revealing it."""
+
+    @classmethod
+    def generate(cls) -> MailboxKey:
+        return cls(secrets.token_bytes(MIN_SECRET_BYTES))
+
+    @classmethod
+    def from_file(cls, path: Path, *, setting: str) -> MailboxKey:
+        """The key in `path`; `ConfigError` naming `setting` when it is missing, unreadable, not
+        base64, or too short (the message never quotes the file)."""
+        path = path.expanduser()
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            raise ConfigError(f"{setting}: {path} does not exist; {KEYGEN_HINT}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not base64 text"
+            raise ConfigError(f"{setting}: cannot read {path} ({reason})") from None
+        try:
+            secret = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{setting}: {path} is not base64; {KEYGEN_HINT}") from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"{setting}: {path} holds {len(secret)} bytes, at least {MIN_SECRET_BYTES} are needed; "
+                f"{KEYGEN_HINT}"
+            )
+        return cls(secret)
+
+    def __repr__(self) -> str:
+        return f"MailboxKey(fingerprint={self.fingerprint})"
+
+    # ---- signatures ------------------------------------------------------------------------
+
+    def _mac(self, key: str, body: bytes) -> str:
+        name = key.encode()
+        message = HEADER + b"\n" + struct.pack(">I", len(name)) + name + body
+        return hmac.new(self._mac_key, message, hashlib.sha256).hexdigest()
+
+    def seal(self, key: str, body: bytes) -> bytes:
+        """The object to store at `key`: a header line with the signature, then `body` unchanged
+        (still readable JSON for an operator: `tail -n +2`)."""
+        return HEADER + b" hmac-sha256=" + self._mac(key, body).encode() + b"\n" + body
+
+    def open(self, key: str, data: bytes) -> bytes:
+        """The body of the object read at `key`, or `Refused` when it is not signed for that key
+        with this key."""
+        head, newline, body = data.partition(b"\n")
+        word, _, signature = head.partition(b" hmac-sha256=")
+        if not newline or word != HEADER or len(signature) != 64:
+            raise Refused("unsigned", f"{key} carries no mailbox signature")
+        if not hmac.compare_digest(signature, self._mac(key, body).encode()):
+            raise Refused(
+                "bad_signature",
+                f"{key}: the signature does not match (altered, copied from another key, or signed "
+                "with another mailbox key)",
+            )
+        return body
+
+    # ---- secret values ---------------------------------------------------------------------
+
+    def encrypt(self, value: str, context: str) -> str:
+        """`value` encrypted and authenticated for `context` (where it belongs), as base64 text."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, value.encode(), context.encode())
+        return base64.b64encode(nonce + sealed).decode("ascii")
+
+    def decrypt(self, token: str, context: str, *, key: str) -> str:
+        """The value `encrypt` sealed for `context`; `Refused` (naming the object `key`) otherwise."""
+        try:
+            raw = base64.b64decode(token, validate=True)
+            plain = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], context.encode())
+            return plain.decode()
+        except (binascii.Error, ValueError, InvalidTag, UnicodeDecodeError):
+            raise Refused("bad_signature", f"{key}: an encrypted value does not open") from None
