@@ -379,6 +379,13 @@ class PorterConfig(_Section):
         description="seconds after its end that a job keeps its per-job series on /metrics; live jobs "
         "always have them, so the number of series is bounded by this window, not by history",
     )
+    max_request_bytes: int = Field(
+        default=8 << 20,
+        ge=4 << 20,
+        le=1 << 30,
+        description="the largest request body porter reads (bytes); a larger one is answered 413 before "
+        "it is read whole. At least 4 MiB, the size of the agent's output chunks",
+    )
 
     _listen = field_validator("listen")(_host_port)
 

@@ -19,7 +19,9 @@ from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_clusters, routes_jobs
 from cloudhpc.porter.bridges import bridge_reconciler
 from cloudhpc.porter.errors import error_body, install_error_handlers
+from cloudhpc.porter.limits import RequestSizeLimit
 from cloudhpc.porter.mailbox import mailbox_relay, porter_mailbox_keys
+from cloudhpc.porter.openapi import ERROR_RESPONSES
 from cloudhpc.porter.retention import artifact_retention
 from cloudhpc.porter.state import PorterState
 from cloudhpc.storage import ObjectStore
@@ -94,6 +96,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         description="Submit and follow SLURM and Ray jobs. Every /api/v1 route needs a bearer token.",
+        responses=ERROR_RESPONSES,
     )
     app.state.porter = PorterState(settings=settings, store=db, objects=objects)
     install_error_handlers(app)
@@ -112,6 +115,8 @@ def create_app(
     )
     app.state.metrics = metrics
 
+    # inside the timer, so refused bodies are counted as 413s too
+    app.add_middleware(RequestSizeLimit, limit=settings.porter.max_request_bytes)
     app.add_middleware(_RequestTimer, metrics=metrics)
 
     @app.get("/healthz", include_in_schema=False)
