@@ -4,15 +4,19 @@ local object store, porter's app on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from cloudhpc.config import Settings
+from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import StorageError
 from cloudhpc.porter.app import create_app
 from cloudhpc.storage import ObjectStore
@@ -22,6 +26,8 @@ from cloudhpc.storage.local import LocalObjectStore
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.files import FileFetcher
+from tests.integration.test_cli import ServeAll
+from tests.testbed import Testbed
 
 
 def store_url(objects: ObjectStore) -> str:
@@ -181,3 +187,92 @@ def test_a_cluster_is_used_only_by_its_users(tied: tuple[TestClient, Store]) -> 
         json={"name": "t", "cluster": "mahti", "script": "true"},
     )
     assert answer.status_code == 404
+
+
+# ---- end to end: a real `serve all` (porter + agent + the local backend) -----------------------
+
+
+def _wait_ended(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}", params={"wait": 5}).json()
+        if job["state"] in ("completed", "failed", "cancelled", "timeout"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_serve_all_keeps_users_inputs_apart(
+    kind: str, testbed: Testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mallory's job naming alice's objects is refused at submit; the same job forged straight into
+    the store (as a work item that never passed porter's check) is failed by the agent with the
+    reason, her secret nowhere in its output; alice's job reading her own objects completes."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", testbed.s3_access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", testbed.s3_secret_key)
+    porter: dict[str, Any] = {
+        "database": f"sqlite:///{tmp_path / 'state.db'}",
+        "access": {"clusters": {"local": {"users": ["alice", "mallory"]}}},
+    }
+    if kind == "local":
+        porter["object_store"] = f"file://{tmp_path / 'objects'}"
+        objects: ObjectStore = LocalObjectStore(tmp_path / "objects")
+    else:
+        prefix = f"test-{uuid.uuid4().hex}"
+        porter |= {
+            "object_store": f"s3://{testbed.s3_bucket}/{prefix}",
+            "s3_endpoint_url": testbed.s3_endpoint,
+        }
+        objects = S3ObjectStore(testbed.s3_bucket, prefix, endpoint_url=testbed.s3_endpoint)
+    config = {
+        "porter": porter,
+        "clusters": {"local": {"backend": "local", "workdir": str(tmp_path / "work")}},
+    }
+    (tmp_path / "cloudhpc.yaml").write_text(yaml.safe_dump(config))
+    keys = alices_objects(objects)
+    stolen = object_url(objects, keys["spec"])
+    server = ServeAll(tmp_path, config=tmp_path / "cloudhpc.yaml")
+    server.start()
+    store = Store(porter["database"])
+    try:
+        tokens = {user: store.create_token(user, "user") for user in ("alice", "mallory")}
+        spec = {
+            "name": "steal",
+            "cluster": "local",
+            "script": "cat stolen.json\n",
+            "files": {"stolen.json": stolen},
+        }
+        with httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {tokens['mallory']}"}
+        ) as mallory:
+            refused = mallory.post("/api/v1/jobs", json=spec)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["details"][0]["field"] == "files.stolen.json"
+            forged, _ = store.create_job("mallory", JobSpec.model_validate(spec))
+            job = _wait_ended(mallory, str(forged.id))
+            assert job["state"] == "failed"
+            assert job["reason"].startswith(f"{stolen}: a job may read only its owner's own objects")
+            assert b"alice-secret" not in mallory.get(f"/api/v1/jobs/{forged.id}/logs").content
+        own = {
+            **spec,
+            "name": "own",
+            "files": {"stolen.json": stolen, "data.txt": object_url(objects, keys["input"])},
+        }
+        own["script"] = "cat stolen.json data.txt\n"
+        with httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {tokens['alice']}"}
+        ) as alice:
+            created = alice.post("/api/v1/jobs", json=own)
+            assert created.status_code == 201, created.text
+            job = _wait_ended(alice, created.json()["id"])
+            assert job["state"] == "completed", job
+            output = alice.get(f"/api/v1/jobs/{job['id']}/logs").content
+            assert b"alice-secret" in output
+            assert b"alice's data" in output
+    finally:
+        store.close()
+        server.stop()
+        if kind == "s3":
+            for key in objects.list(""):
+                objects.delete(key)
