@@ -667,3 +667,62 @@ def test_a_ray_job_exposes_its_dashboard_on_cloud_and_imports_mlflow_through_its
         no_secrets_leaked(topology, platform, laptop)
     finally:
         subprocess.run(["rm", "-rf", str(marker_dir)], check=False)
+
+
+RAY_SPREAD = """\
+import os, socket, time
+import ray
+ray.init()
+deadline = time.time() + 120
+while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+    time.sleep(1)
+alive = [n for n in ray.nodes() if n["Alive"]]
+print("nodes:", len(alive), sorted(n["NodeManagerAddress"] for n in alive), flush=True)
+
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+@ray.remote(num_cpus=1)
+def where():
+    return socket.gethostname(), ray.util.get_node_ip_address()
+
+group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=60)
+tasks = [
+    where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote()
+    for i in range(2)
+]
+print("tasks:", sorted(ray.get(tasks)), flush=True)
+"""
+
+
+def test_a_two_node_ray_job_spans_c1_and_c2(
+    topology: Topology, platform: Platform, laptop: Laptop, client: Client, ray_environment: None
+) -> None:
+    """Item 3 of issue 11, the part without the pipeline: a ray-job with one worker node is one SLURM
+    job on c1 and c2, and its Ray cluster has a node on each, at the nodes' own addresses."""
+    node = {"cpus_per_task": 1, "mem": "1G"}
+    job = client.submit(
+        {
+            "name": "shipped-ray-2n",
+            "cluster": CLUSTER,
+            "kind": "ray-job",
+            "ray": {"entrypoint": "python spread.py", "head": node, "workers": {"nodes": 1, **node}},
+            "files": {"spread.py": RAY_SPREAD},
+            "environment": RAY_ENV,
+            "resources": {"time": "00:10:00"},
+        }
+    )
+    final = client.wait(job, timeout=300, poll=5)
+    out = client.logs(final).data.decode()
+    assert final.state == JobState.COMPLETED, (final.state, final.reason, out[-3000:])
+    addrs = sorted(topology.hosts[n].addr for n in topology.slurm_nodes)
+    assert f"nodes: 2 {addrs!r}" in out, out[-3000:]
+    tasks = re.search(r"^tasks: (.*)$", out, re.M)
+    assert tasks is not None, out[-3000:]
+    assert all(f"('{n}', '{topology.hosts[n].addr}')" in tasks.group(1) for n in topology.slurm_nodes), (
+        tasks.group(1)
+    )
+    expected = f"COMPLETED|cloudhpc:{final.id}|c[1-2]|2"
+    record = sacct(topology, final, "State,Comment,NodeList,NNodes", expected)
+    assert record == expected, record
