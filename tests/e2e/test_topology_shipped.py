@@ -367,6 +367,24 @@ class Laptop:
     submitter: Process
     health_url: str
     passphrase: str
+    host: Host
+    mounts: list[Mount]
+    env: dict[str, str]
+    user: str
+
+    def compose_run(self, *args: str) -> str:
+        """`docker compose -f deploy/compose/submitter.yaml run --rm submitter ARGS...`: the service's
+        mounts, environment and user, another command."""
+        proc = subprocess.run(
+            container_argv(self.host, self.mounts, self.user, ["cloudhpc", *args]),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
 
 
 def pinned_login_key(topology: Topology, path: Path) -> None:
@@ -480,7 +498,7 @@ def laptop(
                 pass
             assert time.monotonic() < deadline, f"the submitter is not healthy:\n{submitter.tail()}"
             time.sleep(0.5)
-        yield Laptop(submitter, health, passphrase)
+        yield Laptop(submitter, health, passphrase, topology.laptop, mounts, env, user)
     finally:
         submitter.stop()
 
@@ -529,7 +547,7 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
             "name": f"shipped-batch-{tag}",
             "cluster": CLUSTER,
             "kind": "batch",
-            "script": f"#!/bin/bash\necho hello-{tag} from $(hostname)\nsleep 1\n",
+            "script": f"#!/bin/bash\necho hello-{tag} from $(hostname)\nsleep 3\n",
             "resources": {"time": "00:02:00"},
         }
     )
@@ -555,6 +573,21 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
             time.sleep(1)
     print(f"TIMING accounting after {time.monotonic() - t0:.1f}s")
     assert accounting, f"no accounting came back:\n{laptop.submitter.tail()}"
+    # the cloud's Prometheus scrapes porter, which counts the job (the submitter's own metrics would
+    # need the laptop's ssh -R of docs/platform.md section 9: the topology gives the laptop no path
+    # to cloud:22, so that target stays down, as the docs say it does without the tunnel)
+    query = 'cloudhpc_jobs{cluster="mahti",state="completed"}'
+    deadline = time.monotonic() + 30
+    while True:
+        answer = httpx.get(
+            f"{topology.prometheus_url}/api/v1/query", params={"query": query}, timeout=5
+        ).json()
+        values = [float(r["value"][1]) for r in answer["data"]["result"]]
+        if (values and max(values) >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert values, f"Prometheus on cloud has no {query}: {answer}"
+    assert max(values) >= 1, answer
     # artifacts: the compose submitter's object store is its own (the laptop reaches no S3 of the
     # platform), so porter refuses to list keys it cannot serve, and the submitter says why
     assert client.artifacts(final) == []
@@ -726,3 +759,19 @@ def test_a_two_node_ray_job_spans_c1_and_c2(
     expected = f"COMPLETED|cloudhpc:{final.id}|c[1-2]|2"
     record = sacct(topology, final, "State,Comment,NodeList,NNodes", expected)
     assert record == expected, record
+
+
+def test_the_bridge_line_from_the_submitters_image_is_what_the_vm_holds(
+    topology: Topology, laptop: Laptop
+) -> None:
+    """docs/platform.md section 10, step 3: `docker compose ... run --rm submitter bridge
+    authorized-key --permit-open ...` prints, from the compose configuration and the mounted bridge
+    key, the line the bridge VM's account holds (the topology's cloud:22 was set up with it)."""
+    cloud = topology.cloud.addr
+    printed = laptop.compose_run(
+        "bridge", "authorized-key", "--permit-open", f"{cloud}:5000", "--permit-open", f"{cloud}:9000"
+    )
+    home = subprocess.run(
+        ["getent", "passwd", topology.bridge_user], capture_output=True, text=True, check=True
+    ).stdout.split(":")[5]
+    assert Path(home, ".ssh", "authorized_keys").read_text() == printed
