@@ -253,6 +253,8 @@ class Platform:
     secrets: tuple[str, ...]
     """Values that must appear in no log and no process argument."""
     run_tool: Any
+    """run_tool(*args, overrides=None): `cloudhpc ARGS` as porter's pod runs it, its environment
+    changed by `overrides`."""
 
 
 @pytest.fixture(scope="module")
@@ -308,18 +310,22 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
             raise AssertionError(f"porter's Deployment reads {source}: the test does not provide it")
     cloud = topology.cloud
 
-    def run_tool(*args: str) -> str:
-        """`kubectl exec deploy/porter -- cloudhpc ...` (docs/platform.md, section 12)."""
-        proc = subprocess.run(
+    def run_tool(*args: str, overrides: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`kubectl exec deploy/porter -- cloudhpc ...` (docs/platform.md, section 12), or another
+        pod of the Deployment with `overrides` in its environment."""
+        return subprocess.run(
             container_argv(cloud, mounts, user, ["cloudhpc", *args]),
-            env=env,
+            env={**env, **(overrides or {})},
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
+
+    def token(*args: str) -> str:
+        proc = run_tool("tokens", "create", *args)
         assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+        return proc.stdout.strip()
 
     porter = start(
         "porter",
@@ -340,10 +346,8 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
             assert time.monotonic() < deadline, f"porter not ready:\n{porter.tail()}"
             time.sleep(0.3)
         # one cluster is one HPC identity: the user whose key the submitter holds owns it
-        agent_token = run_tool(
-            "tokens", "create", "--user", "alice", "--role", "agent", "--cluster", CLUSTER
-        ).strip()
-        user_token = run_tool("tokens", "create", "--user", "alice").strip()
+        agent_token = token("--user", "alice", "--role", "agent", "--cluster", CLUSTER)
+        user_token = token("--user", "alice")
         yield Platform(
             porter,
             url,
@@ -775,3 +779,24 @@ def test_the_bridge_line_from_the_submitters_image_is_what_the_vm_holds(
         ["getent", "passwd", topology.bridge_user], capture_output=True, text=True, check=True
     ).stdout.split(":")[5]
     assert Path(home, ".ssh", "authorized_keys").read_text() == printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"BIND_ADDRESS": "127.0.0.1", "KUBERNETES__ENABLED": "true"}, "porter.bridge.bind_address"),
+        ({"BIND_ADDRESS": "cloud", "KUBERNETES__ENABLED": "true"}, "porter.bridge.bind_address"),
+        ({"BIND_ADDRESS": "0.0.0.0", "HOST": "cloud", "KUBERNETES__ENABLED": "true"}, "porter.bridge.host"),
+    ],
+)
+def test_porter_refuses_a_bridge_setup_that_cannot_work(
+    platform: Platform, overrides: dict[str, str], key: str
+) -> None:
+    """The ConfigMap porter-bridge of docs/platform.md with a loopback or a host name while Kubernetes
+    publishing is on: porter's pod does not start, and says which key to fix."""
+    proc = platform.run_tool(
+        "serve", "porter", overrides={f"CLOUDHPC_PORTER__BRIDGE__{k}": v for k, v in overrides.items()}
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert f"{key}: " in proc.stderr, proc.stderr
+    assert "EndpointSlice" in proc.stderr, proc.stderr
