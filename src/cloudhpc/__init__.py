@@ -22,13 +22,31 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from cloudhpc.client import ApiError, Client, LogChunk, default_client
-    from cloudhpc.domain.jobs import Bridge, Environment, Job, JobKind, JobSpec, RaySpec, Resources
+    from cloudhpc.domain.jobs import (
+        Bridge,
+        Environment,
+        Job,
+        JobKind,
+        JobSpec,
+        JobSummary,
+        RaySpec,
+        Resources,
+    )
     from cloudhpc.domain.states import JobState
     from cloudhpc.exceptions import CloudHPCError, ConfigError
 
 _HOMES = {
     "cloudhpc.client": ("ApiError", "Client", "LogChunk", "default_client"),
-    "cloudhpc.domain.jobs": ("Bridge", "Environment", "Job", "JobKind", "JobSpec", "RaySpec", "Resources"),
+    "cloudhpc.domain.jobs": (
+        "Bridge",
+        "Environment",
+        "Job",
+        "JobKind",
+        "JobSpec",
+        "JobSummary",
+        "RaySpec",
+        "Resources",
+    ),
     "cloudhpc.domain.states": ("JobState",),
     "cloudhpc.exceptions": ("CloudHPCError", "ConfigError"),
 }
@@ -45,6 +63,7 @@ __all__ = [
     "JobKind",
     "JobSpec",
     "JobState",
+    "JobSummary",
     "LogChunk",
     "RaySpec",
     "Resources",
