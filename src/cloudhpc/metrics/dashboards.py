@@ -434,7 +434,7 @@ def overview_dashboard() -> dashboard.Dashboard:
                     "{{cluster}}",
                 ),
                 unit="s",
-                span=12,
+                span=8,
             ).thresholds(_thresholds((None, "green"), (90, "red")))
         )
         .with_panel(
@@ -444,8 +444,21 @@ def overview_dashboard() -> dashboard.Dashboard:
                 _query(
                     f"sum by (cluster) (increase(cloudhpc_ssh_reconnects_total{recent}[1h]))", "{{cluster}}"
                 ),
-                span=12,
+                span=8,
             ).thresholds(_thresholds((None, "green"), (1, "orange"), (5, "red")))
+        )
+        .with_panel(
+            _stat(
+                "Mailbox refusals (1 h)",
+                "S3 mailbox objects that porter or an agent refused in the last hour (unsigned, bad "
+                "signature, stale): above 0, something without the mailbox key wrote the mailbox, or the "
+                "two sides hold different keys (docs/submitter.md).",
+                _query(
+                    f"(sum(increase(cloudhpc_mailbox_refused_objects_total{recent}[1h])) or vector(0))"
+                    f" + (sum(increase(cloudhpc_mailbox_refused_snapshots_total{recent}[1h])) or vector(0))"
+                ),
+                span=8,
+            ).thresholds(_thresholds((None, "green"), (1, "red")))
         )
     )
 
