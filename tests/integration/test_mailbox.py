@@ -658,7 +658,9 @@ async def test_forged_altered_and_moved_messages_change_nothing(
     objects.put(planted, forged.model_dump_json().encode())
     objects.put(f"{down_prefix(CLUSTER)}{'9' * 20}.json", b"{}")  # would push porter's snapshots out
     await relay.tick()
-    await channel.report([report(job, 2, JobState.RUNNING)])  # the agent, after all of that
+    # The agent, restarted after all of that, still finds a stamp to write with.
+    restarted = S3Channel(objects, CLUSTER, key=key, agent_name="edge-agent", heartbeat_interval=3600)
+    await restarted.report([report(job, 2, JobState.RUNNING)])
     await relay.tick()
     await relay.tick()  # a second pass reads nothing again (each refused object is counted once)
 

@@ -270,9 +270,7 @@ class S3Channel:
         and porter's cursor, moving in key order, never passes an object still being written."""
         async with self._write_lock:
             if not self._floor_known:
-                # After a restart, continue after what is already there, whatever our clock says.
-                for key in await self._list_all(self._up):
-                    self._clock.observe(key_time_ns(key))
+                await self._observe_own_messages()
                 await self._refresh()
                 self._floor_known = True
             key = up_key(self.cluster, self._clock.next())
@@ -280,6 +278,24 @@ class S3Channel:
             await self._io(self.object_store.put, key, body, content_type=CONTENT_TYPE)
             self._last_write = time.monotonic()
             return key
+
+    async def _observe_own_messages(self) -> None:
+        """After a restart, continue after our own newest message still in the bucket, whatever our
+        clock says; not after any key found there: one planted with the largest stamp would leave
+        no stamp to write with."""
+        for key in reversed(await self._list_all(self._up)):
+            if key_time_ns(key) is None:
+                continue
+            try:
+                self.codec.load_batch(key, await self._io(self.object_store.get, key))
+            except ChannelError as exc:
+                if isinstance(exc.__cause__, ObjectNotFound):
+                    continue  # acked and deleted meanwhile
+                raise
+            except (Refused, ValueError):
+                continue
+            self._clock.observe(key_time_ns(key))
+            return
 
     async def report(self, reports: list[JobReport]) -> None:
         if reports:
