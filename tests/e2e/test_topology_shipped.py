@@ -800,3 +800,39 @@ def test_porter_refuses_a_bridge_setup_that_cannot_work(
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert f"{key}: " in proc.stderr, proc.stderr
     assert "EndpointSlice" in proc.stderr, proc.stderr
+
+
+def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
+    topology: Topology, laptop: Laptop, client: Client
+) -> None:
+    """A job whose `files` name an object of porter's store (as the example pipeline's training step
+    passes its data): the compose submitter fetches inputs from its own store, has no path to the
+    platform's S3, and fails the job at staging with the reason (docs/platform.md, section 8)."""
+    import boto3
+
+    key = f"users/alice/shipped-{uuid.uuid4().hex[:8]}/input.txt"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=topology.s3_endpoint,
+        aws_access_key_id=topology.s3_access_key,
+        aws_secret_access_key=topology.s3_secret_key,
+        region_name="us-east-1",
+    )
+    s3.put_object(Bucket=topology.s3_bucket, Key=key, Body=b"data\n")
+    try:
+        job = client.submit(
+            {
+                "name": "shipped-input",
+                "cluster": CLUSTER,
+                "kind": "batch",
+                "script": "#!/bin/bash\ncat input.txt\n",
+                "files": {"input.txt": f"s3://{topology.s3_bucket}/{key}"},
+                "resources": {"time": "00:02:00"},
+            }
+        )
+        final = client.wait(job, timeout=180, poll=5)
+        assert final.state == JobState.FAILED, (final.state, final.reason)
+        assert final.reason
+        assert "input.txt" in final.reason, final.reason
+    finally:
+        s3.delete_object(Bucket=topology.s3_bucket, Key=key)
