@@ -151,3 +151,34 @@ def test_an_output_upload_far_past_the_end_stores_nothing(api: Api, job_with_out
         headers={"Authorization": f"Bearer {api.agent}"},
     )
     assert response.status_code == 422
+
+
+# -- text PostgreSQL cannot store: NUL is bad input, not a store failure (503) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/api/v1/jobs?name=a%00b", "name"),
+        ("/api/v1/jobs?cluster=a%00b", "cluster"),
+        ("/api/v1/agent/work?cluster=local&agent=x%00y", "agent"),
+        ("/api/v1/agent/jobs?cluster=local&agent=x%00y", "agent"),
+    ],
+)
+def test_nul_in_a_query_is_422(api: Api, path: str, field: str) -> None:
+    token = api.agent if "/agent/" in path else api.alice
+    response = api.client.get(path, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 422, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+
+
+@pytest.mark.parametrize(
+    "extra", [{"reason": "a\x00b"}, {"slurm_job_id": "1\x00"}], ids=["reason", "slurm_job_id"]
+)
+def test_nul_in_a_report_is_422(api: Api, job_with_output: str, extra: dict[str, str]) -> None:
+    report = {"job_id": job_with_output, "seq": 1, "state": "preparing", **extra}
+    response = api.client.post(
+        "/api/v1/agent/reports", json={"reports": [report]}, headers={"Authorization": f"Bearer {api.agent}"}
+    )
+    assert response.status_code == 422, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == [f"reports.0.{next(iter(extra))}"]

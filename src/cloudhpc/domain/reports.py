@@ -27,8 +27,9 @@ class JobReport(BaseModel):
     job_id: UUID
     seq: int = Field(ge=1, le=2**63 - 1, description="strictly increasing per job; stale reports are ignored")
     state: JobState
-    slurm_job_id: str | None = Field(default=None, max_length=64)
-    reason: str | None = Field(default=None, max_length=4096)
+    # stored as text: NUL (which PostgreSQL refuses) is bad input, not a store failure
+    slurm_job_id: str | None = Field(default=None, max_length=64, pattern=r"^[^\x00]*$")
+    reason: str | None = Field(default=None, max_length=4096, pattern=r"^[^\x00]*$")
     exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     submitted_at: AwareDatetime | None = None
     started_at: AwareDatetime | None = None

@@ -34,6 +34,8 @@ MAX_ACCOUNTING_BYTES = 1 << 20
 """sacct rows and seff figures of one job: a few KiB even for a large job with many steps."""
 MAX_OFFSET = 2**63 - 1
 """Byte offsets are stored as SQL BIGINT."""
+AGENT_NAME = r"^[^\x00-\x1f\x7f]{1,128}$"
+"""An agent's name (host:pid:nonce) is stored as text: no control characters (PostgreSQL refuses NUL)."""
 # How long a cluster stays with the agent that last called: a live agent calls every second or so
 # (its long-poll re-checks), so this is also how soon a restarted agent takes over from a dead one.
 AGENT_HOLD_SECONDS = 10.0
@@ -86,7 +88,7 @@ async def claim_work(
     principal: AgentPrincipal,
     cluster: Annotated[Name, Query()],
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
-    agent: Annotated[str, Query(max_length=128)] = "agent",
+    agent: Annotated[str, Query(pattern=AGENT_NAME)] = "agent",
 ) -> dict[str, Any]:
     """Jobs that need the agent (new ones, cancel requests), waiting up to `wait` s for some."""
     require_agent_for(principal, cluster)
@@ -107,7 +109,7 @@ async def active_jobs(
     request: Request,
     principal: AgentPrincipal,
     cluster: Annotated[Name, Query()],
-    agent: Annotated[str, Query(max_length=128)] = "agent",
+    agent: Annotated[str, Query(pattern=AGENT_NAME)] = "agent",
 ) -> dict[str, Any]:
     """What a (re)started agent reconciles against SLURM: every non-terminal job of the cluster
     (`jobs`), recently ended jobs whose accounting never arrived (`unaccounted`), and the highest

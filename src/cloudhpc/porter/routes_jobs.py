@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from cloudhpc.bridges.allocation import plan_bridges
-from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
+from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
@@ -102,8 +102,8 @@ async def list_jobs(
     request: Request,
     principal: UserPrincipal,
     state_filter: Annotated[JobState | None, Query(alias="state")] = None,
-    cluster: Annotated[str | None, Query(max_length=64)] = None,
-    name: Annotated[str | None, Query(max_length=64)] = None,
+    cluster: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=256), AfterValidator(_valid_cursor)] = None,
 ) -> Response:
