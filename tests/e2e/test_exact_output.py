@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
-import yaml
 
 from cloudhpc.client import Client
 from cloudhpc.config import SSHConfig
@@ -31,7 +26,8 @@ from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.paths import JobPaths
 from cloudhpc.domain.states import JobState
 from cloudhpc.hpc.ssh import SSHConnection
-from tests.e2e.harness import Deployment, free_port, running
+from tests.e2e.embedded import Embedded, serve_all
+from tests.e2e.harness import Deployment, running
 from tests.integration.stores import sqlite_url
 from tests.testbed import Testbed
 
@@ -104,60 +100,19 @@ def mismatches(client: Client, jobs: list[Job], files: dict[str, bytes]) -> list
 
 
 @pytest.fixture
-def serve_all(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`cloudhpc serve all` as a process in `tmp_path` (stopped by PID): its URL and work directory."""
-    port = free_port()
+def local(tmp_path: Path) -> Iterator[tuple[Embedded, Path]]:
+    """`serve all` with the `local` cluster working in `tmp_path/work`."""
     workdir = tmp_path / "work"
-    config = {
-        "porter": {
-            "listen": f"127.0.0.1:{port}",
-            "database": f"sqlite:///{tmp_path / 'state.db'}",
-            "object_store": f"file://{tmp_path / 'objects'}",
-        },
-        "submitter": {"listen": f"127.0.0.1:{free_port()}"},
-        "clusters": {"local": {"backend": "local", "workdir": str(workdir)}},
-    }
-    (tmp_path / "cloudhpc.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
-    env["CLOUDHPC_CONFIG"] = str(tmp_path / "cloudhpc.yaml")
-    with (tmp_path / "serve.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudhpc", "serve", "all"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "serve all did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield url, workdir
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_all(tmp_path, {"local": {"backend": "local", "workdir": str(workdir)}}) as embedded:
+        yield embedded, workdir
 
 
 @pytest.mark.timeout(120)
-def test_200_local_jobs_ending_together_have_exact_logs(serve_all: tuple[str, Path], tmp_path: Path) -> None:
-    url, workdir = serve_all
+def test_200_local_jobs_ending_together_have_exact_logs(local: tuple[Embedded, Path], tmp_path: Path) -> None:
+    embedded, workdir = local
     go = tmp_path / "go"
-    token = (tmp_path / ".cloudhpc" / "admin-token").read_text().strip()
     started = time.monotonic()
-    with Client(url, token) as client:
+    with embedded.client() as client:
         with ThreadPoolExecutor(8) as pool:  # porter takes submissions in parallel: so do users
             jobs = list(
                 pool.map(
