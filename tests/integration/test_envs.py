@@ -169,3 +169,77 @@ async def test_failed_build_leaves_nothing_to_reuse(site: Site) -> None:
 async def test_missing_python_version_fails_clearly(site: Site) -> None:
     with pytest.raises(EnvironmentBuildError, match=r"python3\.99 is not on PATH"):
         await site.cache().ensure(Environment(python="3.99"))
+
+
+def slow_build(site: Site) -> tuple[EnvironmentCache, str]:
+    """A cache whose builds hang (the cluster prelude, which runs inside the build, sleeps as
+    `exec sleep 300`, its PID in a file): a cache and the PID file."""
+    pidfile = f"{site.workdir}/build-{uuid.uuid4().hex[:8]}.pid"
+    prelude = f"echo $BASHPID > {shlex.quote(pidfile)}\nexec sleep 300"
+    return EnvironmentCache(site.runner, workdir=site.workdir, prelude=prelude, build_timeout=600), pidfile
+
+
+async def build_pid(site: Site, pidfile: str, timeout: float = 60) -> str:
+    """The PID of the hanging build step, once it runs."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await site.runner.exists(pidfile) or not (await site.text(pidfile)).strip():
+        assert asyncio.get_running_loop().time() < deadline, "the build never started"
+        await asyncio.sleep(0.1)
+    return (await site.text(pidfile)).strip()
+
+
+async def alive(site: Site, pid: str) -> bool:
+    return (await site.runner.run(["kill", "-0", pid])).ok
+
+
+async def gone_within(site: Site, pid: str, seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while await alive(site, pid):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def test_cancelling_the_only_wait_stops_the_build(site: Site) -> None:
+    """A job cancelled while its environment is built must not leave pip running on the login
+    node for as long as it takes (issue 12): the caller gives up at once and the build stops."""
+    cache, pidfile = slow_build(site)
+    waiting = asyncio.create_task(cache.ensure(SIX))
+    try:
+        pid = await build_pid(site, pidfile)
+        assert await alive(site, pid)
+    finally:
+        waiting.cancel()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert asyncio.get_running_loop().time() - started < 5
+    assert await gone_within(site, pid, 15), f"the build step {pid} still runs"
+    envdir = await cache.envdir(SIX)
+    assert not await site.runner.exists(f"{envdir}/.ready")
+    # the lock is free again: nothing of the stopped build holds it
+    assert (await site.runner.run(["flock", "-n", f"{envdir}.lock", "true"])).ok
+    assert not [n for n in await site.listing(await cache.envs_dir()) if n.startswith(".stage-")]
+
+
+async def test_a_build_another_job_waits_for_goes_on(site: Site) -> None:
+    cache, pidfile = slow_build(site)
+    first = asyncio.create_task(cache.ensure(SIX))
+    second = asyncio.create_task(cache.ensure(SIX))
+    try:
+        pid = await build_pid(site, pidfile)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(1)
+        assert await alive(site, pid), "one job's cancel stopped the build another job waits for"
+        assert not second.done()
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert await gone_within(site, pid, 15), f"the build step {pid} still runs"
+    finally:  # a failed check must not leave a build behind
+        for task in (first, second):
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)

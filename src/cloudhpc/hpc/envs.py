@@ -21,8 +21,10 @@ it left before starting again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import logging
 import re
 import secrets
 import shlex
@@ -33,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from cloudhpc.domain.jobs import Environment
 from cloudhpc.domain.paths import resolve_path
-from cloudhpc.exceptions import CommandTimeout, EnvironmentBuildError
+from cloudhpc.exceptions import CloudHPCError, CommandTimeout, EnvironmentBuildError
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer
 
 __all__ = [
@@ -55,6 +57,8 @@ RESULT_MARKER = "CLOUDHPC-ENV-RESULT"
 _VERSION = re.compile(r"^[0-9]+(?:\.[0-9]+){0,2}$")
 _REQ_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(.*)$", re.DOTALL)
 _LOG_TAIL_LINES = 40
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
@@ -287,7 +291,7 @@ class EnvironmentCache:
         self._prelude = prelude
         self._build_timeout = build_timeout
         self._envs_dir: str | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._builds: dict[str, _SharedBuild] = {}
 
     def spec(self, env: Environment) -> EnvSpec:
         return EnvSpec.from_environment(env, self._prelude)
@@ -319,12 +323,46 @@ class EnvironmentCache:
         lines = activation_lines(spec, envdir)
         if await self._runner.exists(f"{envdir}/.ready"):
             return lines
-        # One build per spec from this process; other processes are kept out by the remote flock.
-        lock = self._locks.setdefault(h, asyncio.Lock())
-        async with lock:
-            if not await self._runner.exists(f"{envdir}/.ready"):
-                await self._build(spec, envs, progress)
+        await self._wait_for_build(spec, envs, progress)
         return lines
+
+    async def _wait_for_build(self, spec: EnvSpec, envs: str, progress: Progress | None) -> None:
+        """Wait for the build of `spec`: one per spec in this process, started by the first caller
+        and shared by the others (other processes are kept out by the remote flock).
+
+        A caller that is cancelled (its job was cancelled while its environment was being built)
+        stops waiting at once. When no caller waits any more the build itself is cancelled, which
+        stops the remote build script and the pip under it (`CommandRunner.run` signals a command
+        it gives up on); a build that another job still waits for goes on.
+        """
+        h = spec.spec_hash()
+        build = self._builds.get(h)
+        if build is None or build.task.done():
+            build = _SharedBuild(asyncio.create_task(self._build_unless_ready(spec, envs, progress)))
+            self._builds[h] = build
+            build.task.add_done_callback(functools.partial(self._forget_build, h, build))
+        build.waiters += 1
+        try:
+            await asyncio.shield(build.task)
+        finally:
+            build.waiters -= 1
+            if build.waiters == 0 and not build.task.done():
+                log.info("environment %s: no job waits for it any more; stopping its build", h)
+                build.task.cancel()
+
+    async def _remove_stage(self, stage: str) -> None:
+        try:
+            await self._runner.run(["rm", "-rf", stage], timeout=30)
+        except CloudHPCError as exc:
+            log.warning("could not remove the stage %s of a stopped build: %s", stage, exc)
+
+    def _forget_build(self, h: str, build: _SharedBuild, _task: asyncio.Task[None]) -> None:
+        if self._builds.get(h) is build:
+            del self._builds[h]
+
+    async def _build_unless_ready(self, spec: EnvSpec, envs: str, progress: Progress | None) -> None:
+        if not await self._runner.exists(f"{envs}/{spec.spec_hash()}/.ready"):
+            await self._build(spec, envs, progress)
 
     async def _build(self, spec: EnvSpec, envs: str, progress: Progress | None) -> None:
         h = spec.spec_hash()
@@ -347,6 +385,11 @@ class EnvironmentCache:
                 f"building environment {h} ({spec.summary()}) took more than {self._build_timeout:.0f} s; "
                 f"see {envs}/{h}.log on the cluster"
             ) from exc
+        except asyncio.CancelledError:
+            # Stopped (no job waits for it any more). The script removes its stage itself when it
+            # is signalled, but not when it is killed outright (the local runner's SIGKILL).
+            await asyncio.shield(self._remove_stage(stage))
+            raise
         outcome, tail = _parse_result(result.stdout)
         took = time.monotonic() - started
         if result.exit_status == 0 and outcome == "built":
@@ -360,6 +403,14 @@ class EnvironmentCache:
             f"building environment {h} ({spec.summary()}) failed (exit {result.exit_status}); "
             f"last lines of {envs}/{h}.log:\n{evidence}"
         )
+
+
+@dataclass
+class _SharedBuild:
+    """One running build and how many `ensure` calls wait for it."""
+
+    task: asyncio.Task[None]
+    waiters: int = 0
 
 
 def _tell(progress: Progress | None, message: str) -> None:

@@ -123,6 +123,8 @@ class Agent:
         self._seq = _Sequence()
         self._tracked: dict[UUID, _Tracked] = {}
         self._busy: set[UUID] = set()
+        self._preparing: dict[UUID, asyncio.Task[JobSubmission]] = {}
+        self._cancel_asked: set[UUID] = set()
         self._finishing: set[UUID] = set()
         self._accounting_retry: dict[UUID, tuple[float, float]] = {}  # job -> (not before, next delay)
         self._poller = Poller(backend, config.poll, self._on_observation)
@@ -241,10 +243,21 @@ class Agent:
                 continue
             for job in jobs:
                 if job.id in self._busy:
+                    if job.cancel_requested:
+                        self._cancel_while_busy(job.id)
                     continue
                 self._busy.add(job.id)
                 task = self._spawn(self._handle(job))
                 task.add_done_callback(self._done_with(job.id))
+
+    def _cancel_while_busy(self, job_id: UUID) -> None:
+        """A cancel request for a job being submitted: stop its preparation (an environment build
+        can take many minutes) now; one that is past it is cancelled as soon as sbatch answered."""
+        self._cancel_asked.add(job_id)
+        preparing = self._preparing.get(job_id)
+        if preparing is not None and not preparing.done():
+            log.info("job %s: cancel requested while it is being prepared; stopping that", job_id)
+            preparing.cancel()
 
     def _done_with(self, job_id: UUID) -> Callable[[asyncio.Task[None]], None]:
         return lambda _task: self._busy.discard(job_id)
@@ -272,13 +285,24 @@ class Agent:
         self._poller.poke()
 
     async def _submit(self, job: Job) -> None:
+        try:
+            await self._submit_once(job)
+        finally:
+            self._cancel_asked.discard(job.id)
+
+    async def _submit_once(self, job: Job) -> None:
         await self._report(job.id, JobState.PREPARING)
         stored: asyncio.Task[None] | None = None
         try:
             # find first: porter may re-offer a job whose sbatch succeeded just before a crash
             native = await self.backend.find(job.id)
             if native is None:
-                submission = await self._prepare(job)
+                submission = await self._prepare_unless_cancelled(job)
+                if submission is None:
+                    await self._report(
+                        job.id, JobState.CANCELLED, reason="cancelled while being prepared (before sbatch)"
+                    )
+                    return
                 # The script is kept while sbatch runs, so a job refused by sbatch still has it.
                 stored = self._spawn(self._store_artifacts(job, self._save_submission(job, submission)))
                 native = await self.backend.submit(submission)
@@ -298,6 +322,24 @@ class Agent:
             return
         await self._report(job.id, JobState.QUEUED, slurm_job_id=native)
         self._track(job, native)
+        if job.id in self._cancel_asked:  # asked while sbatch ran: no need to wait for the next offer
+            await self._cancel(job)
+
+    async def _prepare_unless_cancelled(self, job: Job) -> JobSubmission | None:
+        """`_prepare`, or None when the job's cancel request stopped it (`_cancel_while_busy`)."""
+        if job.id in self._cancel_asked:
+            return None
+        task = asyncio.create_task(self._prepare(job))
+        self._preparing[job.id] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                return None  # the preparation was cancelled, not this agent's own work
+            raise
+        finally:
+            self._preparing.pop(job.id, None)
 
     async def _prepare(self, job: Job) -> JobSubmission:
         spec = job.spec
