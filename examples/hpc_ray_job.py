@@ -16,7 +16,7 @@ credentials in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` when the store is `s3
 testbed, with `serve all --config .testbed/cloudhpc.yaml` running):
 
     python examples/hpc_ray_job.py --cluster testbed --mlflow-import 127.0.0.1:19700 \
-        --store-url s3://cloudhpc --s3-endpoint-url http://127.0.0.1:19833 \
+        --s3-endpoint-url http://127.0.0.1:19833 \
         --package 'ray[default,train]' --package 'torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl' \
         --package mlflow-skinny --package numpy
 """
@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the example CNN with Ray on the HPC cluster.")
     parser.add_argument("--cluster", required=True, help="a cluster of porter's configuration")
     parser.add_argument("--mlflow-import", default="", help="MLflow as the bridge VM reaches it (host:port)")
-    parser.add_argument("--store-url", required=True, help="s3://bucket or file:///dir for the data")
+    parser.add_argument(
+        "--store-url",
+        default="",
+        help="where the data goes: one of your own prefixes in porter's object store, since a job reads "
+        "only its owner's objects (default: the first that porter's GET /api/v1/me names)",
+    )
     parser.add_argument("--s3-endpoint-url", default=None)
     parser.add_argument(
         "--package", action="append", default=[], help="pip requirement of the job's environment"
@@ -52,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
 
-    # 1. The data, in the object store.
+    # 1. The data, in the object store, under your own prefix (a job may read only your objects).
+    if not args.store_url:
+        with Client() as hpc:  # CLOUDHPC_URL, CLOUDHPC_TOKEN
+            args.store_url = hpc.me()["inputs"][0].rstrip("/")
     refs = preprocess(
         data_url="",
         store_url=args.store_url,

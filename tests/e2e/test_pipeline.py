@@ -85,13 +85,20 @@ def kfp_env(
     return tmp_path
 
 
+def inputs_url(deployment: Deployment) -> str:
+    """alice's own prefix in porter's store: a job reads only its owner's objects (docs/security.md)."""
+    with deployment.client() as porter:
+        url: str = porter.me()["inputs"][0]
+    return url.rstrip("/")
+
+
 def hpc_params(deployment: Deployment, testbed: Testbed, **overrides: Any) -> dict[str, Any]:
     return {
         "porter_url": deployment.url,
         "cluster": "testbed",
         "tracking_uri": testbed.mlflow_url,
         "mlflow_import": testbed.mlflow_url.removeprefix("http://"),
-        "store_url": f"s3://{testbed.s3_bucket}",
+        "store_url": inputs_url(deployment),
         "s3_endpoint_url": testbed.s3_endpoint,
         "epochs": EPOCHS,
         "hpc_job": {
@@ -184,7 +191,7 @@ def test_cloud_hpc_pipeline_on_the_testbed(
 def test_a_training_failure_fails_the_step(deployment: Deployment, testbed: Testbed, kfp_env: Path) -> None:
     refs = preprocess(
         data_url="",
-        store_url=f"s3://{testbed.s3_bucket}",
+        store_url=inputs_url(deployment),
         prefix=f"pipelines/fmnist/e2e-failure-{uuid.uuid4().hex[:8]}",
         s3_endpoint_url=testbed.s3_endpoint,
     )
@@ -302,7 +309,6 @@ def test_the_example_script_runs(deployment: Deployment, testbed: Testbed) -> No
         str(Path(__file__).resolve().parents[2] / "examples" / "hpc_ray_job.py"),
         "--cluster=testbed",
         f"--mlflow-import={testbed.mlflow_url.removeprefix('http://')}",
-        f"--store-url=s3://{testbed.s3_bucket}",
         f"--s3-endpoint-url={testbed.s3_endpoint}",
         f"--epochs={EPOCHS}",
         *(f"--package={p}" for p in HPC_PACKAGES),
