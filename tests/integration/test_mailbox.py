@@ -351,6 +351,7 @@ def mailbox_settings(testbed: Testbed, objects: S3ObjectStore, tmp_path: Path) -
     key_file = keys / f"{CLUSTER}.key"
     if not key_file.exists():
         key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        key_file.chmod(0o600)
     return Settings(
         porter=PorterConfig(
             database=f"sqlite:///{tmp_path / 'state.db'}",

@@ -247,10 +247,15 @@ def test_a_snapshot_carries_env_values_encrypted() -> None:
         MailboxCodec("c2", KEY).load_snapshot(key, sealed)
 
 
-def test_key_files(tmp_path: Path) -> None:
+def test_key_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good = tmp_path / "good.key"
     good.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    good.chmod(0o600)
     key = MailboxKey.from_file(good, setting="submitter.mailbox_key_file")
+    assert "readable by other users" not in caplog.text
+    good.chmod(0o644)
+    MailboxKey.from_file(good, setting="submitter.mailbox_key_file")
+    assert "good.key is readable by other users (mode 644)" in caplog.text
     assert repr(key) == f"MailboxKey(fingerprint={key.fingerprint})"
     assert key.fingerprint == MailboxKey.from_file(good, setting="x").fingerprint
     short = tmp_path / "short.key"

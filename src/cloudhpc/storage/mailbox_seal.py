@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import secrets
 import struct
 from pathlib import Path
@@ -62,6 +63,8 @@ signature that does not match the bytes and the key (altered, moved, another key
 too old to act on (a replayed snapshot)."""
 
 _NONCE_BYTES = 12
+
+log = logging.getLogger(__name__)
 
 
 class Refused(Exception):
@@ -115,6 +118,12 @@ class MailboxKey:
             raise ConfigError(
                 f"{setting}: {path} holds {len(secret)} bytes, at least {MIN_SECRET_BYTES} are needed; "
                 f"{KEYGEN_HINT}"
+            )
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            # A warning, not a refusal: a Kubernetes Secret volume is 0644 unless defaultMode says otherwise.
+            log.warning(
+                "%s: %s is readable by other users (mode %03o); make it 0600 (0400)", setting, path, mode
             )
         return cls(secret)
 
