@@ -144,7 +144,8 @@ class MailboxRelay:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.applied: Counter[str] = Counter()
-        """Up objects read past (applied, or skipped as unreadable), per cluster."""
+        """Up objects read past (applied, or signed but unreadable), per cluster; refused ones are
+        counted in `refused` instead."""
         self.published: Counter[str] = Counter()
         """Snapshots published, per cluster."""
         self.refused: Counter[tuple[str, Reason]] = Counter()
