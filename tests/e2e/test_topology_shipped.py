@@ -529,7 +529,10 @@ def sacct(topology: Topology, job: Job, fields: str, expected: str, timeout: flo
         time.sleep(1)
 
 
-def no_secrets_leaked(topology: Topology, platform: Platform, laptop: Laptop) -> None:
+def no_secrets_leaked(topology: Topology, platform: Platform, laptop: Laptop, job: Job) -> None:
+    """No token, S3 key, database password or key passphrase in porter's or the submitter's log or
+    arguments, nor in anything the job left on the cluster (its directory in hpcuser's home, shared
+    by every host); the staged bridge key is gone once the job ended."""
     secrets = [*platform.secrets, laptop.passphrase]
     for process in (platform.porter, laptop.submitter):
         log = process.log.read_text(errors="replace")
@@ -537,6 +540,20 @@ def no_secrets_leaked(topology: Topology, platform: Platform, laptop: Laptop) ->
         for secret in secrets:
             assert secret not in log, f"a secret in {process.name}'s log"
             assert secret not in cmdline, f"a secret in {process.name}'s arguments"
+    home = subprocess.run(
+        ["getent", "passwd", topology.ssh_user], capture_output=True, text=True, check=True
+    ).stdout.split(":")[5]
+    jobdir = Path(home, ".cloudhpc", "jobs", str(job.id))
+    assert jobdir.is_dir(), jobdir
+    deadline = time.monotonic() + 30
+    while any(p.name == "bridge_key" for p in jobdir.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(1)
+    for path in jobdir.rglob("*"):
+        assert path.name != "bridge_key", f"{path} outlived the job"
+        if path.is_file():
+            content = path.read_bytes().decode(errors="replace")
+            for secret in secrets:
+                assert secret not in content, f"a secret in {path}"
 
 
 # ---------------------------------------------------------------- the tests
@@ -597,7 +614,7 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
     assert client.artifacts(final) == []
     assert "not in porter's object store" in laptop.submitter.log.read_text(), laptop.submitter.tail()
 
-    no_secrets_leaked(topology, platform, laptop)
+    no_secrets_leaked(topology, platform, laptop, final)
 
 
 # ---------------------------------------------------------------- a Ray job with bridges
@@ -701,7 +718,7 @@ def test_a_ray_job_exposes_its_dashboard_on_cloud_and_imports_mlflow_through_its
         expected = f"COMPLETED|cloudhpc:{final.id}|{node.group(1)}"
         record = sacct(topology, final, "State,Comment,NodeList", expected)
         assert record == expected, record
-        no_secrets_leaked(topology, platform, laptop)
+        no_secrets_leaked(topology, platform, laptop, final)
     finally:
         subprocess.run(["rm", "-rf", str(marker_dir)], check=False)
 
