@@ -56,6 +56,9 @@ IMAGE_ENV = {"HOME": "/var/lib/cloudhpc", "PYTHONUNBUFFERED": "1", "PYTHONDONTWR
 IMAGE_WORKDIR = "/var/lib/cloudhpc"
 """ENV and WORKDIR of deploy/docker/cloudhpc.Dockerfile's runtime stage."""
 
+SCRATCH = Path("/tmp/chpc-shipped-overlays")
+"""The overlays' upper and work directories (removed by the module's `scratch` fixture)."""
+
 CLUSTER = "mahti"
 """The cluster secrets.json defines (secrets_json.py); porter learns it from the agent token."""
 RAY_ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
@@ -126,7 +129,7 @@ def container_argv(host: Host, mounts: Sequence[Mount], user: str, argv: Sequenc
             base = base.parent
         if (base != parent or not Path(m.target).exists()) and base not in overlays:
             overlays.append(base)
-    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"chpc-overlay-{uuid.uuid4().hex[:8]}"
+    scratch = SCRATCH / uuid.uuid4().hex[:8]
     for i, base in enumerate(overlays):
         upper, work = scratch / f"{i}-up", scratch / f"{i}-work"
         lines.append(f"mkdir -p {upper} {work}")
@@ -242,6 +245,15 @@ def platform_md_bridge_literals(topology: Topology) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- the platform: porter on cloud
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scratch() -> Iterator[None]:
+    SCRATCH.mkdir(mode=0o700, exist_ok=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["rm", "-rf", str(SCRATCH)], check=False)
 
 
 @dataclass
