@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 from uuid import UUID
@@ -65,15 +66,22 @@ def store(tmp_path: Path) -> Iterator[Store]:
     store.close()
 
 
-async def test_two_collections_at_once_store_each_byte_once(store: Store, tmp_path: Path) -> None:
+@dataclass
+class Race:
+    """An agent and a job whose output file (empty yet) it collects through a slow reader."""
+
+    agent: Agent
+    tracked: _Tracked
+    output: Path
+
+
+def race(store: Store, tmp_path: Path, delays: list[float]) -> Race:
     workdir = tmp_path / "work"
-    # The first read is quick and its upload is done before the second (slow) read returns: the
-    # second chunk, read at offset 0, must not be stored after the first.
-    backend = SlowReader("local", workdir=workdir, delays=[0.05, 0.5, 0.05])
+    backend = SlowReader("local", workdir=workdir, delays=delays)
     job, _created = store.create_job("alice", JobSpec(name="race", cluster="local", script="true\n"))
     output = Path(backend.paths(job.id).output)
     output.parent.mkdir(parents=True)
-    await asyncio.to_thread(output.write_bytes, OUTPUT)
+    output.touch()
     agent = Agent(
         "local",
         ClusterConfig(backend="local", workdir=str(workdir)),
@@ -81,34 +89,29 @@ async def test_two_collections_at_once_store_each_byte_once(store: Store, tmp_pa
         cast(Channel, StoreChannel(store)),
         workdir=str(workdir),
     )
-    tracked = _Tracked(job=job, native_id=backend.native_id(job.id))
+    return Race(agent, _Tracked(job=job, native_id=backend.native_id(job.id)), output)
+
+
+async def test_two_collections_at_once_store_each_byte_once(store: Store, tmp_path: Path) -> None:
+    # The first read is quick and its upload is done before the second (slow) read returns: the
+    # second chunk, read at offset 0, must not be stored after the first.
+    r = race(store, tmp_path, delays=[0.05, 0.5, 0.05])
+    await asyncio.to_thread(r.output.write_bytes, OUTPUT)
 
     # the periodic collection and the end-of-job collection, as the output loop and the poller run them
-    await asyncio.gather(agent._collect_output(tracked), agent._collect_output(tracked))
+    await asyncio.gather(r.agent._collect_output(r.tracked), r.agent._collect_output(r.tracked))
 
-    assert store.read_output(job.id, 0, 1 << 20) == OUTPUT
-    assert tracked.output_offset == len(OUTPUT)
+    assert store.read_output(r.tracked.job.id, 0, 1 << 20) == OUTPUT
+    assert r.tracked.output_offset == len(OUTPUT)
 
 
 async def test_output_written_between_collections_is_appended_in_order(store: Store, tmp_path: Path) -> None:
     """Overlapping collections while the file grows: the stored log is the file, in order."""
-    workdir = tmp_path / "work"
-    backend = SlowReader("local", workdir=workdir, delays=[0.01, 0.1, 0.03])
-    job, _created = store.create_job("alice", JobSpec(name="race", cluster="local", script="true\n"))
-    output = Path(backend.paths(job.id).output)
-    output.parent.mkdir(parents=True)
-    agent = Agent(
-        "local",
-        ClusterConfig(backend="local", workdir=str(workdir)),
-        backend,
-        cast(Channel, StoreChannel(store)),
-        workdir=str(workdir),
-    )
-    tracked = _Tracked(job=job, native_id=backend.native_id(job.id))
+    r = race(store, tmp_path, delays=[0.01, 0.1, 0.03])
     expected = b""
     for line in range(20):
         chunk = f"line {line:02d}\n".encode()
-        await asyncio.to_thread(append, output, chunk)
+        await asyncio.to_thread(append, r.output, chunk)
         expected += chunk
-        await asyncio.gather(*(agent._collect_output(tracked) for _ in range(3)))
-    assert store.read_output(job.id, 0, 1 << 20) == expected
+        await asyncio.gather(*(r.agent._collect_output(r.tracked) for _ in range(3)))
+    assert store.read_output(r.tracked.job.id, 0, 1 << 20) == expected
