@@ -650,6 +650,21 @@ print("released:", os.path.exists(marker), flush=True)
 """
 
 
+JOB_SUBMISSION = """\
+import sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+entry = "python -c 'import ray, socket; ray.init(); print(\\"answer\\", 6 * 7, \\"on\\", socket.gethostname())'"
+job = client.submit_job(entrypoint=entry)
+deadline = time.time() + 120
+while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    assert time.time() < deadline, "the job did not end"
+    time.sleep(1)
+print(client.get_job_status(job).value)
+print(client.get_job_logs(job))
+"""
+
+
 @pytest.fixture(scope="module")
 def ray_environment(testbed: Testbed) -> None:
     """The Ray environment the job asks for, ready in hpcuser's `~/.cloudhpc/envs/`.
@@ -713,6 +728,14 @@ def test_a_ray_job_exposes_its_dashboard_on_cloud_and_imports_mlflow_through_its
             "cloud", ["curl", "-sf", "--max-time", "10", f"http://{cloud}:{bridge.bridge_port}/api/version"]
         ).stdout
         assert json.loads(version)["ray_version"] == ray.__version__, version
+        # a real JobSubmissionClient on cloud runs a job on the HPC Ray cluster through the bridge
+        submitted = topology.run(
+            "cloud",
+            [sys.executable, "-c", JOB_SUBMISSION, bridge.url or f"http://{cloud}:{bridge.bridge_port}"],
+            timeout=150,
+        ).stdout
+        assert "SUCCEEDED" in submitted, submitted
+        assert "answer 42 on c" in submitted, submitted
         # ... and only there: the laptop has no path to it
         assert topology.probe("laptop", [(cloud, bridge.bridge_port)]) != ["open"]
         running = client.get(job)
