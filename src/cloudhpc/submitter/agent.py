@@ -260,7 +260,11 @@ class Agent:
             preparing.cancel()
 
     def _done_with(self, job_id: UUID) -> Callable[[asyncio.Task[None]], None]:
-        return lambda _task: self._busy.discard(job_id)
+        def done(_task: asyncio.Task[None]) -> None:
+            self._busy.discard(job_id)
+            self._cancel_asked.discard(job_id)  # asked while a cancel of it ran: nothing left to do
+
+        return done
 
     async def _handle(self, job: Job) -> None:
         try:
