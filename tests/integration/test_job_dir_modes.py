@@ -46,6 +46,17 @@ EXPECTED = {
 }
 
 
+async def run_to_end(backend: SlurmBackend | LocalBackend, submission: JobSubmission) -> bytes:
+    """Submit, follow the job to its end (at most a minute), and return its output."""
+    native_id = await backend.submit(submission)
+    for _ in range(240):
+        observed = (await backend.poll([native_id])).get(native_id)
+        if observed is not None and observed.state.terminal:
+            return await backend.read_output(submission.job_id)
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"job {native_id} did not end within a minute")
+
+
 async def test_slurm_job_directory_is_private(testbed_ssh: SSHConfig, testbed: Testbed) -> None:
     conn = SSHConnection(testbed_ssh, cluster="testbed")
     backend = SlurmBackend("testbed", conn, workdir="~/.cloudhpc-test")
@@ -61,14 +72,7 @@ async def test_slurm_job_directory_is_private(testbed_ssh: SSHConfig, testbed: T
         paths = JobPaths(await backend.workdir(), submission.job_id)
         # a directory left wide open (an older version, a hand-made one) is made private again
         await conn.run(["mkdir", "-p", "-m", "755", paths.jobdir])
-        native_id = await backend.submit(submission)
-        output = b""
-        for _ in range(120):
-            observed = (await backend.poll([native_id])).get(native_id)
-            if observed is not None and observed.state.terminal:
-                output = await backend.read_output(submission.job_id)
-                break
-            await asyncio.sleep(0.5)
+        output = await run_to_end(backend, submission)
         assert modes(output, paths.jobdir) == EXPECTED, output
     finally:
         await backend.close()
@@ -81,14 +85,7 @@ async def test_local_job_directory_is_private(tmp_path: Path) -> None:
         paths = JobPaths(str(tmp_path / "work"), submission.job_id)
         await asyncio.to_thread(Path(paths.jobdir).mkdir, parents=True)
         await asyncio.to_thread(Path(paths.jobdir).chmod, 0o755)
-        native_id = await backend.submit(submission)
-        output = b""
-        for _ in range(120):
-            observed = (await backend.poll([native_id])).get(native_id)
-            if observed is not None and observed.state.terminal:
-                output = await backend.read_output(submission.job_id)
-                break
-            await asyncio.sleep(0.25)
+        output = await run_to_end(backend, submission)
         assert modes(output, paths.jobdir) == EXPECTED, output
     finally:
         await backend.close()
