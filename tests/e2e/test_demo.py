@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,11 @@ def test_demo_runs_a_job_and_cleans_up(tmp_path: Path) -> None:
     assert re.search(r"elapsed \d+s, exit code 0, CPU efficiency \d+\.\d%", done.stderr), context
     assert "job ended completed" in done.stderr
 
-    # It ran on the embedded default, in this directory.
+    # It ran on the embedded default, in this directory, readable by this user only.
     for name in ("admin-token", "agent-token", "state.db"):
         assert (tmp_path / ".cloudhpc" / name).exists(), name
+        assert stat.S_IMODE((tmp_path / ".cloudhpc" / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE((tmp_path / ".cloudhpc").stat().st_mode) == 0o700
 
     # Nothing left behind: the server's PID is gone and nobody listens on its port.
     started = re.search(r"serve all` on 127\.0\.0\.1:(\d+)", done.stderr)

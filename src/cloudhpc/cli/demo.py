@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cloudhpc.client import ApiError, Client
+from cloudhpc.private_files import make_private_dirs
 
 __all__ = ["run_demo"]
 
@@ -45,7 +46,7 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
     env = {**os.environ, "CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}"}
     env.pop("CLOUDHPC_CONFIG", None)
     log_path = state_dir / "demo-server.log"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(state_dir)  # it will hold the tokens and the job store
     console.print(f"[bold]1/4[/bold] starting `cloudhpc serve all` on 127.0.0.1:{port}")
     with log_path.open("ab") as log:
         server = subprocess.Popen(

@@ -31,6 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cloudhpc.client import ApiError, Client
+from cloudhpc.private_files import make_private_dirs
 
 __all__ = ["run_pipeline_demo"]
 
@@ -190,7 +191,7 @@ def run_pipeline_demo(
     # Bound to the real stderr: while the pipeline runs, sys.stderr is the log tee.
     console = Console(file=sys.__stderr__)
     started = time.monotonic()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(state_dir)  # it will hold the tokens and the job store
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
     # The local cluster runs the job with this interpreter's tools (ray, python) on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
