@@ -259,7 +259,8 @@ def test_serve_all_keeps_users_inputs_apart(
             "name": "own",
             "files": {"stolen.json": stolen, "data.txt": object_url(objects, keys["input"])},
         }
-        own["script"] = "cat stolen.json data.txt\n"
+        # ...and what the job's code can see of the agent: its environment and its own files
+        own["script"] = "cat stolen.json data.txt\nenv\ncat .cloudhpc/job.sh .cloudhpc/script\n"
         with httpx.Client(
             base_url=server.url, headers={"Authorization": f"Bearer {tokens['alice']}"}
         ) as alice:
@@ -270,6 +271,10 @@ def test_serve_all_keeps_users_inputs_apart(
             output = alice.get(f"/api/v1/jobs/{job['id']}/logs").content
             assert b"alice-secret" in output
             assert b"alice's data" in output
+            agent_token = (tmp_path / ".cloudhpc" / "agent-token").read_text().strip()
+            admin_token = (tmp_path / ".cloudhpc" / "admin-token").read_text().strip()
+            for secret in (testbed.s3_secret_key, agent_token, admin_token):
+                assert secret.encode() not in output, "an agent secret reached the job"
     finally:
         store.close()
         server.stop()
