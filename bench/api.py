@@ -243,6 +243,8 @@ def porter(database: str, root: Path) -> Iterator[tuple[str, str]]:
             "listen": f"127.0.0.1:{port}",
             "database": database,
             "object_store": f"file://{root / 'objects'}",
+            # the bench user may use the cluster (docs/security.md)
+            "access": {"clusters": {"bench": {"users": ["bench"]}}},
         },
         "clusters": {
             # A SLURM cluster nobody serves: jobs are accepted and stay pending.
