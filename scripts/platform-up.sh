@@ -348,7 +348,9 @@ make_tokens() {
   fi
   if [ ! -s "$dir/agent-token-$HPC_CLUSTER" ]; then
     mkdir -p "$dir"
-    token=$(porter_cli tokens create --user "agent-$HPC_CLUSTER" --role agent --cluster "$HPC_CLUSTER")
+    # The agent token's user owns the cluster (docs/security.md): the pipelines' user, so that
+    # pipeline steps may submit to it; other users need porter.access.
+    token=$(porter_cli tokens create --user "${PIPELINE_NS:-agent-$HPC_CLUSTER}" --role agent --cluster "$HPC_CLUSTER")
     (umask 077; printf '%s\n' "$token" > "$dir/agent-token-$HPC_CLUSTER")
     log "token: agent token for cluster $HPC_CLUSTER in $dir/agent-token-$HPC_CLUSTER (copy it to the submitter's machine)"
   fi

@@ -244,6 +244,29 @@ def platform_md_bridge_literals(topology: Topology) -> dict[str, str]:
     return {**literals, **NO_KUBERNETES}
 
 
+PLATFORM_UP_ENV = {"PIPELINE_NS": "kubeflow-user-example-com", "HPC_CLUSTER": CLUSTER}
+"""scripts/platform-up.sh's variables for its default environment, kubeflow-monitoring."""
+
+
+def platform_up_tokens() -> dict[str, list[str]]:
+    """The `porter_cli tokens create ...` calls of scripts/platform-up.sh, as bash expands them with
+    the default environment's variables, by role (admin, user: the pipelines' token, agent)."""
+    script = (ROOT / "scripts" / "platform-up.sh").read_text()
+    calls = re.findall(r"porter_cli (tokens create [^)\n]*)\)", script)
+    tokens: dict[str, list[str]] = {}
+    for call in calls:
+        expanded = subprocess.run(
+            ["bash", "-c", f'set -- {call}; printf "%s\\0" "$@"'],
+            env={"PATH": os.environ["PATH"], **PLATFORM_UP_ENV},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\0")[:-1]
+        tokens[expanded[expanded.index("--role") + 1]] = expanded
+    assert set(tokens) == {"admin", "user", "agent"}, calls
+    return tokens
+
+
 # ---------------------------------------------------------------- the platform: porter on cloud
 
 
@@ -335,7 +358,7 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
         )
 
     def token(*args: str) -> str:
-        proc = run_tool("tokens", "create", *args)
+        proc = run_tool(*args)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
@@ -357,9 +380,9 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
                 pass
             assert time.monotonic() < deadline, f"porter not ready:\n{porter.tail()}"
             time.sleep(0.3)
-        # one cluster is one HPC identity: the user whose key the submitter holds owns it
-        agent_token = token("--user", "alice", "--role", "agent", "--cluster", CLUSTER)
-        user_token = token("--user", "alice")
+        # the tokens scripts/platform-up.sh makes (porter_cli = kubectl exec deploy/porter -- cloudhpc)
+        tokens = {role: token(*argv) for role, argv in platform_up_tokens().items()}
+        agent_token, user_token = tokens["agent"], tokens["user"]
         yield Platform(
             porter,
             url,
@@ -862,7 +885,7 @@ def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
     platform's S3, and fails the job at staging with the reason (docs/platform.md, section 8)."""
     import boto3
 
-    key = f"users/alice/shipped-{uuid.uuid4().hex[:8]}/input.txt"
+    key = f"users/{PLATFORM_UP_ENV['PIPELINE_NS']}/shipped-{uuid.uuid4().hex[:8]}/input.txt"
     s3 = boto3.client(
         "s3",
         endpoint_url=topology.s3_endpoint,
@@ -884,7 +907,7 @@ def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
         )
         final = client.wait(job, timeout=180, poll=5)
         assert final.state == JobState.FAILED, (final.state, final.reason)
-        assert final.reason
+        assert final.reason, final
         assert "input.txt" in final.reason, final.reason
     finally:
         s3.delete_object(Bucket=topology.s3_bucket, Key=key)
