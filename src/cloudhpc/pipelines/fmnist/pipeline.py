@@ -44,6 +44,52 @@ def _secret_env(task: dsl.PipelineTask, keys: dict[str, str]) -> None:
     kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
 
 
+def _preprocess(
+    data_url: str, store_url: str, s3_endpoint_url: str, seed: int, train_limit: int, test_limit: int
+) -> dsl.PipelineTask:
+    """The first step of both pipelines."""
+    pre = fmnist_preprocess(
+        data_url=data_url,
+        store_url=store_url,
+        s3_endpoint_url=s3_endpoint_url,
+        seed=seed,
+        train_limit=train_limit,
+        test_limit=test_limit,
+    ).set_display_name("preprocess")
+    _secret_env(pre, S3_ENV)
+    return pre
+
+
+def _evaluate_register(
+    pre: dsl.PipelineTask,
+    train: dsl.PipelineTask,
+    tracking_uri: str,
+    thresholds: dict[str, float],
+    registered_model_name: str,
+    s3_endpoint_url: str,
+) -> dsl.PipelineTask:
+    """The last step of both pipelines: the test split from `pre`, the model from `train`'s run."""
+    evaluate = fmnist_evaluate_register(
+        tracking_uri=tracking_uri,
+        run_id=train.outputs["run_id"],
+        test_url=pre.outputs["test_url"],
+        thresholds=thresholds,
+        registered_model_name=registered_model_name,
+        data_source=pre.outputs["source"],
+        s3_endpoint_url=s3_endpoint_url,
+    ).set_display_name("evaluate, gate, register")
+    _secret_env(evaluate, S3_ENV)
+    return evaluate
+
+
+def _without_cache(pre: dsl.PipelineTask, train: dsl.PipelineTask, evaluate: dsl.PipelineTask) -> float:
+    """Turn caching off for the three steps; the pipeline's output is the test accuracy."""
+    for task in (pre, train, evaluate):
+        # A cached step would skip a job submission or a registration: never reuse results.
+        task.set_caching_options(False)
+    return evaluate.outputs["test_accuracy"]  # type: ignore[no-any-return]
+
+
 @dsl.pipeline(  # type: ignore[untyped-decorator]
     name="fmnist-cloud-hpc",
     description="Preprocess in the cloud, train a CNN with Ray Train on a SLURM cluster through cloudhpc, "
@@ -76,15 +122,7 @@ def cloud_hpc_pipeline(
     thresholds: dict[str, float] = THRESHOLDS,
     timeout_seconds: float = 0.0,
 ) -> float:
-    pre = fmnist_preprocess(
-        data_url=data_url,
-        store_url=store_url,
-        s3_endpoint_url=s3_endpoint_url,
-        seed=seed,
-        train_limit=train_limit,
-        test_limit=test_limit,
-    ).set_display_name("preprocess")
-    _secret_env(pre, S3_ENV)
+    pre = _preprocess(data_url, store_url, s3_endpoint_url, seed, train_limit, test_limit)
     train = fmnist_train_hpc(
         porter_url=porter_url,
         cluster=cluster,
@@ -106,20 +144,10 @@ def cloud_hpc_pipeline(
         timeout_seconds=timeout_seconds,
     ).set_display_name("train on HPC (Ray Train ray-job)")
     _secret_env(train, TOKEN_ENV)
-    evaluate = fmnist_evaluate_register(
-        tracking_uri=tracking_uri,
-        run_id=train.outputs["run_id"],
-        test_url=pre.outputs["test_url"],
-        thresholds=thresholds,
-        registered_model_name=registered_model_name,
-        data_source=pre.outputs["source"],
-        s3_endpoint_url=s3_endpoint_url,
-    ).set_display_name("evaluate, gate, register")
-    _secret_env(evaluate, S3_ENV)
-    for task in (pre, train, evaluate):
-        # A cached step would skip a job submission or a registration: never reuse results.
-        task.set_caching_options(False)
-    return evaluate.outputs["test_accuracy"]  # type: ignore[no-any-return]
+    evaluate = _evaluate_register(
+        pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url
+    )
+    return _without_cache(pre, train, evaluate)
 
 
 @dsl.pipeline(  # type: ignore[untyped-decorator]
@@ -144,15 +172,7 @@ def cloud_pipeline(
     cpus_per_worker: int = 1,
     thresholds: dict[str, float] = THRESHOLDS,
 ) -> float:
-    pre = fmnist_preprocess(
-        data_url=data_url,
-        store_url=store_url,
-        s3_endpoint_url=s3_endpoint_url,
-        seed=seed,
-        train_limit=train_limit,
-        test_limit=test_limit,
-    ).set_display_name("preprocess")
-    _secret_env(pre, S3_ENV)
+    pre = _preprocess(data_url, store_url, s3_endpoint_url, seed, train_limit, test_limit)
     train = fmnist_train_cloud(
         train_url=pre.outputs["train_url"],
         tracking_uri=tracking_uri,
@@ -168,19 +188,10 @@ def cloud_pipeline(
         cpus_per_worker=cpus_per_worker,
     ).set_display_name("train in the cloud (Ray Train in the step)")
     _secret_env(train, S3_ENV)
-    evaluate = fmnist_evaluate_register(
-        tracking_uri=tracking_uri,
-        run_id=train.outputs["run_id"],
-        test_url=pre.outputs["test_url"],
-        thresholds=thresholds,
-        registered_model_name=registered_model_name,
-        data_source=pre.outputs["source"],
-        s3_endpoint_url=s3_endpoint_url,
-    ).set_display_name("evaluate, gate, register")
-    _secret_env(evaluate, S3_ENV)
-    for task in (pre, train, evaluate):
-        task.set_caching_options(False)
-    return evaluate.outputs["test_accuracy"]  # type: ignore[no-any-return]
+    evaluate = _evaluate_register(
+        pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url
+    )
+    return _without_cache(pre, train, evaluate)
 
 
 PIPELINES = {"fmnist-cloud-hpc": cloud_hpc_pipeline, "fmnist-cloud": cloud_pipeline}
