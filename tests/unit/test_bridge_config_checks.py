@@ -187,6 +187,11 @@ def test_staging_says_what_is_missing_or_different(tmp_path: Path) -> None:
         StagingError, match=r"porter\.bridge\.key_file and porter\.bridge\.known_hosts not set"
     ):
         agent(bridge(bind_address="192.168.1.10"))._tunnel_access(ray_job("192.168.1.10"))
+    narrow = here.model_copy(update={"bind_address": "192.168.1.10", "port_range": (19600, 19699)})
+    with pytest.raises(
+        StagingError, match=r"porter\.bridge\.port_range: .* \[19500\], outside .*\[19600, 19699\]"
+    ):
+        agent(narrow)._tunnel_access(ray_job("192.168.1.10"))
     same = here.model_copy(update={"bind_address": "192.168.1.10"})
     access = agent(same)._tunnel_access(ray_job("192.168.1.10"))
     assert (access.host, access.bind_address, access.key) == ("86.50.1.2", "192.168.1.10", b"k")

@@ -423,6 +423,15 @@ class Agent:
                 f"{', '.join(sorted(published))}, but this submitter's porter.bridge would bind them at "
                 f"{bridge.public_host}; give both sides the same porter.bridge (docs/bridge-vm.md)"
             )
+        low, high = bridge.port_range
+        outside = sorted(b.bridge_port for b in job.bridges if not low <= b.bridge_port <= high)
+        if outside:
+            # the bridge key's permitlisten (`cloudhpc bridge authorized-key`, from this side's
+            # configuration) would refuse the job's -R on them
+            raise StagingError(
+                f"porter.bridge.port_range: porter gave this job bridge port(s) {outside}, outside this "
+                f"submitter's [{low}, {high}]; give both sides the same porter.bridge (docs/bridge-vm.md)"
+            )
         try:
             key_file, known_hosts_file = bridge.job_files()
         except ConfigError as exc:
