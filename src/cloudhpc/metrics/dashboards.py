@@ -21,6 +21,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from grafana_foundation_sdk.builders import (
     bargauge,
@@ -81,17 +82,24 @@ def _thresholds(*steps: tuple[float | None, str]) -> dashboard.ThresholdsConfig:
     )
 
 
+_Panel = TypeVar("_Panel", timeseries.Panel, stat.Panel, gauge.Panel, histogram.Panel, bargauge.Panel)
+
+
+def _frame(panel: _Panel, title: str, description: str, *, unit: str, height: int, span: int) -> _Panel:
+    """What every panel of ours sets: title, description, the `datasource` variable, unit and size."""
+    return panel.title(title).description(description).datasource(_DS).unit(unit).height(height).span(span)
+
+
+def _efficiency_thresholds() -> dashboard.ThresholdsConfig:
+    """Red below 25 %, amber below 60 % (jobstats' "low efficiency" advice)."""
+    return _thresholds((None, "red"), (0.25, "orange"), (0.6, "green"))
+
+
 def _timeseries(
     title: str, description: str, *queries: prometheus.Dataquery, unit: str = "short", stack: bool = False
 ) -> timeseries.Panel:
     panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_DS)
-        .unit(unit)
-        .height(8)
-        .span(12)
+        _frame(timeseries.Panel(), title, description, unit=unit, height=8, span=12)
         .fill_opacity(15 if stack else 5)
         .legend(
             common.VizLegendOptions()
@@ -111,13 +119,7 @@ def _stat(
     title: str, description: str, query: prometheus.Dataquery, *, unit: str = "short", span: int = 6
 ) -> stat.Panel:
     return (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_DS)
-        .unit(unit)
-        .height(4)
-        .span(span)
+        _frame(stat.Panel(), title, description, unit=unit, height=4, span=span)
         .graph_mode(common_models.BigValueGraphMode.AREA)
         .color_mode(common_models.BigValueColorMode.VALUE)
         .with_target(query)
@@ -127,16 +129,10 @@ def _stat(
 def _ratio_gauge(title: str, description: str, query: prometheus.Dataquery, *, span: int = 6) -> gauge.Panel:
     """0..1 shown as percent, red below 25 %, amber below 60 % (jobstats' "low efficiency" advice)."""
     return (
-        gauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_DS)
-        .unit("percentunit")
+        _frame(gauge.Panel(), title, description, unit="percentunit", height=6, span=span)
         .min(0)
         .max(1)
-        .height(6)
-        .span(span)
-        .thresholds(_thresholds((None, "red"), (0.25, "orange"), (0.6, "green")))
+        .thresholds(_efficiency_thresholds())
         .with_target(query)
     )
 
@@ -144,13 +140,7 @@ def _ratio_gauge(title: str, description: str, query: prometheus.Dataquery, *, s
 def _histogram(title: str, description: str, query: prometheus.Dataquery, *, unit: str) -> histogram.Panel:
     """A distribution over the recent jobs' current values (one series per job)."""
     return (
-        histogram.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_DS)
-        .unit(unit)
-        .height(8)
-        .span(12)
+        _frame(histogram.Panel(), title, description, unit=unit, height=8, span=12)
         .combine(True)
         .fill_opacity(60)
         .with_target(query)
@@ -159,18 +149,12 @@ def _histogram(title: str, description: str, query: prometheus.Dataquery, *, uni
 
 def _bars(title: str, description: str, query: prometheus.Dataquery) -> bargauge.Panel:
     return (
-        bargauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_DS)
-        .unit("percentunit")
+        _frame(bargauge.Panel(), title, description, unit="percentunit", height=8, span=12)
         .min(0)
         .max(1)
-        .height(8)
-        .span(12)
         .orientation(common_models.VizOrientation.HORIZONTAL)
         .display_mode(common_models.BarGaugeDisplayMode.GRADIENT)
-        .thresholds(_thresholds((None, "red"), (0.25, "orange"), (0.6, "green")))
+        .thresholds(_efficiency_thresholds())
         .with_target(query)
     )
 
