@@ -36,15 +36,18 @@ SLURM_JOBS = 30
 
 
 def barrier_script(go: str, index: int) -> str:
-    """Wait for the file `go` to appear, then print one short line and end.
+    """Wait for the file `go` to appear, then print a line every 0.1 s for a second and end.
 
     The wait is `read -t` on a pipe nobody writes, a sleep without starting a process, so 200
-    waiting jobs cost no CPU. The line is printed last, right before the end: the periodic and
-    the end-of-job collection both find it new.
+    waiting jobs cost no CPU. After it every job prints at once, so the periodic collection has
+    new output for every job in each pass and is still at it when the jobs end together and the
+    end-of-job collection starts for each.
     """
     return (
         "mkfifo .tick && exec 3<>.tick && rm -f .tick\n"
         f'while [ ! -e "{go}" ]; do read -t 0.2 -u 3 _ || true; done\n'
+        f"for line in 1 2 3 4 5 6 7 8 9 10; do printf 'job-%04d line %d\\n' {index} $line; "
+        "read -t 0.1 -u 3 _ || true; done\n"
         f"printf 'job-%04d-done\\n' {index}\n"
     )
 
