@@ -299,11 +299,14 @@ def _mlflow_client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri)
 
 
-def _create_run(client: Any, experiment: str, tags: Mapping[str, str]) -> str:
+def _start_run(tracking_uri: str, experiment: str, tags: Mapping[str, str], say: Say) -> tuple[Any, str]:
+    """An MLflow client and a new run in `experiment` (created if missing), announced with `say`."""
+    client = _mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, tags=dict(tags))
-    return str(run.info.run_id)
+    run_id = str(client.create_run(experiment_id, tags=dict(tags)).info.run_id)
+    say(f"MLflow run {run_id} (experiment {experiment!r} at {tracking_uri})")
+    return client, run_id
 
 
 def train_on_hpc(
@@ -330,13 +333,12 @@ def train_on_hpc(
     Raises `JobFailed` when the job does not complete, after marking the run FAILED and logging the
     accounting it has, so the failure is visible in MLflow as well as in the step."""
     step_started = time.monotonic()
-    mlflow_client = _mlflow_client(tracking_uri)
-    run_id = _create_run(
-        mlflow_client,
+    mlflow_client, run_id = _start_run(
+        tracking_uri,
         experiment,
         {"pipeline.variant": "cloud-hpc", "cloudhpc.cluster": cluster, "data.note": data_note[:5000]},
+        say,
     )
-    say(f"MLflow run {run_id} (experiment {experiment!r} at {tracking_uri})")
     spec = training_job_spec(
         name="fmnist-train",
         cluster=cluster,
@@ -431,11 +433,9 @@ def train_in_cloud(
     from cloudhpc.pipelines.fmnist import train as train_module
 
     step_started = time.monotonic()
-    mlflow_client = _mlflow_client(tracking_uri)
-    run_id = _create_run(
-        mlflow_client, experiment, {"pipeline.variant": "cloud", "data.note": data_note[:5000]}
+    mlflow_client, run_id = _start_run(
+        tracking_uri, experiment, {"pipeline.variant": "cloud", "data.note": data_note[:5000]}, say
     )
-    say(f"MLflow run {run_id} (experiment {experiment!r} at {tracking_uri})")
     with tempfile.TemporaryDirectory() as tmp:
         data = fetch_to(train_url, Path(tmp), s3_endpoint_url=s3_endpoint_url)
         argv = [
