@@ -110,27 +110,29 @@ def _int_or_none(value: str | None) -> int | None:
         raise ParseError(f"{value!r} is not an integer") from exc
 
 
-def _tres_value(tres: str | None, name: str) -> float | None:
+def _tres_item(tres: str | None, name: str) -> str | None:
+    """The text of TRES `name` (`256M` for `mem` in `billing=1,cpu=1,mem=256M,node=1`), if present."""
     if _empty(tres):
         return None
     assert tres is not None
     for item in tres.split(","):
         key, _, val = item.partition("=")
         if key == name:
-            try:
-                return float(val)
-            except ValueError:
-                return None
+            return val
     return None
+
+
+def _tres_value(tres: str | None, name: str) -> float | None:
+    val = _tres_item(tres, name)
+    if val is None:
+        return None
+    try:
+        return float(val)
+    except ValueError:
+        return None
 
 
 def _tres_size(tres: str | None, name: str = "mem") -> int | None:
     """Bytes of a size-valued TRES (`mem=256M` in `billing=1,cpu=1,mem=256M,node=1`)."""
-    if _empty(tres):
-        return None
-    assert tres is not None
-    for item in tres.split(","):
-        key, _, val = item.partition("=")
-        if key == name:
-            return parse_size(val)
-    return None
+    val = _tres_item(tres, name)
+    return None if val is None else parse_size(val)
