@@ -16,7 +16,7 @@ from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
 from cloudhpc.hpc.backend import AccountingRecord, CommandResult
-from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES
+from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES, _require_ok
 from cloudhpc.hpc.slurm.ids import check_native_id, parse_job_id
 from cloudhpc.hpc.slurm.states import map_state, normalize_state
 from cloudhpc.hpc.slurm.tables import parse_table
@@ -156,11 +156,5 @@ class Sacct:
 
     @staticmethod
     def parse(result: CommandResult) -> list[SacctRow]:
-        if not result.ok:
-            raise AccountingUnavailable(
-                "sacct could not answer",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
-            )
+        _require_ok(result, "sacct could not answer", AccountingUnavailable)
         return [_sacct_row(row) for row in parse_table(result.stdout, expected=SACCT_FIELDS)]

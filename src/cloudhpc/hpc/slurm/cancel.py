@@ -28,4 +28,4 @@ class Scancel:
     def parse(result: CommandResult) -> None:
         if result.ok or _ALREADY_GONE.search(result.stderr):
             return
-        _require_ok(result, "scancel")
+        _require_ok(result, "scancel failed")

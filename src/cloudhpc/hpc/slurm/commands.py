@@ -31,8 +31,9 @@ class _Command(Protocol[_T_co]):
     def parse(self, result: CommandResult) -> _T_co: ...
 
 
-def _require_ok(result: CommandResult, what: str) -> None:
+def _require_ok(
+    result: CommandResult, message: str, error: type[SchedulerCommandError] = SchedulerCommandError
+) -> None:
+    """Raise `error(message)` with the command's evidence (argv, exit status, stderr) when it failed."""
     if not result.ok:
-        raise SchedulerCommandError(
-            f"{what} failed", argv=result.argv, exit_status=result.exit_status, stderr=result.stderr
-        )
+        raise error(message, argv=result.argv, exit_status=result.exit_status, stderr=result.stderr)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
 from cloudhpc.hpc.backend import AccountingRecord, CommandResult, Efficiency
+from cloudhpc.hpc.slurm.commands import _require_ok
 from cloudhpc.hpc.slurm.ids import check_native_id
 from cloudhpc.hpc.slurm.states import normalize_state
 from cloudhpc.hpc.slurm.values import _UNITS, parse_duration
@@ -39,13 +40,7 @@ class Seff:
 
     @staticmethod
     def parse(result: CommandResult) -> Efficiency:
-        if not result.ok:
-            raise AccountingUnavailable(
-                "seff could not answer",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
-            )
+        _require_ok(result, "seff could not answer", AccountingUnavailable)
         fields: dict[str, str] = {}
         for line in result.stdout.splitlines():
             key, sep, value = line.partition(":")

@@ -84,7 +84,7 @@ class Squeue:
             # 22.05 answers a single unknown id with an error instead of an empty table.
             if "Invalid job id specified" in result.stderr:
                 return []
-            _require_ok(result, "squeue")
+            _require_ok(result, "squeue failed")
         rows = parse_table(result.stdout, expected=[header for header, _ in SQUEUE_FIELDS])
         return [
             SqueueRow(

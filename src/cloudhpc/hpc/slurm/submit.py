@@ -13,6 +13,7 @@ from uuid import UUID
 from cloudhpc.domain.jobs import Resources
 from cloudhpc.exceptions import ParseError, QuotaExceeded, SubmitRejected
 from cloudhpc.hpc.backend import CommandResult, JobPaths
+from cloudhpc.hpc.slurm.commands import _require_ok
 from cloudhpc.hpc.slurm.ids import comment_for, job_name_for
 
 __all__ = ["Sbatch", "resource_flags"]
@@ -72,14 +73,11 @@ class Sbatch:
 
     @staticmethod
     def parse(result: CommandResult) -> str:
-        if not result.ok:
-            error = QuotaExceeded if _QUOTA.search(result.stderr) else SubmitRejected
-            raise error(
-                "sbatch refused the job",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
-            )
+        _require_ok(
+            result,
+            "sbatch refused the job",
+            QuotaExceeded if _QUOTA.search(result.stderr) else SubmitRejected,
+        )
         lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
         match = re.match(r"^([0-9]+)(?:;\S+)?$", lines[-1]) if lines else None
         if match is None:
