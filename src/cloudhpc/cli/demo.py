@@ -2,7 +2,8 @@
 
 Starts `cloudhpc serve all` (SQLite, local object store, the `local` cluster) as a child process on
 a free loopback port, submits a small batch job through the SDK, follows it, prints its output and
-accounting, and stops the server it started (by PID).
+accounting, and stops the server it started (by PID). `free_port`, `wait_ready` and `stop_server`
+are the child's lifecycle, shared with the pipeline demo.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.console import Console
 from cloudhpc.client import ApiError, Client
 from cloudhpc.private_files import make_private_dirs
 
-__all__ = ["run_demo"]
+__all__ = ["free_port", "run_demo", "stop_server", "wait_ready"]
 
 DEMO_SCRIPT = """\
 echo "hello from cloudhpc job $CLOUDHPC_JOB_ID on $(hostname)"
@@ -33,16 +34,45 @@ echo "GREETING=$GREETING"
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
+def wait_ready(server: subprocess.Popen[bytes], url: str, token_file: Path, timeout: float) -> Client | None:
+    """A client of the `serve all` child at `url` once it has written its admin token and an agent is
+    online; None when the child exits first (`server.poll()` tells) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return None
+        if token_file.exists():
+            client = Client(url, token_file.read_text().strip())
+            try:
+                if any(c["agent_online"] for c in client.clusters()):
+                    return client
+            except ApiError:
+                pass
+            client.close()
+        time.sleep(0.2)
+    return None
+
+
+def stop_server(server: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop the child we started, by its PID: SIGTERM, then SIGKILL after `timeout` seconds."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
     console = Console(stderr=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}"}
     env.pop("CLOUDHPC_CONFIG", None)
     log_path = state_dir / "demo-server.log"
@@ -58,25 +88,12 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
         )
     console.print(f"      server pid {server.pid}, log {log_path}", soft_wrap=True)
     try:
-        token_file = state_dir / "admin-token"
-        deadline = time.monotonic() + 60
-        client: Client | None = None
-        while time.monotonic() < deadline:
+        client = wait_ready(server, f"http://127.0.0.1:{port}", state_dir / "admin-token", 60)
+        if client is None:
             if server.poll() is not None:
                 console.print(f"[red]the server exited ({server.returncode}); see {log_path}[/red]")
-                return 1
-            if token_file.exists():
-                candidate = Client(f"http://127.0.0.1:{port}", token_file.read_text().strip())
-                try:
-                    if any(c["agent_online"] for c in candidate.clusters()):
-                        client = candidate
-                        break
-                except ApiError:
-                    pass
-                candidate.close()
-            time.sleep(0.2)
-        if client is None:
-            console.print(f"[red]the server did not become ready in 60 s; see {log_path}[/red]")
+            else:
+                console.print(f"[red]the server did not become ready in 60 s; see {log_path}[/red]")
             return 1
         with client:
             console.print("[bold]2/4[/bold] submitting a batch job to the `local` cluster")
@@ -116,10 +133,5 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
             console.print(f"job ended [bold]{final.state.value}[/bold]")
             return 0 if final.state.value == "completed" else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, 15)
         console.print(f"stopped the server (pid {server.pid})")

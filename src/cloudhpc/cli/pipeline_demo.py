@@ -18,7 +18,6 @@ import contextlib
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cloudhpc.client import ApiError, Client
+from cloudhpc.cli.demo import free_port, stop_server, wait_ready
+from cloudhpc.client import Client
 from cloudhpc.private_files import make_private_dirs
 
 __all__ = ["run_pipeline_demo"]
@@ -53,13 +53,6 @@ _SHOW = re.compile(
 _TASK_START = re.compile(r"Executing task .*?'(?P<task>[a-z-]+)'")
 _TASK_END = re.compile(r"Task .*?'(?P<task>[a-z-]+)'.* finished with status .*?(?P<status>SUCCESS|FAILURE)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class _Tee(io.TextIOBase):
@@ -116,11 +109,11 @@ def _read_env(path: Path) -> dict[str, str]:
 def _serve_all(
     state_dir: Path, env: dict[str, str], console: Console, config: Path | None
 ) -> Iterator[Client]:
-    port = _free_port()
+    port = free_port()
     env = {
         **env,
         "CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}",
-        "CLOUDHPC_SUBMITTER__LISTEN": f"127.0.0.1:{_free_port()}",
+        "CLOUDHPC_SUBMITTER__LISTEN": f"127.0.0.1:{free_port()}",
     }
     argv = [sys.executable, "-m", "cloudhpc", "serve", "all"]
     if config is not None:
@@ -132,31 +125,15 @@ def _serve_all(
         f"      porter + agent on 127.0.0.1:{port}, pid {server.pid}, log {log_path}", soft_wrap=True
     )
     try:
-        token_file = state_dir / "admin-token"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        client = wait_ready(server, f"http://127.0.0.1:{port}", state_dir / "admin-token", 90)
+        if client is None:
             if server.poll() is not None:
                 raise RuntimeError(f"`cloudhpc serve all` exited ({server.returncode}); see {log_path}")
-            if token_file.exists():
-                client = Client(f"http://127.0.0.1:{port}", token_file.read_text().strip())
-                try:
-                    if any(c["agent_online"] for c in client.clusters()):
-                        break
-                except ApiError:
-                    pass
-                client.close()
-            time.sleep(0.2)
-        else:
             raise RuntimeError(f"`cloudhpc serve all` not ready after 90 s; see {log_path}")
         with client:
             yield client
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, 20)
         console.print(f"      stopped porter + agent (pid {server.pid})")
 
 
