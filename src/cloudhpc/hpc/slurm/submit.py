@@ -24,28 +24,29 @@ _QUOTA = re.compile(
     re.IGNORECASE,
 )
 
+_FLAG_FIELDS = (
+    "nodes",
+    "ntasks_per_node",
+    "cpus_per_task",
+    "gpus_per_node",
+    "mem",
+    "time",
+    "partition",
+    "account",
+)
+"""The `Resources` fields sbatch is given, in this order, each as `--<name with dashes>=<value>`."""
+
 
 def resource_flags(resources: Resources) -> list[str]:
     """`--flag=value` argv elements for the set fields, each value re-validated by the domain model
     (defence in depth: a `model_construct`ed Resources never bypasses the patterns)."""
     checked = Resources.model_validate(resources.model_dump())
     flags: list[str] = []
-    if checked.nodes is not None:
-        flags.append(f"--nodes={checked.nodes}")
-    if checked.ntasks_per_node is not None:
-        flags.append(f"--ntasks-per-node={checked.ntasks_per_node}")
-    if checked.cpus_per_task is not None:
-        flags.append(f"--cpus-per-task={checked.cpus_per_task}")
-    if checked.gpus_per_node:
-        flags.append(f"--gpus-per-node={checked.gpus_per_node}")
-    if checked.mem is not None:
-        flags.append(f"--mem={checked.mem}")
-    if checked.time is not None:
-        flags.append(f"--time={checked.time}")
-    if checked.partition is not None:
-        flags.append(f"--partition={checked.partition}")
-    if checked.account is not None:
-        flags.append(f"--account={checked.account}")
+    for name in _FLAG_FIELDS:
+        value = getattr(checked, name)
+        if value is None or (name == "gpus_per_node" and not value):  # 0 GPUs: no flag
+            continue
+        flags.append(f"--{name.replace('_', '-')}={value}")
     return flags
 
 
