@@ -602,6 +602,28 @@ def test_concurrent_appends_at_one_offset_store_one_chunk(store: Store) -> None:
     assert store.read_output(job.id, 0, 100) == b"line 1\n"
 
 
+def test_concurrent_overlapping_appends_store_the_stream_once(store: Store) -> None:
+    """Senders that each resend what they read from their own offset, as a retried or doubled
+    upload does (issue 12, item 5): whatever order the store sees them in, each byte is stored
+    once and at its place, and a sender told where the store stands can go on from there."""
+    job, _ = store.create_job("alice", spec())
+    stream = bytes(range(256)) * 4
+
+    def sender(i: int) -> int:
+        offset = 0
+        for length in (7 + i, 64, 100 + 3 * i, 1024):
+            chunk = stream[offset : offset + length]
+            if not chunk:
+                break
+            offset = store.append_output(job.id, offset, chunk)
+        while offset < len(stream):  # catch up from where the store says it is
+            offset = store.append_output(job.id, offset, stream[offset : offset + 50])
+        return offset
+
+    assert concurrently(8, sender) == [len(stream)] * 8
+    assert store.read_output(job.id, 0, 1 << 20) == stream
+
+
 # -- schema and migrations -----------------------------------------------------------------------
 
 
