@@ -33,10 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.*
 
 import ray
-import yaml
 from kfp import local
 from mlflow.tracking import MlflowClient
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import bridged_deployment
 from tests.testbed import load_testbed
 
 from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline, cloud_pipeline
@@ -93,14 +92,7 @@ def main() -> int:
     tag = uuid.uuid4().hex[:6]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bridge = yaml.safe_load(tb.config_file.read_text())["porter"]["bridge"]
-        dep = Deployment(
-            root / "deploy",
-            tb,
-            f"sqlite:///{root / 'state.db'}",
-            object_store=f"s3://{tb.s3_bucket}/bench-pipeline",
-            porter_settings={"bridge": bridge},
-        )
+        dep = bridged_deployment(root, tb, "bench-pipeline")
         dep.start("porter")
         dep.start("submitter")
         os.environ["CLOUDHPC_TOKEN"] = dep.user_token

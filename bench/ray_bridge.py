@@ -24,14 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.*
 
 import httpx
-import ray
 import yaml
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import bridged_deployment
+from tests.e2e.ray_jobs import ray_spec
 from tests.testbed import load_testbed
 
 from cloudhpc.client import Client
@@ -42,24 +41,11 @@ RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 TARGET_BRIDGE = 10.0
 TARGET_OVERHEAD = 12.0
 TARGET_END = 2.0
-ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
-NODE = {"cpus_per_task": 1, "mem": "1G"}
 ENTRYPOINT = (
     'echo "START $(date +%s.%N)"\n'
     "python -c \"import ray; ray.init(); print('ray says', ray.get(ray.remote(lambda: 42).remote()))\"\n"
     'echo "END $(date +%s.%N)"\n'
 )
-
-
-def spec(name: str, kind: str, **ray_fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "cluster": "testbed",
-        "kind": kind,
-        "ray": {"head": NODE, **ray_fields},
-        "resources": {"time": "00:10:00"},
-        "environment": ENV,
-    }
 
 
 def wait_state(client: Client, job: Job, state: JobState, timeout: float) -> tuple[Job, float]:
@@ -73,7 +59,7 @@ def wait_state(client: Client, job: Job, state: JobState, timeout: float) -> tup
 
 def bridge_run(client: Client, name: str) -> tuple[float, float]:
     posted = time.time()
-    job = client.submit(spec(name, "ray-cluster", expose=["dashboard"]))
+    job = client.submit(ray_spec(name, "ray-cluster", expose=["dashboard"]))
     url = next(b.url for b in job.bridges if b.name == "dashboard")
     assert url is not None
     answered = None
@@ -97,7 +83,7 @@ def bridge_run(client: Client, name: str) -> tuple[float, float]:
 
 def rayjob_run(client: Client, name: str) -> tuple[float, float, float]:
     posted = time.time()
-    job = client.submit(spec(name, "ray-job", entrypoint=ENTRYPOINT))
+    job = client.submit(ray_spec(name, "ray-job", entrypoint=ENTRYPOINT))
     final, seen = wait_state(client, job, JobState.COMPLETED, 600)
     assert final.state == JobState.COMPLETED, client.logs(final).data.decode()[-2000:]
     text = client.logs(final).data.decode()
@@ -108,12 +94,8 @@ def rayjob_run(client: Client, name: str) -> tuple[float, float, float]:
 
 def main() -> int:
     testbed = load_testbed()
-    bridge = yaml.safe_load(testbed.config_file.read_text())["porter"]["bridge"]
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-        root = Path(tmp)
-        dep = Deployment(
-            root / "deploy", testbed, f"sqlite:///{root / 'state.db'}", porter_settings={"bridge": bridge}
-        )
+        dep = bridged_deployment(Path(tmp), testbed)
         config = yaml.safe_load(dep.config.read_text())
         config["clusters"]["testbed"].pop("poll", None)  # the defaults a real cluster gets
         dep.config.write_text(yaml.safe_dump(config))

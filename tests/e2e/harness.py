@@ -40,6 +40,19 @@ def running(dep: Deployment) -> Iterator[Deployment]:
         dep.stop()
 
 
+def bridged_deployment(root: Path, testbed: Testbed, object_prefix: str | None = None) -> Deployment:
+    """A deployment in `root` (SQLite store) whose porter has the testbed's bridge VM, for Ray jobs
+    that expose ports; with `object_prefix`, artifacts go to s3://<testbed bucket>/<object_prefix>."""
+    bridge = yaml.safe_load(testbed.config_file.read_text())["porter"]["bridge"]
+    return Deployment(
+        root / "deploy",
+        testbed,
+        f"sqlite:///{root / 'state.db'}",
+        object_store=f"s3://{testbed.s3_bucket}/{object_prefix}" if object_prefix else None,
+        porter_settings={"bridge": bridge},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

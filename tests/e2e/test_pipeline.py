@@ -30,7 +30,6 @@ import mlflow
 import numpy as np
 import pytest
 import ray
-import yaml
 from kfp import local
 from mlflow.tracking import MlflowClient
 
@@ -38,7 +37,7 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.pipelines.components import cloudhpc_job, fmnist_train_hpc
 from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline, cloud_pipeline
 from cloudhpc.pipelines.fmnist.steps import preprocess
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, bridged_deployment
 from tests.testbed import Testbed
 
 TORCH_WHEEL = "torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -51,15 +50,7 @@ ENV_BUILD = 900
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("pipeline")
-    bridge = yaml.safe_load(testbed.config_file.read_text())["porter"]["bridge"]
-    dep = Deployment(
-        root / "deploy",
-        testbed,
-        f"sqlite:///{root / 'state.db'}",
-        object_store=f"s3://{testbed.s3_bucket}/pipeline-e2e",
-        porter_settings={"bridge": bridge},
-    )
+    dep = bridged_deployment(tmp_path_factory.mktemp("pipeline"), testbed, "pipeline-e2e")
     dep.start("porter")
     dep.start("submitter")
     dep.scrape_with_prometheus(f"pipeline-{uuid.uuid4().hex[:8]}")

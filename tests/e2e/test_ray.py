@@ -18,8 +18,6 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-import ray
-import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cloudhpc.client import ApiError
@@ -33,38 +31,18 @@ from cloudhpc.hpc.slurm import SlurmBackend
 from cloudhpc.hpc.ssh import SSHConnection
 from cloudhpc.ray.script import render_ray_job
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment, running
+from tests.e2e.harness import Deployment, bridged_deployment, running
+from tests.e2e.ray_jobs import ray_spec
 from tests.testbed import Testbed
 
-RAY_ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
-"""The same version as this process's JobSubmissionClient; one cached environment for every test."""
-NODE = {"cpus_per_task": 1, "mem": "1G"}
 FIRST_START = 900.0
 """Seconds for the first cluster: may include building the Ray environment (pip install ray)."""
 
 
-def ray_spec(name: str, kind: str, **ray_fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "cluster": "testbed",
-        "kind": kind,
-        "ray": {"head": NODE, **ray_fields},
-        "resources": {"time": "00:10:00"},
-        "environment": RAY_ENV,
-    }
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("ray")
-    bridge = yaml.safe_load(testbed.config_file.read_text())["porter"]["bridge"]
-    dep = Deployment(
-        root / "deploy",
-        testbed,
-        f"sqlite:///{root / 'state.db'}",
-        object_store=f"s3://{testbed.s3_bucket}/ray-e2e",  # artifacts, and `files` given as s3:// URLs
-        porter_settings={"bridge": bridge},
-    )
+    # artifacts, and `files` given as s3:// URLs, under s3://<bucket>/ray-e2e
+    dep = bridged_deployment(tmp_path_factory.mktemp("ray"), testbed, "ray-e2e")
     with running(dep):
         yield dep
 
