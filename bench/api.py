@@ -37,7 +37,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.*
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from tests.e2e.harness import free_port
 from tests.integration.stores import postgres_url, sqlite_url
 
 from cloudhpc.store import Store
@@ -128,13 +128,6 @@ class HttpxConnection:
 
 
 OPENERS = {"raw": RawConnection.open, "httpx": HttpxConnection.open}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
