@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from cloudhpc.config import SSHConfig
+from tests.slurm_jobs import ssh_config
 from tests.testbed import Testbed, load_testbed
 from tests.topology import Topology, load_topology
 
@@ -16,13 +17,7 @@ def testbed() -> Testbed:
 @pytest.fixture(scope="session")
 def testbed_ssh(testbed: Testbed) -> SSHConfig:
     """SSH settings for the testbed's login node, with the host key pinned."""
-    return SSHConfig(
-        host=testbed.ssh_host,
-        port=testbed.ssh_port,
-        user=testbed.ssh_user,
-        key_file=testbed.ssh_key,
-        known_hosts=testbed.known_hosts,
-    )
+    return ssh_config(testbed)
 
 
 HOSTILE_STRINGS = [

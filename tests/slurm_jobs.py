@@ -10,19 +10,24 @@ from cloudhpc.hpc.backend import JobPaths, JobSubmission
 from cloudhpc.hpc.jobscript import render_batch_script
 from tests.testbed import Testbed, load_testbed
 
-__all__ = ["make_submission", "testbed_ssh"]
+__all__ = ["make_submission", "ssh_config", "testbed_ssh"]
 
 
-def testbed_ssh() -> tuple[Testbed, SSHConfig]:
-    """The testbed and its SSH settings, for scripts that run outside pytest (bench/)."""
-    testbed = load_testbed()
-    return testbed, SSHConfig(
+def ssh_config(testbed: Testbed) -> SSHConfig:
+    """SSH settings for the testbed's login node, with the host key pinned."""
+    return SSHConfig(
         host=testbed.ssh_host,
         port=testbed.ssh_port,
         user=testbed.ssh_user,
         key_file=testbed.ssh_key,
         known_hosts=testbed.known_hosts,
     )
+
+
+def testbed_ssh() -> tuple[Testbed, SSHConfig]:
+    """The testbed and its SSH settings, for scripts that run outside pytest (bench/)."""
+    testbed = load_testbed()
+    return testbed, ssh_config(testbed)
 
 
 def make_submission(
