@@ -67,8 +67,9 @@ def _evaluate_register(
     thresholds: dict[str, float],
     registered_model_name: str,
     s3_endpoint_url: str,
-) -> dsl.PipelineTask:
-    """The last step of both pipelines: the test split from `pre`, the model from `train`'s run."""
+) -> float:
+    """The last step of both pipelines (the test split from `pre`, the model from `train`'s run);
+    caching off for all three steps; the pipeline's output, the test accuracy."""
     evaluate = fmnist_evaluate_register(
         tracking_uri=tracking_uri,
         run_id=train.outputs["run_id"],
@@ -79,11 +80,6 @@ def _evaluate_register(
         s3_endpoint_url=s3_endpoint_url,
     ).set_display_name("evaluate, gate, register")
     _secret_env(evaluate, S3_ENV)
-    return evaluate
-
-
-def _without_cache(pre: dsl.PipelineTask, train: dsl.PipelineTask, evaluate: dsl.PipelineTask) -> float:
-    """Turn caching off for the three steps; the pipeline's output is the test accuracy."""
     for task in (pre, train, evaluate):
         # A cached step would skip a job submission or a registration: never reuse results.
         task.set_caching_options(False)
@@ -144,10 +140,7 @@ def cloud_hpc_pipeline(
         timeout_seconds=timeout_seconds,
     ).set_display_name("train on HPC (Ray Train ray-job)")
     _secret_env(train, TOKEN_ENV)
-    evaluate = _evaluate_register(
-        pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url
-    )
-    return _without_cache(pre, train, evaluate)
+    return _evaluate_register(pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url)
 
 
 @dsl.pipeline(  # type: ignore[untyped-decorator]
@@ -188,10 +181,7 @@ def cloud_pipeline(
         cpus_per_worker=cpus_per_worker,
     ).set_display_name("train in the cloud (Ray Train in the step)")
     _secret_env(train, S3_ENV)
-    evaluate = _evaluate_register(
-        pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url
-    )
-    return _without_cache(pre, train, evaluate)
+    return _evaluate_register(pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url)
 
 
 PIPELINES = {"fmnist-cloud-hpc": cloud_hpc_pipeline, "fmnist-cloud": cloud_pipeline}
