@@ -290,6 +290,9 @@ class Platform:
     run_tool: Any
     """run_tool(*args, overrides=None): `cloudhpc ARGS` as porter's pod runs it, its environment
     changed by `overrides`."""
+    in_pod: Any
+    """in_pod(argv, extra_mounts=()) -> (argv, env): `argv` in porter's pod (`kubectl exec
+    deploy/porter -- ARGV`) with `extra_mounts` besides the pod's, and the pod's environment."""
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +360,9 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
             check=False,
         )
 
+    def in_pod(argv: Sequence[str], extra_mounts: Sequence[Mount] = ()) -> tuple[list[str], dict[str, str]]:
+        return container_argv(cloud, [*mounts, *extra_mounts], user, list(argv)), dict(env)
+
     def token(*args: str) -> str:
         proc = run_tool(*args)
         assert proc.returncode == 0, proc.stderr
@@ -390,6 +396,7 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
             agent_token,
             (topology.s3_secret_key, database.split("@")[0].rsplit(":", 1)[1], user_token, agent_token),
             run_tool,
+            in_pod,
         )
     finally:
         porter.stop()
