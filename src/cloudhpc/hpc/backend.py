@@ -20,6 +20,7 @@ from uuid import UUID
 
 from cloudhpc.domain.jobs import JobSpec, Observation, Resources
 from cloudhpc.domain.paths import JobPaths
+from cloudhpc.exceptions import RemoteFileError
 
 __all__ = [
     "AccountingRecord",
@@ -30,6 +31,7 @@ __all__ = [
     "JobBackend",
     "JobPaths",
     "JobSubmission",
+    "read_output_file",
 ]
 
 
@@ -84,6 +86,19 @@ class FileTransfer(Protocol):
     async def chmod(self, path: str, mode: int) -> None:
         """Set the permission bits of an existing file or directory (a job directory made private
         even when something created it wider before)."""
+
+
+async def read_output_file(
+    files: FileTransfer, path: str, *, offset: int = 0, length: int | None = None
+) -> bytes:
+    """A job's output file from `offset`, as both backends read it: a file that does not exist (yet)
+    is no output; any other failure to read it is raised."""
+    try:
+        return await files.read_file(path, offset=offset, length=length)
+    except RemoteFileError:
+        if await files.exists(path):
+            raise
+        return b""
 
 
 @dataclass(frozen=True)

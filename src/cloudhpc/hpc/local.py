@@ -34,6 +34,7 @@ from cloudhpc.hpc.backend import (
     FileTransfer,
     JobPaths,
     JobSubmission,
+    read_output_file,
 )
 from cloudhpc.hpc.local_supervisor import (
     CANCEL_FILE,
@@ -507,13 +508,7 @@ class LocalBackend:
         )
 
     async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
-        path = self.paths(job_id).output
-        try:
-            return await self.runner.read_file(path, offset=offset, length=length)
-        except RemoteFileError:
-            if await self.runner.exists(path):
-                raise
-            return b""
+        return await read_output_file(self.runner, self.paths(job_id).output, offset=offset, length=length)
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         paths = self.paths(job_id)

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.paths import resolve_path
-from cloudhpc.exceptions import AccountingUnavailable, ParseError, RemoteFileError, SchedulerCommandError
+from cloudhpc.exceptions import AccountingUnavailable, ParseError, SchedulerCommandError
 from cloudhpc.hpc.backend import (
     AccountingRecord,
     CommandResult,
@@ -27,6 +27,7 @@ from cloudhpc.hpc.backend import (
     FileTransfer,
     JobPaths,
     JobSubmission,
+    read_output_file,
 )
 from cloudhpc.hpc.slurm.accounting import Sacct
 from cloudhpc.hpc.slurm.cancel import Scancel
@@ -252,13 +253,9 @@ class SlurmBackend:
         return compute_efficiency(await self.accounting(native_id))
 
     async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
-        path = (await self.paths(job_id)).output
-        try:
-            return await self._conn.read_file(path, offset=offset, length=length)
-        except RemoteFileError:
-            if await self._conn.exists(path):
-                raise
-            return b""
+        return await read_output_file(
+            self._conn, (await self.paths(job_id)).output, offset=offset, length=length
+        )
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         if not relative_paths:
