@@ -291,8 +291,9 @@ class Platform:
     """run_tool(*args, overrides=None): `cloudhpc ARGS` as porter's pod runs it, its environment
     changed by `overrides`."""
     in_pod: Any
-    """in_pod(argv, extra_mounts=()) -> (argv, env): `argv` in porter's pod (`kubectl exec
-    deploy/porter -- ARGV`) with `extra_mounts` besides the pod's, and the pod's environment."""
+    """in_pod(argv, extra_mounts=(), as_user=None) -> (argv, env): `argv` in porter's pod (`kubectl exec
+    deploy/porter -- ARGV`) with `extra_mounts` besides the pod's, as `as_user` (default: the pod's), and
+    the pod's environment."""
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +361,10 @@ def platform(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> It
             check=False,
         )
 
-    def in_pod(argv: Sequence[str], extra_mounts: Sequence[Mount] = ()) -> tuple[list[str], dict[str, str]]:
-        return container_argv(cloud, [*mounts, *extra_mounts], user, list(argv)), dict(env)
+    def in_pod(
+        argv: Sequence[str], extra_mounts: Sequence[Mount] = (), as_user: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        return container_argv(cloud, [*mounts, *extra_mounts], as_user or user, list(argv)), dict(env)
 
     def token(*args: str) -> str:
         proc = run_tool(*args)
