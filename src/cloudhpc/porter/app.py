@@ -16,7 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloudhpc import __version__
 from cloudhpc.config import Settings
 from cloudhpc.metrics.porter import PorterMetrics
-from cloudhpc.porter import routes_agent, routes_artifacts, routes_bridges, routes_clusters, routes_jobs
+from cloudhpc.porter import (
+    routes_agent,
+    routes_agent_objects,
+    routes_artifacts,
+    routes_bridges,
+    routes_clusters,
+    routes_jobs,
+)
 from cloudhpc.porter.bridges import bridge_reconciler
 from cloudhpc.porter.errors import error_body, install_error_handlers
 from cloudhpc.porter.limits import RequestSizeLimit
@@ -105,6 +112,7 @@ def create_app(
     app.include_router(routes_agent.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_artifacts.agent_router)
+    app.include_router(routes_agent_objects.router)
     app.include_router(routes_bridges.router)
 
     metrics = PorterMetrics(
@@ -116,7 +124,18 @@ def create_app(
     app.state.metrics = metrics
 
     # inside the timer, so refused bodies are counted as 413s too
-    app.add_middleware(RequestSizeLimit, limit=settings.porter.max_request_bytes)
+    app.add_middleware(
+        RequestSizeLimit,
+        limit=settings.porter.max_request_bytes,
+        own_limits=[
+            (
+                "PUT",
+                routes_agent_objects.ARTIFACT_UPLOAD_PATH,
+                routes_agent_objects.MAX_ARTIFACT_BYTES,
+                "an artifact",
+            )
+        ],
+    )
     app.add_middleware(_RequestTimer, metrics=metrics)
 
     @app.get("/healthz", include_in_schema=False)

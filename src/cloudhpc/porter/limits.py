@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Sequence
 from typing import Final
 
 from fastapi import Request
@@ -55,18 +57,36 @@ class RequestSizeLimit:
 
     When the body turns out too large while the app is reading it, the app's own answer to the
     interrupted read (whatever it makes of the exception) is dropped and the 413 sent instead.
+
+    `own_limits` are `(method, path regex, limit, what)` of routes whose bodies have a cap of their
+    own instead (an artifact upload: larger than the app-wide one, and spooled to disk, never held).
     """
 
-    def __init__(self, app: ASGIApp, limit: int, setting: str = "porter.max_request_bytes") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        setting: str = "porter.max_request_bytes",
+        own_limits: Sequence[tuple[str, str, int, str]] = (),
+    ) -> None:
         self.app = app
         self.limit = limit
         self.setting = setting
+        self.own_limits = [(m, re.compile(p), n, what) for m, p, n, what in own_limits]
 
-    def _problem(self) -> HttpProblem:
-        return too_large(self.limit, "the request body", self.setting)
+    def _limit(self, scope: Scope | None) -> tuple[int, str, str | None]:
+        """The cap of this request's body: (bytes, what it is, the setting that sets it)."""
+        if scope is not None:
+            for method, pattern, limit, what in self.own_limits:
+                if scope.get("method") == method and pattern.match(scope.get("path", "")):
+                    return limit, what, None
+        return self.limit, "the request body", self.setting
 
-    async def _refuse(self, send: Send) -> None:
-        problem = self._problem()
+    def _problem(self, scope: Scope | None = None) -> HttpProblem:
+        return too_large(*self._limit(scope))
+
+    async def _refuse(self, send: Send, scope: Scope | None = None) -> None:
+        problem = self._problem(scope)
         body = json.dumps(error_body(problem.code, problem.message, problem.details)).encode()
         await send(
             {
@@ -85,9 +105,10 @@ class RequestSizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)[0]
         declared = _declared_length(scope)
-        if declared is not None and declared > self.limit:
-            await self._refuse(send)
+        if declared is not None and declared > limit:
+            await self._refuse(send, scope)
             return
         received = 0
         exceeded = False
@@ -98,9 +119,9 @@ class RequestSizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     exceeded = True
-                    raise self._problem()  # into the app's read; never leaves this middleware
+                    raise self._problem(scope)  # into the app's read; never leaves this middleware
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -116,11 +137,9 @@ class RequestSizeLimit:
             if not exceeded:
                 raise
         if exceeded:
-            log.info(
-                "refused a request body over %d bytes: %s %s", self.limit, scope["method"], scope["path"]
-            )
+            log.info("refused a request body over %d bytes: %s %s", limit, scope["method"], scope["path"])
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, scope)
 
 
 async def read_capped(request: Request, limit: int, what: str) -> bytes:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from cloudhpc.config import Settings, check_job_bridge
+from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import ConfigError
 from cloudhpc.metrics.agent import AgentMetrics
 from cloudhpc.runtime.backends import open_backend
@@ -30,14 +31,17 @@ async def open_agents(
     *,
     metrics: AgentMetrics | None = None,
     artifacts: ArtifactWriter | None = None,
+    fetch_file: Callable[[str, Job], bytes] | None = None,
     started: list[Agent] | None = None,
 ) -> AsyncIterator[list[Agent]]:
     """One started agent per configured cluster; stopped and disconnected on exit. `channel` is
     shared by all clusters (http) or given per cluster (the S3 mailbox has one per cluster).
+    Inputs are read with `fetch_file` (default: from the agent's object store, `FileFetcher`).
     Agents are appended to `started` as soon as each runs (the health endpoint reads it)."""
     note = check_job_bridge(settings)  # a ConfigError naming the key when porter.bridge is unusable
     if note:
         log.warning("%s", note)
+    fetch = fetch_file or FileFetcher.from_settings(settings).fetch_for
     async with AsyncExitStack() as stack:
         agents = started if started is not None else []
         for name, cluster in settings.clusters.items():
@@ -53,7 +57,7 @@ async def open_agents(
                 workdir=workdir,
                 artifacts=artifacts,
                 bridge=settings.porter.bridge,
-                fetch_file=FileFetcher.from_settings(settings).fetch,
+                fetch_file=fetch,
             )
             await agent.start()
             stack.push_async_callback(agent.stop)

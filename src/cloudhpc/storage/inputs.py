@@ -75,6 +75,10 @@ class InputScope:
             return [f"file://{self.root}/{p}" for p in self.owner_prefixes(owner)]
         return [f"s3://{self.bucket}/{self.prefix}{p}" for p in self.owner_prefixes(owner)]
 
+    def holds(self, url: str) -> bool:
+        """Whether `url` names an object inside this store at all (whoever's it is)."""
+        return self._key(url) is not None
+
     def key_for(self, url: str, owner: str) -> str:
         """The store key `url` names, when it is one of `owner`'s objects; else a StorageError that
         says where the user's inputs may be."""

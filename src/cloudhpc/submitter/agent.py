@@ -104,7 +104,7 @@ class Agent:
         reconcile_interval: float = 30.0,
         artifacts: ArtifactWriter | None = None,
         bridge: BridgeConfig | None = None,
-        fetch_file: Callable[[str, str], bytes] | None = None,
+        fetch_file: Callable[[str, Job], bytes] | None = None,
     ) -> None:
         self.cluster = cluster
         self.config = config
@@ -118,7 +118,8 @@ class Agent:
         self.artifacts = artifacts
         self.bridge = bridge
         self.fetch_file = fetch_file
-        """Reads a `files` value given as an object-store URL (blocking; run in a thread)."""
+        """Reads a `files` value given as an object-store URL for a job (blocking; run in a thread):
+        `FileFetcher.fetch_for` (the agent's own store) or `PorterFileFetcher.fetch_for` (through porter)."""
         """How jobs reach the bridge VM (this side's copy of porter.bridge: its key and known_hosts)."""
         self._seq = _Sequence()
         self._tracked: dict[UUID, _Tracked] = {}
@@ -353,7 +354,7 @@ class Agent:
         if self.envs is not None and not spec.environment.is_empty:
             activation = await self.envs.ensure(spec.environment)
         paths = JobPaths(self.workdir, job.id)
-        files = {path: await self._file_content(content, job.owner) for path, content in spec.files.items()}
+        files = {path: await self._file_content(content, job) for path, content in spec.files.items()}
         if spec.kind != JobKind.BATCH:
             ray = self._render_ray(job, paths, resources)
             script = render_batch_script(
@@ -378,15 +379,15 @@ class Agent:
         files[".cloudhpc/script"] = (spec.script or "").encode()
         return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
 
-    async def _file_content(self, value: str, owner: str) -> bytes:
+    async def _file_content(self, value: str, job: Job) -> bytes:
         """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when
-        it names one of `owner`'s own objects (`submitter/files.py`)."""
+        it names one of the job owner's own objects (`submitter/files.py`, `submitter/porter_objects.py`)."""
         if not is_object_url(value):
             return value.encode()
         if self.fetch_file is None:
             raise StagingError(f"{value}: this agent cannot fetch files from an object store")
         try:
-            return await asyncio.to_thread(self.fetch_file, value, owner)
+            return await asyncio.to_thread(self.fetch_file, value, job)
         except StorageError as exc:
             raise StagingError(str(exc)) from exc
 

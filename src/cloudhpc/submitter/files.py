@@ -12,7 +12,8 @@ so a job spec is never a way to read the submitter's own files (its SSH key) or 
 from __future__ import annotations
 
 from cloudhpc.config import Settings
-from cloudhpc.exceptions import ObjectNotFound
+from cloudhpc.domain.jobs import Job
+from cloudhpc.exceptions import ObjectNotFound, StorageError
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import open_agent_object_store
 from cloudhpc.storage.inputs import InputScope
@@ -42,8 +43,19 @@ class FileFetcher:
     def fetch(self, url: str, owner: str) -> bytes:
         """The object's bytes (blocking). A StorageError names the URL: one that is not `owner`'s
         (with where the owner's inputs may be), or one that names no object."""
+        if not self.scope.holds(url):
+            # porter accepted the URL against its own store: this agent's store is another one
+            raise StorageError(
+                f"{url}: not in this submitter's object store ({self.scope.store_url}), which is not "
+                "porter's: set submitter.object_store to porter.object_store (reachable from here), or "
+                "leave it unset to read inputs through porter"
+            )
         key = self.scope.key_for(url, owner)
         try:
             return self._objects.get(key)
         except ObjectNotFound as exc:
             raise ObjectNotFound(f"{url}: no such object") from exc
+
+    def fetch_for(self, url: str, job: Job) -> bytes:
+        """`fetch` for the job's owner: what the agent calls (`PorterFileFetcher` has the same)."""
+        return self.fetch(url, job.owner)
