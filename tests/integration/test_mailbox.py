@@ -34,7 +34,7 @@ from cloudhpc.config import (
     Settings,
     SubmitterConfig,
 )
-from cloudhpc.domain.jobs import Job, JobKind, JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ChannelError, ConfigError
@@ -63,6 +63,7 @@ from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.agent import Agent
 from cloudhpc.submitter.s3_channel import S3Channel, count_refusals, open_mailbox_channels
+from tests.jobs import job_from
 
 if TYPE_CHECKING:
     from tests.testbed import Testbed
@@ -478,16 +479,8 @@ class RecordingBackend(LocalBackend):
 
 def forged_job(script: str = "echo pwned", cluster: str = CLUSTER) -> Job:
     """A pending job porter never made, as an attacker would put it in a snapshot."""
-    spec = JobSpec(name="forged", cluster=cluster, script=script, env={"STOLEN": "x"})
-    return Job(
-        id=uuid.uuid4(),
-        name="forged",
-        owner="mallory",
-        cluster=cluster,
-        kind=JobKind.BATCH,
-        state=JobState.PENDING,
-        created_at=datetime.now(UTC),
-        spec=spec,
+    return job_from(
+        JobSpec(name="forged", cluster=cluster, script=script, env={"STOLEN": "x"}), owner="mallory"
     )
 
 

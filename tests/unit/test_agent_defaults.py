@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 from cloudhpc.config import ClusterConfig, ClusterDefaults
 from cloudhpc.domain.jobs import Job, JobSpec, Resources
-from cloudhpc.domain.states import JobState
 from cloudhpc.submitter.agent import Agent
+from tests.jobs import job_from
 
 
 def job(**body: Any) -> Job:
-    spec = JobSpec.model_validate({"name": "j", "cluster": "c", **body})
-    return Job(
-        id=uuid4(),
-        name="j",
-        owner="alice",
-        cluster="c",
-        kind=spec.kind,
-        state=JobState.PENDING,
-        created_at=datetime.now(UTC),
-        spec=spec,
-    )
+    return job_from(JobSpec.model_validate({"name": "j", "cluster": "c", **body}))
 
 
 def agent() -> Agent:

@@ -11,19 +11,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.config import BridgeConfig, ClusterConfig, Settings, check_job_bridge, load_settings
 from cloudhpc.domain.jobs import Bridge, Job, JobSpec
-from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, ConfigError, StagingError
 from cloudhpc.submitter.agent import Agent
+from tests.jobs import job_from
 
 
 @pytest.fixture(autouse=True)
@@ -152,15 +150,8 @@ def ray_job(bridge_host: str) -> Job:
             "ray": {"entrypoint": "true", "expose": ["dashboard"]},
         }
     )
-    return Job(
-        id=uuid4(),
-        name="r",
-        owner="alice",
-        cluster="c",
-        kind=spec.kind,
-        state=JobState.PENDING,
-        created_at=datetime.now(UTC),
-        spec=spec,
+    return job_from(
+        spec,
         bridges=[
             Bridge(name="dashboard", remote_port=8265, bridge_host=bridge_host, bridge_port=19500, url=None)
         ],

@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 import pytest
 from pydantic import ValidationError
 
-from cloudhpc.domain.jobs import Job, JobKind, JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ChannelError, ConfigError
@@ -40,23 +40,15 @@ from cloudhpc.storage.mailbox import (
 )
 from cloudhpc.storage.mailbox_seal import MailboxKey, Refused
 from cloudhpc.submitter.s3_channel import S3Channel
+from tests.jobs import job_from
 
 KEY = MailboxKey.generate()
 CODEC = MailboxCodec("c1", KEY)
 
 
 def make_job(state: JobState = JobState.PENDING, *, cancel: bool = False, cluster: str = "c1") -> Job:
-    spec = JobSpec(name="j", cluster=cluster, script="echo hi")
-    return Job(
-        id=uuid4(),
-        name="j",
-        owner="alice",
-        cluster=cluster,
-        kind=JobKind.BATCH,
-        state=state,
-        cancel_requested=cancel,
-        created_at=datetime.now(UTC),
-        spec=spec,
+    return job_from(
+        JobSpec(name="j", cluster=cluster, script="echo hi"), state=state, cancel_requested=cancel
     )
 
 

@@ -14,7 +14,6 @@ import re
 import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from cloudhpc.pipelines.fmnist.hpc_job import HPC_JOB, HpcJob
 from cloudhpc.pipelines.fmnist.steps import object_url, stage_breakdown, training_job_spec
 from cloudhpc.pipelines.fmnist.train import HParams, load_train_file
 from cloudhpc.pipelines.runner import JobOutcome, job_timings
+from tests.jobs import job_from
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -219,17 +219,7 @@ def test_object_urls(tmp_path: Path) -> None:
 
 def _job(**times: datetime | None) -> Job:
     spec = JobSpec.model_validate({"name": "j", "cluster": "c", "script": "true"})
-    return Job(
-        id=uuid4(),
-        name="j",
-        owner="alice",
-        cluster="c",
-        kind=spec.kind,
-        state=JobState.COMPLETED,
-        created_at=times.pop("created_at") or datetime.now(UTC),
-        spec=spec,
-        **times,
-    )
+    return job_from(spec, state=JobState.COMPLETED, **times)
 
 
 def test_stage_breakdown_adds_up() -> None:
