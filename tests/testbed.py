@@ -10,8 +10,12 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".testbed" / "env.sh"
@@ -41,6 +45,18 @@ class Testbed:
     """Prometheus file_sd directory: `porter-*.json` and `submitter-*.json` are scraped every second."""
     mlflow_url: str = "http://127.0.0.1:19700"
     """MLflow tracking server (PostgreSQL backend, artifacts proxied to the S3 bucket `mlflow`)."""
+
+    def s3_client(self) -> S3Client:
+        """A boto3 client of the testbed's S3 server, with the testbed's keys."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id=self.s3_access_key,
+            aws_secret_access_key=self.s3_secret_key,
+            region_name="us-east-1",
+        )
 
 
 def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -185,13 +184,7 @@ def test_ray_jobs_end_with_their_entrypoint_and_import_a_cloud_service(
 ) -> None:
     s3_port = int(testbed.s3_endpoint.rsplit(":", 1)[1])
     key = f"ray-e2e/inputs/{uuid.uuid4()}/import_check.py"
-    boto3.client(
-        "s3",
-        endpoint_url=testbed.s3_endpoint,
-        aws_access_key_id=testbed.s3_access_key,
-        aws_secret_access_key=testbed.s3_secret_key,
-        region_name="us-east-1",
-    ).put_object(Bucket=testbed.s3_bucket, Key=key, Body=IMPORT_CHECK.encode())
+    testbed.s3_client().put_object(Bucket=testbed.s3_bucket, Key=key, Body=IMPORT_CHECK.encode())
     with deployment.client() as client:
         ok = client.submit(
             {

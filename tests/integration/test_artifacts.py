@@ -10,7 +10,6 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import boto3
 import httpx
 from fastapi.testclient import TestClient
 
@@ -95,13 +94,7 @@ def test_layout_and_contents(objects: ObjectStore, store: Store, tmp_path: Path,
     for key in keys:
         assert not objects.get(key).startswith(b"\x80")  # JSON and text, never a pickle
     if isinstance(objects, S3ObjectStore):
-        client = boto3.client(
-            "s3",
-            endpoint_url=testbed.s3_endpoint,
-            aws_access_key_id=testbed.s3_access_key,
-            aws_secret_access_key=testbed.s3_secret_key,
-            region_name="us-east-1",
-        )
+        client = testbed.s3_client()
         etag = client.head_object(Bucket=objects.bucket, Key=objects.prefix + prefix + "output.log")["ETag"]
         assert "-" in etag, f"a 12 MiB log must go up in parts (ETag {etag})"
 

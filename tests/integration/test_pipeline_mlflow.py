@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import mlflow
 import numpy as np
 import pytest
@@ -106,13 +105,7 @@ def test_training_logs_parameters_and_every_epoch_as_it_goes(trained: Trained, t
     # The checkpoint went through the server's artifact proxy into the S3 bucket.
     names = [f.path for f in trained.client.list_artifacts(trained.run_id, "checkpoint")]
     assert sorted(names) == ["checkpoint/architecture.json", "checkpoint/state_dict.pt"]
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=testbed.s3_endpoint,
-        aws_access_key_id=testbed.s3_access_key,
-        aws_secret_access_key=testbed.s3_secret_key,
-        region_name="us-east-1",
-    )
+    s3 = testbed.s3_client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
     assert any(trained.run_id in key and key.endswith("state_dict.pt") for key in keys)
 
