@@ -23,7 +23,7 @@ __all__ = ["serve_submitter"]
 
 
 def _agent_token(settings: Settings) -> str:
-    token_file = settings.submitter.token_file
+    token_file = settings.submitter.token_file.expanduser()  # `~/...` as docs/submitter.md writes it
     if not token_file.exists():
         raise ConfigError(
             f"submitter.token_file: {token_file} does not exist; create an agent token on porter with "
