@@ -24,13 +24,12 @@
 set -euo pipefail
 umask 022
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-TB=$ROOT/.testbed
+TB_NAME=topology
+# shellcheck source-path=SCRIPTDIR source=testbed-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/testbed-lib.sh"     # ROOT, TB, KEYS (reused), VENV and the shared functions
 TP=$TB/topology
 RUN=$TP/run
 LOGD=$TP/log
-VENV=$TB/venv
-KEYS=$TB/keys            # the single-host testbed's client and bridge keys, reused
 
 P=chpc                   # prefix of every name this script makes outside its own namespaces
 NETNS_DIR=/run/netns
@@ -86,7 +85,6 @@ MLFLOW_BUCKET=mlflow
 MLFLOW_DB=mlflow
 PG_DB=cloudhpc
 PG_USER=cloudhpc
-PGBIN=/usr/lib/postgresql/15/bin
 PG_FALLBACK_DATA=/var/lib/cloudhpc-testbed/topology-pg
 DBD_DB=${P}_topo_acct_db
 DBD_USER=${P}_topo
@@ -128,106 +126,33 @@ PG_SOCK=$RUN/pg
 PKGS="nftables iproute2 util-linux openssh-server openssh-client"
 export DEBIAN_FRONTEND=noninteractive
 
-T0=$(date +%s.%N)
-log() { printf '[%s topology] %s\n' "$(date +%H:%M:%S.%3N)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
-need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
-randhex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
-write_if_changed() { # write_if_changed FILE (content on stdin); returns 0 if changed
-  local f=$1 tmp="$1.new.$$"
-  cat > "$tmp"
-  if [ -f "$f" ] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; return 1; fi
-  mv "$tmp" "$f"; return 0
-}
-wait_ready() { # wait_ready SECONDS WHAT PIDFILE COMM LOGFILE CMD...: like wait_for, failing at once if the process exits
-  local t=$1 what=$2 pf=$3 comm=$4 lf=$5; shift 5
-  for _ in $(seq 1 $((t * 10))); do
-    "$@" >/dev/null 2>&1 && return 0
-    alive "$pf" "$comm" || { tail -20 "$lf" >&2; die "$what: the process exited (see $lf)"; }
-    sleep 0.1
-  done
-  tail -20 "$lf" >&2
-  die "timed out after ${t}s waiting for $what (see $lf)"
-}
-wait_for() { # wait_for SECONDS WHAT CMD...
-  local t=$1 what=$2; shift 2
-  for _ in $(seq 1 $((t * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  die "timed out after ${t}s waiting for $what"
-}
-
 # ---------------------------------------------------------------- running things in a host
 ns_path() { echo "$NETNS_DIR/$P-$1"; }
-# in_host HOST CMD...: run CMD with HOST's network and host name (nsenter, not `ip netns exec`: that
-# remounts /sys in a new mount namespace, which breaks slurmd's cgroup plugin)
-in_host() {
-  local h=$1; shift
-  if [ "$h" = router ]; then nsenter --net="$(ns_path router)" -- "$@"
-  else nsenter --net="$(ns_path "$h")" --uts="$UTS_DIR/$h" -- "$@"; fi
+# host_cmd HOST [OPTION...]: the command prefix that runs a command with HOST's network and host name,
+# one word a line (nsenter, not `ip netns exec`: that remounts /sys in a new mount namespace, which
+# breaks slurmd's cgroup plugin); the router has no host name of its own. OPTIONs go to nsenter.
+host_cmd() {
+  if [ "$1" = router ]; then printf '%s\n' nsenter --net="$(ns_path router)" "${@:2}" --
+  else printf '%s\n' nsenter --net="$(ns_path "$1")" --uts="$UTS_DIR/$1" "${@:2}" --; fi
+}
+in_host() { # in_host HOST CMD...
+  local pre=()
+  mapfile -t pre < <(host_cmd "$1"); shift
+  "${pre[@]}" "$@"
 }
 slurm() { SLURM_CONF=$SLURM_CONF "$@"; }
-port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }   # from the root namespace
-
-# ---------------------------------------------------------------- pid helpers (never by name)
-running() {
-  local st
-  st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-pid_of() { [ -s "$1" ] && head -1 "$1" | tr -dc '0-9'; }
-# alive PIDFILE COMM: the pid in PIDFILE runs and /proc/PID/comm is COMM
-alive() {
-  local p
-  p=$(pid_of "$1") || return 1
-  [ -n "$p" ] && running "$p" && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ]
-}
 # alive_in PIDFILE COMM HOST: alive, and in HOST's network namespace
-alive_in() {
-  alive "$1" "$2" || return 1
-  local a b
-  a=$(stat -L -c %i "/proc/$(pid_of "$1")/ns/net" 2>/dev/null) || return 1
-  b=$(stat -L -c %i "$(ns_path "$3")" 2>/dev/null) || return 1
-  [ "$a" = "$b" ]
-}
-stop_pid() { # stop_pid PID NAME [GROUP]
-  local p=$1 name=$2 target=$1
-  [ "${3:-}" = group ] && target=-$1
-  log "stopping $name (pid $p)"
-  kill -TERM -- "$target" 2>/dev/null || true
-  for _ in $(seq 1 150); do running "$p" || return 0; sleep 0.1; done
-  log "$name (pid $p) did not stop in 15 s: SIGKILL"
-  kill -KILL -- "$target" 2>/dev/null || true
-  for _ in $(seq 1 50); do running "$p" || return 0; sleep 0.1; done
-}
-stop_pidfile() { # stop_pidfile PIDFILE COMM [group]
-  if alive "$1" "$2"; then stop_pid "$(pid_of "$1")" "$2" "${3:-}"; fi
-  rm -f "$1"
-}
+alive_in() { alive_ns "$1" "$2" "$(ns_path "$3")"; }
 
 # ---------------------------------------------------------------- packages
-POLICY=/usr/sbin/policy-rc.d
-POLICY_BAK=/usr/sbin/policy-rc.d.cloudhpc-topology-saved
-POLICY_MADE=0
-restore_policy() {
-  [ "$POLICY_MADE" = 1 ] || return 0
-  if [ -e "$POLICY_BAK" ]; then mv -f "$POLICY_BAK" "$POLICY"; else rm -f "$POLICY"; fi
-  POLICY_MADE=0
-}
-trap restore_policy EXIT
 install_pkgs() {
-  local missing=() p
-  for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
+  local missing=()
+  mapfile -t missing < <(missing_pkgs "$PKGS")
   [ ${#missing[@]} -eq 0 ] && return 0
   # scripts/testbed.sh installs these with its own packages, before any daemon starts; this is the
   # fallback for a machine set up by an older testbed.sh (an install while daemons run is avoided)
   log "packages: installing ${missing[*]}"
-  [ -e "$POLICY_BAK" ] && mv -f "$POLICY_BAK" "$POLICY"
-  [ -e "$POLICY" ] && cp -p "$POLICY" "$POLICY_BAK"
-  POLICY_MADE=1
-  printf '#!/bin/sh\n# temporary, written by cloudhpc scripts/topology.sh\nexit 101\n' > "$POLICY"
-  chmod 755 "$POLICY"
+  forbid_service_starts
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" > "$LOGD/apt.log" 2>&1 ||
     { apt-get -o DPkg::Lock::Timeout=300 update -qq &&
       apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" > "$LOGD/apt.log" 2>&1; } ||
@@ -449,15 +374,15 @@ relay_args() {
 relay_alive() { alive_in "$RELAY_PID" python3 router && grep -qF "$RELAY" "/proc/$(pid_of "$RELAY_PID")/cmdline"; }
 start_relay() {
   [[ $DELAY_MS =~ ^[0-9]+([.][0-9]+)?$ ]] || die "TOPOLOGY_DELAY_MS must be a number of milliseconds, not '$DELAY_MS'"
-  local changed=0 args=()
+  local changed=0 args=() pre=()
   # restarted when its arguments or its code change
   { relay_args; sha256sum "$RELAY"; } | write_if_changed "$RUN/relay.state" && changed=1
   if relay_alive && [ $changed = 0 ]; then log "relay: running, ${DELAY_MS} ms each way (pid $(pid_of "$RELAY_PID"))"; return 0; fi
   relay_alive && stop_pid "$(pid_of "$RELAY_PID")" relay
   rm -f "$RELAY_PID"
   mapfile -t args < <(relay_args)
-  setsid nsenter --net="$(ns_path router)" -- "${args[@]}" > "$LOGD/relay.log" 2>&1 < /dev/null 8>&- 9>&- &
-  echo $! > "$RELAY_PID"
+  mapfile -t pre < <(host_cmd router)
+  start_bg "$RELAY_PID" "$LOGD/relay.log" "${pre[@]}" "${args[@]}"
   wait_for 10 "relay on $LAPTOP_GW:$RELAY_SSH_PORT" port_open "$LAPTOP_GW" "$RELAY_SSH_PORT"
   log "relay: started, ${DELAY_MS} ms each way (pid $(pid_of "$RELAY_PID"))"
 }
@@ -471,96 +396,31 @@ write_slurm_conf() {
   install -d -m 755 "$SLURM_DIR"
   install -d -o slurm -g slurm -m 755 "$SLURM_DIR/state" "$SLURM_RUN" "$SLURM_LOG"
   install -d -m 755 "$SLURM_DIR/spool"
-  if write_if_changed "$SLURM_CONF" <<EOF
-# generated by cloudhpc scripts/topology.sh -- login node + two compute nodes, each its own network host
-ClusterName=$CLUSTER
-SlurmctldHost=login($LOGIN_ADDR)
-AuthType=auth/munge
-CredType=cred/munge
-SlurmUser=slurm
-SlurmdUser=root
-SlurmctldPort=6817
-SlurmdPort=6818
-StateSaveLocation=$SLURM_DIR/state
-SlurmdSpoolDir=$SLURM_DIR/spool/%n
-SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURM_RUN/slurmd-%n.pid
-SlurmctldLogFile=$SLURM_LOG/slurmctld.log
-SlurmdLogFile=$SLURM_LOG/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=task=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=256
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
-ReturnToService=2
-MinJobAge=300
-KillWait=5
-InactiveLimit=0
-MailProg=/bin/true
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=$LOGIN_ADDR
-AccountingStoragePort=6819
-AccountingStoreFlags=job_comment
-SlurmdParameters=config_overrides
-NodeName=c1 NodeAddr=$C1_ADDR CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN
-NodeName=c2 NodeAddr=$C2_ADDR CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN
-PartitionName=$PARTITION Nodes=c1,c2 Default=YES MaxTime=INFINITE State=UP
-EOF
+  if slurm_conf "# generated by cloudhpc scripts/topology.sh -- login node + two compute nodes, each its own network host" \
+       "$CLUSTER" "login($LOGIN_ADDR)" "$SLURM_DIR/state" "$SLURM_DIR/spool/%n" "$CTLD_PID" "$SLURM_RUN/slurmd-%n.pid" \
+       "$SLURM_LOG/slurmctld.log" "$SLURM_LOG/slurmd-%n.log" "$LOGIN_ADDR" \
+       "NodeName=c1 NodeAddr=$C1_ADDR CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN" \
+       "NodeName=c2 NodeAddr=$C2_ADDR CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN" \
+       "PartitionName=$PARTITION Nodes=c1,c2 Default=YES MaxTime=INFINITE State=UP" |
+     write_if_changed "$SLURM_CONF"
   then SLURM_CONF_CHANGED=1; log "slurm: wrote $SLURM_CONF"; fi
   chmod 644 "$SLURM_CONF"
   [ -s "$TP/slurmdbd-password" ] || (umask 077; randhex 12 > "$TP/slurmdbd-password")
   local pass; pass=$(cat "$TP/slurmdbd-password")
   # slurmdbd reads slurmdbd.conf from the directory of $SLURM_CONF
-  if write_if_changed "$DBD_CONF" <<EOF
-# generated by cloudhpc scripts/topology.sh -- on login; MariaDB is the single-host testbed's (unix socket)
-AuthType=auth/munge
-DbdHost=login
-DbdAddr=$LOGIN_ADDR
-DbdPort=6819
-SlurmUser=slurm
-DebugLevel=info
-LogFile=$SLURM_LOG/slurmdbd.log
-PidFile=$DBD_PID
-StorageType=accounting_storage/mysql
-StorageHost=localhost
-StorageUser=$DBD_USER
-StoragePass=$pass
-StorageLoc=$DBD_DB
-EOF
+  if slurmdbd_conf "# generated by cloudhpc scripts/topology.sh -- on login; MariaDB is the single-host testbed's (unix socket)" \
+       login "$LOGIN_ADDR" "$SLURM_LOG/slurmdbd.log" "$DBD_PID" "$DBD_USER" "$pass" "$DBD_DB" | write_if_changed "$DBD_CONF"
   then DBD_CONF_CHANGED=1; log "slurm: wrote $DBD_CONF"; fi
   chown slurm:slurm "$DBD_CONF"; chmod 600 "$DBD_CONF"
 }
 start_slurmdbd() {
-  local pass; pass=$(cat "$TP/slurmdbd-password")
-  mysql -e "CREATE USER IF NOT EXISTS '$DBD_USER'@'localhost' IDENTIFIED BY '$pass';
-            ALTER USER '$DBD_USER'@'localhost' IDENTIFIED BY '$pass';
-            GRANT ALL ON $DBD_DB.* TO '$DBD_USER'@'localhost'; FLUSH PRIVILEGES;"
+  mariadb_grant "$DBD_USER" "$(cat "$TP/slurmdbd-password")" "$DBD_DB"
   [ "$DBD_CONF_CHANGED" = 1 ] && stop_pidfile "$DBD_PID" slurmdbd
   if alive_in "$DBD_PID" slurmdbd login; then log "slurmdbd: running on login (pid $(pid_of "$DBD_PID"))"; return 0; fi
   stop_pidfile "$DBD_PID" slurmdbd
   in_host login env SLURM_CONF="$SLURM_CONF" slurmdbd 8>&- 9>&-
   wait_for 60 "slurmdbd on $LOGIN_ADDR:6819" port_open "$LOGIN_ADDR" 6819
   log "slurmdbd: started on login (pid $(pid_of "$DBD_PID"))"
-}
-register_accounting() {
-  local assoc u
-  assoc=$(slurm sacctmgr -n -P show assoc where cluster="$CLUSTER" format=account,user)
-  if grep -qx "default|$TEST_USER" <<<"$assoc" && grep -qx "default|root" <<<"$assoc"; then return 0; fi
-  slurm sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" ||
-    { slurm sacctmgr -i add cluster "$CLUSTER" >/dev/null; log "sacctmgr: added cluster $CLUSTER"; }
-  slurm sacctmgr -n -P show account format=account | grep -qx default ||
-    { slurm sacctmgr -i add account default Description=default Organization=cloudhpc >/dev/null; log "sacctmgr: added account default"; }
-  for u in "$TEST_USER" root; do
-    grep -qx "default|$u" <<<"$assoc" ||
-      { slurm sacctmgr -i add user "$u" Account=default Cluster="$CLUSTER" >/dev/null; log "sacctmgr: added $u to account default"; }
-  done
 }
 nodes_up() { [ "$(slurm sinfo -h -N -n c1,c2 -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated|completing)')" = 2 ]; }
 start_slurm() {
@@ -610,54 +470,25 @@ stop_slurm() {
 }
 
 # ---------------------------------------------------------------- sshd on login and on cloud
-home_of() { getent passwd "$1" | cut -d: -f6; }
 ensure_bridge_user() {
   id "$BRIDGE_USER" >/dev/null 2>&1 || { useradd -m -s /bin/bash "$BRIDGE_USER"; log "created user $BRIDGE_USER (the bridge account on cloud)"; }
-}
-# the line `cloudhpc bridge authorized-key --permit-open CLOUD:5000 --permit-open CLOUD:9000` prints
-# for porter.bridge = {bind_address: CLOUD, port_range: [19500, 19599]} (a test compares them)
-bridge_authorized_line() {
-  local opts="restrict,port-forwarding,command=\"/bin/false\"" p
-  for p in $(seq "$BRIDGE_PORT_LOW" "$BRIDGE_PORT_HIGH"); do opts+=",permitlisten=\"$CLOUD_ADDR:$p\""; done
-  opts+=",permitopen=\"$CLOUD_ADDR:$MLFLOW_PORT\",permitopen=\"$CLOUD_ADDR:$S3_PORT\""
-  printf '%s %s cloudhpc-bridge\n' "$opts" "$(cut -d' ' -f1,2 "$KEYS/bridge_ed25519.pub")"
 }
 authorize_bridge() {
   local h; h=$(home_of "$BRIDGE_USER")
   install -d -m 700 -o "$BRIDGE_USER" -g "$(id -gn "$BRIDGE_USER")" "$h/.ssh"
-  (umask 077; bridge_authorized_line | write_if_changed "$h/.ssh/authorized_keys") &&
+  # the line `cloudhpc bridge authorized-key --permit-open CLOUD:5000 --permit-open CLOUD:9000` prints
+  # for porter.bridge = {bind_address: CLOUD, port_range: [19500, 19599]} (a test compares them)
+  (umask 077; bridge_authorized_line "$CLOUD_ADDR" "$BRIDGE_PORT_LOW" "$BRIDGE_PORT_HIGH" "$KEYS/bridge_ed25519.pub" \
+     "$CLOUD_ADDR:$MLFLOW_PORT" "$CLOUD_ADDR:$S3_PORT" | write_if_changed "$h/.ssh/authorized_keys") &&
     log "ssh: authorized the bridge key for $BRIDGE_USER on cloud (forwarding only, $CLOUD_ADDR:$BRIDGE_PORT_LOW-$BRIDGE_PORT_HIGH)" || true
   chown "$BRIDGE_USER:$(id -gn "$BRIDGE_USER")" "$h/.ssh/authorized_keys"; chmod 600 "$h/.ssh/authorized_keys"
-}
-sshd_conf() { # sshd_conf HOST ADDR DIR PIDFILE ALLOWUSER EXTRA
-  cat <<EOF
-# generated by cloudhpc scripts/topology.sh -- the sshd of $1
-Port $SSH_PORT
-ListenAddress $2
-HostKey $3/ssh_host_ed25519_key
-PidFile $4
-AllowUsers $5
-PermitRootLogin no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM yes
-AllowTcpForwarding yes
-X11Forwarding no
-PrintMotd no
-MaxSessions 10
-MaxStartups 100:30:200
-AcceptEnv LANG LC_*
-Subsystem sftp internal-sftp
-LogLevel VERBOSE
-$6
-EOF
 }
 start_sshd() { # start_sshd HOST ADDR DIR PIDFILE ALLOWUSER EXTRA
   local h=$1 a=$2 d=$3 pf=$4 changed=0
   install -d -m 700 "$d"
   [ -s "$d/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C "$h-host" -f "$d/ssh_host_ed25519_key"
-  sshd_conf "$@" | write_if_changed "$d/sshd_config" && changed=1
+  sshd_conf "# generated by cloudhpc scripts/topology.sh -- the sshd of $h" "$SSH_PORT" "$a" "$pf" \
+    "$d/ssh_host_ed25519_key" "AllowUsers $5" "" "$6" | write_if_changed "$d/sshd_config" && changed=1
   /usr/sbin/sshd -t -f "$d/sshd_config" || die "sshd -t rejected $d/sshd_config"
   if alive_in "$pf" sshd "$h" && [ $changed = 0 ]; then log "sshd: running on $h $a:$SSH_PORT (pid $(pid_of "$pf"))"; return 0; fi
   stop_pidfile "$pf" sshd
@@ -681,15 +512,7 @@ start_sshds() {
 }
 
 # ---------------------------------------------------------------- PostgreSQL on cloud
-pg() { (cd / && runuser -u postgres -- "$@"); }
 pg_datadir() { if runuser -u postgres -- test -x "$TP" 2>/dev/null; then echo "$TP/pg"; else echo "$PG_FALLBACK_DATA"; fi; }
-psql_admin() { pg psql -h "$PG_SOCK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
-ensure_role_db() { # ensure_role_db ROLE DB PASSWORD
-  if [ "$(psql_admin -c "select 1 from pg_roles where rolname='$1'")" = 1 ]; then
-    psql_admin -c "alter role $1 with login password '$3'"
-  else psql_admin -c "create role $1 with login password '$3'"; fi
-  [ "$(psql_admin -c "select 1 from pg_database where datname='$2'")" = 1 ] || psql_admin -c "create database $2 owner $1"
-}
 start_pg() {
   PGDATA_DIR=$(pg_datadir)
   PG_LOG=$LOGD/pg.log
@@ -698,12 +521,7 @@ start_pg() {
     PG_SOCK=$PG_FALLBACK_DATA-run; PG_LOG=$PG_FALLBACK_DATA-run/pg.log
   fi
   install -d -o postgres -g postgres -m 755 "$PG_SOCK"
-  if [ ! -s "$PGDATA_DIR/PG_VERSION" ]; then
-    rm -rf "$PGDATA_DIR"; mkdir -p "$PGDATA_DIR"; chown postgres:postgres "$PGDATA_DIR"; chmod 700 "$PGDATA_DIR"
-    pg "$PGBIN/initdb" -D "$PGDATA_DIR" -U postgres -E UTF8 --auth-local=peer --auth-host=scram-sha-256 \
-      > "$LOGD/pg-initdb.log" 2>&1 || { tail -20 "$LOGD/pg-initdb.log" >&2; die "initdb failed"; }
-    log "pg: initdb $PGDATA_DIR"
-  fi
+  pg_initdb "$PGDATA_DIR"
   # TCP from the topology's addresses (cloud itself, and the operator's console) with a password
   local hba_changed=0
   write_if_changed "$PGDATA_DIR/pg_hba.conf" <<EOF && hba_changed=1
@@ -731,73 +549,19 @@ EOF
   ensure_role_db "$MLFLOW_DB" "$MLFLOW_DB" "$(cat "$TP/mlflow-db-password")"
   PG_DSN="postgresql://$PG_USER:$(cat "$TP/pg-password")@$CLOUD_ADDR:$PG_PORT/$PG_DB"
 }
-stop_pg() {
-  local d p
-  for d in "$TP/pg" "$PG_FALLBACK_DATA"; do
-    if alive "$d/postmaster.pid" postgres; then
-      p=$(pid_of "$d/postmaster.pid")
-      log "stopping postgres (pid $p, $d)"
-      kill -INT "$p" 2>/dev/null || true      # SIGINT = fast shutdown
-      for _ in $(seq 1 150); do running "$p" || break; sleep 0.1; done
-      if running "$p"; then stop_pid "$p" postgres; fi
-    fi
-  done
-}
-
 # ---------------------------------------------------------------- S3 (SeaweedFS) on cloud
-s3_keys() {
-  if [ ! -s "$TP/s3-credentials" ]; then
-    (umask 077; printf 'S3_ACCESS_KEY=TP%s\nS3_SECRET_KEY=%s\n' "$(randhex 9 | tr 'a-f' 'A-F')" "$(randhex 20)" > "$TP/s3-credentials")
-  fi
-  S3_ACCESS_KEY=$(sed -n 's/^S3_ACCESS_KEY=//p' "$TP/s3-credentials")
-  S3_SECRET_KEY=$(sed -n 's/^S3_SECRET_KEY=//p' "$TP/s3-credentials")
-  (umask 077; write_if_changed "$TP/s3-identities.json" <<EOF || true
-{"identities": [{"name": "cloudhpc", "credentials": [{"accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY"}],
-  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
-EOF
-  )
-}
-s3_buckets() { # creates the buckets if missing; polls until head_bucket succeeds
-  "$VENV/bin/python" - "http://$CLOUD_ADDR:$S3_PORT" "$S3_ACCESS_KEY" "$S3_SECRET_KEY" "$@" <<'PY'
-import sys, time
-import boto3
-from botocore.config import Config
-url, ak, sk, *buckets = sys.argv[1:]
-s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=ak, aws_secret_access_key=sk,
-                  region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
-deadline, last = time.time() + 60, None
-for bucket in buckets:
-    while True:
-        try:
-            s3.head_bucket(Bucket=bucket)
-            break
-        except Exception as e:
-            last = e
-        try:
-            s3.create_bucket(Bucket=bucket)
-        except Exception as e:
-            last = e
-        if time.time() > deadline:
-            sys.exit(f"bucket {bucket} not available after 60 s: {last!r}")
-        time.sleep(0.25)
-PY
-}
 start_s3() {
-  s3_keys
+  s3_keys "$TP" TP
   if alive_in "$WEED_PID" weed cloud && port_open "$CLOUD_ADDR" "$S3_PORT"; then
     log "s3: running on cloud $CLOUD_ADDR:$S3_PORT (pid $(pid_of "$WEED_PID"))"
   else
     stop_pidfile "$WEED_PID" weed
     mkdir -p "$TP/s3"
-    # every port set, bound to cloud's address only; no telemetry (there is no way out anyway)
-    setsid nsenter --net="$(ns_path cloud)" --uts="$UTS_DIR/cloud" --wd="$TP/s3" -- "$VENV/bin/weed" mini -dir="$TP/s3" \
-      -ip="$CLOUD_ADDR" -ip.bind="$CLOUD_ADDR" \
-      -master.port=9333 -master.port.grpc=19333 -volume.port=8080 -volume.port.grpc=18080 \
-      -filer.port=8888 -filer.port.grpc=18888 -s3.port=$S3_PORT -s3.port.grpc=19000 -s3.port.iceberg=0 -s3.port.lance=0 \
-      -webdav=false -admin.ui=false -admin.port=23646 -admin.port.grpc=33646 \
-      -metricsPort=9327 -metricsIp="$CLOUD_ADDR" -master.telemetry=false \
-      -s3.config="$TP/s3-identities.json" > "$LOGD/weed.log" 2>&1 < /dev/null 8>&- 9>&- &
-    echo $! > "$WEED_PID"
+    local pre=() args=()
+    mapfile -t pre < <(host_cmd cloud --wd="$TP/s3")
+    mapfile -t args < <(weed_mini_args "$TP/s3" "$CLOUD_ADDR" 9333 19333 8080 18080 8888 18888 "$S3_PORT" 19000 \
+      23646 33646 9327 "$TP/s3-identities.json")
+    start_bg "$WEED_PID" "$LOGD/weed.log" "${pre[@]}" "$VENV/bin/weed" "${args[@]}"
     sleep 0.2
     alive "$WEED_PID" weed || { tail -20 "$LOGD/weed.log" >&2; die "weed mini exited at once (see $LOGD/weed.log)"; }
     wait_ready 60 "S3 on $CLOUD_ADDR:$S3_PORT" "$WEED_PID" weed "$LOGD/weed.log" port_open "$CLOUD_ADDR" "$S3_PORT"
@@ -806,61 +570,42 @@ start_s3() {
 }
 
 # ---------------------------------------------------------------- Prometheus on cloud
-write_prometheus_conf() { # returns 0 if the configuration changed
-  mkdir -p "$PROM_DIR/targets" "$PROM_DIR/data"
-  printf '[{"targets": ["%s:%s"], "labels": {"deployment": "topology"}}]\n' "$CLOUD_ADDR" "$PORTER_PORT" |
-    write_if_changed "$PROM_DIR/targets/porter-topology.json" || true
-  write_if_changed "$PROM_DIR/prometheus.yml" <<EOF
-# generated by scripts/topology.sh (the scrape jobs of deploy/prometheus/cloudhpc-scrape.yaml, faster)
-global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}
-scrape_configs:
-  - job_name: cloudhpc-porter
-    file_sd_configs: [{files: ["$PROM_DIR/targets/porter-*.json"], refresh_interval: 1s}]
-  - job_name: cloudhpc-submitter
-    file_sd_configs: [{files: ["$PROM_DIR/targets/submitter-*.json"], refresh_interval: 1s}]
-EOF
-}
-prometheus_ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$CLOUD_ADDR:$PROM_PORT/-/ready")" = 200 ]; }
+prometheus_ready() { http_ok "http://$CLOUD_ADDR:$PROM_PORT/-/ready"; }
 start_prometheus() {
   local changed=0
-  write_prometheus_conf && changed=1
-  promtool check config "$PROM_DIR/prometheus.yml" > "$LOGD/promtool.log" 2>&1 ||
-    { cat "$LOGD/promtool.log" >&2; die "promtool rejected $PROM_DIR/prometheus.yml"; }
+  write_prometheus_conf "$PROM_DIR" "porter-topology=$CLOUD_ADDR:$PORTER_PORT=topology" && changed=1
+  check_prometheus_conf "$PROM_DIR"
   if alive_in "$PROM_PID" prometheus cloud && [ $changed = 0 ]; then
     log "prometheus: running on cloud $CLOUD_ADDR:$PROM_PORT (pid $(pid_of "$PROM_PID"))"; return 0
   fi
   stop_pidfile "$PROM_PID" prometheus
-  setsid nsenter --net="$(ns_path cloud)" --uts="$UTS_DIR/cloud" -- /usr/bin/prometheus \
-    --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" --storage.tsdb.retention.time=3d \
-    --web.listen-address="$CLOUD_ADDR:$PROM_PORT" > "$LOGD/prometheus.log" 2>&1 < /dev/null 8>&- 9>&- &
-  echo $! > "$PROM_PID"
+  local pre=() args=()
+  mapfile -t pre < <(host_cmd cloud)
+  mapfile -t args < <(prometheus_args "$PROM_DIR" "$CLOUD_ADDR:$PROM_PORT")
+  start_bg "$PROM_PID" "$LOGD/prometheus.log" "${pre[@]}" "${args[@]}"
   PROM_STARTED=1
 }
 
 # ---------------------------------------------------------------- MLflow on cloud
-mlflow_ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$CLOUD_ADDR:$MLFLOW_PORT/health")" = 200 ]; }
+mlflow_ready() { http_ok "http://$CLOUD_ADDR:$MLFLOW_PORT/health"; }
 start_mlflow() {
   local pw; pw=$(cat "$TP/mlflow-db-password")
   local hosts="$CLOUD_ADDR,$CLOUD_ADDR:$MLFLOW_PORT,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
-  local args=("$VENV/bin/mlflow" server --host "$CLOUD_ADDR" --port "$MLFLOW_PORT" --workers 1
-    --backend-store-uri "postgresql+psycopg://$MLFLOW_DB:$pw@$CLOUD_ADDR:$PG_PORT/$MLFLOW_DB"
-    --serve-artifacts --artifacts-destination "s3://$MLFLOW_BUCKET" --allowed-hosts "$hosts")
+  local args=() pre=()
+  mapfile -t args < <(mlflow_args "$CLOUD_ADDR" "$MLFLOW_PORT" \
+    "postgresql+psycopg://$MLFLOW_DB:$pw@$CLOUD_ADDR:$PG_PORT/$MLFLOW_DB" "$MLFLOW_BUCKET" --allowed-hosts "$hosts")
   local changed=0
   printf '%s\n' "${args[@]}" | write_if_changed "$RUN/mlflow.args" && changed=1
   if alive_in "$MLFLOW_PID" mlflow cloud && [ $changed = 0 ]; then
     log "mlflow: running on cloud $CLOUD_ADDR:$MLFLOW_PORT (pid $(pid_of "$MLFLOW_PID"))"; return 0
   fi
   stop_pidfile "$MLFLOW_PID" mlflow group
-  MLFLOW_S3_ENDPOINT_URL=http://$CLOUD_ADDR:$S3_PORT AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY \
-  AWS_DEFAULT_REGION=us-east-1 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
-    setsid nsenter --net="$(ns_path cloud)" --uts="$UTS_DIR/cloud" -- "${args[@]}" \
-    > "$LOGD/mlflow.log" 2>&1 < /dev/null 8>&- 9>&- &
-  echo $! > "$MLFLOW_PID"
+  mapfile -t pre < <(host_cmd cloud)
+  start_mlflow_bg "$MLFLOW_PID" "$LOGD/mlflow.log" "http://$CLOUD_ADDR:$S3_PORT" "${pre[@]}" -- "${args[@]}"
   MLFLOW_STARTED=1
 }
 
 # ---------------------------------------------------------------- client files
-q() { printf '%q' "$1"; }
 write_env() {
   write_if_changed "$TP/env.sh" <<EOF || true
 # generated by scripts/topology.sh up -- source it: . $(q "$TP/env.sh")
@@ -936,6 +681,11 @@ lock() {
 }
 PROM_STARTED=0
 MLFLOW_STARTED=0
+# await_cloud NAME PORT SECONDS PIDFILE READY: NAME (its comm and log name), left starting on cloud by start_NAME
+await_cloud() {
+  wait_ready "$3" "$1 on $CLOUD_ADDR:$2" "$4" "$1" "$LOGD/$1.log" "$5"
+  log "$1: started on cloud $CLOUD_ADDR:$2 (pid $(pid_of "$4"))"
+}
 do_up() {
   need_root; lock
   mkdir -p "$RUN" "$LOGD"; chmod 755 "$TB" "$TP"
@@ -947,25 +697,19 @@ do_up() {
   apply_firewalls
   write_slurm_conf
   start_slurmdbd
-  register_accounting
+  register_accounting "$CLUSTER" "$TEST_USER"
   start_slurm
   start_sshds
   start_relay
   start_pg
   start_s3
-  s3_buckets "$S3_BUCKET" "$MLFLOW_BUCKET" || die "S3 buckets could not be created (see $LOGD/weed.log)"
+  s3_buckets "http://$CLOUD_ADDR:$S3_PORT" "$S3_BUCKET" "$MLFLOW_BUCKET" || die "S3 buckets could not be created (see $LOGD/weed.log)"
   start_prometheus
   start_mlflow
   write_env
   self_check
-  if [ $PROM_STARTED = 1 ]; then
-    wait_ready 60 "prometheus on $CLOUD_ADDR:$PROM_PORT" "$PROM_PID" prometheus "$LOGD/prometheus.log" prometheus_ready
-    log "prometheus: started on cloud $CLOUD_ADDR:$PROM_PORT (pid $(pid_of "$PROM_PID"))"
-  fi
-  if [ $MLFLOW_STARTED = 1 ]; then
-    wait_ready 120 "mlflow on $CLOUD_ADDR:$MLFLOW_PORT" "$MLFLOW_PID" mlflow "$LOGD/mlflow.log" mlflow_ready
-    log "mlflow: started on cloud $CLOUD_ADDR:$MLFLOW_PORT (pid $(pid_of "$MLFLOW_PID"))"
-  fi
+  if [ $PROM_STARTED = 1 ]; then await_cloud prometheus "$PROM_PORT" 60 "$PROM_PID" prometheus_ready; fi
+  if [ $MLFLOW_STARTED = 1 ]; then await_cloud mlflow "$MLFLOW_PORT" 120 "$MLFLOW_PID" mlflow_ready; fi
   log "UP in $(elapsed) s: laptop $LAPTOP_ADDR, cloud $CLOUD_ADDR, login $LOGIN_ADDR, c1 $C1_ADDR, c2 $C2_ADDR; relay ${DELAY_MS} ms each way; source $TP/env.sh"
 }
 do_down() {
@@ -974,7 +718,7 @@ do_down() {
   stop_pidfile "$MLFLOW_PID" mlflow group
   stop_pidfile "$PROM_PID" prometheus
   stop_pidfile "$WEED_PID" weed
-  stop_pg
+  stop_pg "$TP/pg" "$PG_FALLBACK_DATA"
   stop_pidfile "$CLOUD_SSHD_PID" sshd
   stop_pidfile "$LOGIN_SSHD_PID" sshd
   stop_slurm
@@ -1032,10 +776,4 @@ do_status() {
   return $bad
 }
 
-case "${1:-}" in
-  up) do_up ;;
-  down) do_down ;;
-  status) do_status ;;
-  purge) do_purge ;;
-  *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
-esac
+main "$@"
