@@ -670,7 +670,14 @@ def test_compose_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ---- scripts -----------------------------------------------------------------------------------
 
-SCRIPTS = [REPO / "scripts" / "platform-up.sh", REPO / "scripts" / "platform-check.sh"]
+SCRIPTS = [
+    REPO / "scripts" / "platform-up.sh",
+    REPO / "scripts" / "platform-check.sh",
+    # the testbed's shared library (sourced by testbed.sh and topology.sh) and testbed.sh, which sources it
+    # (scripts/.shellcheckrc lets shellcheck follow it); topology.sh: tests/integration/test_topology.py
+    REPO / "scripts" / "testbed-lib.sh",
+    REPO / "scripts" / "testbed.sh",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
