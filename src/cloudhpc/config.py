@@ -35,6 +35,7 @@ __all__ = [
     "ClusterAccess",
     "ClusterConfig",
     "ClusterDefaults",
+    "PipConfig",
     "PollConfig",
     "PorterConfig",
     "SSHConfig",
@@ -163,6 +164,77 @@ class PollConfig(_Section):
         return self
 
 
+def _pip_location(value: str, *, paths: bool) -> str:
+    """One `clusters.<name>.pip` value: a URL (http, https, file) or, for find_links, a path on the
+    cluster (absolute or `~/...`). Never whitespace or a leading `-`, so that it cannot read as
+    another pip option even where it is quoted."""
+    if not value or value != value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError(f"{value!r}: no spaces or control characters")
+    if value.startswith(("https://", "http://", "file://")):
+        return value
+    if paths and value.startswith(("/", "~/")):
+        return value
+    raise ValueError(
+        f"{value!r} must be an http(s):// or file:// URL"
+        + (", or an absolute path (or ~/...) on the cluster" if paths else "")
+    )
+
+
+class PipConfig(_Section):
+    """Where pip takes the packages of a cluster's environments from: the operator's choice, per
+    cluster. A job's spec names packages only; these become pip's options in the build, and are part
+    of every environment's hash (a different source can give a different build)."""
+
+    index_url: str | None = Field(
+        default=None,
+        description="pip's --index-url: the package index used instead of PyPI (a site mirror, e.g. "
+        "https://pypi.example.org/simple); credentials in the URL are not part of the hash",
+    )
+    extra_index_urls: list[str] = Field(
+        default=[], description="pip's --extra-index-url, one each: indexes searched besides index_url"
+    )
+    find_links: list[str] = Field(
+        default=[],
+        description="pip's --find-links, one each: a directory of wheels and sdists on the cluster "
+        "(absolute path or ~/...) or a URL of a page linking to them",
+    )
+    no_index: bool = Field(
+        default=False, description="pip's --no-index: no index at all, only find_links (an offline site)"
+    )
+
+    @field_validator("index_url")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        return None if value is None else _pip_location(value, paths=False)
+
+    @field_validator("extra_index_urls")
+    @classmethod
+    def _extra_index_urls(cls, values: list[str]) -> list[str]:
+        return [_pip_location(v, paths=False) for v in values]
+
+    @field_validator("find_links")
+    @classmethod
+    def _find_links(cls, values: list[str]) -> list[str]:
+        return [_pip_location(v, paths=True) for v in values]
+
+    @model_validator(mode="after")
+    def _offline(self) -> Self:
+        if self.no_index and (self.index_url or self.extra_index_urls):
+            raise ValueError(
+                "pip.no_index is set: index_url and extra_index_urls would be ignored; drop one or the other"
+            )
+        if self.no_index and not self.find_links:
+            raise ValueError(
+                "pip.no_index needs find_links: with neither an index nor find_links nothing can be installed"
+            )
+        return self
+
+    @property
+    def is_default(self) -> bool:
+        """Nothing set: pip's own defaults (PyPI, or the login node's pip configuration)."""
+        return self == PipConfig()
+
+
 class ClusterConfig(_Section):
     backend: Literal["slurm", "local"] = Field(description="`slurm` over SSH, or `local` processes")
     ssh: SSHConfig | None = Field(default=None, description="how to reach the login node (slurm backend)")
@@ -173,6 +245,10 @@ class ClusterConfig(_Section):
     )
     defaults: ClusterDefaults = Field(default_factory=ClusterDefaults)
     poll: PollConfig = Field(default_factory=PollConfig)
+    pip: PipConfig = Field(
+        default_factory=PipConfig,
+        description="where pip takes the packages of this cluster's environments from (docs/hpc-site.md)",
+    )
 
     @model_validator(mode="after")
     def _ssh_for_slurm(self) -> Self:

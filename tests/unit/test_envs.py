@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import subprocess
 from collections.abc import Sequence
 
 import pytest
+from pydantic import ValidationError
 
+from cloudhpc.config import ClusterConfig, PipConfig
 from cloudhpc.domain.jobs import Environment, check_requirement
 from cloudhpc.hpc.backend import CommandResult
 from cloudhpc.hpc.envs import (
@@ -16,6 +19,7 @@ from cloudhpc.hpc.envs import (
     EnvSpec,
     activation_lines,
     normalise_requirement,
+    pip_source_args,
     render_build_script,
 )
 from tests.conftest import HOSTILE_STRINGS
@@ -180,3 +184,133 @@ async def test_empty_and_module_only_environments_cost_no_remote_call() -> None:
     cache = EnvironmentCache(_RefusingRunner(), workdir="~/.cloudhpc", prelude="source /x")
     assert await cache.ensure(Environment()) == []
     assert await cache.ensure(Environment(modules=["gcc/11"])) == ["module load gcc/11"]
+
+
+# ---------------------------------------------------------------- where pip takes packages from
+
+MIRROR = PipConfig(
+    index_url="https://mirror.example.org/simple?a=$(id);b='x'`uname`",
+    extra_index_urls=["https://extra.example.org/simple"],
+    find_links=["/opt/site_wheels", "~/wheels", "https://wheels.example.org/list.html"],
+)
+
+
+def _pip_argv(script: str) -> list[str]:
+    """The pip command of a rendered build script, as bash would split it."""
+    (line,) = [line for line in script.splitlines() if "-m pip install" in line]
+    argv = shlex.split(line.partition(" || ")[0])
+    return argv[argv.index("install") + 1 :]
+
+
+def test_pip_arguments_come_from_the_cluster_config_only() -> None:
+    cluster = ClusterConfig.model_validate({"backend": "local", "pip": MIRROR.model_dump()})
+    assert pip_source_args(cluster.pip) == [
+        "--index-url",
+        "https://mirror.example.org/simple?a=$(id);b='x'`uname`",
+        "--extra-index-url",
+        "https://extra.example.org/simple",
+        "--find-links",
+        "/opt/site_wheels",
+        "--find-links",
+        "~/wheels",
+        "--find-links",
+        "https://wheels.example.org/list.html",
+    ]
+    assert pip_source_args(PipConfig(no_index=True, find_links=["/w"])) == [
+        "--no-index",
+        "--find-links",
+        "/w",
+    ]
+    assert pip_source_args(PipConfig()) == []
+
+    # The cache gives every spec the cluster's sources; the script passes them as separate, quoted
+    # words before the requirements file (bash splits the line back into exactly these arguments).
+    cache = EnvironmentCache(_RefusingRunner(), workdir="~/.cloudhpc", pip=cluster.pip)
+    s = cache.spec(Environment(packages=["six"]))
+    assert s.pip == cluster.pip
+    script = render_build_script(s, envs_dir="/w/envs", stage="/w/envs/.stage")
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert _pip_argv(script) == [
+        "--disable-pip-version-check",
+        "--no-input",
+        *pip_source_args(cluster.pip),
+        "--requirement",
+        "$stage/requirements.txt",
+    ]
+    assert "--index-url 'https://mirror.example.org/simple?a=$(id);b='\"'\"'x'\"'\"'`uname`'" in script
+    # Without a pip section the command is what it always was.
+    plain = render_build_script(spec(packages=["six"]), envs_dir="/w/envs", stage="/w/envs/.stage")
+    assert _pip_argv(plain) == [
+        "--disable-pip-version-check",
+        "--no-input",
+        "--requirement",
+        "$stage/requirements.txt",
+    ]
+
+    # A job has no say: its environment has no such field, and pip options as packages are refused.
+    with pytest.raises(ValidationError):
+        Environment.model_validate({"packages": ["six"], "pip": {"index_url": "https://evil.example/simple"}})
+    for option in (
+        "--index-url https://evil.example/simple",
+        "-f /tmp",
+        "six --find-links=/tmp",
+        "--no-index",
+    ):
+        with pytest.raises(ValidationError):
+            Environment(packages=[option])
+
+
+def test_pip_sources_are_in_the_hash() -> None:
+    six = Environment(packages=["six"])
+    none = EnvSpec.from_environment(six)
+    assert "pip" not in none.canonical()  # a cluster without a pip section keeps its hashes
+    assert EnvSpec.from_environment(six, pip=PipConfig()).spec_hash() == none.spec_hash()
+    local = EnvSpec.from_environment(six, pip=PipConfig(find_links=["/opt/wheels"]))
+    assert local.canonical()["pip"] == {
+        "index_url": None,
+        "extra_index_urls": [],
+        "find_links": ["/opt/wheels"],
+        "no_index": False,
+    }
+    offline = EnvSpec.from_environment(six, pip=PipConfig(find_links=["/opt/wheels"], no_index=True))
+    mirror = EnvSpec.from_environment(six, pip=PipConfig(index_url="https://mirror.example.org/simple"))
+    other = EnvSpec.from_environment(six, pip=PipConfig(find_links=["/opt/other-wheels"]))
+    hashes = {s.spec_hash() for s in (none, local, offline, mirror, other)}
+    assert len(hashes) == 5
+
+    # A mirror's credentials are not the source: a rotated token reuses the environments, and
+    # spec.json (written on the cluster from the canonical form) does not hold them.
+    with_token = EnvSpec.from_environment(
+        six, pip=PipConfig(index_url="https://alice:s3cret@mirror.example.org/simple")
+    )
+    assert with_token.spec_hash() == mirror.spec_hash()
+    assert "s3cret" not in with_token.canonical_json()
+    ported = PipConfig(index_url="https://tok@mirror.example.org:8443/simple")
+    assert EnvSpec.from_environment(six, pip=ported).canonical()["pip"]["index_url"] == (
+        "https://mirror.example.org:8443/simple"
+    )
+    # ... but the build itself uses them.
+    assert "alice:s3cret@" in render_build_script(with_token, envs_dir="/w/envs", stage="/w/envs/.stage")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"index_url": "mirror.example.org/simple"}, "must be an http(s):// or file:// URL"),
+        ({"index_url": "/opt/simple"}, "must be an http(s):// or file:// URL"),
+        ({"extra_index_urls": ["--trusted-host=x"]}, "must be an http(s):// or file:// URL"),
+        ({"find_links": ["wheels"]}, "or an absolute path"),
+        ({"find_links": ["-f/tmp"]}, "or an absolute path"),
+        ({"find_links": ["/opt/wheels --pre"]}, "no spaces"),
+        ({"find_links": ["/opt/wheels\n"]}, "no spaces"),
+        ({"no_index": True}, "pip.no_index needs find_links"),
+        (
+            {"no_index": True, "find_links": ["/w"], "index_url": "https://m.example/simple"},
+            "would be ignored",
+        ),
+        ({"trusted_host": "x"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_pip_config_is_checked_when_loaded(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        ClusterConfig.model_validate({"backend": "local", "pip": section})

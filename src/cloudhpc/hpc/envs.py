@@ -6,7 +6,8 @@ The original system ran `pip install` in every job (about 195 s per run). Here a
 `<envdir>/.ready` exists (one SFTP stat) and gets the lines that activate it in its batch script.
 
 The build is one bash script written over SFTP with the requirements beside it as a file, so a
-package specifier never reaches a shell, and it runs under an exclusive `flock` on
+package specifier never reaches a shell; where pip takes the packages from (an index, a directory of
+wheels) is the cluster's `pip` configuration, the operator's choice, passed to pip as quoted options, and it runs under an exclusive `flock` on
 `<workdir>/envs/<hash>.lock`: two agents, or two jobs of one agent, never build the same
 environment together; the second waits and then finds it ready.
 
@@ -21,6 +22,7 @@ it left before starting again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,10 +31,12 @@ import re
 import secrets
 import shlex
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from cloudhpc.config import PipConfig
 from cloudhpc.domain.jobs import Environment
 from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import CloudHPCError, CommandTimeout, EnvironmentBuildError
@@ -45,6 +49,7 @@ __all__ = [
     "RunnerAndTransfer",
     "activation_lines",
     "normalise_requirement",
+    "pip_source_args",
     "render_build_script",
 ]
 
@@ -57,6 +62,7 @@ RESULT_MARKER = "CLOUDHPC-ENV-RESULT"
 _VERSION = re.compile(r"^[0-9]+(?:\.[0-9]+){0,2}$")
 _REQ_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(.*)$", re.DOTALL)
 _LOG_TAIL_LINES = 40
+_STAGE_CLEANUP_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,40 @@ def normalise_requirement(spec: str) -> str:
     return canonical
 
 
+def pip_source_args(pip: PipConfig) -> list[str]:
+    """pip's options for where packages come from, one list item per argument, from the cluster's
+    configuration only (a job's spec has no say: its packages are plain requirements)."""
+    args = ["--no-index"] if pip.no_index else []
+    if pip.index_url:
+        args += ["--index-url", pip.index_url]
+    for url in pip.extra_index_urls:
+        args += ["--extra-index-url", url]
+    for link in pip.find_links:
+        args += ["--find-links", link]
+    return args
+
+
+def _without_credentials(url: str) -> str:
+    """A URL without its `user:password@`: a rotated mirror token is the same source."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _canonical_pip(pip: PipConfig) -> dict[str, Any]:
+    return {
+        "index_url": _without_credentials(pip.index_url) if pip.index_url else None,
+        "extra_index_urls": [_without_credentials(u) for u in pip.extra_index_urls],
+        "find_links": [_without_credentials(u) for u in pip.find_links],
+        "no_index": pip.no_index,
+    }
+
+
 def _normalise_prelude(prelude: str) -> str:
     lines = [line.rstrip() for line in prelude.replace("\r\n", "\n").split("\n")]
     return "\n".join(lines).strip("\n")
@@ -102,16 +142,19 @@ class EnvSpec:
     """What an environment is made of. Two specs with the same `spec_hash()` share one directory.
 
     Module order is kept (loading `a` then `b` may differ from `b` then `a`); packages are a set
-    for pip, so they are deduplicated and sorted by their canonical spelling.
+    for pip, so they are deduplicated and sorted by their canonical spelling. `pip` is the cluster's
+    package source (its configuration, never the job's); it is in the hash only when set, so the
+    environments of a cluster without one keep their hashes.
     """
 
     modules: list[str] = field(default_factory=list)
     python: str | None = None
     packages: list[str] = field(default_factory=list)
     prelude: str = ""
+    pip: PipConfig = field(default_factory=PipConfig)
 
     @classmethod
-    def from_environment(cls, env: Environment, prelude: str = "") -> EnvSpec:
+    def from_environment(cls, env: Environment, prelude: str = "", pip: PipConfig | None = None) -> EnvSpec:
         by_key: dict[str, str] = {}
         for spec in env.packages:
             by_key.setdefault(normalise_requirement(spec), spec.strip())
@@ -120,6 +163,7 @@ class EnvSpec:
             python=env.python.strip() if env.python else None,
             packages=[by_key[k] for k in sorted(by_key)],
             prelude=_normalise_prelude(prelude),
+            pip=pip if pip is not None else PipConfig(),
         )
 
     @property
@@ -153,13 +197,16 @@ class EnvSpec:
         return [*self.modules, *([self.python_module] if self.python_module else [])]
 
     def canonical(self) -> dict[str, Any]:
-        return {
+        canonical: dict[str, Any] = {
             "format": SPEC_FORMAT,
             "modules": [m.strip() for m in self.modules],
             "python": self.python.strip() if self.python else None,
             "packages": sorted({normalise_requirement(p) for p in self.packages}),
             "prelude": _normalise_prelude(self.prelude),
         }
+        if not self.pip.is_default:
+            canonical["pip"] = _canonical_pip(self.pip)
+        return canonical
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -194,7 +241,8 @@ def render_build_script(spec: EnvSpec, *, envs_dir: str, stage: str) -> str:
     """The one script that builds (or, after waiting on the lock, reuses) the environment.
 
     Every value is a `shlex.quote`d literal; the packages are read by pip from
-    `<stage>/requirements.txt`, and `spec.json` is copied from the stage as well.
+    `<stage>/requirements.txt`, and `spec.json` is copied from the stage as well. pip's source
+    options (`pip_source_args`) come from the cluster's configuration, one quoted word each.
     """
     h = spec.spec_hash()
     q = shlex.quote
@@ -226,9 +274,10 @@ def render_build_script(spec: EnvSpec, *, envs_dir: str, stage: str) -> str:
     venv_flags = " --system-site-packages" if spec.system_site_packages else ""
     steps.append(f'{q(py)} -m venv{venv_flags} "$envdir/venv" || {fail(f"{py} -m venv failed")}')
     if spec.packages:
+        sources = "".join(f"{q(arg)} " for arg in pip_source_args(spec.pip))
         steps.append(
             '"$envdir/venv/bin/python" -m pip install --disable-pip-version-check --no-input '
-            f'--requirement "$stage/requirements.txt" || {fail("pip install failed")}'
+            f'{sources}--requirement "$stage/requirements.txt" || {fail("pip install failed")}'
         )
 
     # Not indented: the prelude is the cluster's own text and may hold a here-document.
@@ -275,7 +324,8 @@ class EnvironmentCache:
     `runner` is the cluster connection (`SSHConnection`, or `LocalRunner` for the local backend).
     `workdir` is cloudhpc's directory on the cluster (relative or `~/...` means under the home
     directory); `prelude` is the cluster's prelude, part of every spec because it decides which
-    Python and modules a build sees.
+    Python and modules a build sees; `pip` is where the cluster's pip takes packages from, part of
+    every spec for the same reason.
     """
 
     def __init__(
@@ -284,17 +334,19 @@ class EnvironmentCache:
         *,
         workdir: str,
         prelude: str = "",
+        pip: PipConfig | None = None,
         build_timeout: float = 3600.0,
     ) -> None:
         self._runner = runner
         self._workdir = workdir
         self._prelude = prelude
+        self._pip = pip if pip is not None else PipConfig()
         self._build_timeout = build_timeout
         self._envs_dir: str | None = None
         self._builds: dict[str, _SharedBuild] = {}
 
     def spec(self, env: Environment) -> EnvSpec:
-        return EnvSpec.from_environment(env, self._prelude)
+        return EnvSpec.from_environment(env, self._prelude, self._pip)
 
     async def envs_dir(self) -> str:
         """`<workdir>/envs` as an absolute path (the batch script must not depend on its cwd)."""
@@ -352,7 +404,7 @@ class EnvironmentCache:
 
     async def _remove_stage(self, stage: str) -> None:
         try:
-            await self._runner.run(["rm", "-rf", stage], timeout=30)
+            await self._runner.run(["rm", "-rf", stage], timeout=_STAGE_CLEANUP_SECONDS)
         except CloudHPCError as exc:
             log.warning("could not remove the stage %s of a stopped build: %s", stage, exc)
 
@@ -387,8 +439,10 @@ class EnvironmentCache:
             ) from exc
         except asyncio.CancelledError:
             # Stopped (no job waits for it any more). The script removes its stage itself when it
-            # is signalled, but not when it is killed outright (the local runner's SIGKILL).
-            await asyncio.shield(self._remove_stage(stage))
+            # is signalled, but not when it is killed outright (the local runner's SIGKILL). Bounded:
+            # when the whole process is shutting down, a new command may never get its answer.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._remove_stage(stage), _STAGE_CLEANUP_SECONDS)
             raise
         outcome, tail = _parse_result(result.stdout)
         took = time.monotonic() - started

@@ -29,7 +29,8 @@ async def open_backend(
         workdir = resolve_path(cluster.workdir, str(Path.home()), relative_to=os.getcwd())
         runner = LocalRunner()
         backend: JobBackend = LocalBackend(name, workdir=workdir, runner=runner)
-        return backend, EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude), workdir
+        envs = EnvironmentCache(runner, workdir=workdir, prelude=cluster.prelude, pip=cluster.pip)
+        return backend, envs, workdir
     assert cluster.ssh is not None  # enforced by ClusterConfig
     conn = SSHConnection(
         cluster.ssh, cluster=name, on_command=metrics.observe_command if metrics is not None else None
@@ -39,4 +40,4 @@ async def open_backend(
     stack.push_async_callback(conn.close)
     workdir = resolve_path(cluster.workdir, await conn.home())
     backend = SlurmBackend(name, conn, workdir=workdir, prelude=cluster.prelude)
-    return backend, EnvironmentCache(conn, workdir=workdir, prelude=cluster.prelude), workdir
+    return backend, EnvironmentCache(conn, workdir=workdir, prelude=cluster.prelude, pip=cluster.pip), workdir
