@@ -201,6 +201,16 @@ async def gone_within(site: Site, pid: str, seconds: float) -> bool:
     return True
 
 
+async def no_stage_within(site: Site, cache: EnvironmentCache, seconds: float) -> bool:
+    """The stopped build's stage directory is removed (by the script, or after it by the cache)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while [n for n in await site.listing(await cache.envs_dir()) if n.startswith(".stage-")]:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 async def test_cancelling_the_only_wait_stops_the_build(site: Site) -> None:
     """A job cancelled while its environment is built must not leave pip running on the login
     node for as long as it takes (issue 12): the caller gives up at once and the build stops."""
@@ -220,7 +230,7 @@ async def test_cancelling_the_only_wait_stops_the_build(site: Site) -> None:
     assert not await site.runner.exists(f"{envdir}/.ready")
     # the lock is free again: nothing of the stopped build holds it
     assert (await site.runner.run(["flock", "-n", f"{envdir}.lock", "true"])).ok
-    assert not [n for n in await site.listing(await cache.envs_dir()) if n.startswith(".stage-")]
+    assert await no_stage_within(site, cache, 10)
 
 
 async def test_a_build_another_job_waits_for_goes_on(site: Site) -> None:
@@ -239,6 +249,7 @@ async def test_a_build_another_job_waits_for_goes_on(site: Site) -> None:
         with pytest.raises(asyncio.CancelledError):
             await second
         assert await gone_within(site, pid, 15), f"the build step {pid} still runs"
+        assert await no_stage_within(site, cache, 10)
     finally:  # a failed check must not leave a build behind
         for task in (first, second):
             task.cancel()
