@@ -8,8 +8,10 @@ root with a home of the document's own: a private mount namespace binds a scratc
 /root, so `~` in a command, in ssh's own files and in cloudhpc's paths is that directory on every host
 (the topology's hosts share one filesystem, as a shared home would). What a block exports is seen by
 the next (`export -p` carried over). `as=porter` runs a block in porter's pod on cloud (the one of
-tests/e2e/test_topology_shipped.py: the rendered kustomize configuration), the document's home
-mounted at its own path as the working directory.
+tests/e2e/test_topology_shipped.py: the rendered kustomize configuration; its mounts and environment,
+but as root, see `DocRun.argv`), the document's home mounted at its own path as the working directory.
+Background blocks are stopped by their process group at the end; files a document changes outside
+its home are put back (`restored`).
 
 The only hand-written values are in SUBSTITUTIONS (what a document tells its reader to fill in, and
 the topology's answer) and GIVEN (what the reader has before the document starts: the HPC key the
@@ -146,9 +148,7 @@ class DocRun:
 
     def __post_init__(self) -> None:
         self.home = self.base / "home"
-        self.home.mkdir(parents=True)
-        # porter's pod (uid 10001) writes into it as its working directory
-        self.home.chmod(0o1777)
+        self.home.mkdir(mode=0o700)
         for kept in ROOT_KEEP:
             (self.home / kept.name).mkdir()
         self.env_file = self.base / "env.sh"
@@ -264,7 +264,7 @@ class DocRun:
 @pytest.fixture
 def doc_base() -> Iterator[Path]:
     base = SCRATCH / f"chpc-docs-{uuid.uuid4().hex[:8]}"
-    base.mkdir(mode=0o755)
+    base.mkdir(mode=0o700)  # the homes hold keys and tokens
     try:
         yield base
     finally:
