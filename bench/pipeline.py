@@ -41,7 +41,7 @@ from tests.testbed import load_testbed
 from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline, cloud_pipeline
 
 TARGET_OVERHEAD = 15.0
-TORCH_WHEEL = "torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+TORCH_CPU = "torch==2.13.0+cpu"  # from the wheels on disk: the testbed cluster's pip.find_links
 STAGES = (
     "environment",
     "queue_wait",
@@ -113,7 +113,7 @@ def main() -> int:
                 "environment": {
                     "packages": [
                         f"ray[default,train]=={ray.__version__}",
-                        TORCH_WHEEL,
+                        TORCH_CPU,
                         "mlflow-skinny",
                         "numpy",
                     ]

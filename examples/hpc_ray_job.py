@@ -17,7 +17,7 @@ testbed, with `serve all --config .testbed/cloudhpc.yaml` running):
 
     python examples/hpc_ray_job.py --cluster testbed --mlflow-import 127.0.0.1:19700 \
         --s3-endpoint-url http://127.0.0.1:19833 \
-        --package 'ray[default,train]' --package 'torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl' \
+        --package 'ray[default,train]' --package 'torch==2.13.0+cpu' \
         --package mlflow-skinny --package numpy
 """
 

@@ -40,9 +40,10 @@ from cloudhpc.pipelines.fmnist.steps import preprocess
 from tests.e2e.harness import Deployment, bridged_deployment
 from tests.testbed import Testbed
 
-TORCH_WHEEL = "torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
-HPC_PACKAGES = [f"ray[default,train]=={ray.__version__}", TORCH_WHEEL, "mlflow-skinny", "numpy"]
-"""The testbed's training environment: PyTorch from the CPU wheel on disk, never PyPI's CUDA build."""
+TORCH_CPU = "torch==2.13.0+cpu"
+HPC_PACKAGES = [f"ray[default,train]=={ray.__version__}", TORCH_CPU, "mlflow-skinny", "numpy"]
+"""The testbed's training environment: PyTorch's CPU build, which pip finds in the wheels on disk (the
+testbed cluster's `pip.find_links`), never PyPI's CUDA build."""
 EPOCHS = 3
 ENV_BUILD = 900
 """Seconds the first run may spend building the environment on the testbed."""

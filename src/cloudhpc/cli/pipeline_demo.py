@@ -38,8 +38,9 @@ __all__ = ["run_pipeline_demo"]
 ROOT = Path(__file__).resolve().parents[3]
 TESTBED_ENV = ROOT / ".testbed" / "env.sh"
 TESTBED_CONFIG = ROOT / ".testbed" / "cloudhpc.yaml"
-TESTBED_TORCH = "torch @ file:///opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
-"""The testbed's PyTorch for hpcuser's environment: a CPU wheel on disk (a real site pins its own)."""
+TESTBED_TORCH = "torch==2.13.0+cpu"
+"""The testbed's PyTorch for hpcuser's environment: the CPU build, found by pip in the wheels on disk
+(the testbed cluster's `pip.find_links`, set by scripts/testbed.sh; a real site pins its own)."""
 
 _TASKS = {
     "fmnist-preprocess": "preprocess (cloud): fetch, split train/validation/test, store",
