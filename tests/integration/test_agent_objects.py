@@ -207,3 +207,26 @@ def test_an_artifact_over_the_cap_is_refused_while_it_streams(porter: Porter) ->
     other = httpx.put(route, content=b"x", headers={"Authorization": f"Bearer {porter.other_agent}"})
     assert other.status_code == 403, other.text
     assert porter.objects.list(f"jobs/alice/{job.id}/") == []
+
+
+def test_an_agent_whose_own_store_is_not_porters_says_so(objects: ObjectStore, tmp_path: Path) -> None:
+    """An agent with `submitter.object_store` set to another store than porter's: an input URL that
+    porter accepted (its owner's object in porter's store) is not in the agent's store, and the
+    reason says that, not that the object is someone else's."""
+    from cloudhpc.storage.inputs import InputScope
+    from cloudhpc.submitter.files import FileFetcher
+
+    objects.put("users/alice/a.txt", b"alice's")
+    url = object_url(objects, "users/alice/a.txt")
+    own = LocalObjectStore(tmp_path / "the-laptops-own-store")
+    fetcher = FileFetcher(own, InputScope.from_store_url(store_url(own)))
+    with pytest.raises(StorageError) as refused:
+        fetcher.fetch(url, "alice")
+    message = str(refused.value)
+    assert "not in this submitter's object store" in message, message
+    assert "submitter.object_store" in message, message
+    assert "only its owner's own objects" not in message, message
+    # the same store: read
+    assert (
+        FileFetcher(objects, InputScope.from_store_url(store_url(objects))).fetch(url, "alice") == b"alice's"
+    )
