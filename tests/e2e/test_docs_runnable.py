@@ -79,19 +79,52 @@ def substitutions(topology: Topology) -> dict[str, dict[str, str]]:
         "hpc-site.md": site,
         "submitter.md": {**site, "https://porter.example.org": topology.porter_url},
         "bridge-vm.md": vm,
-        "platform.md": {},
+        "platform.md": {
+            **{k: v for k, v in site.items() if k == "mahti.csc.fi"},
+            "<your CSC username>": topology.ssh_user,
+            "<the key's passphrase, or empty>": "",  # the given key has none
+            "cd cloudhpc   # this repository": f"cd {ROOT}   # this repository",
+            # the laptop reaches porter directly (section 8, step 4: no tunnel)
+            "CLOUDHPC_SUBMITTER__PORTER_URL=http://localhost:5555": (
+                f"CLOUDHPC_SUBMITTER__PORTER_URL={topology.porter_url}"
+            ),
+            "ACCOUNT=project_2001234": "ACCOUNT=default",
+            "PARTITION=medium": f"PARTITION={topology.partition}",
+            "PRELUDE='source /appl/profile/zz-csc-env.sh'": "PRELUDE=''",
+            "<floating IP>": topology.bridge_host,
+            "<private address>": topology.bridge_bind_address,
+            "SSH_USER=ubuntu": f"SSH_USER={topology.bridge_user}",
+        },
     }
 
 
-def given(testbed: Testbed) -> dict[str, dict[str, Path]]:
-    """Per document: files in the reader's home before the document starts -> where the test takes
-    them from. The HPC key is registered at the site (MyCSC for Mahti): the testbed's key with a
-    passphrase, which hpcuser's authorized_keys holds."""
-    hpc_key = {
-        ".ssh/id_ed25519_mahti": testbed.ssh_key_pass,
-        ".config/cloudhpc/mahti-passphrase": testbed.passphrase_file,
-    }
-    return {"hpc-site.md": hpc_key, "submitter.md": hpc_key, "bridge-vm.md": {}, "platform.md": {}}
+def given(
+    doc: str, testbed: Testbed, topology: Topology, request: pytest.FixtureRequest
+) -> dict[str, tuple[bytes, str]]:
+    """Files in the reader's home before `doc` starts: path under home -> (content, what it is).
+    The HPC key is registered at the site (MyCSC for Mahti): one of the testbed's keys, which
+    hpcuser's authorized_keys holds. platform.md also starts with what its steps that cannot run here
+    leave behind."""
+    if doc in ("hpc-site.md", "submitter.md"):
+        return {
+            ".ssh/id_ed25519_mahti": (testbed.ssh_key_pass.read_bytes(), "the HPC key (with a passphrase)"),
+            ".config/cloudhpc/mahti-passphrase": (testbed.passphrase_file.read_bytes(), "its passphrase"),
+        }
+    if doc == "platform.md":
+        platform: Platform = request.getfixturevalue("platform")
+        host_key = (topology.known_hosts.parent / "login-sshd" / "ssh_host_ed25519_key.pub").read_text()
+        return {
+            ".ssh/mahti.pem": (testbed.ssh_key.read_bytes(), "the HPC key, registered (section 7)"),
+            ".ssh/known_hosts": (
+                f"{topology.ssh_host} {' '.join(host_key.split()[:2])}\n".encode(),
+                "what the first `ssh mahti` records (section 7: interactive)",
+            ),
+            ".config/cloudhpc/agent-token-mahti": (
+                (platform.agent_token + "\n").encode(),
+                "the agent token platform-up.sh makes on the VM (section 5: Kubernetes), copied (section 8)",
+            ),
+        }
+    return {}
 
 
 def restored(topology: Topology) -> dict[str, list[Path]]:
@@ -108,7 +141,8 @@ def ports_used(topology: Topology) -> dict[str, list[tuple[str, str, int]]]:
     """Per document: (host, address, port) its processes listen on, porter's included; another test's
     process there (the topology has one laptop and one cloud VM) is waited for."""
     porter = ("operator", topology.cloud.addr, topology.porter_port)
-    return {"submitter.md": [porter, ("laptop", "127.0.0.1", 5556)]}
+    submitter = ("laptop", "127.0.0.1", 5556)
+    return {"submitter.md": [porter, submitter], "platform.md": [porter, submitter]}
 
 
 DOC_NAMES = ("hpc-site.md", "submitter.md", "bridge-vm.md", "platform.md")
@@ -279,18 +313,18 @@ def test_the_doc_runs_in_the_topology(
     subs = substitutions(topology)[doc]
     run = DocRun(doc, topology, request, doc_base, subs)
     print(f"=== {doc}: substitutions {subs}")
-    for rel, source in given(testbed)[doc].items():
-        target = run.home / rel
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target.write_bytes(source.read_bytes())
-        target.chmod(0o600)
-        print(f"=== {doc}: given ~/{rel} (from {source})")
     for host, addr, port in ports_used(topology).get(doc, []):
         deadline = time.monotonic() + 300
         while topology.probe(host, [(addr, port)]) == ["open"]:
             assert time.monotonic() < deadline, f"{host}:{port} stays taken by another process"
             print(f"=== {doc}: waiting for {addr}:{port} on {host} (another test uses it)")
             time.sleep(5)
+    for rel, (content, what) in given(doc, testbed, topology, request).items():
+        target = run.home / rel
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target.write_bytes(content)
+        target.chmod(0o600)
+        print(f"=== {doc}: given ~/{rel}: {what}")
     saved = {path: (path.read_bytes(), path.stat().st_mode) for path in restored(topology).get(doc, [])}
     t0 = time.monotonic()
     try:
