@@ -7,15 +7,14 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
+from cloudhpc.cli.demo import stop_server, wait_ready
 from cloudhpc.client import Client
 from tests.e2e.harness import free_port
 
@@ -64,21 +63,10 @@ def serve_all(root: Path, clusters: dict[str, Any]) -> Iterator[Embedded]:
         )
     embedded = Embedded(root, f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, embedded.log()[-2000:]
-            assert time.monotonic() < deadline, "serve all did not become ready"
-            try:
-                if httpx.get(f"{embedded.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        # the demo's own wait: the admin token is written and an agent serves the cluster
+        client = wait_ready(proc, embedded.url, root / ".cloudhpc" / "admin-token", timeout=60)
+        assert client is not None, f"serve all did not become ready: {embedded.log()[-2000:]}"
+        client.close()
         yield embedded
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, timeout=30)
