@@ -112,12 +112,10 @@ def given(
         }
     if doc == "platform.md":
         platform: Platform = request.getfixturevalue("platform")
-        host_key = (topology.known_hosts.parent / "login-sshd" / "ssh_host_ed25519_key.pub").read_text()
         return {
-            ".ssh/mahti.pem": (testbed.ssh_key.read_bytes(), "the HPC key, registered (section 7)"),
-            ".ssh/known_hosts": (
-                f"{topology.ssh_host} {' '.join(host_key.split()[:2])}\n".encode(),
-                "what the first `ssh mahti` records (section 7: interactive)",
+            ".ssh/mahti.pem": (
+                testbed.ssh_key.read_bytes(),
+                "the HPC key, registered (section 7); without a passphrase: ssh would ask for it",
             ),
             ".config/cloudhpc/agent-token-mahti": (
                 (platform.agent_token + "\n").encode(),
