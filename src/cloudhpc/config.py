@@ -166,11 +166,13 @@ class PollConfig(_Section):
 
 def _pip_location(value: str, *, paths: bool) -> str:
     """One `clusters.<name>.pip` value: a URL (http, https, file) or, for find_links, a path on the
-    cluster (absolute or `~/...`). Never whitespace or a leading `-`, so that it cannot read as
-    another pip option even where it is quoted."""
-    if not value or value != value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValueError(f"{value!r}: no spaces or control characters")
+    cluster (absolute or `~/...`). Never a leading `-` (it cannot read as another pip option, even
+    though each value is one quoted argument), control characters, or spaces in a URL."""
+    if not value or value != value.strip() or not value.isprintable():
+        raise ValueError(f"{value!r}: no leading or trailing spaces, no control characters")
     if value.startswith(("https://", "http://", "file://")):
+        if any(ch.isspace() for ch in value):
+            raise ValueError(f"{value!r}: a URL has no spaces (write %20)")
         return value
     if paths and value.startswith(("/", "~/")):
         return value

@@ -8,15 +8,20 @@ call to the real connection, to prove what the fast path costs.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import io
+import json
 import shlex
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cloudhpc.config import SSHConfig
+from cloudhpc.config import PipConfig, SSHConfig
 from cloudhpc.domain.jobs import Environment
 from cloudhpc.exceptions import EnvironmentBuildError
 from cloudhpc.hpc.backend import CommandResult
@@ -254,3 +259,64 @@ async def test_a_build_another_job_waits_for_goes_on(site: Site) -> None:
         for task in (first, second):
             task.cancel()
         await asyncio.gather(first, second, return_exceptions=True)
+
+
+def tiny_wheel(module: str, version: str, value: str) -> tuple[str, bytes]:
+    """A pure-Python wheel of one module `module` with `VALUE = value`: (file name, bytes). Made here,
+    so it is on no index: only the cluster's find_links can provide it."""
+    dist_info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}.py": f"VALUE = {value!r}\n".encode(),
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: {version}\n".encode(),
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: cloudhpc-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for path, data in files.items()
+    ]
+    files[f"{dist_info}/RECORD"] = ("\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+    return f"{module}-{version}-py3-none-any.whl", buffer.getvalue()
+
+
+async def test_packages_come_from_the_clusters_pip_section(site: Site) -> None:
+    """`clusters.<name>.pip` (no_index + find_links): a package that is on no index, in a directory of
+    wheels on the cluster, named by the job as a plain requirement, is built from there and nowhere
+    else; the section is in the environment's hash and its spec.json."""
+    module = f"cloudhpc_probe_{uuid.uuid4().hex[:8]}"
+    value = f"built from the site's wheels {uuid.uuid4().hex[:6]}"
+    filename, data = tiny_wheel(module, "1.0", value)
+    wheels = f"{site.workdir}/site wheels"  # a path with a space: one quoted argument
+    await site.runner.makedirs(wheels)
+    await site.runner.write_file(f"{wheels}/{filename}", data)
+
+    pip = PipConfig(no_index=True, find_links=[wheels])
+    env = Environment(packages=[f"{module.replace('_', '-')}==1.0"])
+    cache = EnvironmentCache(site.runner, workdir=site.workdir, pip=pip, build_timeout=300)
+    lines = await cache.ensure(env)
+    envdir = await cache.envdir(env)
+    assert envdir != await site.cache().envdir(env)  # without the section: another environment
+
+    probe = "\n".join([*lines, f"python -c 'import {module}; print({module}.VALUE)'"])
+    result = await site.runner.run(["/bin/bash", "-c", probe])
+    assert result.ok, result
+    assert result.stdout.strip() == value
+    spec = json.loads(await site.text(f"{envdir}/spec.json"))
+    assert spec["pip"] == {
+        "index_url": None,
+        "extra_index_urls": [],
+        "find_links": [wheels],
+        "no_index": True,
+    }
+    log = await site.text(f"{envdir}.log")
+    # (the local runner also passes on this process's own PIP_FIND_LINKS, if any)
+    (links,) = [line for line in log.splitlines() if line.startswith("Looking in links: ")]
+    assert wheels in links.removeprefix("Looking in links: ").split(", "), log
+    assert "Looking in indexes" not in log, log
+    # A fresh cache of the same cluster finds it ready: one check, nothing built.
+    counting = CountingRunner(site.runner)
+    assert await EnvironmentCache(counting, workdir=site.workdir, pip=pip).ensure(env) == lines
+    assert counting.calls == [f"exists {envdir}/.ready"]

@@ -191,7 +191,7 @@ async def test_empty_and_module_only_environments_cost_no_remote_call() -> None:
 MIRROR = PipConfig(
     index_url="https://mirror.example.org/simple?a=$(id);b='x'`uname`",
     extra_index_urls=["https://extra.example.org/simple"],
-    find_links=["/opt/site_wheels", "~/wheels", "https://wheels.example.org/list.html"],
+    find_links=["/opt/site wheels", "~/wheels", "https://wheels.example.org/list.html"],
 )
 
 
@@ -210,7 +210,7 @@ def test_pip_arguments_come_from_the_cluster_config_only() -> None:
         "--extra-index-url",
         "https://extra.example.org/simple",
         "--find-links",
-        "/opt/site_wheels",
+        "/opt/site wheels",
         "--find-links",
         "~/wheels",
         "--find-links",
@@ -301,8 +301,10 @@ def test_pip_sources_are_in_the_hash() -> None:
         ({"extra_index_urls": ["--trusted-host=x"]}, "must be an http(s):// or file:// URL"),
         ({"find_links": ["wheels"]}, "or an absolute path"),
         ({"find_links": ["-f/tmp"]}, "or an absolute path"),
-        ({"find_links": ["/opt/wheels --pre"]}, "no spaces"),
-        ({"find_links": ["/opt/wheels\n"]}, "no spaces"),
+        ({"index_url": "https://m.example/simple --pre"}, "a URL has no spaces"),
+        ({"find_links": ["file:///opt/my wheels"]}, "a URL has no spaces"),
+        ({"find_links": ["/opt/wheels\n"]}, "no control characters"),
+        ({"find_links": [" /opt/wheels"]}, "no leading or trailing spaces"),
         ({"no_index": True}, "pip.no_index needs find_links"),
         (
             {"no_index": True, "find_links": ["/w"], "index_url": "https://m.example/simple"},
