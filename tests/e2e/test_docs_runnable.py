@@ -111,7 +111,7 @@ def given(
             ".config/cloudhpc/mahti-passphrase": (testbed.passphrase_file.read_bytes(), "its passphrase"),
         }
     if doc == "platform.md":
-        platform: Platform = request.getfixturevalue("platform")
+        platform = shipped_porter(request)
         return {
             ".ssh/mahti.pem": (
                 testbed.ssh_key.read_bytes(),
@@ -138,12 +138,22 @@ def restored(topology: Topology) -> dict[str, list[Path]]:
 def ports_used(topology: Topology) -> dict[str, list[tuple[str, str, int]]]:
     """Per document: (host, address, port) its processes listen on, porter's included; another test's
     process there (the topology has one laptop and one cloud VM) is waited for."""
-    porter = ("operator", topology.cloud.addr, topology.porter_port)
+    porter = [] if "porter" in _OURS else [("operator", topology.cloud.addr, topology.porter_port)]
     submitter = ("laptop", "127.0.0.1", 5556)
-    return {"submitter.md": [porter, submitter], "platform.md": [porter, submitter]}
+    return {"submitter.md": [*porter, submitter], "platform.md": [*porter, submitter]}
 
 
 DOC_NAMES = ("hpc-site.md", "submitter.md", "bridge-vm.md", "platform.md")
+
+_OURS: set[str] = set()
+"""What this module started and keeps for its other documents (the module-scoped porter)."""
+
+
+def shipped_porter(request: pytest.FixtureRequest) -> Platform:
+    """porter of tests/e2e/test_topology_shipped.py on cloud, started once for the module."""
+    porter: Platform = request.getfixturevalue("platform")
+    _OURS.add("porter")
+    return porter
 
 
 @dataclass
@@ -205,7 +215,7 @@ class DocRun:
     def argv(self, block: Block) -> tuple[list[str], dict[str, str]]:
         if block.options.get("as") == "porter":
             assert block.host == "cloud", f"{block.where}: as=porter runs on cloud"
-            platform: Platform = self.request.getfixturevalue("platform")
+            platform = shipped_porter(self.request)
             script = f"cd {shlex.quote(str(self.home))}\n" + self.script(block, carry=False)
             # as root: a shell as the pod's uid cannot exec this machine's venv Python, under /root
             # (0700); the pod's mounts, working directory and environment are kept
