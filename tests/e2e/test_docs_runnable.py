@@ -13,9 +13,10 @@ but as root, see `DocRun.argv`), the document's home mounted at its own path as 
 Background blocks are stopped by their process group at the end; files a document changes outside
 its home are put back (`restored`).
 
-The only hand-written values are in SUBSTITUTIONS (what a document tells its reader to fill in, and
-the topology's answer) and GIVEN (what the reader has before the document starts: the HPC key the
-site registered, and its passphrase); the test prints both, and every block it runs or skips.
+The only hand-written values are in `substitutions()` (what a document tells its reader to fill in,
+and the topology's answer) and `given()` (what the reader has before the document starts: the HPC key
+the site registered, its passphrase; for platform.md also the agent token its Kubernetes step makes);
+the test prints both, and every block it runs or skips with the reason.
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ class DocRun:
             text = text.replace(old, new)
         return text
 
-    def path(self, path: str) -> Path:
-        return self.home / path.removeprefix("~/") if path.startswith("~/") else Path(path)
+    def path(self, block: Block) -> Path:
+        path = block.options["path"]
+        assert path.startswith("~/"), f"{block.where}: a file block writes under the reader's home (~/...)"
+        return self.home / path.removeprefix("~/")
 
     def script(self, block: Block, carry: bool) -> str:
         lines = []
@@ -249,7 +252,7 @@ class DocRun:
             self.report.append(f"skip {block.where}: {block.reason}")
             return
         if block.verb == "file":
-            target = self.path(block.options["path"])
+            target = self.path(block)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(self.substitute(block.text))
             target.chmod(int(block.options.get("mode", "600"), 8))
