@@ -12,7 +12,7 @@
 (`unshare --mount`) where the sources are bind-mounted onto the container paths, so a path in
 secrets.json or in a manifest that does not match its mount fails here as it would in the container.
 The only hand-written values are the ones the docs tell an operator or a user to fill in; they are
-gathered in OPERATOR_FILL_INS, `user_env()` and USER_EDITS below.
+gathered in OPERATOR_FILL_INS, `user_env()`, USER_EDITS and SITE_PIP below.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from cloudhpc.client import ApiError, Client
-from cloudhpc.config import SSHConfig
+from cloudhpc.config import PipConfig, SSHConfig
 from cloudhpc.domain.jobs import Environment, Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.hpc.envs import EnvironmentCache
@@ -84,6 +84,12 @@ NO_KUBERNETES = {"CLOUDHPC_PORTER__BRIDGE__KUBERNETES__ENABLED": "false"}
 USER_EDITS = {("clusters", CLUSTER, "prelude"): "", ("clusters", CLUSTER, "defaults", "partition"): "debug"}
 """deploy/compose/submitter-cloudhpc.yaml says "Edit partition, time and prelude to taste": the
 topology's site has partition `debug` and no module profile (/appl/profile/zz-csc-env.sh is Mahti's)."""
+
+SITE_PIP = {"find_links": ["/opt/wheels"]}
+"""`clusters.mahti.pip`, added to the compose config: docs/pipelines.md asks for PyTorch's CPU wheel
+from the site on a CPU partition (PyPI's build is CUDA's, several GB), and `pip.find_links` is where
+a site's wheels are named (docs/configuration-reference.md); the topology's site has it in
+/opt/wheels. Part of every environment's hash, so the prebuilt ones are built with it too."""
 
 
 def user_env(topology: Topology, files: Mapping[str, Path]) -> dict[str, str]:
@@ -512,6 +518,8 @@ def laptop(
             node = node[key]
         assert path[-1] in node, f"{'.'.join(path)} is not in {config_source.name}"
         node[path[-1]] = value
+    assert "pip" not in config["clusters"][CLUSTER]
+    config["clusters"][CLUSTER]["pip"] = SITE_PIP
     edited = home / "submitter-cloudhpc.yaml"
     edited.write_text(yaml.safe_dump(config))
 
@@ -654,10 +662,22 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
         time.sleep(1)
     assert values, f"Prometheus on cloud has no {query}: {answer}"
     assert max(values) >= 1, answer
-    # artifacts: the compose submitter's object store is its own (the laptop reaches no S3 of the
-    # platform), so porter refuses to list keys it cannot serve, and the submitter says why
-    assert client.artifacts(final) == []
-    assert "not in porter's object store" in laptop.submitter.log.read_text(), laptop.submitter.tail()
+    # artifacts: the compose submitter has no object store of its own and the laptop reaches no S3
+    # of the platform, so they go through porter into porter's store; the listing's presigned URLs
+    # point at the cloud's S3, which the operator's console reaches
+    required = {"spec.json", "job.sh", "output.log", "sacct.json"}
+    deadline = time.monotonic() + 60
+    while True:
+        artifacts = {a["name"]: a["url"] for a in client.artifacts(final)}
+        if required <= set(artifacts) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert required <= set(artifacts), (sorted(artifacts), laptop.submitter.tail())
+    assert artifacts["output.log"].startswith(topology.s3_endpoint), artifacts["output.log"]
+    stored = httpx.get(artifacts["output.log"], timeout=10)
+    assert stored.status_code == 200, stored.text
+    assert stored.text == out, (stored.text, out)
+    assert "could not store artifacts" not in laptop.submitter.log.read_text(), laptop.submitter.tail()
 
     no_secrets_leaked(topology, platform, laptop, final)
 
@@ -706,6 +726,11 @@ def ray_environment(testbed: Testbed) -> None:
     nodes; the filesystem is shared with the single-host testbed, whose login node (loopback, with
     the machine's network) builds it once, for the same spec and prelude, hence the same directory.
     When it is already built this is one stat."""
+    prebuild_environment(testbed, RAY_ENV)
+
+
+def prebuild_environment(testbed: Testbed, environment: Mapping[str, Any]) -> None:
+    """`environment` built through the single-host testbed's login node (see `ray_environment`)."""
 
     async def ensure() -> None:
         ssh = SSHConfig(
@@ -718,8 +743,9 @@ def ray_environment(testbed: Testbed) -> None:
         conn = SSHConnection(ssh, cluster="testbed")
         try:
             prelude = str(USER_EDITS[("clusters", CLUSTER, "prelude")])
-            cache = EnvironmentCache(conn, workdir="~/.cloudhpc", prelude=prelude)
-            await cache.ensure(Environment.model_validate(RAY_ENV))
+            pip = PipConfig.model_validate(SITE_PIP)
+            cache = EnvironmentCache(conn, workdir="~/.cloudhpc", prelude=prelude, pip=pip)
+            await cache.ensure(Environment.model_validate(environment))
         finally:
             await conn.close()
 
@@ -887,15 +913,19 @@ def test_porter_refuses_a_bridge_setup_that_cannot_work(
     assert "EndpointSlice" in proc.stderr, proc.stderr
 
 
-def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
+def test_an_object_store_input_reaches_the_compose_submitter_through_porter(
     topology: Topology, laptop: Laptop, client: Client
 ) -> None:
     """A job whose `files` name an object of porter's store (as the example pipeline's training step
-    passes its data): the compose submitter fetches inputs from its own store, has no path to the
-    platform's S3, and fails the job at staging with the reason (docs/platform.md, section 8)."""
+    passes its data): the compose submitter has no path to the platform's S3 and no object store of
+    its own, so it reads the object through porter (`GET /api/v1/agent/jobs/{id}/inputs`); the job
+    prints it. Another user's object, named by a job, is still refused at submission."""
     import boto3
 
-    key = f"users/{PLATFORM_UP_ENV['PIPELINE_NS']}/shipped-{uuid.uuid4().hex[:8]}/input.txt"
+    user = PLATFORM_UP_ENV["PIPELINE_NS"]
+    assert topology.probe("laptop", [(topology.cloud.addr, 9000)]) != ["open"]
+    key = f"users/{user}/shipped-{uuid.uuid4().hex[:8]}/input.txt"
+    assert client.me()["inputs"][0] == f"s3://{topology.s3_bucket}/users/{user}/"
     s3 = boto3.client(
         "s3",
         endpoint_url=topology.s3_endpoint,
@@ -903,7 +933,8 @@ def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
         aws_secret_access_key=topology.s3_secret_key,
         region_name="us-east-1",
     )
-    s3.put_object(Bucket=topology.s3_bucket, Key=key, Body=b"data\n")
+    tag = uuid.uuid4().hex
+    s3.put_object(Bucket=topology.s3_bucket, Key=key, Body=f"data {tag}\n".encode())
     try:
         job = client.submit(
             {
@@ -916,8 +947,154 @@ def test_an_object_store_input_is_out_of_the_compose_submitters_reach(
             }
         )
         final = client.wait(job, timeout=180, poll=5)
-        assert final.state == JobState.FAILED, (final.state, final.reason)
-        assert final.reason, final
-        assert "input.txt" in final.reason, final.reason
+        assert final.state == JobState.COMPLETED, (final.state, final.reason, laptop.submitter.tail())
+        assert client.logs(final).data.decode() == f"data {tag}\n"
+        with pytest.raises(ApiError) as refused:
+            client.submit(
+                {
+                    "name": "shipped-input-not-mine",
+                    "cluster": CLUSTER,
+                    "kind": "batch",
+                    "script": "#!/bin/bash\ncat input.txt\n",
+                    "files": {"input.txt": f"s3://{topology.s3_bucket}/users/someone-else/input.txt"},
+                }
+            )
+        assert refused.value.status == 422, refused.value
     finally:
         s3.delete_object(Bucket=topology.s3_bucket, Key=key)
+
+
+# ---------------------------------------------------------------- the example pipeline on cloud
+
+PIPELINE_RUN = """\
+import json, sys, time
+from kfp import local
+from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline
+params, root = json.loads(sys.argv[1]), sys.argv[2]
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
+started = time.monotonic()
+task = cloud_hpc_pipeline(**params)
+print("PIPELINE accuracy", float(task.output), "seconds", round(time.monotonic() - started, 1), flush=True)
+"""
+"""The pipeline as docs/pipelines.md runs it without Kubeflow: KFP's local runner, each step a process."""
+
+
+@pytest.fixture(scope="module")
+def training_environment(testbed: Testbed) -> dict[str, Any]:
+    """The training job's environment (Ray Train, PyTorch's CPU wheel from the site's wheels, the
+    MLflow client), prebuilt like `ray_environment`."""
+    packages = [f"ray[default,train]=={ray.__version__}", "torch==2.13.0+cpu", "mlflow-skinny", "numpy"]
+    environment = {"packages": packages}
+    prebuild_environment(testbed, environment)
+    return environment
+
+
+@pytest.mark.timeout(1500)
+def test_the_example_pipeline_on_cloud_trains_across_c1_and_c2_and_registers_in_mlflow(
+    topology: Topology,
+    platform: Platform,
+    laptop: Laptop,
+    client: Client,
+    training_environment: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """Issue 11, items 2 and 3: the fmnist-cloud-hpc pipeline run on `cloud` with KFP's local runner
+    (docs/pipelines.md): preprocess stores the splits in porter's S3 under the pipeline user's
+    prefix; the train step submits a 2-node ray-job through porter, which the laptop's compose
+    submitter stages (train.npz read through porter: the laptop has no path to S3) onto c1 and c2;
+    Ray Train's workers log to MLflow through the job's `-L` import (the compute nodes cannot reach
+    MLflow directly); evaluation and registration run on cloud."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.e2e.test_pipeline import EPOCHS
+
+    cloud = topology.cloud.addr
+    # the compute nodes have no direct path to MLflow (only the job's tunnel through cloud:22)
+    for node in topology.slurm_nodes:
+        assert topology.probe(node, [(cloud, 5000)]) != ["open"], node
+    model_name = f"shipped-{uuid.uuid4().hex[:8]}"
+    (store_prefix,) = [u for u in client.me()["inputs"] if "/users/" in u]
+    params = {
+        "porter_url": platform.url,
+        "cluster": CLUSTER,
+        "tracking_uri": topology.mlflow_url,
+        # MLflow as the bridge VM reaches it (its authorized_keys line permits it)
+        "mlflow_import": f"{cloud}:5000",
+        "experiment": "shipped-cloud-hpc",
+        "registered_model_name": model_name,
+        "store_url": store_prefix.rstrip("/"),
+        "s3_endpoint_url": topology.s3_endpoint,
+        "epochs": EPOCHS,
+        "hpc_job": {
+            "resources": {"nodes": 2, "cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
+            "environment": training_environment,
+        },
+        "timeout_seconds": 1200.0,
+    }
+    home = tmp_path / "home"
+    home.mkdir()
+    # what the pipelines' Secrets give the steps (cloudhpc-porter's token, cloudhpc-s3's keys)
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "CLOUDHPC_TOKEN": platform.user_token,
+        "AWS_ACCESS_KEY_ID": topology.s3_access_key,
+        "AWS_SECRET_ACCESS_KEY": topology.s3_secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    log = tmp_path / "pipeline.log"
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        proc = subprocess.run(
+            topology.cloud.argv(
+                sys.executable, "-c", PIPELINE_RUN, json.dumps(params), str(tmp_path / "kfp")
+            ),
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=1400,
+            check=False,
+            cwd=tmp_path,
+        )
+    took = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-6000:] + "\n--- submitter:\n" + laptop.submitter.tail()
+    result = re.search(r"^PIPELINE accuracy (\S+) seconds (\S+)$", text, re.M)
+    assert result is not None, text[-4000:]
+    accuracy = float(result.group(1))
+    assert accuracy > 0.8, accuracy
+
+    # MLflow on cloud: the run (per-epoch metrics from the job, the test metrics from evaluation)
+    # and the registered model
+    mlflow_client = MlflowClient(topology.mlflow_url)
+    versions = mlflow_client.search_model_versions(f"name = '{model_name}'")
+    assert len(versions) == 1, versions
+    run_id = versions[0].run_id
+    assert run_id, versions
+    run = mlflow_client.get_run(run_id)
+    metrics, run_params = run.data.metrics, run.data.params
+    history = mlflow_client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, EPOCHS + 1)), history
+    assert run_params["ray.num_workers"] == "2", run_params
+    assert metrics["test_accuracy"] == pytest.approx(accuracy)
+    assert metrics["gate_passed"] == 1.0
+
+    # the training job: on c1 and c2, a Ray cluster of 2 nodes, its input read through porter
+    job = client.get(run.data.tags["cloudhpc.job_id"])
+    assert job.state == JobState.COMPLETED, (job.state, job.reason)
+    assert job.spec.files["data/train.npz"].startswith(store_prefix), job.spec.files
+    out = client.logs(job).data.decode()
+    assert "cloudhpc: Ray cluster ready: 2 node(s)" in out, out[-3000:]
+    expected = f"COMPLETED|cloudhpc:{job.id}|c[1-2]|2"
+    record = sacct(topology, job, "State,Comment,NodeList,NNodes", expected)
+    assert record == expected, record
+    # the job's artifacts went through porter into porter's store
+    names = {a["name"] for a in client.artifacts(job)}
+    assert {"spec.json", "job.sh", "output.log"} <= names, names
+    no_secrets_leaked(topology, platform, laptop, job)
+    print(
+        f"\nTIMING shipped pipeline {took:.1f} s (in the runner: {result.group(2)} s), "
+        f"test accuracy {accuracy:.3f}, train step {metrics.get('stage.step_wall_seconds', -1):.1f} s, "
+        f"training {metrics.get('stage.training_seconds', -1):.1f} s"
+    )
