@@ -497,8 +497,10 @@ class SubmitterConfig(_Section):
     )
     object_store: str | None = Field(
         default=None,
-        description="file:// directory or s3:// bucket where the agent keeps job artifacts; the same "
-        "place as porter.object_store (default: porter.object_store with porter's S3 endpoint and region)",
+        description="file:// directory or s3:// bucket where the agent keeps job artifacts and reads job "
+        "inputs; the same place as porter.object_store. Unset: `serve submitter` over http sends them "
+        "through porter (docs/api.md); `serve all` and the s3 channel use porter.object_store with "
+        "porter's S3 endpoint and region",
     )
     s3_endpoint_url: str | None = Field(
         default=None,
