@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import schemathesis
@@ -31,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from cloudhpc.config import Settings
+from cloudhpc.config import PorterConfig, Settings
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
@@ -92,7 +93,7 @@ def fuzz(operation: Any, mode: GenerationMode, token: str, job_id: str | None, f
         call()
 
 
-def test_openapi_fuzz_finds_no_server_error(store: Store) -> None:
+def test_openapi_fuzz_finds_no_server_error(store: Store, tmp_path: Path) -> None:
     """On both job stores (the `store` fixture): PostgreSQL refuses more than SQLite (NUL in text,
     integers past BIGINT), so bad input that SQLite stores can be a 5xx there."""
     fuzz_store = store
@@ -106,7 +107,9 @@ def test_openapi_fuzz_finds_no_server_error(store: Store) -> None:
         assert fuzz_store.apply_report(
             JobReport(job_id=job.id, seq=seq, state=JobState(state)), actor="agent"
         )
-    app = create_app(Settings(), store=fuzz_store)
+    # an object store of its own: the agent's artifact upload route writes what the fuzz sends
+    objects = f"file://{tmp_path / 'objects'}"
+    app = create_app(Settings(porter=PorterConfig(object_store=objects)), store=fuzz_store)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     found = Findings()
     started = time.monotonic()
