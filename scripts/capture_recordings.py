@@ -193,6 +193,35 @@ def capture_just_ended() -> None:
     raise RuntimeError("sacct_just_ended: never saw the unknown ReqMem unit right after a job ended")
 
 
+def capture_short_jobs() -> None:
+    """Jobs shorter than the gather interval (testbed: `JobAcctGatherFrequency=task=2`): what sacct
+    shows at the first answer in which the allocation has ended (`_t0`), then 5, 15 and 40 s later.
+    Both jobs run at once; each snapshot is taken on its own job's clock."""
+    jobs = {"sacct_short_half_second": "sleep 0.5", "sacct_short_3s": "sleep 3"}
+    native = {name: submit(script)[1] for name, script in jobs.items()}
+    ended: dict[str, float] = {}
+    taken: dict[str, set[int]] = {name: set() for name in jobs}
+    deadline = time.monotonic() + 120
+    while any(len(t) < 4 for t in taken.values()) and time.monotonic() < deadline:
+        for name, job in native.items():
+            argv = Sacct(jobs=[job]).argv()
+            if name not in ended:
+                proc = remote(argv)
+                rows = [line.split("|") for line in proc.stdout.splitlines()[1:]]
+                if any(r[0] == job and finished(r[2].split()[0]) for r in rows):
+                    ended[name] = time.monotonic()
+                    record(f"{name}_t0", argv, f"{jobs[name]!r}: the first sacct answer after the end")
+                    taken[name].add(0)
+                continue
+            for after in (5, 15, 40):
+                if after not in taken[name] and time.monotonic() - ended[name] >= after:
+                    record(f"{name}_t{after}", argv, f"{jobs[name]!r}: sacct {after} s after the end")
+                    taken[name].add(after)
+        time.sleep(0.1)
+    if any(len(t) < 4 for t in taken.values()):
+        raise TimeoutError(f"short jobs {native}: not all snapshots taken ({taken})")
+
+
 def main(selected: set[str]) -> None:
     def want(name: str) -> bool:
         return not selected or any(name.startswith(s) for s in selected)
@@ -208,6 +237,7 @@ def main(selected: set[str]) -> None:
         "seff_unknown",
         "sacct_timeout",
         "sacct_just_ended",
+        "sacct_short",
     )
     if not selected or any(not s.startswith(standalone) for s in selected):
         mem_script = (
@@ -301,6 +331,8 @@ def main(selected: set[str]) -> None:
             record("sacct_array", Sacct(jobs=[jobs["array"]]).argv(), "an array job cancelled while held")
     if want("sacct_just_ended"):
         capture_just_ended()
+    if want("sacct_short"):
+        capture_short_jobs()
     if "timeout" in jobs:
         wait_for([jobs["timeout"]], finished)
         record(
