@@ -36,10 +36,11 @@ from cloudhpc.exceptions import (
     StorageError,
     SubmitRejected,
 )
-from cloudhpc.hpc.backend import AccountingRecord, JobBackend, JobPaths, JobSubmission
+from cloudhpc.hpc.backend import JobBackend, JobPaths, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.hpc.poller import Poller
+from cloudhpc.hpc.slurm.accounting import accounting_final
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
     KEY_FILE,
@@ -555,9 +556,9 @@ class Agent:
         for attempt in range(attempts):
             try:
                 records = await self.backend.accounting(tracked.native_id)
-                if not _accounting_settled(records) and attempt < attempts - 1:
-                    # Right after the end, slurmdbd still holds placeholders (no MaxRSS yet):
-                    # figures stored now would be wrong for good, so wait for the final ones.
+                if not accounting_final(records) and attempt < attempts - 1:
+                    # Right after the end, slurmdbd may still hold a placeholder allocation row or
+                    # a running step: figures stored now would be wrong for good, so wait for them.
                     log.info("job %s: accounting not final yet, attempt %d", tracked.job.id, attempt + 1)
                     await asyncio.sleep(min(1.0 * (attempt + 1), 5.0))
                     continue
@@ -630,18 +631,6 @@ class Agent:
                 log.warning("job %s: report failed (%s); retrying", job_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-
-
-def _accounting_settled(records: list[AccountingRecord]) -> bool:
-    """True once slurmdbd has the job's final figures. For about a second after the end it answers
-    with placeholders (job name `allocation`, no MaxRSS on the batch step), and figures stored then
-    would stay wrong. A step that ran for no time may never get a MaxRSS, so only the allocation
-    and its batch step are judged (the caller gives up waiting after a few attempts anyway)."""
-    if not records:
-        return False
-    allocation = [r for r in records if r.step is None]
-    batch = [r for r in records if r.step == "batch"]
-    return all(r.name != "allocation" for r in allocation) and all(r.max_rss_bytes is not None for r in batch)
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,7 +18,7 @@ from cloudhpc.exceptions import AccountingUnavailable, ParseError
 from cloudhpc.hpc.backend import AccountingRecord, CommandResult
 from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES, _require_ok
 from cloudhpc.hpc.slurm.ids import check_native_id, parse_job_id
-from cloudhpc.hpc.slurm.states import map_state, normalize_state
+from cloudhpc.hpc.slurm.states import SLURM_STATES, map_state, normalize_state
 from cloudhpc.hpc.slurm.tables import parse_table
 from cloudhpc.hpc.slurm.values import (
     _empty,
@@ -31,7 +31,7 @@ from cloudhpc.hpc.slurm.values import (
     parse_timestamp,
 )
 
-__all__ = ["SACCT_FIELDS", "Sacct", "SacctRow"]
+__all__ = ["SACCT_FIELDS", "Sacct", "SacctRow", "accounting_final"]
 
 # The package logs under one name, the one it had as a single module.
 logger = logging.getLogger(__package__)
@@ -158,3 +158,37 @@ class Sacct:
     def parse(result: CommandResult) -> list[SacctRow]:
         _require_ok(result, "sacct could not answer", AccountingUnavailable)
         return [_sacct_row(row) for row in parse_table(result.stdout, expected=SACCT_FIELDS)]
+
+
+PLACEHOLDER_JOB_NAME = "allocation"
+"""The name slurmdbd gives an allocation row it made before the job's own start record arrived."""
+
+
+def accounting_final(records: Sequence[AccountingRecord]) -> bool:
+    """True once sacct shows the figures SLURM will ever give for an ended job, so that they can be
+    stored for good. Two things must have reached slurmdbd:
+
+    - the job's own record: its allocation row has ended and is not the placeholder slurmdbd shows
+      for about a second after the end (JobName `allocation`, no Partition, ReqMem `16?`), and
+    - the end of every step: no step row is still running (an `.extern` step, or the batch step of
+      a cancelled job, may end after the allocation). slurmdbd writes a step's end state, end time
+      and usage (MaxRSS, TotalCPU, TRESUsageIn*) in one update (`as_mysql_step_complete`), so an
+      ended step's MaxRSS is final, empty or not. It stays empty for good when the step ended
+      before its first gather sample (`JobAcctGatherFrequency`): on the testbed (task=2) a 0.5 s
+      batch job's step shows no MaxRSS from the first answer after the end to 40 s later, while a
+      3 s one has its MaxRSS in the first answer that shows the step ended
+      (tests/recordings/sacct_short_*.json; TRESUsageInTot, which cloudhpc does not ask for, is
+      `energy=0` on the 0.5 s job's step from its end on).
+
+    A state this module does not know counts as ended (the poller has already seen the job end).
+    No rows (slurmdbd does not know the job yet) is not final."""
+    allocations = [r for r in records if r.step is None]
+    if not allocations:
+        return False
+    placeholder = any(r.name == PLACEHOLDER_JOB_NAME and r.partition is None for r in allocations)
+    return not placeholder and not any(_still_active(r.state) for r in records)
+
+
+def _still_active(raw_state: str) -> bool:
+    """Pending or running in SLURM's terms (RUNNING, COMPLETING, PENDING, ...)."""
+    return SLURM_STATES.get(normalize_state(raw_state)) in (JobState.QUEUED, JobState.RUNNING)
