@@ -977,6 +977,8 @@ task = cloud_hpc_pipeline(**params)
 print("PIPELINE accuracy", float(task.output), "seconds", round(time.monotonic() - started, 1), flush=True)
 """
 """The pipeline as docs/pipelines.md runs it without Kubeflow: KFP's local runner, each step a process."""
+EPOCHS = 3
+"""Few, on the 1,797 digits: the gate's 0.80 is passed with room (0.90 seen)."""
 
 
 @pytest.fixture(scope="module")
@@ -1005,8 +1007,6 @@ def test_the_example_pipeline_on_cloud_trains_across_c1_and_c2_and_registers_in_
     Ray Train's workers log to MLflow through the job's `-L` import (the compute nodes cannot reach
     MLflow directly); evaluation and registration run on cloud."""
     from mlflow.tracking import MlflowClient
-
-    from tests.e2e.test_pipeline import EPOCHS
 
     cloud = topology.cloud.addr
     # the compute nodes have no direct path to MLflow (only the job's tunnel through cloud:22)
