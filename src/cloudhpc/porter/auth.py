@@ -9,19 +9,23 @@ agent routes of the clusters it is bound to, `admin` on everything.
 from __future__ import annotations
 
 from typing import Annotated
+from uuid import UUID
 
 from fastapi import Depends, Request
 
+from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem
-from cloudhpc.porter.state import PorterState
+from cloudhpc.porter.state import PorterState, state_of
 from cloudhpc.store import Principal
 
-__all__ = ["AgentPrincipal", "UserPrincipal", "authenticate", "require_agent_for", "require_user"]
-
-
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
+__all__ = [
+    "AgentPrincipal",
+    "UserPrincipal",
+    "agent_job",
+    "authenticate",
+    "require_agent_for",
+    "require_user",
+]
 
 
 async def authenticate(request: Request) -> Principal:
@@ -34,7 +38,7 @@ async def authenticate(request: Request) -> Principal:
             "missing bearer token: send `Authorization: Bearer <token>` "
             "(create one with `cloudhpc tokens create --user NAME`)",
         )
-    state = _state(request)
+    state = state_of(request)
     key = state.tokens.key(token.strip())
     known, principal = state.tokens.get(key)
     if not known:
@@ -64,6 +68,15 @@ def require_agent_for(principal: Principal, cluster: str) -> None:
         return
     if cluster not in (principal.clusters or []):
         raise HttpProblem(403, "forbidden", f"this agent token is not bound to cluster {cluster!r}")
+
+
+async def agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
+    """The job `job_id`, for an agent bound to its cluster: 404 when there is no such job."""
+    job = await state.store.get_job(job_id)
+    if job is None:
+        raise HttpProblem(404, "not_found", f"no job {job_id}")
+    require_agent_for(principal, job.cluster)
+    return job
 
 
 UserPrincipal = Annotated[Principal, Depends(require_user)]

@@ -15,13 +15,12 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloudhpc.domain.jobs import Job, Name
+from cloudhpc.domain.jobs import Name
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.exceptions import HttpProblem
-from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
+from cloudhpc.porter.auth import AgentPrincipal, agent_job, require_agent_for
 from cloudhpc.porter.limits import read_capped
-from cloudhpc.porter.state import PorterState, cluster_key, job_key
-from cloudhpc.store import Principal
+from cloudhpc.porter.state import PorterState, cluster_key, job_key, state_of
 
 __all__ = ["router"]
 
@@ -41,11 +40,6 @@ AGENT_NAME = r"^[^\x00-\x1f\x7f]{1,128}$"
 AGENT_HOLD_SECONDS = 10.0
 
 
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
-
-
 class ReportBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reports: list[JobReport] = Field(max_length=1000)
@@ -58,14 +52,6 @@ def _invalid_body(message: str) -> HttpProblem:
         f"invalid request: (body): {message}",
         [{"field": "(body)", "message": message}],
     )
-
-
-async def _agent_job(state: PorterState, job_id: UUID, principal: Principal) -> Job:
-    job = await state.store.get_job(job_id)
-    if job is None:
-        raise HttpProblem(404, "not_found", f"no job {job_id}")
-    require_agent_for(principal, job.cluster)
-    return job
 
 
 async def _serve_as(state: PorterState, cluster: str, agent: str) -> None:
@@ -92,7 +78,7 @@ async def claim_work(
 ) -> dict[str, Any]:
     """Jobs that need the agent (new ones, cancel requests), waiting up to `wait` s for some."""
     require_agent_for(principal, cluster)
-    state = _state(request)
+    state = state_of(request)
     deadline = time.monotonic() + wait
     while True:
         await _serve_as(state, cluster, agent)
@@ -115,17 +101,17 @@ async def active_jobs(
     (`jobs`), recently ended jobs whose accounting never arrived (`unaccounted`), and the highest
     report seq applied for the cluster (`seq_floor`)."""
     require_agent_for(principal, cluster)
-    await _serve_as(_state(request), cluster, agent)
-    view = await _state(request).store.reconciliation(cluster)
+    await _serve_as(state_of(request), cluster, agent)
+    view = await state_of(request).store.reconciliation(cluster)
     return view.model_dump(mode="json", by_alias=True)
 
 
 @router.post("/reports")
 async def post_reports(batch: ReportBatch, request: Request, principal: AgentPrincipal) -> dict[str, Any]:
-    state = _state(request)
+    state = state_of(request)
     applied = ignored = 0
     for report in batch.reports:
-        await _agent_job(state, report.job_id, principal)
+        await agent_job(state, report.job_id, principal)
         job = await state.store.apply_report(report, actor=principal.user)
         if job is None:
             ignored += 1
@@ -143,8 +129,8 @@ async def post_output(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)],
 ) -> dict[str, int]:
     """The body (raw bytes) is the job's output from `offset`, at most 8 MiB per request."""
-    state = _state(request)
-    await _agent_job(state, job_id, principal)
+    state = state_of(request)
+    await agent_job(state, job_id, principal)
     data = await read_capped(request, MAX_OUTPUT_CHUNK, "an output chunk (send output in chunks)")
     size = await state.store.append_output(job_id, offset, data)
     state.notifier.notify(job_key(job_id))
@@ -163,8 +149,8 @@ async def post_output(
 async def put_accounting(job_id: UUID, request: Request, principal: AgentPrincipal) -> dict[str, bool]:
     """The body is the job's accounting document (a JSON object of at most 1 MiB: sacct rows and
     seff figures), read with that cap rather than whole."""
-    state = _state(request)
-    await _agent_job(state, job_id, principal)
+    state = state_of(request)
+    await agent_job(state, job_id, principal)
     raw = await read_capped(request, MAX_ACCOUNTING_BYTES, "the accounting document")
     try:
         record = json.loads(raw)

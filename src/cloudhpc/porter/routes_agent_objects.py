@@ -30,13 +30,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem, ObjectNotFound, StorageError
-from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
+from cloudhpc.porter.auth import AgentPrincipal, agent_job
 from cloudhpc.porter.inputs import input_scope
 from cloudhpc.porter.limits import too_large
-from cloudhpc.porter.state import PorterState
-from cloudhpc.storage import ObjectStore
+from cloudhpc.porter.state import object_store, state_of
 from cloudhpc.storage.artifacts import artifact_key
 
 __all__ = ["ARTIFACT_UPLOAD_PATH", "MAX_ARTIFACT_BYTES", "router"]
@@ -51,25 +49,6 @@ ARTIFACT_UPLOAD_PATH = r"^/api/v1/agent/jobs/[^/]+/artifacts/.+$"
 """The upload route's paths, for the app-wide body limit (`RequestSizeLimit`), which this route's
 own, larger cap replaces."""
 MAX_URL_CHARS = 4096
-
-
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
-
-
-def _objects(state: PorterState) -> ObjectStore:
-    if state.objects is None:
-        raise HttpProblem(404, "not_available", "this porter has no object store configured")
-    return state.objects
-
-
-async def _agent_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
-    job = await state.store.get_job(job_id)
-    if job is None:
-        raise HttpProblem(404, "not_found", f"no job {job_id}")
-    require_agent_for(principal, job.cluster)
-    return job
 
 
 def _invalid(field: str, message: str) -> HttpProblem:
@@ -91,11 +70,11 @@ async def get_input(
 ) -> StreamingResponse:
     """The bytes of the object `url` names, streamed: `url` must be one of the job's `files` values
     and one of the job owner's own objects in porter's store (`users/<owner>/`, `jobs/<owner>/`)."""
-    state = _state(request)
-    job = await _agent_job(state, job_id, principal)
+    state = state_of(request)
+    job = await agent_job(state, job_id, principal)
     if url not in job.spec.files.values():
         raise _invalid("url", f"{url} is not one of the job's files")
-    objects = _objects(state)
+    objects = object_store(state)
     try:
         key = input_scope(state.settings.porter.object_store).key_for(url, job.owner)
     except StorageError as exc:
@@ -123,13 +102,13 @@ async def put_artifact(
     `jobs/<owner>/<job id>/`; answers `{"key", "size"}`. The agent then reports the key
     (`POST /agent/jobs/{id}/artifacts`), as it does for artifacts it writes itself. Writing the same
     name again replaces the object."""
-    state = _state(request)
-    job = await _agent_job(state, job_id, principal)
+    state = state_of(request)
+    job = await agent_job(state, job_id, principal)
     try:
         key = artifact_key(job.owner, job.id, name)
     except StorageError as exc:
         raise _invalid("name", str(exc)) from exc
-    objects = _objects(state)
+    objects = object_store(state)
     content_type = request.headers.get("content-type") or None
     with tempfile.TemporaryDirectory(prefix="cloudhpc-artifact-") as tmp:
         path = Path(tmp) / "body"

@@ -20,7 +20,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem, StorageError
 from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
-from cloudhpc.porter.state import PorterState
+from cloudhpc.porter.state import PorterState, object_store, state_of
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import foreign_keys, is_job_artifact, job_prefix
 
@@ -32,17 +32,6 @@ router = APIRouter(prefix="/api/v1", tags=["artifacts"])
 agent_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
 _TEXT_SUFFIXES = (".log", ".txt", ".sh")
-
-
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
-
-
-def _objects(state: PorterState) -> ObjectStore:
-    if state.objects is None:
-        raise HttpProblem(404, "not_available", "this porter has no object store configured")
-    return state.objects
 
 
 async def _user_job(state: PorterState, job_id: UUID, principal: Any) -> Job:
@@ -66,9 +55,9 @@ async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipa
     """`{"artifacts": [{"name", "key", "url"}]}`. S3 URLs are presigned (valid for
     `porter.artifact_url_expiry` seconds, no token needed); with a local store the URL is porter's
     download route, which needs the bearer token."""
-    state = _state(request)
+    state = state_of(request)
     job = await _user_job(state, job_id, principal)
-    objects = _objects(state)
+    objects = object_store(state)
     expiry = state.settings.porter.artifact_url_expiry
     items = []
     for name, key in sorted(_names(job).items()):
@@ -88,12 +77,12 @@ async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipa
 async def download_artifact(
     job_id: UUID, name: str, request: Request, principal: UserPrincipal
 ) -> StreamingResponse:
-    state = _state(request)
+    state = state_of(request)
     job = await _user_job(state, job_id, principal)
     key = _names(job).get(name)
     if key is None:
         raise HttpProblem(404, "not_found", f"job {job.id} has no artifact {name!r}")
-    chunks = await run_in_threadpool(_objects(state).iter_bytes, key)
+    chunks = await run_in_threadpool(object_store(state).iter_bytes, key)
     if name.endswith(_TEXT_SUFFIXES):
         media_type = "text/plain; charset=utf-8"
     elif name.endswith(".json"):
@@ -114,7 +103,7 @@ async def add_artifacts(
 ) -> dict[str, Any]:
     """Record keys the agent wrote. Only keys under the job's own prefix are accepted, so an agent
     cannot make a user's download point at another user's objects."""
-    state = _state(request)
+    state = state_of(request)
     job = await state.store.get_job(job_id)
     if job is None:
         raise HttpProblem(404, "not_found", f"no job {job_id}")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
-from cloudhpc.porter.state import PorterState, job_key
+from cloudhpc.porter.state import PorterState, job_key, state_of
 from cloudhpc.store import Principal
 
 __all__ = ["router"]
@@ -23,11 +23,6 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api/v1", tags=["bridges"])
 
 MAX_WAIT_SECONDS = 60.0
-
-
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
 
 
 async def _owned(state: PorterState, job_id: UUID, principal: Principal) -> Job:
@@ -50,7 +45,7 @@ async def job_bridges(
 ) -> dict[str, Any]:
     """The job's bridges: `{name, remote_port, bridge_host, bridge_port, url, service_dns, ready}`
     each; empty for a job that exposes nothing or has ended (its ports are released)."""
-    state = _state(request)
+    state = state_of(request)
     job = await _owned(state, job_id, principal)
     deadline = time.monotonic() + wait
     while wait > 0 and not _settled(job):

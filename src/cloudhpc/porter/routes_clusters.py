@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from cloudhpc.porter.access import usable_clusters
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import input_scope
-from cloudhpc.porter.state import PorterState
+from cloudhpc.porter.state import state_of
 
 __all__ = ["router"]
 
@@ -25,14 +25,9 @@ AGENT_ONLINE_SECONDS = 90
 """An agent heard from within this many seconds is `agent_online`."""
 
 
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
-
-
 @router.get("/clusters")
 async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str, Any]:
-    state = _state(request)
+    state = state_of(request)
     seen = await state.store.agents()
     now = time.time()
     out = []
@@ -54,7 +49,7 @@ async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str,
 async def whoami(request: Request, principal: UserPrincipal) -> dict[str, Any]:
     """The caller's user name and role, and the URL prefixes its jobs' `files` may name (a pipeline
     step stores a job's inputs there before it submits the job)."""
-    state = _state(request)
+    state = state_of(request)
     return {
         "user": principal.user,
         "role": principal.role,

@@ -22,7 +22,7 @@ from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import check_inputs, input_scope
-from cloudhpc.porter.state import PorterState, cluster_key, job_key
+from cloudhpc.porter.state import PorterState, cluster_key, job_key, state_of
 from cloudhpc.store import Principal, decode_cursor
 
 __all__ = ["router"]
@@ -33,11 +33,6 @@ MAX_WAIT_SECONDS = 60.0
 LOG_CHUNK = 1 << 20
 MAX_OFFSET = 2**63 - 1
 """Byte offsets are SQL BIGINTs; past the output's end a read is simply empty."""
-
-
-def _state(request: Request) -> PorterState:
-    state: PorterState = request.app.state.porter
-    return state
 
 
 def _visible(job: Job | None, principal: Principal) -> Job:
@@ -64,7 +59,7 @@ async def submit_job(
     principal: UserPrincipal,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Job:
-    state = _state(request)
+    state = state_of(request)
     await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
     check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
     try:
@@ -108,7 +103,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=256), AfterValidator(_valid_cursor)] = None,
 ) -> Response:
     """Your jobs (every job for an admin), newest first, as summaries: `GET /jobs/{id}` has the spec."""
-    state = _state(request)
+    state = state_of(request)
     owner = None if principal.role == "admin" else principal.user
     jobs, next_cursor = await state.store.list_jobs(
         owner=owner, state=state_filter, cluster=cluster, name=name, limit=limit, cursor=cursor
@@ -126,7 +121,7 @@ async def get_job(
     since_state: Annotated[JobState | None, Query()] = None,
 ) -> Response:
     """With `wait`, answer as soon as the state differs from `since_state` (default: the current one)."""
-    state = _state(request)
+    state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     if wait <= 0:
         return _job_response(job)
@@ -143,7 +138,7 @@ async def get_job(
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job)
 async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -> Job:
-    state = _state(request)
+    state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     job = await state.store.request_cancel(job.id, principal.user)
     state.notifier.notify(job_key(job_id))
@@ -182,7 +177,7 @@ async def job_logs(
     """The job's output as bytes from `offset`. The `X-Next-Offset` header says where to continue and
     `X-Complete` whether the job has ended and every byte has been delivered. With `follow`, the
     response streams until then."""
-    state = _state(request)
+    state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     if not follow:
         data = await state.store.read_output(job_id, offset, limit)
@@ -218,7 +213,7 @@ async def job_logs(
 
 @router.get("/jobs/{job_id}/accounting")
 async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
-    state = _state(request)
+    state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     record = await state.store.get_accounting(job.id)
     if record is None:

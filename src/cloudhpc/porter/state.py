@@ -11,11 +11,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from fastapi import Request
+
 from cloudhpc.config import Settings
+from cloudhpc.exceptions import HttpProblem
 from cloudhpc.storage import ObjectStore
 from cloudhpc.store import AsyncStore, Principal
 
-__all__ = ["Notifier", "PorterState", "TokenCache"]
+__all__ = ["Notifier", "PorterState", "TokenCache", "object_store", "state_of"]
 
 V = TypeVar("V")
 
@@ -148,3 +151,16 @@ class PorterState:
 
     async def known_clusters(self) -> list[str]:
         return self.cluster_names(await self.store.agents())
+
+
+def state_of(request: Request) -> PorterState:
+    """The porter state of the app serving `request`."""
+    state: PorterState = request.app.state.porter
+    return state
+
+
+def object_store(state: PorterState) -> ObjectStore:
+    """Porter's object store; 404 when this porter has none configured."""
+    if state.objects is None:
+        raise HttpProblem(404, "not_available", "this porter has no object store configured")
+    return state.objects
