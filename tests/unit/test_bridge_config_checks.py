@@ -165,7 +165,7 @@ def agent(section: BridgeConfig | None) -> Agent:
 
 def test_staging_says_what_is_missing_or_different(tmp_path: Path) -> None:
     with pytest.raises(StagingError, match=r"the submitter has no porter\.bridge section"):
-        agent(None)._tunnel_access(ray_job("192.168.1.10"))
+        agent(None).staging.tunnel_access(ray_job("192.168.1.10"))
     key, known = tmp_path / "bridge_key", tmp_path / "known_hosts"
     key.write_text("k")
     known.write_text("h")
@@ -173,16 +173,16 @@ def test_staging_says_what_is_missing_or_different(tmp_path: Path) -> None:
     with pytest.raises(
         StagingError, match=r"porter\.bridge\.bind_address: porter publishes .* 192\.168\.1\.10"
     ):
-        agent(here)._tunnel_access(ray_job("192.168.1.10"))
+        agent(here).staging.tunnel_access(ray_job("192.168.1.10"))
     with pytest.raises(
         StagingError, match=r"porter\.bridge\.key_file and porter\.bridge\.known_hosts not set"
     ):
-        agent(bridge(bind_address="192.168.1.10"))._tunnel_access(ray_job("192.168.1.10"))
+        agent(bridge(bind_address="192.168.1.10")).staging.tunnel_access(ray_job("192.168.1.10"))
     narrow = here.model_copy(update={"bind_address": "192.168.1.10", "port_range": (19600, 19699)})
     with pytest.raises(
         StagingError, match=r"porter\.bridge\.port_range: .* \[19500\], outside .*\[19600, 19699\]"
     ):
-        agent(narrow)._tunnel_access(ray_job("192.168.1.10"))
+        agent(narrow).staging.tunnel_access(ray_job("192.168.1.10"))
     same = here.model_copy(update={"bind_address": "192.168.1.10"})
-    access = agent(same)._tunnel_access(ray_job("192.168.1.10"))
+    access = agent(same).staging.tunnel_access(ray_job("192.168.1.10"))
     assert (access.host, access.bind_address, access.key) == ("86.50.1.2", "192.168.1.10", b"k")

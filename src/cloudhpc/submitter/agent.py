@@ -22,34 +22,29 @@ from typing import Any
 from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
-from cloudhpc.domain.jobs import Job, JobKind, Observation, Resources, is_object_url
+from cloudhpc.domain.jobs import Job, JobKind, Observation
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
     AccountingUnavailable,
     ChannelError,
     CloudHPCError,
-    ConfigError,
     SchedulerError,
     SSHConnectError,
     StagingError,
-    StorageError,
     SubmitRejected,
 )
-from cloudhpc.hpc.backend import JobBackend, JobPaths, JobSubmission
+from cloudhpc.hpc.backend import JobBackend, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
-from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.hpc.poller import Poller
 from cloudhpc.hpc.slurm.accounting import accounting_final
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
     KEY_FILE,
-    RayJobScript,
-    TunnelAccess,
-    render_ray_job,
 )
 from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel
+from cloudhpc.submitter.staging import Stager
 
 __all__ = ["Agent"]
 
@@ -111,17 +106,12 @@ class Agent:
         self.config = config
         self.backend = backend
         self.channel = channel
-        self.envs = envs
         self.workdir = workdir
         self.work_wait = work_wait
         self.output_interval = output_interval
         self.reconcile_interval = reconcile_interval
         self.artifacts = artifacts
-        self.bridge = bridge
-        self.fetch_file = fetch_file
-        """Reads a `files` value given as an object-store URL for a job (blocking; run in a thread):
-        `FileFetcher.fetch_for` (the agent's own store) or `PorterFileFetcher.fetch_for` (through porter)."""
-        """How jobs reach the bridge VM (this side's copy of porter.bridge: its key and known_hosts)."""
+        self.staging = Stager(config, envs=envs, workdir=workdir, bridge=bridge, fetch_file=fetch_file)
         self._seq = _Sequence()
         self._tracked: dict[UUID, _Tracked] = {}
         self._busy: set[UUID] = set()
@@ -332,10 +322,10 @@ class Agent:
             await self._cancel(job)
 
     async def _prepare_unless_cancelled(self, job: Job) -> JobSubmission | None:
-        """`_prepare`, or None when the job's cancel request stopped it (`_cancel_while_busy`)."""
+        """`Stager.prepare`, or None when the job's cancel request stopped it (`_cancel_while_busy`)."""
         if job.id in self._cancel_asked:
             return None
-        task = asyncio.create_task(self._prepare(job))
+        task = asyncio.create_task(self.staging.prepare(job))
         self._preparing[job.id] = task
         try:
             return await task
@@ -346,113 +336,6 @@ class Agent:
             raise
         finally:
             self._preparing.pop(job.id, None)
-
-    async def _prepare(self, job: Job) -> JobSubmission:
-        spec = job.spec
-        # The cluster's defaults are applied here and nowhere else: backends take complete resources.
-        resources = spec.resources.with_defaults(self.config.defaults.as_resources())
-        activation: list[str] = []
-        if self.envs is not None and not spec.environment.is_empty:
-            activation = await self.envs.ensure(spec.environment)
-        paths = JobPaths(self.workdir, job.id)
-        files = {path: await self._file_content(content, job) for path, content in spec.files.items()}
-        if spec.kind != JobKind.BATCH:
-            ray = self._render_ray(job, paths, resources)
-            script = render_batch_script(
-                job_id=job.id,
-                spec=spec,
-                paths=paths,
-                prelude=self.config.prelude,
-                activation=activation,
-                body=ray.body,
-            )
-            return JobSubmission(
-                job_id=job.id,
-                spec=spec,
-                resources=ray.resources,
-                batch_script=script,
-                files=files | ray.files,
-                modes=ray.modes,
-            )
-        script = render_batch_script(
-            job_id=job.id, spec=spec, paths=paths, prelude=self.config.prelude, activation=activation
-        )
-        files[".cloudhpc/script"] = (spec.script or "").encode()
-        return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
-
-    async def _file_content(self, value: str, job: Job) -> bytes:
-        """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when
-        it names one of the job owner's own objects (`submitter/files.py`, `submitter/porter_objects.py`)."""
-        if not is_object_url(value):
-            return value.encode()
-        if self.fetch_file is None:
-            raise StagingError(f"{value}: this agent cannot fetch files from an object store")
-        try:
-            return await asyncio.to_thread(self.fetch_file, value, job)
-        except StorageError as exc:
-            raise StagingError(str(exc)) from exc
-
-    def _render_ray(self, job: Job, paths: JobPaths, resources: Resources) -> RayJobScript:
-        """A Ray job's script and files; the bridge key and known_hosts come from this side's config."""
-        assert job.spec.ray is not None  # enforced by JobSpec for the Ray kinds
-        tunnel = None
-        if job.spec.ray.expose or job.spec.ray.import_:
-            tunnel = self._tunnel_access(job)
-        try:
-            return render_ray_job(
-                job_id=job.id,
-                spec=job.spec,
-                paths=paths,
-                resources=resources,
-                bridges=list(job.bridges),
-                tunnel=tunnel,
-            )
-        except ValueError as exc:
-            raise StagingError(str(exc)) from exc
-
-    def _tunnel_access(self, job: Job) -> TunnelAccess:
-        bridge = self.bridge
-        if bridge is None:
-            raise StagingError(
-                "this job has bridges (ray.expose/ray.import) but the submitter has no porter.bridge "
-                "section: give it the bridge VM (host, ssh_user, key_file, known_hosts, bind_address) as "
-                "porter has it (docs/bridge-vm.md)"
-            )
-        published = {b.bridge_host for b in job.bridges}
-        if published and published != {bridge.public_host}:
-            raise StagingError(
-                f"porter.bridge.bind_address: porter publishes this job's bridges at "
-                f"{', '.join(sorted(published))}, but this submitter's porter.bridge would bind them at "
-                f"{bridge.public_host}; give both sides the same porter.bridge (docs/bridge-vm.md)"
-            )
-        low, high = bridge.port_range
-        outside = sorted(b.bridge_port for b in job.bridges if not low <= b.bridge_port <= high)
-        if outside:
-            # the bridge key's permitlisten (`cloudhpc bridge authorized-key`, from this side's
-            # configuration) would refuse the job's -R on them
-            raise StagingError(
-                f"porter.bridge.port_range: porter gave this job bridge port(s) {outside}, outside this "
-                f"submitter's [{low}, {high}]; give both sides the same porter.bridge (docs/bridge-vm.md)"
-            )
-        try:
-            key_file, known_hosts_file = bridge.job_files()
-        except ConfigError as exc:
-            raise StagingError(str(exc)) from exc
-        try:
-            key = key_file.read_bytes()
-            known_hosts = known_hosts_file.read_bytes()
-        except OSError as exc:
-            raise StagingError(
-                f"cannot read the bridge key or known_hosts file: {exc.strerror or exc} ({exc.filename})"
-            ) from exc
-        return TunnelAccess(
-            host=bridge.host,
-            ssh_port=bridge.ssh_port,
-            ssh_user=bridge.ssh_user,
-            bind_address=bridge.bind_address,
-            key=key,
-            known_hosts=known_hosts,
-        )
 
     # ---- observation -----------------------------------------------------------------------
 
