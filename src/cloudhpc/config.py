@@ -8,7 +8,6 @@ cluster, so that a new user can run a job before configuring anything.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -25,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cloudhpc.config_checks import is_ip_address, is_loopback, parse_listen, pip_location, publishable
 from cloudhpc.domain.jobs import Name, Resources
 from cloudhpc.exceptions import ConfigError
 
@@ -51,36 +51,6 @@ __all__ = [
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """The one reading of a listen address (`porter.listen`, `submitter.listen`): HOST:PORT to the
-    host and port a socket binds; an IPv6 host may be bracketed (`[::1]:5556`).
-
-    A `ValueError`, so that pydantic reports a bad value under its key when the file is loaded.
-    """
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{value!r} must look like HOST:PORT (e.g. 127.0.0.1:5555)")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`: an address only the host itself reaches."""
-    if host.strip("[]").lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _host_port(value: str) -> str:
@@ -164,24 +134,6 @@ class PollConfig(_Section):
         return self
 
 
-def _pip_location(value: str, *, paths: bool) -> str:
-    """One `clusters.<name>.pip` value: a URL (http, https, file) or, for find_links, a path on the
-    cluster (absolute or `~/...`). Never a leading `-` (it cannot read as another pip option, even
-    though each value is one quoted argument), control characters, or spaces in a URL."""
-    if not value or value != value.strip() or not value.isprintable():
-        raise ValueError(f"{value!r}: no leading or trailing spaces, no control characters")
-    if value.startswith(("https://", "http://", "file://")):
-        if any(ch.isspace() for ch in value):
-            raise ValueError(f"{value!r}: a URL has no spaces (write %20)")
-        return value
-    if paths and value.startswith(("/", "~/")):
-        return value
-    raise ValueError(
-        f"{value!r} must be an http(s):// or file:// URL"
-        + (", or an absolute path (or ~/...) on the cluster" if paths else "")
-    )
-
-
 class PipConfig(_Section):
     """Where pip takes the packages of a cluster's environments from: the operator's choice, per
     cluster. A job's spec names packages only; these become pip's options in the build, and are part
@@ -207,17 +159,17 @@ class PipConfig(_Section):
     @field_validator("index_url")
     @classmethod
     def _index_url(cls, value: str | None) -> str | None:
-        return None if value is None else _pip_location(value, paths=False)
+        return None if value is None else pip_location(value, paths=False)
 
     @field_validator("extra_index_urls")
     @classmethod
     def _extra_index_urls(cls, values: list[str]) -> list[str]:
-        return [_pip_location(v, paths=False) for v in values]
+        return [pip_location(v, paths=False) for v in values]
 
     @field_validator("find_links")
     @classmethod
     def _find_links(cls, values: list[str]) -> list[str]:
-        return [_pip_location(v, paths=True) for v in values]
+        return [pip_location(v, paths=True) for v in values]
 
     @model_validator(mode="after")
     def _offline(self) -> Self:
@@ -312,26 +264,10 @@ class BridgeConfig(_Section):
 
     @model_validator(mode="after")
     def _publishable(self) -> Self:
-        """With Kubernetes publishing, the EndpointSlice holds `public_host`: it must be an address
-        that pods reach (not loopback: that is the pod itself) and an IP (kube-proxy does not route
-        an `FQDN` EndpointSlice)."""
+        """With Kubernetes publishing, `public_host` must be an IP address pods reach (`publishable`)."""
         if not self.kubernetes.enabled:
             return self
-        if is_loopback(self.bind_address):
-            raise ValueError(
-                f"porter.bridge.bind_address: {self.bind_address!r} is loopback, and with "
-                "porter.bridge.kubernetes.enabled the EndpointSlice would point pods at it (their own "
-                "loopback); set the bridge VM's private address, where sshd binds the jobs' -R ports "
-                "(`GatewayPorts clientspecified`; docs/bridge-vm.md)"
-            )
-        if not is_ip_address(self.public_host):
-            field = "bind_address" if self.public_host == self.bind_address else "host"
-            raise ValueError(
-                f"porter.bridge.{field}: {self.public_host!r} is a host name, and with "
-                "porter.bridge.kubernetes.enabled it would become an `FQDN` EndpointSlice, which "
-                "kube-proxy does not route; set porter.bridge.bind_address to the bridge VM's private "
-                "IP address"
-            )
+        publishable(self.bind_address, self.public_host)
         return self
 
     def missing_for_jobs(self) -> list[str]:

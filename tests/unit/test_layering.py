@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"domain"},
     # settings and the SDK: both importable with the light install (no server extra); the modes
     # of cloudhpc's private files, which the store, the object store and the token files share
-    {"config", "client", "private_files"},
+    {"config", "config_checks", "client", "private_files"},
     # libraries, one per external system or concern; none of them knows a role
     {"store", "storage", "hpc", "ray", "bridges", "metrics", "port_forwards", "secrets_json", "config_docs"},
     # the roles, and the pipelines (which talk to porter through the SDK only)
@@ -39,6 +39,7 @@ SIDEWAYS: dict[tuple[str, str], str] = {
     ("metrics", "store"): "porter's /metrics is computed from the job store at scrape time",
     ("secrets_json", "config"): "maps the original secrets.json onto the settings",
     ("config_docs", "config"): "generates the configuration reference from the settings model",
+    ("config", "config_checks"): "the settings' validators apply its value rules (addresses, pip, bridges)",
     ("__main__", "cli"): "`python -m cloudhpc` runs the CLI",
 }
 
