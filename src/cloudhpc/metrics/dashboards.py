@@ -1,5 +1,9 @@
 """The Grafana dashboards, as code (grafana-foundation-sdk), and the files Grafana provisions.
 
+Over 600 lines on purpose: most of it is the two dashboards declared as data, panel after panel
+(title, description, PromQL), over the small panel helpers above them. Split, a reader would lose
+the one place where every panel, its query and the file it is written to can be read in order.
+
 Two dashboards:
 
 - **cloudhpc overview** (`cloudhpc-overview`): jobs by state and cluster, transitions, queue wait
