@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from cloudhpc.storage import ObjectStore
+from cloudhpc.storage import LocalObjectStore, ObjectStore
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from tests.testbed import Testbed, load_testbed
@@ -85,3 +85,16 @@ def fresh_s3(testbed: Testbed, **options: Any) -> Iterator[S3ObjectStore]:
         yield objects
     finally:
         purge(objects)
+
+
+def store_url(objects: ObjectStore) -> str:
+    """The URL of the store's root as a job's `files` value names it (`file://...`, `s3://BUCKET/PREFIX`)."""
+    if isinstance(objects, LocalObjectStore):
+        return f"file://{objects.root}"
+    assert isinstance(objects, S3ObjectStore)
+    return f"s3://{objects.bucket}/{objects.prefix}"
+
+
+def object_url(objects: ObjectStore, key: str) -> str:
+    """The URL of the object `key` of `objects`."""
+    return f"{store_url(objects).rstrip('/')}/{key}"

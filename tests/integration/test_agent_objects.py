@@ -26,24 +26,13 @@ from cloudhpc.porter import routes_agent_objects
 from cloudhpc.porter.app import create_app
 from cloudhpc.storage import LocalObjectStore, ObjectStore
 from cloudhpc.storage.artifacts import ArtifactWriter
-from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.porter_objects import PorterArtifactWriter, PorterFileFetcher, PorterObjects
+from tests.integration.stores import object_url, store_url
 
 CAP = 16 << 20
 """The artifact cap in these tests (porter's default is 1 GiB): above the 8 MiB app-wide limit,
 so an artifact between the two shows the upload route has its own."""
-
-
-def store_url(objects: ObjectStore) -> str:
-    if isinstance(objects, LocalObjectStore):
-        return f"file://{objects.root}"
-    assert isinstance(objects, S3ObjectStore)
-    return f"s3://{objects.bucket}/{objects.prefix}"
-
-
-def object_url(objects: ObjectStore, key: str) -> str:
-    return f"{store_url(objects).rstrip('/')}/{key}"
 
 
 class Porter:

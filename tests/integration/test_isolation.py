@@ -26,19 +26,9 @@ from cloudhpc.storage.local import LocalObjectStore
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
 from cloudhpc.submitter.files import FileFetcher
+from tests.integration.stores import object_url, store_url
 from tests.integration.test_cli import ServeAll
 from tests.testbed import Testbed
-
-
-def store_url(objects: ObjectStore) -> str:
-    if isinstance(objects, LocalObjectStore):
-        return f"file://{objects.root}"
-    assert isinstance(objects, S3ObjectStore)
-    return f"s3://{objects.bucket}/{objects.prefix}"
-
-
-def object_url(objects: ObjectStore, key: str) -> str:
-    return f"{store_url(objects).rstrip('/')}/{key}"
 
 
 class Users:
