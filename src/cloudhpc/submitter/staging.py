@@ -9,6 +9,7 @@ cannot be staged for is a `StagingError`, which fails the job with its message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
@@ -22,24 +23,18 @@ from cloudhpc.ray.script import RayJobScript, TunnelAccess, render_ray_job
 __all__ = ["Stager"]
 
 
+@dataclasses.dataclass(frozen=True)
 class Stager:
-    def __init__(
-        self,
-        config: ClusterConfig,
-        *,
-        envs: EnvironmentCache | None,
-        workdir: str,
-        bridge: BridgeConfig | None,
-        fetch_file: Callable[[str, Job], bytes] | None,
-    ) -> None:
-        self.config = config
-        self.envs = envs
-        self.workdir = workdir
-        self.bridge = bridge
-        """How jobs reach the bridge VM (this side's copy of porter.bridge: its key and known_hosts)."""
-        self.fetch_file = fetch_file
-        """Reads a `files` value given as an object-store URL for a job (blocking; run in a thread):
-        `FileFetcher.fetch_for` (the agent's own store) or `PorterFileFetcher.fetch_for` (through porter)."""
+    config: ClusterConfig
+    """The cluster's entry: its defaults and prelude."""
+    _: dataclasses.KW_ONLY
+    envs: EnvironmentCache | None
+    workdir: str
+    bridge: BridgeConfig | None
+    """How jobs reach the bridge VM (this side's copy of porter.bridge: its key and known_hosts)."""
+    fetch_file: Callable[[str, Job], bytes] | None
+    """Reads a `files` value given as an object-store URL for a job (blocking; run in a thread):
+    `FileFetcher.fetch_for` (the agent's own store) or `PorterFileFetcher.fetch_for` (through porter)."""
 
     async def prepare(self, job: Job) -> JobSubmission:
         """What sbatch receives for `job`: its batch script (the cluster's defaults applied, its Python
