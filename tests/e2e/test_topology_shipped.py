@@ -57,6 +57,9 @@ IMAGE_WORKDIR = "/var/lib/cloudhpc"
 """ENV and WORKDIR of deploy/docker/cloudhpc.Dockerfile's runtime stage."""
 
 SCRATCH = Path("/tmp/chpc-shipped-overlays")
+CODE_HOLD = Path("/run/chpc-shipped-code")
+"""Where this checkout (the image's code: its venv and editable sources) is held while the pod's
+volumes are mounted, when it lies under one of their paths (a checkout under /tmp, as CI may clone)."""
 """The overlays' upper and work directories (removed by the module's `scratch` fixture)."""
 
 CLUSTER = "mahti"
@@ -140,6 +143,11 @@ def container_argv(host: Host, mounts: Sequence[Mount], user: str, argv: Sequenc
         upper, work = scratch / f"{i}-up", scratch / f"{i}-work"
         lines.append(f"mkdir -p {upper} {work}")
         lines.append(f"mount -t overlay overlay -o lowerdir={base},upperdir={upper},workdir={work} {base}")
+    # the image's code stays where it is even if a volume is mounted over its parent (/tmp)
+    hidden = any(ROOT.is_relative_to(m.target) for m in mounts)
+    if hidden:
+        CODE_HOLD.mkdir(parents=True, exist_ok=True)
+        lines.append(f"mount --bind {shlex.quote(str(ROOT))} {CODE_HOLD}")
     # parents before what is mounted inside them (as a container runtime does); /tmp last: the
     # overlays' scratch directories live there
     for m in sorted(mounts, key=lambda m: (m.target == "/tmp", len(Path(m.target).parts))):
@@ -153,6 +161,9 @@ def container_argv(host: Host, mounts: Sequence[Mount], user: str, argv: Sequenc
         lines.append(f"mount --bind {shlex.quote(str(m.source))} {target}")
         if m.read_only:
             lines.append(f"mount -o remount,bind,ro {target}")
+    if hidden:
+        lines.append(f"mkdir -p {shlex.quote(str(ROOT))}")
+        lines.append(f"mount --bind {CODE_HOLD} {shlex.quote(str(ROOT))}")
     uid, _, gid = user.partition(":")
     lines.append(f"cd {IMAGE_WORKDIR}")
     lines.append(f'exec setpriv --reuid {uid} --regid {gid or uid} --clear-groups -- "$@"')
