@@ -227,11 +227,39 @@ link_root() { # the operator's console: the root namespace reaches every host, n
 # One topology per machine: the namespace names are fixed. The checkout that built them owns them.
 OWNER=/run/$P-topology.owner
 foreign_owner() { [ -s "$OWNER" ] && [ "$(cat "$OWNER")" != "$ROOT" ]; }
+# Namespaces outlive the run that made them: a CI run in a container that was thrown away leaves them
+# behind with no process inside and an owner checkout that no longer exists. Those are taken over.
+abandoned() {
+  local h
+  [ -d "$(cat "$OWNER")" ] && return 1
+  for h in $NAMESPACES; do
+    [ -e "$(ns_path "$h")" ] && [ -n "$(ip netns pids "$P-$h" 2>/dev/null)" ] && return 1
+  done
+  return 0
+}
 claim_net() {
   if foreign_owner && [ -e "$(ns_path router)" ]; then
-    die "the topology of $(cat "$OWNER") is up on this machine (namespaces $P-*): run its scripts/topology.sh down first"
+    if abandoned; then
+      log "the namespaces $P-* of $(cat "$OWNER") are abandoned (that checkout is gone, no process runs in them): taking them over"
+      release_net
+    else
+      die "the topology of $(cat "$OWNER") is up on this machine (namespaces $P-*): run its scripts/topology.sh down first"
+    fi
   fi
   echo "$ROOT" > "$OWNER"
+}
+release_net() { # deletes the namespaces, the root link, the host names and the UTS namespaces
+  local h
+  for h in $NAMESPACES; do
+    if [ -e "$(ns_path "$h")" ]; then ip netns del "$P-$h"; log "netns $P-$h: deleted"; fi
+  done
+  rm -f "$OWNER"
+  remove_hosts
+  ip link del "$ROOT_LINK" 2>/dev/null && log "link $ROOT_LINK: deleted" || true
+  for h in $HOSTS; do
+    if [ -e "$UTS_DIR/$h" ]; then umount "$UTS_DIR/$h" 2>/dev/null || true; rm -f "$UTS_DIR/$h"; fi
+  done
+  rmdir "$UTS_DIR" 2>/dev/null || true
 }
 build_net() {
   local h
@@ -727,16 +755,7 @@ do_down() {
     log "the namespaces $P-* belong to $(cat "$OWNER"): left alone"
     log "DOWN in $(elapsed) s"; return 0
   fi
-  for h in $NAMESPACES; do
-    if [ -e "$(ns_path "$h")" ]; then ip netns del "$P-$h"; log "netns $P-$h: deleted"; fi
-  done
-  rm -f "$OWNER"
-  remove_hosts
-  ip link del "$ROOT_LINK" 2>/dev/null && log "link $ROOT_LINK: deleted" || true
-  for h in $HOSTS; do
-    if [ -e "$UTS_DIR/$h" ]; then umount "$UTS_DIR/$h" 2>/dev/null || true; rm -f "$UTS_DIR/$h"; fi
-  done
-  rmdir "$UTS_DIR" 2>/dev/null || true
+  release_net
   log "DOWN in $(elapsed) s"
 }
 do_purge() {
