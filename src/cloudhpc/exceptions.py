@@ -33,7 +33,8 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     ├── KubernetesError
     └── PipelineError
         ├── JobFailed
-        └── QualityGateFailed
+        ├── QualityGateFailed
+        └── StepTerminated
 
 docs/exceptions.md says what each one means to a user, its HTTP status and what to do next.
 """
@@ -71,6 +72,7 @@ __all__ = [
     "SchedulerCommandError",
     "SchedulerError",
     "StagingError",
+    "StepTerminated",
     "StorageError",
     "StoreError",
     "SubmitRejected",
@@ -226,3 +228,8 @@ class JobFailed(PipelineError):
 
 class QualityGateFailed(PipelineError):
     """A model's held-out test metrics are below the thresholds: it is not registered."""
+
+
+class StepTerminated(PipelineError):
+    """The step's process received SIGTERM (its Kubeflow run was terminated, its pod evicted); the
+    job it followed has been cancelled (`pipelines.runner.stop_job_on_sigterm`)."""

@@ -54,6 +54,7 @@ EXPECTED = {
     "PipelineError": 500,
     "JobFailed": 500,
     "QualityGateFailed": 500,
+    "StepTerminated": 500,
 }
 
 ALLOWED_ELSEWHERE = {

@@ -52,15 +52,16 @@ def cloudhpc_job(
 
     The job's state changes and output lines stream into this step's log. A retried step finds
     its job again (the idempotency key is the run and task id) instead of submitting a second one.
+    Terminating the run (SIGTERM to this step's pod) cancels the job.
     """
     import collections
     import functools
 
     from cloudhpc.client import Client
-    from cloudhpc.pipelines.runner import run_job
+    from cloudhpc.pipelines.runner import run_job, stop_job_on_sigterm
 
     say = functools.partial(print, flush=True)
-    with Client(porter_url) as client:
+    with stop_job_on_sigterm(), Client(porter_url) as client:
         outcome = run_job(
             client,
             spec,
@@ -161,7 +162,8 @@ def fmnist_train_hpc(
     """Train on the HPC cluster as a Ray Train `ray-job` through porter; log accounting and the
     stage timing breakdown to the MLflow run. Fails the step when the job fails, or at once when
     `hpc_job` (`{"resources": {...}, "environment": {...}}`, as in a job spec; what it leaves out
-    comes from `HPC_JOB`) is not valid."""
+    comes from `HPC_JOB`) is not valid. Terminating the run (SIGTERM to this step's pod) cancels
+    the job."""
     import collections
     import functools
 
@@ -169,9 +171,10 @@ def fmnist_train_hpc(
     from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
     from cloudhpc.pipelines.fmnist.steps import train_on_hpc
     from cloudhpc.pipelines.fmnist.train import HParams
+    from cloudhpc.pipelines.runner import stop_job_on_sigterm
 
     job = HpcJob.from_parameter(hpc_job)
-    with Client(porter_url) as client:
+    with stop_job_on_sigterm(), Client(porter_url) as client:
         out = train_on_hpc(
             client,
             train_url=train_url,

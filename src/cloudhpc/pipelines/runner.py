@@ -6,24 +6,32 @@ client treated a run in state `Error` as a success. Here a step is as loud as th
 change and every line of the job's output appears in the step's log as it happens, and a job that
 does not end `completed` raises `JobFailed`, so the step (and the run) fails.
 
+A step that is stopped stops its job: Kubernetes sends a pod SIGTERM when its Kubeflow run is
+terminated (and when the pod is evicted), and inside `stop_job_on_sigterm()` that signal cancels
+the job being followed before the step exits, so a stopped run does not leave an HPC job running
+and billing. The KFP components run their bodies inside it.
+
 Nothing here imports Kubeflow: the KFP components, the demo and notebooks all call `run_job`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import JobFailed
+from cloudhpc.exceptions import JobFailed, StepTerminated
 
-__all__ = ["JobOutcome", "job_timings", "run_job"]
+__all__ = ["JobOutcome", "job_timings", "run_job", "stop_job_on_sigterm"]
 
 Say = Callable[[str], None]
 
@@ -91,6 +99,81 @@ def _describe(job: Job) -> str:
     return ", ".join(parts)
 
 
+class _Termination:
+    """SIGTERM turned into `StepTerminated` in the main thread, except while deferred.
+
+    Deferred around the calls that must not be cut in half: the submit (its answer names the job
+    to cancel) and the cancel itself. A signal that arrives then is raised when the call is done.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self.depth = 0
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        if not self.depth:
+            raise StepTerminated(f"the step received signal {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.received and not self.depth:
+            raise StepTerminated("the step received SIGTERM")
+
+
+_termination: _Termination | None = None
+"""Set inside `stop_job_on_sigterm()`; None elsewhere (then nothing is deferred or raised)."""
+
+
+@contextlib.contextmanager
+def stop_job_on_sigterm() -> Iterator[None]:
+    """Inside the block, SIGTERM raises `StepTerminated` in the main thread; `run_job` catches it
+    while it follows its job, cancels the job and re-raises, so the step exits non-zero.
+
+    Kubernetes stops a pod with SIGTERM (Kubeflow run terminated, pod evicted) and kills it
+    `terminationGracePeriodSeconds` (30 s by default) later: the cancel is one request, well within.
+    Only the main thread can install a signal handler; elsewhere the block changes nothing.
+    """
+    global _termination
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    termination = _Termination()
+    previous = signal.signal(signal.SIGTERM, termination.handle)
+    _termination = termination
+    try:
+        yield
+    finally:
+        _termination = None
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _deferred_termination() -> contextlib.AbstractContextManager[None]:
+    return _termination.deferred() if _termination is not None else contextlib.nullcontext()
+
+
+def _cancel(client: Client, job: Job, say: Say, why: str, settle: float = 0.0) -> Job:
+    """Ask porter to cancel `job` (the agent runs scancel) and, for up to `settle` s, wait for it to
+    end so the step's log shows the outcome. Never raises an `ApiError`: the caller's error wins."""
+    with _deferred_termination():
+        try:
+            current = client.cancel(job)
+            say(f"[cloudhpc] job {job.id}: {why}; cancel requested")
+            if settle > 0 and not current.state.terminal:
+                current = client.wait(current, timeout=settle, poll=settle)
+            if current.state.terminal:
+                say(f"[cloudhpc] job {job.id}: {_describe(current)}")
+            return current
+        except ApiError as exc:
+            say(f"[cloudhpc] job {job.id}: {why}; the cancel request failed: {exc}")
+            return job
+
+
 class _LogFollower(threading.Thread):
     """Copies the job's output into the step's log, line by line, while the job runs."""
 
@@ -154,9 +237,42 @@ def run_job(
 
         `idempotency_key` (for example the Kubeflow run and task ids) makes a retried step find its job
         instead of submitting a second one.
+
+    Inside `stop_job_on_sigterm()`, SIGTERM cancels the job and raises `StepTerminated`.
     """
     started = time.monotonic()
-    job = client.submit(spec, idempotency_key=idempotency_key)
+    with _deferred_termination():
+        job = client.submit(spec, idempotency_key=idempotency_key)
+    try:
+        return _follow(
+            client,
+            job,
+            started=started,
+            say=say,
+            timeout=timeout,
+            collect_timeout=collect_timeout,
+            wanted_artifacts=wanted_artifacts,
+            on_submitted=on_submitted,
+            check=check,
+        )
+    except StepTerminated:
+        _cancel(client, job, say, "the step was terminated", settle=10.0)
+        raise
+
+
+def _follow(
+    client: Client,
+    job: Job,
+    *,
+    started: float,
+    say: Say,
+    timeout: float | None,
+    collect_timeout: float,
+    wanted_artifacts: tuple[str, ...],
+    on_submitted: Callable[[Job], None] | None,
+    check: bool,
+) -> JobOutcome:
+    """`run_job` after the submit: follow `job` to its end and collect what it left."""
     say(
         f"[cloudhpc] job {job.id} ({job.spec.kind.value} `{job.spec.name}`) accepted on cluster {job.cluster}"
     )
@@ -174,8 +290,7 @@ def run_job(
     final = client.wait(job, timeout=timeout, on_change=changed, poll=10.0)
     ended_seen = time.monotonic()
     if not final.state.terminal:
-        client.cancel(final)
-        say(f"[cloudhpc] job {final.id}: still {final.state.value} after {timeout:.0f} s; cancel requested")
+        _cancel(client, final, say, f"still {final.state.value} after {timeout:.0f} s")
         follower.join(timeout=5)
         raise JobFailed(
             f"job {final.id} did not end within {timeout:.0f} s (last state {final.state.value}); it was cancelled",
