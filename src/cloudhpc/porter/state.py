@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from fastapi import Request
 
 from cloudhpc.config import Settings
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.storage import ObjectStore
-from cloudhpc.store import AsyncStore, Principal
+from cloudhpc.store import AsyncStore, Principal, Store
+from cloudhpc.store.notify import ChangeListener, cluster_key, job_key
 
-__all__ = ["Notifier", "PorterState", "TokenCache", "object_store", "state_of"]
+__all__ = [
+    "Notifier",
+    "PorterState",
+    "TokenCache",
+    "change_listener",
+    "cluster_key",
+    "job_key",
+    "object_store",
+    "state_of",
+]
+
+log = logging.getLogger(__name__)
+
+FALLBACK_RECHECK: Final = 1.0
+"""How often a long-poll re-reads the store when only in-process wake-ups exist (SQLite), or while
+the PostgreSQL LISTEN connection is down."""
+SAFETY_RECHECK: Final = 5.0
+"""How often a long-poll re-reads the store while cross-replica wake-ups (LISTEN) are live: a safety
+net against a wake-up lost between a waiter's read and its registration, not the mechanism."""
 
 V = TypeVar("V")
 
@@ -91,9 +112,11 @@ def _insert_bounded(
 class Notifier:
     """Wakes long-polls (`GET /jobs/{id}?wait=`, the agent's work poll) when something changes.
 
-    In-process only: with several porter replicas a change made by another replica is seen by the
-    periodic re-read that every waiter does anyway (see `wait`), so the events are a latency
-    optimisation, never the source of truth.
+    Routes call `notify` after their own changes (the waiters on this replica wake at once); on
+    PostgreSQL the store's write also sends a `NOTIFY` in its transaction, which every replica's
+    `ChangeListener` passes to `notify` (see `change_listener`), so a change made on one replica
+    wakes waiters on all of them. The events only wake: a woken waiter re-reads the store, which
+    stays the source of truth, and a spurious wake costs one read.
     """
 
     def __init__(self) -> None:
@@ -102,6 +125,13 @@ class Notifier:
     def notify(self, key: str) -> None:
         for event in self._events.pop(key, set()):
             event.set()
+
+    def notify_all(self) -> None:
+        """Wake every waiter (after notifications may have been lost, and when porter stops)."""
+        events, self._events = self._events, defaultdict(set)
+        for waiters in events.values():
+            for event in waiters:
+                event.set()
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Sleep until `key` is notified or `timeout` passes; True when notified."""
@@ -121,14 +151,6 @@ class Notifier:
                     self._events.pop(key, None)
 
 
-def job_key(job_id: object) -> str:
-    return f"job:{job_id}"
-
-
-def cluster_key(cluster: str) -> str:
-    return f"cluster:{cluster}"
-
-
 @dataclass
 class PorterState:
     settings: Settings
@@ -138,12 +160,30 @@ class PorterState:
     tokens: TokenCache = field(default_factory=TokenCache)
     objects: ObjectStore | None = None
     """Where job artifacts are (`porter.object_store`); None only in tests that need none."""
-    recheck_interval: float = 1.0
-    """How often long-polls re-read the store, for changes made by other replicas."""
+    listener: ChangeListener | None = None
+    """The LISTEN connection that brings other replicas' changes (PostgreSQL only)."""
+    fallback_recheck: float = FALLBACK_RECHECK
+    safety_recheck: float = SAFETY_RECHECK
     stopping: bool = False
-    """Set when porter is asked to stop: long-polls answer with what they have at their next
-    re-check (within `recheck_interval`), inside the server's short graceful-shutdown window,
-    instead of being cut off with a 500."""
+    """Set when porter is asked to stop (with every waiter woken): long-polls answer with what they
+    have, inside the server's short graceful-shutdown window, instead of being cut off with a 500."""
+
+    @property
+    def recheck_interval(self) -> float:
+        """How long a long-poll sleeps at most before it re-reads the store: `safety_recheck` while
+        the listener brings every replica's changes, `fallback_recheck` otherwise."""
+        live = self.listener is not None and self.listener.connected
+        return self.safety_recheck if live else self.fallback_recheck
+
+    @recheck_interval.setter
+    def recheck_interval(self, seconds: float) -> None:
+        """Tests shorten both intervals at once."""
+        self.fallback_recheck = self.safety_recheck = seconds
+
+    def stop(self) -> None:
+        """Long-polls answer now with what they have (see `stopping`)."""
+        self.stopping = True
+        self.notifier.notify_all()
 
     def cluster_names(self, agents_seen: Iterable[str]) -> list[str]:
         """The configured clusters and those an agent has served (`agents_seen`), sorted."""
@@ -164,3 +204,31 @@ def object_store(state: PorterState) -> ObjectStore:
     if state.objects is None:
         raise HttpProblem(404, "not_available", "this porter has no object store configured")
     return state.objects
+
+
+@contextlib.asynccontextmanager
+async def change_listener(state: PorterState, store: Store, *, wait: float = 5.0) -> AsyncIterator[None]:
+    """For porter's lifetime on PostgreSQL, listen for every replica's changes and wake this one's
+    waiters (nothing on SQLite: one process, the in-process notifier is complete).
+
+    Start-up waits up to `wait` seconds for the first LISTEN, so a porter that reports ready is
+    normally already hearing the others; if PostgreSQL does not answer by then porter starts anyway
+    and its waiters re-check every `fallback_recheck` seconds until the listener connects."""
+    if not store.is_postgresql:
+        yield
+        return
+    listener = ChangeListener(store.url, state.notifier.notify, state.notifier.notify_all)
+    task = asyncio.create_task(listener.run(), name="change-listener")
+    state.listener = listener
+    if not await listener.wait_connected(wait):
+        log.warning(
+            "change notifications: not listening yet; long-polls re-check every %.1f s",
+            state.fallback_recheck,
+        )
+    try:
+        yield
+    finally:
+        state.listener = None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

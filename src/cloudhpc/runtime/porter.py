@@ -12,8 +12,8 @@ __all__ = ["serve_porter", "stop_porter"]
 
 
 def stop_porter(app: FastAPI) -> None:
-    """Long-polls first: they answer within a second, and the server waits 2 s for them."""
-    app.state.porter.stopping = True
+    """Long-polls first: they are woken to answer at once, and the server waits 2 s for them."""
+    app.state.porter.stop()
 
 
 async def serve_porter(settings: Settings) -> None:

@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
@@ -22,6 +24,7 @@ from cloudhpc.domain.states import ACTIVE_STATES, TERMINAL_STATES, JobState, can
 from cloudhpc.store.engine import DEFAULT_URL, Database, map_db_errors, utcnow
 from cloudhpc.store.jobs import to_job
 from cloudhpc.store.models import AccountingRow, AgentRow, JobRow, TransitionRow
+from cloudhpc.store.notify import job_key, notify_in
 
 __all__ = ["UNACCOUNTED_WINDOW", "AgentRepository"]
 
@@ -56,19 +59,31 @@ class AgentRepository(Database):
 
         One agent per cluster is what keeps reconciliation from submitting a job twice: an agent
         that finds a job `preparing` without a SLURM id cannot tell a dead agent's job from a live
-        one's. A restarted agent (a new name) takes over once its predecessor is silent."""
-        now = utcnow()
+        one's. A restarted agent (a new name) takes over once its predecessor is silent.
+
+        The decision is one conditional upsert (`INSERT ... ON CONFLICT DO UPDATE ... WHERE`), so it
+        holds across porter replicas by the database alone: of two agents asking at once, on any
+        replicas, exactly one gets the row, including when the cluster has no row yet (a
+        read-then-write under `FOR UPDATE` locks nothing then, and both would win). On PostgreSQL
+        the time is the database's, so replicas with skewed clocks agree on who is silent.
+        """
+        now = func.statement_timestamp() if self.is_postgresql else utcnow()
+        insert = pg_insert if self.is_postgresql else sqlite_insert
+        values = insert(AgentRow).values(cluster=cluster, agent=agent, last_seen=now)
+        claim = values.on_conflict_do_update(
+            index_elements=[AgentRow.cluster],
+            set_={"agent": values.excluded.agent, "last_seen": values.excluded.last_seen},
+            where=or_(AgentRow.agent == agent, AgentRow.last_seen < now - timedelta(seconds=hold_seconds)),
+        ).returning(AgentRow.agent)
         with self._write() as session:
-            query = select(AgentRow).where(AgentRow.cluster == cluster)
-            if self.is_postgresql:
-                query = query.with_for_update()
-            row = session.scalars(query).one_or_none()
-            if row is not None and row.agent != agent:
-                silent = (now - row.last_seen).total_seconds()
-                if silent < hold_seconds:
-                    return row.agent, silent
-            session.execute(self._upsert(AgentRow, {"cluster": cluster, "agent": agent, "last_seen": now}))
-        return None
+            if session.execute(claim).first() is not None:
+                return None
+            holder, last_seen = session.execute(
+                select(AgentRow.agent, AgentRow.last_seen).where(AgentRow.cluster == cluster)
+            ).one()
+            at = session.scalar(select(func.statement_timestamp())) if self.is_postgresql else now
+        assert isinstance(at, datetime)
+        return holder, max((at - last_seen).total_seconds(), 0.0)
 
     @map_db_errors
     def agents(self) -> dict[str, datetime]:
@@ -199,6 +214,7 @@ class AgentRepository(Database):
             now = utcnow()
             current = JobState(row.state)
             row.observed_seq = report.seq
+            notify_in(session, [job_key(row.id)])  # sent at commit, to every replica's waiters
             row.updated_at = now
             outcome = "applied"
             if report.state != current and not can_transition(current, report.state):

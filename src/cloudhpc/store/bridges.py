@@ -22,6 +22,7 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgePortsExhausted
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
 from cloudhpc.store.models import BridgeRow, JobRow
+from cloudhpc.store.notify import job_key, notify_in
 
 __all__ = ["BridgeRecord", "BridgeRepository", "allocate_bridges", "to_bridge"]
 
@@ -113,7 +114,10 @@ class BridgeRepository(Database):
                 .values(ready=ready, ready_at=utcnow() if ready else None)
                 .execution_options(synchronize_session=False)
             )
-            return bool(getattr(result, "rowcount", 0))
+            changed = bool(getattr(result, "rowcount", 0))
+            if changed:
+                notify_in(session, [job_key(job_id)])
+            return changed
 
     @map_db_errors
     def set_bridge_service(self, job_id: UUID, name: str, service_dns: str | None) -> None:
@@ -125,6 +129,7 @@ class BridgeRepository(Database):
                 .values(service_dns=service_dns)
                 .execution_options(synchronize_session=False)
             )
+            notify_in(session, [job_key(job_id)])
 
     @map_db_errors
     def release_bridges(self, job_id: UUID) -> int:
@@ -135,7 +140,10 @@ class BridgeRepository(Database):
                 .where(BridgeRow.job_id == str(job_id))
                 .execution_options(synchronize_session=False)
             )
-            return int(getattr(result, "rowcount", 0) or 0)
+            released = int(getattr(result, "rowcount", 0) or 0)
+            if released:
+                notify_in(session, [job_key(job_id)])
+            return released
 
     @map_db_errors
     def bridge_readiness(self) -> list[tuple[str, str, bool]]:

@@ -27,6 +27,7 @@ from cloudhpc.exceptions import IdempotencyConflict, UnknownJob
 from cloudhpc.store.bridges import allocate_bridges, to_bridge
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
 from cloudhpc.store.models import JobRow, TransitionRow
+from cloudhpc.store.notify import cluster_key, job_key, notify_in
 
 __all__ = ["JobRepository", "Transition", "decode_cursor", "to_job"]
 
@@ -181,6 +182,7 @@ class JobRepository(Database):
                 session.add(
                     TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
                 )
+                notify_in(session, [cluster_key(row.cluster)])  # the cluster's agent has new work
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -281,6 +283,7 @@ class JobRepository(Database):
             now = utcnow()
             row.cancel_requested = True
             row.updated_at = now
+            notify_in(session, [job_key(row.id), cluster_key(row.cluster)])
             if current == JobState.PENDING and row.lease_owner is None:
                 row.state = JobState.CANCELLED.value
                 row.ended_at = now

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from cloudhpc.exceptions import UnknownJob
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
 from cloudhpc.store.models import AccountingRow, JobRow, OutputChunkRow
+from cloudhpc.store.notify import job_key, notify_in
 
 __all__ = ["ExpiredArtifacts", "OutputRepository"]
 
@@ -66,6 +67,7 @@ class OutputRepository(Database):
                     return size
                 session.add(OutputChunkRow(job_id=key, byte_offset=size, data=fresh))
                 session.flush()
+                notify_in(session, [job_key(key)])
                 return size + len(fresh)
         except IntegrityError:
             # A concurrent append stored a chunk at the same offset first: ours is a duplicate.
