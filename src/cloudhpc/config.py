@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cloudhpc.config_checks import is_ip_address, is_loopback, parse_listen, pip_location, publishable
-from cloudhpc.domain.jobs import Name, Resources
+from cloudhpc.domain.jobs import ClusterLimits, Name, Resources
 from cloudhpc.exceptions import ConfigError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "ClusterAccess",
     "ClusterConfig",
     "ClusterDefaults",
+    "MetricsConfig",
     "PipConfig",
     "PollConfig",
     "PorterConfig",
@@ -111,9 +112,10 @@ class ClusterDefaults(_Section):
     partition: Name | None = Field(default=None, description="partition used when a job names none")
     account: Name | None = Field(default=None, description="billing account used when a job names none")
     time: str | None = Field(default="00:10:00", description="time limit used when a job names none")
+    qos: Name | None = Field(default=None, description="quality of service used when a job names none")
 
     def as_resources(self) -> Resources:
-        return Resources(partition=self.partition, account=self.account, time=self.time)
+        return Resources(partition=self.partition, account=self.account, time=self.time, qos=self.qos)
 
 
 class PollConfig(_Section):
@@ -198,6 +200,11 @@ class ClusterConfig(_Section):
         description="shell lines run before SLURM commands and in jobs, e.g. `source /appl/profile/x.sh`",
     )
     defaults: ClusterDefaults = Field(default_factory=ClusterDefaults)
+    limits: ClusterLimits = Field(
+        default_factory=ClusterLimits,
+        description="what jobs may ask for (max_time, max_nodes, per partition, allowed partitions and "
+        "qos), checked before submission: a job over them is refused (422), not sent to sbatch",
+    )
     poll: PollConfig = Field(default_factory=PollConfig)
     pip: PipConfig = Field(
         default_factory=PipConfig,
@@ -226,22 +233,39 @@ class BridgeKubernetesConfig(_Section):
 
 class BridgeConfig(_Section):
     """The bridge VM: the sshd that jobs reach with `ssh -R`/`-L`. porter allocates its ports; the
-    submitter stages `key_file` and `known_hosts` into each job that has bridges."""
+    submitter stages `known_hosts` and the job's credentials into each job that has bridges: a key
+    and certificate of its own signed with `ca_key_file` (allowed to listen on its own ports only),
+    or, where the bridge sshd cannot be configured for that, the shared `key_file` (weaker: it may
+    listen on every port of the range, other jobs' too; docs/security.md)."""
 
     host: str = Field(description="bridge VM address the jobs' ssh connects to (as seen from the HPC side)")
-    ssh_user: str = Field(description="account on the bridge VM whose authorized_keys holds the bridge key")
+    ssh_user: str = Field(description="account on the bridge VM the jobs' tunnels log into")
     ssh_port: int = Field(default=22, ge=1, le=65535, description="sshd port of the bridge VM")
+    ca_key_file: Path | None = Field(
+        default=None,
+        description="bridge CA private key (OpenSSH, no passphrase, mode 0600): signs each job's own key "
+        "for its own bridge ports, valid until its time limit ends; the bridge sshd trusts it through the "
+        "lines `cloudhpc bridge sshd-config` prints. Where jobs are staged (the submitter, `serve all`) "
+        "this or key_file is required; with both, this one is used. Never staged into a job",
+    )
+    certificate_queue_time: int = Field(
+        default=86400,
+        ge=0,
+        le=30 * 86400,
+        description="seconds a job's certificate allows for the job's wait in the SLURM queue, on top of "
+        "its time limit (a job that starts later finds its bridges refused)",
+    )
     key_file: Path | None = Field(
         default=None,
-        description="private key (no passphrase) jobs use to reach the bridge VM; restricted there by the "
-        "line `cloudhpc bridge authorized-key` prints; staged 0600 into each job and deleted at its end. "
-        "Required where jobs are staged (the submitter, `serve all`) and by `cloudhpc bridge`/`doctor`; "
-        "porter alone never reads it",
+        description="shared private key (no passphrase) for sites whose bridge sshd cannot trust "
+        "ca_key_file: weaker, since every job holding it may listen on every port of the range; "
+        "restricted by the line `cloudhpc bridge authorized-key` prints; staged 0600 into each job and "
+        "deleted at its end. porter alone never reads it",
     )
     known_hosts: Path | None = Field(
         default=None,
         description="known_hosts file holding the bridge VM's host key (pinned: the job's ssh never "
-        "accepts an unknown key); required where key_file is",
+        "accepts an unknown key); required where ca_key_file or key_file is",
     )
     bind_address: str = Field(
         default="127.0.0.1",
@@ -272,22 +296,27 @@ class BridgeConfig(_Section):
 
     def missing_for_jobs(self) -> list[str]:
         """The keys a side that stages jobs (the submitter) needs and this section lacks."""
-        return [
-            f"porter.bridge.{name}"
-            for name, value in (("key_file", self.key_file), ("known_hosts", self.known_hosts))
-            if value is None
-        ]
+        missing = [] if self.ca_key_file or self.key_file else ["porter.bridge.ca_key_file (or key_file)"]
+        return missing + (["porter.bridge.known_hosts"] if self.known_hosts is None else [])
 
     def job_files(self) -> tuple[Path, Path]:
-        """(key_file, known_hosts), `~` expanded, for the sides that give jobs the key (the submitter,
-        `cloudhpc bridge`, `cloudhpc doctor`); `ConfigError` naming the missing key(s)."""
+        """(ca_key_file, or else key_file; known_hosts), `~` expanded, for the sides that give jobs
+        their credentials (the submitter, `cloudhpc bridge`, `cloudhpc doctor`); `ConfigError`
+        naming the missing key(s). Which of the two the first is: `uses_ca`."""
         missing = self.missing_for_jobs()
-        if missing or self.key_file is None or self.known_hosts is None:
+        credential = self.ca_key_file or self.key_file
+        if missing or credential is None or self.known_hosts is None:
             raise ConfigError(
                 f"{' and '.join(missing)} not set: the side that stages jobs with bridges (the "
-                "submitter) needs the bridge key and the bridge VM's pinned host key (docs/bridge-vm.md)"
+                "submitter) needs the bridge CA (or shared key) and the bridge VM's pinned host key "
+                "(docs/bridge-vm.md)"
             )
-        return self.key_file.expanduser(), self.known_hosts.expanduser()
+        return credential.expanduser(), self.known_hosts.expanduser()
+
+    @property
+    def uses_ca(self) -> bool:
+        """Jobs get certificates of their own (`ca_key_file`), not the shared `key_file`."""
+        return self.ca_key_file is not None
 
     @property
     def public_host(self) -> str:
@@ -331,6 +360,30 @@ class AccessConfig(_Section):
                     f"porter.access.clusters.{name}.groups: {', '.join(unknown)} not defined in porter.access.groups"
                 )
         return self
+
+
+class MetricsConfig(_Section):
+    """porter's `/metrics` (docs/monitoring.md): per-job series only for live jobs and the most
+    recently ended ones, everything else as per-cluster and per-owner counts; a scrape token."""
+
+    recent_window: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds after its end that a job keeps its per-job series on /metrics; live jobs "
+        "always have them, older jobs are counted in cloudhpc_jobs and cloudhpc_jobs_by_owner only",
+    )
+    max_recent_jobs: int = Field(
+        default=2000,
+        ge=0,
+        description="at most this many ended jobs (the latest ended) have per-job series, however many "
+        "ended within recent_window, so a burst of short jobs cannot blow up a scrape",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding the bearer token Prometheus sends to scrape /metrics (a Kubernetes "
+        "Secret; Prometheus reads the same file through `authorization.credentials_file`). Unset: only "
+        "admin API tokens may scrape. /metrics without a valid token answers 401",
+    )
 
 
 class PorterConfig(_Section):
@@ -387,11 +440,9 @@ class PorterConfig(_Section):
         default_factory=AccessConfig,
         description="who may use which cluster besides its owners and admins (docs/security.md)",
     )
-    metrics_job_window: float = Field(
-        default=86400.0,
-        gt=0,
-        description="seconds after its end that a job keeps its per-job series on /metrics; live jobs "
-        "always have them, so the number of series is bounded by this window, not by history",
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="porter's /metrics: who may scrape it, and which jobs keep per-job series",
     )
     max_request_bytes: int = Field(
         default=8 << 20,
@@ -462,7 +513,8 @@ class SubmitterConfig(_Section):
 def check_job_bridge(settings: Settings) -> str | None:
     """What a process that stages jobs (`serve submitter`, `serve all`) checks at startup.
 
-    `porter.bridge` there but unusable (key_file or known_hosts unset, or not a readable file):
+    `porter.bridge` there but unusable (ca_key_file and key_file unset, known_hosts unset, or one
+    of them not a readable file):
     `ConfigError` naming the key. No `porter.bridge` while a cluster is a real one (backend `slurm`):
     the warning to log, since porter may have one and its Ray jobs with ray.expose/ray.import would
     then fail at staging. Otherwise None."""
@@ -475,8 +527,9 @@ def check_job_bridge(settings: Settings) -> str | None:
                 "only with one). Give it the bridge VM as porter has it: docs/bridge-vm.md"
             )
         return None
-    key_file, known_hosts = bridge.job_files()
-    for key, path in (("porter.bridge.key_file", key_file), ("porter.bridge.known_hosts", known_hosts)):
+    credential, known_hosts = bridge.job_files()
+    name = "porter.bridge.ca_key_file" if bridge.uses_ca else "porter.bridge.key_file"
+    for key, path in ((name, credential), ("porter.bridge.known_hosts", known_hosts)):
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: {path} is not a readable file")
     return None

@@ -16,6 +16,7 @@ from uuid import UUID
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -26,9 +27,11 @@ from pydantic import (
 from cloudhpc.domain.states import JobState
 
 __all__ = [
+    "MAIL_TYPES",
     "MEMORY_UNITS",
     "RESERVED_PREFIX",
     "Bridge",
+    "ClusterLimits",
     "Environment",
     "ExposedPort",
     "ImportedService",
@@ -38,6 +41,7 @@ __all__ = [
     "JobSummary",
     "Name",
     "Observation",
+    "PartitionLimits",
     "RaySpec",
     "Resources",
     "check_requirement",
@@ -136,6 +140,142 @@ def _check_relative_path(path: str) -> str:
     return path
 
 
+_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,&|*()\[\]:-]{1,256}$")
+_GRES_ITEM = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}(?::[A-Za-z0-9_.-]{1,64})?(?::[1-9][0-9]{0,5})?$")
+_GPUS = re.compile(r"^(?:[A-Za-z0-9_.-]{1,64}:)?[0-9]{1,5}$")
+_LICENSE_ITEM = re.compile(r"^[A-Za-z0-9_.-]{1,64}(?:@[A-Za-z0-9_.-]{1,64})?(?::[1-9][0-9]{0,5})?$")
+_MAIL_USER = re.compile(r"^[A-Za-z0-9._%+-]{1,64}(?:@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+)?$")
+MAIL_TYPES = frozenset(
+    {
+        "NONE",
+        "BEGIN",
+        "END",
+        "FAIL",
+        "REQUEUE",
+        "ALL",
+        "INVALID_DEPEND",
+        "STAGE_OUT",
+        "TIME_LIMIT",
+        "TIME_LIMIT_90",
+        "TIME_LIMIT_80",
+        "TIME_LIMIT_50",
+        "ARRAY_TASKS",
+    }
+)
+"""What sbatch --mail-type takes (SLURM 22.05)."""
+_BEGIN = re.compile(
+    r"^(?:now(?:\+[0-9]{1,7}(?:seconds?|minutes?|hours?|days?|weeks?)?)?"
+    r"|midnight|noon|elevenses|fika|teatime|today|tomorrow"
+    r"|(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})(?:T(?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?))?"
+    r"|(?P<clock>[0-9]{1,2}:[0-9]{2}(?::[0-9]{2})?)(?:AM|PM)?)$"
+)
+_SIGNAL = re.compile(
+    r"^(?:(?P<where>R|B|RB|BR):)?(?P<sig>[0-9]{1,2}|(?:SIG)?[A-Z][A-Z0-9]{1,7})(?:@(?P<sec>[0-9]{1,5}))?$"
+)
+SIGNALS = frozenset(
+    {
+        "HUP",
+        "INT",
+        "QUIT",
+        "ABRT",
+        "KILL",
+        "ALRM",
+        "TERM",
+        "USR1",
+        "USR2",
+        "URG",
+        "CONT",
+        "STOP",
+        "TSTP",
+        "TTIN",
+        "TTOU",
+        "XCPU",
+        "XFSZ",
+        "VTALRM",
+        "PROF",
+        "WINCH",
+        "PWR",
+        "SYS",
+        "IO",
+        "POLL",
+    }
+)
+"""Signal names SLURM's --signal takes (with or without SIG)."""
+
+
+def _int_as_str(value: Any) -> Any:
+    """`gpus: 4` in JSON means the count `"4"`; booleans are not counts."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _check_gpus(value: str | None) -> str | None:
+    if value is not None and not _GPUS.match(value):
+        raise ValueError(f"{value!r} is not a GPU request; use a count (4) or type:count (a100:4)")
+    return value
+
+
+def _comma_items(value: str, item: re.Pattern[str], what: str, example: str) -> None:
+    items = value.split(",")
+    if len(value) > 1024 or len(items) > 32 or not all(item.match(i) for i in items):
+        raise ValueError(f"{value!r} is not a {what} list; use {example}")
+
+
+def _check_gres(value: str | None) -> str | None:
+    if value is not None:
+        _comma_items(value, _GRES_ITEM, "generic resource", "name[:type][:count],... e.g. gpu:a100:4")
+    return value
+
+
+def _check_licenses(value: str | None) -> str | None:
+    if value is not None:
+        _comma_items(value, _LICENSE_ITEM, "license", "name[@server][:count],... e.g. matlab:2")
+    return value
+
+
+def _check_mail_type(value: str | None) -> str | None:
+    if value is None:
+        return None
+    types = [t.strip().upper() for t in value.split(",")]
+    unknown = [t for t in types if t not in MAIL_TYPES]
+    if unknown or len(types) > len(MAIL_TYPES):
+        raise ValueError(
+            f"mail type {', '.join(unknown) or value!r} unknown; use some of {', '.join(sorted(MAIL_TYPES))}"
+        )
+    return ",".join(types)
+
+
+def _check_begin(value: str | None) -> str | None:
+    if value is None:
+        return None
+    match = _BEGIN.match(value)
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a SLURM start time; use now+60, now+1hour, 16:00, 2027-01-31 or 2027-01-31T08:00"
+        )
+    try:
+        if match["date"]:
+            datetime.fromisoformat(match["date"] + "T" + (match["time"] or "00:00"))
+        if match["clock"]:
+            hour, minute, *_ = (int(p) for p in match["clock"].split(":"))
+            if hour > 23 or minute > 59:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"{value!r} is not a real date or time of day") from None
+    return value
+
+
+def _check_signal(value: str | None) -> str | None:
+    if value is None:
+        return None
+    match = _SIGNAL.match(value)
+    sig = match["sig"].removeprefix("SIG") if match else ""
+    if match is None or not (sig in SIGNALS or (sig.isdigit() and 1 <= int(sig) <= 64)):
+        raise ValueError(f"{value!r} is not a SLURM signal; use [R|B:]SIGNAL[@seconds], e.g. B:USR1@120")
+    if match["sec"] is not None and int(match["sec"]) > 65535:
+        raise ValueError(f"{value!r}: at most 65535 seconds before the time limit")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -147,20 +287,58 @@ class JobKind(StrEnum):
 
 
 class Resources(_Model):
-    """What SLURM is asked for. Unset fields fall back to the cluster's configured defaults."""
+    """What SLURM is asked for. Unset fields fall back to the cluster's configured defaults.
+
+    Each field is one sbatch option (`--<name with dashes>`), validated here so that a bad value is
+    a 422 naming the field, not a SLURM rejection after the job was accepted."""
 
     nodes: int | None = Field(default=None, ge=1, le=10_000)
+    ntasks: int | None = Field(default=None, ge=1, le=1_000_000, description="tasks in all (sbatch -n)")
     ntasks_per_node: int | None = Field(default=None, ge=1, le=1024)
     cpus_per_task: int | None = Field(default=None, ge=1, le=1024)
     gpus_per_node: int | None = Field(default=None, ge=0, le=64)
+    gpus: Annotated[str | None, BeforeValidator(_int_as_str), AfterValidator(_check_gpus)] = Field(
+        default=None, description="GPUs of the whole job, `[type:]count`: 4, a100:4 (sbatch -G)"
+    )
+    gres: Annotated[str | None, AfterValidator(_check_gres)] = Field(
+        default=None, description="generic resources per node, `name[:type][:count],...`: gpu:a100:4"
+    )
     mem: Annotated[str, StringConstraints(pattern=_MEM.pattern)] | None = Field(
         default=None, description="memory per node, SLURM syntax: 4000 (MB), 16G"
+    )
+    mem_per_cpu: Annotated[str, StringConstraints(pattern=_MEM.pattern)] | None = Field(
+        default=None, description="memory per allocated CPU, SLURM syntax: 2000 (MB), 2G; not with `mem`"
     )
     time: Annotated[str | None, AfterValidator(_check_time)] = Field(
         default=None, description="time limit, SLURM syntax: 30, 01:00:00, 1-12"
     )
     partition: Name | None = None
     account: Name | None = None
+    qos: Name | None = Field(default=None, description="quality of service (sbatch -q)")
+    constraint: Annotated[str, StringConstraints(pattern=_CONSTRAINT.pattern)] | None = Field(
+        default=None, description="node features, SLURM syntax: a100, intel&ib, [rack1|rack2] (sbatch -C)"
+    )
+    exclusive: bool | None = Field(default=None, description="no other job on the allocated nodes")
+    reservation: Name | None = None
+    mail_type: Annotated[str | None, AfterValidator(_check_mail_type)] = Field(
+        default=None, description="events mailed to mail_user, comma-separated: END,FAIL"
+    )
+    mail_user: Annotated[str, StringConstraints(pattern=_MAIL_USER.pattern)] | None = None
+    begin: Annotated[str | None, AfterValidator(_check_begin)] = Field(
+        default=None, description="earliest start, SLURM syntax: now+1hour, 16:00, 2027-01-31T08:00"
+    )
+    signal: Annotated[str | None, AfterValidator(_check_signal)] = Field(
+        default=None, description="signal sent before the time limit, `[R|B:]SIG[@seconds]`: B:USR1@120"
+    )
+    licenses: Annotated[str | None, AfterValidator(_check_licenses)] = Field(
+        default=None, description="licenses, `name[@server][:count],...`: matlab:2 (sbatch -L)"
+    )
+
+    @model_validator(mode="after")
+    def _one_memory_request(self) -> Self:
+        if self.mem is not None and self.mem_per_cpu is not None:
+            raise ValueError("mem and mem_per_cpu exclude each other (SLURM takes one memory request)")
+        return self
 
     @property
     def mem_bytes(self) -> int | None:
@@ -168,9 +346,75 @@ class Resources(_Model):
         return parse_mem(self.mem) if self.mem else None
 
     def with_defaults(self, defaults: Resources) -> Resources:
-        """These resources, with every unset field taken from `defaults`."""
-        merged = defaults.model_dump(exclude_none=True) | self.model_dump(exclude_none=True)
-        return Resources(**merged)
+        """These resources, with every unset field taken from `defaults` (a default memory request
+        is not taken when the job makes the other one: `mem` and `mem_per_cpu` exclude each other)."""
+        mine = self.model_dump(exclude_none=True)
+        theirs = defaults.model_dump(exclude_none=True)
+        if mine.keys() & {"mem", "mem_per_cpu"}:
+            theirs = {k: v for k, v in theirs.items() if k not in ("mem", "mem_per_cpu")}
+        return Resources(**(theirs | mine))
+
+
+class PartitionLimits(_Model):
+    """What one partition allows, as the site set it: checked before submission (422) instead of
+    learnt from a SLURM rejection after the job was accepted."""
+
+    max_time: Annotated[str | None, AfterValidator(_check_time)] = Field(
+        default=None, description="the longest time limit a job may ask for, SLURM syntax: 3-00:00:00"
+    )
+    max_nodes: int | None = Field(default=None, ge=1, description="the most nodes a job may ask for")
+
+
+class ClusterLimits(PartitionLimits):
+    """A cluster's limits (`clusters.<name>.limits`): `max_time`/`max_nodes` for every partition,
+    `partitions` per partition (and, when given, the only partitions a job may name), `qos` the only
+    QOS a job may name. Empty: no limits besides SLURM's own."""
+
+    partitions: dict[Name, PartitionLimits] = Field(
+        default_factory=dict,
+        description="per partition: max_time, max_nodes; when not empty, the only partitions allowed",
+    )
+    qos: list[Name] = Field(default_factory=list, description="when not empty, the only QOS allowed")
+
+    def problems(self, resources: Resources) -> list[tuple[str, str]]:
+        """(`resources.<field>`, message) for each limit `resources` break; `resources` are complete
+        (the cluster's defaults applied), so a job naming no partition is checked as SLURM's default."""
+        out: list[tuple[str, str]] = []
+        partition = resources.partition
+        if self.partitions and partition is not None and partition not in self.partitions:
+            allowed = ", ".join(sorted(self.partitions))
+            out.append(
+                ("resources.partition", f"partition {partition!r} is not one of this cluster's: {allowed}")
+            )
+        if self.qos and resources.qos is not None and resources.qos not in self.qos:
+            out.append(
+                (
+                    "resources.qos",
+                    f"qos {resources.qos!r} is not one of this cluster's: {', '.join(self.qos)}",
+                )
+            )
+        for scope, limits in (
+            ("the cluster", self),
+            (f"partition {partition}", self.partitions.get(partition or "")),
+        ):
+            if limits is None:
+                continue
+            if (
+                limits.max_time
+                and resources.time
+                and parse_slurm_time(resources.time) > parse_slurm_time(limits.max_time)
+            ):
+                out.append(
+                    ("resources.time", f"{resources.time} is over the limit of {scope}: {limits.max_time}")
+                )
+            if limits.max_nodes and resources.nodes and resources.nodes > limits.max_nodes:
+                out.append(
+                    (
+                        "resources.nodes",
+                        f"{resources.nodes} nodes is over the limit of {scope}: {limits.max_nodes}",
+                    )
+                )
+        return out
 
 
 _REQ_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"

@@ -16,7 +16,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from cloudhpc.bridges.allocation import plan_bridges
+from cloudhpc.config import ClusterConfig
+from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec, JobSummary
+from cloudhpc.domain.redaction import redacted_job
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
@@ -48,7 +51,32 @@ async def _owned_job(state: PorterState, job_id: UUID, principal: Principal) -> 
 def _job_response(job: Job) -> Response:
     """The job as JSON, serialised once: a returned model would be validated again against the
     route's response_model (which stays for the OpenAPI schema), a third of a GET's CPU."""
-    return Response(job.model_dump_json(by_alias=True), media_type="application/json")
+    return Response(redacted_job(job).model_dump_json(by_alias=True), media_type="application/json")
+
+
+def _invalid(problems: list[tuple[str, str]]) -> HttpProblem:
+    field, message = problems[0]
+    return HttpProblem(
+        422,
+        "invalid_request",
+        f"invalid request: {field}: {message}",
+        [{"field": f, "message": m} for f, m in problems],
+    )
+
+
+def _checked_resources(spec: JobSpec, cluster: ClusterConfig | None) -> JobSpec:
+    """The spec with its script's #SBATCH directives merged in (what is stored and shown), checked
+    against the cluster's limits when this porter has the cluster's configuration (`serve all`, or
+    a porter configured with its clusters; the agent checks again before sbatch either way)."""
+    try:
+        spec = apply_directives(spec)
+    except ValueError as exc:
+        raise _invalid([("script", str(exc))]) from exc
+    if cluster is not None:
+        problems = cluster.limits.problems(spec.resources.with_defaults(cluster.defaults.as_resources()))
+        if problems:
+            raise _invalid(problems)
+    return spec
 
 
 @router.post("/jobs", status_code=201, response_model=Job)
@@ -61,6 +89,7 @@ async def submit_job(
 ) -> Job:
     state = state_of(request)
     await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
+    spec = _checked_resources(spec, state.settings.clusters.get(spec.cluster))
     check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
     try:
         bridges = plan_bridges(spec, state.settings.porter.bridge)
@@ -75,7 +104,7 @@ async def submit_job(
         state.notifier.notify(cluster_key(job.cluster))
     else:
         response.status_code = 200
-    return job
+    return redacted_job(job)
 
 
 class JobPage(BaseModel):
@@ -143,7 +172,7 @@ async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -
     job = await state.store.request_cancel(job.id, principal.user)
     state.notifier.notify(job_key(job_id))
     state.notifier.notify(cluster_key(job.cluster))
-    return job
+    return redacted_job(job)
 
 
 _LOG_HEADERS = {

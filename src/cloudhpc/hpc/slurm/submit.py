@@ -26,15 +26,29 @@ _QUOTA = re.compile(
 
 _FLAG_FIELDS = (
     "nodes",
+    "ntasks",
     "ntasks_per_node",
     "cpus_per_task",
     "gpus_per_node",
+    "gpus",
+    "gres",
     "mem",
+    "mem_per_cpu",
     "time",
     "partition",
     "account",
+    "qos",
+    "constraint",
+    "exclusive",
+    "reservation",
+    "mail_type",
+    "mail_user",
+    "begin",
+    "signal",
+    "licenses",
 )
-"""The `Resources` fields sbatch is given, in this order, each as `--<name with dashes>=<value>`."""
+"""The `Resources` fields sbatch is given, in this order, each as `--<name with dashes>=<value>`
+(`exclusive` as the bare flag), each one argv element: sbatch never sees a value split or expanded."""
 
 
 def resource_flags(resources: Resources) -> list[str]:
@@ -44,9 +58,10 @@ def resource_flags(resources: Resources) -> list[str]:
     flags: list[str] = []
     for name in _FLAG_FIELDS:
         value = getattr(checked, name)
-        if value is None or (name == "gpus_per_node" and not value):  # 0 GPUs: no flag
+        if value is None or (name in ("gpus_per_node", "exclusive") and not value):  # 0 GPUs: no flag
             continue
-        flags.append(f"--{name.replace('_', '-')}={value}")
+        option = f"--{name.replace('_', '-')}"
+        flags.append(option if value is True else f"{option}={value}")
     return flags
 
 
