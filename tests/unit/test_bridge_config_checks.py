@@ -102,7 +102,8 @@ def slurm_settings(bridge_section: dict[str, Any] | None) -> Settings:
 def test_the_staging_side_needs_the_key_and_the_host_key(tmp_path: Path) -> None:
     section = {"host": "86.50.1.2", "ssh_user": "ubuntu"}
     with pytest.raises(
-        ConfigError, match=r"porter\.bridge\.key_file and porter\.bridge\.known_hosts not set"
+        ConfigError,
+        match=r"porter\.bridge\.ca_key_file \(or key_file\) and porter\.bridge\.known_hosts not set",
     ):
         check_job_bridge(slurm_settings(section))
     key, known = tmp_path / "bridge_key", tmp_path / "known_hosts"
@@ -175,7 +176,8 @@ def test_staging_says_what_is_missing_or_different(tmp_path: Path) -> None:
     ):
         agent(here).staging.tunnel_access(ray_job("192.168.1.10"))
     with pytest.raises(
-        StagingError, match=r"porter\.bridge\.key_file and porter\.bridge\.known_hosts not set"
+        StagingError,
+        match=r"porter\.bridge\.ca_key_file \(or key_file\) and porter\.bridge\.known_hosts not set",
     ):
         agent(bridge(bind_address="192.168.1.10")).staging.tunnel_access(ray_job("192.168.1.10"))
     narrow = here.model_copy(update={"bind_address": "192.168.1.10", "port_range": (19600, 19699)})

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cloudhpc.bridges.doctor import ssh_base_argv
+from cloudhpc.bridges.doctor import Login, ssh_base_argv
 from cloudhpc.bridges.tunnel import (
     TunnelExport,
     TunnelPlan,
@@ -27,7 +27,7 @@ from cloudhpc.bridges.tunnel import (
 from cloudhpc.config import BridgeConfig
 from cloudhpc.domain.jobs import Bridge, JobSpec, Resources, import_variable, parse_mem
 from cloudhpc.hpc.backend import JobPaths
-from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.jobscript import ENV_FILE, environment_file, render_batch_script
 from cloudhpc.ray import node_script
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
@@ -164,9 +164,8 @@ def test_golden_ray_job(tmp_path: Path) -> None:
     check_golden("ray_job.sh", script)
     bash_syntax_ok(script, tmp_path)
     assert files[ENTRYPOINT_FILE] == b"python train.py --msg '$(touch /tmp/pwned)'"
-    assert "touch /tmp/pwned)'" not in script.replace("export HOSTILE=", "")  # only quoted, in the env line
-    assert "export HOSTILE=''\"'\"'" not in script
-    assert "export HOSTILE='$(touch /tmp/pwned); `id`'" in script
+    assert "touch /tmp/pwned" not in script  # env values are in their own file, never in the script
+    assert environment_file(JOB.env)[ENV_FILE] == b"export HOSTILE='$(touch /tmp/pwned); `id`'\n"
 
 
 def test_cluster_layout() -> None:
@@ -286,7 +285,7 @@ def test_hostile_input_never_runs(hostile: str, tmp_path: Path) -> None:
     )
     script = render_batch_script(job_id=JOB_ID, spec=s, paths=paths, body=result.body)
     Path(paths.control).mkdir(parents=True)
-    for rel, data in result.files.items():
+    for rel, data in (result.files | environment_file(s.env)).items():
         Path(paths.file(rel)).write_bytes(data)
     Path(paths.batch_script).write_text(script)
     run = subprocess.run(
@@ -345,7 +344,22 @@ def test_doctor_connects_with_the_tunnels_options() -> None:
     )
     options = tunnel_ssh_options(key_path="/keys/bridge", known_hosts_path="/keys/known_hosts", ssh_port=2222)
     # the same options; only ssh's log level differs (the doctor reads sshd's INFO refusals)
-    assert ssh_base_argv(config) == ["ssh", *(o.replace("LogLevel=ERROR", "LogLevel=INFO") for o in options)]
+    login = Login(Path("/keys/bridge"))
+    assert ssh_base_argv(config, login) == [
+        "ssh",
+        *(o.replace("LogLevel=ERROR", "LogLevel=INFO") for o in options),
+    ]
+    # a job's own certificate is named explicitly, in the doctor's argv as in the job's
+    signed = tunnel_ssh_options(
+        key_path="/k/key",
+        known_hosts_path="/keys/known_hosts",
+        ssh_port=2222,
+        certificate_path="/k/key-cert.pub",
+    )
+    assert signed[4:6] == ["-o", "CertificateFile=/k/key-cert.pub"]
+    assert ssh_base_argv(config, Login(Path("/k/key"), Path("/k/key-cert.pub")))[1:] == [
+        o.replace("LogLevel=ERROR", "LogLevel=INFO") for o in signed
+    ]
     plan = TunnelPlan(
         host="vm.example.org",
         ssh_port=2222,

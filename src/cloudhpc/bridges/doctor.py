@@ -1,14 +1,18 @@
 """`cloudhpc doctor bridge-host`: check the bridge VM the way a job will use it, from porter's side.
 
 The original setup guide had people edit sshd_config and authorized_keys by hand and hope. Every
-check here is made with the system `ssh` client and the bridge key, exactly as a job's tunnel
-connects, and judged by what happens rather than by reading configuration files:
+check here is made with the system `ssh` client and the credentials a job gets, exactly as a job's
+tunnel connects, and judged by what happens rather than by reading configuration files. With a
+bridge CA (`porter.bridge.ca_key_file`) that is a short-lived test certificate, signed here for one
+free port of the range as for a job; with the shared key, that key:
 
-- the key: readable, without a passphrase (jobs run unattended), and its host key pinned;
+- the key or CA: readable, without a passphrase (jobs run unattended), and the host key pinned;
+- with a CA, the bridge sshd trusts it (`cloudhpc bridge sshd-config`): the test certificate logs in;
 - forwarding works: an `-R` on a free port of the range, reached from here at the address porter
   probes, carries bytes to a local echo server. That needs `AllowTcpForwarding` (yes or remote) and,
   for a non-loopback `bind_address`, `GatewayPorts clientspecified` (else sshd binds loopback only);
-- the key is restricted: it cannot run a command, cannot listen outside the range, and cannot
+- the credentials are restricted: they cannot run a command, cannot listen outside the range (a
+  certificate: nor on any port of the range but its own, which would be another job's), and cannot
   `-L` to a destination nobody allowed;
 - the port range is free: no port of it answers, except those held by live jobs' bridges.
 
@@ -24,17 +28,24 @@ import os
 import socket
 import stat
 import subprocess
-from collections.abc import Sequence
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudhpc.bridges.certificates import BridgeCA
 from cloudhpc.bridges.tunnel import tunnel_ssh_options
 from cloudhpc.config import BridgeConfig
 from cloudhpc.exceptions import ConfigError
+from cloudhpc.private_files import open_private_file
 
-__all__ = ["Check", "check_bridge_host", "public_key_of", "ssh_base_argv"]
+__all__ = ["Check", "Login", "check_bridge_host", "public_key_of", "signed_login", "ssh_base_argv"]
 
 SSH_TIMEOUT = 15.0
+TEST_CERTIFICATE_LIFETIME = 300
+"""Seconds the doctor's test certificate is valid: the checks take well under a minute."""
 
 
 @dataclass(frozen=True)
@@ -44,17 +55,42 @@ class Check:
     detail: str
 
 
-def ssh_base_argv(config: BridgeConfig) -> list[str]:
-    """The job tunnel's ssh options (`tunnel_ssh_options`), with this machine's copy of the key and
+@dataclass(frozen=True)
+class Login:
+    """The credentials the checks log in with: the shared key, or a test key and its certificate."""
+
+    key: Path
+    certificate: Path | None = None
+
+
+def ssh_base_argv(config: BridgeConfig, login: Login) -> list[str]:
+    """The job tunnel's ssh options (`tunnel_ssh_options`), with `login` and this machine's copy of
     known_hosts."""
-    key_file, known_hosts = config.job_files()
+    _, known_hosts = config.job_files()
     options = tunnel_ssh_options(
-        key_path=str(key_file),
+        key_path=str(login.key),
         known_hosts_path=str(known_hosts),
         ssh_port=config.ssh_port,
+        certificate_path=str(login.certificate) if login.certificate else None,
         log_level="INFO",  # "administratively prohibited" (a refused -L) is an INFO message
     )
     return ["ssh", *options]
+
+
+@contextlib.contextmanager
+def signed_login(
+    ca: BridgeCA, ports: Sequence[int], *, lifetime: int = TEST_CERTIFICATE_LIFETIME, expired: bool = False
+) -> Iterator[Login]:
+    """A key and certificate signed by `ca` for `ports` as for a job (a random job id), in a private
+    temporary directory removed afterwards; `expired`: one whose validity ended a `lifetime` ago."""
+    now = time.time() - 2 * lifetime if expired else None
+    credentials = ca.issue(str(uuid.uuid4()), ports, lifetime, now=now)
+    with tempfile.TemporaryDirectory(prefix="cloudhpc-doctor-") as tmp:
+        key, certificate = Path(tmp) / "key", Path(tmp) / "key-cert.pub"
+        for path, data in ((key, credentials.private_key), (certificate, credentials.certificate)):
+            with os.fdopen(open_private_file(path, os.O_WRONLY | os.O_TRUNC), "wb") as handle:
+                handle.write(data)
+        yield Login(key, certificate)
 
 
 def public_key_of(key_file: Path) -> str:
@@ -151,13 +187,13 @@ async def _round_trip(host: str, port: int) -> bool:
         writer.close()
 
 
-async def _check_forwarding(config: BridgeConfig, port: int) -> Check:
+async def _check_forwarding(config: BridgeConfig, login: Login, port: int) -> Check:
     """A real `-R` to a local echo server, reached from here where porter's probes connect."""
     destination = f"{config.ssh_user}@{config.host}"
     loopback = config.bind_address.startswith("127.") or config.bind_address in ("localhost", "::1")
     async with _Echo() as echo_port:
         argv = [
-            *ssh_base_argv(config),
+            *ssh_base_argv(config, login),
             "-N",
             "-R",
             f"{config.bind_address}:{port}:127.0.0.1:{echo_port}",
@@ -202,39 +238,82 @@ async def _check_forwarding(config: BridgeConfig, port: int) -> Check:
     return Check("forwarding", False, f"{config.public_host}:{port} carried no bytes; {hint}")
 
 
-async def _check_no_command(config: BridgeConfig) -> Check:
+async def _check_ca_trusted(config: BridgeConfig, login: Login) -> Check:
+    """A login with the test certificate: refused ("Permission denied") when the bridge sshd does not
+    trust the CA for `ssh_user` or has no principals command that accepts cloudhpc's key ids."""
+    status, err = await _run(
+        [*ssh_base_argv(config, login), f"{config.ssh_user}@{config.host}", "true"], SSH_TIMEOUT
+    )
+    if status == 255 and "Permission denied" in err:
+        return Check(
+            "ca trusted",
+            False,
+            f"the bridge sshd refused a certificate signed by porter.bridge.ca_key_file for "
+            f"{config.ssh_user}: add the lines `cloudhpc bridge sshd-config` prints to its sshd_config "
+            "(with the CA public key of `cloudhpc bridge ca-public-key` in the file they name) and "
+            "reload sshd (docs/bridge-vm.md)",
+        )
+    if status == 255:
+        return Check("ca trusted", False, f"ssh could not log in: {err[-300:]}")
+    return Check("ca trusted", True, f"a certificate signed by the CA logs in as {config.ssh_user}")
+
+
+async def _check_no_command(config: BridgeConfig, login: Login) -> Check:
     status, _err = await _run(
-        [*ssh_base_argv(config), f"{config.ssh_user}@{config.host}", "true"], SSH_TIMEOUT
+        [*ssh_base_argv(config, login), f"{config.ssh_user}@{config.host}", "true"], SSH_TIMEOUT
     )
     if status == 0:
+        fix = "`cloudhpc bridge sshd-config`" if login.certificate else "`cloudhpc bridge authorized-key`"
         return Check(
             "restricted: no command",
             False,
-            "the key can run commands on the bridge VM: authorize it with the line of `cloudhpc bridge authorized-key`",
+            f"the credentials can run commands on the bridge VM: restrict them with the line(s) of {fix}",
         )
     return Check("restricted: no command", True, f"a command is refused (ssh exited {status})")
 
 
-async def _check_listen_outside(config: BridgeConfig) -> Check:
+async def _listen_refused(config: BridgeConfig, login: Login, port: int) -> bool:
+    """Whether sshd refuses an `-R` on `port` (ssh exits at once with ExitOnForwardFailure)."""
+    argv = [*ssh_base_argv(config, login), "-N", "-R", f"{config.bind_address}:{port}:127.0.0.1:1"]
+    status, _ = await _run([*argv, f"{config.ssh_user}@{config.host}"], 5.0)
+    return status is not None
+
+
+async def _check_listen_outside(config: BridgeConfig, login: Login, other: int | None) -> Check:
+    """`-R` outside the range is refused; with a certificate, also on `other`, a free port of the
+    range that is not the certificate's (another job's port)."""
     low, high = config.port_range
     outside = high + 1 if high < 65535 else low - 1
-    argv = [*ssh_base_argv(config), "-N", "-R", f"{config.bind_address}:{outside}:127.0.0.1:1"]
-    status, _ = await _run([*argv, f"{config.ssh_user}@{config.host}"], 5.0)
-    if status is None:
+    if not await _listen_refused(config, login, outside):
         return Check(
             "restricted: listen",
             False,
-            f"the key may listen on port {outside}, outside {low}-{high}: the authorized_keys line lacks permitlisten",
+            f"the credentials may listen on port {outside}, outside {low}-{high}: the "
+            f"{'principals line' if login.certificate else 'authorized_keys line'} lacks permitlisten",
         )
-    return Check("restricted: listen", True, f"-R on port {outside} (outside the range) is refused")
+    if login.certificate is None or other is None:
+        return Check("restricted: listen", True, f"-R on port {outside} (outside the range) is refused")
+    if not await _listen_refused(config, login, other):
+        return Check(
+            "restricted: listen",
+            False,
+            f"a certificate for one port may listen on port {other} of the range too (another job's "
+            "port): AuthorizedPrincipalsCommand must be `cloudhpc bridge principals` (`cloudhpc bridge "
+            "sshd-config`), and no authorized_keys line may trust the CA for all ports",
+        )
+    return Check(
+        "restricted: listen",
+        True,
+        f"-R on port {outside} (outside the range) and on {other} (not the certificate's) are refused",
+    )
 
 
-async def _check_open_elsewhere(config: BridgeConfig) -> Check:
+async def _check_open_elsewhere(config: BridgeConfig, login: Login) -> Check:
     """-L to a destination nobody permitted: sshd must refuse the channel ("prohibited"),
     not try to connect (which would say "Connection refused")."""
     local = _free_local_port()
     argv = [
-        *ssh_base_argv(config),
+        *ssh_base_argv(config, login),
         "-N",
         "-L",
         f"127.0.0.1:{local}:127.0.0.1:2",
@@ -262,11 +341,11 @@ async def _check_open_elsewhere(config: BridgeConfig) -> Check:
     return Check(
         "restricted: open",
         False,
-        "-L to 127.0.0.1:2 was not refused by policy: the authorized_keys line lacks permitopen",
+        "-L to 127.0.0.1:2 was not refused by policy: the authorized_keys or principals line lacks permitopen",
     )
 
 
-async def _check_range(config: BridgeConfig, held: set[int]) -> tuple[Check, int | None]:
+async def _check_range(config: BridgeConfig, held: set[int]) -> tuple[Check, list[int]]:
     low, high = config.port_range
     ports = [p for p in range(low, high + 1) if p not in held]
     answers = await asyncio.gather(*(_port_answers(config.public_host, p) for p in ports))
@@ -277,10 +356,8 @@ async def _check_range(config: BridgeConfig, held: set[int]) -> tuple[Check, int
         detail += f", {len(held)} held by live jobs"
     if busy:
         shown = ", ".join(map(str, busy[:10]))
-        return Check("port range", False, f"{detail}; in use by something else: {shown}"), (
-            free[0] if free else None
-        )
-    return Check("port range", bool(free), detail), (free[0] if free else None)
+        return Check("port range", False, f"{detail}; in use by something else: {shown}"), free
+    return Check("port range", bool(free), detail), free
 
 
 async def check_bridge_host(config: BridgeConfig, *, held: set[int] | None = None) -> list[Check]:
@@ -290,33 +367,46 @@ async def check_bridge_host(config: BridgeConfig, *, held: set[int] | None = Non
         key, known_hosts = config.job_files()
     except ConfigError as exc:
         return [Check("key", False, str(exc))]
+    name = "ca" if config.uses_ca else "key"
     try:
         mode = stat.S_IMODE(key.stat().st_mode)
-        public = public_key_of(key)
-    except (OSError, ValueError) as exc:
-        return [Check("key", False, str(exc))]
+        public = BridgeCA.from_file(key).public_key if config.uses_ca else public_key_of(key)
+    except (OSError, ValueError, ConfigError) as exc:
+        return [Check(name, False, str(exc))]
     if mode & 0o077:
-        checks.append(
-            Check("key", False, f"{key} is mode {mode:o}: ssh refuses a key others can read (chmod 600)")
-        )
+        checks.append(Check(name, False, f"{key} is mode {mode:o}: make it 0600 (chmod 600)"))
         return checks
-    checks.append(Check("key", True, f"{key}: {public.split()[0]}, no passphrase, mode {mode:o}"))
-    name = config.host if config.ssh_port == 22 else f"[{config.host}]:{config.ssh_port}"
-    status, _ = await _run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], 10.0)
+    checks.append(Check(name, True, f"{key}: {public.split()[0]}, no passphrase, mode {mode:o}"))
+    host = config.host if config.ssh_port == 22 else f"[{config.host}]:{config.ssh_port}"
+    status, _ = await _run(["ssh-keygen", "-F", host, "-f", str(known_hosts)], 10.0)
     if status != 0:
         checks.append(
             Check(
-                "host key", False, f"{config.known_hosts} has no key for {name}: ssh-keyscan it and check it"
+                "host key", False, f"{config.known_hosts} has no key for {host}: ssh-keyscan it and check it"
             )
         )
         return checks
-    checks.append(Check("host key", True, f"{name} pinned in {config.known_hosts}"))
-    range_check, free_port = await _check_range(config, held or set())
+    checks.append(Check("host key", True, f"{host} pinned in {config.known_hosts}"))
+    range_check, free = await _check_range(config, held or set())
     checks.append(range_check)
-    if free_port is None:
+    if not free:
         return checks
-    checks.append(await _check_forwarding(config, free_port))
+    if not config.uses_ca:
+        return checks + await _login_checks(config, Login(key), free[0], None)
+    with signed_login(BridgeCA.from_file(key), [free[0]]) as login:
+        trusted = await _check_ca_trusted(config, login)
+        checks.append(trusted)
+        if not trusted.ok:
+            return checks
+        return checks + await _login_checks(config, login, free[0], free[1] if len(free) > 1 else None)
+
+
+async def _login_checks(config: BridgeConfig, login: Login, port: int, other: int | None) -> list[Check]:
+    """Forwarding on `port`, then the restrictions (`other`: a port the credentials must not get)."""
+    checks = [await _check_forwarding(config, login, port)]
     checks += await asyncio.gather(
-        _check_no_command(config), _check_listen_outside(config), _check_open_elsewhere(config)
+        _check_no_command(config, login),
+        _check_listen_outside(config, login, other),
+        _check_open_elsewhere(config, login),
     )
     return checks

@@ -5,8 +5,8 @@ One ssh carries every bridge of a job: `-R bind:bridge_port:127.0.0.1:port` per 
 in a restart loop, because a tunnel over the Internet does break (VM reboot, NAT timeout, sshd
 restart), and with `ExitOnForwardFailure=yes`, so an ssh that could not set up every forward exits
 and is retried instead of lingering half-useful. The host key is pinned (a known_hosts file staged
-with the job, `StrictHostKeyChecking=yes`); the key is a file staged 0600, named on the command line
-by path only, so its content never appears in a process list or a log.
+with the job, `StrictHostKeyChecking=yes`); the key (and the job's certificate, when the submitter
+signs one) is a file staged 0600, named on the command line by path only, so its content never appears in a process list or a log.
 
 Local ports are shell expressions (`"$chpc_dashboard"`): Ray's ports are picked on the node at run
 time, so two jobs on one node never collide. Everything else is a `shlex.quote`d literal.
@@ -62,6 +62,8 @@ class TunnelPlan:
     key_path: str
     known_hosts_path: str
     pid_file: str
+    certificate_path: str | None = None
+    """The job's own certificate (`bridges/certificates.py`); None with the shared bridge key."""
     exports: Sequence[TunnelExport] = field(default_factory=tuple)
     imports: Sequence[TunnelImport] = field(default_factory=tuple)
 
@@ -84,16 +86,24 @@ def _local(word: str) -> str:
 
 
 def tunnel_ssh_options(
-    *, key_path: str, known_hosts_path: str, ssh_port: int, log_level: str = "ERROR"
+    *,
+    key_path: str,
+    known_hosts_path: str,
+    ssh_port: int,
+    certificate_path: str | None = None,
+    log_level: str = "ERROR",
 ) -> list[str]:
     """The ssh options of a job's tunnel, as an argv (unquoted): `cloudhpc doctor bridge-host`
     connects with the same ones, so what it checks is what a job will get. Only `log_level` may
-    differ: a job's log wants ssh's errors, the doctor reads sshd's refusals, logged at INFO."""
+    differ: a job's log wants ssh's errors, the doctor reads sshd's refusals, logged at INFO.
+    A certificate is named explicitly, not left to ssh's `<key>-cert.pub` guess."""
+    certificate = ["-o", f"CertificateFile={certificate_path}"] if certificate_path else []
     return [
         "-F",
         "/dev/null",
         "-i",
         key_path,
+        *certificate,
         "-o",
         "IdentitiesOnly=yes",
         "-o",
@@ -131,7 +141,10 @@ def ssh_argv_words(plan: TunnelPlan) -> list[str]:
     """The ssh command as shell words (quoted literals and the local-port expansions)."""
     q = shlex.quote
     options = tunnel_ssh_options(
-        key_path=plan.key_path, known_hosts_path=plan.known_hosts_path, ssh_port=plan.ssh_port
+        key_path=plan.key_path,
+        known_hosts_path=plan.known_hosts_path,
+        ssh_port=plan.ssh_port,
+        certificate_path=plan.certificate_path,
     )
     words = ["ssh", "-N", "-T", *(q(word) for word in options)]
     for export in plan.exports:

@@ -1,13 +1,17 @@
-"""`cloudhpc bridge {list|authorized-key}` and `cloudhpc doctor bridge-host`.
+"""`cloudhpc bridge {list|sshd-config|ca-public-key|principals|authorized-key}` and
+`cloudhpc doctor bridge-host`.
 
-`bridge list` asks porter (SDK); `authorized-key` and `doctor bridge-host` read `porter.bridge` from
-the configuration, since they are run by whoever sets up the bridge VM, on porter's side.
+`bridge list` asks porter (SDK); `sshd-config`, `ca-public-key`, `authorized-key` and `doctor
+bridge-host` read `porter.bridge` from the configuration, since they are run by whoever sets up the
+bridge VM, on the side that stages jobs. `principals` is run by the bridge VM's sshd itself
+(`AuthorizedPrincipalsCommand`) and takes everything on its command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cloudhpc.bridges.authorized_key import authorized_key_line
+from cloudhpc.bridges.certificates import BridgeCA
 from cloudhpc.bridges.doctor import check_bridge_host, public_key_of
+from cloudhpc.bridges.principals import parse_port_range, principals_line, sshd_config_lines
 from cloudhpc.client import default_client
 from cloudhpc.config import BridgeConfig, load_settings
 from cloudhpc.domain.jobs import Bridge
@@ -32,6 +38,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="cloudhpc.yaml (default: $CLOUDHPC_CONFIG)")]
+PermitOpenOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--permit-open",
+        help="HOST:PORT (as seen from the bridge VM) that jobs may import, e.g. MLflow; repeat",
+    ),
+]
 
 
 def bridges_table(bridges: list[Bridge]) -> Table:
@@ -78,22 +91,96 @@ def bridge_list(
     out.print(bridges_table(bridges))
 
 
-@bridge_app.command("authorized-key")
-def bridge_authorized_key(
-    permit_open: Annotated[
-        list[str] | None,
+def _bridge_ca(bridge: BridgeConfig) -> BridgeCA:
+    if bridge.ca_key_file is None:
+        err.print("ConfigError: porter.bridge.ca_key_file is not set (see docs/bridge-vm.md)")
+        raise typer.Exit(2)
+    try:
+        return BridgeCA.from_file(bridge.ca_key_file)
+    except ConfigError as exc:
+        err.print(f"ConfigError: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+@bridge_app.command("sshd-config")
+def bridge_sshd_config(
+    permit_open: PermitOpenOpt = None,
+    ca_public_key_file: Annotated[
+        str,
         typer.Option(
-            "--permit-open",
-            help="HOST:PORT (as seen from the bridge VM) that jobs may import, e.g. MLflow; repeat",
+            "--ca-public-key-file", help="where the bridge VM holds `cloudhpc bridge ca-public-key`"
+        ),
+    ] = "/etc/ssh/cloudhpc_bridge_ca.pub",
+    cloudhpc: Annotated[
+        str | None,
+        typer.Option(
+            "--cloudhpc", help="absolute path of the cloudhpc command on the bridge VM (default: this one)"
         ),
     ] = None,
+    command_user: Annotated[
+        str, typer.Option("--command-user", help="unprivileged account sshd runs the principals command as")
+    ] = "nobody",
     config: ConfigOpt = None,
 ) -> None:
-    """Print the bridge key's line for the bridge VM's ~/.ssh/authorized_keys: port forwarding only,
-    listening only on porter.bridge.port_range, opening only the --permit-open services."""
+    """Print the sshd_config block for the bridge VM (append it at the end): trust the bridge CA for
+    porter.bridge.ssh_user, each job's certificate listening on its own ports only."""
+    bridge = _bridge_config(config)
+    command = cloudhpc or shutil.which("cloudhpc") or str(Path(sys.argv[0]).resolve())
+    try:
+        lines = sshd_config_lines(
+            ssh_user=bridge.ssh_user,
+            ca_public_key_file=ca_public_key_file,
+            cloudhpc=command,
+            bind_address=bridge.bind_address,
+            port_range=bridge.port_range,
+            permit_open=permit_open or [],
+            command_user=command_user,
+        )
+    except ValueError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@bridge_app.command("ca-public-key")
+def bridge_ca_public_key(config: ConfigOpt = None) -> None:
+    """Print the bridge CA's public key, for the bridge VM's TrustedUserCAKeys file."""
+    sys.stdout.write(_bridge_ca(_bridge_config(config)).public_key + "\n")
+
+
+@bridge_app.command("principals", hidden=True)
+def bridge_principals(
+    key_id: Annotated[str, typer.Argument(help="the certificate's key id (sshd token %i)")],
+    bind_address: Annotated[str, typer.Option("--bind-address", help="porter.bridge.bind_address")],
+    port_range: Annotated[str, typer.Option("--port-range", help="porter.bridge.port_range as LOW-HIGH")],
+    permit_open: PermitOpenOpt = None,
+) -> None:
+    """Run by the bridge VM's sshd (AuthorizedPrincipalsCommand, from `cloudhpc bridge sshd-config`):
+    print the principals line that lets a job's certificate listen on its own ports only. A key id
+    that is not a cloudhpc job's gets no line (sshd refuses the login) and exit status 1."""
+    try:
+        line = principals_line(
+            key_id,
+            bind_address=bind_address,
+            port_range=parse_port_range(port_range),
+            permit_open=permit_open or [],
+        )
+    except ValueError as exc:
+        err.print(f"cloudhpc bridge principals: refused: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    sys.stdout.write(line + "\n")
+
+
+@bridge_app.command("authorized-key")
+def bridge_authorized_key(permit_open: PermitOpenOpt = None, config: ConfigOpt = None) -> None:
+    """Print the shared bridge key's line for the bridge VM's ~/.ssh/authorized_keys: port forwarding
+    only, listening only on porter.bridge.port_range, opening only the --permit-open services. Only
+    for sites that cannot use `sshd-config`: any job may then listen on any port of the range."""
     bridge = _bridge_config(config)
     try:
-        public = public_key_of(bridge.job_files()[0])
+        if bridge.key_file is None:
+            raise ConfigError("porter.bridge.key_file is not set (the shared key's line needs it)")
+        public = public_key_of(bridge.key_file.expanduser())
         line = authorized_key_line(public, bridge, permit_open or [])
     except (ValueError, ConfigError) as exc:
         err.print(f"error: {exc}", highlight=False)
@@ -106,8 +193,9 @@ def doctor_bridge_host(
     config: ConfigOpt = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
 ) -> None:
-    """Check the bridge VM as a job's tunnel uses it: key, host key, forwarding (AllowTcpForwarding,
-    GatewayPorts), the key's restrictions and the port range. Exit 1 when a check fails."""
+    """Check the bridge VM as a job's tunnel uses it: CA (a test certificate) or key, host key,
+    forwarding (AllowTcpForwarding, GatewayPorts), the restrictions and the port range. Exit 1 when
+    a check fails."""
     bridge = _bridge_config(config)
     held = _held_ports(config)
     checks = asyncio.run(check_bridge_host(bridge, held=held))

@@ -56,6 +56,7 @@ HELPERS_FILE = ".cloudhpc/ray_helpers.py"
 WORKER_FILE = ".cloudhpc/ray_worker.sh"
 ENTRYPOINT_FILE = ".cloudhpc/entrypoint"
 KEY_FILE = ".cloudhpc/bridge_key"
+CERTIFICATE_FILE = ".cloudhpc/bridge_key-cert.pub"
 KNOWN_HOSTS_FILE = ".cloudhpc/bridge_known_hosts"
 READY_TIMEOUT = 300
 """Seconds for all Ray nodes to join before the job gives up (a node that never joins is broken)."""
@@ -88,6 +89,8 @@ class TunnelAccess:
     bind_address: str
     key: bytes
     known_hosts: bytes
+    certificate: bytes | None = None
+    """The job's own certificate for `key` (`bridges/certificates.py`); None with the shared key."""
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,7 @@ def _tunnel_plan(
         key_path=paths.file(KEY_FILE),
         known_hosts_path=paths.file(KNOWN_HOSTS_FILE),
         pid_file=f"{paths.control}/ray/tunnel.pid",
+        certificate_path=paths.file(CERTIFICATE_FILE) if tunnel.certificate is not None else None,
         exports=exports,
         imports=imports,
     )
@@ -441,6 +445,10 @@ def render_ray_job(
         modes[KEY_FILE] = 0o600
         files[KNOWN_HOSTS_FILE] = tunnel.known_hosts
         secrets.append(KEY_FILE)
+        if tunnel.certificate is not None:
+            files[CERTIFICATE_FILE] = tunnel.certificate
+            modes[CERTIFICATE_FILE] = 0o600
+            secrets.append(CERTIFICATE_FILE)
 
     layout = _Layout(
         kind=spec.kind,
