@@ -217,6 +217,29 @@ bridge_authorized_line() { # bridge_authorized_line BIND_ADDR LOW HIGH PUBKEYFIL
   for p in "$@"; do opts+=",permitopen=\"$p\""; done
   printf '%s %s cloudhpc-bridge\n' "$opts" "$(cut -d' ' -f1,2 "$pub")"
 }
+# The bridge CA (porter.bridge.ca_key_file): signs each job's own bridge key (bridges/certificates.py);
+# kept with the other keys, shared by the testbed and the topology like the bridge key.
+ensure_bridge_ca() {
+  [ -s "$KEYS/bridge_ca" ] || ssh-keygen -q -t ed25519 -N '' -C cloudhpc-bridge-ca -f "$KEYS/bridge_ca"
+  chmod 600 "$KEYS/bridge_ca"
+}
+# The sshd_config block `cloudhpc bridge sshd-config` prints (a test compares them, comments aside):
+# certificates signed by the bridge CA log in as USER, each listening only on the ports its key id
+# names (`cloudhpc bridge principals`), opening only the HOST:PORTs given. A Match block: print it last.
+# CMDUSER runs the principals command: nobody when it can run CLOUDHPC, else root (here the
+# project's interpreter may live under /root; a real bridge VM uses an unprivileged account).
+bridge_sshd_block() { # bridge_sshd_block USER CA_PUB CLOUDHPC BIND_ADDR LOW HIGH HOST:PORT...
+  local user=$1 pub=$2 cmd=$3 addr=$4 low=$5 high=$6 p cu=nobody
+  shift 6
+  local args="$cmd bridge principals --bind-address $addr --port-range $low-$high"
+  for p in "$@"; do args+=" --permit-open $p"; done
+  runuser -u nobody -- "$cmd" bridge principals --help >/dev/null 2>&1 || cu=root
+  printf '%s\n' \
+    "# cloudhpc bridges: per-job certificates signed by porter.bridge.ca_key_file, each allowed to" \
+    "# listen on its own job's ports only (\`cloudhpc bridge sshd-config\`; docs/bridge-vm.md)" \
+    "Match User $user" "    TrustedUserCAKeys $pub" "    AuthorizedPrincipalsCommand $args %i" \
+    "    AuthorizedPrincipalsCommandUser $cu"
+}
 # sshd_conf HEADER PORT ADDR PIDFILE HOSTKEYS AFTER_PIDFILE AFTER_FORWARDING LAST: an sshd_config, key-only;
 # HOSTKEYS (files, one per line) and the three blocks of lines may be empty (they then add no line)
 sshd_conf() {

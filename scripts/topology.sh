@@ -66,7 +66,7 @@ gw_of() {
 CLUSTER=topo
 PARTITION=debug
 TEST_USER=hpcuser
-BRIDGE_USER=${P}bridge   # the bridge account on cloud (docs/bridge-vm.md: "an account whose authorized_keys holds the bridge key")
+BRIDGE_USER=${P}bridge   # the bridge account on cloud (docs/bridge-vm.md): trusts the bridge CA, and holds the shared bridge key's line
 NODE_CPUS=4
 NODE_MEM=6144
 SSH_PORT=22
@@ -530,8 +530,14 @@ start_sshds() {
   authorize_bridge
   # commands run over ssh on login use this cluster's slurm.conf (sbatch, sacct, seff, and jobs inherit it)
   start_sshd login "$LOGIN_ADDR" "$LOGIN_SSHD_DIR" "$LOGIN_SSHD_PID" "$TEST_USER" "SetEnv SLURM_CONF=$SLURM_CONF"
+  # the bridge CA (the testbed's): cloud's sshd lets a job's certificate listen on its own ports only
+  ensure_bridge_ca
+  install -d -m 700 "$CLOUD_SSHD_DIR"
+  install -m 644 "$KEYS/bridge_ca.pub" "$CLOUD_SSHD_DIR/bridge_ca.pub"
   start_sshd cloud "$CLOUD_ADDR" "$CLOUD_SSHD_DIR" "$CLOUD_SSHD_PID" "$BRIDGE_USER" \
-    "$(printf 'GatewayPorts clientspecified\nClientAliveInterval 15\nClientAliveCountMax 2')"
+    "$(printf 'GatewayPorts clientspecified\nClientAliveInterval 15\nClientAliveCountMax 2\n'
+       bridge_sshd_block "$BRIDGE_USER" "$CLOUD_SSHD_DIR/bridge_ca.pub" "$ROOT/.venv/bin/cloudhpc" "$CLOUD_ADDR" \
+         "$BRIDGE_PORT_LOW" "$BRIDGE_PORT_HIGH" "$CLOUD_ADDR:$MLFLOW_PORT" "$CLOUD_ADDR:$S3_PORT")"
   # pinned host keys, from the keys themselves (not from the network)
   { printf '%s %s\n' "$LOGIN_ADDR" "$(cut -d' ' -f1,2 "$LOGIN_SSHD_DIR/ssh_host_ed25519_key.pub")"
     printf '%s %s\n' "$CLOUD_ADDR" "$(cut -d' ' -f1,2 "$CLOUD_SSHD_DIR/ssh_host_ed25519_key.pub")"
@@ -668,6 +674,7 @@ export TOPOLOGY_BRIDGE_HOST=$CLOUD_ADDR
 export TOPOLOGY_BRIDGE_PORT=$SSH_PORT
 export TOPOLOGY_BRIDGE_USER=$BRIDGE_USER
 export TOPOLOGY_BRIDGE_KEY=$(q "$KEYS/bridge_ed25519")
+export TOPOLOGY_BRIDGE_CA_KEY=$(q "$KEYS/bridge_ca")
 export TOPOLOGY_BRIDGE_BIND_ADDRESS=$CLOUD_ADDR
 export TOPOLOGY_BRIDGE_PORT_RANGE="$BRIDGE_PORT_LOW $BRIDGE_PORT_HIGH"
 export TOPOLOGY_CLOUD_SSHD_PIDFILE=$(q "$CLOUD_SSHD_PID")
