@@ -1,0 +1,225 @@
+"""porter as several replicas on one PostgreSQL (issue 12 item 8): wake-ups cross replicas through
+LISTEN/NOTIFY, and the one-agent-per-cluster rule is the database's.
+
+The in-process tests run two porter applications, each with its own `Store` (own connection pool,
+own LISTEN connection) on one schema of the testbed's PostgreSQL, with their periodic re-check set
+to a minute: whatever wakes a waiter on one replica within a second can only be the other replica's
+NOTIFY. The whole-flow test with real processes, a TCP balancer and `kill -9` is
+`tests/e2e/test_replicas.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from cloudhpc.config import Settings
+from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.porter.app import create_app
+from cloudhpc.store import Store
+from cloudhpc.store.notify import ChangeListener, cluster_key
+from tests.integration.stores import open_store, postgres_url
+from tests.testbed import load_testbed
+
+BATCH = {"name": "replicated", "cluster": "local", "script": "echo hi"}
+QUICK = 1.5
+"""A cross-replica wake-up must arrive well within this (measured: a few milliseconds)."""
+
+
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """A migrated schema of its own on the testbed's PostgreSQL."""
+    with postgres_url(tmp_path) as url, open_store(url):
+        yield url
+
+
+class Replica:
+    def __init__(self, client: TestClient, user: str, agent: str) -> None:
+        self.client = client
+        self.user = {"Authorization": f"Bearer {user}"}
+        self.agent = {"Authorization": f"Bearer {agent}"}
+
+
+@pytest.fixture
+def replicas(pg_url: str) -> Iterator[tuple[Replica, Replica]]:
+    """Two porter apps on one database, re-checking the store only once a minute."""
+    with open_store(pg_url) as admin:
+        user = admin.create_token("alice", "user")
+        agent = admin.create_token("agent-local", "agent", ["local"])
+    settings = Settings.model_validate({"porter": {"access": {"clusters": {"local": {"users": ["alice"]}}}}})
+    with ExitStack() as stack:
+        out = []
+        for _ in range(2):
+            store = Store(pg_url)
+            stack.callback(store.close)
+            app = create_app(settings, store=store)
+            app.state.porter.recheck_interval = 60.0
+            client = stack.enter_context(TestClient(app))
+            assert app.state.porter.listener is not None
+            assert app.state.porter.listener.connected
+            out.append(Replica(client, user, agent))
+        yield out[0], out[1]
+
+
+def _timed(call: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    started = time.monotonic()
+    result = call(*args, **kwargs)
+    return result, time.monotonic() - started
+
+
+def test_a_submission_on_one_replica_wakes_the_agent_poll_on_the_other(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    params = {"cluster": "local", "agent": "a1", "wait": 30}
+    with ThreadPoolExecutor(1) as pool:
+        poll = pool.submit(_timed, b.client.get, "/api/v1/agent/work", params=params, headers=b.agent)
+        time.sleep(1.0)  # the poll waits inside replica b now
+        job = a.client.post("/api/v1/jobs", json=BATCH, headers=a.user).json()
+        submitted = time.monotonic()
+        answer, _ = poll.result(timeout=40)
+    woken_after = time.monotonic() - submitted
+    assert answer.status_code == 200, answer.text
+    assert [j["id"] for j in answer.json()["jobs"]] == [job["id"]]
+    assert woken_after < QUICK
+
+
+def test_a_report_on_one_replica_wakes_a_job_wait_on_the_other(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    job = a.client.post("/api/v1/jobs", json=BATCH, headers=a.user).json()
+    work = a.client.get("/api/v1/agent/work", params={"cluster": "local", "agent": "a1"}, headers=a.agent)
+    assert [j["id"] for j in work.json()["jobs"]] == [job["id"]]
+    for seq, state in enumerate(["preparing", "queued", "running", "completed"], start=1):
+        with ThreadPoolExecutor(1) as pool:
+            wait = pool.submit(b.client.get, f"/api/v1/jobs/{job['id']}", params={"wait": 30}, headers=b.user)
+            time.sleep(0.5)
+            report = {"job_id": job["id"], "seq": seq, "state": state}
+            if state == "completed":
+                report["exit_code"] = 0
+            posted = a.client.post("/api/v1/agent/reports", json={"reports": [report]}, headers=a.agent)
+            assert posted.json() == {"applied": 1, "ignored": 0}
+            reported = time.monotonic()
+            answer = wait.result(timeout=40)
+        assert answer.json()["state"] == state
+        assert time.monotonic() - reported < QUICK, state
+
+
+def test_output_on_one_replica_reaches_a_follow_on_the_other(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    job = a.client.post("/api/v1/jobs", json=BATCH, headers=a.user).json()
+    a.client.get("/api/v1/agent/work", params={"cluster": "local", "agent": "a1"}, headers=a.agent)
+    received: list[tuple[float, bytes]] = []
+
+    def follow() -> None:
+        url = f"/api/v1/jobs/{job['id']}/logs"
+        with b.client.stream("GET", url, params={"follow": "true"}, headers=b.user) as response:
+            for chunk in response.iter_bytes():
+                received.append((time.monotonic(), chunk))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    sent = time.monotonic()
+    url = f"/api/v1/agent/jobs/{job['id']}/output"
+    a.client.post(url, params={"offset": 0}, content=b"first line\n", headers=a.agent)
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received
+    assert received[0][1] == b"first line\n"
+    assert received[0][0] - sent < QUICK
+    report = {"job_id": job["id"], "seq": 1, "state": "failed", "exit_code": 1}
+    a.client.post("/api/v1/agent/reports", json={"reports": [report]}, headers=a.agent)
+    reader.join(timeout=10)  # the end, reported on a, ends the follow on b
+    assert not reader.is_alive()
+
+
+def test_two_agents_asking_at_once_on_two_replicas_get_the_cluster_once(pg_url: str) -> None:
+    """Each round is a cluster without a slot row yet, asked for by two agents at the same instant
+    through two stores (two replicas): exactly one may serve it."""
+    with open_store(pg_url) as one, open_store(pg_url) as two:
+        barrier = threading.Barrier(2)
+
+        def ask(store: Store, cluster: str, agent: str) -> tuple[str, float] | None:
+            barrier.wait()
+            return store.take_agent_slot(cluster, agent, hold_seconds=30)
+
+        with ThreadPoolExecutor(2) as pool:
+            for round_ in range(30):
+                cluster = f"race{round_}"
+                first = pool.submit(ask, one, cluster, "agent-1")
+                second = pool.submit(ask, two, cluster, "agent-2")
+                outcomes = {"agent-1": first.result(), "agent-2": second.result()}
+                winners = [agent for agent, held in outcomes.items() if held is None]
+                assert len(winners) == 1, (cluster, outcomes)
+                loser = next(held for held in outcomes.values() if held is not None)
+                assert loser[0] == winners[0]  # told who holds it
+
+
+async def test_the_listener_reconnects_after_its_connection_dies_and_wakes_everybody(pg_url: str) -> None:
+    """A PostgreSQL restart, as one LISTEN connection sees it: the server ends the connection. The
+    listener tells its waiters to re-read (a gap), reconnects, and hears later changes again."""
+    keys: list[str] = []
+    gaps: list[float] = []
+    listener = ChangeListener(
+        Store(pg_url).url, keys.append, lambda: gaps.append(time.monotonic()), min_backoff=0.1
+    )
+    task = asyncio.create_task(listener.run())
+    try:
+        assert await listener.wait_connected(10)
+        assert listener.connects == 1
+        await _notify_until(pg_url, keys, "before")
+        with psycopg.connect(load_testbed().pg_dsn, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = %s",
+                (f'LISTEN "{listener.channel}"',),
+            ).fetchall()
+        assert ended == [(True,)]
+        deadline = time.monotonic() + 10
+        while listener.connects < 2:
+            assert time.monotonic() < deadline, "the listener did not reconnect"
+            await asyncio.sleep(0.05)
+        assert len(gaps) >= 3  # connected, lost, connected again: each a reason to re-read
+        await _notify_until(pg_url, keys, "after")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _notify_until(url: str, keys: list[str], cluster: str) -> None:
+    """Make a change that notifies (a job submitted to `cluster`) and wait until it is heard."""
+    with open_store(url) as store:
+        store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": cluster}))
+    deadline = time.monotonic() + QUICK
+    while cluster_key(cluster) not in keys:
+        assert time.monotonic() < deadline, (cluster, keys)
+        await asyncio.sleep(0.01)
+
+
+async def test_a_change_notifies_only_its_own_schema(pg_url: str, tmp_path: Path) -> None:
+    """Deployments sharing one database with a schema each hear only their own changes."""
+    with postgres_url(tmp_path / "other") as other_url, open_store(other_url):
+        heard: dict[str, list[str]] = {pg_url: [], other_url: []}
+        listeners = [ChangeListener(Store(u).url, heard[u].append, lambda: None) for u in heard]
+        tasks = [asyncio.create_task(listener.run()) for listener in listeners]
+        try:
+            for listener in listeners:
+                assert await listener.wait_connected(10)
+            assert listeners[0].channel != listeners[1].channel
+            await _notify_until(pg_url, heard[pg_url], "mine")
+            await asyncio.sleep(0.3)
+            assert heard[other_url] == []
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
