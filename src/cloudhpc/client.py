@@ -24,6 +24,7 @@ from uuid import UUID
 
 import httpx
 
+from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import Bridge, Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError
@@ -102,8 +103,11 @@ class Client:
         return response
 
     def submit(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Submit a job. A `JobSpec` is checked here first, its script's #SBATCH directives merged
+        as porter merges them (ValueError naming the line before anything is sent); a mapping is
+        sent as it is and checked by porter (ApiError 422 naming the field)."""
         body = (
-            spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+            apply_directives(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
             if isinstance(spec, JobSpec)
             else spec
         )

@@ -544,6 +544,51 @@ def test_a_job_on_the_testbed_through_the_cli(cli: Cli, tmp_path: Path) -> None:
     assert "ended failed" in failed.stderr
 
 
+def test_directives_and_resource_options_through_the_cli_reach_slurm(cli: Cli, tmp_path: Path) -> None:
+    """#13 items 1-2 through the CLI, porter and the agent: the script's #SBATCH lines and the
+    `--resource` options are merged (the options win), stored, and what SLURM reports."""
+    script = write(
+        tmp_path / "train.sh", "#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH -t 3 --mail-type=END\nsrun true\n"
+    )
+    options = ["-r", "time=4", "-r", "exclusive=true", "-r", "begin=now+3600", "-r", "qos=normal"]
+    submit = ["jobs", "submit", "--name", "cli-opts", "--cluster", "testbed", "--script", str(script)]
+    result = cli(*submit, *options, "-o", "json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    shown = {k: v for k, v in job["spec"]["resources"].items() if v is not None}
+    assert shown == {
+        "ntasks": 2,
+        "time": "4",
+        "mail_type": "END",
+        "exclusive": True,
+        "begin": "now+3600",
+        "qos": "normal",
+    }
+    deadline = time.monotonic() + 60
+    while not job["slurm_job_id"]:
+        assert time.monotonic() < deadline, f"never reached SLURM: {job}"
+        time.sleep(0.5)
+        job = cli.json("jobs", "get", job["id"])
+    try:
+        reported = subprocess.run(
+            ["scontrol", "show", "job", job["slurm_job_id"]], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        assert cli("jobs", "cancel", job["id"]).exit_code == 0
+    for expected in ("TimeLimit=00:04:00", "NumTasks=2", "MailType=END", "OverSubscribe=NO", "QOS=normal"):
+        assert expected in reported.split(), reported
+
+    bad_value = cli(*submit, "-r", "gres=gpu::4")
+    assert bad_value.exit_code == 2
+    assert "invalid job spec: resources.gres" in bad_value.stderr
+    owned = write(tmp_path / "owned.sh", "#!/bin/bash\n#SBATCH --output=/tmp/x\necho\n")
+    refused = cli("jobs", "submit", "--name", "cli-opts", "--cluster", "testbed", "--script", str(owned))
+    assert refused.exit_code == 2
+    assert "line 2" in refused.stderr
+    assert "--output is set by cloudhpc" in words(refused.stderr)
+    assert cli(*submit, "-r", "qos").exit_code == 2
+
+
 # ---- serve all's token files -------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from cloudhpc.client import ApiError, Client
 from cloudhpc.config import ClusterConfig, ClusterDefaults, Settings, SSHConfig
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import ClusterLimits, JobSpec, Resources
@@ -99,6 +100,26 @@ def test_directives_are_merged_into_what_the_api_shows(api: Api) -> None:
     )
     assert retry.status_code == 200
     assert retry.json()["id"] == again.json()["id"]
+
+
+def test_the_sdk_merges_and_refuses_before_sending(api: Api) -> None:
+    # the TestClient's in-process transport: the SDK talks to this porter without a socket
+    sdk = Client("http://testserver", api.token, transport=api.client._transport)
+    job = sdk.submit(
+        JobSpec(name="sdk", cluster="local", script=SCRIPT, resources=Resources(gres="gpu:a100:4"))
+    )
+    assert (job.spec.resources.ntasks, job.spec.resources.gres, job.spec.resources.time) == (
+        2,
+        "gpu:a100:4",
+        "3",
+    )
+    nowhere = Client("http://127.0.0.1:9", "x")  # nothing listens: a request would be a connection error
+    with pytest.raises(ValueError, match=r"line 2 .*--chdir is set by cloudhpc"):
+        nowhere.submit(JobSpec(name="sdk", cluster="local", script="#!/bin/bash\n#SBATCH --chdir=/\necho\n"))
+    with pytest.raises(ApiError) as refused:
+        sdk.submit({"name": "sdk", "cluster": "local", "script": "echo", "resources": {"signal": "NOPE"}})
+    assert refused.value.status == 422
+    assert [d["field"] for d in refused.value.details] == ["resources.signal"]
 
 
 @pytest.mark.parametrize(

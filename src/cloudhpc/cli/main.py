@@ -30,6 +30,7 @@ from cloudhpc.cli.platform import platform_app
 from cloudhpc.cli.testbed import run_testbed
 from cloudhpc.client import ApiError, Client, default_client
 from cloudhpc.config import Settings, load_settings
+from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ConfigError
@@ -234,7 +235,23 @@ def serve(
 # ---- jobs --------------------------------------------------------------------------------------
 
 
-def _load_spec(file: Path | None, overrides: dict[str, Any]) -> JobSpec:
+def _resource_pairs(pairs: list[str]) -> dict[str, str]:
+    """`--resource KEY=VALUE` options as a `resources` mapping (the spec's checks apply to them)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            err.print(f"--resource {pair!r}: write KEY=VALUE, e.g. --resource qos=normal", highlight=False)
+            raise typer.Exit(2)
+        out[key] = value
+    return out
+
+
+def _load_spec(
+    file: Path | None, overrides: dict[str, Any], resources: dict[str, str] | None = None
+) -> JobSpec:
+    """The spec of a file and/or options, with the #SBATCH directives of its script merged in as
+    porter merges them, so that a refused directive is reported before anything is sent."""
     body: dict[str, Any] = {}
     if file is not None:
         try:
@@ -247,13 +264,19 @@ def _load_spec(file: Path | None, overrides: dict[str, Any]) -> JobSpec:
             raise typer.Exit(2)
         body = loaded
     body.update({k: v for k, v in overrides.items() if v is not None})
+    if resources:
+        given = body.get("resources")
+        body["resources"] = (given if isinstance(given, dict) else {}) | resources
     try:
-        return JobSpec.model_validate(body)
+        return apply_directives(JobSpec.model_validate(body))
     except ValidationError as exc:
         for e in exc.errors():
             err.print(
                 f"invalid job spec: {'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}", highlight=False
             )
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        err.print(f"invalid job spec: script: {exc}", highlight=False)
         raise typer.Exit(2) from exc
 
 
@@ -304,6 +327,15 @@ def jobs_submit(
     script: Annotated[
         Path | None, typer.Option(help="batch script file (kind batch)", exists=True, dir_okay=False)
     ] = None,
+    resource: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--resource",
+            "-r",
+            help="a `resources` field as KEY=VALUE, over the spec file's (repeat): "
+            "-r time=01:00:00 -r qos=normal -r gres=gpu:a100:4 -r exclusive=true",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="resubmitting with the same key returns the same job")
     ] = None,
@@ -318,7 +350,7 @@ def jobs_submit(
     overrides: dict[str, Any] = {"name": name, "cluster": cluster}
     if script is not None:
         overrides["script"] = script.read_text(encoding="utf-8")
-    spec = _load_spec(file, overrides)
+    spec = _load_spec(file, overrides, _resource_pairs(resource or []))
     with _client(url) as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
         if wait:
