@@ -7,7 +7,7 @@ from uuid import uuid4
 from cloudhpc.config import SSHConfig
 from cloudhpc.domain.jobs import JobSpec, Resources
 from cloudhpc.hpc.backend import JobPaths, JobSubmission
-from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.jobscript import environment_file, render_batch_script
 from tests.testbed import Testbed, load_testbed
 
 __all__ = ["make_submission", "ssh_config", "testbed_ssh"]
@@ -53,10 +53,13 @@ def make_submission(
     paths = JobPaths(workdir, job_id)
     staged = {path: content.encode() for path, content in spec.files.items()}
     staged[".cloudhpc/script"] = script.encode()
+    secret_env = environment_file(spec.env)  # as the agent stages it (submitter/staging.py)
+    staged |= secret_env
     return JobSubmission(
         job_id=job_id,
         spec=spec,
         resources=spec.resources.with_defaults(defaults) if defaults is not None else spec.resources,
         batch_script=render_batch_script(job_id=job_id, spec=spec, paths=paths),
         files=staged,
+        modes=dict.fromkeys(secret_env, 0o600),
     )

@@ -22,7 +22,7 @@ from cloudhpc.domain.jobs import JobSpec, Observation, Resources
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CommandTimeout, JobNotFound, RemoteFileError
 from cloudhpc.hpc.backend import CommandRunner, FileTransfer, JobBackend, JobSubmission
-from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.jobscript import environment_file, render_batch_script
 from cloudhpc.hpc.local import LocalBackend, LocalRunner, job_environment
 from cloudhpc.hpc.local_supervisor import STATE_FILE, process_alive, read_json
 from tests.conftest import HOSTILE_STRINGS
@@ -48,12 +48,15 @@ def make_submission(
     paths = backend.paths(job_id)
     staged = {name: content.encode() for name, content in spec.files.items()}
     staged[".cloudhpc/script"] = script.encode()
+    secret_env = environment_file(spec.env)  # as the agent stages it (submitter/staging.py)
+    staged |= secret_env
     return JobSubmission(
         job_id=job_id,
         spec=spec,
         resources=spec.resources,
         batch_script=render_batch_script(job_id=job_id, spec=spec, paths=paths),
         files=staged,
+        modes=dict.fromkeys(secret_env, 0o600),
     )
 
 

@@ -3,7 +3,7 @@
 Every job keeps its files under one prefix, so that a user, a retention sweep or an S3 lifecycle
 rule can find them without asking porter:
 
-    jobs/<owner>/<job id>/spec.json         the spec as submitted
+    jobs/<owner>/<job id>/spec.json         the spec as submitted, `env` values redacted
     jobs/<owner>/<job id>/job.sh            the batch script cloudhpc rendered and gave to sbatch
     jobs/<owner>/<job id>/files/<path>      the spec's files, as staged in the job directory
     jobs/<owner>/<job id>/output.log        the job's output (stdout + stderr), copied when it ends
@@ -25,6 +25,7 @@ from uuid import UUID
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.redaction import redacted_spec
 from cloudhpc.exceptions import StorageError
 from cloudhpc.storage import ObjectStore, open_object_store
 from cloudhpc.storage.base import check_key
@@ -103,7 +104,8 @@ class ArtifactWriter:
     def save_submission(self, job: Job, *, batch_script: str | None) -> list[str]:
         """What the job was asked to run: the spec, the rendered script (when there is one) and
         the spec's files. Written at submission, so a job that never runs still has them."""
-        keys = [self._put(job, "spec.json", _dump(job.spec.model_dump(mode="json", by_alias=True)), _JSON)]
+        spec = redacted_spec(job.spec).model_dump(mode="json", by_alias=True)  # env values are secrets
+        keys = [self._put(job, "spec.json", _dump(spec), _JSON)]
         if batch_script is not None:
             keys.append(self._put(job, "job.sh", batch_script.encode(), "text/x-shellscript"))
         for path, content in sorted(job.spec.files.items()):

@@ -36,6 +36,7 @@ from cloudhpc.exceptions import (
 )
 from cloudhpc.hpc.backend import JobBackend, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
+from cloudhpc.hpc.jobscript import ENV_FILE
 from cloudhpc.hpc.poller import Poller
 from cloudhpc.hpc.slurm.accounting import accounting_final
 from cloudhpc.ray.script import (
@@ -366,10 +367,12 @@ class Agent:
             self._start_finish(tracked)
 
     async def _discard_secrets(self, job: Job) -> None:
+        """Delete the job's secret files on the cluster: its `env` values, its bridge key."""
+        secrets = ([ENV_FILE] if job.spec.env else []) + ([KEY_FILE] if job.spec.ray is not None else [])
         try:
-            await self.backend.discard(job.id, [KEY_FILE])
+            await self.backend.discard(job.id, secrets)
         except CloudHPCError as exc:
-            log.warning("job %s: could not delete the staged bridge key (%s)", job.id, exc)
+            log.warning("job %s: could not delete the staged secrets %s (%s)", job.id, secrets, exc)
 
     def _may_collect(self, job_id: UUID) -> bool:
         """Not already being collected, and not in the pause after a failed attempt."""
@@ -383,9 +386,10 @@ class Agent:
         self._finishing.add(job_id)
         task = self._spawn(self._finish(tracked))
         task.add_done_callback(lambda _task: self._finishing.discard(job_id))
-        if tracked.job.spec.ray is not None:
-            # the script deletes the bridge key itself, unless it never ran (cancelled while queued)
-            # or was killed: whatever happened, the key does not outlive the job
+        if tracked.job.spec.ray is not None or tracked.job.spec.env:
+            # the Ray script deletes the bridge key itself, unless it never ran (cancelled while
+            # queued) or was killed; the `env` file is sourced by every run of the script (a requeued
+            # job runs it again): whatever happened, neither outlives the job
             self._spawn(self._discard_secrets(tracked.job))
 
     async def _finish(self, tracked: _Tracked) -> None:

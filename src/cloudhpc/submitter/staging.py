@@ -17,7 +17,7 @@ from cloudhpc.domain.jobs import Job, JobKind, Resources, is_object_url
 from cloudhpc.exceptions import ConfigError, StagingError, StorageError
 from cloudhpc.hpc.backend import JobPaths, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
-from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.jobscript import environment_file, render_batch_script
 from cloudhpc.ray.script import RayJobScript, TunnelAccess, render_ray_job
 
 __all__ = ["Stager"]
@@ -48,6 +48,9 @@ class Stager:
             activation = await self.envs.ensure(spec.environment)
         paths = JobPaths(self.workdir, job.id)
         files = {path: await self._file_content(content, job) for path, content in spec.files.items()}
+        secret_env = environment_file(spec.env)  # sourced by the script, never in it (hpc/jobscript.py)
+        files |= secret_env
+        private = dict.fromkeys(secret_env, 0o600)
         if spec.kind != JobKind.BATCH:
             ray = self._render_ray(job, paths, resources)
             script = render_batch_script(
@@ -64,13 +67,15 @@ class Stager:
                 resources=ray.resources,
                 batch_script=script,
                 files=files | ray.files,
-                modes=ray.modes,
+                modes=ray.modes | private,
             )
         script = render_batch_script(
             job_id=job.id, spec=spec, paths=paths, prelude=self.config.prelude, activation=activation
         )
         files[".cloudhpc/script"] = (spec.script or "").encode()
-        return JobSubmission(job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files)
+        return JobSubmission(
+            job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files, modes=private
+        )
 
     async def _file_content(self, value: str, job: Job) -> bytes:
         """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when

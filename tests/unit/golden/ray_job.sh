@@ -4,7 +4,8 @@ cd '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234
 export CLOUDHPC_JOB_ID=12345678-1234-5678-1234-567812345678
 export CLOUDHPC_JOB_NAME=ray-job
 export CLOUDHPC_JOB_DIR='/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678'
-export HOSTILE='$(touch /tmp/pwned); `id`'
+# the job's env values: from a 0600 file, never in this script (deleted when the job ends)
+. '/home/u/we ird $(touch x) '"'"'q'"'"'/.cloudhpc/jobs/12345678-1234-5678-1234-567812345678/.cloudhpc/env' || exit 97
 # cached Python environment
 source /envs/abc/venv/bin/activate
 # ---- cloudhpc: ray-job with 1 Ray node(s); rendered by cloudhpc, do not edit
