@@ -260,7 +260,8 @@ def test_clusters_and_metrics(api: Api) -> None:
         }
     ]
     api.submit(api.alice)
-    metrics = api.call("GET", "/metrics", None).text
+    assert api.call("GET", "/metrics", None).status_code == 401  # owners and job names: not for anyone
+    metrics = api.call("GET", "/metrics", api.admin).text
     assert 'cloudhpc_jobs{cluster="local",state="pending"} 1\n' in metrics
     assert "cloudhpc_api_request_duration_seconds_bucket" in metrics
     assert "cloudhpc_agent_last_seen_timestamp_seconds" in metrics

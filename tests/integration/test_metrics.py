@@ -17,10 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudhpc.config import PorterConfig, Settings
+from cloudhpc.config import MetricsConfig, PorterConfig, Settings
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import ConfigError
 from cloudhpc.hpc.slurm import Sacct, Seff
 from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter.app import create_app
@@ -100,7 +101,7 @@ def test_per_job_series_follow_the_window_and_the_accounting(store: Store) -> No
     pending = submit(store, "pending", cluster="lumi")
 
     clock = [NOW.timestamp()]
-    metrics = PorterMetrics(store, clusters=["mahti"], job_window=3600, clock=lambda: clock[0])
+    metrics = PorterMetrics(store, clusters=["mahti"], recent_window=3600, clock=lambda: clock[0])
     series = scrape(metrics)
 
     jobs = {dict(k)["cluster"] + "/" + dict(k)["state"]: v for k, v in series["cloudhpc_jobs"].items()}
@@ -152,7 +153,7 @@ def test_per_job_series_follow_the_window_and_the_accounting(store: Store) -> No
     assert str(pending.id) not in str(series)  # nothing known yet
 
     # A restart (a new exporter on the same database) serves the same figures.
-    again = scrape(PorterMetrics(store, clusters=["mahti"], job_window=3600, clock=lambda: clock[0]))
+    again = scrape(PorterMetrics(store, clusters=["mahti"], recent_window=3600, clock=lambda: clock[0]))
     assert again == series
 
     # The ended job's series leave once it ended longer ago than the window; the live job stays.
@@ -170,7 +171,7 @@ def test_replaced_accounting_and_many_steps(store: Store) -> None:
     job = submit(store, "steps")
     walk(store, job, JobState.PREPARING, JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED, ended_at=NOW)
     store.set_accounting(job.id, record)
-    metrics = PorterMetrics(store, job_window=3600, clock=lambda: NOW.timestamp())
+    metrics = PorterMetrics(store, recent_window=3600, clock=lambda: NOW.timestamp())
     assert per_job(scrape(metrics), "cloudhpc_job_cpu_efficiency_ratio") == {
         str(job.id): record["efficiency"]["cpu_efficiency"]
     }
@@ -188,13 +189,30 @@ def test_replaced_accounting_and_many_steps(store: Store) -> None:
     assert per_job(series, "cloudhpc_job_max_rss_bytes") == {str(job.id): 7_777_777}
 
 
+SCRAPE_TOKEN = "scrape-" + "0123456789abcdef" * 2
+
+
+def _settings(tmp_path: Path, **metrics: Any) -> Settings:
+    token_file = tmp_path / "scrape-token"
+    token_file.write_text(SCRAPE_TOKEN + "\n")
+    return Settings(
+        porter=PorterConfig(
+            object_store=f"file://{tmp_path / 'objects'}",
+            metrics=MetricsConfig(token_file=token_file, **metrics),
+        )
+    )
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def test_metrics_endpoint_counts_requests_and_agents(store: Store, tmp_path: Path) -> None:
-    settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path / 'objects'}"))
     agent = store.create_token("agent-local", "agent", ["local"])
-    with TestClient(create_app(settings, store=store)) as client:
-        client.get("/api/v1/agent/work?cluster=local", headers={"Authorization": f"Bearer {agent}"})
-        client.get(f"/api/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer nope"})
-        body = client.get("/metrics").text
+    with TestClient(create_app(_settings(tmp_path), store=store)) as client:
+        client.get("/api/v1/agent/work?cluster=local", headers=_bearer(agent))
+        client.get(f"/api/v1/jobs/{uuid.uuid4()}", headers=_bearer("nope"))
+        body = client.get("/metrics", headers=_bearer(SCRAPE_TOKEN)).text
     families = {f.name: f for f in text_string_to_metric_families(body)}
     seen = {s.labels["cluster"] for s in families["cloudhpc_agent_last_seen_timestamp_seconds"].samples}
     assert seen == {"local"}
@@ -208,6 +226,121 @@ def test_metrics_endpoint_counts_requests_and_agents(store: Store, tmp_path: Pat
     assert "_created" not in body
     assert {f.name for f in families.values()} >= {
         "cloudhpc_jobs",
+        "cloudhpc_jobs_by_owner",
         "cloudhpc_job_transitions",
         "cloudhpc_bridge_ready",
     }
+
+
+def test_metrics_needs_the_scrape_token_or_an_admin(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Owner and job names are user data: no scrape without the token (#12)."""
+    user = store.create_token("alice", "user")
+    agent = store.create_token("agent-local", "agent", ["local"])
+    admin = store.create_token("root", "admin")
+    caplog.set_level("DEBUG")
+    with TestClient(create_app(_settings(tmp_path), store=store)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=_bearer(SCRAPE_TOKEN + "x")).status_code == 401
+        assert client.get("/metrics", headers={"Authorization": f"Basic {SCRAPE_TOKEN}"}).status_code == 401
+        assert client.get("/metrics", headers=_bearer(user)).status_code == 403
+        assert client.get("/metrics", headers=_bearer(agent)).status_code == 403
+        assert client.get("/metrics", headers=_bearer(admin)).status_code == 200
+        answer = client.get("/metrics", headers=_bearer(SCRAPE_TOKEN))
+    assert answer.status_code == 200
+    assert "cloudhpc_jobs" in answer.text
+    assert SCRAPE_TOKEN not in caplog.text
+
+
+def test_without_a_token_file_only_admins_scrape(store: Store, tmp_path: Path) -> None:
+    admin = store.create_token("root", "admin")
+    settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path / 'objects'}"))
+    with TestClient(create_app(settings, store=store)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=_bearer(SCRAPE_TOKEN)).status_code == 401
+        assert client.get("/metrics", headers=_bearer(admin)).status_code == 200
+
+
+@pytest.mark.parametrize("content", ["", "short", "two words-and-more-than-16"])
+def test_a_bad_token_file_stops_porter_naming_the_setting(tmp_path: Path, content: str) -> None:
+    token_file = tmp_path / "scrape-token"
+    token_file.write_text(content)
+    for path in (token_file, tmp_path / "missing"):
+        settings = Settings(porter=PorterConfig(metrics=MetricsConfig(token_file=path)))
+        with pytest.raises(ConfigError, match=r"porter\.metrics\.token_file") as caught:
+            create_app(settings)
+        assert not content or content not in str(caught.value)
+
+
+def _ended(store: Store, name: str, owner: str, cluster: str, ended: datetime, state: JobState) -> Job:
+    job = submit(store, name, owner=owner, cluster=cluster)
+    walk(
+        store, job, JobState.PREPARING, JobState.QUEUED, JobState.RUNNING, state, ended_at=ended, exit_code=0
+    )
+    return job
+
+
+def test_series_are_bounded_while_the_totals_stay_exact(store: Store) -> None:
+    """Per-job series: live jobs, and of the jobs ended within the window the latest
+    `max_recent_jobs`; per-cluster and per-owner counts cover every job (#12 item 9)."""
+    live = submit(store, "live", owner="carol")
+    recent = [
+        _ended(
+            store,
+            f"recent-{i}",
+            ("alice", "bob")[i % 2],
+            "mahti",
+            NOW - timedelta(minutes=i + 1),
+            JobState.COMPLETED,
+        )
+        for i in range(5)
+    ]
+    metrics = PorterMetrics(
+        store, clusters=["mahti"], recent_window=3600, max_recent_jobs=3, clock=NOW.timestamp
+    )
+
+    def shape() -> tuple[set[str], int, dict[str, int]]:
+        series = scrape(metrics)
+        ids = {
+            dict(k)["job_id"]
+            for name in series
+            if name.startswith("cloudhpc_job_")
+            for k in series[name]
+            if "job_id" in dict(k)
+        }
+        lines = sum(len(v) for v in series.values())
+        return ids, lines, {"left_out": int(series["cloudhpc_metrics_ended_jobs_left_out"][()])}
+
+    def old_jobs(count: int) -> None:
+        for i in range(count):
+            ended = NOW - timedelta(hours=2, minutes=i)
+            _ended(store, f"old-{i}", f"user{i % 4}", ("mahti", "lumi")[i % 2], ended, JobState.FAILED)
+
+    old_jobs(8)
+    ids, lines, extra = shape()
+    # the 3 latest ended (the pending live job has no figure yet, so no series)
+    assert ids == {str(j.id) for j in recent[:3]}
+    assert extra == {"left_out": 2}
+
+    old_jobs(40)  # 40 more jobs ended before the window, same owners: not one line more
+    assert shape() == (ids, lines, extra)
+
+    series = scrape(metrics)
+    by_owner: dict[tuple[str, str], float] = {}
+    for key, value in series["cloudhpc_jobs_by_owner"].items():
+        labels = dict(key)
+        by_owner[labels["cluster"], labels["state"]] = (
+            by_owner.get((labels["cluster"], labels["state"]), 0) + value
+        )
+    totals = {(dict(k)["cluster"], dict(k)["state"]): v for k, v in series["cloudhpc_jobs"].items()}
+    assert {k: v for k, v in by_owner.items() if v} == {k: v for k, v in totals.items() if v}
+    assert sum(totals.values()) == 1 + 5 + 8 + 40
+    assert totals[("lumi", "failed")] == 4 + 20
+    owners = {
+        dict(k)["owner"]: v
+        for k, v in series["cloudhpc_jobs_by_owner"].items()
+        if dict(k)["state"] == "pending"
+    }
+    assert owners["carol"] == 1
+    assert str(live.id) not in ids

@@ -17,8 +17,9 @@ from typing import Literal
 __all__ = ["AGENT_METRICS", "JOB_LABELS", "METRICS", "PORTER_METRICS", "MetricSpec"]
 
 JOB_LABELS = ("cluster", "owner", "job_id", "job_name", "kind")
-"""Labels of every per-job series. Bounded: only live jobs and jobs that ended within
-`porter.metrics_job_window` have series."""
+"""Labels of every per-job series. Bounded: only live jobs and the latest
+`porter.metrics.max_recent_jobs` jobs that ended within `porter.metrics.recent_window` have
+series. Owner and job name are user data: `/metrics` needs the scrape token (docs/security.md)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,22 @@ class MetricSpec:
 PORTER_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cloudhpc_jobs", "gauge", ("cluster", "state"), "Jobs in the store by cluster and state", "porter"
+    ),
+    MetricSpec(
+        "cloudhpc_jobs_by_owner",
+        "gauge",
+        ("cluster", "owner", "state"),
+        "Jobs in the store by cluster, owner and state: every job however old (per-job series cover "
+        "recent jobs only)",
+        "porter",
+    ),
+    MetricSpec(
+        "cloudhpc_metrics_ended_jobs_left_out",
+        "gauge",
+        (),
+        "Jobs that ended within porter.metrics.recent_window but have no per-job series because "
+        "porter.metrics.max_recent_jobs later-ended jobs have them",
+        "porter",
     ),
     MetricSpec(
         "cloudhpc_job_transitions_total",

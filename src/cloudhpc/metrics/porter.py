@@ -1,10 +1,11 @@
 """porter's `/metrics`: job figures computed from the job store at scrape time, and API latency.
 
-Nothing about jobs is counted in memory: every scrape reads the store (four queries, whatever the
+Nothing about jobs is counted in memory: every scrape reads the store (a few queries, whatever the
 number of jobs), so the figures survive restarts, agree between porter replicas and never double
-count. Per-job series exist for live jobs and for jobs that ended within the window
-(`porter.metrics_job_window`); older jobs drop out, so the number of series follows recent
-activity, not history.
+count. The scrape is bounded by design: per-job series exist for live jobs and for the latest
+`porter.metrics.max_recent_jobs` jobs that ended within `porter.metrics.recent_window`; every job,
+however old, is counted in `cloudhpc_jobs` (per cluster) and `cloudhpc_jobs_by_owner`, so totals
+stay exact while the body follows recent activity, not history.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ class PorterMetrics:
         store: Store,
         *,
         clusters: Iterable[str] = (),
-        job_window: float = 86400.0,
+        recent_window: float = 3600.0,
+        max_recent_jobs: int | None = None,
         bridges: BridgeSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.clusters = tuple(clusters)
-        self.job_window = job_window
+        self.recent_window = recent_window
+        self.max_recent_jobs = max_recent_jobs
         self.bridges = bridges
         self._clock = clock
         self._accounting: dict[str, tuple[float, AccountingFacts]] = {}
@@ -131,21 +134,34 @@ class PorterMetrics:
     def families(self) -> list[Family]:
         """Everything computed from the store, as of now."""
         now = self._clock()
-        counts = self.store.count_by_state()
+        by_owner = self.store.count_by_owner_and_state()
+        counts: dict[tuple[str, str], int] = {}
+        for (cluster, _, state), n in by_owner.items():
+            counts[cluster, state] = counts.get((cluster, state), 0) + n
         jobs = Family(spec("cloudhpc_jobs"))
         clusters = sorted(set(self.clusters) | {cluster for cluster, _ in counts})
         jobs.add_values({(c, s.value): counts.get((c, s.value), 0) for c in clusters for s in JobState})
+        owners = Family(spec("cloudhpc_jobs_by_owner"))
+        # every state of every (cluster, owner) seen, zeros included: a count that drops to 0
+        # stays a 0, not a series gone stale
+        pairs = {(cluster, owner) for cluster, owner, _ in by_owner}
+        owners.add_values(
+            {(c, o, s.value): by_owner.get((c, o, s.value), 0) for c, o in pairs for s in JobState}
+        )
 
         transitions = Family(spec("cloudhpc_job_transitions_total"))
         transitions.add_values({k: float(n) for k, n in self.store.transition_counts_by_cluster().items()})
 
         per_job = {name: Family(spec(name)) for name in _PER_JOB}
         lines = {name: family.lines for name, family in per_job.items()}
-        for job in self._recent_jobs(now):
+        recent, left_out = self._recent_jobs(now)
+        for job in recent:
             labels = label_set(JOB_LABELS, (job.cluster, job.owner, job.id, job.name, job.kind))
             # The hot loop of a large scrape: values are finite numbers, so plain str() formats them.
             for name, value in job_values(job, now).items():
                 lines[name].append(f"{name}{labels} {value}")
+        omitted = Family(spec("cloudhpc_metrics_ended_jobs_left_out"))
+        omitted.add("", left_out)
 
         seen = Family(spec("cloudhpc_agent_last_seen_timestamp_seconds"))
         seen.add_values({(cluster,): when.timestamp() for cluster, when in self.store.agents().items()})
@@ -155,10 +171,13 @@ class PorterMetrics:
             bridges.add_values(
                 {(job_id, name): 1.0 if ready else 0.0 for job_id, name, ready in self.bridges()}
             )
-        return [jobs, transitions, *per_job.values(), seen, bridges]
+        return [jobs, owners, transitions, *per_job.values(), omitted, seen, bridges]
 
-    def _recent_jobs(self, now: float) -> list[JobFacts]:
-        jobs = self.store.recent_jobs(datetime.fromtimestamp(now - self.job_window, UTC))
+    def _recent_jobs(self, now: float) -> tuple[list[JobFacts], int]:
+        """The jobs with per-job series, their accounting figures filled in, and how many ended
+        jobs of the window the cap left out."""
+        since = datetime.fromtimestamp(now - self.recent_window, UTC)
+        jobs, left_out = self.store.recent_jobs(since, self.max_recent_jobs)
         cache = self._accounting
         stale = [
             j.id
@@ -176,7 +195,7 @@ class PorterMetrics:
             current = {j.id for j in jobs}
             for job_id in [k for k in cache if k not in current]:
                 del cache[job_id]
-        return [j.with_accounting(cache[j.id][1]) if j.id in cache else j for j in jobs]
+        return [j.with_accounting(cache[j.id][1]) if j.id in cache else j for j in jobs], left_out
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + render(self.families()).encode()

@@ -8,13 +8,15 @@ agent routes of the clusters it is bound to, `admin` on everything.
 
 from __future__ import annotations
 
+import hmac
+from pathlib import Path
 from typing import Annotated
 from uuid import UUID
 
 from fastapi import Depends, Request
 
 from cloudhpc.domain.jobs import Job
-from cloudhpc.exceptions import HttpProblem
+from cloudhpc.exceptions import ConfigError, HttpProblem
 from cloudhpc.porter.state import PorterState, state_of
 from cloudhpc.store import Principal
 
@@ -23,7 +25,9 @@ __all__ = [
     "UserPrincipal",
     "agent_job",
     "authenticate",
+    "read_scrape_token",
     "require_agent_for",
+    "require_scraper",
     "require_user",
 ]
 
@@ -47,6 +51,46 @@ async def authenticate(request: Request) -> Principal:
     if principal is None:
         raise HttpProblem(401, "unauthorized", "invalid or revoked token")
     return principal
+
+
+MIN_SCRAPE_TOKEN_CHARS = 16
+
+
+def read_scrape_token(path: Path | None) -> str | None:
+    """The scrape token in `path` (`porter.metrics.token_file`), read once when the app is built;
+    a `ConfigError` naming the setting when it is unreadable or too short to be a secret (the
+    message never quotes the file). None when unset: then only admin tokens may scrape."""
+    if path is None:
+        return None
+    setting = "porter.metrics.token_file"
+    try:
+        token = path.expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+        raise ConfigError(f"{setting}: cannot read {path} ({reason})") from None
+    if len(token) < MIN_SCRAPE_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"{setting}: {path} must hold one token of at least {MIN_SCRAPE_TOKEN_CHARS} characters "
+            "without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return token
+
+
+async def require_scraper(request: Request) -> None:
+    """`/metrics` carries user data (owners, job names): Prometheus sends the scrape token
+    (`porter.metrics.token_file`), an operator may use an admin token; anything else is refused.
+    The scrape token is compared in constant time and never reaches the store or a log."""
+    expected: str | None = request.app.state.scrape_token
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    given = token if scheme.lower() == "bearer" else ""
+    if expected is not None and given and hmac.compare_digest(given.encode(), expected.encode()):
+        return
+    principal = await authenticate(request)  # 401 without a token or with an unknown one
+    if principal.role != "admin":
+        raise HttpProblem(
+            403, "forbidden", "/metrics needs the scrape token (porter.metrics.token_file) or an admin token"
+        )
 
 
 async def require_user(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:

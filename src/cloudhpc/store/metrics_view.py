@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import BindParameter, bindparam, func, select, text
 
 from cloudhpc.domain.states import ACTIVE_STATES, JobState
 from cloudhpc.store.engine import Database, map_db_errors
 from cloudhpc.store.models import AccountingRow, JobRow, TransitionRow, UTCDateTime
 
-__all__ = ["AccountingFacts", "JobFacts", "MetricsView"]
+__all__ = ["AccountingFacts", "JobFacts", "MetricsView", "RecentJobs"]
 
 
 class JobFacts(NamedTuple):
@@ -113,17 +113,25 @@ _SQLITE_PATHS: Final = ", ".join(
     + [f"'$.records[{_RSS_STEPS}].job_id'"]
 )
 
-# Built from the constants above only; values are bound parameters.
-_RECENT_SQL: Final = {
+# Built from the constants above only; values are bound parameters. Live jobs all; ended jobs
+# only within the window and, of those, the latest `:limit` to end (ARCHITECTURE: a scrape is
+# bounded by design, not by the store's history).
+_FACTS_SQL: Final = {
     dialect: f"""
 SELECT j.id, j.owner, j.cluster, j.name, j.kind, j.state, j.exit_code,
        {epoch("j.submitted_at")} AS submitted, {epoch("j.started_at")} AS started,
        {epoch("j.ended_at")} AS ended, {epoch("a.updated_at")} AS stamp
 FROM jobs AS j LEFT OUTER JOIN job_accounting AS a ON a.job_id = j.id
-WHERE j.state IN :active OR j.ended_at >= :since
 """  # noqa: S608
     for dialect, epoch in (("sqlite", _sqlite_epoch), ("postgresql", _pg_epoch))
 }
+_LIVE_WHERE: Final = "WHERE j.state IN :active"
+_ENDED_WHERE: Final = (
+    "WHERE j.state NOT IN :active AND j.ended_at >= :since ORDER BY j.ended_at DESC, j.id LIMIT :limit"
+)
+_ENDED_COUNT_SQL: Final = (
+    "SELECT count(*) FROM jobs AS j WHERE j.state NOT IN :active AND j.ended_at >= :since"
+)
 # Each document is parsed once: by one multi-path json_extract on SQLite (a JSON array Python
 # reads), in a LATERAL join on PostgreSQL (plain columns).
 _ACCOUNTING_SQL: Final = {
@@ -146,6 +154,30 @@ FROM job_accounting AS a CROSS JOIN LATERAL (SELECT CAST(a.record AS jsonb) AS d
 WHERE a.job_id IN :ids
 """,
 }
+
+
+class RecentJobs(NamedTuple):
+    """What `recent_jobs` found: the jobs that get per-job series, and how many ended jobs of the
+    window were left out because of the limit (counted, so an operator sees the cap at work)."""
+
+    jobs: list[JobFacts]
+    ended_left_out: int
+
+
+def _job_facts(r: Any) -> JobFacts:
+    return JobFacts(
+        r.id,
+        r.owner,
+        r.cluster,
+        r.name,
+        r.kind,
+        JobState(r.state),
+        r.exit_code,
+        r.submitted,
+        r.started,
+        r.ended,
+        r.stamp,
+    )
 
 
 def _int(value: Any) -> int | None:
@@ -195,30 +227,39 @@ class MetricsView(Database):
             return {(c, f or "none", t): n for c, f, t, n in rows}
 
     @map_db_errors
-    def recent_jobs(self, ended_since: datetime) -> list[JobFacts]:
-        """Every live job and every job that ended at or after `ended_since`, without the
-        accounting figures (`accounting_facts` reads those): one query, no JSON."""
-        statement = text(_RECENT_SQL["postgresql" if self.is_postgresql else "sqlite"]).bindparams(
-            bindparam("active", value=sorted(s.value for s in ACTIVE_STATES), expanding=True),
-            bindparam("since", value=ended_since, type_=UTCDateTime()),
-        )
+    def count_by_owner_and_state(self) -> dict[tuple[str, str, str], int]:
+        """Number of jobs per (cluster, owner, state): every job of the store, however old, so the
+        per-owner and per-cluster totals on /metrics stay exact while per-job series are bounded."""
         with self._read() as session:
-            return [
-                JobFacts(
-                    r.id,
-                    r.owner,
-                    r.cluster,
-                    r.name,
-                    r.kind,
-                    JobState(r.state),
-                    r.exit_code,
-                    r.submitted,
-                    r.started,
-                    r.ended,
-                    r.stamp,
+            rows = session.execute(
+                select(JobRow.cluster, JobRow.owner, JobRow.state, func.count()).group_by(
+                    JobRow.cluster, JobRow.owner, JobRow.state
                 )
-                for r in session.execute(statement)
-            ]
+            )
+            return {(cluster, owner, state): count for cluster, owner, state, count in rows}
+
+    @map_db_errors
+    def recent_jobs(self, ended_since: datetime, max_ended: int | None = None) -> RecentJobs:
+        """Every live job and the jobs that ended at or after `ended_since` (the latest `max_ended`
+        of those when given), without the accounting figures (`accounting_facts` reads those): no
+        JSON, and a count of the ended jobs left out by `max_ended`."""
+        dialect = "postgresql" if self.is_postgresql else "sqlite"
+        active: BindParameter[list[str]] = bindparam(
+            "active", value=sorted(s.value for s in ACTIVE_STATES), expanding=True
+        )
+        since: BindParameter[datetime] = bindparam("since", value=ended_since, type_=UTCDateTime())
+        # No limit: NULL on PostgreSQL, a negative number on SQLite.
+        limit = max_ended if max_ended is not None else (None if self.is_postgresql else -1)
+        with self._read() as session:
+            live = session.execute(text(_FACTS_SQL[dialect] + _LIVE_WHERE).bindparams(active))
+            jobs = [_job_facts(r) for r in live]
+            ended_sql = text(_FACTS_SQL[dialect] + _ENDED_WHERE).bindparams(active, since, limit=limit)
+            ended = [_job_facts(r) for r in session.execute(ended_sql)]
+            left_out = 0
+            if max_ended is not None and len(ended) >= max_ended:
+                total = session.execute(text(_ENDED_COUNT_SQL).bindparams(active, since)).scalar_one()
+                left_out = int(total) - len(ended)
+        return RecentJobs(jobs + ended, left_out)
 
     @map_db_errors
     def accounting_facts(self, job_ids: Sequence[str]) -> dict[str, AccountingFacts]:
@@ -253,7 +294,7 @@ class MetricsView(Database):
 
     def recent_job_facts(self, ended_since: datetime) -> list[JobFacts]:
         """`recent_jobs` with their accounting figures filled in."""
-        jobs = self.recent_jobs(ended_since)
+        jobs = self.recent_jobs(ended_since).jobs
         facts = self.accounting_facts([j.id for j in jobs if j.accounting_stamp is not None])
         return [j.with_accounting(facts[j.id]) if j.id in facts else j for j in jobs]
 
