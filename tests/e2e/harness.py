@@ -141,32 +141,39 @@ class Deployment:
             env["AWS_DEFAULT_REGION"] = "us-east-1"
         return env
 
-    def start(self, role: str) -> None:
-        log = (self.root / f"{role}.log").open("ab")
-        self.processes[role] = subprocess.Popen(
+    def start(self, role: str, *, name: str | None = None, listen: str | None = None) -> None:
+        """Start `cloudhpc serve <role>` as the process `name` (default: the role; its log is
+        `<name>.log`). A porter started with `listen` (HOST:PORT) listens there instead of
+        `porter.listen`: one replica of several behind a balancer at `url`."""
+        name = name or role
+        env = self.process_env()
+        if listen is not None:
+            env["CLOUDHPC_PORTER__LISTEN"] = listen
+        log = (self.root / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "cloudhpc", "serve", role, "--log-level", "INFO"],
             cwd=self.root,
-            env=self.process_env(),
+            env=env,
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
         if role == "porter":
-            self.wait_ready()
+            self.wait_ready(name=name, url=f"http://{listen}" if listen else self.url)
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 30, *, name: str = "porter", url: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            proc = self.processes.get("porter")
+            proc = self.processes.get(name)
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"porter exited {proc.returncode}: {self.log('porter')[-2000:]}")
+                raise RuntimeError(f"{name} exited {proc.returncode}: {self.log(name)[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{url or self.url}/readyz", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"porter not ready after {timeout}s: {self.log('porter')[-2000:]}")
+        raise RuntimeError(f"{name} not ready after {timeout}s: {self.log(name)[-2000:]}")
 
     def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
         proc = self.processes.pop(role, None)

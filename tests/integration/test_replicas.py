@@ -4,8 +4,8 @@ LISTEN/NOTIFY, and the one-agent-per-cluster rule is the database's.
 The in-process tests run two porter applications, each with its own `Store` (own connection pool,
 own LISTEN connection) on one schema of the testbed's PostgreSQL, with their periodic re-check set
 to a minute: whatever wakes a waiter on one replica within a second can only be the other replica's
-NOTIFY. The whole-flow test with real processes, a TCP balancer and `kill -9` is
-`tests/e2e/test_replicas.py`.
+NOTIFY. The whole-flow test at the end runs two real porter processes behind `tests/balancer.py`
+with a real submitter on the testbed's SLURM, and kills one replica with `kill -9`.
 """
 
 from __future__ import annotations
@@ -13,25 +13,32 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from cloudhpc.client import ApiError
 from cloudhpc.config import Settings
-from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
 from cloudhpc.store.notify import ChangeListener, cluster_key
+from tests.balancer import balancing
+from tests.e2e.harness import Deployment, free_port, slurm_jobs_named
 from tests.integration.stores import open_store, postgres_url
-from tests.testbed import load_testbed
+from tests.testbed import Testbed, load_testbed
 
 BATCH = {"name": "replicated", "cluster": "local", "script": "echo hi"}
+T = TypeVar("T")
 QUICK = 1.5
 """A cross-replica wake-up must arrive well within this (measured: a few milliseconds)."""
 
@@ -223,3 +230,100 @@ async def test_a_change_notifies_only_its_own_schema(pg_url: str, tmp_path: Path
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- two real porter processes behind a balancer, a real agent on the testbed's SLURM ------------
+
+JOBS = 24
+WAITERS = 8
+
+
+def _until_answered(call: Callable[[], T], *, timeout: float = 90) -> tuple[T, int]:
+    """`call()`'s result, re-issued while porter cannot answer (a replica died under it: the
+    balancer sends the retry to a live one); also how many attempts were cut."""
+    deadline = time.monotonic() + timeout
+    cut = 0
+    while True:
+        try:
+            return call(), cut
+        except ApiError as exc:
+            if exc.status not in (0, 502, 503) or time.monotonic() > deadline:
+                raise
+            cut += 1
+            time.sleep(0.2)
+
+
+def test_two_replicas_behind_a_balancer_lose_nothing_when_one_is_killed(
+    tmp_path: Path, testbed: Testbed, pg_url: str
+) -> None:
+    """A load of jobs through a balancer in front of two porter processes on one PostgreSQL, one
+    submitter on the testbed's SLURM; one replica gets `kill -9` in the middle and is restarted.
+
+    Every job reaches SLURM exactly once and ends; waits cut by the kill resume on the other
+    replica; a second agent for the cluster is refused by both replicas."""
+    ports = [free_port(), free_port()]
+    replicas = {f"porter-{n}": f"127.0.0.1:{p}" for n, p in zip("ab", ports, strict=True)}
+    with balancing([("127.0.0.1", p) for p in ports]) as lb:
+        dep = Deployment(tmp_path / "deploy", testbed, pg_url, port=lb.port)
+        try:
+            # The submitter connects while only porter-a is up (the balancer skips porter-b, which
+            # refuses connections), so the replica killed below is the one its long-poll is on.
+            dep.start("porter", name="porter-a", listen=replicas["porter-a"])
+            dep.start("submitter")
+            deadline = time.monotonic() + 60
+            while "reconciled" not in dep.log("submitter"):
+                assert time.monotonic() < deadline, dep.log("submitter")[-3000:]
+                time.sleep(0.2)
+            dep.start("porter", name="porter-b", listen=replicas["porter-b"])
+            run = uuid.uuid4().hex[:6]
+
+            def submit(i: int) -> Job:
+                spec = {"name": f"rep{run}-{i}", "cluster": "testbed", "script": f"echo job {i}; sleep 1"}
+                with dep.client() as client:
+                    job, _ = _until_answered(lambda: client.submit(spec, idempotency_key=f"{run}-{i}"))
+                return job
+
+            def wait_end(job: Job) -> tuple[Job, int]:
+                with dep.client() as client:  # its own connection: the balancer spreads the waiters
+                    cut_total = 0
+                    current = job
+                    while not current.state.terminal:
+                        current, cut = _until_answered(
+                            lambda c=current: client.get(c.id, wait=20, since_state=c.state), timeout=180
+                        )
+                        cut_total += cut
+                    return current, cut_total
+
+            with ThreadPoolExecutor(WAITERS + 2) as pool:
+                first = list(pool.map(submit, range(JOBS // 2)))
+                waits = [pool.submit(wait_end, job) for job in first[:WAITERS]]
+                time.sleep(1.0)  # the waits are inside both replicas now
+                dep.kill("porter-a")  # SIGKILL, under load
+                second = list(pool.map(submit, range(JOBS // 2, JOBS)))
+                dep.start("porter", name="porter-a", listen=replicas["porter-a"])
+                waited = [w.result(timeout=300) for w in waits]
+            jobs = first + second
+            with dep.client() as client:
+                final = [wait_end(job)[0] for job in jobs]
+                named = client.list(cluster="testbed", limit=100)
+            assert len({j.id for j in jobs}) == JOBS
+            assert len([j for j in named if j.name.startswith(f"rep{run}-")]) == JOBS  # no duplicate
+            for job in final:
+                assert job.state == JobState.COMPLETED, (job, dep.log("submitter")[-3000:])
+                assert slurm_jobs_named(f"chpc-{job.id}") == [job.slurm_job_id], job
+            assert all(job.state == JobState.COMPLETED for job, _ in waited)
+            assert sum(cut for _, cut in waited) >= 1, "no wait was on the killed replica"
+            assert lb.refused > 0  # porter-b before it started, porter-a while it was dead
+            assert "porter call GET /api/v1/agent/work failed" in dep.log("submitter")  # cut by the kill
+            token = (dep.root / "agent-token").read_text().strip()
+            for name, listen in replicas.items():
+                intruder = httpx.get(
+                    f"http://{listen}/api/v1/agent/work",
+                    params={"cluster": "testbed", "agent": "intruder"},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=30,
+                )
+                assert intruder.status_code == 409, (name, intruder.text)
+                assert intruder.json()["error"]["code"] == "agent_conflict"
+        finally:
+            dep.stop()
