@@ -339,10 +339,16 @@ weed_mini_args() {
 # write_prometheus_conf DIR NAME=HOST:PORT=DEPLOYMENT...: DIR/prometheus.yml scraping every second (so tests see
 # a value a moment after porter serves it) the file_sd targets DIR/targets/porter-*.json and
 # submitter-*.json; each further argument writes DIR/targets/NAME.json (one target, label deployment).
+# porter's /metrics needs a bearer token: DIR/scrape-token (made once, 0600), sent by Prometheus from
+# that file and named by every porter the testbed or a test starts (porter.metrics.token_file).
 # Returns 0 if prometheus.yml changed (a changed targets file is re-read without a restart).
 write_prometheus_conf() {
   local d=$1 t name target dep; shift
   mkdir -p "$d/targets" "$d/data"
+  if [ ! -s "$d/scrape-token" ]; then
+    (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$d/scrape-token.new.$$") &&
+      mv "$d/scrape-token.new.$$" "$d/scrape-token"
+  fi
   for t in "$@"; do
     name=${t%%=*}; target=${t#*=}; dep=${target#*=}; target=${target%%=*}
     printf '[{"targets": ["%s"], "labels": {"deployment": "%s"}}]\n' "$target" "$dep" |
@@ -353,6 +359,7 @@ write_prometheus_conf() {
 global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}
 scrape_configs:
   - job_name: cloudhpc-porter
+    authorization: {credentials_file: "$d/scrape-token"}
     file_sd_configs: [{files: ["$d/targets/porter-*.json"], refresh_interval: 1s}]
   - job_name: cloudhpc-submitter
     file_sd_configs: [{files: ["$d/targets/submitter-*.json"], refresh_interval: 1s}]

@@ -481,6 +481,7 @@ export TESTBED_SSH_KEY_PASS=$(q "$KEYS/id_ed25519_pass")
 export TESTBED_SSH_PASSPHRASE_FILE=$(q "$KEYS/passphrase")
 export TESTBED_KNOWN_HOSTS=$(q "$KEYS/known_hosts")
 export TESTBED_SSHD_PIDFILE=$(q "$SSHD_PID")
+export TESTBED_SSHD_CONFIG=$(q "$SSHD_CONF")
 export TESTBED_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export TESTBED_S3_ACCESS_KEY=$(q "$S3_ACCESS_KEY")
 export TESTBED_S3_SECRET_KEY=$(q "$S3_SECRET_KEY")
@@ -501,6 +502,7 @@ export AWS_DEFAULT_REGION=us-east-1
 EOF
   write_if_changed "$TB/cloudhpc.yaml" <<EOF || true
 porter:    {listen: "127.0.0.1:5555", database: "sqlite:///.cloudhpc/state.db", object_store: "s3://$S3_BUCKET/serve-all", s3_endpoint_url: "http://127.0.0.1:$S3_PORT",
+           metrics: {token_file: $(yq "$PROM_DIR/scrape-token")},
            bridge: {host: 127.0.0.1, ssh_user: $TEST_USER, ssh_port: $SSH_PORT, ca_key_file: $(yq "$KEYS/bridge_ca"), key_file: $(yq "$KEYS/bridge_ed25519"), known_hosts: $(yq "$KEYS/known_hosts"), bind_address: 127.0.0.1, port_range: [$BRIDGE_PORT_LOW, $BRIDGE_PORT_HIGH], kubernetes: {enabled: false, namespace: cloudhpc}}}
 submitter: {porter_url: "http://127.0.0.1:5555", token_file: ".cloudhpc/agent-token", channel: http, listen: "127.0.0.1:5556"}
 clusters:

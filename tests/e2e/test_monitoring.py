@@ -28,7 +28,7 @@ from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.metrics.dashboards import DASHBOARDS
 from cloudhpc.storage.s3 import S3ObjectStore
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, scrape_token_file
 from tests.integration.stores import sqlite_url
 from tests.testbed import Testbed
 
@@ -170,7 +170,9 @@ def test_artifacts_and_metrics_of_real_jobs(tmp_path: Path, testbed: Testbed) ->
             testbed,
             url,
             object_store=f"s3://{testbed.s3_bucket}/{label}",
-            porter_settings={"metrics_job_window": WINDOW},
+            porter_settings={
+                "metrics": {"recent_window": WINDOW, "token_file": str(scrape_token_file(testbed))}
+            },
         )
         dep.start("porter")
         dep.start("submitter")
@@ -343,5 +345,7 @@ def _accounting(client: Client, job: Job) -> dict[str, Any] | None:
 
 
 def _job_lines(dep: Deployment, job_id: uuid.UUID) -> list[str]:
-    body = httpx.get(f"{dep.url}/metrics", timeout=10).text
+    token = scrape_token_file(dep.testbed).read_text().strip()
+    assert httpx.get(f"{dep.url}/metrics", timeout=10).status_code == 401  # Prometheus scrapes with the token
+    body = httpx.get(f"{dep.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
     return sorted(line for line in body.splitlines() if f'job_id="{job_id}"' in line)
