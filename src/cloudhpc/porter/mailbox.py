@@ -460,7 +460,7 @@ def porter_mailbox_keys(settings: Settings) -> dict[str, MailboxKey]:
         for name in clusters
     }
     for name, key in keys.items():
-        log.info("mailbox %s: key %s", name, key.fingerprint)
+        log.info("mailbox %s: key %s", name, key.describe())
     return keys
 
 

@@ -336,7 +336,7 @@ def open_mailbox_channels(settings: Settings, *, agent_name: str = "agent") -> d
         endpoint_url=settings.submitter.s3_endpoint_url,
         region=settings.submitter.s3_region,
     )
-    log.info("mailbox: key %s from submitter.mailbox_key_file", key.fingerprint)
+    log.info("mailbox: key %s from submitter.mailbox_key_file", key.describe())
     return {name: S3Channel(store, name, key=key, agent_name=agent_name) for name in settings.clusters}
 
 
