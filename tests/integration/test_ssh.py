@@ -489,6 +489,19 @@ async def test_missing_files(conn: SSHConnection, scratch: str) -> None:
     assert mode.stdout == "700\n"
 
 
+async def test_a_file_in_the_way_of_a_directory_is_an_error(conn: SSHConnection, scratch: str) -> None:
+    """mkdir -p and a write whose parents are missing create only what is missing, and refuse to go
+    through a file (the creation walks up with stat, not down from /)."""
+    await conn.write_file(f"{scratch}/plain", b"file")
+    with pytest.raises(RemoteFileError, match="plain"):
+        await conn.makedirs(f"{scratch}/plain/sub")
+    with pytest.raises(RemoteFileError):
+        await conn.write_file(f"{scratch}/plain/sub/x", b"x")
+    await conn.write_file(f"{scratch}/new/deeper/still/x", b"x")  # three levels made on the way
+    assert await conn.read_file(f"{scratch}/new/deeper/still/x") == b"x"
+    assert await conn.read_file(f"{scratch}/plain") == b"file"
+
+
 async def test_upload_and_download(conn: SSHConnection, scratch: str, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     local = tmp_path / "in $(x); 'q'"
