@@ -18,8 +18,11 @@ runner = CliRunner()
 
 
 def config_with_bridge(tmp_path: Path, testbed: Testbed, **changes: Any) -> Path:
+    """The testbed's porter.bridge with `changes`, at the sshd `testbed` names. The shared-key mode
+    unless `ca_key_file` is given (the testbed's configuration names both)."""
     base = yaml.safe_load(testbed.config_file.read_text())
-    bridge = {**base["porter"]["bridge"], **changes}
+    here = {"host": testbed.ssh_host, "ssh_port": testbed.ssh_port, "known_hosts": str(testbed.known_hosts)}
+    bridge = {**base["porter"]["bridge"], **here, "ca_key_file": None, **changes}
     path = tmp_path / "cloudhpc.yaml"
     path.write_text(
         yaml.safe_dump({"porter": {"database": f"sqlite:///{tmp_path / 'none.db'}", "bridge": bridge}})
