@@ -2,7 +2,9 @@
 
 `Stager.prepare` applies the cluster's defaults, builds or reuses the job's Python environment,
 fetches the job's files given as object-store URLs, and renders the batch script (for a Ray job, the
-Ray script and the bridge key and known_hosts from this side's porter.bridge). Anything the job
+Ray script, the bridge VM's known_hosts from this side's porter.bridge and the job's bridge
+credentials: a key and certificate of its own signed with porter.bridge.ca_key_file, or the shared
+porter.bridge.key_file where the site has no CA). Anything the job
 cannot be staged for is a `StagingError`, which fails the job with its message.
 """
 
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
+from cloudhpc.bridges.certificates import BridgeCA, job_lifetime
 from cloudhpc.config import BridgeConfig, ClusterConfig
-from cloudhpc.domain.jobs import Job, JobKind, Resources, is_object_url
+from cloudhpc.domain.jobs import Job, JobKind, Resources, is_object_url, parse_slurm_time
 from cloudhpc.exceptions import ConfigError, StagingError, StorageError
 from cloudhpc.hpc.backend import JobPaths, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
@@ -42,7 +46,7 @@ class Stager:
         script and the bridge key."""
         spec = job.spec
         # The cluster's defaults are applied here and nowhere else: backends take complete resources.
-        resources = spec.resources.with_defaults(self.config.defaults.as_resources())
+        resources = self._resources(job)
         activation: list[str] = []
         if self.envs is not None and not spec.environment.is_empty:
             activation = await self.envs.ensure(spec.environment)
@@ -77,6 +81,10 @@ class Stager:
             job_id=job.id, spec=spec, resources=resources, batch_script=script, files=files, modes=private
         )
 
+    def _resources(self, job: Job) -> Resources:
+        """The job's resources with the cluster's defaults applied."""
+        return job.spec.resources.with_defaults(self.config.defaults.as_resources())
+
     async def _file_content(self, value: str, job: Job) -> bytes:
         """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when
         it names one of the job owner's own objects (`submitter/files.py`, `submitter/porter_objects.py`)."""
@@ -108,6 +116,8 @@ class Stager:
             raise StagingError(str(exc)) from exc
 
     def tunnel_access(self, job: Job) -> TunnelAccess:
+        """How `job` reaches the bridge VM: this side's porter.bridge, checked against porter's
+        allocation, and the job's credentials (`_credentials`)."""
         bridge = self.bridge
         if bridge is None:
             raise StagingError(
@@ -132,16 +142,16 @@ class Stager:
                 f"submitter's [{low}, {high}]; give both sides the same porter.bridge (docs/bridge-vm.md)"
             )
         try:
-            key_file, known_hosts_file = bridge.job_files()
+            credential_file, known_hosts_file = bridge.job_files()
         except ConfigError as exc:
             raise StagingError(str(exc)) from exc
         try:
-            key = key_file.read_bytes()
             known_hosts = known_hosts_file.read_bytes()
         except OSError as exc:
             raise StagingError(
-                f"cannot read the bridge key or known_hosts file: {exc.strerror or exc} ({exc.filename})"
+                f"cannot read porter.bridge.known_hosts: {exc.strerror or exc} ({exc.filename})"
             ) from exc
+        key, certificate = self._credentials(job, bridge, credential_file)
         return TunnelAccess(
             host=bridge.host,
             ssh_port=bridge.ssh_port,
@@ -149,4 +159,30 @@ class Stager:
             bind_address=bridge.bind_address,
             key=key,
             known_hosts=known_hosts,
+            certificate=certificate,
         )
+
+    def _credentials(
+        self, job: Job, bridge: BridgeConfig, credential_file: Path
+    ) -> tuple[bytes, bytes | None]:
+        """(private key, certificate): with a CA, a fresh key whose certificate allows the job's own
+        bridge ports only, until its time limit (plus its wait in the queue) has passed; else the
+        shared key and no certificate. The CA key is read for each job, so replacing the file takes
+        effect without a restart."""
+        if not bridge.uses_ca:
+            try:
+                return credential_file.read_bytes(), None
+            except OSError as exc:
+                raise StagingError(
+                    f"cannot read porter.bridge.key_file: {exc.strerror or exc} ({exc.filename})"
+                ) from exc
+        try:
+            ca = BridgeCA.from_file(credential_file)
+        except ConfigError as exc:
+            raise StagingError(str(exc)) from exc
+        time_limit = self._resources(job).time
+        lifetime = job_lifetime(
+            parse_slurm_time(time_limit) if time_limit else None, bridge.certificate_queue_time
+        )
+        credentials = ca.issue(str(job.id), [b.bridge_port for b in job.bridges], lifetime)
+        return credentials.private_key, credentials.certificate
