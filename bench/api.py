@@ -25,7 +25,15 @@ is read around each phase as a cross-check: the share of requests it answered wi
 The load average before and after is printed, because other work on the machine inflates every
 figure.
 
-Run on the testbed machine: `python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both]`.
+Replicas (its own section, `--replicas`, on by default): the same load (raw client) on PostgreSQL
+against one porter and against two porter processes, each time behind `tests/balancer.py` run as a
+process of its own (round-robin per connection), so that the only difference is the second replica.
+It also measures how fast a change crosses replicas: a `GET /jobs/{id}?wait=` long-poll on one
+replica, woken by an agent report posted to the other (LISTEN/NOTIFY), REPLICA_WAKES times.
+porter's own histogram is summed over the replicas' `/metrics`.
+
+Run on the testbed machine:
+`python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both] [--replicas|--no-replicas]`.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ GET_REQUESTS = 6000
 POST_REQUESTS = 4000
 PHASE_SECONDS = 15.0
 PACED_RATE = 250.0  # requests/s offered by all clients together in the paced GET phase
+REPLICA_WAKES = 50
 WARMUP_REQUESTS = 200
 TARGET_GET_P99_MS = 25.0
 TARGET_POST_PER_S = 200.0
@@ -208,32 +217,90 @@ async def run_phase(
     return phase
 
 
-def server_histogram(url: str, route: str, method: str) -> dict[float, float]:
-    """Cumulative bucket counts of `cloudhpc_api_request_duration_seconds` for one route (2xx)."""
+@dataclass
+class Porter:
+    """A running porter for the bench: where clients go (`url`, a balancer with several replicas),
+    each replica's own URL (`replicas`, for `/metrics`), a user token and an admin token (`/metrics`
+    needs one), and the agent token of the bench cluster."""
+
+    url: str
+    replicas: list[str]
+    token: str
+    admin: str
+    agent: str
+
+
+def server_histogram(server: Porter, route: str, method: str) -> dict[float, float]:
+    """Cumulative bucket counts of `cloudhpc_api_request_duration_seconds` for one route (2xx),
+    summed over every replica."""
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        if family.name != "cloudhpc_api_request_duration_seconds":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name.endswith("_bucket")
-                and labels.get("route") == route
-                and labels.get("method") == method
-                and labels.get("status", "").startswith("2")
-            ):
-                le = float(labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + sample.value
+    for url in server.replicas:
+        text = httpx.get(f"{url}/metrics", headers=_bearer(server.admin), timeout=30).raise_for_status().text
+        for family in text_string_to_metric_families(text):
+            if family.name != "cloudhpc_api_request_duration_seconds":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if (
+                    sample.name.endswith("_bucket")
+                    and labels.get("route") == route
+                    and labels.get("method") == method
+                    and labels.get("status", "").startswith("2")
+                ):
+                    le = float(labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
     return buckets
 
 
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
 @contextlib.contextmanager
-def porter(database: str, root: Path) -> Iterator[tuple[str, str]]:
-    """`cloudhpc serve porter` on `database`; yields its URL and a user token."""
-    port = free_port()
+def _process(
+    args: list[str], root: Path, name: str, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python args...` in `root` (logging to `<name>.log`) for the block, then SIGTERM."""
+    log = (root / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, *args], cwd=root, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited: {log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log.stem} did not become ready in 30 s")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def porter(database: str, root: Path, *, replicas: int = 1, balanced: bool = False) -> Iterator[Porter]:
+    """`cloudhpc serve porter` on `database`, as `replicas` processes; with `balanced` (implied by
+    more than one) clients go through `tests/balancer.py`, a process of its own."""
+    ports = [free_port() for _ in range(replicas)]
     config = {
         "porter": {
-            "listen": f"127.0.0.1:{port}",
+            "listen": f"127.0.0.1:{ports[0]}",
             "database": database,
             "object_store": f"file://{root / 'objects'}",
             # the bench user may use the cluster (docs/security.md)
@@ -252,42 +319,35 @@ def porter(database: str, root: Path) -> Iterator[tuple[str, str]]:
     try:
         store.migrate()
         token = store.create_token("bench", "user")
+        admin = store.create_token("bench-admin", "admin")
+        agent = store.create_token("bench", "agent", ["bench"])
     finally:
         store.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
-    log = (root / "porter.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cloudhpc", "serve", "porter", "--config", str(root / "cloudhpc.yaml")],
-        cwd=root,
-        env={**env, "CLOUDHPC_LOG_LEVEL": "WARNING"},
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"porter exited: {(root / 'porter.log').read_text()[-2000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("porter did not become ready in 30 s")
-            time.sleep(0.1)
-        yield url, token
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    env["CLOUDHPC_LOG_LEVEL"] = "WARNING"
+    serve = ["-m", "cloudhpc", "serve", "porter", "--config", str(root / "cloudhpc.yaml")]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    with contextlib.ExitStack() as stack:
+        for n, (port, url) in enumerate(zip(ports, urls, strict=True)):
+            name = "porter" if replicas == 1 else f"porter-{n}"
+            listen = {"CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}"}
+            process = stack.enter_context(_process(serve, root, name, env | listen))
+            _wait_ready(url, process, root / f"{name}.log")
+        url = urls[0]
+        if balanced or replicas > 1:
+            front = free_port()
+            backends = [f"127.0.0.1:{port}" for port in ports]
+            balancer = ["-m", "tests.balancer", f"127.0.0.1:{front}", *backends]
+            process = stack.enter_context(
+                _process(balancer, root, "balancer", env | {"PYTHONPATH": str(REPO)})
+            )
+            url = f"http://127.0.0.1:{front}"
+            _wait_ready(url, process, root / "balancer.log")
+        yield Porter(url, urls, token, admin, agent)
 
 
-async def measure(url: str, token: str, client_kinds: list[str]) -> dict[str, dict[str, float]]:
+async def measure(server: Porter, client_kinds: list[str]) -> dict[str, dict[str, float]]:
+    url, token = server.url, server.token
     post: Request = ("POST", "/api/v1/jobs", JOB)
     # Warm up (imports, connection pools, SQLite page cache) and create the jobs GET reads.
     warm = await run_phase("raw", url, token, WARMUP_REQUESTS, lambda: post, clients=10)
@@ -307,18 +367,83 @@ async def measure(url: str, token: str, client_kinds: list[str]) -> dict[str, di
     for kind in client_kinds:
         for name, route, budget, make, period in phases:
             method = make()[0]
-            before = server_histogram(url, route, method)
+            before = server_histogram(server, route, method)
             phase = await run_phase(kind, url, token, budget, make, period=period)
-            after = server_histogram(url, route, method)
+            after = server_histogram(server, route, method)
             phase.server_buckets = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
             out[f"{kind}_{name}"] = phase.summary(201 if method == "POST" else 200)
     return out
+
+
+async def cross_replica_wakes(server: Porter, count: int = REPLICA_WAKES) -> dict[str, float]:
+    """How long after an agent's report on replica 1 a `GET /jobs/{id}?wait=` on replica 0 answers
+    (ms): the LISTEN/NOTIFY path. Each round is a fresh job, reported `preparing` once."""
+    waiter_url, reporter_url = server.replicas[0], server.replicas[1]
+    delays: list[float] = []
+    async with (
+        httpx.AsyncClient(base_url=waiter_url, headers=_bearer(server.token), timeout=60) as waiter,
+        httpx.AsyncClient(base_url=reporter_url, headers=_bearer(server.agent), timeout=60) as agent,
+    ):
+        for _ in range(count):
+            job = (await waiter.post("/api/v1/jobs", json=JOB)).raise_for_status().json()
+            claimed = await agent.get("/api/v1/agent/work", params={"cluster": "bench", "agent": "bench"})
+            assert job["id"] in {j["id"] for j in claimed.raise_for_status().json()["jobs"]}
+            wait = asyncio.create_task(waiter.get(f"/api/v1/jobs/{job['id']}", params={"wait": 30}))
+            await asyncio.sleep(0.2)  # the long-poll waits inside replica 0 now
+            report = {"job_id": job["id"], "seq": 1, "state": "preparing"}
+            sent = time.perf_counter()
+            (await agent.post("/api/v1/agent/reports", json={"reports": [report]})).raise_for_status()
+            answer = await wait
+            delays.append(time.perf_counter() - sent)
+            assert answer.json()["state"] == "preparing", answer.text
+    ordered = sorted(delays)
+    return {
+        "wake_p50_ms": round(ordered[len(ordered) // 2] * 1000, 2),
+        "wake_max_ms": round(ordered[-1] * 1000, 2),
+    }
+
+
+def replica_section(kinds: list[str], result: dict[str, Any], labels: dict[str, str]) -> bool:
+    """One porter vs two behind the balancer, same load, PostgreSQL; True when no request failed."""
+    clean = True
+    for count in (1, 2):
+        with (
+            tempfile.TemporaryDirectory(prefix=f"bench-api-replicas{count}-") as tmp,
+            postgres_url(Path(tmp)) as database,
+            porter(database, Path(tmp), replicas=count, balanced=True) as server,
+        ):
+            # first, while the agent's work poll finds only these jobs (the POST phase leaves thousands)
+            wakes = asyncio.run(cross_replica_wakes(server)) if count > 1 else {}
+            figures = asyncio.run(measure(server, kinds))
+        for key, f in figures.items():
+            kind, _, phase = key.partition("_")
+            print(
+                f"replicas={count} {kind:5} {labels[phase]:19} {f['requests']:5.0f} requests, {f['errors']:.0f} "
+                f"errors: p50 {f['p50_ms']:7.2f} ms, p99 {f['p99_ms']:7.2f} ms, {f['per_s']:6.1f}/s; "
+                f"porter: {f['server_within_25ms_pct']:6.2f}% within 25 ms"
+            )
+            for name in ("p50_ms", "p99_ms", "per_s", "errors"):
+                result[f"replicas{count}_{key}_{name}"] = f[name]
+            clean = clean and f["errors"] == 0
+        if wakes:
+            print(
+                f"replicas={count} a report on replica 1 wakes a wait on replica 0 ({REPLICA_WAKES} times): "
+                f"p50 {wakes['wake_p50_ms']:.2f} ms, max {wakes['wake_max_ms']:.2f} ms"
+            )
+            result |= {f"replicas{count}_{name}": value for name, value in wakes.items()}
+    return clean
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--client", choices=["raw", "httpx", "both"], default="both")
+    parser.add_argument(
+        "--replicas",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one vs two porter replicas on PostgreSQL behind a balancer (raw client)",
+    )
     args = parser.parse_args()
     stores = {"sqlite": sqlite_url, "postgres": postgres_url}
     chosen = list(stores) if args.store == "both" else [args.store]
@@ -334,8 +459,8 @@ def main() -> None:
     for store in chosen:
         with tempfile.TemporaryDirectory(prefix=f"bench-api-{store}-") as tmp:
             root = Path(tmp)
-            with stores[store](root) as database, porter(database, root) as (url, token):
-                figures = asyncio.run(measure(url, token, kinds))
+            with stores[store](root) as database, porter(database, root) as server:
+                figures = asyncio.run(measure(server, kinds))
         for key, f in figures.items():
             kind, _, phase = key.partition("_")
             print(
@@ -352,6 +477,9 @@ def main() -> None:
             and figures[f"{judged}_post"]["per_s"] >= TARGET_POST_PER_S
             and all(f["errors"] == 0 for f in figures.values())
         )
+    if args.replicas:
+        print("-- one porter vs two, PostgreSQL, both behind tests/balancer.py --")
+        result["replicas_clean"] = replica_section(["raw"], result, labels)
     result["loadavg_before"], result["loadavg_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
     print(
         f"targets ({judged} client): GET p99 <= {TARGET_GET_P99_MS} ms with {CLIENTS} clients at "

@@ -113,3 +113,31 @@ def balancing(backends: Sequence[tuple[str, int]], port: int = 0) -> Iterator[Ba
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+async def _serve_forever(listen: tuple[str, int], backends: Sequence[tuple[str, int]]) -> None:
+    balancer = Balancer(backends, host=listen[0], port=listen[1])
+    await balancer.start()
+    await asyncio.Event().wait()
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def main() -> None:
+    """`python -m tests.balancer HOST:PORT BACKEND...`: the balancer as a process of its own (the
+    benchmark runs it so, off its load generator's event loop and GIL)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="round-robin TCP balancer for tests")
+    parser.add_argument("listen", type=_address)
+    parser.add_argument("backends", type=_address, nargs="+")
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args.listen, args.backends))
+
+
+if __name__ == "__main__":
+    main()
