@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ray
 import yaml
 from sqlalchemy import create_engine, text
 
@@ -65,7 +64,6 @@ volumes are mounted, when it lies under one of their paths (a checkout under /tm
 
 CLUSTER = "mahti"
 """The cluster secrets.json defines (secrets_json.py); porter learns it from the agent token."""
-RAY_ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
 
 # ---------------------------------------------------------------- what people fill in, and only that
 

@@ -11,11 +11,11 @@ RAY_ENV = {"packages": [f"ray[default]=={ray.__version__}"]}
 NODE = {"cpus_per_task": 1, "mem": "1G"}
 
 
-def ray_spec(name: str, kind: str, **ray_fields: Any) -> dict[str, Any]:
-    """A `kind` ("ray-cluster" or "ray-job") spec for the testbed: a small head, `ray_fields` added."""
+def ray_spec(name: str, kind: str, cluster: str = "testbed", **ray_fields: Any) -> dict[str, Any]:
+    """A `kind` ("ray-cluster" or "ray-job") spec for `cluster`: a small head, `ray_fields` added."""
     return {
         "name": name,
-        "cluster": "testbed",
+        "cluster": cluster,
         "kind": kind,
         "ray": {"head": NODE, **ray_fields},
         "resources": {"time": "00:10:00"},

@@ -22,10 +22,10 @@ import ray
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
+from tests.e2e.ray_jobs import RAY_ENV
 from tests.shipped import (
     CLUSTER,
     PLATFORM_UP_ENV,
-    RAY_ENV,
     Laptop,
     Platform,
     prebuild_environment,
