@@ -10,10 +10,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from cloudhpc.config import ClusterConfig, ClusterDefaults
 from cloudhpc.domain.directives import apply_directives, parse_directives
 from cloudhpc.domain.jobs import ClusterLimits, JobSpec, Resources
+from cloudhpc.exceptions import StagingError
 from cloudhpc.hpc.slurm.submit import resource_flags
+from cloudhpc.submitter.staging import Stager
 from tests.conftest import HOSTILE_STRINGS
+from tests.jobs import job_from
 
 
 def fields(script: str) -> dict[str, Any]:
@@ -247,3 +251,17 @@ def test_cluster_limits() -> None:
         "resources.qos",
     ]
     assert ClusterLimits().problems(Resources(nodes=10_000, time="365-0", qos="x")) == []
+
+
+async def test_the_agent_fails_a_job_over_its_clusters_limits() -> None:
+    """A porter without the cluster's configuration could not check: the agent does, before sbatch."""
+    cluster = ClusterConfig(
+        backend="local",
+        defaults=ClusterDefaults(partition="test"),
+        limits={"partitions": {"test": {"max_time": "15"}}},
+    )
+    stager = Stager(cluster, envs=None, workdir="/w", bridge=None, fetch_file=None)
+    with pytest.raises(StagingError, match=r"resources\.time: 16 is over the limit of partition test: 15"):
+        await stager.prepare(job_from(spec("echo", time="16")))
+    staged = await stager.prepare(job_from(spec("echo", time="15")))
+    assert staged.resources.partition == "test"

@@ -82,8 +82,14 @@ class Stager:
         )
 
     def _resources(self, job: Job) -> Resources:
-        """The job's resources with the cluster's defaults applied."""
-        return job.spec.resources.with_defaults(self.config.defaults.as_resources())
+        """The job's resources with the cluster's defaults applied, within the cluster's `limits`
+        (porter refuses a job over them with a 422 when it has this cluster's configuration; a porter
+        that has not leaves it to this check, which fails the job with the reason)."""
+        resources = job.spec.resources.with_defaults(self.config.defaults.as_resources())
+        problems = self.config.limits.problems(resources)
+        if problems:
+            raise StagingError("; ".join(f"{field}: {message}" for field, message in problems))
+        return resources
 
     async def _file_content(self, value: str, job: Job) -> bytes:
         """Inline content as is; an object-store URL (`s3://`, `file://`) fetched from the store, when
