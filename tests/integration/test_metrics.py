@@ -296,8 +296,9 @@ def test_series_are_bounded_while_the_totals_stay_exact(store: Store) -> None:
         )
         for i in range(5)
     ]
+    clock = [NOW.timestamp()]
     metrics = PorterMetrics(
-        store, clusters=["mahti"], recent_window=3600, max_recent_jobs=3, clock=NOW.timestamp
+        store, clusters=["mahti"], recent_window=3600, max_recent_jobs=3, clock=lambda: clock[0]
     )
 
     def shape() -> tuple[set[str], int, dict[str, int]]:
@@ -323,6 +324,8 @@ def test_series_are_bounded_while_the_totals_stay_exact(store: Store) -> None:
     assert ids == {str(j.id) for j in recent[:3]}
     assert extra == {"left_out": 2}
 
+    clock[0] += 120  # every transition so far is settled: counted for good, then only new rows
+    assert shape() == (ids, lines, extra)
     old_jobs(40)  # 40 more jobs ended before the window, same owners: not one line more
     assert shape() == (ids, lines, extra)
 
@@ -337,6 +340,20 @@ def test_series_are_bounded_while_the_totals_stay_exact(store: Store) -> None:
     assert {k: v for k, v in by_owner.items() if v} == {k: v for k, v in totals.items() if v}
     assert sum(totals.values()) == 1 + 5 + 8 + 40
     assert totals[("lumi", "failed")] == 4 + 20
+    # counted from the audit trail, incrementally: equal to a direct count of the store
+    counted = {
+        (dict(k)["cluster"], dict(k)["owner"], dict(k)["state"]): v
+        for k, v in series["cloudhpc_jobs_by_owner"].items()
+        if v
+    }
+    assert counted == store.count_by_owner_and_state()
+    moves = {
+        (dict(k)["cluster"], dict(k)["from_state"], dict(k)["to_state"]): v
+        for k, v in series["cloudhpc_job_transitions_total"].items()
+    }
+    assert moves == store.transition_counts_by_cluster()
+    fresh = scrape(PorterMetrics(store, clusters=["mahti"], recent_window=3600, clock=NOW.timestamp))
+    assert fresh["cloudhpc_jobs_by_owner"] == series["cloudhpc_jobs_by_owner"]  # whole count = increments
     owners = {
         dict(k)["owner"]: v
         for k, v in series["cloudhpc_jobs_by_owner"].items()

@@ -117,6 +117,7 @@ class AsyncStore:
     # the metrics read model
     count_by_state = _in_thread(Store.count_by_state)
     count_by_owner_and_state = _in_thread(Store.count_by_owner_and_state)
+    transition_tally = _in_thread(Store.transition_tally)
     transition_counts_by_cluster = _in_thread(Store.transition_counts_by_cluster)
     transition_counts = _in_thread(Store.transition_counts)
     recent_jobs = _in_thread(Store.recent_jobs)

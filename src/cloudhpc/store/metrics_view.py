@@ -19,7 +19,7 @@ from cloudhpc.domain.states import ACTIVE_STATES, JobState
 from cloudhpc.store.engine import Database, map_db_errors
 from cloudhpc.store.models import AccountingRow, JobRow, TransitionRow, UTCDateTime
 
-__all__ = ["AccountingFacts", "JobFacts", "MetricsView", "RecentJobs"]
+__all__ = ["AccountingFacts", "JobFacts", "MetricsView", "RecentJobs", "TransitionKey", "TransitionTally"]
 
 
 class JobFacts(NamedTuple):
@@ -156,6 +156,19 @@ WHERE a.job_id IN :ids
 }
 
 
+TransitionKey = tuple[str, str, str | None, str]
+"""(cluster, owner, from_state or None for creation, to_state)"""
+
+
+class TransitionTally(NamedTuple):
+    """The audit trail after some id, counted by `TransitionKey`: `settled` up to id `settled_to`
+    (rows old enough that no transaction still writing can add one below it), `unsettled` after it."""
+
+    settled: dict[TransitionKey, int]
+    settled_to: int
+    unsettled: dict[TransitionKey, int]
+
+
 class RecentJobs(NamedTuple):
     """What `recent_jobs` found: the jobs that get per-job series, and how many ended jobs of the
     window were left out because of the limit (counted, so an operator sees the cap at work)."""
@@ -237,6 +250,40 @@ class MetricsView(Database):
                 )
             )
             return {(cluster, owner, state): count for cluster, owner, state, count in rows}
+
+    @map_db_errors
+    def transition_tally(self, after_id: int, settled_before: datetime) -> TransitionTally:
+        """The transitions with an id above `after_id`, counted by (cluster, owner, from, to).
+
+        The audit trail only grows, so the exporter counts it once and then only what was added
+        (a primary-key range), instead of joining every transition of history at every scrape.
+        Ids are handed out when a row is inserted, not when its transaction commits: on PostgreSQL
+        a row may appear after a higher id did. Rows written before `settled_before` (the caller
+        gives a margin far longer than any transaction) are settled: counted for good, up to the
+        first row still younger; the rest are counted afresh on each call.
+        """
+        cutoff = bindparam("cutoff", value=settled_before, type_=UTCDateTime())
+        t = TransitionRow.__table__
+        with self._read() as session:
+            young = session.execute(
+                select(func.min(t.c.id)).where(t.c.id > after_id, t.c.at >= cutoff)
+            ).scalar_one()
+            old = select(func.max(t.c.id)).where(t.c.id > after_id, t.c.at < cutoff)
+            if young is not None:
+                old = old.where(t.c.id < young)
+            settled_to = session.execute(old).scalar_one() or after_id
+
+            def tally(*where: Any) -> dict[TransitionKey, int]:
+                rows = session.execute(
+                    select(JobRow.cluster, JobRow.owner, t.c.from_state, t.c.to_state, func.count())
+                    .join(JobRow, JobRow.id == t.c.job_id)
+                    .where(*where)
+                    .group_by(JobRow.cluster, JobRow.owner, t.c.from_state, t.c.to_state)
+                )
+                return {(c, o, f, to): n for c, o, f, to, n in rows}
+
+            settled = tally(t.c.id > after_id, t.c.id <= settled_to) if settled_to > after_id else {}
+            return TransitionTally(settled, settled_to, tally(t.c.id > settled_to))
 
     @map_db_errors
     def recent_jobs(self, ended_since: datetime, max_ended: int | None = None) -> RecentJobs:
