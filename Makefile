@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration testbed-up testbed-down testbed-status venv clean bench
+.PHONY: demo test lint unit integration testbed-up testbed-down testbed-status venv clean bench bench-topology
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing cloudhpc with its test extras"
@@ -50,7 +50,11 @@ testbed-status:
 	@bash scripts/testbed.sh status
 
 bench: $(STAMP) testbed-up
-	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/*.py; do [ "$$b" = bench/topology_mode.py ] && continue; echo "==> $$b"; $(PY) $$b || exit 1; done
+
+## bench-topology: the benches that cross hosts, on the multi-host topology with its link latency
+bench-topology: $(STAMP) testbed-up
+	@for b in slurm_submit dispatch ray_bridge pipeline; do echo "==> bench/$$b.py --topology"; $(PY) bench/$$b.py --topology || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
