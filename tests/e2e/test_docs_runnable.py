@@ -123,6 +123,11 @@ def given(
                 "the agent token platform-up.sh makes on the VM (section 5: Kubernetes), copied (section 8)",
             ),
         }
+    if doc == "bridge-vm.md":
+        # the CA that scripts/topology.sh made cloud's sshd trust: the document's step 1 keeps a CA it
+        # finds, and its step 4 (installing the CA on the VM) cannot run in the topology
+        ca = topology.bridge_key.with_name("bridge_ca")
+        return {".ssh/cloudhpc-bridge-ca": (ca.read_bytes(), "the bridge CA the VM already trusts (step 4)")}
     return {}
 
 
