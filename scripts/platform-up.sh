@@ -270,6 +270,7 @@ make_credentials() {
     ensure_namespace monitoring
     ensure_secret monitoring grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD
     ensure_secret monitoring porter-secrets AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    ensure_secret monitoring metrics-scrape-token token   # porter's /metrics, sent by Prometheus
   fi
   put_s3_config
 }

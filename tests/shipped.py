@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ray
 import yaml
 from sqlalchemy import create_engine, text
 
@@ -45,6 +46,7 @@ from cloudhpc.domain.jobs import Environment
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.ssh import SSHConnection
 from cloudhpc.store.engine import normalize_url
+from tests.e2e.harness import scrape_token_file
 from tests.testbed import Testbed
 from tests.topology import Host, Topology
 
@@ -337,6 +339,12 @@ def shipped_platform(topology: Topology, root: Path) -> Iterator[Platform]:
                     content = content.replace(k8s_value, str(getattr(topology, attr)))
                 (source / name).write_text(content)
             source.chmod(0o755)
+        elif volume.get("secret", {}).get("secretName") == "metrics-scrape-token":
+            # what platform-up.sh puts in it: the token the topology's Prometheus sends to /metrics
+            token = scrape_token_file(topology.prometheus_targets).read_text()
+            for item in volume["secret"]["items"]:
+                (source / item["path"]).write_text(token)
+                os.chown(source / item["path"], *(int(x) for x in user.split(":")))
         else:
             os.chown(source, *(int(x) for x in user.split(":")))
         mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly"))))
@@ -595,6 +603,38 @@ def prebuild_environment(testbed: Testbed, environment: Mapping[str, Any]) -> No
             await conn.close()
 
     asyncio.run(ensure())
+
+
+TRAINING_ENV = {
+    "packages": [f"ray[default,train]=={ray.__version__}", "torch==2.13.0+cpu", "mlflow-skinny", "numpy"]
+}
+"""The training job's environment: Ray Train, PyTorch's CPU wheel from the site's wheels, the MLflow
+client (the same for the single-host and the topology's runs, so one cached build serves both)."""
+
+
+def hpc_pipeline_params(
+    topology: Topology, platform: Platform, store_url: str, epochs: int, name: str
+) -> dict[str, Any]:
+    """fmnist-cloud-hpc's parameters on the topology: porter on cloud, MLflow on cloud imported by the
+    job through the bridge VM (its authorized_keys line permits it), the pipeline user's store
+    prefix, a 2-node training job on c1 and c2."""
+    cloud = topology.cloud.addr
+    return {
+        "porter_url": platform.url,
+        "cluster": CLUSTER,
+        "tracking_uri": topology.mlflow_url,
+        "mlflow_import": f"{cloud}:5000",
+        "experiment": name,
+        "registered_model_name": name,
+        "store_url": store_url,
+        "s3_endpoint_url": topology.s3_endpoint,
+        "epochs": epochs,
+        "hpc_job": {
+            "resources": {"nodes": 2, "cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
+            "environment": TRAINING_ENV,
+        },
+        "timeout_seconds": 1200.0,
+    }
 
 
 PIPELINE_RUN = """\

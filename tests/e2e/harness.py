@@ -87,7 +87,7 @@ class Deployment:
                 "listen": f"127.0.0.1:{self.port}",
                 "database": self.database,
                 "object_store": self.object_store or f"file://{self.root / 'objects'}",
-                "metrics": {"token_file": str(scrape_token_file(self.testbed))},
+                "metrics": {"token_file": str(scrape_token_file(self.testbed.prometheus_targets))},
                 **self.porter_settings,
             },
             "submitter": {
@@ -205,10 +205,11 @@ class Deployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def scrape_token_file(testbed: Testbed) -> Path:
-    """The token the testbed's Prometheus sends to porter's /metrics (scripts/testbed-lib.sh makes it
-    beside the targets; made here too, the same way, when the running testbed predates it)."""
-    path = testbed.prometheus_targets.parent / "scrape-token"
+def scrape_token_file(prometheus_targets: Path) -> Path:
+    """The token the testbed's (or the topology's) Prometheus sends to porter's /metrics:
+    scripts/testbed-lib.sh makes it beside the targets; made here too, the same way, when the
+    running testbed predates it."""
+    path = prometheus_targets.parent / "scrape-token"
     if not path.exists():
         tmp = path.with_name(f"scrape-token.{os.getpid()}")
         tmp.write_text(secrets.token_hex(32))

@@ -171,7 +171,10 @@ def test_artifacts_and_metrics_of_real_jobs(tmp_path: Path, testbed: Testbed) ->
             url,
             object_store=f"s3://{testbed.s3_bucket}/{label}",
             porter_settings={
-                "metrics": {"recent_window": WINDOW, "token_file": str(scrape_token_file(testbed))}
+                "metrics": {
+                    "recent_window": WINDOW,
+                    "token_file": str(scrape_token_file(testbed.prometheus_targets)),
+                }
             },
         )
         dep.start("porter")
@@ -345,7 +348,7 @@ def _accounting(client: Client, job: Job) -> dict[str, Any] | None:
 
 
 def _job_lines(dep: Deployment, job_id: uuid.UUID) -> list[str]:
-    token = scrape_token_file(dep.testbed).read_text().strip()
+    token = scrape_token_file(dep.testbed.prometheus_targets).read_text().strip()
     assert httpx.get(f"{dep.url}/metrics", timeout=10).status_code == 401  # Prometheus scrapes with the token
     body = httpx.get(f"{dep.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
     return sorted(line for line in body.splitlines() if f'job_id="{job_id}"' in line)
