@@ -6,7 +6,9 @@ which shows the flag reached it)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from cloudhpc.client import ApiError, Client
 from cloudhpc.config import ClusterConfig, ClusterDefaults, Settings, SSHConfig
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import ClusterLimits, JobSpec, Resources
+from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import SubmitRejected
 from cloudhpc.hpc.slurm import SlurmBackend
 from cloudhpc.hpc.ssh import SSHConnection
@@ -265,3 +268,26 @@ async def test_options_the_testbed_has_nothing_for_reach_sbatch(
     submission = make_submission(await backend.workdir(), "echo hi", resources=resources)
     with pytest.raises(SubmitRejected, match=sbatch_says):
         await backend.submit(submission)
+
+
+@pytest.mark.testbed
+async def test_signal_is_sent_before_the_time_limit(slurm: tuple[SlurmBackend, SSHConnection]) -> None:
+    """`signal` (not shown by scontrol in 22.05) checked by its effect: the job's script, which the
+    wrapper execs, gets SIGUSR1 before its 1-minute limit (SLURM sends it up to 60 s early)."""
+    backend, _ = slurm
+    script = (
+        'trap \'echo "got USR1"; exit 0\' USR1\nfor i in $(seq 120); do sleep 1; done\necho "no signal"\n'
+    )
+    submission = make_submission(
+        await backend.workdir(), script, resources=Resources(time="1", signal="B:USR1@55")
+    )
+    native_id = await backend.submit(submission)
+    deadline = time.monotonic() + 90
+    while True:
+        observation = (await backend.poll([native_id])).get(native_id)
+        if observation is not None and observation.state.terminal:
+            break
+        assert time.monotonic() < deadline, f"job {native_id} still {observation}"
+        await asyncio.sleep(1)
+    assert observation.state == JobState.COMPLETED, observation
+    assert b"got USR1" in await backend.read_output(submission.job_id)
