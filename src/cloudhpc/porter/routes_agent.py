@@ -81,12 +81,15 @@ async def claim_work(
     state = state_of(request)
     deadline = time.monotonic() + wait
     while True:
+        read_at = time.monotonic()
         await _serve_as(state, cluster, agent)
         jobs = await state.store.claim_work(cluster, agent)
         remaining = deadline - time.monotonic()
         if jobs or remaining <= 0 or state.stopping or await request.is_disconnected():
             break
-        await state.notifier.wait(cluster_key(cluster), min(remaining, state.recheck_interval))
+        # the re-check also renews the agent's hold on the cluster: 5 s at most, under the 10 s hold
+        wake = cluster_key(cluster)
+        await state.notifier.wait(wake, min(remaining, state.recheck_interval), since=read_at)
     return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}
 
 

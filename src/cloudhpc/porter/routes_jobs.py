@@ -151,6 +151,7 @@ async def get_job(
 ) -> Response:
     """With `wait`, answer as soon as the state differs from `since_state` (default: the current one)."""
     state = state_of(request)
+    read_at = time.monotonic()
     job = await _owned_job(state, job_id, principal)
     if wait <= 0:
         return _job_response(job)
@@ -160,7 +161,8 @@ async def get_job(
         remaining = deadline - time.monotonic()
         if remaining <= 0 or state.stopping:
             break
-        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval))
+        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval), since=read_at)
+        read_at = time.monotonic()
         job = await _owned_job(state, job_id, principal)
     return _job_response(job)
 
@@ -219,6 +221,7 @@ async def job_logs(
     async def stream() -> AsyncIterator[bytes]:
         position = offset
         while True:
+            read_at = time.monotonic()
             data = await state.store.read_output(job_id, position, LOG_CHUNK)
             if data:
                 position += len(data)
@@ -235,7 +238,7 @@ async def job_logs(
                 return
             if state.stopping or await request.is_disconnected():
                 return  # the client's `follow` resumes from its offset against the next porter
-            await state.notifier.wait(job_key(job_id), state.recheck_interval)
+            await state.notifier.wait(job_key(job_id), state.recheck_interval, since=read_at)
 
     return StreamingResponse(stream(), media_type="application/octet-stream")
 

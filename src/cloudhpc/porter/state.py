@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 FALLBACK_RECHECK: Final = 1.0
 """How often a long-poll re-reads the store when only in-process wake-ups exist (SQLite), or while
 the PostgreSQL LISTEN connection is down."""
+_RECENT: Final = 60.0
+"""How long a notification is remembered for `Notifier.wait(since=)`: far longer than a read takes."""
 SAFETY_RECHECK: Final = 5.0
 """How often a long-poll re-reads the store while cross-replica wake-ups (LISTEN) are live: a safety
 net against a wake-up lost between a waiter's read and its registration, not the mechanism."""
@@ -119,22 +122,35 @@ class Notifier:
     stays the source of truth, and a spurious wake costs one read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, remember: int = 10_000) -> None:
         self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._notified: dict[str, float] = {}
+        """When each key was last notified (monotonic), for `wait(since=)`; the latest `remember`
+        keys of the last `_RECENT` seconds."""
+        self._all_notified = -math.inf
+        self.remember = remember
 
     def notify(self, key: str) -> None:
+        _insert_bounded(self._notified, key, time.monotonic(), self.remember, lambda at: at + _RECENT)
         for event in self._events.pop(key, set()):
             event.set()
 
     def notify_all(self) -> None:
         """Wake every waiter (after notifications may have been lost, and when porter stops)."""
+        self._all_notified = time.monotonic()
         events, self._events = self._events, defaultdict(set)
         for waiters in events.values():
             for event in waiters:
                 event.set()
 
-    async def wait(self, key: str, timeout: float) -> bool:
-        """Sleep until `key` is notified or `timeout` passes; True when notified."""
+    async def wait(self, key: str, timeout: float, *, since: float | None = None) -> bool:
+        """Sleep until `key` is notified or `timeout` passes; True when notified.
+
+        `since` is when the caller began the read it is waiting to repeat (`time.monotonic()`): a
+        notification that came after that (while the read ran, before this wait) returns at once,
+        instead of being lost until the next re-check."""
+        if since is not None and max(self._notified.get(key, -math.inf), self._all_notified) >= since:
+            return True
         event = asyncio.Event()
         self._events[key].add(event)
         try:
