@@ -70,7 +70,7 @@ class Deployment:
     object_store: str | None = None
     """s3://BUCKET/PREFIX on the testbed's S3 server for artifacts (default: a local directory)."""
     porter_settings: dict[str, Any] = field(default_factory=dict)
-    """Extra `porter:` keys (e.g. metrics_job_window)."""
+    """Extra `porter:` keys (e.g. metrics: {recent_window: 60})."""
     port: int = field(default_factory=free_port)
     submitter_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
