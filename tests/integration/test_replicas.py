@@ -278,7 +278,7 @@ def test_two_replicas_behind_a_balancer_lose_nothing_when_one_is_killed(
             run = uuid.uuid4().hex[:6]
 
             def submit(i: int) -> Job:
-                spec = {"name": f"rep{run}-{i}", "cluster": "testbed", "script": f"echo job {i}; sleep 1"}
+                spec = {"name": f"rep{run}-{i}", "cluster": "testbed", "script": f"echo job {i}; sleep 3"}
                 with dep.client() as client:
                     job, _ = _until_answered(lambda: client.submit(spec, idempotency_key=f"{run}-{i}"))
                 return job
@@ -308,9 +308,12 @@ def test_two_replicas_behind_a_balancer_lose_nothing_when_one_is_killed(
                 named = client.list(cluster="testbed", limit=100)
             assert len({j.id for j in jobs}) == JOBS
             assert len([j for j in named if j.name.startswith(f"rep{run}-")]) == JOBS  # no duplicate
-            for job in final:
-                assert job.state == JobState.COMPLETED, (job, dep.log("submitter")[-3000:])
-                assert slurm_jobs_named(f"chpc-{job.id}") == [job.slurm_job_id], job
+            with dep.client() as client:
+                for job in final:
+                    assert job.state == JobState.COMPLETED, (job, dep.log("submitter")[-3000:])
+                    assert slurm_jobs_named(f"chpc-{job.id}") == [job.slurm_job_id], job
+                    number = job.name.rpartition("-")[2]
+                    assert client.logs(job).data == f"job {number}\n".encode(), job  # its whole output
             assert all(job.state == JobState.COMPLETED for job, _ in waited)
             assert sum(cut for _, cut in waited) >= 1, "no wait was on the killed replica"
             assert lb.refused > 0  # porter-b before it started, porter-a while it was dead
