@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
-from cloudhpc.porter.state import Notifier
+from cloudhpc.config import Settings
+from cloudhpc.porter.state import FALLBACK_RECHECK, SAFETY_RECHECK, Notifier, PorterState
+from cloudhpc.store import AsyncStore, normalize_url
+from cloudhpc.store.notify import ChangeListener
 
 
 async def test_a_notification_during_the_read_before_a_wait_is_not_lost() -> None:
@@ -37,3 +41,19 @@ def test_it_remembers_a_bounded_number_of_keys() -> None:
     for n in range(10_000):
         notifier.notify(f"job:{n}")
     assert len(notifier._notified) <= 100  # the bound is the point of the test
+
+
+def test_long_polls_recheck_often_unless_other_replicas_can_wake_them() -> None:
+    """Re-reads are a safety net every 5 s while the LISTEN connection is up, and the way to see
+    other replicas' changes (every 1 s) while it is not, or on SQLite, where there is none."""
+    state = PorterState(settings=Settings(), store=cast(AsyncStore, None))
+    assert state.recheck_interval == FALLBACK_RECHECK
+    listener = ChangeListener(normalize_url("postgresql://u@127.0.0.1/db"), print, print)
+    state.listener = listener
+    assert state.recheck_interval == FALLBACK_RECHECK  # not connected yet
+    listener.connected = True
+    assert state.recheck_interval == SAFETY_RECHECK > FALLBACK_RECHECK
+    state.recheck_interval = 0.2  # tests shorten both
+    assert state.recheck_interval == 0.2
+    listener.connected = False
+    assert state.recheck_interval == 0.2

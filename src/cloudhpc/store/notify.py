@@ -70,7 +70,15 @@ def _connect_kwargs(url: URL) -> dict[str, Any]:
     """libpq parameters for `url`, exactly as SQLAlchemy's psycopg dialect derives them for the pool
     (host, port, user, password, dbname and any URL query such as `options` or `sslmode`)."""
     _args, kwargs = url.get_dialect()().create_connect_args(url)
-    return dict(kwargs)
+    # A dead server or a silent network cut is noticed by TCP within ~25 s; the URL may override.
+    defaults = {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+    return defaults | dict(kwargs)
 
 
 class ChangeListener:
@@ -121,15 +129,7 @@ class ChangeListener:
         backoff = self.min_backoff
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    autocommit=True,
-                    connect_timeout=10,
-                    keepalives=1,
-                    keepalives_idle=10,
-                    keepalives_interval=5,
-                    keepalives_count=3,
-                    **self._params,
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(autocommit=True, **self._params) as conn:
                     await self._listen(conn)
                     backoff = self.min_backoff
                     await self._pump(conn)
@@ -138,6 +138,9 @@ class ChangeListener:
                     log.warning("change notifications: connection lost (%s); reconnecting", exc)
                 else:
                     log.warning("change notifications: cannot listen (%s); retrying in %.1f s", exc, backoff)
+            except Exception:
+                # a bug must not end cross-replica wake-ups for the process's lifetime
+                log.exception("change notifications: unexpected failure; reconnecting")
             finally:
                 if self.connected:
                     self.connected = False
