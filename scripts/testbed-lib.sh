@@ -223,6 +223,19 @@ ensure_bridge_ca() {
   [ -s "$KEYS/bridge_ca" ] || ssh-keygen -q -t ed25519 -N '' -C cloudhpc-bridge-ca -f "$KEYS/bridge_ca"
   chmod 600 "$KEYS/bridge_ca"
 }
+# The command sshd runs for `cloudhpc bridge principals`: sshd runs an AuthorizedPrincipalsCommand
+# only from a path whose every directory is root's and writable by nobody else, which a checkout
+# under /tmp (mode 1777) is not; so a root-owned wrapper per checkout, outside it, execs the
+# checkout's cloudhpc. Prints the wrapper's path.
+principals_wrapper() {
+  local d=/var/lib/cloudhpc-testbed/bin w
+  w="$d/cloudhpc-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)"
+  install -d -m 755 /var/lib/cloudhpc-testbed "$d"
+  printf '#!/bin/sh\n# the cloudhpc of %s (scripts/testbed-lib.sh principals_wrapper)\nexec %q "$@"\n' \
+    "$ROOT" "$ROOT/.venv/bin/cloudhpc" | write_if_changed "$w" || true
+  chmod 755 "$w"
+  printf '%s\n' "$w"
+}
 # The sshd_config block `cloudhpc bridge sshd-config` prints (a test compares them, comments aside):
 # certificates signed by the bridge CA log in as USER, each listening only on the ports its key id
 # names (`cloudhpc bridge principals`), opening only the HOST:PORTs given. A Match block: print it last.

@@ -536,7 +536,7 @@ start_sshds() {
   install -m 644 "$KEYS/bridge_ca.pub" "$CLOUD_SSHD_DIR/bridge_ca.pub"
   start_sshd cloud "$CLOUD_ADDR" "$CLOUD_SSHD_DIR" "$CLOUD_SSHD_PID" "$BRIDGE_USER" \
     "$(printf 'GatewayPorts clientspecified\nClientAliveInterval 15\nClientAliveCountMax 2\n'
-       bridge_sshd_block "$BRIDGE_USER" "$CLOUD_SSHD_DIR/bridge_ca.pub" "$ROOT/.venv/bin/cloudhpc" "$CLOUD_ADDR" \
+       bridge_sshd_block "$BRIDGE_USER" "$CLOUD_SSHD_DIR/bridge_ca.pub" "$(principals_wrapper)" "$CLOUD_ADDR" \
          "$BRIDGE_PORT_LOW" "$BRIDGE_PORT_HIGH" "$CLOUD_ADDR:$MLFLOW_PORT" "$CLOUD_ADDR:$S3_PORT")"
   # pinned host keys, from the keys themselves (not from the network)
   { printf '%s %s\n' "$LOGIN_ADDR" "$(cut -d' ' -f1,2 "$LOGIN_SSHD_DIR/ssh_host_ed25519_key.pub")"

@@ -90,7 +90,7 @@ def ssh(bridge: BridgeConfig, login: Login, *args: str) -> list[str]:
     return [*ssh_base_argv(bridge, login), *args, f"{bridge.ssh_user}@{bridge.host}"]
 
 
-def listen(bridge: BridgeConfig, login: Login, port: int, echo: int, timeout: float = 10.0) -> str | None:
+def listen(bridge: BridgeConfig, login: Login, port: int, echo: int, timeout: float = 20.0) -> str | None:
     """None when `-R port` carried bytes to the echo server; else ssh's error output (the forward
     was refused, or the login was)."""
     argv = ssh(bridge, login, "-N", "-R", f"127.0.0.1:{port}:127.0.0.1:{echo}")

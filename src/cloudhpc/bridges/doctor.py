@@ -273,10 +273,34 @@ async def _check_no_command(config: BridgeConfig, login: Login) -> Check:
 
 
 async def _listen_refused(config: BridgeConfig, login: Login, port: int) -> bool:
-    """Whether sshd refuses an `-R` on `port` (ssh exits at once with ExitOnForwardFailure)."""
+    """Whether sshd refuses an `-R` on `port`, judged by what happens however slow the login (a
+    certificate's login runs the principals command): ssh exits (ExitOnForwardFailure) when
+    refused; the port starts answering at `public_host` when granted. Neither within SSH_TIMEOUT
+    counts as granted, so a doubt is reported as a failure."""
+    taken = await _port_answers(config.public_host, port)  # then only ssh's exit can tell
     argv = [*ssh_base_argv(config, login), "-N", "-R", f"{config.bind_address}:{port}:127.0.0.1:1"]
-    status, _ = await _run([*argv, f"{config.ssh_user}@{config.host}"], 5.0)
-    return status is not None
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        f"{config.ssh_user}@{config.host}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SSH_TIMEOUT
+    try:
+        while loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.3)
+            if proc.returncode is not None:
+                return True
+            if not taken and await _port_answers(config.public_host, port):
+                return False
+        return False
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
 
 
 async def _check_listen_outside(config: BridgeConfig, login: Login, other: int | None) -> Check:
@@ -325,16 +349,28 @@ async def _check_open_elsewhere(config: BridgeConfig, login: Login) -> Check:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stderr is not None
+    err = bytearray()
+
+    async def pump(stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(4096):
+            err.extend(chunk)
+
+    reader = asyncio.create_task(pump(proc.stderr))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SSH_TIMEOUT
     try:
-        for _ in range(50):
-            if await _port_answers("127.0.0.1", local) or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+        # each connection to the local end makes ssh ask sshd for the channel, however long the
+        # login took; the answer is "open failed: administratively prohibited" (refused by policy)
+        # or "open failed: connect failed" (sshd tried: not restricted)
+        while loop.time() < deadline and b"open failed" not in err and proc.returncode is None:
+            await _port_answers("127.0.0.1", local)
+            await asyncio.sleep(0.3)
     finally:
         if proc.returncode is None:
             proc.terminate()
-        _, err = await proc.communicate()
+        await proc.wait()
+        await reader
     stderr = err.decode(errors="replace")
     if "prohibited" in stderr:
         return Check("restricted: open", True, "-L to a destination not in permitopen is refused")
