@@ -26,8 +26,10 @@ from tests.e2e.ray_jobs import RAY_ENV
 from tests.shipped import (
     CLUSTER,
     PLATFORM_UP_ENV,
+    TRAINING_ENV,
     Laptop,
     Platform,
+    hpc_pipeline_params,
     prebuild_environment,
     run_pipeline_on_cloud,
     scratch_space,
@@ -447,12 +449,9 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def training_environment(testbed: Testbed) -> dict[str, Any]:
-    """The training job's environment (Ray Train, PyTorch's CPU wheel from the site's wheels, the
-    MLflow client), prebuilt like `ray_environment`."""
-    packages = [f"ray[default,train]=={ray.__version__}", "torch==2.13.0+cpu", "mlflow-skinny", "numpy"]
-    environment = {"packages": packages}
-    prebuild_environment(testbed, environment)
-    return environment
+    """The training job's environment, prebuilt like `ray_environment`."""
+    prebuild_environment(testbed, TRAINING_ENV)
+    return TRAINING_ENV
 
 
 @pytest.mark.timeout(1500)
@@ -478,23 +477,8 @@ def test_the_example_pipeline_on_cloud_trains_across_c1_and_c2_and_registers_in_
         assert topology.probe(node, [(cloud, 5000)]) != ["open"], node
     model_name = f"shipped-{uuid.uuid4().hex[:8]}"
     (store_prefix,) = [u for u in client.me()["inputs"] if "/users/" in u]
-    params = {
-        "porter_url": platform.url,
-        "cluster": CLUSTER,
-        "tracking_uri": topology.mlflow_url,
-        # MLflow as the bridge VM reaches it (its authorized_keys line permits it)
-        "mlflow_import": f"{cloud}:5000",
-        "experiment": "shipped-cloud-hpc",
-        "registered_model_name": model_name,
-        "store_url": store_prefix.rstrip("/"),
-        "s3_endpoint_url": topology.s3_endpoint,
-        "epochs": EPOCHS,
-        "hpc_job": {
-            "resources": {"nodes": 2, "cpus_per_task": 1, "mem": "3G", "time": "00:20:00"},
-            "environment": training_environment,
-        },
-        "timeout_seconds": 1200.0,
-    }
+    params = hpc_pipeline_params(topology, platform, store_prefix.rstrip("/"), EPOCHS, model_name)
+    params["experiment"] = "shipped-cloud-hpc"
     returncode, text, took = run_pipeline_on_cloud(topology, platform, params, tmp_path)
     assert returncode == 0, text[-6000:] + "\n--- submitter:\n" + laptop.submitter.tail()
     result = re.search(r"^PIPELINE accuracy (\S+) seconds (\S+)$", text, re.M)
