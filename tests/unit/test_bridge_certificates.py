@@ -3,6 +3,7 @@ gets for a certificate (the testbed's sshd runs them: tests/integration/test_bri
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from pathlib import Path
@@ -186,6 +187,7 @@ def test_each_job_gets_a_key_and_certificate_of_its_own(tmp_path: Path, ca_file:
     assert described["Critical Options"] == "force-command /bin/false"
     assert described["Extensions"] == "permit-port-forwarding"
     assert described["Signing CA"].split()[1] == fingerprint(ca_file.with_suffix(".pub"))
+    assert BridgeCA.from_file(ca_file).fingerprint == fingerprint(ca_file.with_suffix(".pub"))
     # the job's own key, valid through the queue allowance, the time limit and the margin
     certificate = asyncssh.import_certificate(access.certificate)
     assert certificate.key.public_data == asyncssh.import_private_key(access.key).public_data
@@ -240,3 +242,23 @@ def test_the_job_script_stages_the_certificate_as_a_secret(ca_file: Path, tmp_pa
     body = "\n".join(rendered.body)
     assert f"CertificateFile={paths.file(CERTIFICATE_FILE)}" in body
     assert f"-i {paths.file(KEY_FILE)}" in body
+
+
+def test_the_submitter_refuses_to_start_with_an_unusable_ca(tmp_path: Path) -> None:
+    """At startup, naming the key: not later, at each Ray job's staging."""
+    from cloudhpc.config import Settings
+    from cloudhpc.runtime.agents import open_agents
+
+    known = tmp_path / "known_hosts"
+    known.write_text("h")
+    bad = tmp_path / "ca"
+    bad.write_text("not a key")
+    bridge = {"host": "h", "ssh_user": "u", "ca_key_file": str(bad), "known_hosts": str(known)}
+    settings = Settings.model_validate({"porter": {"bridge": bridge}})
+
+    async def start() -> None:
+        async with open_agents(settings, channel={}):
+            raise AssertionError("the agents started")
+
+    with pytest.raises(ConfigError, match=r"porter\.bridge\.ca_key_file: .* not an OpenSSH private key"):
+        asyncio.run(start())

@@ -134,6 +134,11 @@ class BridgeCA:
         """The line for the bridge sshd's `TrustedUserCAKeys` file."""
         return self._key.export_public_key("openssh").decode().strip()
 
+    @property
+    def fingerprint(self) -> str:
+        """`SHA256:...`, as `ssh-keygen -l` and sshd's log show it: safe to log."""
+        return str(self._key.get_fingerprint("sha256"))
+
     def issue(
         self, job_id: str, ports: Sequence[int], lifetime: int, *, now: float | None = None
     ) -> JobCredentials:

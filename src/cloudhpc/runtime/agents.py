@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from cloudhpc.bridges.certificates import BridgeCA
 from cloudhpc.config import Settings, check_job_bridge
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import ConfigError
@@ -41,6 +42,11 @@ async def open_agents(
     note = check_job_bridge(settings)  # a ConfigError naming the key when porter.bridge is unusable
     if note:
         log.warning("%s", note)
+    bridge = settings.porter.bridge
+    if bridge is not None and bridge.ca_key_file is not None:
+        # an unusable bridge CA stops the submitter here, not each Ray job at staging
+        ca = BridgeCA.from_file(bridge.ca_key_file)
+        log.info("bridges: per-job certificates from the bridge CA %s", ca.fingerprint)
     fetch = fetch_file or FileFetcher.from_settings(settings).fetch_for
     async with AsyncExitStack() as stack:
         agents = started if started is not None else []
