@@ -164,6 +164,15 @@ async def test_hostile_arguments_reach_the_command_literally(conn: SSHConnection
     assert not await asyncio.to_thread(os.path.exists, marker)  # the testbed is local: look from outside too
 
 
+async def test_a_command_that_reads_no_input_is_not_a_dropped_connection(conn: SSHConnection) -> None:
+    """`true` exits before its (large) stdin is sent: the channel closes under the write. That is
+    the command's choice, not a broken connection (before: "the connection dropped while `true` was
+    running; it may or may not have taken effect", 2 runs in 40 on this testbed)."""
+    for _ in range(40):
+        result = await conn.run(["true"], stdin="x" * 3_000_000)
+        assert result.exit_status == 0
+
+
 async def test_thirty_concurrent_runs_share_one_connection(testbed_ssh: SSHConfig, testbed: Testbed) -> None:
     # 10 = the testbed's MaxSessions: 9 command channels + 1 SFTP channel must all fit.
     config = _with(testbed_ssh, max_channels=10)

@@ -141,9 +141,16 @@ class _CommandChannels(_Session):
             async with asyncio.timeout(budget):
                 with _translate_errors(f"running `{name}` on cluster {self.cluster}"):
                     proc = await conn.create_process(command, encoding=None)
-                    if stdin:
-                        proc.stdin.write(stdin.encode("utf-8"))
-                    proc.stdin.write_eof()
+                    try:
+                        if stdin:
+                            proc.stdin.write(stdin.encode("utf-8"))
+                        proc.stdin.write_eof()
+                    except BrokenPipeError:
+                        # The command closed the channel before taking all its input (`true`, `printf`
+                        # read none). As with `... | ssh host cmd`, that is no fault of the connection:
+                        # its output and exit status below say what happened.
+                        if conn.is_closed():
+                            raise
                     stdout, stderr = await self._collect(proc, name)
                     await proc.wait_closed()
                     finished = True
