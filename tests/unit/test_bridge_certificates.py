@@ -179,6 +179,8 @@ def test_each_job_gets_a_key_and_certificate_of_its_own(tmp_path: Path, ca_file:
     access = stager(config).tunnel_access(job)
     other = stager(config).tunnel_access(ray_job([19501], None))
     assert access.key != b"THE-SHARED-KEY"
+    assert b"OPENSSH PRIVATE KEY" in access.key
+    assert "PRIVATE KEY" not in repr(access)  # whatever logs it
     assert access.key != other.key
     assert access.certificate is not None
     described = describe(access.certificate, tmp_path)

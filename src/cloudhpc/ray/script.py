@@ -87,7 +87,8 @@ class TunnelAccess:
     ssh_port: int
     ssh_user: str
     bind_address: str
-    key: bytes
+    key: bytes = field(repr=False)
+    """The private key (never in a repr, so never in a log line)."""
     known_hosts: bytes
     certificate: bytes | None = None
     """The job's own certificate for `key` (`bridges/certificates.py`); None with the shared key."""
