@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import socketserver
 import subprocess
@@ -27,6 +26,7 @@ from cloudhpc.cli.main import app
 from cloudhpc.config import BridgeConfig
 from tests.integration.test_bridge_cli import config_with_bridge
 from tests.testbed import ROOT, Testbed, read_env_file
+from tests.topology import Topology
 
 runner = CliRunner()
 
@@ -210,24 +210,54 @@ def test_doctor_says_what_to_do_when_the_sshd_does_not_trust_the_ca(tmp_path: Pa
     assert "forwarding" not in checks  # nothing more to check with a refused certificate
 
 
-def test_sshd_config_is_the_block_the_testbed_installed(
-    tmp_path: Path, testbed: Testbed, ca_key: Path
-) -> None:
-    """What the testbed's sshd runs is what `cloudhpc bridge sshd-config` prints (comments aside)."""
-    sshd_config = bridge_env().get("TESTBED_SSHD_CONFIG", str(ROOT / ".testbed" / "sshd" / "sshd_config"))
-    installed = Path(sshd_config).read_text().splitlines()
-    block = installed[installed.index(f"Match User {testbed.ssh_user}") :]
-    (command,) = [line for line in block if "AuthorizedPrincipalsCommand " in line]
-    (user,) = [line.split()[1] for line in block if "AuthorizedPrincipalsCommandUser" in line]
+def assert_installed_block_is_printed(sshd_config: Path, user: str, config: Path, imports: list[str]) -> None:
+    """The `Match User` block ending `sshd_config` is what `cloudhpc bridge sshd-config` prints
+    (comments aside) for `config` and `imports`, with the installed paths and command user; and the
+    CA public key installed is the configured CA's."""
+    installed = sshd_config.read_text().splitlines()
+    block = installed[installed.index(f"Match User {user}") :]
+    (command,) = [line.split()[1] for line in block if "AuthorizedPrincipalsCommand " in line]
+    (command_user,) = [line.split()[1] for line in block if "AuthorizedPrincipalsCommandUser" in line]
     (ca_public,) = [line.split()[1] for line in block if "TrustedUserCAKeys" in line]
-    config = config_with_bridge(tmp_path, testbed, ca_key_file=str(ca_key))
     argv = ["bridge", "sshd-config", "--config", str(config), "--ca-public-key-file", ca_public]
-    argv += ["--cloudhpc", command.split()[1], "--command-user", user]
-    for target in re.findall(r"--permit-open (\S+)", command):
+    argv += ["--cloudhpc", command, "--command-user", command_user]
+    for target in imports:
         argv += ["--permit-open", target]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
-    printed = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-    assert printed == block
+    assert [line for line in result.stdout.splitlines() if not line.startswith("#")] == block
     public = runner.invoke(app, ["bridge", "ca-public-key", "--config", str(config)])
     assert public.stdout.split()[:2] == Path(ca_public).read_text().split()[:2]
+
+
+def test_sshd_config_is_the_block_the_testbed_installed(
+    tmp_path: Path, testbed: Testbed, ca_key: Path
+) -> None:
+    """The testbed's sshd trusts the CA with the block the CLI prints, the S3 and MLflow servers as imports."""
+    sshd_config = bridge_env().get("TESTBED_SSHD_CONFIG", str(ROOT / ".testbed" / "sshd" / "sshd_config"))
+    imports = [f"127.0.0.1:{url.rsplit(':', 1)[1]}" for url in (testbed.s3_endpoint, testbed.mlflow_url)]
+    config = config_with_bridge(tmp_path, testbed, ca_key_file=str(ca_key))
+    assert_installed_block_is_printed(Path(sshd_config), testbed.ssh_user, config, imports)
+
+
+def test_the_topologys_bridge_vm_trusts_the_ca_with_the_block_the_cli_prints(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """cloud's sshd (the topology's bridge VM), for its bind address and imports (MLflow, S3)."""
+    low, high = topology.bridge_port_range
+    bridge = {
+        "host": topology.bridge_host,
+        "ssh_user": topology.bridge_user,
+        "ssh_port": topology.bridge_port,
+        "ca_key_file": str(topology.bridge_key.with_name("bridge_ca")),
+        "known_hosts": str(topology.known_hosts),
+        "bind_address": topology.bridge_bind_address,
+        "port_range": [low, high],
+    }
+    config = tmp_path / "cloudhpc.yaml"
+    config.write_text(json.dumps({"porter": {"bridge": bridge}}))  # JSON is YAML
+    cloud = topology.cloud.addr
+    sshd_config = ROOT / ".testbed" / "topology" / "cloud-sshd" / "sshd_config"
+    assert_installed_block_is_printed(
+        sshd_config, topology.bridge_user, config, [f"{cloud}:5000", f"{cloud}:9000"]
+    )
