@@ -56,10 +56,10 @@ _SQLITE_BUSY_TIMEOUT_MS = 10_000
 # A pooled PostgreSQL connection idle longer than this is pinged before use (see `_pg_engine`).
 _PG_PING_AFTER_IDLE_S = 10.0
 _PG_USED_AT = "cloudhpc_used_at"
-# Kept connections cover the worker threads that usually query at once (see `_pg_engine`); the
-# overflow is for bursts up to the thread pool's 40 workers.
-_PG_POOL_SIZE = 25
-_PG_POOL_OVERFLOW = 15
+# Kept connections cover the worker threads that usually query at once (see `_pg_engine`), on
+# both dialects; the overflow is for bursts up to the thread pool's 40 workers.
+_POOL_SIZE = 25
+_POOL_OVERFLOW = 15
 _WRITE_OPTION = "cloudhpc_write"
 # Any constant works; it only has to be the same for every porter replica sharing the database.
 _MIGRATION_LOCK_KEY = 0x636C6F7564687063  # "cloudhpc"
@@ -158,7 +158,15 @@ class Database:
             engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             Database._create_private_file(Path(database).expanduser())
-            engine = create_engine(url, connect_args={"check_same_thread": False})
+            # SQLAlchemy's default for a file keeps 5 connections: with more worker threads than
+            # that, every burst opened (and closed again) connections, each with its PRAGMAs: 1,437
+            # in one bench/api.py run. Kept as many as on PostgreSQL (see `_pg_engine`).
+            engine = create_engine(
+                url,
+                connect_args={"check_same_thread": False},
+                pool_size=_POOL_SIZE,
+                max_overflow=_POOL_OVERFLOW,
+            )
         event.listen(engine, "connect", Database._sqlite_on_connect)
         event.listen(engine, "begin", Database._sqlite_on_begin)
         return engine
@@ -183,12 +191,12 @@ class Database:
         dies while in steady use fails its request (503, the client retries) and SQLAlchemy
         invalidates the pool, so the next requests reconnect.
 
-        The pool keeps `_PG_POOL_SIZE` connections: a connection beyond the pool's size is closed
+        The pool keeps `_POOL_SIZE` connections: a connection beyond the pool's size is closed
         when it is returned, and with 10 kept, every burst above 10 concurrent requests (after a
         pause of the process) opened and closed connections: 1,646 new connections, each a server
         process and an authentication, in one bench/api.py run on PostgreSQL.
         """
-        engine = create_engine(url, pool_size=_PG_POOL_SIZE, max_overflow=_PG_POOL_OVERFLOW)
+        engine = create_engine(url, pool_size=_POOL_SIZE, max_overflow=_POOL_OVERFLOW)
 
         def used(_dbapi_connection: Any, record: Any, *_: Any) -> None:
             record.info[_PG_USED_AT] = time.monotonic()
