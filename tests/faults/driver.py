@@ -1,0 +1,719 @@
+"""A seeded fault-injection run on the multi-host topology (issue 12, item 7; docs/reliability.md).
+
+A load of short batch jobs with known output is submitted through porter while, at points chosen by
+`random.Random(seed)`, the parts the jobs depend on are killed and brought back. Afterwards every job
+is checked against SLURM's own record and against what its script printed: nothing lost, nothing
+duplicated, nothing changed.
+
+Why porter and the submitter are started here (`Topology.popen`) and not as the shipped platform
+(tests/shipped.py): a fault run kills and restarts them many times with the same configuration, and
+the shipped harness is a context manager built to start each once; the processes here are the same
+`cloudhpc serve porter|submitter` on the same hosts (porter on `cloud` with a PostgreSQL schema of its
+own and artifacts in the topology's S3, the submitter on `laptop` reaching login:22 and porter through
+the delaying relay), so every fault crosses the same network paths.
+
+Daemons of the topology are restarted only by `bash scripts/topology.sh up`, which starts exactly the
+ones that are not running. Run it directly: `python -m tests.faults.driver --seed 7 --jobs 200`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from sqlalchemy import create_engine, text
+
+from cloudhpc.client import ApiError, Client
+from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.states import JobState
+from cloudhpc.store import Store
+from cloudhpc.store.engine import normalize_url
+from tests.topology import Topology, load_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPOLOGY_SH = ROOT / "scripts" / "topology.sh"
+CLUSTER = "faults"
+SUBMITTER_PORT = 5590
+
+FAULT_KINDS = (
+    "porter",
+    "submitter",
+    "sshd-login",
+    "slurmctld",
+    "slurmdbd",
+    "s3",
+    "postgres",
+    "partition",
+)
+"""Every fault the driver injects (see `Faults`). A job's tunnel is not among them: the load has no
+bridge jobs yet (docs/reliability.md, open items)."""
+
+
+# ---------------------------------------------------------------- the load
+
+
+def job_output(index: int, lines: int) -> bytes:
+    """What job `index`'s script prints, byte for byte."""
+    return b"".join(f"faults job {index:04d} line {n} of {lines}\n".encode() for n in range(1, lines + 1))
+
+
+def job_script(index: int, lines: int, exit_code: int) -> str:
+    """Print `job_output(index, lines)` over about `lines * 0.5` seconds, then exit `exit_code`."""
+    return (
+        f"for n in $(seq 1 {lines}); do printf 'faults job %04d line %d of %d\\n' {index} $n {lines}; "
+        "sleep 0.5; done\n"
+        f"exit {exit_code}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Planned:
+    index: int
+    lines: int
+    exit_code: int
+    key: str
+    """The Idempotency-Key: a submission retried after a crash is the same job."""
+
+    @property
+    def expected_state(self) -> JobState:
+        return JobState.COMPLETED if self.exit_code == 0 else JobState.FAILED
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": f"faults-{self.index:04d}",
+            "cluster": CLUSTER,
+            "script": job_script(self.index, self.lines, self.exit_code),
+            "resources": {"time": "00:05:00"},
+        }
+
+
+def plan_load(rng: random.Random, n_jobs: int) -> list[Planned]:
+    """Jobs of 2-8 lines (1-4 s); about one in seven fails with exit code 3."""
+    return [
+        Planned(i, rng.randint(2, 8), 3 if rng.random() < 0.15 else 0, f"faults-{uuid.uuid4()}")
+        for i in range(n_jobs)
+    ]
+
+
+def plan_faults(
+    rng: random.Random, n_jobs: int, kinds: Sequence[str], per_kind: int
+) -> list[tuple[int, str]]:
+    """(after how many submissions, fault kind), in order: each kind `per_kind` times, at points
+    spread over the first 90 % of the load."""
+    faults = [kind for kind in kinds for _ in range(per_kind)]
+    rng.shuffle(faults)
+    points = sorted(rng.randint(1, max(1, int(n_jobs * 0.9))) for _ in faults)
+    return list(zip(points, faults, strict=True))
+
+
+# ---------------------------------------------------------------- porter and the submitter
+
+
+@dataclass
+class Platform:
+    """porter on cloud and the submitter on laptop, as processes this driver starts and kills."""
+
+    topology: Topology
+    root: Path
+    schema: str = field(default_factory=lambda: f"chpc_faults_{uuid.uuid4().hex[:10]}")
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    starts: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.database = f"{self.topology.pg_dsn}?options=-csearch_path%3D{self.schema}"
+        self.prefix = f"faults/{self.schema}"
+        t = self.topology
+        self.url = t.porter_url
+        porter = {
+            "porter": {
+                "listen": f"{t.cloud.addr}:{t.porter_port}",
+                "database": self.database,
+                "object_store": f"s3://{t.s3_bucket}/{self.prefix}",
+                "s3_endpoint_url": t.s3_endpoint,
+            }
+        }
+        submitter = {
+            "submitter": {
+                "porter_url": t.porter_url,
+                "token_file": str(self.root / "agent-token"),
+                "channel": "http",
+                "listen": f"{t.laptop.addr}:{SUBMITTER_PORT}",
+            },
+            "clusters": {
+                CLUSTER: {
+                    "backend": "slurm",
+                    "ssh": {
+                        "host": t.ssh_host,
+                        "port": t.ssh_port,
+                        "user": t.ssh_user,
+                        "key_file": str(t.ssh_key),
+                        "known_hosts": str(t.known_hosts),
+                    },
+                    "workdir": f"~/.cloudhpc-faults/{self.schema}",
+                    "prelude": "",
+                    "defaults": {"partition": t.partition, "time": "00:10:00"},
+                    "poll": {"fast_interval": 0.5, "slow_interval": 5, "max_commands_per_minute": 240},
+                }
+            },
+        }
+        (self.root / "porter.yaml").write_text(yaml.safe_dump(porter))
+        (self.root / "submitter.yaml").write_text(yaml.safe_dump(submitter))
+        admin = create_engine(normalize_url(t.pg_dsn))
+        try:
+            with admin.begin() as conn:
+                conn.execute(text(f"CREATE SCHEMA {self.schema}"))
+        finally:
+            admin.dispose()
+        store = Store(self.database)
+        try:
+            store.migrate()
+            self.user_token = store.create_token("faults", "user")
+            (self.root / "agent-token").write_text(store.create_token("faults", "agent", [CLUSTER]))
+        finally:
+            store.close()
+        (self.root / "agent-token").chmod(0o600)
+
+    def client(self) -> Client:
+        return Client(self.url, self.user_token)
+
+    def start(self, role: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDHPC_", "AWS_"))}
+        env["CLOUDHPC_CONFIG"] = str(self.root / f"{role}.yaml")
+        if role == "porter":
+            env |= {
+                "AWS_ACCESS_KEY_ID": self.topology.s3_access_key,
+                "AWS_SECRET_ACCESS_KEY": self.topology.s3_secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        log = (self.root / f"{role}.log").open("ab")
+        host = "cloud" if role == "porter" else "laptop"
+        self.processes[role] = self.topology.popen(
+            host,
+            [sys.executable, "-m", "cloudhpc", "serve", role, "--log-level", "INFO"],
+            env=env,
+            cwd=self.root,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.starts[role] += 1
+        if role == "porter":
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.processes["porter"]
+            if proc.poll() is not None:
+                raise RuntimeError(f"porter exited {proc.returncode}: {self.log('porter')[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"porter not ready after {timeout} s: {self.log('porter')[-2000:]}")
+
+    def wait_cluster(self, timeout: float = 60) -> None:
+        """Until porter knows the cluster: the submitter registers it when it first polls."""
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while CLUSTER not in {c["name"] for c in client.clusters()}:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster {CLUSTER} not registered: {self.log('submitter')[-2000:]}")
+                time.sleep(0.5)
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes.pop(role, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        for role in ("submitter", "porter"):
+            self.kill(role, signal.SIGTERM)
+
+    def log(self, role: str) -> str:
+        path = self.root / f"{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def bridge_rows(self) -> int:
+        engine = create_engine(normalize_url(self.topology.pg_dsn))
+        try:
+            with engine.begin() as conn:
+                held = conn.execute(text(f"SELECT count(*) FROM {self.schema}.bridges"))  # noqa: S608 (our schema)
+                return int(held.scalar_one())
+        finally:
+            engine.dispose()
+
+    def drop(self) -> None:
+        engine = create_engine(normalize_url(self.topology.pg_dsn))
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE"))
+        finally:
+            engine.dispose()
+
+
+# ---------------------------------------------------------------- the faults
+
+
+def _pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _kill9(pid: int | None, *, with_children: bool = False) -> bool:
+    """SIGKILL `pid` (and its direct children first, when asked): a crash, nothing flushed."""
+    if pid is None:
+        return False
+    victims = [*_children(pid), pid] if with_children else [pid]
+    for victim in victims:
+        with suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    return True
+
+
+def _conf_value(path: Path, key: str) -> str:
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().lower() == key.lower():
+            return value.strip()
+    raise KeyError(f"{key} not in {path}")
+
+
+@dataclass
+class Faults:
+    """How each fault kind is injected and undone. `down_for` is how long slurmctld and slurmdbd stay
+    down, `partition_for` how long the laptop is cut off."""
+
+    topology: Topology
+    platform: Platform
+    down_for: float
+    partition_for: float
+    log: Callable[[str], None]
+    restores: list[float] = field(default_factory=list)
+
+    def topology_up(self) -> None:
+        """`scripts/topology.sh up`: starts exactly the daemons that are not running."""
+        started = time.monotonic()
+        for attempt in range(3):
+            proc = subprocess.run(
+                ["bash", str(TOPOLOGY_SH), "up"], capture_output=True, text=True, timeout=600, check=False
+            )
+            if proc.returncode == 0:
+                self.restores.append(time.monotonic() - started)
+                return
+            self.log(f"topology.sh up failed (attempt {attempt + 1}): {proc.stderr[-800:]}")
+            time.sleep(3)
+        raise RuntimeError(f"scripts/topology.sh up failed 3 times: {proc.stderr[-2000:]}")
+
+    def inject(self, kind: str) -> None:
+        getattr(self, "fault_" + kind.replace("-", "_"))()
+
+    def fault_porter(self) -> None:
+        self.platform.kill("porter")
+        time.sleep(1)
+        self.platform.start("porter")
+
+    def fault_submitter(self) -> None:
+        self.platform.kill("submitter")
+        time.sleep(1)
+        self.platform.start("submitter")
+
+    def fault_sshd_login(self) -> None:
+        # the listener and its per-connection children: every session to login ends at once
+        _kill9(_pid(self.topology.login_sshd_pidfile), with_children=True)
+        time.sleep(2)
+        self.topology_up()
+
+    def _slurm_pidfile(self, daemon: str) -> Path:
+        conf = self.topology.slurm_conf
+        if daemon == "slurmctld":
+            return Path(_conf_value(conf, "SlurmctldPidFile"))
+        return Path(_conf_value(conf.parent / "slurmdbd.conf", "PidFile"))
+
+    def fault_slurmctld(self) -> None:
+        _kill9(_pid(self._slurm_pidfile("slurmctld")))
+        time.sleep(self.down_for)
+        self.topology_up()
+
+    def fault_slurmdbd(self) -> None:
+        _kill9(_pid(self._slurm_pidfile("slurmdbd")))
+        time.sleep(self.down_for)
+        self.topology_up()
+
+    def fault_s3(self) -> None:
+        _kill9(_pid(self.topology.relay_pidfile.parent / "weed.pid"))
+        time.sleep(2)
+        self.topology_up()
+
+    def fault_postgres(self) -> None:
+        # the postmaster and its backends (a backend left behind keeps the shared memory, and the
+        # next postmaster would refuse to start)
+        for data in (
+            self.topology.relay_pidfile.parents[1] / "pg",
+            Path("/var/lib/cloudhpc-testbed/topology-pg"),
+        ):
+            pid = _pid(data / "postmaster.pid")
+            if pid is not None and Path(f"/proc/{pid}").exists():
+                _kill9(pid, with_children=True)
+                break
+        time.sleep(2)
+        self.topology_up()
+
+    def fault_partition(self) -> None:
+        # the relay carries every connection of the laptop (to login:22 and to porter): killing it
+        # cuts them all, and nothing reaches the other side until `up` starts it again
+        _kill9(_pid(self.topology.relay_pidfile))
+        time.sleep(self.partition_for)
+        self.topology_up()
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Outcome:
+    planned: Planned
+    job: Job | None = None
+    submit_attempts: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _retrying(what: str, call: Callable[[], Any], deadline: float) -> Any:
+    """`call()` until it answers, across porter's restarts and the store's (transport errors, 5xx,
+    and 409 while a replayed submission is still being committed)."""
+    while True:
+        try:
+            return call()
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            error: Exception = exc
+        except ApiError as exc:
+            if exc.status < 500 and exc.status not in (409, 429):
+                raise
+            error = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: still failing at the deadline: {error}")
+        time.sleep(1)
+
+
+def submit_all(
+    platform: Platform, load: list[Planned], rng: random.Random, submitted: list[int], deadline: float
+) -> list[Outcome]:
+    outcomes = [Outcome(p) for p in load]
+    with platform.client() as client:
+        for outcome in outcomes:
+            p = outcome.planned
+
+            def once(p: Planned = p, outcome: Outcome = outcome) -> Job:
+                outcome.submit_attempts += 1
+                return client.submit(p.spec(), idempotency_key=p.key)
+
+            outcome.job = _retrying(f"submit job {p.index}", once, deadline)
+            submitted[0] += 1
+            time.sleep(rng.uniform(0.1, 0.6))
+    return outcomes
+
+
+def wait_all(platform: Platform, outcomes: list[Outcome], deadline: float) -> None:
+    with platform.client() as client:
+        for outcome in outcomes:
+            assert outcome.job is not None
+            job_id = outcome.job.id
+            while True:
+                job = _retrying(
+                    f"wait {job_id}", lambda job_id=job_id: client.wait(job_id, timeout=20), deadline
+                )
+                if job.state.terminal or time.monotonic() > deadline:
+                    break
+            outcome.job = job
+
+
+def sacct_rows(topology: Topology, name: str) -> list[dict[str, str]]:
+    """SLURM's own record of every allocation named `name` on cluster topo (sacct, plus squeue for
+    what slurmdbd has not recorded yet)."""
+    env = topology.slurm_env()
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", f"--name={name}", "--starttime=now-2days",
+         "--format=JobID,State,ExitCode,Comment"],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    rows = [
+        dict(zip(("id", "state", "exit", "comment"), line.split("|"), strict=False))
+        for line in out.splitlines()
+    ]
+    queued = subprocess.run(
+        ["squeue", "-h", f"--name={name}", "--states=all", "-o", "%i|%T"],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    known = {r["id"] for r in rows}
+    for line in queued.split():
+        jid, state = line.split("|")
+        if jid not in known:
+            rows.append({"id": jid, "state": state, "exit": "", "comment": ""})
+    return rows
+
+
+def stored_log(client: Client, job: Job) -> bytes:
+    data = b""
+    while True:
+        chunk = client.logs(job, offset=len(data))
+        if not chunk.data:
+            return data
+        data += chunk.data
+
+
+def check(topology: Topology, platform: Platform, outcomes: list[Outcome], settle: float) -> None:
+    """The invariants, each job's problems in `outcome.problems`."""
+    deadline = time.monotonic() + settle
+    with platform.client() as client:
+        for outcome in outcomes:
+            job, p = outcome.job, outcome.planned
+            if job is None:
+                outcome.problems.append("never submitted")
+                continue
+            if not job.state.terminal:
+                outcome.problems.append(f"not ended: {job.state}")
+                continue
+            # reached SLURM exactly once, and ended as SLURM says
+            rows = sacct_rows(topology, f"chpc-{job.id}")
+            if len(rows) != 1:
+                outcome.problems.append(f"in SLURM {len(rows)} times: {rows}")
+            elif rows[0]["id"] != job.slurm_job_id:
+                outcome.problems.append(f"SLURM id {rows[0]['id']}, porter says {job.slurm_job_id}")
+            else:
+                slurm_state = rows[0]["state"].split()[0]
+                if slurm_state != job.state.value.upper():
+                    outcome.problems.append(f"state {job.state.value}, SLURM says {slurm_state}")
+                if rows[0]["comment"] not in ("", f"cloudhpc:{job.id}"):
+                    outcome.problems.append(f"comment {rows[0]['comment']!r}")
+            if job.state != p.expected_state or job.exit_code != p.exit_code:
+                outcome.problems.append(
+                    f"ended {job.state.value} exit {job.exit_code}, script gives {p.expected_state.value} exit {p.exit_code}"
+                )
+            # the complete and exact output
+            expected = job_output(p.index, p.lines)
+            log = _retrying("logs", lambda job=job: stored_log(client, job), deadline)
+            if log != expected:
+                outcome.problems.append(f"log {log!r} != printed {expected!r}")
+            # accounting and artifacts (the agent stores them a moment after the end: wait for them)
+            while True:
+                try:
+                    accounting = client.accounting(job)
+                    names = {a["name"]: a for a in client.artifacts(job)}
+                    if {"output.log", "sacct.json"} <= names.keys():
+                        break
+                except (ApiError, httpx.HTTPError):
+                    pass
+                if time.monotonic() > deadline:
+                    accounting, names = {}, {}
+                    break
+                time.sleep(1)
+            if accounting.get("slurm_job_id") != job.slurm_job_id:
+                outcome.problems.append(f"accounting missing or wrong: {str(accounting)[:200]}")
+            missing = {"spec.json", "job.sh", "output.log", "sacct.json"} - names.keys()
+            if missing:
+                outcome.problems.append(f"artifacts missing: {sorted(missing)}")
+            elif (got := _download(client, platform, names["output.log"]["url"])) != expected:
+                outcome.problems.append(f"output.log artifact {got[:200]!r} != printed")
+    if (rows := platform.bridge_rows()) != 0:
+        outcomes[0].problems.append(f"{rows} bridge port(s) still held after every job ended")
+
+
+def _download(client: Client, platform: Platform, url: str) -> bytes:
+    headers = {"Authorization": f"Bearer {platform.user_token}"} if url.startswith(platform.url) else {}
+    answer = httpx.get(url, headers=headers, timeout=30)
+    answer.raise_for_status()
+    return answer.content
+
+
+@dataclass
+class Report:
+    seed: int
+    n_jobs: int
+    injected: list[tuple[float, str]]
+    outcomes: list[Outcome]
+    took: float
+    restores: list[float]
+
+    @property
+    def problems(self) -> list[str]:
+        return [
+            f"job {o.planned.index} ({o.job.id if o.job else '-'}): {p}"
+            for o in self.outcomes
+            for p in o.problems
+        ]
+
+    def invariant_counts(self) -> dict[str, int]:
+        """Jobs failing each invariant."""
+        tags = {
+            "once in SLURM": ("in SLURM", "SLURM id", "never submitted", "not ended"),
+            "state as SLURM": ("state ", "ended "),
+            "exact output": ("log ",),
+            "accounting": ("accounting",),
+            "artifacts": ("artifact",),
+            "no bridge leak": ("bridge port",),
+        }
+        return {
+            name: sum(any(p.startswith(prefixes) for p in o.problems) for o in self.outcomes)
+            for name, prefixes in tags.items()
+        }
+
+    def table(self) -> str:
+        counts = Counter(kind for _, kind in self.injected)
+        bad = self.invariant_counts()
+        ended = Counter(o.job.state.value for o in self.outcomes if o.job)
+        lines = [
+            f"seed {self.seed}, {self.n_jobs} jobs ({dict(ended)}), {len(self.injected)} faults, "
+            f"{self.took:.0f} s; topology.sh up after a fault: "
+            + (f"median {sorted(self.restores)[len(self.restores) // 2]:.1f} s" if self.restores else "-"),
+            "",
+            "| fault | injected |",
+            "|---|---|",
+            *(f"| {kind} | {counts.get(kind, 0)} |" for kind in FAULT_KINDS),
+            "",
+            "| invariant | jobs failing it |",
+            "|---|---|",
+            *(f"| {name} | {n} of {self.n_jobs} |" for name, n in bad.items()),
+        ]
+        return "\n".join(lines)
+
+
+def run(
+    seed: int,
+    n_jobs: int,
+    *,
+    kinds: Sequence[str] = FAULT_KINDS,
+    per_kind: int = 1,
+    down_for: float = 10,
+    partition_for: float = 10,
+    root: Path,
+    timeout: float = 1800,
+    log: Callable[[str], None] = print,
+) -> Report:
+    topology = load_topology()
+    rng = random.Random(seed)
+    load = plan_load(rng, n_jobs)
+    schedule = plan_faults(rng, n_jobs, kinds, per_kind)
+    log(f"seed {seed}: {n_jobs} jobs, faults {schedule}")
+    started = time.monotonic()
+    deadline = started + timeout
+    platform = Platform(topology, root)
+    faults = Faults(topology, platform, down_for, partition_for, log)
+    injected: list[tuple[float, str]] = []
+    with _platform_running(platform):
+        submitted = [0]
+        errors: list[BaseException] = []
+
+        def inject_all() -> None:
+            try:
+                for point, kind in schedule:
+                    while submitted[0] < point and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    at = time.monotonic() - started
+                    log(f"{at:6.1f} s after {submitted[0]} submissions: {kind}")
+                    faults.inject(kind)
+                    injected.append((at, kind))
+            except BaseException as exc:  # reported after the load, the topology brought back first
+                errors.append(exc)
+
+        injector = threading.Thread(target=inject_all, name="faults")
+        injector.start()
+        try:
+            outcomes = submit_all(platform, load, random.Random(seed + 1), submitted, deadline)
+        finally:
+            submitted[0] = n_jobs  # whatever is left of the schedule runs now
+            injector.join()
+            faults.topology_up()
+        if errors:
+            raise errors[0]
+        wait_all(platform, outcomes, deadline)
+        check(topology, platform, outcomes, settle=120)
+    report = Report(seed, n_jobs, injected, outcomes, time.monotonic() - started, faults.restores)
+    (root / "report.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "jobs": n_jobs,
+                "faults": injected,
+                "invariants": report.invariant_counts(),
+                "problems": report.problems,
+                "took": report.took,
+                "restores": report.restores,
+                "starts": dict(platform.starts),
+            },
+            indent=2,
+        )
+    )
+    platform.drop()
+    return report
+
+
+@contextmanager
+def _platform_running(platform: Platform) -> Iterator[None]:
+    platform.start("porter")
+    platform.start("submitter")
+    platform.wait_cluster()
+    try:
+        yield
+    finally:
+        platform.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("FAULTS_SEED", "1")))
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("FAULTS_JOBS", "200")))
+    parser.add_argument("--per-kind", type=int, default=int(os.environ.get("FAULTS_PER_KIND", "2")))
+    parser.add_argument("--down-for", type=float, default=float(os.environ.get("FAULTS_DOWN_FOR", "120")))
+    parser.add_argument(
+        "--partition-for", type=float, default=float(os.environ.get("FAULTS_PARTITION_FOR", "30"))
+    )
+    parser.add_argument("--root", type=Path, default=None)
+    args = parser.parse_args(argv)
+    root = args.root or Path(tempfile.mkdtemp(prefix=f"chpc-faults-seed{args.seed}-"))
+    report = run(
+        args.seed,
+        args.jobs,
+        per_kind=args.per_kind,
+        down_for=args.down_for,
+        partition_for=args.partition_for,
+        root=root,
+        timeout=3600,
+    )
+    print(report.table())
+    for problem in report.problems:
+        print(problem)
+    print(f"details: {root}")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
