@@ -3,17 +3,29 @@
 #   docker build -f deploy/docker/cloudhpc.Dockerfile --target porter    -t cloudhpc/porter:0.1.0 .
 #   docker build -f deploy/docker/cloudhpc.Dockerfile --target submitter -t cloudhpc/submitter:0.1.0 .
 # The build context is the repository root; cloudhpc.Dockerfile.dockerignore keeps it to the package
-# sources, so no local state (.cloudhpc/, .testbed/ keys, tokens) can reach the image.
+# sources and the dependency lock, so no local state (.cloudhpc/, .testbed/ keys, tokens) can reach
+# the image.
+#
+# The base image is pinned by tag. To pin it by digest as well (the tag can be re-pushed), look the
+# digest up where a registry is reachable:
+#   docker buildx imagetools inspect python:3.11.14-slim-bookworm   (the "Digest:" line)
+# and write it after the tag in both FROM lines: python:3.11.14-slim-bookworm@sha256:<digest>.
+# tests/unit/test_deploy.py accepts either form.
 
 FROM python:3.11.14-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/cloudhpc
 WORKDIR /src
+# Every dependency at the version and hashes of cloudhpc-requirements.txt (regenerate it with
+# deploy/docker/lock-requirements.sh): the server extra (porter and the submitter), the PostgreSQL
+# driver for a shared job store, the Kubernetes client for bridge Services, and the build backend.
+COPY deploy/docker/cloudhpc-requirements.txt ./
+RUN /opt/cloudhpc/bin/pip install --require-hashes --no-deps -r cloudhpc-requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
-# The server extra (porter and the submitter), the PostgreSQL driver for a shared job store, the
-# Kubernetes client for bridge Services.
-RUN /opt/cloudhpc/bin/pip install ".[server,postgres,kubernetes]"
+# The project itself from its sources, with the pinned build backend and nothing fetched.
+RUN /opt/cloudhpc/bin/pip install --no-deps --no-build-isolation --no-index . \
+ && /opt/cloudhpc/bin/pip check
 
 FROM python:3.11.14-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 cloudhpc \

@@ -4,6 +4,10 @@
 # Contract (kept from the original image): BACKEND_STORE_URI, port 5000; with artifact proxying on,
 # ARTIFACTS_DESTINATION names the store (s3://bucket/ with MLFLOW_S3_ENDPOINT_URL and the AWS_*
 # variables), so clients need only the tracking URL.
+# Base image pinned by tag; pin its digest too as cloudhpc.Dockerfile says. The pip install below is
+# pinned by version, not yet by hash: a lock generated on PyPI (as cloudhpc-requirements.txt is) could
+# not be made for mlflow 3.18.0 here, because the package index this project reaches has no
+# mlflow-tracing 3.18.0, which it requires.
 
 FROM python:3.11.14-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -5,6 +5,10 @@
 # scikit-learn and PyTorch's CPU build (torch==2.13.0+cpu, from PyTorch's CPU wheel index, given
 # as TORCH_INDEX; the default build on PyPI is a CUDA build of several GB that a CPU pod never uses).
 # The build context is the repository root; cloudhpc.Dockerfile.dockerignore keeps it to the sources.
+# Base image pinned by tag; pin its digest too as cloudhpc.Dockerfile says. The pip install below is
+# not hash-locked: torch's CPU build comes from PyTorch's wheel index, which a lock made from PyPI
+# (as cloudhpc-requirements.txt is) cannot cover; lock it with `pip-compile --generate-hashes
+# --extra-index-url "$TORCH_INDEX"` where that index is reachable.
 
 FROM python:3.11.14-slim-bookworm AS builder
 ARG TORCH_INDEX

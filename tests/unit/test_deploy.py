@@ -587,7 +587,10 @@ def test_dockerfile_pins_its_base_builds_in_stages_and_runs_as_non_root(dockerfi
     for base, _, _ in stages:
         if base in names:
             continue
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), f"{dockerfile.name}: pin {base}"
+        # a tag, and optionally its digest (how an operator pins it: cloudhpc.Dockerfile's header)
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), (
+            f"{dockerfile.name}: pin {base}"
+        )
     # Every stage that is an image (not only a source of `COPY --from`) runs as a non-root user,
     # set in it or inherited from the stage it starts FROM.
     copy_sources = {m for _, _, ins in stages for i in ins for m in re.findall(r"--from=(\S+)", i)}
