@@ -12,7 +12,14 @@ import asyncssh
 import pytest
 
 from cloudhpc.bridges.authorized_key import NO_DESTINATION, NO_LISTEN
-from cloudhpc.bridges.certificates import MARGIN, NO_TIME_LIMIT, BridgeCA, format_key_id, parse_key_id
+from cloudhpc.bridges.certificates import (
+    MARGIN,
+    MAX_PORTS,
+    NO_TIME_LIMIT,
+    BridgeCA,
+    format_key_id,
+    parse_key_id,
+)
 from cloudhpc.bridges.principals import parse_port_range, principals_line, sshd_config_lines
 from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.jobs import Bridge, Job, JobSpec
@@ -264,3 +271,15 @@ def test_the_submitter_refuses_to_start_with_an_unusable_ca(tmp_path: Path) -> N
 
     with pytest.raises(ConfigError, match=r"porter\.bridge\.ca_key_file: .* not an OpenSSH private key"):
         asyncio.run(start())
+
+
+def test_a_job_with_more_ports_than_a_certificate_names_fails_at_staging(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("h")
+    config = BridgeConfig(host="86.50.1.2", ssh_user="u", ca_key_file=ca_file, known_hosts=known)
+    job = ray_job([19500], None)
+    many = [job.bridges[0].model_copy(update={"bridge_port": 19500 + i}) for i in range(MAX_PORTS + 1)]
+    with pytest.raises(StagingError, match=r"^ray\.expose: no bridge certificate"):
+        stager(config).tunnel_access(job.model_copy(update={"bridges": many}))

@@ -57,9 +57,11 @@ NO_TIME_LIMIT = 7 * 24 * 3600
 """The run time assumed for a job without a time limit (the partition's default applies, which the
 submitter does not know): a week, after which the job's bridges are refused."""
 KEY_ID_PREFIX = "cloudhpc"
+MAX_PORTS = 64
+"""Bridge ports one certificate may name: bounds the key id (and the principals line sshd parses)."""
 _KEY_ID = re.compile(
     r"^cloudhpc:(?P<job>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}):"
-    r"(?P<ports>-|[0-9]{1,5}(?:,[0-9]{1,5}){0,63})$"
+    rf"(?P<ports>-|[0-9]{{1,5}}(?:,[0-9]{{1,5}}){{0,{MAX_PORTS - 1}}})$"
 )
 
 

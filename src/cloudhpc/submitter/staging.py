@@ -190,5 +190,8 @@ class Stager:
         lifetime = job_lifetime(
             parse_slurm_time(time_limit) if time_limit else None, bridge.certificate_queue_time
         )
-        credentials = ca.issue(str(job.id), [b.bridge_port for b in job.bridges], lifetime)
+        try:
+            credentials = ca.issue(str(job.id), [b.bridge_port for b in job.bridges], lifetime)
+        except ValueError as exc:  # a key id the bridge sshd could not read (too many ports)
+            raise StagingError(f"ray.expose: no bridge certificate for this job: {exc}") from exc
         return credentials.private_key, credentials.certificate
