@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 
 from tests.docs_blocks import Block, load
-from tests.e2e.test_topology_shipped import Mount, Platform, platform, scratch  # noqa: F401
+from tests.e2e.test_topology_shipped import platform, scratch  # noqa: F401 (fixtures shared with it)
+from tests.shipped import Mount, Platform
 from tests.testbed import Testbed
 from tests.topology import Topology
 
