@@ -103,7 +103,8 @@ class _Termination:
     """SIGTERM turned into `StepTerminated` in the main thread, except while deferred.
 
     Deferred around the calls that must not be cut in half: the submit (its answer names the job
-    to cancel) and the cancel itself. A signal that arrives then is raised when the call is done.
+    to cancel) and the cancel itself. A signal that arrives then is only recorded; `check` raises
+    it once the caller can act on it (after the submit: by cancelling the job it returned).
     """
 
     def __init__(self) -> None:
@@ -122,7 +123,9 @@ class _Termination:
             yield
         finally:
             self.depth -= 1
-        if self.received and not self.depth:
+
+    def check(self) -> None:
+        if self.received:
             raise StepTerminated("the step received SIGTERM")
 
 
@@ -244,6 +247,8 @@ def run_job(
     with _deferred_termination():
         job = client.submit(spec, idempotency_key=idempotency_key)
     try:
+        if _termination is not None:
+            _termination.check()  # a SIGTERM during the submit: cancel the job it created
         return _follow(
             client,
             job,
