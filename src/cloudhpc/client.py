@@ -24,6 +24,7 @@ from uuid import UUID
 
 import httpx
 
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import Bridge, Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
@@ -171,6 +172,28 @@ class Client:
 
     def cancel(self, job: JobRef) -> Job:
         return Job.model_validate(self._request("POST", f"/api/v1/jobs/{_job_id(job)}/cancel").json())
+
+    def cancel_task(self, job: JobRef, index: int) -> Job:
+        """Cancel one task of an array job; the other tasks go on."""
+        path = f"/api/v1/jobs/{_job_id(job)}/tasks/{int(index)}/cancel"
+        return Job.model_validate(self._request("POST", path).json())
+
+    def tasks(self, job: JobRef, *, page_size: int = 500) -> builtins.list[TaskObservation]:
+        """Every task of an array job (all pages), by index: state, SLURM state, exit code, times."""
+        out: builtins.list[TaskObservation] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size} | ({"cursor": cursor} if cursor else {})
+            body = self._request("GET", f"/api/v1/jobs/{_job_id(job)}/tasks", params=params).json()
+            out.extend(TaskObservation.model_validate(t) for t in body["tasks"])
+            cursor = body["next_cursor"]
+            if cursor is None:
+                return out
+
+    def task_output(self, job: JobRef, index: int) -> bytes:
+        """The output of one array task, stored when the array ended (`tasks/<index>/output.log`)."""
+        path = f"/api/v1/jobs/{_job_id(job)}/artifacts/tasks/{int(index)}/output.log"
+        return self._request("GET", path).content
 
     def logs(self, job: JobRef, *, offset: int = 0) -> LogChunk:
         response = self._request("GET", f"/api/v1/jobs/{_job_id(job)}/logs", params={"offset": offset})

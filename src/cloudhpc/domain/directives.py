@@ -15,7 +15,8 @@ shown. The rules are sbatch's (SLURM 22.05, checked on the testbed):
 - options are given as `--long=value`, `--long value`, `-x value` or `-xvalue`; for an option
   given twice the last one wins.
 
-Only the options that are a `Resources` field are taken. The ones cloudhpc sets itself (output,
+Only the options that are a `Resources` field (or `--array`, the spec's `array`) are taken;
+`--dependency` names SLURM ids and is refused: the spec's `after` names cloudhpc jobs. The ones cloudhpc sets itself (output,
 working directory...) and any other one are refused with the line named, never passed on blindly:
 a directive that had no effect would be a job that silently runs differently from what its author
 wrote. Abbreviated long options (`--part`), which sbatch accepts when unambiguous, are refused too:
@@ -24,11 +25,13 @@ which ones are unambiguous depends on the SLURM version.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from cloudhpc.domain.arrays import check_array
 from cloudhpc.domain.jobs import JobSpec, Resources
 
 __all__ = ["Directive", "apply_directives", "parse_directives"]
@@ -67,7 +70,10 @@ _OPTIONS: dict[str, _Option] = {
     "begin": _Option("begin", "b"),
     "signal": _Option("signal"),
     "licenses": _Option("licenses", "L"),
+    "array": _Option("array", "a"),
 }
+_SPEC_FIELDS = frozenset({"array"})
+"""Options that are a field of the spec itself rather than of its `resources`."""
 _SHORT = {opt.short: long for long, opt in _OPTIONS.items() if opt.short}
 
 _OWNED: dict[str, str] = {
@@ -79,8 +85,13 @@ _OWNED: dict[str, str] = {
     "chdir": "the job runs in its own job directory",
     "wrap": "the job's script is the script",
     "job-name": "cloudhpc names the SLURM job; the spec's `name` is the job's name",
+    "dependency": "from the spec's `after`, which names cloudhpc jobs of yours, "
+    "so that a job waited for may not have reached SLURM yet",
 }
-_OWNED_SHORT = {"o": "output", "e": "error", "i": "input", "D": "chdir", "J": "job-name"}
+_OWNED_SHORT = {"o": "output", "e": "error", "i": "input", "D": "chdir", "J": "job-name", "d": "dependency"}
+
+
+_SPEC_CHECKS: dict[str, Callable[[Any], object]] = {"array": check_array}
 
 
 @dataclass(frozen=True)
@@ -209,10 +220,15 @@ def parse_directives(script: str) -> list[Directive]:
             option = _OPTIONS[name]
             value: str | bool = True if option.flag else (raw or "")
             try:
-                Resources.model_validate({option.field: value})
+                if option.field in _SPEC_FIELDS:
+                    _SPEC_CHECKS[option.field](value)
+                else:
+                    Resources.model_validate({option.field: value})
             except ValidationError as exc:
                 reason = "; ".join(e["msg"] for e in exc.errors())
                 raise ValueError(f"{_where(lineno, text)}: --{name}: {reason}") from None
+            except ValueError as exc:  # a spec field's own check
+                raise ValueError(f"{_where(lineno, text)}: --{name}: {exc}") from None
             directives.append(Directive(line=lineno, field=option.field, value=value))
             if len(directives) > MAX_DIRECTIVES:
                 raise ValueError(f"more than {MAX_DIRECTIVES} #SBATCH options")
@@ -227,6 +243,10 @@ def apply_directives(spec: JobSpec) -> JobSpec:
     if not spec.script:
         return spec
     found: dict[str, Any] = {d.field: d.value for d in parse_directives(spec.script)}
+    own = {k: found.pop(k) for k in _SPEC_FIELDS & found.keys()}
+    if own:
+        update = {k: v for k, v in own.items() if getattr(spec, k) is None}
+        spec = spec.model_copy(update=update)
     if not found:
         return spec
     explicit = spec.resources.model_dump(exclude_none=True)

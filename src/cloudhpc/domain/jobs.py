@@ -8,6 +8,7 @@ Every model forbids unknown fields so a typo is reported with the field named in
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
@@ -24,10 +25,18 @@ from pydantic import (
     model_validator,
 )
 
+from cloudhpc.domain.arrays import (
+    DEPENDENCY_NEVER_SATISFIED,
+    ArraySpec,
+    Dependency,
+    TaskObservation,
+    derive_array_state,
+)
 from cloudhpc.domain.states import JobState
 
 __all__ = [
     "MAIL_TYPES",
+    "MAX_AFTER",
     "MEMORY_UNITS",
     "RESERVED_PREFIX",
     "Bridge",
@@ -82,6 +91,8 @@ MAX_MODULES = 64
 MAX_PACKAGES = 256
 MAX_PORTS = 16
 """Per list: `ray.expose`, `ray.import`."""
+MAX_AFTER = 32
+"""Jobs one job may wait for (`after`)."""
 
 MEMORY_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 """SLURM's size suffixes, all binary (`16G` is 16 GiB), in requests and in what sacct and seff print."""
@@ -590,6 +601,22 @@ class JobSpec(_Model):
     environment: Environment = Field(default_factory=Environment)
     files: dict[str, str] = Field(default_factory=dict, max_length=MAX_FILES)
     env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV)
+    array: ArraySpec | None = Field(
+        default=None, description="a job array, sbatch --array syntax: 0-99%10, 1,3,5-7, 0-20:5"
+    )
+    after: list[Dependency] = Field(
+        default_factory=list,
+        max_length=MAX_AFTER,
+        description="jobs of the same owner and cluster this one waits for: [{job: <id>, on: ok|any|notok}]",
+    )
+
+    @field_validator("after")
+    @classmethod
+    def _after_unique(cls, value: list[Dependency]) -> list[Dependency]:
+        jobs = [d.job for d in value]
+        if len(jobs) != len(set(jobs)):
+            raise ValueError("each job may be named once in `after`")
+        return value
 
     @field_validator("files")
     @classmethod
@@ -623,6 +650,8 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _kind_matches_payload(self) -> Self:
+        if self.array is not None and self.kind != JobKind.BATCH:
+            raise ValueError("`array` is for batch jobs (a Ray cluster is one allocation)")
         if self.kind == JobKind.BATCH:
             if not self.script:
                 raise ValueError("a batch job needs a non-empty `script`")
@@ -658,6 +687,35 @@ class Observation(_Model):
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    tasks: tuple[TaskObservation, ...] | None = Field(
+        default=None, description="an array's tasks, by index; None for a job that is not an array"
+    )
+
+    @classmethod
+    def of_array(cls, tasks: Iterable[TaskObservation]) -> Observation:
+        """An array job as a whole, from its tasks: the state by `derive_array_state`, the first
+        submission and start, the last end, and (once ended) the highest task exit code; the
+        reason names the first task that did not complete."""
+        ordered = tuple(sorted(tasks, key=lambda t: t.index))
+        state = derive_array_state(t.state for t in ordered)
+        starts = [t.started_at for t in ordered if t.started_at is not None]
+        ends = [t.ended_at for t in ordered if t.ended_at is not None]
+        codes = [t.exit_code for t in ordered if t.exit_code is not None]
+        bad = next((t for t in ordered if t.state.terminal and t.state != JobState.COMPLETED), None)
+        reason = None
+        if state.terminal and bad is not None:
+            reason = f"task {bad.index}: {bad.reason or bad.native_state}"
+        elif not state.terminal:
+            reason = next((t.reason for t in ordered if t.reason == DEPENDENCY_NEVER_SATISFIED), None)
+        return cls(
+            state=state,
+            native_state="ARRAY",
+            reason=reason,
+            exit_code=max(codes) if state.terminal and codes else None,
+            started_at=min(starts) if starts and state != JobState.QUEUED else None,
+            ended_at=max(ends) if ends and state.terminal else None,
+            tasks=ordered,
+        )
 
 
 class Bridge(_Model):
@@ -698,5 +756,13 @@ class Job(JobSummary):
     """The job record as the API returns it."""
 
     spec: JobSpec
+    dependency: str | None = Field(
+        default=None,
+        description="sbatch's --dependency for `spec.after`, once every job waited for has a SLURM id "
+        "(set on the jobs handed to an agent)",
+    )
+    cancel_tasks: list[int] = Field(
+        default_factory=list, description="array tasks whose cancellation is asked for and not yet done"
+    )
     bridges: list[Bridge] = Field(default_factory=list)
     artifacts: list[str] = Field(default_factory=list)

@@ -57,6 +57,15 @@ class JobPaths:
     def output(self) -> str:
         return f"{self.control}/output.log"
 
+    def task_output(self, index: int) -> str:
+        """The output of one task of an array job (each task writes its own file)."""
+        return f"{self.control}/output-{int(index)}.log"
+
+    @property
+    def task_output_pattern(self) -> str:
+        """sbatch's `--output` for an array job: `%a` is the task index."""
+        return f"{self.control}/output-%a.log"
+
     def file(self, relative: str) -> str:
         """Absolute path of a user file; `relative` was validated by JobSpec (no `..`, not absolute)."""
         return f"{self.jobdir}/{relative}"

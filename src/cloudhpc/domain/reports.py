@@ -13,6 +13,7 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from cloudhpc.domain.arrays import MAX_ARRAY_TASKS, TaskObservation
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 
@@ -34,6 +35,12 @@ class JobReport(BaseModel):
     submitted_at: AwareDatetime | None = None
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime | None = None
+    tasks: list[TaskObservation] | None = Field(
+        default=None, max_length=MAX_ARRAY_TASKS, description="an array's tasks (replace the stored ones)"
+    )
+    cancelled_tasks: list[int] | None = Field(
+        default=None, max_length=MAX_ARRAY_TASKS, description="array tasks the agent has scancelled"
+    )
 
 
 class Reconciliation(BaseModel):

@@ -113,6 +113,8 @@ class JobSubmission:
     """Extra files to place in the job directory, keyed by path relative to it (user files, the user script)."""
     modes: Mapping[str, int] = field(default_factory=dict)
     """File modes of some `files` (the others get 0644): a private key must be 0600 for ssh to use it."""
+    dependency: str | None = None
+    """sbatch's `--dependency` (`Job.dependency`: the SLURM ids of the jobs waited for)."""
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,11 @@ class JobBackend(Protocol):
 
     async def efficiency(self, native_id: str) -> Efficiency: ...
 
-    async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
-        """The job's combined stdout/stderr from `offset`; b"" before the file exists."""
+    async def read_output(
+        self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None
+    ) -> bytes:
+        """The job's combined stdout/stderr from `offset` (of array task `task`); b"" before the
+        file exists."""
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         """Delete files of an ended job (a staged key): missing files are not an error."""

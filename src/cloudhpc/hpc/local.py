@@ -324,6 +324,13 @@ class LocalBackend:
     async def submit(self, submission: JobSubmission) -> str:
         """Stage, then start the supervisor; returns once the job is findable. Submitting a job
         that was already started returns its native id and starts nothing."""
+        if submission.spec.array is not None or submission.dependency is not None:
+            raise SubmitRejected(
+                "the local backend runs one process per job: job arrays and `after` need SLURM",
+                argv=[],
+                exit_status=0,
+                stderr="",
+            )
         paths = self.paths(submission.job_id)
         native = self.native_id(submission.job_id)
         control = Path(paths.control)
@@ -507,8 +514,12 @@ class LocalBackend:
             source="local",
         )
 
-    async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
-        return await read_output_file(self.runner, self.paths(job_id).output, offset=offset, length=length)
+    async def read_output(
+        self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None
+    ) -> bytes:
+        paths = self.paths(job_id)
+        path = paths.output if task is None else paths.task_output(task)
+        return await read_output_file(self.runner, path, offset=offset, length=length)
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         paths = self.paths(job_id)

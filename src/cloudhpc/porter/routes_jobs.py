@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.config import ClusterConfig
+from cloudhpc.domain.arrays import MAX_ARRAY_INDEX, TaskObservation, array_indices
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec, JobSummary
 from cloudhpc.domain.redaction import redacted_job
@@ -79,6 +80,23 @@ def _checked_resources(spec: JobSpec, cluster: ClusterConfig | None) -> JobSpec:
     return spec
 
 
+async def _check_after(state: PorterState, spec: JobSpec, principal: Principal) -> None:
+    """Every job of `after` is the submitter's own and on the same cluster (a SLURM dependency
+    names a job of the same slurmctld): a 422 naming the entry otherwise, with the same words for
+    a job that does not exist and one of somebody else, as `GET /jobs/{id}` has."""
+    problems: list[tuple[str, str]] = []
+    for i, dep in enumerate(spec.after):
+        other = await state.store.get_job(dep.job)
+        if other is None or other.owner != principal.user:
+            problems.append((f"after[{i}].job", f"no job {dep.job} of yours"))
+        elif other.cluster != spec.cluster:
+            problems.append(
+                (f"after[{i}].job", f"job {dep.job} runs on cluster {other.cluster}, not {spec.cluster}")
+            )
+    if problems:
+        raise _invalid(problems)
+
+
 @router.post("/jobs", status_code=201, response_model=Job)
 async def submit_job(
     spec: JobSpec,
@@ -90,6 +108,7 @@ async def submit_job(
     state = state_of(request)
     await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
     spec = _checked_resources(spec, state.settings.clusters.get(spec.cluster))
+    await _check_after(state, spec, principal)
     check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
     try:
         bridges = plan_bridges(spec, state.settings.porter.bridge)
@@ -172,6 +191,54 @@ async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -
     state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     job = await state.store.request_cancel(job.id, principal.user)
+    state.notifier.notify(job_key(job_id))
+    state.notifier.notify(cluster_key(job.cluster))
+    return redacted_job(job)
+
+
+class TaskPage(BaseModel):
+    """A page of `GET /jobs/{id}/tasks`, by task index; `next_cursor` (null: the last page) is
+    passed back as `cursor`."""
+
+    tasks: list[TaskObservation]
+    next_cursor: str | None
+
+
+@router.get("/jobs/{job_id}/tasks", response_model=TaskPage)
+async def job_tasks(
+    job_id: UUID,
+    request: Request,
+    principal: UserPrincipal,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,6}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> TaskPage:
+    """The tasks of an array job from index `cursor` on: state, SLURM state, reason, exit code
+    and times of each. 404 for a job that is not an array; an empty page before its first poll."""
+    state = state_of(request)
+    job = await _owned_job(state, job_id, principal)
+    if job.spec.array is None:
+        raise HttpProblem(404, "not_found", f"job {job.id} is not an array job (it has no tasks)")
+    tasks = await state.store.job_tasks(job.id) or []
+    start = int(cursor) if cursor is not None else 0
+    rest = [t for t in tasks if t.index >= start]
+    page, more = rest[:limit], rest[limit:]
+    return TaskPage(tasks=page, next_cursor=str(more[0].index) if more else None)
+
+
+@router.post("/jobs/{job_id}/tasks/{index}/cancel", response_model=Job)
+async def cancel_task(
+    job_id: UUID,
+    index: Annotated[int, Path(ge=0, le=MAX_ARRAY_INDEX)],
+    request: Request,
+    principal: UserPrincipal,
+) -> Job:
+    """Cancel one task of an array job (the others go on; `POST /jobs/{id}/cancel` cancels them
+    all). 404 for a job that is not an array or an index that is not one of its tasks."""
+    state = state_of(request)
+    job = await _owned_job(state, job_id, principal)
+    if job.spec.array is None or index not in array_indices(job.spec.array):
+        raise HttpProblem(404, "not_found", f"job {job.id} has no array task {index}")
+    job = await state.store.request_task_cancel(job.id, index)
     state.notifier.notify(job_key(job_id))
     state.notifier.notify(cluster_key(job.cluster))
     return redacted_job(job)

@@ -53,6 +53,11 @@ def job_prefix(owner: str, job_id: UUID) -> str:
     return check_key(f"{ARTIFACT_ROOT}{owner_segment(owner)}/{job_id}") + "/"
 
 
+def output_name(task: int | None = None) -> str:
+    """The artifact name of a job's output, or of one array task's."""
+    return "output.log" if task is None else f"tasks/{int(task)}/output.log"
+
+
 def artifact_key(owner: str, job_id: UUID, name: str) -> str:
     """The key of one artifact; `name` may hold `/` (`files/conf/a.yaml`) but never `..`."""
     return check_key(job_prefix(owner, job_id) + name)
@@ -115,9 +120,10 @@ class ArtifactWriter:
     def save_error(self, job: Job, message: str) -> list[str]:
         return [self._put(job, "error.txt", (message.rstrip("\n") + "\n").encode(), _TEXT)]
 
-    def save_output(self, job: Job, path: Path) -> list[str]:
-        """The job's output from a local copy; large logs go up in parts (`upload_file`)."""
-        key = artifact_key(job.owner, job.id, "output.log")
+    def save_output(self, job: Job, path: Path, *, task: int | None = None) -> list[str]:
+        """The job's output (of array task `task`: `tasks/<index>/output.log`) from a local copy;
+        large logs go up in parts (`upload_file`)."""
+        key = artifact_key(job.owner, job.id, output_name(task))
         self.objects.upload_file(key, path, content_type=_TEXT)
         return [key]
 

@@ -8,6 +8,7 @@ is ignored.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
@@ -17,18 +18,23 @@ from typing import Final
 from sqlalchemy import func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import ACTIVE_STATES, TERMINAL_STATES, JobState, can_transition
+from cloudhpc.store.dependencies import plan_dependencies
 from cloudhpc.store.engine import DEFAULT_URL, Database, map_db_errors, utcnow
 from cloudhpc.store.jobs import to_job
 from cloudhpc.store.models import AccountingRow, AgentRow, JobRow, TransitionRow
-from cloudhpc.store.notify import job_key, notify_in
+from cloudhpc.store.notify import cluster_key, job_key, notify_in
 
 __all__ = ["UNACCOUNTED_WINDOW", "AgentRepository"]
 
 log = logging.getLogger(__name__)
+
+WAITING_ALLOWANCE: Final = 400
+"""Rows read beyond a claim's limit, so jobs waiting for a dependency do not hide the others."""
 
 # How long after its end a job without accounting is still handed to a restarted agent to collect:
 # long enough to outlast an agent outage over a weekend, short of sites' sacct purge periods.
@@ -111,34 +117,79 @@ class AgentRepository(Database):
             .where(
                 JobRow.cluster == cluster,
                 JobRow.state.in_([s.value for s in ACTIVE_STATES]),
-                or_(JobRow.state == JobState.PENDING.value, JobRow.cancel_requested),
+                or_(
+                    JobRow.state == JobState.PENDING.value,
+                    JobRow.cancel_requested,
+                    JobRow.cancel_tasks.is_not(None),
+                ),
                 or_(JobRow.lease_until.is_(None), JobRow.lease_until <= now),
             )
             .order_by(JobRow.created_at, JobRow.id)
-            .limit(limit)
         )
         if self.is_postgresql:
             # Replicas serving two agents at once each skip the rows the other is handing out.
             query = query.with_for_update(skip_locked=True)
         # On SQLite the write transaction (BEGIN IMMEDIATE) already excludes every other writer.
         with self._write() as session:
-            rows = list(session.scalars(query))
+            offered: list[Job] = []
+            # jobs still waiting for a dependency's SLURM id are passed over, not leased
+            for row in session.scalars(query.limit(limit + WAITING_ALLOWANCE)):
+                job = to_job(row)
+                if job.spec.after and not row.cancel_requested and row.state == JobState.PENDING.value:
+                    plan = plan_dependencies(session, job)
+                    if plan.never is not None:
+                        self._fail_unsatisfiable(session, row, plan.never, now)
+                        continue
+                    if plan.waiting:
+                        continue
+                    job = job.model_copy(update={"dependency": plan.option})
+                offered.append(job)
+                if len(offered) >= limit:
+                    break
             until = now + timedelta(seconds=lease_seconds)
-            for row in rows:
-                row.lease_owner = agent
-                row.lease_until = until
-            return [to_job(row) for row in rows]
+            for job in offered:
+                leased = session.get(JobRow, str(job.id))
+                assert leased is not None  # read in this transaction
+                leased.lease_owner = agent
+                leased.lease_until = until
+            return offered
+
+    def _fail_unsatisfiable(self, session: Session, row: JobRow, reason: str, now: datetime) -> None:
+        """End a pending job whose `after` can never be met (a job it waits for ended otherwise
+        before SLURM could judge): it would wait forever."""
+        session.add(
+            TransitionRow(
+                job_id=row.id,
+                at=now,
+                from_state=row.state,
+                to_state=JobState.FAILED.value,
+                actor="porter",
+                reason=reason,
+            )
+        )
+        row.state = JobState.FAILED.value
+        row.reason = reason
+        row.ended_at = now
+        row.updated_at = now
+        notify_in(session, [job_key(row.id)])
 
     @map_db_errors
     def active_jobs(self, cluster: str) -> list[Job]:
-        """Every non-terminal job of a cluster: what an agent reconciles after a restart."""
+        """Every non-terminal job of a cluster: what an agent reconciles after a restart (with the
+        `dependency` of one it may have to submit again)."""
         with self._read() as session:
             rows = session.scalars(
                 select(JobRow)
                 .where(JobRow.cluster == cluster, JobRow.state.in_([s.value for s in ACTIVE_STATES]))
                 .order_by(JobRow.created_at, JobRow.id)
             )
-            return [to_job(row) for row in rows]
+            jobs = [to_job(row) for row in rows]
+            return [
+                job.model_copy(update={"dependency": plan_dependencies(session, job).option})
+                if job.spec.after and job.slurm_job_id is None
+                else job
+                for job in jobs
+            ]
 
     def reconciliation(
         self, cluster: str, *, unaccounted_within: timedelta = UNACCOUNTED_WINDOW
@@ -214,7 +265,10 @@ class AgentRepository(Database):
             now = utcnow()
             current = JobState(row.state)
             row.observed_seq = report.seq
-            notify_in(session, [job_key(row.id)])  # sent at commit, to every replica's waiters
+            keys = [job_key(row.id)]
+            if (report.slurm_job_id and not row.slurm_job_id) or report.state.terminal:
+                keys.append(cluster_key(row.cluster))  # a job waiting for this one may go now
+            notify_in(session, keys)  # sent at commit, to every replica's waiters
             row.updated_at = now
             outcome = "applied"
             if report.state != current and not can_transition(current, report.state):
@@ -248,6 +302,11 @@ class AgentRepository(Database):
                 value = getattr(report, field)
                 if value is not None:
                     setattr(row, field, value)
+            if report.tasks is not None:
+                row.tasks = json.dumps([t.model_dump(mode="json") for t in report.tasks])
+            if report.cancelled_tasks and row.cancel_tasks:
+                left = sorted(set(json.loads(row.cancel_tasks)) - set(report.cancelled_tasks))
+                row.cancel_tasks = json.dumps(left) if left else None
             if JobState(row.state).terminal and row.ended_at is None:
                 row.ended_at = now
             return to_job(row)

@@ -81,6 +81,8 @@ class AsyncStore:
     request_cancel = _in_thread(Store.request_cancel)
     job_bridges = _in_thread(Store.job_bridges)
     transitions = _in_thread(Store.transitions)
+    job_tasks = _in_thread(Store.job_tasks)
+    request_task_cancel = _in_thread(Store.request_task_cancel)
     # the agent protocol
     touch_agent = _in_thread(Store.touch_agent)
     take_agent_slot = _in_thread(Store.take_agent_slot)

@@ -20,6 +20,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, load_only
 
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.bridges import BridgePlan
 from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
@@ -114,6 +115,7 @@ def to_job(row: JobRow) -> Job:
         ended_at=row.ended_at,
         spec=JobSpec.model_validate_json(row.spec),
         artifacts=json.loads(row.artifacts),
+        cancel_tasks=json.loads(row.cancel_tasks) if row.cancel_tasks else [],
         # a bridge is forgotten the moment its job ends, even before porter releases its port
         bridges=[] if JobState(row.state).terminal else [to_bridge(b) for b in row.bridges],
     )
@@ -303,12 +305,40 @@ class JobRepository(Database):
             return to_job(row)
 
     @map_db_errors
+    def request_task_cancel(self, job_id: UUID, index: int) -> Job:
+        """Ask for one task of an array job to be cancelled: noted in `cancel_tasks`, the lease
+        cleared so that the next `claim_work` hands the job to its agent, which scancels the task
+        and reports it done. A terminal job is returned unchanged."""
+        with self._write() as session:
+            row = session.get(JobRow, str(job_id), with_for_update=True)
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            if JobState(row.state).terminal:
+                return to_job(row)
+            asked = set(json.loads(row.cancel_tasks) if row.cancel_tasks else [])
+            row.cancel_tasks = json.dumps(sorted(asked | {index}))
+            row.lease_until = None
+            row.updated_at = utcnow()
+            notify_in(session, [job_key(row.id), cluster_key(row.cluster)])
+            return to_job(row)
+
+    @map_db_errors
     def job_bridges(self, job_id: UUID) -> list[Bridge]:
         """The bridges of a live job (none once it has ended)."""
         job = self.get_job(job_id)
         if job is None:
             raise UnknownJob(f"no job {job_id}")
         return list(job.bridges)
+
+    @map_db_errors
+    def job_tasks(self, job_id: UUID) -> list[TaskObservation] | None:
+        """An array job's tasks as last reported, by index; None for a job that is not an array
+        (or an array no agent has reported on yet)."""
+        with self._read() as session:
+            raw = session.scalar(select(JobRow.tasks).where(JobRow.id == str(job_id)))
+        if raw is None:
+            return None
+        return [TaskObservation.model_validate(t) for t in json.loads(raw)]
 
     @map_db_errors
     def transitions(self, job_id: UUID) -> list[Transition]:

@@ -116,6 +116,10 @@ class JobRow(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     artifacts: Mapped[str] = mapped_column(Text, server_default=text("'[]'"))
+    # An array job's tasks, JSON of [TaskObservation, ...] as last reported; NULL for other jobs.
+    tasks: Mapped[str | None] = mapped_column(Text)
+    # Array tasks whose cancellation was asked for (JSON list of indices), until the agent did it.
+    cancel_tasks: Mapped[str | None] = mapped_column(Text)
     bridges: Mapped[list[BridgeRow]] = relationship(
         lazy="selectin", order_by="BridgeRow.id", passive_deletes=True, cascade="all, delete-orphan"
     )

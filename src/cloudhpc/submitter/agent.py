@@ -22,6 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
+from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, array_indices
 from cloudhpc.domain.jobs import Job, JobKind, Observation
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
@@ -124,6 +125,8 @@ class Agent:
         self._cancel_asked: set[UUID] = set()
         self._finishing: set[UUID] = set()
         self._accounting_retry: dict[UUID, tuple[float, float]] = {}  # job -> (not before, next delay)
+        self._never_satisfied: set[UUID] = set()
+        """Jobs cancelled because SLURM said their dependency can never be met."""
         self._poller = Poller(backend, config.poll, self._on_observation)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -269,6 +272,8 @@ class Agent:
                 await self._cancel(job)
             elif job.state == JobState.PENDING:
                 await self._submit(job)
+            elif job.cancel_tasks:
+                await self._cancel_tasks(job)
         except Exception:
             log.exception("job %s: unexpected error; it will be retried", job.id)
 
@@ -283,6 +288,19 @@ class Agent:
         await self.backend.cancel(native)
         if tracked is None:
             self._track(job, native)
+        self._poller.poke()
+
+    async def _cancel_tasks(self, job: Job) -> None:
+        """scancel the array tasks asked for (`<array id>_<index>`), then tell porter they are done."""
+        tracked = self._tracked.get(job.id)
+        native = tracked.native_id if tracked else job.slurm_job_id
+        if native is None:
+            return  # not in SLURM yet: offered again once it is
+        for index in job.cancel_tasks:
+            await self.backend.cancel(f"{native}_{index}")
+        seen = self._poller.last_observation(job.id)  # a report never moves the state back
+        state = seen.state if seen is not None else job.state
+        await self._report(job.id, state, cancelled_tasks=list(job.cancel_tasks))
         self._poller.poke()
 
     async def _submit(self, job: Job) -> None:
@@ -304,6 +322,8 @@ class Agent:
                         job.id, JobState.CANCELLED, reason="cancelled while being prepared (before sbatch)"
                     )
                     return
+                if job.dependency is not None:  # porter resolved `after` to SLURM ids
+                    submission = dataclasses.replace(submission, dependency=job.dependency)
                 # The script is kept while sbatch runs, so a job refused by sbatch still has it.
                 stored = self._spawn(self._store_artifacts(job, self._save_submission(job, submission)))
                 native = await self.backend.submit(submission)
@@ -356,15 +376,30 @@ class Agent:
         tracked = self._tracked.get(job_id)
         if observation.state.terminal and tracked is not None:
             await self._collect_output(tracked)
+        state, reason = observation.state, observation.reason
+        if not state.terminal and reason == DEPENDENCY_NEVER_SATISFIED:
+            # SLURM would keep it queued forever: end it, and remember why for its last report
+            log.info("job %s: its dependency can never be met; cancelling SLURM job %s", job_id, native_id)
+            self._never_satisfied.add(job_id)
+            await self.backend.cancel(native_id)
+            self._poller.poke()
+        elif state.terminal and job_id in self._never_satisfied:
+            self._never_satisfied.discard(job_id)
+            state = JobState.FAILED
+            reason = (
+                f"{DEPENDENCY_NEVER_SATISFIED}: a job it waited for ended in a way that can never "
+                "satisfy its `after`; cancelled instead of left queued"
+            )
         await self._report(
             job_id,
-            observation.state,
+            state,
             slurm_job_id=native_id,
-            reason=observation.reason,
+            reason=reason,
             exit_code=observation.exit_code,
             submitted_at=observation.submitted_at,
             started_at=observation.started_at,
             ended_at=observation.ended_at,
+            tasks=list(observation.tasks) if observation.tasks is not None else None,
         )
         if observation.state.terminal and tracked is not None:
             self._tracked.pop(job_id, None)
@@ -402,7 +437,11 @@ class Agent:
 
         Run again for a job porter still lists as unaccounted after an agent restart, so every
         step here must be safe to repeat (artifacts are overwritten under the same keys)."""
-        record, _ = await asyncio.gather(self._collect_accounting(tracked), self._store_output(tracked))
+        record, *_ = await asyncio.gather(
+            self._collect_accounting(tracked),
+            # an array's tasks each write their own output
+            *(self._store_output(tracked, task=i) for i in self._task_indices(tracked.job)),
+        )
         job_id = tracked.job.id
         if record is None:
             _not_before, delay = self._accounting_retry.get(job_id, (0.0, ACCOUNTING_RETRY_FIRST / 2))
@@ -492,9 +531,14 @@ class Agent:
         except (CloudHPCError, ChannelError) as exc:
             log.warning("job %s: could not store artifacts (%s)", job.id, exc)
 
-    async def _store_output(self, tracked: _Tracked) -> None:
-        """Copy the whole output file through a local temporary file, so a large log is uploaded
-        in parts and never held in memory."""
+    @staticmethod
+    def _task_indices(job: Job) -> list[int | None]:
+        """The outputs a job has: one per array task, or the job's own (None)."""
+        return list(array_indices(job.spec.array)) if job.spec.array is not None else [None]
+
+    async def _store_output(self, tracked: _Tracked, task: int | None = None) -> None:
+        """Copy the whole output file (of array task `task`: `tasks/<index>/output.log`) through a
+        local temporary file, so a large log is uploaded in parts and never held in memory."""
         if self.artifacts is None:
             return
         with tempfile.TemporaryDirectory(prefix="cloudhpc-output-") as tmp:
@@ -503,14 +547,16 @@ class Agent:
                 with path.open("wb") as handle:
                     offset = 0
                     while data := await self.backend.read_output(
-                        tracked.job.id, offset=offset, length=OUTPUT_CHUNK
+                        tracked.job.id, offset=offset, length=OUTPUT_CHUNK, task=task
                     ):
                         handle.write(data)
                         offset += len(data)
             except CloudHPCError as exc:
                 log.warning("job %s: could not read the output to store it (%s)", tracked.job.id, exc)
                 return
-            await self._store_artifacts(tracked.job, lambda: self._writer().save_output(tracked.job, path))
+            await self._store_artifacts(
+                tracked.job, lambda: self._writer().save_output(tracked.job, path, task=task)
+            )
 
     async def _report(self, job_id: UUID, state: JobState, **fields: Any) -> None:
         report = JobReport(job_id=job_id, seq=self._seq.next(), state=state, **fields)

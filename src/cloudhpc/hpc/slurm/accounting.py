@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
@@ -78,6 +79,22 @@ class SacctRow:
             submitted_at=self.record.submit,
             started_at=self.record.start if state != JobState.QUEUED else None,
             ended_at=self.record.end if state.terminal else None,
+        )
+
+    def task_observation(self) -> TaskObservation | None:
+        """This row as one task of an array (`123_7`): None for a row that is not a task."""
+        observation = self.observation()
+        task = parse_job_id(self.record.job_id).array_task
+        if observation is None or task is None or not task.isdigit():
+            return None
+        return TaskObservation(
+            index=int(task),
+            state=observation.state,
+            native_state=observation.native_state,
+            reason=observation.reason,
+            exit_code=observation.exit_code,
+            started_at=observation.started_at,
+            ended_at=observation.ended_at,
         )
 
 

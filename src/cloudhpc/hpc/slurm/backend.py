@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Protocol, TypeVar
 from uuid import UUID
 
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import AccountingUnavailable, ParseError, SchedulerCommandError
@@ -33,7 +34,13 @@ from cloudhpc.hpc.slurm.accounting import Sacct
 from cloudhpc.hpc.slurm.cancel import Scancel
 from cloudhpc.hpc.slurm.commands import _Command
 from cloudhpc.hpc.slurm.efficiency import Seff, compute_efficiency
-from cloudhpc.hpc.slurm.ids import allocation_ids, check_native_id, comment_for, job_name_for
+from cloudhpc.hpc.slurm.ids import (
+    allocation_ids,
+    check_native_id,
+    comment_for,
+    job_name_for,
+    parse_job_id,
+)
 from cloudhpc.hpc.slurm.queue import Squeue, SqueueRow
 from cloudhpc.hpc.slurm.submit import Sbatch
 
@@ -125,7 +132,13 @@ class SlurmBackend:
         """Stage and sbatch. `submission.resources` are complete: the agent applies the cluster's
         defaults once, before rendering, so what is submitted is what the rendered script saw."""
         paths = await self.paths(submission.job_id)
-        command = Sbatch(job_id=submission.job_id, paths=paths, resources=submission.resources)
+        command = Sbatch(
+            job_id=submission.job_id,
+            paths=paths,
+            resources=submission.resources,
+            array=submission.spec.array,
+            dependency=submission.dependency,
+        )
         command.argv()  # validate before anything is written on the cluster
         targets = [
             (paths.file(_check_relative(rel)), data, submission.modes.get(rel, 0o644))
@@ -168,6 +181,9 @@ class SlurmBackend:
         return ids[-1]
 
     async def poll(self, native_ids: Sequence[str]) -> dict[str, Observation]:
+        """One squeue for every job (an array's tasks included: `--jobs=<array id>` lists them all),
+        and one sacct only for jobs that left the queue or ended (an array: once no task is left
+        queued or running, so a 100-task array costs what one job costs)."""
         ids = list(dict.fromkeys(check_native_id(i) for i in native_ids))
         self.last_poll_commands = 0
         if not ids:
@@ -183,10 +199,23 @@ class SlurmBackend:
             )
             rows = []
         by_id: dict[str, SqueueRow] = {}
+        arrays: dict[str, dict[int, TaskObservation]] = {}
         for row in rows:
+            parsed = parse_job_id(row.job_id)
             for alloc in allocation_ids(row.job_id):
                 by_id[alloc] = row
+                if parsed.array_task is not None:
+                    task = row.task_observation(int(alloc.rpartition("_")[2]))
+                    if task is not None:
+                        arrays.setdefault(parsed.job, {})[task.index] = task
         for native_id in ids:
+            tasks = arrays.get(native_id)
+            if tasks is not None:
+                if all(t.state.terminal for t in tasks.values()):
+                    ask_sacct.append(native_id)  # exit codes and final times live in accounting
+                else:
+                    observations[native_id] = Observation.of_array(tasks.values())
+                continue
             queued = by_id.get(native_id)
             if queued is None:
                 ask_sacct.append(native_id)
@@ -210,14 +239,34 @@ class SlurmBackend:
                 )
                 return observations
             wanted = set(ask_sacct)
+            accounted_tasks: dict[str, dict[int, TaskObservation]] = {}
             for sacct_row in accounted:
-                if sacct_row.record.step is None and sacct_row.record.job_id in wanted:
+                if sacct_row.record.step is not None:
+                    continue
+                parsed = parse_job_id(sacct_row.record.job_id)
+                if parsed.array_task is not None and parsed.job in wanted:
+                    task = sacct_row.task_observation()
+                    if task is not None:
+                        accounted_tasks.setdefault(parsed.job, {})[task.index] = task
+                    continue
+                if sacct_row.record.job_id in wanted and sacct_row.record.job_id not in arrays:
+                    # (an array's first record may show as `123`, without its task, right after
+                    # its end: squeue said it is an array, so only task rows count for it)
                     observation = sacct_row.observation()
                     if observation is None:
                         continue
                     if sacct_row.record.job_id in by_id and not observation.state.terminal:
                         continue  # slurmdbd has not caught up with slurmctld yet: ask again
                     observations[sacct_row.record.job_id] = observation
+            for native_id, tasks in accounted_tasks.items():
+                observation = Observation.of_array(tasks.values())
+                queued_tasks = arrays.get(native_id, {})
+                if not observation.state.terminal or not queued_tasks.keys() <= tasks.keys():
+                    # squeue saw every task end; slurmdbd has not recorded them all yet (right
+                    # after the end it may know one task only): ask again rather than judge the
+                    # array by a part of it
+                    continue
+                observations[native_id] = observation
         return observations
 
     async def cancel(self, native_id: str) -> None:
@@ -230,7 +279,8 @@ class SlurmBackend:
             raise AccountingUnavailable(
                 f"sacct output for job {native_id} was unreadable ({exc})", argv=[], exit_status=0, stderr=""
             ) from exc
-        records = [r.record for r in rows if r.record.job_id == native_id]
+        # an array's rows are its tasks' (`123_0`, `123_1`...)
+        records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
         if not records:
             raise AccountingUnavailable(
                 f"sacct has no record of job {native_id} yet",
@@ -252,10 +302,12 @@ class SlurmBackend:
                 return command.parse(result)
         return compute_efficiency(await self.accounting(native_id))
 
-    async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:
-        return await read_output_file(
-            self._conn, (await self.paths(job_id)).output, offset=offset, length=length
-        )
+    async def read_output(
+        self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None
+    ) -> bytes:
+        paths = await self.paths(job_id)
+        path = paths.output if task is None else paths.task_output(task)
+        return await read_output_file(self._conn, path, offset=offset, length=length)
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         if not relative_paths:

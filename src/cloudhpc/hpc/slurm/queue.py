@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.hpc.backend import CommandResult
@@ -51,10 +52,33 @@ class SqueueRow:
         return Observation(
             state=state,
             native_state=self.native_state,
-            reason=self.native_state if state == JobState.FAILED else None,
+            reason=self._reason(state),
             submitted_at=self.submitted_at,
             started_at=self.started_at if state not in (JobState.QUEUED,) else None,
             ended_at=self.ended_at if state.terminal else None,
+        )
+
+    def _reason(self, state: JobState) -> str | None:
+        """The failure's SLURM state, or the one pending reason cloudhpc acts on: a dependency that
+        can never be met (the agent then ends the job instead of leaving it queued forever)."""
+        if state == JobState.FAILED:
+            return self.native_state
+        if state == JobState.QUEUED and self.reason == DEPENDENCY_NEVER_SATISFIED:
+            return DEPENDENCY_NEVER_SATISFIED
+        return None
+
+    def task_observation(self, index: int) -> TaskObservation | None:
+        """Task `index` of an array as this row shows it (a pending row stands for many tasks)."""
+        observation = self.observation()
+        if observation is None:
+            return None
+        return TaskObservation(
+            index=index,
+            state=observation.state,
+            native_state=self.native_state,
+            reason=observation.reason or self.reason,
+            started_at=observation.started_at,
+            ended_at=observation.ended_at,
         )
 
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from cloudhpc.domain.arrays import check_array
 from cloudhpc.domain.jobs import Resources
 from cloudhpc.exceptions import ParseError, QuotaExceeded, SubmitRejected
 from cloudhpc.hpc.backend import CommandResult, JobPaths
@@ -65,25 +66,43 @@ def resource_flags(resources: Resources) -> list[str]:
     return flags
 
 
+_DEPENDENCY = re.compile(
+    r"^after(?:ok|any|notok)(?::[0-9]{1,12})+(?:,after(?:ok|any|notok)(?::[0-9]{1,12})+)*$"
+)
+
+
 @dataclass(frozen=True)
 class Sbatch:
-    """Submit the wrapper script of one job; `parse` returns the SLURM job id."""
+    """Submit the wrapper script of one job; `parse` returns the SLURM job id (of the whole array,
+    for an array job: each task writes its own output file, `output-<index>.log`)."""
 
     job_id: UUID
     paths: JobPaths
     resources: Resources = field(default_factory=Resources)
+    array: str | None = None
+    dependency: str | None = None
+    """`afterok:12:13,afterany:14`, built by `domain.arrays.dependency_option` from SLURM ids."""
 
     name = "sbatch"
 
     def argv(self) -> list[str]:
+        extra: list[str] = []
+        if self.array is not None:
+            extra.append(f"--array={check_array(self.array)}")
+        if self.dependency is not None:
+            if not _DEPENDENCY.match(self.dependency):
+                raise ValueError(f"{self.dependency!r} is not a dependency cloudhpc builds")
+            extra.append(f"--dependency={self.dependency}")
+        output = self.paths.task_output_pattern if self.array is not None else self.paths.output
         return [
             "sbatch",
             "--parsable",
             f"--comment={comment_for(self.job_id)}",
             f"--job-name={job_name_for(self.job_id)}",
             f"--chdir={self.paths.jobdir}",
-            f"--output={self.paths.output}",
+            f"--output={output}",
             *resource_flags(self.resources),
+            *extra,
             self.paths.batch_script,
         ]
 
