@@ -6,13 +6,16 @@ that fails ends with `DependencyNeverSatisfied` instead of staying queued; 422s 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cloudhpc.cli.main import app
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
@@ -23,10 +26,24 @@ TIMEOUT = 120.0
 
 
 @pytest.fixture
-def client(tmp_path: Path, testbed: Testbed) -> Iterator[Client]:
+def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
     dep = Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")
-    with running(dep), dep.client() as client:
+    with running(dep):
+        yield dep
+
+
+@pytest.fixture
+def client(deployment: Deployment) -> Iterator[Client]:
+    with deployment.client() as client:
         yield client
+
+
+def cli(deployment: Deployment, *args: str) -> str:
+    """`cloudhpc <args>` in-process against the deployment's porter, as alice; its stdout."""
+    env = {"CLOUDHPC_URL": deployment.url, "CLOUDHPC_TOKEN": deployment.user_token, "CLOUDHPC_CONFIG": None}
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 0, (args, result.output)
+    return result.stdout
 
 
 def submit(client: Client, name: str, script: str, **spec: object) -> Job:
@@ -40,7 +57,7 @@ def scontrol(native_id: str) -> str:
     ).stdout
 
 
-def test_array_tasks_states_outputs_and_one_cancelled(client: Client) -> None:
+def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment: Deployment) -> None:
     # task 3 fails, task 5 sleeps until it is cancelled; the others print and end at once
     script = (
         "#!/bin/bash\n#SBATCH --array=0-5%6\n"
@@ -62,7 +79,7 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client) -> None:
         time.sleep(0.5)
     assert "ArrayTaskThrottle=6" in scontrol(current.slurm_job_id or "")
     assert client.get(job).state == JobState.RUNNING
-    client.cancel_task(job, 5)
+    assert "cancel of task 5 requested" in cli(deployment, "jobs", "cancel", str(job.id), "--task", "5")
     with pytest.raises(ApiError) as missing:
         client.cancel_task(job, 9)
     assert missing.value.status == 404
@@ -76,6 +93,10 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client) -> None:
     assert ended.reason.startswith("task 3:"), ended.reason
     tasks = client.tasks(job)
     assert [t.index for t in tasks] == [0, 1, 2, 3, 4, 5]
+    shown = json.loads(cli(deployment, "jobs", "tasks", str(job.id), "-o", "json"))
+    assert [(t["index"], t["state"], t["exit_code"]) for t in shown] == [
+        (t.index, t.state.value, t.exit_code) for t in tasks
+    ]
     by_index = {t.index: t for t in tasks}
     assert {i: by_index[i].state for i in by_index} == {
         0: JobState.COMPLETED,
@@ -97,17 +118,26 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client) -> None:
         output = client.task_output(job, i)
         assert output.startswith(f"task {i} of {ended.slurm_job_id}\n".encode()), (i, output)
         assert (b"CANCELLED" in output) == (i == 5), output  # slurmstepd's word in the one cancelled
+    assert cli(deployment, "jobs", "logs", str(job.id), "--task", "3") == f"task 3 of {ended.slurm_job_id}\n"
     # two pages of tasks, by cursor
     page = client._request("GET", f"/api/v1/jobs/{job.id}/tasks", params={"limit": 4}).json()
     assert [t["index"] for t in page["tasks"]] == [0, 1, 2, 3]
     assert page["next_cursor"] == "4"
 
 
-def test_chain_of_three_with_afterok(client: Client) -> None:
+def test_chain_of_three_with_afterok(client: Client, deployment: Deployment, tmp_path: Path) -> None:
     # all three submitted at once: the second and third wait in `pending` for SLURM ids
     first = submit(client, "first", "sleep 2; echo one > chain.txt", resources={"time": "2"})
     second = submit(client, "second", "echo two", after=[{"job": str(first.id), "on": "ok"}])
-    third = submit(client, "third", "echo three", after=[{"job": str(second.id)}])
+    script = tmp_path / "third.sh"
+    script.write_text("echo three\n")
+    third_id = cli(
+        deployment,
+        *("jobs", "submit", "--name", "third", "--cluster", "testbed", "--script", str(script)),
+        *("--after", str(second.id)),
+    ).strip()
+    third = client.get(third_id)
+    assert third.spec.after[0].job == second.id
     assert client.get(third).state == JobState.PENDING
     seen_dependency: dict[str, str] = {}
     deadline = time.monotonic() + TIMEOUT

@@ -247,6 +247,12 @@ def _resource_pairs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _after_option(value: str) -> dict[str, str]:
+    """`--after JOB_ID[:on]` as an `after` entry (the spec's checks apply to it)."""
+    job, _, on = value.partition(":")
+    return {"job": job, "on": on or "ok"}
+
+
 def _load_spec(
     file: Path | None, overrides: dict[str, Any], resources: dict[str, str] | None = None
 ) -> JobSpec:
@@ -336,6 +342,16 @@ def jobs_submit(
             "-r time=01:00:00 -r qos=normal -r gres=gpu:a100:4 -r exclusive=true",
         ),
     ] = None,
+    array: Annotated[
+        str | None, typer.Option(help="a job array, sbatch syntax: 0-99%10, 1,3,5-7, 0-20:5")
+    ] = None,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            help="run after another job of yours, JOB_ID[:ok|any|notok] (repeat; default ok)",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="resubmitting with the same key returns the same job")
     ] = None,
@@ -347,7 +363,9 @@ def jobs_submit(
     output: OutputOpt = Output.table,
 ) -> None:
     """Submit a job from a spec file and/or options."""
-    overrides: dict[str, Any] = {"name": name, "cluster": cluster}
+    overrides: dict[str, Any] = {"name": name, "cluster": cluster, "array": array}
+    if after:
+        overrides["after"] = [_after_option(a) for a in after]
     if script is not None:
         overrides["script"] = script.read_text(encoding="utf-8")
     spec = _load_spec(file, overrides, _resource_pairs(resource or []))
@@ -404,15 +422,43 @@ def jobs_wait(
         _wait_and_report(client, client.get(job_id), output, timeout)
 
 
+TaskOpt = Annotated[int | None, typer.Option("--task", help="one task of an array job, by index")]
+
+
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
-    """Ask for a job to be cancelled (honoured in any non-terminal state)."""
+def jobs_cancel(
+    job_id: str, task: TaskOpt = None, url: UrlOpt = None, output: OutputOpt = Output.table
+) -> None:
+    """Ask for a job (or, with --task, one task of an array) to be cancelled."""
     with _client(url) as client:
-        job = client.cancel(job_id)
+        job = client.cancel(job_id) if task is None else client.cancel_task(job_id, task)
     if output == Output.json:
         _print_json(_job_json(job))
     else:
-        out.print(f"{job.id}: cancel requested (state {job.state.value})")
+        what = "cancel" if task is None else f"cancel of task {task}"
+        out.print(f"{job.id}: {what} requested (state {job.state.value})")
+
+
+@jobs_app.command("tasks")
+def jobs_tasks(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+    """The tasks of an array job: state, SLURM state, exit code, times."""
+    with _client(url) as client:
+        tasks = client.tasks(job_id)
+    if output == Output.json:
+        _print_json([t.model_dump(mode="json") for t in tasks])
+        return
+    table = Table("TASK", "STATE", "SLURM STATE", "EXIT", "STARTED", "ENDED", "REASON")
+    for t in tasks:
+        table.add_row(
+            str(t.index),
+            t.state.value,
+            t.native_state,
+            "-" if t.exit_code is None else str(t.exit_code),
+            t.started_at.isoformat() if t.started_at else "-",
+            t.ended_at.isoformat() if t.ended_at else "-",
+            t.reason or "",
+        )
+    _print_table(table)
 
 
 @jobs_app.command("logs")
@@ -420,11 +466,16 @@ def jobs_logs(
     job_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
     offset: Annotated[int, typer.Option(help="start at this byte")] = 0,
+    task: TaskOpt = None,
     url: UrlOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Print the job's output (stdout and stderr)."""
+    """Print the job's output (stdout and stderr); with --task, one array task's (once the array
+    has ended)."""
     with _client(url) as client:
+        if task is not None:
+            sys.stdout.buffer.write(client.task_output(job_id, task)[offset:])
+            return
         if follow:
             for data in client.follow_logs(job_id, offset=offset):
                 sys.stdout.buffer.write(data)
