@@ -16,6 +16,7 @@ from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
+from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.store import Store
 from tests.integration.test_store import empty_url  # noqa: F401  (the fixture: a database without schema)
 
@@ -72,6 +73,12 @@ def test_tasks_are_replaced_by_each_report(store: Store) -> None:
     store.apply_report(JobReport(job_id=job.id, seq=2, state=JobState.RUNNING, tasks=later), actor="a")
     store.apply_report(JobReport(job_id=job.id, seq=3, state=JobState.RUNNING), actor="a")  # no tasks: kept
     assert store.job_tasks(job.id) == later
+    # metrics count the tasks of live arrays (porter's cloudhpc_array_tasks)
+    assert store.array_task_counts() == {("testbed", "completed"): 1, ("testbed", "queued"): 2}
+    scraped = PorterMetrics(store).render().decode()
+    assert 'cloudhpc_array_tasks{cluster="testbed",state="queued"} 2' in scraped
+    store.apply_report(JobReport(job_id=job.id, seq=4, state=JobState.COMPLETED), actor="a")
+    assert store.array_task_counts() == {}
 
 
 def test_a_task_cancel_is_offered_until_the_agent_reports_it_done(store: Store) -> None:

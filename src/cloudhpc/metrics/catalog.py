@@ -37,6 +37,13 @@ PORTER_METRICS: tuple[MetricSpec, ...] = (
         "cloudhpc_jobs", "gauge", ("cluster", "state"), "Jobs in the store by cluster and state", "porter"
     ),
     MetricSpec(
+        "cloudhpc_array_tasks",
+        "gauge",
+        ("cluster", "state"),
+        "Tasks of the live array jobs by cluster and task state (an array counts once in cloudhpc_jobs)",
+        "porter",
+    ),
+    MetricSpec(
         "cloudhpc_jobs_by_owner",
         "gauge",
         ("cluster", "owner", "state"),

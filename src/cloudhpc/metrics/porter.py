@@ -181,7 +181,16 @@ class PorterMetrics:
             bridges.add_values(
                 {(job_id, name): 1.0 if ready else 0.0 for job_id, name, ready in self.bridges()}
             )
-        return [jobs, owners, transitions, *per_job.values(), omitted, seen, bridges]
+        tasks = Family(spec("cloudhpc_array_tasks"))
+        task_counts = self.store.array_task_counts()
+        tasks.add_values(
+            {
+                (c, s.value): task_counts.get((c, s.value), 0)
+                for c in {c for c, _ in task_counts}
+                for s in JobState
+            }
+        )
+        return [jobs, tasks, owners, transitions, *per_job.values(), omitted, seen, bridges]
 
     def _counts(self, now: float) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]:
         """Jobs by (cluster, owner, state) and transitions by (cluster, from, to), both from the

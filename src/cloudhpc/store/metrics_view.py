@@ -9,6 +9,7 @@ database in one parse per document.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
@@ -223,6 +224,21 @@ class MetricsView(Database):
                 select(JobRow.cluster, JobRow.state, func.count()).group_by(JobRow.cluster, JobRow.state)
             )
             return {(cluster, state): count for cluster, state, count in rows}
+
+    @map_db_errors
+    def array_task_counts(self) -> dict[tuple[str, str], int]:
+        """Tasks of the live array jobs per (cluster, task state), from their last reports (an
+        ended array's tasks are not counted: bounded by what runs now, not by history)."""
+        with self._read() as session:
+            rows = session.execute(
+                select(JobRow.cluster, JobRow.tasks).where(
+                    JobRow.tasks.is_not(None), JobRow.state.in_([s.value for s in ACTIVE_STATES])
+                )
+            )
+            counts: Counter[tuple[str, str]] = Counter()
+            for cluster, tasks in rows:
+                counts.update((cluster, task["state"]) for task in json.loads(tasks or "[]"))
+            return dict(counts)
 
     @map_db_errors
     def transition_counts_by_cluster(self) -> dict[tuple[str, str, str], int]:
