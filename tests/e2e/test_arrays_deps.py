@@ -19,6 +19,7 @@ from cloudhpc.cli.main import app
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
+from cloudhpc.store import Store
 from tests.e2e.harness import Deployment, running
 from tests.testbed import Testbed
 
@@ -183,7 +184,7 @@ def test_dependency_on_a_failing_job_ends_with_the_reason(client: Client) -> Non
     )
 
 
-def test_bad_values_are_422s_naming_the_field(client: Client, tmp_path: Path) -> None:
+def test_bad_values_are_422s_naming_the_field(client: Client, deployment: Deployment) -> None:
     for bad in ("0-", "9-1", "0-9%0", "x", "0-20:0", "0-200000"):
         with pytest.raises(ApiError) as refused:
             client._request(
@@ -204,6 +205,19 @@ def test_bad_values_are_422s_naming_the_field(client: Client, tmp_path: Path) ->
             )
         assert refused.value.status == 422
         assert "after" in str(refused.value.details), after
+    # another user's job is not one to wait for, and answers as a job that does not exist
+    store = Store(deployment.database)
+    try:
+        bob_token = store.create_token("bob", "user")
+        store.create_token("bob", "agent", ["testbed"])  # bob may use the cluster too
+    finally:
+        store.close()
+    with Client(deployment.url, bob_token) as bob:
+        bobs = submit(bob, "bobs", "sleep 1")
+    with pytest.raises(ApiError) as refused:
+        submit(client, "a", "x", after=[{"job": str(bobs.id)}])
+    assert refused.value.status == 422
+    assert refused.value.details == [{"field": "after[0].job", "message": f"no job {bobs.id} of yours"}]
     with pytest.raises(ApiError) as refused:
         submit(client, "a", "#!/bin/bash\n#SBATCH --dependency=afterok:1\nx")
     assert refused.value.status == 422
