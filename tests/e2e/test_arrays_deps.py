@@ -120,6 +120,18 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
         assert output.startswith(f"task {i} of {ended.slurm_job_id}\n".encode()), (i, output)
         assert (b"CANCELLED" in output) == (i == 5), output  # slurmstepd's word in the one cancelled
     assert cli(deployment, "jobs", "logs", str(job.id), "--task", "3") == f"task 3 of {ended.slurm_job_id}\n"
+    # the accounting of every task (sacct's rows of the array)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            record = client.accounting(job)
+            break
+        except ApiError:
+            assert time.monotonic() < deadline, "no accounting for the array"
+            time.sleep(1)
+    allocations = {r["job_id"]: r for r in record["records"] if r["step"] is None}
+    assert set(allocations) == {f"{ended.slurm_job_id}_{i}" for i in range(6)}
+    assert allocations[f"{ended.slurm_job_id}_3"]["exit_code"] == 7
     # two pages of tasks, by cursor
     page = client._request("GET", f"/api/v1/jobs/{job.id}/tasks", params={"limit": 4}).json()
     assert [t["index"] for t in page["tasks"]] == [0, 1, 2, 3]
