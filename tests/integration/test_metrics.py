@@ -253,6 +253,23 @@ def test_metrics_needs_the_scrape_token_or_an_admin(
     assert SCRAPE_TOKEN not in caplog.text
 
 
+def test_a_rotated_scrape_token_is_taken_without_a_restart(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kubernetes updates a mounted Secret in place and Prometheus re-reads its credentials_file
+    at each scrape: porter follows the file; a broken file keeps the last good token."""
+    rotated = "rotated-" + "fedcba9876543210" * 2
+    with TestClient(create_app(_settings(tmp_path), store=store)) as client:
+        assert client.get("/metrics", headers=_bearer(SCRAPE_TOKEN)).status_code == 200
+        (tmp_path / "scrape-token").write_text(rotated + "\n")
+        assert client.get("/metrics", headers=_bearer(SCRAPE_TOKEN)).status_code == 401
+        assert client.get("/metrics", headers=_bearer(rotated)).status_code == 200
+        (tmp_path / "scrape-token").write_text("bad")
+        assert client.get("/metrics", headers=_bearer(rotated)).status_code == 200
+    assert "keeping the previous scrape token" in caplog.text
+    assert rotated not in caplog.text
+
+
 def test_without_a_token_file_only_admins_scrape(store: Store, tmp_path: Path) -> None:
     admin = store.create_token("root", "admin")
     settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path / 'objects'}"))

@@ -9,6 +9,7 @@ agent routes of the clusters it is bound to, `admin` on everything.
 from __future__ import annotations
 
 import hmac
+import logging
 from pathlib import Path
 from typing import Annotated
 from uuid import UUID
@@ -22,6 +23,7 @@ from cloudhpc.store import Principal
 
 __all__ = [
     "AgentPrincipal",
+    "ScrapeToken",
     "UserPrincipal",
     "agent_job",
     "authenticate",
@@ -53,18 +55,17 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
+log = logging.getLogger(__name__)
+
 MIN_SCRAPE_TOKEN_CHARS = 16
 
 
-def read_scrape_token(path: Path | None) -> str | None:
-    """The scrape token in `path` (`porter.metrics.token_file`), read once when the app is built;
-    a `ConfigError` naming the setting when it is unreadable or too short to be a secret (the
-    message never quotes the file). None when unset: then only admin tokens may scrape."""
-    if path is None:
-        return None
+def _read_token(path: Path) -> str:
+    """The one token in `path`; a `ConfigError` naming `porter.metrics.token_file` when it is
+    unreadable or too short to be a secret (the message never quotes the file)."""
     setting = "porter.metrics.token_file"
     try:
-        token = path.expanduser().read_text(encoding="utf-8").strip()
+        token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
         raise ConfigError(f"{setting}: cannot read {path} ({reason})") from None
@@ -76,15 +77,51 @@ def read_scrape_token(path: Path | None) -> str | None:
     return token
 
 
+class ScrapeToken:
+    """The token of `porter.metrics.token_file`: read when the app is built (a `ConfigError` then
+    stops porter), and again whenever the file changes, so a rotated Secret (Kubernetes updates a
+    mounted Secret in place, Prometheus re-reads its `credentials_file` at every scrape) is taken
+    without a restart. A file that becomes unreadable or invalid keeps the last good token, with
+    a warning (the token itself is never logged)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.expanduser()
+        self._stamp = self._stat()
+        self._token = _read_token(self.path)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def matches(self, given: str) -> bool:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            try:
+                self._token = _read_token(self.path)
+            except ConfigError as exc:
+                log.warning("%s; keeping the previous scrape token", exc)
+            self._stamp = stamp
+        return hmac.compare_digest(given.encode(), self._token.encode())
+
+
+def read_scrape_token(path: Path | None) -> ScrapeToken | None:
+    """`porter.metrics.token_file` as a `ScrapeToken`; None when unset: then only admin tokens may
+    scrape."""
+    return None if path is None else ScrapeToken(path)
+
+
 async def require_scraper(request: Request) -> None:
     """`/metrics` carries user data (owners, job names): Prometheus sends the scrape token
     (`porter.metrics.token_file`), an operator may use an admin token; anything else is refused.
     The scrape token is compared in constant time and never reaches the store or a log."""
-    expected: str | None = request.app.state.scrape_token
+    expected: ScrapeToken | None = request.app.state.scrape_token
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     given = token if scheme.lower() == "bearer" else ""
-    if expected is not None and given and hmac.compare_digest(given.encode(), expected.encode()):
+    if expected is not None and given and expected.matches(given):
         return
     principal = await authenticate(request)  # 401 without a token or with an unknown one
     if principal.role != "admin":
