@@ -18,7 +18,7 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
 from cloudhpc.hpc.backend import AccountingRecord, CommandResult
 from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES, _require_ok
-from cloudhpc.hpc.slurm.ids import check_native_id, parse_job_id
+from cloudhpc.hpc.slurm.ids import check_native_id, expand_array_tasks, parse_job_id
 from cloudhpc.hpc.slurm.states import SLURM_STATES, map_state, normalize_state
 from cloudhpc.hpc.slurm.tables import parse_table
 from cloudhpc.hpc.slurm.values import (
@@ -81,21 +81,25 @@ class SacctRow:
             ended_at=self.record.end if state.terminal else None,
         )
 
-    def task_observation(self) -> TaskObservation | None:
-        """This row as one task of an array (`123_7`): None for a row that is not a task."""
+    def task_observations(self) -> list[TaskObservation]:
+        """This row as tasks of an array: one for `123_7`, each task of `123_[2-5%2]` (tasks
+        cancelled before they started keep one row); none for a row that is not of an array."""
         observation = self.observation()
         task = parse_job_id(self.record.job_id).array_task
-        if observation is None or task is None or not task.isdigit():
-            return None
-        return TaskObservation(
-            index=int(task),
-            state=observation.state,
-            native_state=observation.native_state,
-            reason=observation.reason,
-            exit_code=observation.exit_code,
-            started_at=observation.started_at,
-            ended_at=observation.ended_at,
-        )
+        if observation is None or task is None:
+            return []
+        return [
+            TaskObservation(
+                index=index,
+                state=observation.state,
+                native_state=observation.native_state,
+                reason=observation.reason,
+                exit_code=observation.exit_code,
+                started_at=observation.started_at,
+                ended_at=observation.ended_at,
+            )
+            for index in expand_array_tasks(task)
+        ]
 
 
 _V = TypeVar("_V")

@@ -163,11 +163,14 @@ class SlurmBackend:
     async def find(self, job_id: UUID) -> str | None:
         name, comment = job_name_for(job_id), comment_for(job_id)
         _, queued = await self._run(Squeue(job_name=name))
-        found = [r.job_id for r in queued if r.name == name and r.comment in (comment, None)]
+        # an array's rows are its tasks (`123_4`, `123_[5-9]`): the job is the array, `123`
+        found = [
+            parse_job_id(r.job_id).job for r in queued if r.name == name and r.comment in (comment, None)
+        ]
         if not found:
             _, rows = await self._run(Sacct(job_name=name, starttime=self._starttime, allocations_only=True))
             found = [
-                r.record.job_id
+                parse_job_id(r.record.job_id).job
                 for r in rows
                 if r.record.step is None and r.record.name == name and r.comment in (comment, None)
             ]
@@ -245,8 +248,7 @@ class SlurmBackend:
                     continue
                 parsed = parse_job_id(sacct_row.record.job_id)
                 if parsed.array_task is not None and parsed.job in wanted:
-                    task = sacct_row.task_observation()
-                    if task is not None:
+                    for task in sacct_row.task_observations():
                         accounted_tasks.setdefault(parsed.job, {})[task.index] = task
                     continue
                 if sacct_row.record.job_id in wanted and sacct_row.record.job_id not in arrays:
