@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
 SIDEWAYS: dict[tuple[str, str], str] = {
     ("ray", "hpc"): "a Ray job's batch script is built from hpc's job script pieces",
     ("ray", "bridges"): "the Ray script starts the bridges' supervised tunnel",
+    ("bridges", "hpc"): "the bridge CA signs with hpc.ssh, the only package that imports the SSH library",
     ("metrics", "store"): "porter's /metrics is computed from the job store at scrape time",
     ("secrets_json", "config"): "maps the original secrets.json onto the settings",
     ("config_docs", "config"): "generates the configuration reference from the settings model",

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
-
 from cloudhpc.exceptions import ConfigError
+from cloudhpc.hpc.ssh.certificates import CertificateAuthority
 
 __all__ = [
     "CLOCK_SKEW",
@@ -102,8 +100,8 @@ class JobCredentials:
 class BridgeCA:
     """The bridge CA's private key, read from `porter.bridge.ca_key_file`."""
 
-    def __init__(self, key: asyncssh.SSHKey) -> None:
-        self._key = key
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self._ca = authority
 
     @classmethod
     def from_file(cls, path: Path, *, setting: str = "porter.bridge.ca_key_file") -> BridgeCA:
@@ -120,8 +118,8 @@ class BridgeCA:
         except OSError as exc:
             raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc})") from None
         try:
-            key = asyncssh.import_private_key(data)
-        except (asyncssh.KeyImportError, ValueError):
+            authority = CertificateAuthority.from_bytes(data)
+        except ValueError:
             raise ConfigError(
                 f"{setting}: {path} is not an OpenSSH private key without a passphrase"
             ) from None
@@ -129,17 +127,17 @@ class BridgeCA:
         if mode & 0o077:
             # A warning, not a refusal: a Kubernetes Secret volume is 0644 unless defaultMode says otherwise.
             log.warning("%s: %s is readable by other users (mode %03o); make it 0600", setting, path, mode)
-        return cls(key)
+        return cls(authority)
 
     @property
     def public_key(self) -> str:
         """The line for the bridge sshd's `TrustedUserCAKeys` file."""
-        return self._key.export_public_key("openssh").decode().strip()
+        return self._ca.public_key
 
     @property
     def fingerprint(self) -> str:
         """`SHA256:...`, as `ssh-keygen -l` and sshd's log show it: safe to log."""
-        return str(self._key.get_fingerprint("sha256"))
+        return self._ca.fingerprint
 
     def issue(
         self, job_id: str, ports: Sequence[int], lifetime: int, *, now: float | None = None
@@ -150,27 +148,17 @@ class BridgeCA:
             raise ValueError("a certificate's lifetime must be positive")
         key_id = format_key_id(job_id, ports)
         start = int(time.time() if now is None else now)
-        user_key = asyncssh.generate_private_key("ssh-ed25519", comment=key_id)
         valid_before = start + lifetime
-        certificate = self._key.generate_user_certificate(
-            user_key,
+        private_key, certificate = self._ca.issue_forwarding_only(
             key_id,
-            serial=secrets.randbits(63),
-            principals=[key_id],
             valid_after=max(0, start - CLOCK_SKEW),
             valid_before=valid_before,
             force_command="/bin/false",
-            permit_x11_forwarding=False,
-            permit_agent_forwarding=False,
-            permit_port_forwarding=True,
-            permit_pty=False,
-            permit_user_rc=False,
-            comment=key_id,
         )
         return JobCredentials(
             key_id=key_id,
-            private_key=user_key.export_private_key("openssh"),
-            certificate=certificate.export_certificate("openssh"),
+            private_key=private_key,
+            certificate=certificate,
             valid_before=valid_before,
         )
 
