@@ -134,7 +134,9 @@ def test_the_sdk_merges_and_refuses_before_sending(api: Api) -> None:
         ("#SBATCH --parsable", "--parsable is set by cloudhpc"),
         ("#SBATCH -D /tmp", "--chdir is set by cloudhpc"),
         ("#SBATCH --wrap='touch /tmp/pwned'", "--wrap is set by cloudhpc"),
-        ("#SBATCH --array=0-9", "'--array' is not an option cloudhpc takes"),
+        ("#SBATCH --export=ALL", "'--export' is not an option cloudhpc takes"),
+        ("#SBATCH --array=0-9%0", "--array: array '0-9%0': the limit after % must be"),  # taken since #13 item 3
+        ("#SBATCH --dependency=afterok:1", "--dependency is set by cloudhpc"),
         ("#SBATCH --nodes=$(id)", "--nodes: Input should be a valid integer"),
     ],
 )
