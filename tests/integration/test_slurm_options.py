@@ -135,7 +135,8 @@ def test_the_sdk_merges_and_refuses_before_sending(api: Api) -> None:
         ("#SBATCH -D /tmp", "--chdir is set by cloudhpc"),
         ("#SBATCH --wrap='touch /tmp/pwned'", "--wrap is set by cloudhpc"),
         ("#SBATCH --export=ALL", "'--export' is not an option cloudhpc takes"),
-        ("#SBATCH --array=0-9%0", "--array: array '0-9%0': the limit after % must be"),  # taken since #13 item 3
+        # --array is taken since #13 item 3: its value is checked
+        ("#SBATCH --array=0-9%0", "--array: array '0-9%0': the limit after % must be"),
         ("#SBATCH --dependency=afterok:1", "--dependency is set by cloudhpc"),
         ("#SBATCH --nodes=$(id)", "--nodes: Input should be a valid integer"),
     ],
