@@ -280,7 +280,7 @@ apply_environment() {
   local manifest tries=0
   manifest=$(mktemp --suffix=.yaml)
   log "building deploy/kustomize/$ENV_NAME (remote upstream parts are fetched now)"
-  kustomize build --load-restrictor LoadRestrictionsNone "$KUSTOMIZE_DIR/$ENV_NAME" > "$manifest"
+  kustomize build "$KUSTOMIZE_DIR/$ENV_NAME" > "$manifest"
   # A Job's pod template is immutable and the bucket Job is idempotent: replace it on every run.
   kubectl -n mlflow delete job mlflow-s3-buckets --ignore-not-found >/dev/null
   # CRDs and webhooks become ready a little after they are created: apply until it all sticks.

@@ -19,6 +19,8 @@ matplotlib.rcParams["text.parse_math"] = False  # PromQL is full of `$`
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
+from cloudhpc.metrics.dashboards import OUT_DIR  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {
     "row": "#d9d9d9",
@@ -87,7 +89,7 @@ def draw(board: dict[str, object], out: Path) -> None:
 def main() -> int:
     images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    for path in sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json")):
+    for path in sorted((ROOT / OUT_DIR / "dashboards").glob("*.json")):
         out = images / f"dashboard-{path.stem}.png"
         draw(json.loads(path.read_text()), out)
         print(f"wrote {out.relative_to(ROOT)}")

@@ -222,13 +222,7 @@ def interpolate(value: str, env: Mapping[str, str]) -> str:
 def render_platform() -> tuple[dict[str, Any], ...]:
     kubectl = BIN / "kubectl"
     proc = subprocess.run(
-        [
-            str(kubectl),
-            "kustomize",
-            "--load-restrictor",
-            "LoadRestrictionsNone",
-            str(DEPLOY / "kustomize" / "kubeflow-monitoring" / "local"),
-        ],
+        [str(kubectl), "kustomize", str(DEPLOY / "kustomize" / "kubeflow-monitoring" / "local")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -26,7 +26,7 @@ import httpx
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from cloudhpc.metrics.dashboards import DASHBOARDS
+from cloudhpc.metrics.dashboards import DASHBOARDS, OUT_DIR
 from cloudhpc.storage.s3 import S3ObjectStore
 from tests.e2e.harness import Deployment, scrape_token_file
 from tests.integration.stores import sqlite_url
@@ -138,7 +138,7 @@ def dashboard_queries(job: Job) -> list[tuple[str, str]]:
     variables substituted as Grafana would."""
     found = []
     for name in DASHBOARDS:
-        board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / name).read_text())
+        board = json.loads((ROOT / OUT_DIR / "dashboards" / name).read_text())
         for panel in board["panels"]:
             for target in panel.get("targets", []):
                 expr = (

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from cloudhpc.metrics.catalog import METRICS
-from cloudhpc.metrics.dashboards import DASHBOARDS, DATASOURCE_UID, generated_files, main, stale
+from cloudhpc.metrics.dashboards import DASHBOARDS, DATASOURCE_UID, OUT_DIR, generated_files, main, stale
 
 ROOT = Path(__file__).resolve().parents[2]
-GRAFANA = ROOT / "deploy" / "grafana"
+GRAFANA = ROOT / OUT_DIR
 METRIC_NAME = re.compile(r"\bcloudhpc_[a-z0-9_]+")
 
 
