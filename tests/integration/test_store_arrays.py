@@ -117,6 +117,9 @@ def test_dependents_wait_for_slurm_ids_and_get_the_dependency(store: Store) -> N
     store.apply_report(
         JobReport(job_id=first.id, seq=1, state=JobState.QUEUED, slurm_job_id="100"), actor="agent-1"
     )
+    shown = store.get_job(third.id)  # what GET /jobs/{id} shows while it waits
+    assert shown is not None
+    assert shown.dependency == "afterany:100"
     offered = store.claim_work("testbed", "agent-1")
     assert [(j.name, j.dependency) for j in offered] == [("second", "afterok:100")]
     store.apply_report(
@@ -124,6 +127,9 @@ def test_dependents_wait_for_slurm_ids_and_get_the_dependency(store: Store) -> N
     )
     offered = store.claim_work("testbed", "agent-1")
     assert [(j.name, j.dependency) for j in offered] == [("third", "afterany:100,afterok:101")]
+    submitted = store.get_job(second.id)
+    assert submitted is not None
+    assert submitted.dependency is None  # in SLURM: scontrol has SLURM's view
     # an agent restarted while `third` was being prepared gets the dependency again
     store.apply_report(JobReport(job_id=third.id, seq=1, state=JobState.PREPARING), actor="agent-1")
     active = {j.name: j for j in store.active_jobs("testbed")}

@@ -758,8 +758,8 @@ class Job(JobSummary):
     spec: JobSpec
     dependency: str | None = Field(
         default=None,
-        description="sbatch's --dependency for `spec.after`, once every job waited for has a SLURM id "
-        "(set on the jobs handed to an agent)",
+        description="while the job has not reached SLURM: the --dependency it would be submitted with "
+        "now, from the SLURM ids of the jobs it waits for (null once submitted)",
     )
     cancel_tasks: list[int] = Field(
         default_factory=list, description="array tasks whose cancellation is asked for and not yet done"

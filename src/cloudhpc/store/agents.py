@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import ACTIVE_STATES, TERMINAL_STATES, JobState, can_transition
-from cloudhpc.store.dependencies import plan_dependencies
+from cloudhpc.store.dependencies import plan_dependencies, with_dependency
 from cloudhpc.store.engine import DEFAULT_URL, Database, map_db_errors, utcnow
 from cloudhpc.store.jobs import to_job
 from cloudhpc.store.models import AccountingRow, AgentRow, JobRow, TransitionRow
@@ -183,13 +183,7 @@ class AgentRepository(Database):
                 .where(JobRow.cluster == cluster, JobRow.state.in_([s.value for s in ACTIVE_STATES]))
                 .order_by(JobRow.created_at, JobRow.id)
             )
-            jobs = [to_job(row) for row in rows]
-            return [
-                job.model_copy(update={"dependency": plan_dependencies(session, job).option})
-                if job.spec.after and job.slurm_job_id is None
-                else job
-                for job in jobs
-            ]
+            return [with_dependency(session, to_job(row)) for row in rows]
 
     def reconciliation(
         self, cluster: str, *, unaccounted_within: timedelta = UNACCOUNTED_WINDOW

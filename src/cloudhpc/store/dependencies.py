@@ -20,7 +20,7 @@ from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.store.models import JobRow
 
-__all__ = ["DependencyPlan", "plan_dependencies"]
+__all__ = ["DependencyPlan", "plan_dependencies", "with_dependency"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,11 @@ def plan_dependencies(session: Session, job: Job) -> DependencyPlan:
         else:
             resolved.append((dep, row.slurm_job_id))
     return DependencyPlan(option=dependency_option(resolved), waiting=waiting)
+
+
+def with_dependency(session: Session, job: Job) -> Job:
+    """`job` with its `dependency` filled in while it has not reached SLURM (what it would be
+    submitted with now); unchanged once submitted or ended, or without `after`."""
+    if not job.spec.after or job.slurm_job_id is not None or job.state.terminal:
+        return job
+    return job.model_copy(update={"dependency": plan_dependencies(session, job).option})

@@ -26,6 +26,7 @@ from cloudhpc.domain.jobs import Bridge, Job, JobKind, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import IdempotencyConflict, UnknownJob
 from cloudhpc.store.bridges import allocate_bridges, to_bridge
+from cloudhpc.store.dependencies import with_dependency
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
 from cloudhpc.store.models import JobRow, TransitionRow
 from cloudhpc.store.notify import cluster_key, job_key, notify_in
@@ -215,7 +216,7 @@ class JobRepository(Database):
             # one statement for the job and its bridges (the relationship's default is a second one)
             query = select(JobRow).where(JobRow.id == str(job_id)).options(joinedload(JobRow.bridges))
             row = session.scalars(query).unique().one_or_none()
-            return to_job(row) if row is not None else None
+            return with_dependency(session, to_job(row)) if row is not None else None
 
     @map_db_errors
     def get_state(self, job_id: UUID) -> JobState | None:
