@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
+import pytest
+
 from cloudhpc.config import ClusterConfig
 from cloudhpc.domain.jobs import Job, JobSpec
+from cloudhpc.exceptions import StorageError
 from cloudhpc.hpc.backend import AccountingRecord, Efficiency, JobBackend
 from cloudhpc.hpc.slurm import Sacct
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key
 from cloudhpc.storage.local import LocalObjectStore
 from cloudhpc.store import Store
+from cloudhpc.submitter import agent as agent_module
 from cloudhpc.submitter.agent import Agent, _Tracked
 from cloudhpc.submitter.channel import Channel
 from tests.recordings import load_recording
@@ -52,8 +56,7 @@ class Porter:
         pass
 
 
-async def test_accounting_artifacts_are_written_before_porter_is_told(tmp_path: Path) -> None:
-    objects = LocalObjectStore(tmp_path / "objects")
+def agent_and_job(tmp_path: Path, objects: LocalObjectStore) -> tuple[Agent, Porter, Job]:
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.migrate()
     job, _created = store.create_job("alice", JobSpec(name="acct", cluster="testbed", script="true\n"))
@@ -67,6 +70,39 @@ async def test_accounting_artifacts_are_written_before_porter_is_told(tmp_path: 
         workdir=str(tmp_path / "work"),
         artifacts=ArtifactWriter(objects),
     )
+    return agent, porter, job
+
+
+async def test_accounting_artifacts_are_written_before_porter_is_told(tmp_path: Path) -> None:
+    objects = LocalObjectStore(tmp_path / "objects")
+    agent, porter, job = agent_and_job(tmp_path, objects)
     record = await agent._collect_accounting(_Tracked(job=job, native_id="42"), attempts=1)
     assert record is not None
     assert porter.present_at_put == ["sacct.json", "efficiency.json"]
+
+
+class Restarting(LocalObjectStore):
+    """An object store (or porter's store behind the artifact route) that is down for its first
+    `down` writes, as while it restarts."""
+
+    def __init__(self, root: Path, down: int) -> None:
+        super().__init__(root)
+        self.down = down
+
+    def put(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise StorageError(f"{key}: connection refused")
+        super().put(key, data, content_type=content_type)
+
+
+async def test_artifacts_are_stored_once_the_store_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submission's artifacts are written once: a store down for longer than one attempt lost them."""
+    monkeypatch.setattr(agent_module, "ARTIFACT_RETRY_DELAYS", (0.01,) * 7)
+    objects = Restarting(tmp_path / "objects", down=3)
+    agent, _porter, job = agent_and_job(tmp_path, objects)
+    await agent._store_artifacts(job, agent._save_submission(job, None))
+    assert objects.down == 0
+    assert objects.list(f"jobs/{job.owner}/") == [artifact_key(job.owner, job.id, "spec.json")]

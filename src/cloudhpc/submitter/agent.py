@@ -53,6 +53,8 @@ __all__ = ["Agent"]
 log = logging.getLogger(__name__)
 
 OUTPUT_CHUNK = 4 << 20
+ARTIFACT_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
+"""Pauses between attempts to store a job's artifacts (about a minute in all)."""
 # After giving up on a job's accounting (sacct silent for ~1 min), ask again this much later,
 # doubling up to the maximum: slurmdbd outages end, and a job's figures are worth the wait.
 ACCOUNTING_SOON = 0.5
@@ -526,14 +528,22 @@ class Agent:
         """Write artifacts (blocking object-store calls, in a thread) and report their keys.
 
         Best effort: a job's outcome never depends on its artifacts, so a failing object store is
-        logged and the job goes on."""
+        logged and the job goes on. Retried for about a minute first (ARTIFACT_RETRY_DELAYS): an
+        object store or a porter store restarting (the fault suite, docs/reliability.md) is gone
+        longer than the channel's own retries, and a submission's artifacts are written only once."""
         if self.artifacts is None:
             return
-        try:
-            keys = await asyncio.to_thread(save)
-            await self.channel.put_artifacts(job.id, keys)
-        except (CloudHPCError, ChannelError) as exc:
-            log.warning("job %s: could not store artifacts (%s)", job.id, exc)
+        for delay in (*ARTIFACT_RETRY_DELAYS, None):
+            try:
+                keys = await asyncio.to_thread(save)
+                await self.channel.put_artifacts(job.id, keys)
+                return
+            except (CloudHPCError, ChannelError) as exc:
+                if delay is None or self._stopping.is_set():
+                    log.warning("job %s: could not store artifacts (%s)", job.id, exc)
+                    return
+                log.info("job %s: could not store artifacts (%s); retrying in %.0f s", job.id, exc, delay)
+                await asyncio.sleep(delay)
 
     @staticmethod
     def _task_indices(job: Job) -> list[int | None]:
