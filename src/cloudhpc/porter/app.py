@@ -24,6 +24,7 @@ from cloudhpc.porter import (
     routes_bridges,
     routes_clusters,
     routes_jobs,
+    web,
 )
 from cloudhpc.porter.auth import read_scrape_token, require_scraper
 from cloudhpc.porter.bridges import bridge_reconciler
@@ -142,6 +143,7 @@ def create_app(
     app.include_router(routes_artifacts.agent_router)
     app.include_router(routes_agent_objects.router)
     app.include_router(routes_bridges.router)
+    app.include_router(web.router)
 
     metrics = PorterMetrics(
         the_store,

@@ -27,6 +27,7 @@ __all__ = [
     "UserPrincipal",
     "agent_job",
     "authenticate",
+    "principal_for_token",
     "read_scrape_token",
     "require_agent_for",
     "require_scraper",
@@ -44,14 +45,20 @@ async def authenticate(request: Request) -> Principal:
             "missing bearer token: send `Authorization: Bearer <token>` "
             "(create one with `cloudhpc tokens create --user NAME`)",
         )
-    state = state_of(request)
-    key = state.tokens.key(token.strip())
-    known, principal = state.tokens.get(key)
-    if not known:
-        principal = await state.store.verify_token(token.strip())
-        state.tokens.put(key, principal)
+    principal = await principal_for_token(state_of(request), token.strip())
     if principal is None:
         raise HttpProblem(401, "unauthorized", "invalid or revoked token")
+    return principal
+
+
+async def principal_for_token(state: PorterState, token: str) -> Principal | None:
+    """Who `token` speaks for (None: unknown or revoked), through the few-seconds cache: shared by
+    the bearer header and the web view's cookie, so both see a revocation at the same time."""
+    key = state.tokens.key(token)
+    known, principal = state.tokens.get(key)
+    if not known:
+        principal = await state.store.verify_token(token)
+        state.tokens.put(key, principal)
     return principal
 
 
