@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration testbed-up testbed-down testbed-status venv clean bench bench-topology
+.PHONY: demo test lint unit integration testbed-up testbed-down testbed-status venv clean bench bench-topology faults
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing cloudhpc with its test extras"
@@ -55,6 +55,11 @@ bench: $(STAMP) testbed-up
 ## bench-topology: the benches that cross hosts, on the multi-host topology with its link latency
 bench-topology: $(STAMP) testbed-up
 	@for b in slurm_submit dispatch ray_bridge pipeline; do echo "==> bench/$$b.py --topology"; $(PY) bench/$$b.py --topology || exit 1; done
+
+## faults: the long fault-injection run on the topology (docs/reliability.md): FAULTS_JOBS jobs (200),
+## every fault kind FAULTS_PER_KIND times (2) at points chosen by FAULTS_SEED (1), slurmdbd down FAULTS_DOWN_FOR s (120)
+faults: $(STAMP) testbed-up
+	@$(PY) -m tests.faults.driver
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
