@@ -106,13 +106,37 @@ def test_activation_lines_are_quoted() -> None:
     envdir = "/home/u s/it's $(here)/envs/abc"
     lines = activation_lines(s, envdir)
     assert lines == [
-        "module load gcc/11.2",
-        "module load openmpi",
-        "module load python-data/3.10",
+        *(load(m) for m in ["gcc/11.2", "openmpi", "python-data/3.10"]),
         f"source {shlex.quote(envdir + '/venv/bin/activate')}",
     ]
     assert shlex.split(lines[-1]) == ["source", envdir + "/venv/bin/activate"]
-    assert activation_lines(spec(modules=["gcc"]), None) == ["module load gcc"]
+    assert activation_lines(spec(modules=["gcc"]), None) == [load("gcc")]
+
+
+def load(module: str) -> str:
+    """The activation line of one module: a module that does not load ends the job, saying which."""
+    return f"module load {module} || {{ echo 'cloudhpc: module load {module} failed (see above)' >&2; exit 97; }}"
+
+
+def test_a_module_that_does_not_load_ends_the_job_saying_which() -> None:
+    # `module` here is a stand-in that fails like Lmod does for an unknown module (exit 1).
+    lines = activation_lines(spec(modules=["pytorch/9.9"]), None)
+    script = "\n".join(['module() { echo "Lmod: unknown $2" >&2; return 1; }', *lines, "echo still running"])
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 97
+    assert done.stdout == ""
+    assert done.stderr == "Lmod: unknown pytorch/9.9\ncloudhpc: module load pytorch/9.9 failed (see above)\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["-f", "--force", "a/-x", "../x", "a/../b", ".hidden", "a//b", "/abs", "a/", "a b", "x" * 129]
+)
+def test_module_names_that_module_load_could_misread_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Environment(modules=[name])
+    assert caught.value.errors()[0]["loc"][0] == "modules"
+    with pytest.raises(ValidationError):
+        Environment(python=name)
 
 
 def _is_requirement(text: str) -> bool:
@@ -183,7 +207,7 @@ class _RefusingRunner:
 async def test_empty_and_module_only_environments_cost_no_remote_call() -> None:
     cache = EnvironmentCache(_RefusingRunner(), workdir="~/.cloudhpc", prelude="source /x")
     assert await cache.ensure(Environment()) == []
-    assert await cache.ensure(Environment(modules=["gcc/11"])) == ["module load gcc/11"]
+    assert await cache.ensure(Environment(modules=["gcc/11"])) == [load("gcc/11")]
 
 
 # ---------------------------------------------------------------- where pip takes packages from

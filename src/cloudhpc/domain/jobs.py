@@ -68,7 +68,10 @@ RESERVED_PREFIX = ".cloudhpc"
 """Top-level name inside a job directory that belongs to cloudhpc (script, wrapper, output)."""
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_MODULE = re.compile(r"^[A-Za-z0-9._/+-]{1,128}$")
+_MODULE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]*(?:/[A-Za-z0-9_+][A-Za-z0-9._+-]*)*$")
+"""A module name (`pytorch`, `pytorch/2.13`, `gcc/11.2.0`), at most 128 characters: no segment starts
+with `-` (`module load` would take it as an option, quoting does not help) or `.` (no `..`, no hidden
+file), no empty segment."""
 _MEM = re.compile(r"^[1-9][0-9]{0,8}[KMGT]?$")
 _TIME = re.compile(
     r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
@@ -475,10 +478,13 @@ def check_requirement(spec: str) -> str:
 class Environment(_Model):
     """A Python environment on the cluster: modules to load, a Python, pip packages."""
 
-    modules: list[Annotated[str, StringConstraints(pattern=_MODULE.pattern)]] = Field(
-        default_factory=list, max_length=MAX_MODULES
+    modules: list[Annotated[str, StringConstraints(pattern=_MODULE.pattern, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=MAX_MODULES,
+        description="site modules loaded (in this order) before the venv, e.g. `pytorch/2.13`; a venv "
+        "built on top of them sees their packages (--system-site-packages)",
     )
-    python: Annotated[str, StringConstraints(pattern=_MODULE.pattern)] | None = Field(
+    python: Annotated[str, StringConstraints(pattern=_MODULE.pattern, max_length=128)] | None = Field(
         default=None, description="a Python version (3.11) or a module providing it"
     )
     packages: list[str] = Field(

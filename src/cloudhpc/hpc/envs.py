@@ -230,8 +230,18 @@ class EnvSpec:
 
 
 def activation_lines(spec: EnvSpec, envdir: str | None) -> list[str]:
-    """Batch-script lines that put a job in the environment: modules, then the venv (if any)."""
-    lines = [f"module load {shlex.quote(m)}" for m in spec.modules_to_load]
+    """Batch-script lines that put a job in the environment: modules, then the venv (if any).
+
+    A module that does not load ends the job at once (exit 97, like the wrapper's other setup
+    failures) with a line saying which, after Lmod's own message: running on without it would fail
+    later and less clearly (or, worse, with another Python). A modules-only environment is never
+    built in advance, so this is where a misspelt module shows.
+    """
+    lines = [
+        f"module load {shlex.quote(m)} || "
+        f"{{ echo {shlex.quote(f'cloudhpc: module load {m} failed (see above)')} >&2; exit 97; }}"
+        for m in spec.modules_to_load
+    ]
     if envdir is not None and spec.needs_venv:
         lines.append(f"source {shlex.quote(envdir.rstrip('/') + '/venv/bin/activate')}")
     return lines
