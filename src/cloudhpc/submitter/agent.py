@@ -455,7 +455,10 @@ class Agent:
 
     async def _collect_output(self, tracked: _Tracked) -> None:
         """Upload what the job printed since the last upload. Serialised per job, and the offset a
-        chunk is uploaded at is the one it was read from, taken before the read."""
+        chunk is uploaded at is the one it was read from, taken before the read. An array job has
+        no output of its own (each task writes its own file, stored at the end): nothing to read."""
+        if tracked.job.spec.array is not None:
+            return
         async with tracked.output_lock:
             await self._upload_new_output(tracked)
 
