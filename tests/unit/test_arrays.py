@@ -20,8 +20,8 @@ from cloudhpc.domain.arrays import (
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import JobSpec, Observation
 from cloudhpc.domain.states import JobState
-from cloudhpc.hpc.backend import CommandResult, JobPaths
-from cloudhpc.hpc.slurm import Sbatch, Squeue
+from cloudhpc.hpc.backend import AccountingRecord, CommandResult, JobPaths
+from cloudhpc.hpc.slurm import Sbatch, Squeue, compute_efficiency
 
 Q, R, C, F, X, T = (
     JobState.QUEUED,
@@ -149,3 +149,45 @@ def test_squeue_rows_of_an_array_are_its_tasks() -> None:
     never = rows[3].observation()
     assert never is not None
     assert (never.state, never.reason) == (Q, "DependencyNeverSatisfied")
+
+
+def _row(
+    job_id: str, state: str, elapsed: int, cpu: float, rss: int | None, step: str | None = None
+) -> AccountingRecord:
+    return AccountingRecord(
+        job_id=job_id,
+        step=step,
+        name="chpc-x",
+        state=state,
+        exit_code=0,
+        signal=None,
+        submit=None,
+        start=None,
+        end=None,
+        elapsed_seconds=elapsed,
+        total_cpu_seconds=cpu,
+        alloc_cpus=2,
+        nodes=1,
+        node_list="n1",
+        req_mem_bytes=1000 if step is None else None,
+        max_rss_bytes=rss,
+        partition="debug",
+        account="a",
+        timelimit_seconds=60,
+        alloc_tres=None,
+        billing=None,
+    )
+
+
+def test_an_arrays_efficiency_is_its_tasks_together() -> None:
+    records = [
+        _row("9_0", "COMPLETED", 10, 5.0, None),
+        _row("9_0", "COMPLETED", 10, 5.0, 300, step="batch"),
+        _row("9_1", "FAILED", 30, 15.0, None),
+        _row("9_1", "FAILED", 30, 15.0, 600, step="batch"),
+    ]
+    eff = compute_efficiency(records)
+    assert (eff.core_walltime_seconds, eff.cpu_utilized_seconds, eff.cpu_efficiency) == (80.0, 20.0, 0.25)
+    assert (eff.memory_utilized_bytes, eff.memory_requested_bytes, eff.state) == (600, 1000, "FAILED")
+    single = compute_efficiency(records[:2])  # one job: as before
+    assert (single.core_walltime_seconds, single.state) == (20.0, "COMPLETED")

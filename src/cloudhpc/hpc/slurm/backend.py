@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -59,6 +60,8 @@ CommandObserver = Callable[[str, CommandResult, float], None]
 
 
 _T = TypeVar("_T")
+
+_SEFF_ARRAY = re.compile(r"^Array Job ID:|array jobid", re.MULTILINE | re.IGNORECASE)
 
 
 def _check_relative(path: str) -> str:
@@ -299,6 +302,10 @@ class SlurmBackend:
             if result.exit_status == 127:
                 logger.info("seff is not installed on %s: computing efficiency from sacct", self.cluster)
                 self._seff_installed = False
+            elif _SEFF_ARRAY.search(result.stdout + result.stderr):
+                # seff reports one task of an array (`Array Job ID: 123_5`), or refuses an array
+                # whose tasks never started: the array's figures are its tasks' together
+                self._seff_installed = True
             else:
                 self._seff_installed = True
                 return command.parse(result)

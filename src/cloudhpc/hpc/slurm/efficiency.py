@@ -69,19 +69,28 @@ class Seff:
 
 def compute_efficiency(records: Sequence[AccountingRecord]) -> Efficiency:
     """seff's numbers from sacct rows: CPU = TotalCPU / (Elapsed x AllocCPUS) of the allocation;
-    memory = the largest MaxRSS of any step / the allocation's total ReqMem."""
-    allocation = next((r for r in records if r.step is None), None)
-    if allocation is None:
+    memory = the largest MaxRSS of any step / the allocation's total ReqMem. For an array (one
+    allocation row per task) the tasks' CPU times and core-walltimes add up, the memory is the
+    largest peak against the largest request (each task has its own), the state is the first
+    task's that did not complete (else COMPLETED)."""
+    allocations = [r for r in records if r.step is None]
+    if not allocations:
         raise ParseError(f"no allocation row among {len(records)} sacct rows; cannot compute efficiency")
-    core_wall: float | None = None
-    if allocation.elapsed_seconds is not None and allocation.alloc_cpus is not None:
-        core_wall = float(allocation.elapsed_seconds * allocation.alloc_cpus)
-    cpu_used = allocation.total_cpu_seconds
+    walls = [
+        float(a.elapsed_seconds * a.alloc_cpus)
+        for a in allocations
+        if a.elapsed_seconds is not None and a.alloc_cpus is not None
+    ]
+    core_wall = sum(walls) if walls else None
+    used = [a.total_cpu_seconds for a in allocations if a.total_cpu_seconds is not None]
+    cpu_used = sum(used) if used else None
     peaks = [r.max_rss_bytes for r in records if r.max_rss_bytes is not None]
     mem_used = max(peaks) if peaks else 0
-    mem_req = allocation.req_mem_bytes
+    requests = [a.req_mem_bytes for a in allocations if a.req_mem_bytes is not None]
+    mem_req = max(requests) if requests else None
+    states = [normalize_state(a.state) for a in allocations]
     return Efficiency(
-        state=normalize_state(allocation.state),
+        state=next((s for s in states if s != "COMPLETED"), states[0]),
         cpu_efficiency=cpu_used / core_wall if cpu_used is not None and core_wall else 0.0,
         memory_efficiency=mem_used / mem_req if mem_req else None,
         cpu_utilized_seconds=cpu_used,
