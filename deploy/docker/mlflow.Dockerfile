@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
 # The MLflow tracking server of the platform (deploy/kustomize/mlflow).
 #   docker build -f deploy/docker/mlflow.Dockerfile -t cloudhpc/mlflow:0.1.0 deploy/docker
-# Contract (kept from the original image): BACKEND_STORE_URI, port 5000; with artifact proxying on,
-# ARTIFACTS_DESTINATION names the store (s3://bucket/ with MLFLOW_S3_ENDPOINT_URL and the AWS_*
-# variables), so clients need only the tracking URL.
+# Contract: port 5000; configured by MLflow's own environment variables only, never by arguments,
+# so nothing secret can reach the process's command line (readable by every user of the node in
+# /proc/PID/cmdline): MLFLOW_BACKEND_STORE_URI (for PostgreSQL without its password, which libpq
+# reads from PGPASSWORD, given from a Secret), MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/ with
+# MLFLOW_S3_ENDPOINT_URL and the AWS_* variables; artifacts are proxied, so clients need only the
+# tracking URL).
 # Base image pinned by tag; pin its digest too as cloudhpc.Dockerfile says. The pip install below is
 # pinned by version, not yet by hash: a lock generated on PyPI (as cloudhpc-requirements.txt is) could
 # not be made for mlflow 3.18.0 here, because the package index this project reaches has no
@@ -21,9 +24,12 @@ RUN groupadd --system --gid 10001 mlflow \
 COPY --from=builder /opt/mlflow /opt/mlflow
 ENV PATH=/opt/mlflow/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    BACKEND_STORE_URI=sqlite:////mlflow/mlflow.db \
-    ARTIFACTS_DESTINATION=/mlflow/artifacts
+    MLFLOW_HOST=0.0.0.0 \
+    MLFLOW_PORT=5000 \
+    MLFLOW_SERVE_ARTIFACTS=true \
+    MLFLOW_BACKEND_STORE_URI=sqlite:////mlflow/mlflow.db \
+    MLFLOW_ARTIFACTS_DESTINATION=/mlflow/artifacts
 WORKDIR /mlflow
 USER 10001:10001
 EXPOSE 5000
-CMD ["sh", "-c", "exec mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri \"$BACKEND_STORE_URI\" --serve-artifacts --artifacts-destination \"$ARTIFACTS_DESTINATION\""]
+CMD ["mlflow", "server"]

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
 K8S_VERSION = "1.31"
+DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 MONITORING_ENVS = ["kubeflow-monitoring", "standalone-kfp-monitoring"]
 PLAIN_ENVS = ["kubeflow", "standalone-kfp"]
@@ -328,24 +330,163 @@ SENSITIVE = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|PASSPHRASE", re.IGNORECASE)
 
 
 @pytest.mark.parametrize("build", NON_DEV_BUILDS)
-def test_no_literal_credentials_outside_dev(build: str) -> None:
-    objs = _render(build)
-    for secret in _by_kind(objs, "Secret"):
+def test_no_secret_values_outside_dev(build: str) -> None:
+    """Outside `dev`, Secrets are only referenced: platform-up.sh creates them with random values."""
+    for secret in _by_kind(_render(build), "Secret"):
         assert not secret.get("data"), secret["metadata"]["name"]
         assert not secret.get("stringData"), secret["metadata"]["name"]
-    for label, spec in _workloads(objs):
-        for c in _containers(spec):
-            for env in c.get("env", []):
-                if SENSITIVE.search(env["name"]):
-                    assert "value" not in env, f"{label}: {env['name']} holds a literal"
-                elif "value" in env:
-                    assert not re.search(r"://[^/\s:]+:[^@/\s$]+@", env["value"]), f"{label}: {env['name']}"
-    for cm in _by_kind(objs, "ConfigMap"):
-        for key, value in cm.get("data", {}).items():
-            assert not SENSITIVE.search(key), f"ConfigMap {cm['metadata']['name']}: {key}"
-            assert not re.search(r"://[^/\s:]+:[^@/\s$]+@", value), (
-                f"ConfigMap {cm['metadata']['name']}: {key}"
+
+
+# scheme://user:password@ (any password, a $(VAR) reference included: the URL then holds the secret)
+URL_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
+# password: x, API_TOKEN=x, --secret=x with a literal x (a $VAR, a $(VAR) or a /file path is not one)
+ASSIGNMENT = re.compile(
+    r"\b([\w.-]*(?:password|secret|token|_key|passphrase))\s*[:=]\s*[\"']?(?![$/])([^\s\"',;#}]+)",
+    re.IGNORECASE,
+)
+OPTION = re.compile(r"--?[\w-]*(?:password|secret|token|passphrase|key)", re.IGNORECASE)
+
+
+def _secret_leaks(
+    objs: tuple[dict[str, Any], ...], secret_keys: dict[tuple[str, str], set[str]]
+) -> list[str]:
+    """Where secret-looking content sits in plain sight in rendered objects: every container's
+    `command`, `args` and plain `env` values, and every ConfigMap. `secret_keys`: the keys of the
+    Secrets used whole with `envFrom` (their variables are secret too). One line per finding, naming
+    the object, container and field."""
+    leaks: list[str] = []
+
+    def scan_text(where: str, text: str) -> None:
+        if URL_PASSWORD.search(text):
+            leaks.append(f"{where}: a URL with a password")
+        for key, _ in ASSIGNMENT.findall(text):
+            leaks.append(f"{where}: {key} with a literal value")
+
+    for obj in objs:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        ns = obj["metadata"].get("namespace", "default")
+        if kind == "ConfigMap":
+            for key, value in obj.get("data", {}).items():
+                if SENSITIVE.search(key):
+                    leaks.append(f"ConfigMap {ns}/{name}: key {key}")
+                scan_text(f"ConfigMap {ns}/{name} key {key}", value)
+            continue
+        if kind not in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            continue
+        for c in _containers(obj["spec"]["template"]["spec"]):
+            label = f"{kind} {ns}/{name} container {c['name']}"
+            secret_vars = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            secret_vars |= {e["name"] for e in c.get("env", []) if SENSITIVE.search(e["name"])}
+            for source in c.get("envFrom", []):
+                if "secretRef" in source:
+                    secret_vars |= secret_keys.get((ns, source["secretRef"]["name"]), set())
+            references = re.compile(
+                r"\$\(({0})\)|\$\{{?({0})\b".format("|".join(map(re.escape, sorted(secret_vars))) or "(?!)")
             )
+            argv = [*c.get("command", []), *c.get("args", [])]
+            for i, arg in enumerate(argv):
+                scan_text(f"{label} argv[{i}]", arg)
+                if references.search(arg):
+                    leaks.append(f"{label} argv[{i}]: expands a Secret's variable onto a command line")
+                if OPTION.fullmatch(arg) and i + 1 < len(argv):
+                    leaks.append(f"{label} argv[{i}]: {arg} takes its value on the command line")
+            for env in c.get("env", []):
+                if "value" not in env:
+                    continue
+                where = f"{label} env {env['name']}"
+                if SENSITIVE.search(env["name"]):
+                    leaks.append(f"{where}: a literal value")
+                scan_text(where, env["value"])
+                if references.search(env["value"]):
+                    leaks.append(f"{where}: copies a Secret's variable into a plain one")
+    return leaks
+
+
+def _known_secret_keys() -> dict[tuple[str, str], set[str]]:
+    """Keys of every Secret an environment uses: those platform-up.sh makes, and the dev ones."""
+    keys = {k: set(v) for k, v in _script_secrets().items()}
+    for secret in _by_kind(_render("dev"), "Secret"):
+        meta = secret["metadata"]
+        keys.setdefault((meta["namespace"], meta["name"]), set()).update(secret.get("data", {}))
+    return keys
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_no_secrets_on_command_lines_in_plain_env_or_in_configmaps(build: str) -> None:
+    leaks = _secret_leaks(_render(build), _known_secret_keys())
+    assert not leaks, "\n".join(leaks)
+
+
+def test_secret_scan_finds_each_kind_of_leak() -> None:
+    """The scan above is not vacuous: the MLflow Deployment as it was (the database URL composed from
+    the Secret's password into a variable the image's `sh -c` put on mlflow's command line), a
+    password option, a literal token in a ConfigMap and a sensitive key name are each reported."""
+    deployment = {
+        "kind": "Deployment",
+        "metadata": {"name": "mlflow", "namespace": "mlflow"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "mlflow",
+                            "envFrom": [{"secretRef": {"name": "s3"}}],
+                            "env": [
+                                {
+                                    "name": "DB_PASSWORD",
+                                    "valueFrom": {"secretKeyRef": {"name": "db", "key": "p"}},
+                                },
+                                {"name": "URI", "value": "postgresql://$(DB_USER):$(DB_PASSWORD)@db/x"},
+                                {"name": "GF_ADMIN_PASSWORD", "value": "hunter2"},
+                            ],
+                            "args": ["--password", "hunter2", "sh -c 'curl -u me:$S3_KEY x'"],
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    configmap = {
+        "kind": "ConfigMap",
+        "metadata": {"name": "app", "namespace": "ns"},
+        "data": {"app.yaml": "api_token: abc123\nurl: https://u:pw@example.org/\n", "DB_PASSWORD": "x"},
+    }
+    clean = {
+        "kind": "ConfigMap",
+        "metadata": {"name": "ok", "namespace": "ns"},
+        "data": {"a.yaml": "token_file: /etc/t\npassword: ${FROM_ENV}\nurl: postgresql://u@h/db\n"},
+    }
+    leaks = _secret_leaks((deployment, configmap, clean), {("mlflow", "s3"): {"S3_KEY"}})
+    text = "\n".join(leaks)
+    for expected in (
+        "Deployment mlflow/mlflow container mlflow env URI: a URL with a password",
+        "Deployment mlflow/mlflow container mlflow env URI: copies a Secret's variable into a plain one",
+        "Deployment mlflow/mlflow container mlflow env GF_ADMIN_PASSWORD: a literal value",
+        "Deployment mlflow/mlflow container mlflow argv[0]: --password takes its value on the command line",
+        "Deployment mlflow/mlflow container mlflow argv[2]: expands a Secret's variable onto a command line",
+        "ConfigMap ns/app key app.yaml: api_token with a literal value",
+        "ConfigMap ns/app key app.yaml: a URL with a password",
+        "ConfigMap ns/app: key DB_PASSWORD",
+    ):
+        assert expected in leaks, f"not reported: {expected}\nreported:\n{text}"
+    assert "ConfigMap ns/ok" not in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_start_without_a_shell_expanding_settings(dockerfile: Path) -> None:
+    """An image's CMD/ENTRYPOINT in exec form with no `$`: a `sh -c` that expands the environment
+    into arguments put the MLflow database URL, password included, on mlflow's command line (readable
+    in /proc/PID/cmdline by anyone on the node). Settings come from the environment itself."""
+    for _, name, instructions in _stages(dockerfile):
+        for instruction in instructions:
+            keyword, _, rest = instruction.partition(" ")
+            if keyword.upper() not in ("CMD", "ENTRYPOINT"):
+                continue
+            where = f"{dockerfile.name} stage {name or '(last)'}: {instruction}"
+            argv = json.loads(rest)  # exec form; shell form is not JSON
+            assert isinstance(argv, list), where
+            assert argv[0] not in ("sh", "bash", "/bin/sh", "/bin/bash"), where
+            assert not any("$" in arg for arg in argv), where
 
 
 def test_no_secret_generator_outside_dev() -> None:
@@ -397,6 +538,39 @@ def test_dev_s3_identities_match_the_dev_keys() -> None:
         assert keys[identity] == (values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"])
     cloudhpc = next(i for i in identities if i["name"] == "cloudhpc")
     assert all(action.endswith(":cloudhpc") for action in cloudhpc["actions"]), "porter: its own bucket only"
+
+
+def test_mlflow_reads_its_database_from_the_environment_and_its_password_from_the_secret() -> None:
+    """The image takes MLflow's own variables (no arguments); the URL names PostgreSQL's user, database
+    and Service without a password, which libpq reads from PGPASSWORD, the database's own Secret."""
+    objs = _render("kubeflow/local")
+    (c,) = _one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "command" not in c, "the image's CMD: mlflow server, configured by the environment"
+    assert "args" not in c, "the image's CMD: mlflow server, configured by the environment"
+    config = next(
+        _one(objs, "ConfigMap", src["configMapRef"]["name"])["data"]
+        for src in c["envFrom"]
+        if "configMapRef" in src
+    )
+    url = urlsplit(config["MLFLOW_BACKEND_STORE_URI"])
+    assert url.password is None
+    postgres = _one(objs, "Deployment", "postgres")["spec"]["template"]["spec"]["containers"][0]
+    pg_config = next(
+        _one(objs, "ConfigMap", src["configMapRef"]["name"])["data"]
+        for src in postgres["envFrom"]
+        if "configMapRef" in src
+    )
+    assert (url.scheme, url.username, url.path) == (
+        "postgresql",
+        pg_config["POSTGRES_USER"],
+        "/" + pg_config["POSTGRES_DB"],
+    )
+    service = _one(objs, "Service", url.hostname or "")
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    pg_password = next(e for e in postgres["env"] if e["name"] == "POSTGRES_PASSWORD")["valueFrom"]
+    password = next(e for e in c["env"] if e["name"] == "PGPASSWORD")["valueFrom"]
+    assert password == pg_password, "the one Secret PostgreSQL itself uses"
+    assert config["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow/"
 
 
 # ---- porter ------------------------------------------------------------------------------------
@@ -588,8 +762,6 @@ def test_prometheus_jobs_match_the_generated_scrape_config() -> None:
 
 
 # ---- images and compose ------------------------------------------------------------------------
-
-DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 
 def _stages(dockerfile: Path) -> list[tuple[str, str | None, list[str]]]:
