@@ -151,3 +151,13 @@ def test_a_dependency_that_ended_badly_before_slurm_fails_the_dependent(store: S
     )
     assert [t.to_state for t in store.transitions(ok.id)] == [JobState.PENDING, JobState.FAILED]
     assert store.get_job(notok.id) is not None
+
+
+def test_waiting_jobs_do_not_hide_the_others_from_a_claim(store: Store) -> None:
+    first, _ = store.create_job("other", spec("first", cluster="elsewhere"))  # never gets a SLURM id
+    waiting = [store.create_job("alice", spec(f"w{i}", after=[{"job": str(first.id)}]))[0] for i in range(5)]
+    ready = [store.create_job("alice", spec(f"r{i}"))[0] for i in range(4)]
+    assert [j.name for j in store.claim_work("testbed", "agent-1", limit=3)] == ["r0", "r1", "r2"]
+    assert [j.name for j in store.claim_work("testbed", "agent-2", limit=3)] == ["r3"]
+    assert all(store.get_state(j.id) == JobState.PENDING for j in waiting)
+    assert len(ready) == 4

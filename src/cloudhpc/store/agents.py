@@ -34,7 +34,7 @@ __all__ = ["UNACCOUNTED_WINDOW", "AgentRepository"]
 log = logging.getLogger(__name__)
 
 WAITING_ALLOWANCE: Final = 400
-"""Rows read beyond a claim's limit, so jobs waiting for a dependency do not hide the others."""
+"""Waiting rows a claim looks past, so jobs waiting for a dependency do not hide the others."""
 
 # How long after its end a job without accounting is still handed to a restarted agent to collect:
 # long enough to outlast an agent outage over a weekend, short of sites' sacct purge periods.
@@ -132,26 +132,30 @@ class AgentRepository(Database):
         # On SQLite the write transaction (BEGIN IMMEDIATE) already excludes every other writer.
         with self._write() as session:
             offered: list[Job] = []
-            # jobs still waiting for a dependency's SLURM id are passed over, not leased
-            for row in session.scalars(query.limit(limit + WAITING_ALLOWANCE)):
-                job = to_job(row)
-                if job.spec.after and not row.cancel_requested and row.state == JobState.PENDING.value:
-                    plan = plan_dependencies(session, job)
-                    if plan.never is not None:
-                        self._fail_unsatisfiable(session, row, plan.never, now)
-                        continue
-                    if plan.waiting:
-                        continue
-                    job = job.model_copy(update={"dependency": plan.option})
-                offered.append(job)
-                if len(offered) >= limit:
-                    break
+            seen: set[str] = set()
             until = now + timedelta(seconds=lease_seconds)
-            for job in offered:
-                leased = session.get(JobRow, str(job.id))
-                assert leased is not None  # read in this transaction
-                leased.lease_owner = agent
-                leased.lease_until = until
+            # in batches: a job still waiting for a dependency's SLURM id is passed over (not
+            # leased), and the next batch looks past it; only what is offered is asked for, so
+            # concurrent claims (SKIP LOCKED) still share the rest
+            while len(offered) < limit and len(seen) <= limit + WAITING_ALLOWANCE:
+                batch = query.where(JobRow.id.not_in(seen)) if seen else query
+                rows = list(session.scalars(batch.limit(limit - len(offered))))
+                if not rows:
+                    break
+                for row in rows:
+                    seen.add(row.id)
+                    job = to_job(row)
+                    if job.spec.after and not row.cancel_requested and row.state == JobState.PENDING.value:
+                        plan = plan_dependencies(session, job)
+                        if plan.never is not None:
+                            self._fail_unsatisfiable(session, row, plan.never, now)
+                            continue
+                        if plan.waiting:
+                            continue
+                        job = job.model_copy(update={"dependency": plan.option})
+                    row.lease_owner = agent
+                    row.lease_until = until
+                    offered.append(job)
             return offered
 
     def _fail_unsatisfiable(self, session: Session, row: JobRow, reason: str, now: datetime) -> None:
