@@ -29,8 +29,10 @@ KUBECTL_VERSION=v1.34.1
 KIND_VERSION=v0.30.0
 KUSTOMIZE_VERSION=v5.7.1
 KIND_NODE_IMAGE=kindest/node:v1.34.0@sha256:7416a61b42b1662ca6ca89f02028ac133a309a2a30ba309614e8ec94d976dc5a
-IMAGE_TAG=0.1.0
 BIN=$HOME/.local/bin
+# Every image and its tag, in one place (PORTER_IMAGE, MLFLOW_IMAGE, ...).
+# shellcheck source=SCRIPTDIR/../deploy/images.env
+. "$ROOT/deploy/images.env"
 
 ENV_NAME=kubeflow-monitoring
 CLUSTER="cloudhpc-platform"
@@ -190,10 +192,10 @@ EOF
 }
 
 build_images() {
-  log "images: building cloudhpc/porter, cloudhpc/mlflow ($IMAGE_TAG)"
-  docker build -q -f "$ROOT/deploy/docker/cloudhpc.Dockerfile" --target porter -t "cloudhpc/porter:$IMAGE_TAG" "$ROOT" >/dev/null
-  docker build -q -f "$ROOT/deploy/docker/mlflow.Dockerfile" -t "cloudhpc/mlflow:$IMAGE_TAG" "$ROOT/deploy/docker" >/dev/null
-  kind load docker-image --name "$CLUSTER" "cloudhpc/porter:$IMAGE_TAG" "cloudhpc/mlflow:$IMAGE_TAG"
+  log "images: building $PORTER_IMAGE, $MLFLOW_IMAGE (deploy/images.env)"
+  docker build -q -f "$ROOT/deploy/docker/cloudhpc.Dockerfile" --target porter -t "$PORTER_IMAGE" "$ROOT" >/dev/null
+  docker build -q -f "$ROOT/deploy/docker/mlflow.Dockerfile" -t "$MLFLOW_IMAGE" "$ROOT/deploy/docker" >/dev/null
+  kind load docker-image --name "$CLUSTER" "$PORTER_IMAGE" "$MLFLOW_IMAGE"
 }
 
 # ---------------------------------------------------------------- credentials

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# porter and the submitter: one image build, two targets.
+# porter and the submitter: one image build, two targets (tags: deploy/images.env).
 #   docker build -f deploy/docker/cloudhpc.Dockerfile --target porter    -t cloudhpc/porter:0.1.0 .
 #   docker build -f deploy/docker/cloudhpc.Dockerfile --target submitter -t cloudhpc/submitter:0.1.0 .
 # The build context is the repository root; cloudhpc.Dockerfile.dockerignore keeps it to the package
@@ -28,6 +28,12 @@ RUN /opt/cloudhpc/bin/pip install --no-deps --no-build-isolation --no-index . \
  && /opt/cloudhpc/bin/pip check
 
 FROM python:3.11.14-slim-bookworm AS runtime
+# The OpenSSH client: `ssh` and `ssh-keygen` for `cloudhpc doctor bridge-host` (run in porter's pod,
+# kubectl -n monitoring exec deploy/porter -- cloudhpc doctor bridge-host) and the submitter's bridge
+# tunnels. From Debian's archive, its version the one bookworm's security updates carry.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openssh-client \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 cloudhpc \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/cloudhpc --shell /usr/sbin/nologin cloudhpc \
  && mkdir -p /var/lib/cloudhpc \

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The MLflow tracking server of the platform (deploy/kustomize/mlflow).
+# The MLflow tracking server of the platform (deploy/kustomize/mlflow). Tag: deploy/images.env.
 #   docker build -f deploy/docker/mlflow.Dockerfile -t cloudhpc/mlflow:0.1.0 deploy/docker
 # Contract: port 5000; configured by MLflow's own environment variables only, never by arguments,
 # so nothing secret can reach the process's command line (readable by every user of the node in

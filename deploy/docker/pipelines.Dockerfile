@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The image of the Kubeflow components (cloudhpc.pipelines.components: PIPELINES_IMAGE).
+# The image of the Kubeflow components (cloudhpc.pipelines.components: PIPELINES_IMAGE). Tag: deploy/images.env.
 #   docker build -f deploy/docker/pipelines.Dockerfile -t cloudhpc/pipelines:0.1.0 .
 # cloudhpc with its `server` and `pipelines` extras: the KFP SDK, kfp-kubernetes, MLflow, Ray with Train,
 # scikit-learn and PyTorch's CPU build (torch==2.13.0+cpu, from PyTorch's CPU wheel index, given

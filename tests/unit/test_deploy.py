@@ -30,9 +30,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import cloudhpc
 from cloudhpc.cli.main import app
 from cloudhpc.config import load_settings
 from cloudhpc.metrics.dashboards import OUT_DIR as DASHBOARDS_DIR
+from cloudhpc.pipelines.components import PIPELINES_IMAGE
 from cloudhpc.port_forwards import FORWARDS, Forward, ForwardSupervisor, Kubectl, Target
 
 REPO = Path(__file__).resolve().parents[2]
@@ -820,6 +822,90 @@ def test_dockerfile_pins_its_base_builds_in_stages_and_runs_as_non_root(dockerfi
         r"^(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|PASSPHRASE)", text, re.MULTILINE | re.IGNORECASE
     )
     assert not re.search(r"COPY\s+.*(\.testbed|\.cloudhpc|\.ssh|\.pem|secrets\.json)", text)
+
+
+def _images_env() -> dict[str, str]:
+    """deploy/images.env: KEY=image:tag lines (comments and blank lines aside)."""
+    images = {}
+    for line in (DEPLOY / "images.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            assert re.fullmatch(r"[A-Z_]+_IMAGE", key), line
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", value), f"{line}: name:tag, no quotes or spaces"
+            images[key] = value
+    return images
+
+
+def _images_in_use() -> dict[str, set[str]]:
+    """Every image reference in the repository's deployment files -> where it is used."""
+    used: dict[str, set[str]] = {}
+
+    def use(image: str, where: str) -> None:
+        used.setdefault(image.split("@sha256:", 1)[0], set()).add(where)  # a digest may follow the tag
+
+    for build in BUILDS:
+        for label, spec in _workloads(_render(build)):
+            for c in _containers(spec):
+                use(c["image"], f"{build}: {label}/{c['name']}")
+    for compose in sorted((DEPLOY / "compose").glob("*.yaml")):
+        for name, service in (yaml.safe_load(compose.read_text()).get("services") or {}).items():
+            if "image" in service:
+                use(service["image"], f"{compose.name}: {name}")
+    for dockerfile in DOCKERFILES:
+        names = {name for _, name, _ in _stages(dockerfile) if name}
+        for base, _, _ in _stages(dockerfile):
+            if base not in names:
+                use(base, f"{dockerfile.name}: FROM")
+        for tag in re.findall(r"^#.*docker build .*-t (\S+)", dockerfile.read_text(), re.MULTILINE):
+            use(tag, f"{dockerfile.name}: build comment")
+    for pipeline in sorted((DEPLOY / "pipelines").glob("*.yaml")):
+        for image in re.findall(r"^\s+image: (\S+)$", pipeline.read_text(), re.MULTILINE):
+            use(image, f"deploy/pipelines/{pipeline.name}")
+    use(PIPELINES_IMAGE, "cloudhpc.pipelines.components.PIPELINES_IMAGE")
+    return used
+
+
+def test_image_tags_come_from_images_env() -> None:
+    """deploy/images.env lists every image and tag, once; every manifest, Dockerfile, compose file and
+    compiled pipeline uses exactly those, each is used, and ours carry the project's version."""
+    images = _images_env()
+    assert len(set(images.values())) == len(images), "each image once"
+    used = _images_in_use()
+    unlisted = {image: sorted(where) for image, where in used.items() if image not in images.values()}
+    assert not unlisted, f"images not in deploy/images.env (or at another tag): {unlisted}"
+    assert set(images.values()) <= set(used), f"unused: {set(images.values()) - set(used)}"
+    for key, image in images.items():
+        if image.startswith("cloudhpc/"):
+            assert image.endswith(f":{cloudhpc.__version__}"), f"{key}: tag our images with the version"
+    # platform-up.sh builds and loads them by these names, with no tag of its own.
+    script = (REPO / "scripts" / "platform-up.sh").read_text()
+    assert '. "$ROOT/deploy/images.env"' in script
+    assert not re.search(r"cloudhpc/\w+:", script), "platform-up.sh names images only through images.env"
+    for key in ("PORTER_IMAGE", "MLFLOW_IMAGE"):
+        assert f'-t "${key}"' in script, f"platform-up.sh builds ${key}"
+    assert re.search(r'kind load docker-image .*"\$PORTER_IMAGE" "\$MLFLOW_IMAGE"', script)
+
+
+def test_grafana_is_on_its_newest_release_line() -> None:
+    """Grafana 13.3 (October 2026) was the newest minor release found (docs/platform.md says how
+    this was looked up); the pin must not fall back to an older line."""
+    major, minor = (int(part) for part in _images_env()["GRAFANA_IMAGE"].split(":")[1].split(".")[:2])
+    assert (major, minor) >= (13, 3)
+
+
+def test_porter_image_carries_the_openssh_client() -> None:
+    """`cloudhpc doctor bridge-host` runs `ssh` and `ssh-keygen` (cloudhpc.bridges.doctor): the runtime
+    stage that both porter and the submitter start FROM installs Debian's openssh-client."""
+    stages = {name: (base, ins) for base, name, ins in _stages(DEPLOY / "docker" / "cloudhpc.Dockerfile")}
+    assert stages["porter"][0] == "runtime"
+    assert stages["submitter"][0] == "runtime"
+    installs = [i for i in stages["runtime"][1] if i.startswith("RUN ") and "apt-get install" in i]
+    assert installs, "the runtime stage installs packages"
+    assert any(re.search(r"\bopenssh-client\b", i) and "--no-install-recommends" in i for i in installs)
+    assert any("rm -rf /var/lib/apt/lists" in i for i in installs), "no apt lists left in the image"
+    doctor = (REPO / "src" / "cloudhpc" / "bridges" / "doctor.py").read_text()
+    assert '["ssh"' in doctor
+    assert '["ssh-keygen"' in doctor
 
 
 def test_cloudhpc_image_context_is_limited_to_the_package() -> None:
