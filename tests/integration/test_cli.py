@@ -36,6 +36,7 @@ from tests.testbed import Testbed
 JOB_FIELDS = {
     "id", "name", "owner", "cluster", "kind", "state", "reason", "cancel_requested", "slurm_job_id",
     "exit_code", "created_at", "submitted_at", "started_at", "ended_at", "spec", "bridges", "artifacts",
+    "dependency", "cancel_tasks",  # since #13: arrays and `after`
 }  # fmt: skip
 
 
