@@ -696,10 +696,11 @@ EOF
 self_check() {
   local t out; t=$(date +%s.%N)
   # from the laptop, through the relay, with the pinned host key: a 2-node step on c1 and c2
+  # (--quiet: while the nodes are busy srun says "queued and waiting" on stderr, which is not output)
   # shellcheck disable=SC2016 # expanded by the tasks on c1 and c2
   out=$(in_host laptop ssh -i "$KEYS/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
     -o UserKnownHostsFile="$KNOWN_HOSTS" -o ConnectTimeout=10 -p "$SSH_PORT" "$TEST_USER@$LOGIN_ADDR" \
-    'srun -N2 --ntasks-per-node=1 -t 1 --comment=cloudhpc:selfcheck bash -c "echo \$(hostname) \$(hostname -I)"' 2>&1) ||
+    'srun --quiet -N2 --ntasks-per-node=1 -t 1 --comment=cloudhpc:selfcheck bash -c "echo \$(hostname) \$(hostname -I)"' 2>&1) ||
     die "self-check: ssh laptop -> login + srun -N2 failed: $out"
   out=$(sort <<<"$out" | tr -s ' \n' ' ')
   [ "$out" = "c1 $C1_ADDR c2 $C2_ADDR " ] || die "self-check: srun -N2 printed '$out', expected 'c1 $C1_ADDR c2 $C2_ADDR'"
