@@ -272,7 +272,9 @@ def test_submit_a_yaml_file_and_read_it_back(cli: Cli, tmp_path: Path) -> None:
     assert got["id"] == job["id"]
     listed = cli.json("jobs", "list", "--name", name)
     assert [j["id"] for j in listed] == [job["id"]]
-    assert all(set(j) == JOB_FIELDS - {"spec", "bridges", "artifacts"} for j in listed)  # summaries
+    assert all(
+        set(j) == JOB_FIELDS - {"spec", "bridges", "artifacts", "dependency", "cancel_tasks"} for j in listed
+    )  # summaries
     assert job["id"] in [j["id"] for j in cli.json("jobs", "list", "--state", "completed")]
     assert cli.json("jobs", "list", "--name", name, "--state", "failed") == []
     table = cli("jobs", "get", job["id"])
