@@ -59,7 +59,9 @@ def _headers(nonce: str) -> dict[str, str]:
     return {
         "Content-Security-Policy": csp,
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+        # the pages' own URLs (job ids) stay home; same-origin requests keep their real `Origin`
+        # (with no-referrer, a browser sends `Origin: null` even for the view's own login form)
+        "Referrer-Policy": "same-origin",
         "Cache-Control": "no-store",
     }
 
@@ -125,7 +127,10 @@ async def login_form(request: Request, next: str = "") -> Response:
 
 def _same_origin(request: Request) -> bool:
     """A login form posted from another site's page (login CSRF) is refused: browsers send
-    `Origin` with every POST; a client without one (curl) is no browser to attack."""
+    `Origin` with every POST, and `Sec-Fetch-Site`; a client with neither (curl) is no browser to
+    attack."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin")
     if origin is None:
         return True

@@ -170,7 +170,7 @@ def _state(state: JobState) -> Html:
     return html('<span class="state {s}">{s}</span>', s=state.value)
 
 
-def login_page(*, nonce: str, error: str | None = None, next_path: str = "./") -> str:
+def login_page(*, nonce: str, error: str | None = None, next_path: str = "") -> str:
     """The token form: the token goes in a POST body, never in a URL (where logs would keep it)."""
     body = html(
         "<h1>Log in</h1><p>Paste a porter token (<code>cloudhpc tokens create --user NAME</code>, "
@@ -234,10 +234,18 @@ def job_list_page(
 
 def _timeline(job: Job, reached: Mapping[JobState, datetime]) -> Html:
     """pending -> preparing -> queued -> running -> end, each with when it was entered and how long
-    the job stayed (an observer may skip a stage: a job that starts and ends between two polls)."""
+    the job stayed (an observer may skip a stage: a job that starts and ends between two polls).
+    The job's own times come first (SLURM's submit, start and end: what sacct says too), the
+    recorded transitions (when porter heard of each) where the job has none (preparing)."""
     end_state = job.state if job.state.terminal else None
-    stages: list[tuple[str, datetime | None]] = [(s.value, reached.get(s)) for s in STAGES]
-    stages.append((end_state.value if end_state else "end", reached.get(end_state) if end_state else None))
+    own = {
+        JobState.PENDING: job.created_at,
+        JobState.QUEUED: job.submitted_at,
+        JobState.RUNNING: job.started_at,
+    }
+    stages: list[tuple[str, datetime | None]] = [(s.value, own.get(s) or reached.get(s)) for s in STAGES]
+    end_at = (job.ended_at or reached.get(end_state)) if end_state else None
+    stages.append((end_state.value if end_state else "end", end_at))
     items = []
     for i, (label, at) in enumerate(stages):
         later = next((t for _, t in stages[i + 1 :] if t is not None), None)
@@ -306,11 +314,21 @@ _RECORD_COLUMNS = (
 )
 
 
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 def _value(key: str, value: Any) -> str:
     if value is None:
         return "—"
     if key in _PERCENT_KEYS and isinstance(value, int | float):
         return f"{value * 100:.1f} %"
+    if key.endswith("_bytes") and isinstance(value, int | float):
+        return _size(value)
     if isinstance(value, dict | list):
         return json.dumps(value)
     return str(value)
