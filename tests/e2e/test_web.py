@@ -29,7 +29,8 @@ from cloudhpc.client import Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment, running
+from tests.e2e.harness import Deployment, bridged_deployment, running
+from tests.e2e.ray_jobs import ray_spec
 from tests.testbed import Testbed
 
 TIMEOUT = 120.0
@@ -148,9 +149,25 @@ class Chromium:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[dict[str, Any]]:
-    """porter + submitter on the testbed, alice's hostile job run to its end, bob's job submitted,
-    and a Chromium logged in as alice."""
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+    chromium = Chromium(tmp_path_factory.mktemp("chromium") / "profile")
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go unless $CLOUDHPC_WEB_SCREENSHOTS says otherwise."""
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
+def web(
+    tmp_path_factory: pytest.TempPathFactory, testbed: Testbed, browser: Chromium, shots: Path
+) -> Iterator[dict[str, Any]]:
+    """porter and the submitter on the testbed (alice's token, and bob's), and the browser."""
     root = tmp_path_factory.mktemp("web")
     dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
     store = Store(dep.database)
@@ -159,12 +176,8 @@ def web(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[
         store.create_token("bob", "agent", ["testbed"])  # bob may use the cluster too
     finally:
         store.close()
-    browser = Chromium(root / "chromium-profile")
     with running(dep):
-        try:
-            yield {"dep": dep, "bob": bob_token, "browser": browser, "shots": root / "screenshots"}
-        finally:
-            browser.close()
+        yield {"dep": dep, "bob": bob_token, "browser": browser, "shots": shots}
 
 
 def _login(browser: Chromium, url: str, token: str) -> None:
@@ -330,3 +343,30 @@ def test_login_cookie_and_refusals(web: dict[str, Any]) -> None:
         answer = http.post("/ui/login", data={"token": agent}, follow_redirects=False)
         assert answer.status_code == 403
         assert "set-cookie" not in answer.headers
+
+
+RAY_START = 900.0
+"""Seconds for the Ray cluster's dashboard: may include building the Ray environment (as test_ray)."""
+
+
+@pytest.mark.timeout(RAY_START + 300)
+def test_ray_dashboard_link_works(tmp_path: Path, testbed: Testbed, browser: Chromium, shots: Path) -> None:
+    """A ray-cluster's bridge on its job page: once it answers, the page shows it ready (without a
+    reload by the user) and its link opens Ray's own dashboard in the browser."""
+    dep = bridged_deployment(tmp_path, testbed)
+    with running(dep), dep.client() as alice:
+        job = alice.submit(ray_spec("web-ray", "ray-cluster", expose=["dashboard"]))
+        try:
+            _login(browser, dep.url, dep.user_token)
+            browser.goto(f"{dep.url}/ui/jobs/{job.id}")
+            assert browser.text("#bridges td") == "dashboard"
+            ready = "[...document.querySelectorAll('#bridges td')].some(td => td.textContent === 'ready')"
+            browser.wait_for(ready, timeout=RAY_START)
+            link = browser.eval("document.querySelector('#bridges a').href")
+            assert link.rstrip("/") == alice.ray_dashboard_url(job, timeout=10).rstrip("/")
+            browser.screenshot("web-job-ray.png", shots)
+            browser.goto(link)
+            browser.wait_for("document.title.includes('Ray')", timeout=60)
+        finally:
+            alice.cancel(job)
+            _wait_state(alice, job, lambda j: j.state.terminal)

@@ -107,8 +107,17 @@ _JOB_SCRIPT = """
       .then(function(j){if(j.state!==d.state){location.reload();}else{watch();}})
       .catch(function(){setTimeout(watch,5000);});
   }
+  function bridges(){
+    fetch(d.job,{credentials:'same-origin'})
+      .then(function(r){if(!r.ok){throw r.status;}return r.json();})
+      .then(function(j){
+        if(j.bridges.length&&j.bridges.every(function(b){return b.ready;})){location.reload();}
+        else{setTimeout(bridges,3000);}
+      }).catch(function(){setTimeout(bridges,5000);});
+  }
   follow();
   if(d.terminal!=='true'){watch();}
+  if(d.bridgesPending==='true'){setTimeout(bridges,3000);}
 })();
 """
 
@@ -406,5 +415,7 @@ def job_page(
         "logs": f"../api/jobs/{job.id}/logs",
         "state": job.state.value,
         "terminal": "true" if job.state.terminal else "false",
+        # the page reloads once every bridge answers (readiness is no state change)
+        "bridges-pending": "true" if any(not b.ready for b in job.bridges) else "false",
     }
     return _page(job.name, body, nonce=nonce, base="../", user=user, data=data, script=_JOB_SCRIPT)
