@@ -432,7 +432,7 @@ def _retrying(what: str, call: Callable[[], Any], deadline: float) -> Any:
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             error: Exception = exc
         except ApiError as exc:
-            if exc.status < 500 and exc.status not in (409, 429):
+            if 0 < exc.status < 500 and exc.status not in (409, 429):  # 0: porter unreachable
                 raise
             error = exc
         if time.monotonic() > deadline:
