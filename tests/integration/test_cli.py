@@ -2,8 +2,8 @@
 
 The server runs as a subprocess (cwd = a fresh directory, so `.cloudhpc/` is its own) serving the
 `local` cluster and the testbed's SLURM cluster over SSH. Every command is checked for what it
-prints and for its exit code: 0 ok, 1 the job failed or the API refused, 2 usage or configuration
-error (docs/cli.md).
+prints and for its exit code: 0 ok, 1 the job failed, 2 usage or configuration error, 3 the API
+refused, 69 porter unreachable (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -167,14 +167,15 @@ def write(path: Path, content: str) -> Path:
 
 
 def accounting_when_ready(cli: Cli, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    """Accounting is collected after the job ends (sacct lags a little): 1 and a clear message until then."""
+    """Accounting is collected after the job ends (sacct lags a little): 3 (porter's answer) and a clear
+    message until then."""
     deadline = time.monotonic() + timeout
     while True:
         result = cli("jobs", "accounting", job_id, "-o", "json")
         if result.exit_code == 0:
             record: dict[str, Any] = json.loads(result.stdout)
             return record
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == 3, result.output
         assert "no accounting" in result.stderr
         assert time.monotonic() < deadline, "accounting never arrived"
         time.sleep(0.5)
@@ -423,32 +424,72 @@ def test_bad_specs_exit_2_locally_and_1_when_the_api_refuses(cli: Cli, tmp_path:
     refused = cli(
         "jobs", "submit", "--name", "nowhere", "--cluster", "nowhere", "--script", str(unknown_field)
     )
-    assert refused.exit_code == 1
+    assert refused.exit_code == 3
     assert "ApiError: cluster 'nowhere': no such cluster, or not one you may use" in refused.stderr
     assert "HTTP 404" in refused.stderr
     assert len(cli.json("jobs", "list")) == before  # nothing stored
 
     gone = cli("jobs", "get", str(uuid.uuid4()))
-    assert gone.exit_code == 1
+    assert gone.exit_code == 3
     assert "HTTP 404" in gone.stderr
-    assert cli("jobs", "get", "not-a-uuid").exit_code == 1  # porter's 422 on the path
+    assert cli("jobs", "get", "not-a-uuid").exit_code == 3  # porter's 422 on the path
     assert cli("jobs", "list", "--token-typo").exit_code == 2  # usage error
 
 
-def test_unreachable_porter_is_a_clear_message_and_exit_2(cli: Cli) -> None:
+def test_unreachable_porter_is_a_clear_message_and_exit_69(cli: Cli, server: ServeAll) -> None:
+    """69 (EX_UNAVAILABLE): a script retries it, where 2 means fix the command and 3 porter said no."""
     url = f"http://127.0.0.1:{free_port()}"
-    for args in (("jobs", "list"), ("jobs", "get", str(uuid.uuid4())), ("clusters", "list")):
+    for args in (
+        ("jobs", "list"),
+        ("jobs", "get", str(uuid.uuid4())),
+        ("clusters", "list"),
+        ("bridge", "list", str(uuid.uuid4())),
+    ):
         result = cli(*args, url=url)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 69, result.output
         assert f"cannot reach porter at {url}" in result.stderr
         assert "is `cloudhpc serve` running?" in result.stderr
         assert "Traceback" not in result.output
+    # The same codes as a shell sees them, from the installed command: down, then up and refusing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
+    command = [str(Path(sys.executable).with_name("cloudhpc")), "jobs", "get", str(uuid.uuid4())]
+    down = subprocess.run([*command, "--url", url], env=env, capture_output=True, text=True, check=False)
+    assert down.returncode == 69, down.stderr
+    env["CLOUDHPC_TOKEN"] = server.admin_token
+    up = subprocess.run([*command, "--url", server.url], env=env, capture_output=True, text=True, check=False)
+    assert up.returncode == 3, up.stderr
+    assert "HTTP 404" in up.stderr
 
 
-def test_wrong_token_is_refused_with_exit_1(cli: Cli) -> None:
+def test_wrong_token_is_refused_with_exit_3(cli: Cli) -> None:
     result = cli("jobs", "list", token="chpc_not-a-real-token")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "HTTP 401" in result.stderr
+
+
+def test_token_file_wins_over_the_environment(cli: Cli, server: ServeAll, tmp_path: Path) -> None:
+    """--token-file (or CLOUDHPC_TOKEN_FILE, or `-` for standard input) over CLOUDHPC_TOKEN: the
+    token never needs to be on a command line."""
+    good = write(tmp_path / "admin-token", server.admin_token + "\n")
+    bad = write(tmp_path / "bad-token", "chpc_not-a-real-token\n")
+    wrong_env = "chpc_also-not-a-token"
+    ok = cli("clusters", "list", "--token-file", str(good), "-o", "json", token=wrong_env)
+    assert ok.exit_code == 0, ok.output
+    assert {c["name"] for c in json.loads(ok.stdout)} >= {"local", "testbed"}
+    refused = cli("clusters", "list", "--token-file", str(bad))  # the env's token is the admin's
+    assert refused.exit_code == 3
+    assert "HTTP 401" in refused.stderr
+    env = {"CLOUDHPC_URL": server.url, "CLOUDHPC_TOKEN": wrong_env, "CLOUDHPC_TOKEN_FILE": str(good)}
+    from_env = CliRunner().invoke(app, ["jobs", "list", "-o", "json"], env=env)
+    assert from_env.exit_code == 0, from_env.output
+    piped = CliRunner().invoke(
+        app,
+        ["jobs", "list", "--token-file", "-", "-o", "json"],
+        env=env | {"CLOUDHPC_TOKEN_FILE": None},
+        input=server.admin_token + "\n",
+    )
+    assert piped.exit_code == 0, piped.output
+    assert server.admin_token not in piped.output
 
 
 def test_invalid_config_exits_2_naming_the_key(cli: Cli, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from cloudhpc.bridges.authorized_key import authorized_key_line
 from cloudhpc.bridges.certificates import BridgeCA
 from cloudhpc.bridges.doctor import check_bridge_host, public_key_of
 from cloudhpc.bridges.principals import parse_port_range, principals_line, sshd_config_lines
-from cloudhpc.client import default_client
+from cloudhpc.cli.options import ConfigOpt, TokenFileOpt, UrlOpt, client_for, config_path
 from cloudhpc.config import BridgeConfig, load_settings
 from cloudhpc.domain.jobs import Bridge
 from cloudhpc.exceptions import CloudHPCError, ConfigError
@@ -37,7 +37,6 @@ doctor_app = typer.Typer(no_args_is_help=True, help="Check a setup from this mac
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="cloudhpc.yaml (default: $CLOUDHPC_CONFIG)")]
 PermitOpenOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -63,7 +62,7 @@ def bridges_table(bridges: list[Bridge]) -> Table:
 
 def _bridge_config(config: Path | None) -> BridgeConfig:
     try:
-        settings = load_settings(config)
+        settings = load_settings(config_path(config))
     except ConfigError as exc:
         err.print(f"ConfigError: {exc}", highlight=False)
         raise typer.Exit(2) from exc
@@ -76,11 +75,12 @@ def _bridge_config(config: Path | None) -> BridgeConfig:
 @bridge_app.command("list")
 def bridge_list(
     job_id: str,
-    url: Annotated[str | None, typer.Option("--url", envvar="CLOUDHPC_URL", help="porter URL")] = None,
+    url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
 ) -> None:
     """The bridges of a job: where each exposed port is reachable, and whether it answers."""
-    with default_client(url) as client:
+    with client_for(url, token_file) as client:
         bridges = client.bridges(job_id)
     if output == "json":
         sys.stdout.write(json.dumps([b.model_dump(mode="json") for b in bridges], indent=2) + "\n")
@@ -213,7 +213,7 @@ def _held_ports(config: Path | None) -> set[int]:
     """Ports held by live jobs' bridges, when porter's database is reachable from here."""
     from cloudhpc.store import Store
 
-    settings = load_settings(config)
+    settings = load_settings(config_path(config))
     database = settings.porter.database
     if database.startswith("sqlite:///") and not Path(database.removeprefix("sqlite:///")).exists():
         return set()

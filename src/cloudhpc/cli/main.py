@@ -1,6 +1,7 @@
 """The `cloudhpc` command. A thin layer: parse arguments, call the SDK or the servers, print.
 
-Exit codes: 0 ok, 1 the job failed (or the API refused), 2 usage or configuration error.
+Exit codes (`cli.options.ExitCode`, docs/cli.md): 0 ok, 1 the job did not complete (or a local check
+failed), 2 usage or configuration error, 3 porter answered with an error, 69 porter unreachable.
 """
 
 from __future__ import annotations
@@ -25,10 +26,20 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from cloudhpc import __version__
 from cloudhpc.cli.bridges import bridge_app, bridges_table, doctor_app
+from cloudhpc.cli.options import (
+    ConfigOpt,
+    ExitCode,
+    TokenFileOpt,
+    UrlOpt,
+    client_for,
+    config_path,
+    exit_code_of_api_error,
+)
 from cloudhpc.cli.platform import platform_app
 from cloudhpc.cli.testbed import run_testbed
-from cloudhpc.client import ApiError, Client, default_client
+from cloudhpc.client import ApiError, Client
 from cloudhpc.config import Settings, load_settings
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
@@ -48,10 +59,10 @@ class _ExitCodes(TyperGroup):
     """Turns the library's errors into one line on stderr and the documented exit code, inside the
     command itself, so `CliRunner` tests see the same codes as a shell does.
 
-    `ApiError` with status 0 (porter unreachable or silent) is a configuration problem (wrong URL,
-    server not started): 2. Any answer from the API refusing the request (4xx, 5xx): 1.
-    `ConfigError`: 2. Any other `CloudHPCError`: 1. A command whose extra is not installed (`serve`
-    with the light install): 2, naming the extra to install.
+    `ApiError` with status 0 (porter unreachable or silent): 69, so that a script can retry it
+    and tell it from a wrong option. Any answer from the API refusing the request (4xx) or failing
+    it (5xx): 3. `ConfigError`: 2. Any other `CloudHPCError`: 1. A command whose extra is not
+    installed (`serve` with the light install): 2, naming the extra to install.
     """
 
     def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context type is private
@@ -60,13 +71,13 @@ class _ExitCodes(TyperGroup):
         except ApiError as exc:
             err.print(f"ApiError: {exc}", highlight=False, soft_wrap=True)
             _print_details(exc.details)
-            raise typer.Exit(2 if exc.status == 0 else 1) from exc
+            raise typer.Exit(exit_code_of_api_error(exc)) from exc
         except ConfigError as exc:
             err.print(f"ConfigError: {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from exc
+            raise typer.Exit(ExitCode.USAGE) from exc
         except CloudHPCError as exc:
             err.print(f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from exc
+            raise typer.Exit(ExitCode.FAILED) from exc
         except ModuleNotFoundError as exc:
             extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
             if extra is None:
@@ -78,7 +89,7 @@ class _ExitCodes(TyperGroup):
                 highlight=False,
                 soft_wrap=True,
             )
-            raise typer.Exit(2) from exc
+            raise typer.Exit(ExitCode.USAGE) from exc
 
 
 # `pip install cloudhpc` is the SDK and this CLI; commands that run a server, open the job store or
@@ -113,9 +124,27 @@ def _print_details(details: Any) -> None:
 app = typer.Typer(
     cls=_ExitCodes,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     help="Run SLURM and Ray jobs from the cloud.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"cloudhpc {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Run SLURM and Ray jobs from the cloud."""
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Submit and follow jobs.")
 clusters_app = typer.Typer(no_args_is_help=True, help="Clusters known to porter.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens (run where porter's database is).")
@@ -134,20 +163,14 @@ class Output(StrEnum):
 
 
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="cloudhpc.yaml (default: $CLOUDHPC_CONFIG)")]
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="CLOUDHPC_URL", help="porter URL")]
 
 
 def _settings(config: Path | None) -> Settings:
     try:
-        return load_settings(config)
+        return load_settings(config_path(config))
     except ConfigError as exc:
         err.print(f"[red]ConfigError[/red]: {exc}", markup=True, highlight=False)
-        raise typer.Exit(2) from exc
-
-
-def _client(url: str | None) -> Client:
-    return default_client(url)
+        raise typer.Exit(ExitCode.USAGE) from exc
 
 
 def _print_json(value: Any) -> None:
@@ -360,6 +383,7 @@ def jobs_submit(
         float | None, typer.Option(help="with --wait: give up after this many seconds")
     ] = None,
     url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Submit a job from a spec file and/or options."""
@@ -369,7 +393,7 @@ def jobs_submit(
     if script is not None:
         overrides["script"] = script.read_text(encoding="utf-8")
     spec = _load_spec(file, overrides, _resource_pairs(resource or []))
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
         if wait:
             _wait_and_report(client, job, output, timeout)
@@ -386,10 +410,11 @@ def jobs_list(
     cluster: Annotated[str | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option()] = None,
     url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """List your jobs, newest first."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         jobs = client.list(state=state, cluster=cluster, name=name)
     if output == Output.json:
         _print_json([_job_json(j) for j in jobs])
@@ -398,9 +423,11 @@ def jobs_list(
 
 
 @jobs_app.command("get")
-def jobs_get(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+def jobs_get(
+    job_id: str, url: UrlOpt = None, token_file: TokenFileOpt = None, output: OutputOpt = Output.table
+) -> None:
     """Show one job."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         job = client.get(job_id)
     if output == Output.json:
         _print_json(_job_json(job))
@@ -415,10 +442,11 @@ def jobs_wait(
     job_id: str,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
     url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Wait for a job to end, showing its state; exit 1 unless it completed."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         _wait_and_report(client, client.get(job_id), output, timeout)
 
 
@@ -427,10 +455,14 @@ TaskOpt = Annotated[int | None, typer.Option("--task", help="one task of an arra
 
 @jobs_app.command("cancel")
 def jobs_cancel(
-    job_id: str, task: TaskOpt = None, url: UrlOpt = None, output: OutputOpt = Output.table
+    job_id: str,
+    task: TaskOpt = None,
+    url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
+    output: OutputOpt = Output.table,
 ) -> None:
     """Ask for a job (or, with --task, one task of an array) to be cancelled."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         job = client.cancel(job_id) if task is None else client.cancel_task(job_id, task)
     if output == Output.json:
         _print_json(_job_json(job))
@@ -440,9 +472,11 @@ def jobs_cancel(
 
 
 @jobs_app.command("tasks")
-def jobs_tasks(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+def jobs_tasks(
+    job_id: str, url: UrlOpt = None, token_file: TokenFileOpt = None, output: OutputOpt = Output.table
+) -> None:
     """The tasks of an array job: state, SLURM state, exit code, times."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         tasks = client.tasks(job_id)
     if output == Output.json:
         _print_json([t.model_dump(mode="json") for t in tasks])
@@ -468,11 +502,12 @@ def jobs_logs(
     offset: Annotated[int, typer.Option(help="start at this byte")] = 0,
     task: TaskOpt = None,
     url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Print the job's output (stdout and stderr); with --task, one array task's (once the array
     has ended)."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         if task is not None:
             sys.stdout.buffer.write(client.task_output(job_id, task)[offset:])
             return
@@ -495,9 +530,11 @@ def jobs_logs(
 
 
 @jobs_app.command("accounting")
-def jobs_accounting(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+def jobs_accounting(
+    job_id: str, url: UrlOpt = None, token_file: TokenFileOpt = None, output: OutputOpt = Output.table
+) -> None:
     """Show sacct records and efficiency (available once the job has ended)."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         record = client.accounting(job_id)
     if output == Output.json:
         _print_json(record)
@@ -530,9 +567,11 @@ def jobs_accounting(job_id: str, url: UrlOpt = None, output: OutputOpt = Output.
 
 
 @clusters_app.command("list")
-def clusters_list(url: UrlOpt = None, output: OutputOpt = Output.table) -> None:
+def clusters_list(
+    url: UrlOpt = None, token_file: TokenFileOpt = None, output: OutputOpt = Output.table
+) -> None:
     """Clusters porter knows, with the liveness of their agents."""
-    with _client(url) as client:
+    with client_for(url, token_file) as client:
         clusters = client.clusters()
     if output == Output.json:
         _print_json(clusters)
