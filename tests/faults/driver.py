@@ -598,7 +598,7 @@ class Report:
             "state as SLURM": ("state ", "ended "),
             "exact output": ("log ",),
             "accounting": ("accounting",),
-            "artifacts": ("artifact",),
+            "artifacts": ("artifact", "output.log artifact"),
             "no bridge leak": ("bridge port",),
         }
         return {
