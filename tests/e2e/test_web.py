@@ -307,6 +307,17 @@ def test_login_cookie_and_refusals(web: dict[str, Any]) -> None:
         assert answer.status_code == 401
         assert "set-cookie" not in answer.headers
         assert "invalid or revoked token" in answer.text
+        # a page asked for before the login is where the login goes back to
+        wanted = "jobs/00000000-0000-4000-8000-000000000000"
+        answer = http.get(f"/ui/{wanted}", follow_redirects=False)
+        assert answer.status_code == 303
+        assert answer.headers["location"] == f"../login?next={wanted}"
+        form = http.get(f"/ui/login?next={wanted}").text
+        assert f'name="next" value="{wanted}"' in form
+        answer = http.post(
+            "/ui/login", data={"token": dep.user_token, "next": wanted}, follow_redirects=False
+        )
+        assert answer.headers["location"] == f"./{wanted}"
         # a login posted from another site's page (login CSRF)
         answer = http.post(
             "/ui/login",
