@@ -212,6 +212,14 @@ def test_web_view_in_chromium(web: dict[str, Any]) -> None:
                 "resources": {"time": "5"},
             }
         )
+        array = alice.submit(
+            {
+                "name": "web-array",
+                "cluster": "testbed",
+                "script": '#!/bin/bash\n#SBATCH --array=0-2\n[ "$SLURM_ARRAY_TASK_ID" = 1 ] && exit 3\nexit 0\n',
+                "resources": {"time": "5"},
+            }
+        )
         theirs = bob.submit(
             {"name": "bob-private", "cluster": "testbed", "script": "#!/bin/bash\necho bob\n"}
         )
@@ -285,6 +293,18 @@ def test_web_view_in_chromium(web: dict[str, Any]) -> None:
         browser.goto(f"{dep.url}/ui/")
         browser.wait_for(f"document.querySelector('tr[data-job=\"{job.id}\"]').dataset.state === 'completed'")
         browser.screenshot("web-jobs.png", shots)
+
+        # an array job's page lists its tasks, each with its own state and exit code
+        _wait_state(alice, array, lambda j: j.state.terminal)
+        browser.goto(f"{dep.url}/ui/jobs/{array.id}")
+        rows = browser.eval(
+            "[...document.querySelectorAll('#tasks tbody tr')].map(r => [...r.cells].map(c => c.textContent))"
+        )
+        assert [(r[0], r[1], r[3]) for r in rows] == [
+            ("0", "completed", "0"),
+            ("1", "failed", "3"),
+            ("2", "completed", "0"),
+        ]
 
         # another user's job: a 404 page, and the polled API mirror says 404 as well
         browser.goto(f"{dep.url}/ui/jobs/{theirs.id}")

@@ -34,7 +34,7 @@ from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter import routes_artifacts, routes_jobs
 from cloudhpc.porter.auth import principal_for_token, require_user
 from cloudhpc.porter.state import state_of
-from cloudhpc.porter.web_render import error_page, job_list_page, job_page, login_page
+from cloudhpc.porter.web_render import MAX_TASK_ROWS, error_page, job_list_page, job_page, login_page
 from cloudhpc.store import Principal, decode_cursor
 
 __all__ = ["COOKIE", "router"]
@@ -240,8 +240,20 @@ async def one_job_page(job_id: str, request: Request) -> Response:
                 raise
             accounting = None
         artifacts = await _artifact_links(request, job, principal)
+        tasks = None
+        if job.spec.array is not None:
+            page = await routes_jobs.job_tasks(
+                job.id, request, principal, cursor=None, limit=MAX_TASK_ROWS + 1
+            )
+            tasks = page.tasks
         return job_page(
-            job, reached=reached, accounting=accounting, artifacts=artifacts, nonce=nonce, user=principal.user
+            job,
+            tasks=tasks,
+            reached=reached,
+            accounting=accounting,
+            artifacts=artifacts,
+            nonce=nonce,
+            user=principal.user,
         )
 
     return await _page(request, "../", f"jobs/{job_id}" if _NEXT.match(f"jobs/{job_id}") else "", build)

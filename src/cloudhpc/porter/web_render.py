@@ -11,14 +11,16 @@ from __future__ import annotations
 import html as _html
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Bridge, Job, JobSummary
 from cloudhpc.domain.states import JobState
 
 __all__ = [
+    "MAX_TASK_ROWS",
     "STAGES",
     "Html",
     "error_page",
@@ -241,7 +243,7 @@ def job_list_page(
     return _page("Jobs", body, nonce=nonce, base="./", user=user, data={"poll": poll}, script=_LIST_SCRIPT)
 
 
-def _timeline(job: Job, reached: Mapping[JobState, datetime]) -> Html:
+def _timeline(job: Job, reached: Mapping[JobState, datetime], now: datetime) -> Html:
     """pending -> preparing -> queued -> running -> end, each with when it was entered and how long
     the job stayed (an observer may skip a stage: a job that starts and ends between two polls).
     The job's own times come first (SLURM's submit, start and end: what sacct says too), the
@@ -258,7 +260,11 @@ def _timeline(job: Job, reached: Mapping[JobState, datetime]) -> Html:
     items = []
     for i, (label, at) in enumerate(stages):
         later = next((t for _, t in stages[i + 1 :] if t is not None), None)
-        stayed = _duration((later - at).total_seconds()) if at is not None and later is not None else ""
+        stayed = ""
+        if at is not None and later is not None:
+            stayed = _duration((later - at).total_seconds())
+        elif at is not None and label == job.state.value and not job.state.terminal:
+            stayed = _duration((now - at).total_seconds()) + " so far"
         items.append(
             html(
                 '<li class="{cls}"><b>{label}</b><br><span>{at}</span><br><span class="muted">{stayed}</span></li>',
@@ -370,10 +376,53 @@ def _accounting(record: Mapping[str, Any] | None, job: Job) -> Html:
     )
 
 
+MAX_TASK_ROWS = 1000
+"""An array job's page lists at most this many tasks (the API pages through the rest)."""
+
+
+def _tasks(job: Job, tasks: Sequence[TaskObservation] | None) -> Html:
+    """An array job's tasks, each with its state, SLURM's word, exit code, times and reason (each
+    task's output is the artifact `tasks/<index>/output.log`, once stored)."""
+    if tasks is None:
+        return Html("")
+    if not tasks:
+        return Html('<h2>Tasks</h2><p class="muted">No task reported yet.</p>')
+    rows = _join(
+        html(
+            "<tr><td>{index}</td><td>{state}</td><td>{native}</td><td>{exit}</td><td>{started}</td>"
+            "<td>{ended}</td><td>{reason}</td></tr>",
+            index=t.index,
+            state=_state(t.state),
+            native=t.native_state,
+            exit="—" if t.exit_code is None else t.exit_code,
+            started=_time(t.started_at),
+            ended=_time(t.ended_at),
+            reason=t.reason or "—",
+        )
+        for t in tasks[:MAX_TASK_ROWS]
+    )
+    more = (
+        html(
+            '<p class="muted">More tasks: GET /api/v1/jobs/{id}/tasks?cursor={c}</p>',
+            id=str(job.id),
+            c=tasks[MAX_TASK_ROWS].index,
+        )
+        if len(tasks) > MAX_TASK_ROWS
+        else Html("")
+    )
+    return html(
+        '<h2>Tasks</h2><table id="tasks"><thead><tr><th>Task</th><th>State</th><th>SLURM state</th>'
+        "<th>Exit</th><th>Started</th><th>Ended</th><th>Reason</th></tr></thead><tbody>{rows}</tbody></table>{more}",
+        rows=rows,
+        more=more,
+    )
+
+
 def job_page(
     job: Job,
     *,
     reached: Mapping[JobState, datetime],
+    tasks: Sequence[TaskObservation] | None,
     accounting: Mapping[str, Any] | None,
     artifacts: Sequence[Mapping[str, str]],
     nonce: str,
@@ -399,12 +448,13 @@ def job_page(
         else Html("")
     )
     body = html(
-        '<h1 id="job-name">{name}</h1>{facts}<h2>Timeline</h2>{timeline}<h2>Output</h2>'
+        '<h1 id="job-name">{name}</h1>{facts}<h2>Timeline</h2>{timeline}{tasks}<h2>Output</h2>'
         '<pre id="log" data-complete="false"></pre>{script}<h2>Accounting and efficiency</h2>{accounting}'
         "<h2>Bridges</h2>{bridges}<h2>Artifacts</h2>{artifacts}",
         name=job.name,
         facts=facts,
-        timeline=_timeline(job, reached),
+        timeline=_timeline(job, reached, datetime.now(UTC)),
+        tasks=_tasks(job, tasks),
         script=script,
         accounting=_accounting(accounting, job),
         bridges=_bridges(job.bridges),
