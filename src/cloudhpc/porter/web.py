@@ -120,7 +120,7 @@ async def _page(
 
 
 @router.get("/login")
-async def login_form(request: Request, next: str = "") -> Response:
+async def login_form(next: str = "") -> Response:
     nonce = secrets.token_urlsafe(16)
     return _html(login_page(nonce=nonce, next_path=next if _NEXT.match(next) else ""), nonce)
 
