@@ -132,6 +132,12 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
     allocations = {r["job_id"]: r for r in record["records"] if r["step"] is None}
     assert set(allocations) == {f"{ended.slurm_job_id}_{i}" for i in range(6)}
     assert allocations[f"{ended.slurm_job_id}_3"]["exit_code"] == 7
+    # the same through GET /logs?task=N, from an offset
+    logs = client._request("GET", f"/api/v1/jobs/{job.id}/logs", params={"task": 3, "offset": 5})
+    assert logs.content == f"3 of {ended.slurm_job_id}\n".encode()
+    assert logs.headers["X-Complete"] == "true"
+    for bad in ({"task": 9}, {"task": -1}):
+        assert client._http.get(f"/api/v1/jobs/{job.id}/logs", params=bad).status_code in (404, 422)
     # two pages of tasks, by cursor
     page = client._request("GET", f"/api/v1/jobs/{job.id}/tasks", params={"limit": 4}).json()
     assert [t["index"] for t in page["tasks"]] == [0, 1, 2, 3]

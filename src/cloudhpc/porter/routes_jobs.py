@@ -14,6 +14,7 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.config import ClusterConfig
@@ -26,7 +27,8 @@ from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import check_inputs, input_scope
-from cloudhpc.porter.state import PorterState, cluster_key, job_key, state_of
+from cloudhpc.porter.state import PorterState, cluster_key, job_key, object_store, state_of
+from cloudhpc.storage.artifacts import artifact_key, output_name
 from cloudhpc.store import Principal, decode_cursor
 
 __all__ = ["router"]
@@ -271,12 +273,16 @@ async def job_logs(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     follow: bool = False,
     limit: Annotated[int, Query(ge=1, le=LOG_CHUNK)] = LOG_CHUNK,
+    task: Annotated[int | None, Query(ge=0, le=MAX_ARRAY_INDEX)] = None,
 ) -> Response:
     """The job's output as bytes from `offset`. The `X-Next-Offset` header says where to continue and
     `X-Complete` whether the job has ended and every byte has been delivered. With `follow`, the
-    response streams until then."""
+    response streams until then. With `task`, one task's output of an array job, stored when the
+    array ended (`follow` has nothing to wait for then)."""
     state = state_of(request)
     job = await _owned_job(state, job_id, principal)
+    if task is not None:
+        return await _task_log(state, job, task, offset, limit)
     if not follow:
         data = await state.store.read_output(job_id, offset, limit)
         next_offset = offset + len(data)
@@ -308,6 +314,40 @@ async def job_logs(
             await state.notifier.wait(job_key(job_id), state.recheck_interval, since=read_at)
 
     return StreamingResponse(stream(), media_type="application/octet-stream")
+
+
+async def _task_log(state: PorterState, job: Job, task: int, offset: int, limit: int) -> Response:
+    """One array task's output from its artifact (`tasks/<index>/output.log`), as `job_logs` answers."""
+    if job.spec.array is None or task not in array_indices(job.spec.array):
+        raise HttpProblem(404, "not_found", f"job {job.id} has no array task {task}")
+    key = artifact_key(job.owner, job.id, output_name(task))
+    if key not in job.artifacts:
+        raise HttpProblem(
+            404,
+            "not_available",
+            f"no output of task {task} of job {job.id} yet (state {job.state.value}); "
+            "each task's output is stored when the array ends",
+        )
+    objects = object_store(state)
+
+    def read() -> bytes:
+        """`limit` bytes from `offset`, reading the object in chunks (never whole past them)."""
+        out, position = bytearray(), 0
+        for chunk in objects.iter_bytes(key):
+            start = max(0, offset - position)
+            position += len(chunk)
+            if start < len(chunk):
+                out += chunk[start : start + limit - len(out)]
+            if len(out) >= limit:
+                break
+        return bytes(out)
+
+    data = await run_in_threadpool(read)
+    headers = {
+        "X-Next-Offset": str(offset + len(data)),
+        "X-Complete": "true" if len(data) < limit else "false",
+    }
+    return Response(content=data, media_type="application/octet-stream", headers=headers)
 
 
 @router.get("/jobs/{job_id}/accounting")
