@@ -30,8 +30,8 @@ ON_LAPTOP = "CLOUDHPC_BENCH_ON_LAPTOP"
 
 def run_on_laptop(script: str, argv: Sequence[str]) -> None:
     """Re-run this bench inside the laptop's network namespace (its packets meet the relay's delay and
-    the firewall) unless it already runs there; returns only in the laptop's process, and the
-console's process exits with its status."""
+        the firewall) unless it already runs there; returns only in the laptop's process, and the
+    console's process exits with its status."""
     if os.environ.get(ON_LAPTOP) == "1":
         return
     topology = load_topology()
