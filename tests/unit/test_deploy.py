@@ -887,8 +887,8 @@ def test_image_tags_come_from_images_env() -> None:
 
 
 def test_grafana_is_on_its_newest_release_line() -> None:
-    """Grafana 13.3 (October 2026) was the newest minor release found (docs/platform.md says how
-    this was looked up); the pin must not fall back to an older line."""
+    """Grafana 13.3 (October 2026) was the newest release line found (deploy/images.env says where it
+    was looked up); the pin must not fall back to an older line."""
     major, minor = (int(part) for part in _images_env()["GRAFANA_IMAGE"].split(":")[1].split(".")[:2])
     assert (major, minor) >= (13, 3)
 
