@@ -92,5 +92,5 @@ def test_server_commands_name_the_extra(light: Path, argv: list[str], tmp_path: 
 
 def test_sdk_errors_without_a_server_are_the_documented_exit_code(light: Path, tmp_path: Path) -> None:
     result = _run([str(light / "cloudhpc"), "jobs", "list", "--url", "http://127.0.0.1:9"], cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 69  # EX_UNAVAILABLE: porter unreachable (docs/cli.md)
     assert result.stderr.startswith("ApiError: cannot reach porter")
