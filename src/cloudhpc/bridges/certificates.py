@@ -30,9 +30,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudhpc.exceptions import ConfigError
-from cloudhpc.hpc.ssh.certificates import CertificateAuthority
+
+if TYPE_CHECKING:  # the SSH library is the server extra's: the light install's CLI imports this module
+    from cloudhpc.hpc.ssh.certificates import CertificateAuthority
 
 __all__ = [
     "CLOCK_SKEW",
@@ -117,6 +120,8 @@ class BridgeCA:
             ) from None
         except OSError as exc:
             raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc})") from None
+        from cloudhpc.hpc.ssh.certificates import CertificateAuthority
+
         try:
             authority = CertificateAuthority.from_bytes(data)
         except ValueError:
