@@ -392,20 +392,23 @@ prometheus_args() { # prometheus_args DIR ADDR:PORT: /usr/bin/prometheus and its
 # (its own database), artifacts proxied by the server to S3 (--serve-artifacts), so clients, jobs on
 # the cluster included, need only its URL. Job execution is off (it starts a pool of worker processes
 # a testbed has no use for). Stopped by its process group: uvicorn is a child.
-# mlflow_args ADDR PORT DB_DSN BUCKET [ARG...]: the server's command line, one a line
+# mlflow_args ADDR PORT BUCKET [ARG...]: the server's command line, one a line (the database URL, which
+# holds a password, goes in its environment: see start_mlflow_bg)
 mlflow_args() {
-  printf '%s\n' "$VENV/bin/mlflow" server --host "$1" --port "$2" --workers 1 --backend-store-uri "$3" \
-    --serve-artifacts --artifacts-destination "s3://$4" "${@:5}"
+  printf '%s\n' "$VENV/bin/mlflow" server --host "$1" --port "$2" --workers 1 \
+    --serve-artifacts --artifacts-destination "s3://$3" "${@:4}"
 }
-# start_mlflow_bg PIDFILE LOGFILE S3_URL PREFIX... -- ARGS...: the server (ARGS from mlflow_args) with
-# the S3 credentials in its environment, in the background as start_bg
+# start_mlflow_bg PIDFILE LOGFILE S3_URL DB_DSN PREFIX... -- ARGS...: the server (ARGS from mlflow_args)
+# with the S3 credentials and the database URL in its environment (MLflow reads
+# MLFLOW_BACKEND_STORE_URI; on its command line the password would be in every `ps`), in the
+# background as start_bg
 start_mlflow_bg() {
-  local pf=$1 lf=$2 s3=$3 pre=()
-  shift 3
+  local pf=$1 lf=$2 s3=$3 dsn=$4 pre=()
+  shift 4
   while [ "$1" != -- ]; do pre+=("$1"); shift; done
   shift
   MLFLOW_S3_ENDPOINT_URL=$s3 AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY \
-  AWS_DEFAULT_REGION=us-east-1 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+  AWS_DEFAULT_REGION=us-east-1 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_BACKEND_STORE_URI=$dsn \
     start_bg "$pf" "$lf" "${pre[@]}" "$@"
 }
 

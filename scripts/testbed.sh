@@ -463,9 +463,9 @@ start_mlflow() {
   stop_mlflow
   port_free_or_die "$MLFLOW_PORT" mlflow
   local args=()
-  mapfile -t args < <(mlflow_args 127.0.0.1 "$MLFLOW_PORT" \
-    "postgresql+psycopg://$MLFLOW_DB:$pw@127.0.0.1:$PG_PORT/$MLFLOW_DB" "$MLFLOW_BUCKET")
-  start_mlflow_bg "$MLFLOW_PID" "$LOGD/mlflow.log" "http://127.0.0.1:$S3_PORT" nohup -- "${args[@]}"
+  mapfile -t args < <(mlflow_args 127.0.0.1 "$MLFLOW_PORT" "$MLFLOW_BUCKET")
+  start_mlflow_bg "$MLFLOW_PID" "$LOGD/mlflow.log" "http://127.0.0.1:$S3_PORT" \
+    "postgresql+psycopg://$MLFLOW_DB:$pw@127.0.0.1:$PG_PORT/$MLFLOW_DB" nohup -- "${args[@]}"
   wait_for 120 "mlflow on port $MLFLOW_PORT" mlflow_ready
   log "mlflow: started on 127.0.0.1:$MLFLOW_PORT (pid $(pid_of "$MLFLOW_PID"))"
 }

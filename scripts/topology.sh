@@ -626,8 +626,7 @@ start_mlflow() {
   local pw; pw=$(cat "$TP/mlflow-db-password")
   local hosts="$CLOUD_ADDR,$CLOUD_ADDR:$MLFLOW_PORT,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
   local args=() pre=()
-  mapfile -t args < <(mlflow_args "$CLOUD_ADDR" "$MLFLOW_PORT" \
-    "postgresql+psycopg://$MLFLOW_DB:$pw@$CLOUD_ADDR:$PG_PORT/$MLFLOW_DB" "$MLFLOW_BUCKET" --allowed-hosts "$hosts")
+  mapfile -t args < <(mlflow_args "$CLOUD_ADDR" "$MLFLOW_PORT" "$MLFLOW_BUCKET" --allowed-hosts "$hosts")
   local changed=0
   printf '%s\n' "${args[@]}" | write_if_changed "$RUN/mlflow.args" && changed=1
   if alive_in "$MLFLOW_PID" mlflow cloud && [ $changed = 0 ]; then
@@ -635,7 +634,8 @@ start_mlflow() {
   fi
   stop_pidfile "$MLFLOW_PID" mlflow group
   mapfile -t pre < <(host_cmd cloud)
-  start_mlflow_bg "$MLFLOW_PID" "$LOGD/mlflow.log" "http://$CLOUD_ADDR:$S3_PORT" "${pre[@]}" -- "${args[@]}"
+  start_mlflow_bg "$MLFLOW_PID" "$LOGD/mlflow.log" "http://$CLOUD_ADDR:$S3_PORT" \
+    "postgresql+psycopg://$MLFLOW_DB:$pw@$CLOUD_ADDR:$PG_PORT/$MLFLOW_DB" "${pre[@]}" -- "${args[@]}"
   MLFLOW_STARTED=1
 }
 
