@@ -133,7 +133,8 @@ class AgentRepository(Database):
         with self._write() as session:
             offered: list[Job] = []
             seen: set[str] = set()
-            until = now + timedelta(seconds=lease_seconds)
+            # the lease runs from when it is written, not from before the write lock was waited for
+            until = utcnow() + timedelta(seconds=lease_seconds)
             # in batches: a job still waiting for a dependency's SLURM id is passed over (not
             # leased), and the next batch looks past it; only what is offered is asked for, so
             # concurrent claims (SKIP LOCKED) still share the rest
