@@ -150,6 +150,16 @@ def test_sbatch_rejected_partition_keeps_evidence() -> None:
     assert "Invalid partition name specified" in str(info.value)
 
 
+def test_sbatch_without_its_controller_is_not_a_refusal() -> None:
+    """The controller down (recorded on the topology) is transient: the job must stay to be
+    submitted again, not fail for good as a refused one does (the fault suite caught that)."""
+    recorded = load_recording("sbatch_controller_down")
+    with pytest.raises(SchedulerCommandError) as info:
+        Sbatch.parse(recorded)
+    assert not isinstance(info.value, SubmitRejected)
+    assert "Unable to contact slurm controller" in info.value.stderr
+
+
 def test_sbatch_recorded_quota_rejections() -> None:
     """Captured only where the testbed enforces limits (AccountingStorageEnforce); see the script."""
     for name in (n for n in recording_names() if n.startswith("sbatch_quota")):

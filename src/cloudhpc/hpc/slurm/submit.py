@@ -12,7 +12,7 @@ from uuid import UUID
 
 from cloudhpc.domain.arrays import check_array
 from cloudhpc.domain.jobs import Resources
-from cloudhpc.exceptions import ParseError, QuotaExceeded, SubmitRejected
+from cloudhpc.exceptions import ParseError, QuotaExceeded, SchedulerCommandError, SubmitRejected
 from cloudhpc.hpc.backend import CommandResult, JobPaths
 from cloudhpc.hpc.slurm.commands import _require_ok
 from cloudhpc.hpc.slurm.ids import comment_for, job_name_for
@@ -24,6 +24,14 @@ _QUOTA = re.compile(
     r"job submit limit|Job violates accounting",
     re.IGNORECASE,
 )
+
+_UNREACHABLE = re.compile(
+    r"Unable to contact slurm controller|Socket timed out on send/recv|Zero Bytes were transmitted|"
+    r"Communication connection failure|Slurm backup controller in standby mode",
+    re.IGNORECASE,
+)
+"""sbatch's words when the controller was down or did not answer (slurmctld restarting, a failover):
+transient, unlike a refusal. The fault suite saw a job failed for good on the first of them."""
 
 _FLAG_FIELDS = (
     "nodes",
@@ -108,6 +116,10 @@ class Sbatch:
 
     @staticmethod
     def parse(result: CommandResult) -> str:
+        if not result.ok and _UNREACHABLE.search(result.stderr):
+            # not a refusal: the job stays to be submitted (the agent finds it by id first, in case
+            # the controller took it before the answer was lost)
+            _require_ok(result, "sbatch could not reach the SLURM controller", SchedulerCommandError)
         _require_ok(
             result,
             "sbatch refused the job",
