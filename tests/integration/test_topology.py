@@ -170,7 +170,7 @@ def test_two_node_job_from_the_laptop_spans_c1_and_c2(topology: Topology) -> Non
     script = f"#!/bin/bash\nsrun --ntasks-per-node=1 bash -c {shlex.quote(task)}\n"
     job_id = topology.ssh(
         f"cd ~ && echo $SLURM_CONF && printf %s {shlex.quote(script)} | "
-        f"sbatch --parsable -N2 --ntasks-per-node=1 -t 5 --comment=cloudhpc:topology-test -o {out}"
+        f"sbatch --parsable -N2 --ntasks-per-node=1 -t 5 -J topology-{tag} --comment=cloudhpc:topology-test -o {out}"
     ).split()
     slurm_conf, jid = job_id[0], job_id[-1].split(";")[0]
     assert slurm_conf == str(topology.slurm_conf)
@@ -179,7 +179,9 @@ def test_two_node_job_from_the_laptop_spans_c1_and_c2(topology: Topology) -> Non
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = topology.ssh(
-            f"sacct -n -X -P -j {jid} --format=State,NodeList,Cluster,NNodes,Comment"
+            # by name too: slurmdbd may hold an older record with this id, from a topology built
+            # before this one with a fresh state directory (its job ids start again at 1)
+            f"sacct -n -X -P -j {jid} --name=topology-{tag} --format=State,NodeList,Cluster,NNodes,Comment"
         ).strip()
         # right after the end, slurmdbd's record shows NodeList=c1 for a moment (seen repeatedly):
         # wait for the full record rather than for the first COMPLETED
