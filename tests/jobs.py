@@ -1,5 +1,5 @@
 """A job as porter's store holds it, built from its spec, for tests that hand one to the agent, a
-channel or a pipeline step without going through porter."""
+channel or a pipeline step without going through porter; and a job's whole log read back from porter."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
+from cloudhpc.client import Client
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 
-__all__ = ["job_from"]
+__all__ = ["job_from", "stored_log"]
 
 
 def job_from(
@@ -29,3 +30,13 @@ def job_from(
         spec=spec,
         **fields,
     )
+
+
+def stored_log(client: Client, job: Job) -> bytes:
+    """The job's whole log as porter serves it."""
+    data = b""
+    while True:
+        chunk = client.logs(job, offset=len(data))
+        if not chunk.data:
+            return data
+        data += chunk.data

@@ -41,12 +41,13 @@ import ray
 import yaml
 from sqlalchemy import create_engine, text
 
-from cloudhpc.config import PipConfig, SSHConfig
+from cloudhpc.config import PipConfig
 from cloudhpc.domain.jobs import Environment
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.ssh import SSHConnection
 from cloudhpc.store.engine import normalize_url
 from tests.e2e.harness import scrape_token_file
+from tests.slurm_jobs import ssh_config
 from tests.testbed import Testbed
 from tests.topology import Host, Topology
 
@@ -580,14 +581,7 @@ def prebuild_environment(testbed: Testbed, environment: Mapping[str, Any]) -> No
     """`environment` built through the single-host testbed's login node (see `ray_environment`)."""
 
     async def ensure() -> None:
-        ssh = SSHConfig(
-            host=testbed.ssh_host,
-            port=testbed.ssh_port,
-            user=testbed.ssh_user,
-            key_file=testbed.ssh_key,
-            known_hosts=testbed.known_hosts,
-        )
-        conn = SSHConnection(ssh, cluster="testbed")
+        conn = SSHConnection(ssh_config(testbed), cluster="testbed")
         try:
             prelude = str(USER_EDITS[("clusters", CLUSTER, "prelude")])
             pip = PipConfig.model_validate(SITE_PIP)

@@ -29,6 +29,7 @@ from cloudhpc.hpc.ssh import SSHConnection
 from tests.e2e.embedded import Embedded, serve_all
 from tests.e2e.harness import Deployment, running
 from tests.integration.stores import sqlite_url
+from tests.jobs import stored_log
 from tests.testbed import Testbed
 
 LOCAL_JOBS = 200
@@ -50,16 +51,6 @@ def barrier_script(go: str, index: int) -> str:
         "read -t 0.1 -u 3 _ || true; done\n"
         f"printf 'job-%04d-done\\n' {index}\n"
     )
-
-
-def stored_log(client: Client, job: Job) -> bytes:
-    """The job's whole log as porter serves it."""
-    data = b""
-    while True:
-        chunk = client.logs(job, offset=len(data))
-        if not chunk.data:
-            return data
-        data += chunk.data
 
 
 def wait_until_started(client: Client, jobs: list[Job], timeout: float) -> int:

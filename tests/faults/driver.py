@@ -45,6 +45,7 @@ from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.store import Store
 from cloudhpc.store.engine import normalize_url
+from tests.jobs import stored_log
 from tests.topology import Topology, load_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -501,15 +502,6 @@ def sacct_rows(topology: Topology, name: str) -> list[dict[str, str]]:
         if jid not in known:
             rows.append({"id": jid, "state": state, "exit": "", "comment": ""})
     return rows
-
-
-def stored_log(client: Client, job: Job) -> bytes:
-    data = b""
-    while True:
-        chunk = client.logs(job, offset=len(data))
-        if not chunk.data:
-            return data
-        data += chunk.data
 
 
 def check(topology: Topology, platform: Platform, outcomes: list[Outcome], settle: float) -> None:
