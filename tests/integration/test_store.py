@@ -34,7 +34,16 @@ if TYPE_CHECKING:
     from tests.testbed import Testbed
 
 T = TypeVar("T")
-TABLES = ("job_output", "job_accounting", "job_transitions", "jobs", "tokens", "agents", "bridges")
+TABLES = (
+    "job_output",
+    "job_accounting",
+    "job_transitions",
+    "jobs",
+    "tokens",
+    "agents",
+    "bridges",
+    "agent_queries",
+)
 
 
 def _schema_url(testbed: Testbed, schema: str) -> str:

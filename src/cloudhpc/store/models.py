@@ -34,6 +34,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "AccountingRow",
+    "AgentQueryRow",
     "AgentRow",
     "Base",
     "BridgeRow",
@@ -222,3 +223,29 @@ class BridgeRow(Base):
         UniqueConstraint("bridge_host", "bridge_port"),
         UniqueConstraint("job_id", "name"),
     )
+
+
+class AgentQueryRow(Base):
+    """A question for a cluster's agent and, once it came, the answer (both JSON text).
+
+    Porter writes the question and waits; the agent claims it through its work channel and writes
+    the answer. Rows are short-lived: each is useless after `expires_at` and deleted soon after.
+    """
+
+    __tablename__ = "agent_queries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    answer: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_agent_queries_cluster_expires_at", "cluster", "expires_at"),)
