@@ -32,6 +32,8 @@ from cloudhpc.domain.arrays import (
     TaskObservation,
     derive_array_state,
 )
+from cloudhpc.domain.checkpoint import CheckpointSpec
+from cloudhpc.domain.job_files import MAX_OUTPUT_PATTERNS, OutputPattern
 from cloudhpc.domain.states import JobState
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "Name",
     "Observation",
     "PartitionLimits",
+    "PythonCall",
     "RaySpec",
     "Resources",
     "check_requirement",
@@ -298,6 +301,7 @@ class JobKind(StrEnum):
     BATCH = "batch"
     RAY_CLUSTER = "ray-cluster"
     RAY_JOB = "ray-job"
+    PYTHON = "python"
 
 
 class Resources(_Model):
@@ -595,6 +599,24 @@ class RaySpec(_Model):
         return self
 
 
+_PYTHON_VERSION = re.compile(r"^3\.[0-9]{1,2}$")
+
+
+class PythonCall(_Model):
+    """A `python` job's payload: one pickled Python call (`cloudhpc.Executor`), run by a small
+    runner shipped with the job, which writes the result or the exception (with its traceback) for
+    the agent to store as the job's `result.pkl` artifact (`tasks/<i>/result.pkl` in an array)."""
+
+    call: str = Field(
+        description="the job-relative path, a key of `files`, of the pickled call (cloudpickle): "
+        "(function, args, kwargs), or for an array (function, [(args, kwargs), ...]) picked by task index"
+    )
+    version: Annotated[str, StringConstraints(pattern=_PYTHON_VERSION.pattern)] = Field(
+        description="the Python minor version (3.11) that pickled the call: the runner refuses "
+        "another one with a clear error instead of failing somewhere inside unpickling"
+    )
+
+
 class JobSpec(_Model):
     """The POST body of a job: what to run, where, with which resources."""
 
@@ -603,6 +625,7 @@ class JobSpec(_Model):
     kind: JobKind = JobKind.BATCH
     script: str | None = Field(default=None, max_length=1_000_000)
     ray: RaySpec | None = None
+    python: PythonCall | None = None
     resources: Resources = Field(default_factory=Resources)
     environment: Environment = Field(default_factory=Environment)
     files: dict[str, str] = Field(default_factory=dict, max_length=MAX_FILES)
@@ -614,6 +637,33 @@ class JobSpec(_Model):
         default_factory=list,
         max_length=MAX_AFTER,
         description="jobs of the same owner and cluster this one waits for: [{job: <id>, on: ok|any|notok}]",
+    )
+    checkpoint: CheckpointSpec | None = Field(
+        default=None,
+        description="warn the job before its time limit and run it again: "
+        "{warn_before: 30s, signal: USR1, max_restarts: 2}; needs resources.time",
+    )
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_time_limit(self) -> Self:
+        """The warning is timed from the limit, so the job must set one (a cluster default could
+        change under it); the job's own `resources.signal` would be a second --signal."""
+        if self.checkpoint is None:
+            return self
+        if self.kind != JobKind.BATCH or self.array is not None:
+            raise ValueError("`checkpoint` is for batch jobs that are not arrays")
+        if self.resources.time is None:
+            raise ValueError("`checkpoint` needs resources.time: the warning is sent before the time limit")
+        if self.resources.signal is not None:
+            raise ValueError("`checkpoint` sends the warning signal: leave resources.signal unset")
+        self.checkpoint.check_time_limit(parse_slurm_time(self.resources.time))
+        return self
+
+    outputs: list[OutputPattern] = Field(
+        default_factory=list,
+        max_length=MAX_OUTPUT_PATTERNS,
+        description="glob patterns relative to the job directory (`results/*.csv`, `**/*.pt`): the "
+        "files they match are collected as artifacts `outputs/<path>` when the job ends",
     )
 
     @field_validator("after")
@@ -656,8 +706,17 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _kind_matches_payload(self) -> Self:
-        if self.array is not None and self.kind != JobKind.BATCH:
-            raise ValueError("`array` is for batch jobs (a Ray cluster is one allocation)")
+        if self.array is not None and self.kind not in (JobKind.BATCH, JobKind.PYTHON):
+            raise ValueError("`array` is for batch and python jobs (a Ray cluster is one allocation)")
+        if (self.python is not None) != (self.kind == JobKind.PYTHON):
+            raise ValueError("a python job needs a `python` section, and only a python job takes one")
+        if self.kind == JobKind.PYTHON:
+            assert self.python is not None
+            if self.script or self.ray is not None:
+                raise ValueError("a python job takes `python`, not `script` or `ray`")
+            if self.python.call not in self.files:
+                raise ValueError(f"python.call: {self.python.call!r} is not one of the job's `files`")
+            return self
         if self.kind == JobKind.BATCH:
             if not self.script:
                 raise ValueError("a batch job needs a non-empty `script`")
@@ -752,6 +811,9 @@ class JobSummary(_Model):
     cancel_requested: bool = False
     slurm_job_id: str | None = None
     exit_code: int | None = None
+    restarts: int = Field(
+        default=0, ge=0, description="times SLURM ran the job again (requeue, preemption), 0 at first"
+    )
     created_at: datetime
     submitted_at: datetime | None = None
     started_at: datetime | None = None
