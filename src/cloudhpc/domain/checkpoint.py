@@ -1,0 +1,133 @@
+"""Checkpoint and requeue: a job asks to be warned before its time limit and run again.
+
+Pure: the spec's syntax and the rules; the sbatch flags are built in `hpc/slurm/submit.py` and the
+wrapper's trap in `hpc/jobscript.py`. SLURM sends the warning signal `warn_before` seconds before the
+time limit (`--signal=B:<SIG>@<secs>`, to the batch shell, which forwards it to the user's program);
+the job is marked requeueable (`--requeue`) and its output opened for appending (`--open-mode=append`)
+so that every run adds to the one log the agent collects by offset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "MAX_RESTARTS",
+    "MAX_WARN_SECONDS",
+    "REQUEUED",
+    "CheckpointSpec",
+    "parse_seconds",
+    "requeue_reason",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+"""Job-relative directory given to the job as `CLOUDHPC_CHECKPOINT_DIR`: inside the job directory,
+which a requeue keeps (it is the same SLURM job, and cloudhpc deletes nothing of it between runs)."""
+
+MAX_RESTARTS = 100
+"""Most runs after the first one a job may ask for."""
+MAX_WARN_SECONDS = 65535
+"""SLURM's limit for the seconds of `--signal=...@<secs>` (a 16-bit field)."""
+
+REQUEUED = "Requeued"
+"""The first word of a job's `reason` while SLURM runs it again (a restart): the state stays
+`running` (states only move forward), the reason and `restarts` say what happened."""
+
+_DURATION = re.compile(r"^(?:(?P<m>[0-9]{1,4})m)?(?:(?P<s>[0-9]{1,5})s?)?$")
+_UNTRAPPABLE = frozenset({"KILL", "STOP"})
+_TRAPPABLE = (
+    "HUP",
+    "INT",
+    "QUIT",
+    "ABRT",
+    "ALRM",
+    "TERM",
+    "USR1",
+    "USR2",
+    "URG",
+    "CONT",
+    "TSTP",
+    "TTIN",
+    "TTOU",
+    "XCPU",
+    "XFSZ",
+    "VTALRM",
+    "PROF",
+    "WINCH",
+    "PWR",
+    "SYS",
+    "IO",
+)
+
+
+def parse_seconds(value: str | int) -> int:
+    """Seconds in `warn_before`: a number of seconds (`90`, `"90"`, `"90s"`), minutes (`"2m"`) or
+    both (`"1m30s"`)."""
+    if isinstance(value, bool):
+        raise ValueError("give seconds as a number or a string such as 30s, 2m or 1m30s")
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(value.strip())
+    if match is None or not value.strip() or (match["m"] is None and match["s"] is None):
+        raise ValueError(f"{value!r} is not a duration; use seconds (90, 90s), minutes (2m) or 1m30s")
+    return int(match["m"] or 0) * 60 + int(match["s"] or 0)
+
+
+def _seconds(value: Any) -> Any:
+    return parse_seconds(value) if isinstance(value, str | int) else value
+
+
+def _signal_name(value: Any) -> Any:
+    return value.strip().upper().removeprefix("SIG") if isinstance(value, str) else value
+
+
+class CheckpointSpec(BaseModel):
+    """`checkpoint` of a job spec: warn the job `warn_before` seconds before its time limit with
+    `signal`, then run it again from its checkpoint, at most `max_restarts` times."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    warn_before: Annotated[int, BeforeValidator(_seconds)] = Field(
+        default=60,
+        ge=1,
+        le=MAX_WARN_SECONDS,
+        description='seconds before the time limit the signal is sent: 90, "90s", "2m", "1m30s"; '
+        "SLURM checks time limits about every 30 s, so the signal may come up to that much earlier",
+    )
+    signal: Annotated[str, BeforeValidator(_signal_name)] = Field(
+        default="USR1", description="the warning signal, forwarded to the job's program: USR1, TERM, ..."
+    )
+    max_restarts: int = Field(
+        default=1, ge=0, le=MAX_RESTARTS, description="runs after the first one, at most"
+    )
+
+    @field_validator("signal")
+    @classmethod
+    def _trappable(cls, value: str) -> str:
+        if value in _UNTRAPPABLE:
+            raise ValueError(f"SIG{value} cannot be caught, so the job could not save a checkpoint")
+        if value not in _TRAPPABLE:
+            raise ValueError(f"unknown signal {value!r}; use one of {', '.join(_TRAPPABLE)}")
+        return value
+
+    def slurm_signal(self) -> str:
+        """The `--signal` value: to the batch shell only (`B:`), which forwards it."""
+        return f"B:{self.signal}@{self.warn_before}"
+
+    def check_time_limit(self, seconds: int) -> None:
+        """The warning must come after the job started: refuse a `warn_before` not below the limit."""
+        if self.warn_before >= seconds:
+            raise ValueError(
+                f"checkpoint.warn_before ({self.warn_before} s) must be shorter than the time limit "
+                f"({seconds} s)"
+            )
+
+
+def requeue_reason(restarts: int, max_restarts: int | None, native_state: str) -> str:
+    """The `reason` of a job SLURM runs again: `Requeued (restart 1 of 2): PENDING`."""
+    of = f" of {max_restarts}" if max_restarts is not None else ""
+    return f"{REQUEUED} (restart {restarts}{of}): {native_state}"
