@@ -35,6 +35,9 @@ class JobReport(BaseModel):
     submitted_at: AwareDatetime | None = None
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime | None = None
+    restarts: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="SLURM's restart count (requeues); never lowered"
+    )
     tasks: list[TaskObservation] | None = Field(
         default=None, max_length=MAX_ARRAY_TASKS, description="an array's tasks (replace the stored ones)"
     )

@@ -301,6 +301,8 @@ class AgentRepository(Database):
                 value = getattr(report, field)
                 if value is not None:
                     setattr(row, field, value)
+            if report.restarts is not None and report.restarts > (row.restarts or 0):
+                row.restarts = report.restarts  # a count SLURM only increases
             if report.tasks is not None:
                 row.tasks = json.dumps([t.model_dump(mode="json") for t in report.tasks])
             if report.cancelled_tasks and row.cancel_tasks:

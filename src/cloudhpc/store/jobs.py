@@ -110,6 +110,7 @@ def to_job(row: JobRow) -> Job:
         cancel_requested=row.cancel_requested,
         slurm_job_id=row.slurm_job_id,
         exit_code=row.exit_code,
+        restarts=row.restarts or 0,
         created_at=row.created_at,
         submitted_at=row.submitted_at,
         started_at=row.started_at,

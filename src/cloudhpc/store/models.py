@@ -104,6 +104,8 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=false())
     slurm_job_id: Mapped[str | None] = mapped_column(String(64))
     exit_code: Mapped[int | None] = mapped_column(Integer)
+    # times SLURM ran the job again (requeue, preemption): only ever grows
+    restarts: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
