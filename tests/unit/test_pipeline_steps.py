@@ -14,6 +14,7 @@ import re
 import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -276,7 +277,10 @@ def test_components_take_no_token_parameter() -> None:
     assert set(job.inputs) >= {"spec", "porter_url"}
     assert set(job.outputs) == {"job_id", "state", "accounting", "artifacts", "timings"}
     train = components.fmnist_train_hpc.component_spec
-    assert {"run_id", "job_id", "val_accuracy", "timings", "accounting", "artifacts"} == set(train.outputs)
+    assert {"run_id", "job_id", "val_accuracy", "timings", "accounting", "artifacts"} | {
+        "model",
+        "train_metrics",
+    } == set(train.outputs)
 
 
 def test_compiled_pipelines_are_in_sync_and_mount_the_secret() -> None:
@@ -295,3 +299,179 @@ def test_compiled_pipelines_are_in_sync_and_mount_the_secret() -> None:
     assert {s["secretName"] for s in train["secretAsEnv"]} == {"cloudhpc-porter"}  # platform-up.sh's
     evaluate = next(v for k, v in executors.items() if "evaluate" in k)
     assert {s["secretName"] for s in evaluate["secretAsEnv"]} == {"cloudhpc-s3"}
+
+
+# ---- KFP artifacts, resources, and the SDK against the deployed backend -------------------------
+
+
+def _compiled(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The committed pipeline `name` (checked in sync with the code above): its IR and its
+    Kubernetes platform spec."""
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "pipelines" / f"{name}.yaml").read_text()))
+    return docs[0], docs[1]
+
+
+def _artifact_types(definitions: dict[str, Any]) -> dict[str, str]:
+    return {k: v["artifactType"]["schemaTitle"] for k, v in (definitions.get("artifacts") or {}).items()}
+
+
+@pytest.mark.parametrize("name", ["fmnist-cloud-hpc", "fmnist-cloud"])
+def test_compiled_steps_hand_on_dataset_model_and_metrics_artifacts(name: str) -> None:
+    """What the Kubeflow UI shows as metrics and lineage: preprocess -> Dataset -> train ->
+    Model (+ training Metrics) -> evaluate -> Metrics, the Dataset going to evaluation too."""
+    pipeline, _ = _compiled(name)
+    train = "fmnist-train-hpc" if name == "fmnist-cloud-hpc" else "fmnist-train-cloud"
+    comps = pipeline["components"]
+
+    def io(comp: str) -> tuple[dict[str, str], dict[str, str]]:
+        spec = comps[f"comp-{comp}"]
+        return _artifact_types(spec.get("inputDefinitions", {})), _artifact_types(
+            spec.get("outputDefinitions", {})
+        )
+
+    assert io("fmnist-preprocess") == ({}, {"dataset": "system.Dataset"})
+    assert io(train) == (
+        {"dataset": "system.Dataset"},
+        {"model": "system.Model", "train_metrics": "system.Metrics"},
+    )
+    assert io("fmnist-evaluate-register") == (
+        {"dataset": "system.Dataset", "model": "system.Model"},
+        {"metrics": "system.Metrics"},
+    )
+    tasks = pipeline["root"]["dag"]["tasks"]
+
+    def producers(task: str) -> dict[str, tuple[str, str]]:
+        artifacts = tasks[task]["inputs"].get("artifacts") or {}
+        return {
+            k: (v["taskOutputArtifact"]["producerTask"], v["taskOutputArtifact"]["outputArtifactKey"])
+            for k, v in artifacts.items()
+        }
+
+    assert producers(train) == {"dataset": ("fmnist-preprocess", "dataset")}
+    assert producers("fmnist-evaluate-register") == {
+        "dataset": ("fmnist-preprocess", "dataset"),
+        "model": (train, "model"),
+    }
+    # the splits travel only inside the Dataset: no URL parameter beside it
+    for task in (train, "fmnist-evaluate-register"):
+        assert not {"train_url", "test_url", "run_id"} & set(tasks[task]["inputs"].get("parameters") or {})
+
+
+@pytest.mark.parametrize("name", ["fmnist-cloud-hpc", "fmnist-cloud"])
+def test_every_compiled_step_requests_cpu_and_memory(name: str) -> None:
+    """Each executor carries the requests and the memory limit of `STEP_RESOURCES` for its step, in
+    the fields the backend turns into the pod's `resources`."""
+    from cloudhpc.pipelines.fmnist.pipeline import STEP_RESOURCES
+
+    pipeline, _ = _compiled(name)
+    step_of = {
+        "exec-fmnist-preprocess": "preprocess",
+        "exec-fmnist-train-hpc": "train-hpc",
+        "exec-fmnist-train-cloud": "train-cloud",
+        "exec-fmnist-evaluate-register": "evaluate",
+    }
+    executors = pipeline["deploymentSpec"]["executors"]
+    assert len(executors) == 3
+    for executor, spec in executors.items():
+        want = STEP_RESOURCES[step_of[executor]]
+        resources = spec["container"].get("resources")
+        assert resources is not None, f"{executor} requests nothing"
+        assert resources["resourceCpuRequest"] == want.cpu, executor
+        assert resources["resourceMemoryRequest"] == want.memory, executor
+        assert resources["resourceMemoryLimit"] == want.memory_limit, executor
+        assert "resourceCpuLimit" not in resources, f"{executor}: no CPU limit (it throttles)"
+    # and each memory limit is above its request, so a step is not OOM-killed at its request
+    for res in STEP_RESOURCES.values():
+        assert _quantity(res.memory_limit) > _quantity(res.memory)
+
+
+def _quantity(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "m": 1e-3, "": 1}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text).groups()  # type: ignore[union-attr]
+    return float(number) * units[unit]
+
+
+def _pins() -> dict[str, str]:
+    """The KFP packages as pyproject.toml pins them (`name==version`)."""
+    text = (REPO / "pyproject.toml").read_text()
+    return dict(re.findall(r'"(kfp(?:-[a-z-]+)?)==([0-9.]+)"', text))
+
+
+def test_the_kfp_sdk_matches_the_deployed_backend() -> None:
+    """The SDK that compiled deploy/pipelines/ is the release line of the KFP backend that
+    deploy/kustomize installs, with the IR (kfp-pipeline-spec) and API client (kfp-server-api) of
+    the same release: a newer SDK may write IR fields an older backend does not know, and its
+    driver drops unknown fields silently (docs/pipelines.md). Bump the manifests' ref and the pins
+    together, then recompile."""
+    from importlib.metadata import version
+
+    pins = _pins()
+    assert set(pins) == {"kfp", "kfp-kubernetes", "kfp-pipeline-spec", "kfp-server-api"}
+    assert len(set(pins.values())) == 1, f"one release for all KFP packages: {pins}"
+    for package, pinned in pins.items():
+        assert version(package) == pinned, f"{package} {version(package)} installed, {pinned} pinned"
+    refs = set(
+        re.findall(
+            r"github\.com/kubeflow/pipelines//\S+\?ref=([0-9.]+)",
+            (
+                REPO / "deploy" / "kustomize" / "upstream" / "standalone-kfp" / "kustomization.yaml"
+            ).read_text(),
+        )
+    )
+    assert len(refs) == 1, refs
+    backend = refs.pop()
+    assert pins["kfp"].split(".")[:2] == backend.split(".")[:2], f"SDK {pins['kfp']}, backend {backend}"
+    for name in ("fmnist-cloud-hpc", "fmnist-cloud"):
+        pipeline, _ = _compiled(name)
+        assert pipeline["sdkVersion"] == f"kfp-{pins['kfp']}", name
+        assert pipeline["schemaVersion"] == "2.1.0", name
+
+
+def test_the_steps_fill_their_artifacts(tmp_path: Path) -> None:
+    """What the components write into their KFP artifacts (the real `dsl` classes, no runner): the
+    Dataset's manifest survives the trip to the next step, metrics skip NaN (a protobuf Struct
+    has none), the Model says where it came from."""
+    from kfp import dsl
+
+    from cloudhpc.pipelines.fmnist.steps import (
+        DataRefs,
+        TrainOutcome,
+        fill_artifact,
+        log_metrics,
+        model_metadata,
+    )
+
+    refs = DataRefs(
+        train_url="s3://b/p/train.npz",
+        test_url="s3://b/p/test.npz",
+        meta_url="s3://b/p/meta.json",
+        source="digits",
+        offline=True,
+        note="OFFLINE",
+        counts={"train": 10, "validation": 2, "test": 3},
+        meta={"sha256": {"train.npz": "ab"}, "image_shape": [1, 28, 28], "unrelated": 1},
+    )
+    dataset = dsl.Dataset(uri=str(tmp_path / "pre" / "dataset"))
+    fill_artifact(dataset, refs.manifest())
+    written = json.loads(Path(dataset.path).read_text())
+    assert written == dataset.metadata
+    assert written["sha256"] == {"train.npz": "ab"}
+    assert "unrelated" not in written
+    back = DataRefs.from_manifest(json.loads(json.dumps(dataset.metadata)))
+    assert back == DataRefs(
+        **{**refs.__dict__, "meta": {"sha256": {"train.npz": "ab"}, "image_shape": [1, 28, 28]}}
+    )
+
+    metrics = dsl.Metrics(uri=str(tmp_path / "train" / "metrics"))
+    logged = log_metrics(metrics, {"val_accuracy": 0.9, "stage_training_seconds": float("nan")})
+    assert logged == {"val_accuracy": 0.9} == metrics.metadata
+    assert json.loads(Path(metrics.path).read_text()) == {"val_accuracy": 0.9}
+
+    meta = model_metadata(
+        TrainOutcome(run_id="r1", val_accuracy=0.91, timings={}, job_id="j1"), "http://mlflow"
+    )
+    assert meta["mlflow_run_id"] == "r1"
+    assert meta["mlflow_artifact"] == "runs:/r1/checkpoint/state_dict.pt"
+    assert meta["framework"] == "pytorch"
+    assert meta["cloudhpc_job_id"] == "j1"
+    assert "val_accuracy" not in model_metadata(TrainOutcome("r2", float("nan"), {}), "http://mlflow")

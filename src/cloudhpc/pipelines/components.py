@@ -81,6 +81,7 @@ def cloudhpc_job(
 
 @dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def fmnist_preprocess(
+    dataset: dsl.Output[dsl.Dataset],
     data_url: str,
     store_url: str,
     s3_endpoint_url: str = "",
@@ -90,23 +91,15 @@ def fmnist_preprocess(
     train_limit: int = 0,
     test_limit: int = 0,
     pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-) -> NamedTuple(  # type: ignore[valid-type]
-    "Outputs",
-    [
-        ("train_url", str),
-        ("test_url", str),
-        ("meta_url", str),
-        ("source", str),
-        ("offline", bool),
-        ("note", str),
-    ],
-):
+) -> None:
     """Fetch Fashion-MNIST (or, offline, scikit-learn's digits), split train/validation/test and
-    store `train.npz` (what training sees) apart from `test.npz` (what only evaluation sees)."""
-    import collections
+    store `train.npz` (what training sees) apart from `test.npz` (what only evaluation sees).
+
+    `dataset` (a KFP Dataset artifact) holds the manifest of the splits: their object-store URLs,
+    source, counts and digests (`DataRefs.manifest`); the later steps take it as their input."""
     import functools
 
-    from cloudhpc.pipelines.fmnist.steps import preprocess
+    from cloudhpc.pipelines.fmnist.steps import fill_artifact, preprocess
 
     refs = preprocess(
         data_url=data_url,
@@ -120,22 +113,20 @@ def fmnist_preprocess(
         s3_endpoint_url=s3_endpoint_url or None,
         say=functools.partial(print, flush=True),
     )
-    outputs = collections.namedtuple(
-        "outputs", ["train_url", "test_url", "meta_url", "source", "offline", "note"]
-    )
-    return outputs(refs.train_url, refs.test_url, refs.meta_url, refs.source, refs.offline, refs.note)
+    fill_artifact(dataset, refs.manifest())
 
 
 @dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def fmnist_train_hpc(
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Output[dsl.Model],
+    train_metrics: dsl.Output[dsl.Metrics],
     porter_url: str,
     cluster: str,
-    train_url: str,
     tracking_uri: str,
     experiment: str,
     mlflow_import: str = "",
     job_tracking_uri: str = "",
-    data_note: str = "",
     epochs: int = 5,
     batch_size: int = 32,
     learning_rate: float = 0.05,
@@ -159,30 +150,34 @@ def fmnist_train_hpc(
         ("artifacts", dict[str, str]),
     ],
 ):
-    """Train on the HPC cluster as a Ray Train `ray-job` through porter; log accounting and the
-    stage timing breakdown to the MLflow run. Fails the step when the job fails, or at once when
-    `hpc_job` (`{"resources": {...}, "environment": {...}}`, as in a job spec; what it leaves out
-    comes from `HPC_JOB`) is not valid. Terminating the run (SIGTERM to this step's pod) cancels
-    the job."""
+    """Train on the HPC cluster as a Ray Train `ray-job` through porter on `dataset`'s training
+    split; log accounting and the stage timing breakdown to the MLflow run. Fails the step when the
+    job fails, or at once when `hpc_job` (`{"resources": {...}, "environment": {...}}`, as in a job
+    spec; what it leaves out comes from `HPC_JOB`) is not valid. Terminating the run (SIGTERM to
+    this step's pod) cancels the job.
+
+    `model` gets the trained weights with the MLflow run and the job in its metadata;
+    `train_metrics` the validation accuracy and the stage timings."""
     import collections
     import functools
 
     from cloudhpc.client import Client
     from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
-    from cloudhpc.pipelines.fmnist.steps import train_on_hpc
+    from cloudhpc.pipelines.fmnist.steps import DataRefs, fill_training_artifacts, train_on_hpc
     from cloudhpc.pipelines.fmnist.train import HParams
     from cloudhpc.pipelines.runner import stop_job_on_sigterm
 
     job = HpcJob.from_parameter(hpc_job)
+    data = DataRefs.from_manifest(dataset.metadata)
     with stop_job_on_sigterm(), Client(porter_url) as client:
         out = train_on_hpc(
             client,
-            train_url=train_url,
+            train_url=data.train_url,
             cluster=cluster,
             tracking_uri=tracking_uri,
             experiment=experiment,
             hp=HParams(epochs, batch_size, learning_rate, momentum, seed),
-            data_note=data_note,
+            data_note=data.note,
             workers=workers,
             cpus_per_worker=cpus_per_worker,
             hpc_job=job,
@@ -193,6 +188,7 @@ def fmnist_train_hpc(
             idempotency_key=f"kfp-{pipeline_job_id}-{task_id}",
             say=functools.partial(print, flush=True),
         )
+    fill_training_artifacts(model, train_metrics, out, tracking_uri)
     outputs = collections.namedtuple(
         "outputs", ["run_id", "job_id", "val_accuracy", "timings", "accounting", "artifacts"]
     )
@@ -201,10 +197,11 @@ def fmnist_train_hpc(
 
 @dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def fmnist_train_cloud(
-    train_url: str,
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Output[dsl.Model],
+    train_metrics: dsl.Output[dsl.Metrics],
     tracking_uri: str,
     experiment: str,
-    data_note: str = "",
     s3_endpoint_url: str = "",
     epochs: int = 5,
     batch_size: int = 32,
@@ -214,60 +211,67 @@ def fmnist_train_cloud(
     workers: int = 0,
     cpus_per_worker: int = 1,
 ) -> NamedTuple("Outputs", [("run_id", str), ("val_accuracy", float), ("timings", dict[str, float])]):  # type: ignore[valid-type]
-    """The `cloud` variant's training: the same Ray Train script inside this step."""
+    """The `cloud` variant's training: the same Ray Train script inside this step, on `dataset`'s
+    training split; `model` and `train_metrics` as in `fmnist_train_hpc`."""
     import collections
     import functools
 
-    from cloudhpc.pipelines.fmnist.steps import train_in_cloud
+    from cloudhpc.pipelines.fmnist.steps import DataRefs, fill_training_artifacts, train_in_cloud
     from cloudhpc.pipelines.fmnist.train import HParams
 
+    data = DataRefs.from_manifest(dataset.metadata)
     out = train_in_cloud(
-        train_url=train_url,
+        train_url=data.train_url,
         tracking_uri=tracking_uri,
         experiment=experiment,
         hp=HParams(epochs, batch_size, learning_rate, momentum, seed),
-        data_note=data_note,
+        data_note=data.note,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         s3_endpoint_url=s3_endpoint_url or None,
         say=functools.partial(print, flush=True),
     )
+    fill_training_artifacts(model, train_metrics, out, tracking_uri)
     outputs = collections.namedtuple("outputs", ["run_id", "val_accuracy", "timings"])
     return outputs(out.run_id, out.val_accuracy, out.timings)
 
 
 @dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def fmnist_evaluate_register(
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
     tracking_uri: str,
-    run_id: str,
-    test_url: str,
     thresholds: dict[str, float],
     registered_model_name: str,
-    data_source: str = "",
     s3_endpoint_url: str = "",
 ) -> NamedTuple(  # type: ignore[valid-type]
     "Outputs", [("test_accuracy", float), ("model_version", str), ("model_uri", str)]
 ):
-    """Score the run's model on the held-out test split, gate on the metrics logged in MLflow and
-    register the model with its signature. A model below a threshold fails the step."""
+    """Score `model` on `dataset`'s held-out test split, gate on the metrics logged in MLflow (the
+    model's run) and register the model with its signature. A model below a threshold fails the
+    step. `metrics` gets the test metrics the gate judged (`EVALUATION_METRICS`)."""
     import collections
     import functools
     import tempfile
     from pathlib import Path
 
-    from cloudhpc.pipelines.fmnist.evaluate import evaluate_and_register
-    from cloudhpc.pipelines.fmnist.steps import fetch_to
+    from cloudhpc.pipelines.fmnist.evaluate import EVALUATION_METRICS, evaluate_and_register
+    from cloudhpc.pipelines.fmnist.steps import DataRefs, fetch_to, log_metrics
 
+    data = DataRefs.from_manifest(dataset.metadata)
     with tempfile.TemporaryDirectory() as tmp:
-        test_path = fetch_to(test_url, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
+        test_path = fetch_to(data.test_url, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
         result = evaluate_and_register(
             tracking_uri=tracking_uri,
-            run_id=run_id,
+            run_id=str(model.metadata["mlflow_run_id"]),
             test_path=test_path,
             thresholds={str(k): float(v) for k, v in thresholds.items()},
             registered_model_name=registered_model_name,
-            tags={"data.source": data_source},
+            tags={"data.source": data.source},
+            state_dict_path=model.path,
             say=functools.partial(print, flush=True),
         )
+    log_metrics(metrics, {k: result.metrics[k] for k in EVALUATION_METRICS if k in result.metrics})
     outputs = collections.namedtuple("outputs", ["test_accuracy", "model_version", "model_uri"])
     return outputs(result.metrics["test_accuracy"], result.model_version or "", result.model_uri or "")

@@ -24,6 +24,7 @@ from cloudhpc.exceptions import QualityGateFailed
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "EVALUATION_METRICS",
     "GateResult",
     "Registration",
     "check_gate",
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"test_accuracy": 0.80, "test_macro_precision": 0.80, "test_macro_recall": 0.80}
 """The original's thresholds (accuracy, precision, recall at least 0.80), on the test split."""
+
+EVALUATION_METRICS = (
+    "test_accuracy",
+    "test_macro_precision",
+    "test_macro_recall",
+    "test_macro_f1",
+    "test_examples",
+    "gate_passed",
+)
+"""The evaluation's summary metrics, as the pipeline's Metrics artifact shows them in the Kubeflow UI
+(the per-class ones stay in the MLflow run)."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +147,15 @@ def evaluate_and_register(
     thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS,
     registered_model_name: str = "fmnist-cnn",
     tags: Mapping[str, str] | None = None,
+    state_dict_path: str | Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Registration:
     """Score the run's checkpoint on the held-out test split, log the metrics to the run, read them
     back, gate, and register the model (with its signature) only when the gate passes.
+
+    `state_dict_path` is the weights to score when the caller has them (the pipeline's Model
+    artifact, so the model the lineage shows is the one scored and registered); without it they
+    are downloaded from the run.
 
     Raises `QualityGateFailed` after logging why, so the pipeline step fails visibly.
     """
@@ -152,9 +169,13 @@ def evaluate_and_register(
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, "checkpoint/state_dict.pt", tmp)
-        model = load_checkpoint_model(local)
+    if state_dict_path is not None:
+        model = load_checkpoint_model(state_dict_path)
+    else:
+        from cloudhpc.pipelines.fmnist.steps import CHECKPOINT_ARTIFACT
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_checkpoint_model(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp))
     x_test, y_test = load_test_split(test_path)
     say(f"evaluating run {run_id} on the held-out test split ({len(y_test)} examples)")
     metrics = classification_metrics(y_test, predict(model, x_test))
@@ -164,7 +185,8 @@ def evaluate_and_register(
     )
     logged = client.get_run(run_id).data.metrics  # the gate judges what MLflow holds
     gate = check_gate(logged, thresholds)
-    client.log_metric(run_id, "gate_passed", 1.0 if gate.passed else 0.0)
+    logged["gate_passed"] = 1.0 if gate.passed else 0.0
+    client.log_metric(run_id, "gate_passed", logged["gate_passed"])
     client.set_tag(run_id, "gate", gate.summary()[:5000])
     say(
         f"test accuracy {logged.get('test_accuracy', float('nan')):.4f}, macro precision "

@@ -10,9 +10,15 @@ that read or write the object store; outside Kubernetes (the KFP local runner, t
 come from the environment. The parameter defaults name the in-cluster services of
 `deploy/kustomize` (porter in `monitoring`, MLflow and its S3 in `mlflow`).
 
+The steps hand on KFP artifacts, so the Kubeflow UI shows the lineage preprocess -> Dataset ->
+train -> Model -> evaluate -> Metrics: the Dataset (the splits' manifest) goes into training and
+evaluation, the Model (the trained weights, with its MLflow run) into evaluation. Each step asks
+Kubernetes for the CPU and memory of `STEP_RESOURCES`.
+
 No `from __future__ import annotations`: KFP reads parameter types from the annotations.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl, kubernetes
@@ -25,7 +31,15 @@ from cloudhpc.pipelines.components import (
 )
 from cloudhpc.pipelines.fmnist.hpc_job import HPC_JOB
 
-__all__ = ["PIPELINES", "S3_SECRET", "TOKEN_SECRET", "cloud_hpc_pipeline", "cloud_pipeline"]
+__all__ = [
+    "PIPELINES",
+    "S3_SECRET",
+    "STEP_RESOURCES",
+    "TOKEN_SECRET",
+    "StepResources",
+    "cloud_hpc_pipeline",
+    "cloud_pipeline",
+]
 
 TOKEN_SECRET = "cloudhpc-porter"  # noqa: S105 -- a Secret's name, not a secret
 S3_SECRET = "cloudhpc-s3"  # noqa: S105
@@ -37,6 +51,35 @@ MLFLOW_URL = "http://mlflow.mlflow.svc.cluster.local:5000"
 S3_ENDPOINT = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
 STORE_URL = "s3://cloudhpc"
 THRESHOLDS = {"test_accuracy": 0.8, "test_macro_precision": 0.8, "test_macro_recall": 0.8}
+
+
+@dataclass(frozen=True)
+class StepResources:
+    """What a step's pod asks Kubernetes for (Kubernetes quantities). Requests let the scheduler
+    place the pod where it fits and the profile's ResourceQuota count it; the memory limit keeps a
+    runaway step from taking its node's memory. There is no CPU limit: a limit throttles a step
+    even on an idle node, and the request already guarantees its share."""
+
+    cpu: str
+    memory: str
+    memory_limit: str
+
+    def apply(self, task: dsl.PipelineTask) -> None:
+        task.set_cpu_request(self.cpu).set_memory_request(self.memory).set_memory_limit(self.memory_limit)
+
+
+STEP_RESOURCES = {
+    # Fashion-MNIST is 70,000 28x28 images (55 MB as uint8): reading, splitting and compressing them
+    "preprocess": StepResources(cpu="1", memory="1Gi", memory_limit="2Gi"),
+    # follows the job through porter; imports torch and MLflow to copy the weights
+    "train-hpc": StepResources(cpu="250m", memory="1Gi", memory_limit="2Gi"),
+    # Ray Train in the pod: one worker per CPU of the request (`workers=0`), the CNN, the data
+    "train-cloud": StepResources(cpu="2", memory="4Gi", memory_limit="8Gi"),
+    # loads the model and the test split, scores it, exports it with torch.export for MLflow
+    "evaluate": StepResources(cpu="1", memory="2Gi", memory_limit="4Gi"),
+}
+"""Each step's CPU and memory (docs/pipelines.md has the table): change them here and recompile
+(`python -m cloudhpc.pipelines.compile`)."""
 
 
 def _secret_env(task: dsl.PipelineTask, keys: dict[str, str]) -> None:
@@ -57,6 +100,7 @@ def _preprocess(
         test_limit=test_limit,
     ).set_display_name("preprocess")
     _secret_env(pre, S3_ENV)
+    STEP_RESOURCES["preprocess"].apply(pre)
     return pre
 
 
@@ -68,18 +112,18 @@ def _evaluate_register(
     registered_model_name: str,
     s3_endpoint_url: str,
 ) -> float:
-    """The last step of both pipelines (the test split from `pre`, the model from `train`'s run);
+    """The last step of both pipelines (the test split from `pre`'s Dataset, `train`'s Model);
     caching off for all three steps; the pipeline's output, the test accuracy."""
     evaluate = fmnist_evaluate_register(
+        dataset=pre.outputs["dataset"],
+        model=train.outputs["model"],
         tracking_uri=tracking_uri,
-        run_id=train.outputs["run_id"],
-        test_url=pre.outputs["test_url"],
         thresholds=thresholds,
         registered_model_name=registered_model_name,
-        data_source=pre.outputs["source"],
         s3_endpoint_url=s3_endpoint_url,
     ).set_display_name("evaluate, gate, register")
     _secret_env(evaluate, S3_ENV)
+    STEP_RESOURCES["evaluate"].apply(evaluate)
     for task in (pre, train, evaluate):
         # A cached step would skip a job submission or a registration: never reuse results.
         task.set_caching_options(False)
@@ -122,12 +166,11 @@ def cloud_hpc_pipeline(
     train = fmnist_train_hpc(
         porter_url=porter_url,
         cluster=cluster,
-        train_url=pre.outputs["train_url"],
+        dataset=pre.outputs["dataset"],
         tracking_uri=tracking_uri,
         experiment=experiment,
         mlflow_import=mlflow_import,
         job_tracking_uri=job_tracking_uri,
-        data_note=pre.outputs["note"],
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
@@ -140,6 +183,7 @@ def cloud_hpc_pipeline(
         timeout_seconds=timeout_seconds,
     ).set_display_name("train on HPC (Ray Train ray-job)")
     _secret_env(train, TOKEN_ENV)
+    STEP_RESOURCES["train-hpc"].apply(train)
     return _evaluate_register(pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url)
 
 
@@ -167,10 +211,9 @@ def cloud_pipeline(
 ) -> float:
     pre = _preprocess(data_url, store_url, s3_endpoint_url, seed, train_limit, test_limit)
     train = fmnist_train_cloud(
-        train_url=pre.outputs["train_url"],
+        dataset=pre.outputs["dataset"],
         tracking_uri=tracking_uri,
         experiment=experiment,
-        data_note=pre.outputs["note"],
         s3_endpoint_url=s3_endpoint_url,
         epochs=epochs,
         batch_size=batch_size,
@@ -181,6 +224,7 @@ def cloud_pipeline(
         cpus_per_worker=cpus_per_worker,
     ).set_display_name("train in the cloud (Ray Train in the step)")
     _secret_env(train, S3_ENV)
+    STEP_RESOURCES["train-cloud"].apply(train)
     return _evaluate_register(pre, train, tracking_uri, thresholds, registered_model_name, s3_endpoint_url)
 
 

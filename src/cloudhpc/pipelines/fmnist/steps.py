@@ -7,18 +7,24 @@ tests call these, so what a pipeline run does is testable without Kubeflow.
   accounting, efficiency and a stage timing breakdown to the same run.
 - `train_in_cloud`: the same training in this process (the `cloud` pipeline's step).
 - evaluation and registration live in `evaluate.py`.
+
+The components hand their results on as KFP artifacts (a Dataset, a Model, Metrics) so that the
+Kubeflow UI shows metrics and lineage; what goes into them is decided here (`DataRefs.manifest`,
+`fill_artifact`, `export_checkpoint`), and the artifacts are duck-typed (`.path`, `.metadata`), so
+this module still imports nothing from Kubeflow.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from cloudhpc.client import Client
@@ -26,14 +32,20 @@ from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.exceptions import JobFailed
 from cloudhpc.pipelines.fmnist.data import load_dataset, read_url, write_splits
 from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
-from cloudhpc.pipelines.fmnist.train import HParams
+from cloudhpc.pipelines.fmnist.train import CHECKPOINT_FILE, HParams
 from cloudhpc.pipelines.runner import JobOutcome, run_job
 
 __all__ = [
+    "CHECKPOINT_ARTIFACT",
     "TRAIN_ENTRYPOINT_FILE",
     "DataRefs",
     "TrainOutcome",
+    "export_checkpoint",
     "fetch_to",
+    "fill_artifact",
+    "fill_training_artifacts",
+    "log_metrics",
+    "model_metadata",
     "object_url",
     "preprocess",
     "stage_breakdown",
@@ -47,6 +59,20 @@ Say = Callable[[str], None]
 TRAIN_ENTRYPOINT_FILE = "train_fmnist.py"
 """The training script's name in the job directory (its source is shipped inline in `files`)."""
 
+CHECKPOINT_ARTIFACT = f"checkpoint/{CHECKPOINT_FILE}"
+"""Where the training script puts the weights in its MLflow run's artifacts."""
+
+MANIFEST_KEYS = ("image_shape", "normalisation", "sha256")
+"""What `meta.json` says about the splits that the Dataset artifact repeats (besides source and counts)."""
+
+
+class KfpArtifact(Protocol):
+    """What a KFP artifact (`dsl.Dataset`, `dsl.Model`, `dsl.Metrics`) offers a step: a local file
+    that KFP uploads after the step, and metadata that the Kubeflow UI shows."""
+
+    path: str
+    metadata: dict[str, Any]
+
 
 @dataclass
 class DataRefs:
@@ -57,6 +83,37 @@ class DataRefs:
     offline: bool
     note: str
     counts: dict[str, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self) -> dict[str, Any]:
+        """The preprocessed data as the pipeline's Dataset artifact holds it: where the splits are,
+        what they are and their digests. The arrays stay in the object store, where the training
+        job reads them (a job reads only its owner's objects); copying them into KFP's artifact
+        store too would only double the data."""
+        return {
+            "train_url": self.train_url,
+            "test_url": self.test_url,
+            "meta_url": self.meta_url,
+            "source": self.source,
+            "offline": self.offline,
+            "note": self.note,
+            "counts": dict(self.counts),
+            **{k: self.meta[k] for k in MANIFEST_KEYS if k in self.meta},
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> DataRefs:
+        """The references back from a Dataset artifact's metadata (the steps after preprocess)."""
+        return cls(
+            train_url=str(manifest["train_url"]),
+            test_url=str(manifest["test_url"]),
+            meta_url=str(manifest.get("meta_url", "")),
+            source=str(manifest.get("source", "")),
+            offline=bool(manifest.get("offline", False)),
+            note=str(manifest.get("note", "")),
+            counts={str(k): int(v) for k, v in (manifest.get("counts") or {}).items()},
+            meta={k: manifest[k] for k in MANIFEST_KEYS if k in manifest},
+        )
 
 
 @dataclass
@@ -118,7 +175,9 @@ def preprocess(
     store = _open_store(store_url, s3_endpoint_url)
     urls: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in write_splits(splits, Path(tmp)).items():
+        paths = write_splits(splits, Path(tmp))
+        meta = json.loads(paths["meta"].read_text())
+        for name, path in paths.items():
             key = f"{prefix.strip('/')}/{path.name}"
             store.upload_file(key, path)
             urls[name] = object_url(store_url, key)
@@ -133,6 +192,68 @@ def preprocess(
         offline=splits.source.offline,
         note=splits.source.note,
         counts=dict(splits.counts),
+        meta=meta,
+    )
+
+
+def fill_artifact(artifact: KfpArtifact, content: Mapping[str, Any]) -> None:
+    """Write `content` as the artifact's JSON file and into its metadata, so that both the file KFP
+    uploads and the UI's view of the artifact say the same thing."""
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(content), indent=1, sort_keys=True) + "\n")
+    artifact.metadata.update(content)
+
+
+def log_metrics(artifact: Any, metrics: Mapping[str, float]) -> dict[str, float]:
+    """Log each finite metric on a KFP `Metrics` artifact (`log_metric`, what the UI's metrics view
+    reads) and write them as its JSON file; return what was logged. A NaN or an infinity is left
+    out: the artifact's metadata is a protobuf Struct, which has no NaN."""
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    for key, value in sorted(finite.items()):
+        artifact.log_metric(key, value)
+    fill_artifact(artifact, finite)
+    return finite
+
+
+def export_checkpoint(tracking_uri: str, run_id: str, destination: str | Path) -> Path:
+    """Copy the run's trained weights (`CHECKPOINT_ARTIFACT`) to `destination`: the file of the
+    pipeline's Model artifact, so that evaluation scores exactly the model the lineage shows."""
+    client = _mlflow_client(tracking_uri)
+    target = Path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp))
+        target.write_bytes(local.read_bytes())
+    return target
+
+
+def model_metadata(out: TrainOutcome, tracking_uri: str) -> dict[str, Any]:
+    """The Model artifact's metadata: where the model came from (the MLflow run and, on HPC, the
+    cloudhpc job) and how to load its file."""
+    meta: dict[str, Any] = {
+        "framework": "pytorch",
+        "format": "state_dict of cloudhpc.pipelines.fmnist.train.CNN (torch.load, weights_only)",
+        "mlflow_run_id": out.run_id,
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_artifact": f"runs:/{out.run_id}/{CHECKPOINT_ARTIFACT}",
+    }
+    if math.isfinite(out.val_accuracy):
+        meta["val_accuracy"] = out.val_accuracy
+    if out.job_id:
+        meta["cloudhpc_job_id"] = out.job_id
+    return meta
+
+
+def fill_training_artifacts(model: KfpArtifact, metrics: Any, out: TrainOutcome, tracking_uri: str) -> None:
+    """A train step's artifacts: `model` (a KFP Model) gets the run's weights as its file and
+    `model_metadata` as its metadata; `metrics` (KFP Metrics) the validation accuracy and the stage
+    timings as `stage_<name>_seconds`."""
+    export_checkpoint(tracking_uri, out.run_id, model.path)
+    model.metadata.update(model_metadata(out, tracking_uri))
+    log_metrics(
+        metrics,
+        {"val_accuracy": out.val_accuracy, **{f"stage_{k}_seconds": v for k, v in out.timings.items()}},
     )
 
 
