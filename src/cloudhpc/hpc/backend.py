@@ -12,15 +12,18 @@ Three layers, each replaceable on its own:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 from uuid import UUID
 
+from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import JobSpec, Observation, Resources
 from cloudhpc.domain.paths import JobPaths
 from cloudhpc.exceptions import RemoteFileError
+from cloudhpc.hpc.job_files import FoundOutput
 
 __all__ = [
     "AccountingRecord",
@@ -189,6 +192,26 @@ class JobBackend(Protocol):
     ) -> bytes:
         """The job's combined stdout/stderr from `offset` (of array task `task`); b"" before the
         file exists."""
+
+    async def read_file(
+        self, job_id: UUID, relative_path: str, *, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        """A file of the job's directory from `offset` (a `python` job's outcome); b"" when it does
+        not exist."""
+
+    async def browse(
+        self, job_id: UUID, path: str, *, offset: int = 0, length: int | None = None
+    ) -> FilesAnswer:
+        """List or read `path` of the job's directory, resolved on the cluster (`hpc/job_files.py`);
+        raises `JobFileError` for a path outside it or missing."""
+
+    async def find_outputs(
+        self, job_id: UUID, patterns: list[str], *, max_bytes: int, max_files: int
+    ) -> tuple[list[FoundOutput], OutputsReport]:
+        """The files of the job's directory that `patterns` (`JobSpec.outputs`) match, bounded."""
+
+    async def download(self, found: FoundOutput, local_path: str | os.PathLike[str]) -> int:
+        """Copy one found output file to the agent's machine; returns its size."""
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         """Delete files of an ended job (a staged key): missing files are not an error."""

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from uuid import UUID
 
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.hpc.backend import JobPaths
+from cloudhpc.hpc.requeue import checkpoint_lines
 
-__all__ = ["ENV_FILE", "environment_file", "render_batch_script", "run_user_script_lines"]
+__all__ = [
+    "ENV_FILE",
+    "PYTHON_RESULT",
+    "PYTHON_RUNNER",
+    "environment_file",
+    "python_call_files",
+    "python_result_path",
+    "render_batch_script",
+    "run_python_call_lines",
+    "run_user_script_lines",
+]
 
 ENV_FILE = ".cloudhpc/env"
 """Job-relative path of the file with the job's `env` values (mode 0600, deleted at the job's end)."""
@@ -51,6 +63,37 @@ def run_user_script_lines(paths: JobPaths, script: str) -> list[str]:
     return [f"exec /bin/bash {target}"]
 
 
+PYTHON_RUNNER = ".cloudhpc/python_runner.py"
+"""Job-relative path of the runner of a `python` job (`hpc/python_runner.py`, shipped as a file)."""
+PYTHON_RESULT = ".cloudhpc/result.pkl"
+"""Job-relative path of a `python` job's outcome; an array task's is `python_result_path(index)`."""
+
+
+def python_result_path(task: int | str | None = None) -> str:
+    """Where the runner writes the outcome of the job, or of array task `task` (`"%a"`: the
+    template the runner fills in from SLURM_ARRAY_TASK_ID), job-relative."""
+    if task is None:
+        return PYTHON_RESULT
+    return f".cloudhpc/result-{task if task == '%a' else int(task)}.pkl"
+
+
+def python_call_files() -> dict[str, bytes]:
+    """The files a `python` job needs besides the user's: the runner, read from this package."""
+    return {PYTHON_RUNNER: Path(__file__).with_name("python_runner.py").read_bytes()}
+
+
+def run_python_call_lines(paths: JobPaths, spec: JobSpec) -> list[str]:
+    """Run the pickled call of a `python` job with the environment's Python (activated before),
+    writing its outcome where the agent collects it (`%a`: the array task's index, set by the
+    runner from SLURM_ARRAY_TASK_ID)."""
+    assert spec.python is not None  # enforced by JobSpec for kind python
+    result = python_result_path(None if spec.array is None else "%a")
+    argv = [PYTHON_RUNNER, spec.python.call, result, spec.python.version]
+    return [
+        "exec python " + " ".join(shlex.quote(paths.file(a)) for a in argv[:3]) + f" {shlex.quote(argv[3])}"
+    ]
+
+
 def render_batch_script(
     *,
     job_id: UUID,
@@ -78,5 +121,7 @@ def render_batch_script(
         lines += ["# cached Python environment", *activation]
     if body is None:
         body = run_user_script_lines(paths, spec.script or "")
+    if spec.checkpoint is not None:
+        body = checkpoint_lines(paths, spec.checkpoint, body)
     lines += list(body)
     return "\n".join(lines) + "\n"

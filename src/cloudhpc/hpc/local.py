@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import sys
 import uuid
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import Observation, Resources, parse_slurm_time
 from cloudhpc.domain.paths import resolve_path
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CommandTimeout, JobNotFound, RemoteFileError, SubmitRejected
+from cloudhpc.hpc import job_files
 from cloudhpc.hpc.backend import (
     AccountingRecord,
     CommandResult,
@@ -36,6 +39,7 @@ from cloudhpc.hpc.backend import (
     JobSubmission,
     read_output_file,
 )
+from cloudhpc.hpc.job_files import FoundOutput, Stat, entry_type
 from cloudhpc.hpc.local_supervisor import (
     CANCEL_FILE,
     REQUEST_FILE,
@@ -203,6 +207,40 @@ class LocalRunner:
     async def exists(self, path: str) -> bool:
         return self._path(path).exists()
 
+    async def realpath(self, path: str) -> str | None:
+        try:
+            return await asyncio.to_thread(os.path.realpath, self._path(path), strict=True)
+        except OSError:
+            return None
+
+    async def lstat(self, path: str) -> Stat | None:
+        try:
+            return _stat(os.lstat(self._path(path)))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RemoteFileError(f"cannot stat {path}: {exc.strerror or exc}") from exc
+
+    async def listdir(self, path: str) -> list[tuple[str, Stat]]:
+        return await asyncio.to_thread(self._listdir, self._path(path))
+
+    @staticmethod
+    def _listdir(directory: Path) -> list[tuple[str, Stat]]:
+        try:
+            with os.scandir(directory) as entries:
+                return [(e.name, _stat(e.stat(follow_symlinks=False))) for e in entries]
+        except OSError as exc:
+            raise RemoteFileError(f"cannot list {directory}: {exc.strerror or exc}") from exc
+
+    async def download(self, remote: str, local_path: str | os.PathLike[str]) -> int:
+        """Copy a file of this machine to `local_path` (as the SSH runner's download does)."""
+        source = self._path(remote)
+        try:
+            await asyncio.to_thread(shutil.copyfile, source, local_path)
+            return (await asyncio.to_thread(os.stat, local_path)).st_size
+        except OSError as exc:
+            raise RemoteFileError(f"cannot copy {source}: {exc.strerror or exc}") from exc
+
     async def size(self, path: str) -> int | None:
         try:
             return self._path(path).stat().st_size
@@ -225,6 +263,10 @@ class LocalRunner:
 
     async def close(self) -> None:
         """Nothing to release; present so a LocalRunner can stand wherever an SSH connection does."""
+
+
+def _stat(result: os.stat_result) -> Stat:
+    return Stat(type=entry_type(result.st_mode), size=result.st_size, mtime=result.st_mtime)
 
 
 def _checked_relative(relative: str) -> str:
@@ -520,6 +562,29 @@ class LocalBackend:
         paths = self.paths(job_id)
         path = paths.output if task is None else paths.task_output(task)
         return await read_output_file(self.runner, path, offset=offset, length=length)
+
+    async def read_file(
+        self, job_id: UUID, relative_path: str, *, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        path = self.paths(job_id).file(_checked_relative(relative_path))
+        return await read_output_file(self.runner, path, offset=offset, length=length)
+
+    async def browse(
+        self, job_id: UUID, path: str, *, offset: int = 0, length: int | None = None
+    ) -> FilesAnswer:
+        jobdir = self.paths(job_id).jobdir
+        return await job_files.browse(self.runner, jobdir, path, offset=offset, length=length)
+
+    async def find_outputs(
+        self, job_id: UUID, patterns: list[str], *, max_bytes: int, max_files: int
+    ) -> tuple[list[FoundOutput], OutputsReport]:
+        jobdir = self.paths(job_id).jobdir
+        return await job_files.find_outputs(
+            self.runner, jobdir, patterns, max_bytes=max_bytes, max_files=max_files
+        )
+
+    async def download(self, found: FoundOutput, local_path: str | os.PathLike[str]) -> int:
+        return await self.runner.download(found.real, local_path)
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         paths = self.paths(job_id)

@@ -10,9 +10,17 @@ rule can find them without asking porter:
     jobs/<owner>/<job id>/sacct.json        sacct's records of the job, typed
     jobs/<owner>/<job id>/efficiency.json   seff's figures (computed with seff's formulas without seff)
     jobs/<owner>/<job id>/error.txt         only for a job refused before SLURM ran it: why
+    jobs/<owner>/<job id>/outputs/<path>    the files the spec's `outputs` patterns matched, as they
+                                            were when it ended (`%`, `\\` and control characters
+                                            in names as `%XX`)
+    jobs/<owner>/<job id>/outputs.json      which of them were collected, which not and why
 
-JSON and text only: the original kept pickles, which cannot be read by other tools or versions and
-run code when loaded.
+    jobs/<owner>/<job id>/result.pkl        a `python` job's outcome (`tasks/<i>/result.pkl` per task)
+
+JSON and text only, but for one: the original kept pickles, which cannot be read by other tools or
+versions and run code when loaded. A `python` job's `result.pkl` is the exception: the outcome of
+the owner's own pickled call (`cloudhpc.Executor`), which only the owner's SDK loads, in the Python
+version that pickled the call; porter and the agent never unpickle it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 from uuid import UUID
 
 from cloudhpc.config import Settings
+from cloudhpc.domain.job_files import OutputsReport, output_artifact_name
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.redaction import redacted_spec
 from cloudhpc.exceptions import StorageError
@@ -41,11 +50,13 @@ __all__ = [
     "job_prefix",
     "open_agent_object_store",
     "open_porter_object_store",
+    "result_name",
 ]
 
 ARTIFACT_ROOT = "jobs/"
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
+OUTPUTS_REPORT = "outputs.json"
 
 
 def job_prefix(owner: str, job_id: UUID) -> str:
@@ -56,6 +67,11 @@ def job_prefix(owner: str, job_id: UUID) -> str:
 def output_name(task: int | None = None) -> str:
     """The artifact name of a job's output, or of one array task's."""
     return "output.log" if task is None else f"tasks/{int(task)}/output.log"
+
+
+def result_name(task: int | None = None) -> str:
+    """The artifact name of a `python` job's outcome, or of one array task's."""
+    return "result.pkl" if task is None else f"tasks/{int(task)}/result.pkl"
 
 
 def artifact_key(owner: str, job_id: UUID, name: str) -> str:
@@ -106,6 +122,12 @@ class ArtifactWriter:
         self.objects.put(key, data, content_type=content_type)
         return key
 
+    def _put_file(self, job: Job, name: str, path: Path, content_type: str) -> str:
+        """One artifact from a local file; large files go up in parts (`upload_file`)."""
+        key = artifact_key(job.owner, job.id, name)
+        self.objects.upload_file(key, path, content_type=content_type)
+        return key
+
     def save_submission(self, job: Job, *, batch_script: str | None) -> list[str]:
         """What the job was asked to run: the spec, the rendered script (when there is one) and
         the spec's files. Written at submission, so a job that never runs still has them."""
@@ -123,9 +145,21 @@ class ArtifactWriter:
     def save_output(self, job: Job, path: Path, *, task: int | None = None) -> list[str]:
         """The job's output (of array task `task`: `tasks/<index>/output.log`) from a local copy;
         large logs go up in parts (`upload_file`)."""
-        key = artifact_key(job.owner, job.id, output_name(task))
-        self.objects.upload_file(key, path, content_type=_TEXT)
-        return [key]
+        return [self._put_file(job, output_name(task), path, _TEXT)]
+
+    def save_result(self, job: Job, path: Path, *, task: int | None = None) -> list[str]:
+        """A `python` job's outcome (of array task `task`) from a local copy (`result_name`)."""
+        return [self._put_file(job, result_name(task), path, "application/octet-stream")]
+
+    def save_output_file(self, job: Job, relative: str, path: Path) -> list[str]:
+        """One file an `outputs` pattern matched (`relative` to the job directory), from a local
+        copy, as `outputs/<relative>` (`output_artifact_name`: a newline or `%` in a name is
+        percent-encoded, the rest kept as is)."""
+        return [self._put_file(job, output_artifact_name(relative), path, "application/octet-stream")]
+
+    def save_outputs_report(self, job: Job, report: OutputsReport) -> list[str]:
+        """`outputs.json`: what the job's `outputs` collected, and what was left out and why."""
+        return [self._put(job, OUTPUTS_REPORT, _dump(report.model_dump(mode="json")), _JSON)]
 
     def save_accounting(self, job: Job, record: Mapping[str, Any]) -> list[str]:
         """The accounting document the agent sent porter, split as the layout says."""

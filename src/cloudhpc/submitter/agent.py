@@ -23,7 +23,10 @@ from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, array_indices
+from cloudhpc.domain.checkpoint import requeue_reason
+from cloudhpc.domain.job_files import OutputsReport, SkippedOutput
 from cloudhpc.domain.jobs import Job, JobKind, Observation
+from cloudhpc.domain.queries import AgentQuery
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
@@ -37,8 +40,9 @@ from cloudhpc.exceptions import (
 )
 from cloudhpc.hpc.backend import JobBackend, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
-from cloudhpc.hpc.jobscript import ENV_FILE
+from cloudhpc.hpc.jobscript import ENV_FILE, python_result_path
 from cloudhpc.hpc.poller import Poller
+from cloudhpc.hpc.requeue import CountsRestarts
 from cloudhpc.hpc.slurm.accounting import accounting_final
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
@@ -46,6 +50,7 @@ from cloudhpc.ray.script import (
 )
 from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel
+from cloudhpc.submitter.queries import answer_query
 from cloudhpc.submitter.staging import Stager
 
 __all__ = ["Agent"]
@@ -91,6 +96,10 @@ class _Tracked:
     native_id: str
     output_offset: int = 0
     output_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    restarts: int = 0
+    """SLURM's restart count as last learnt (from porter on adoption, then from squeue)."""
+    started_at: datetime | None = None
+    """When the current run started: a later start, or a wait after a start, is a restart."""
 
 
 class Agent:
@@ -142,6 +151,7 @@ class Agent:
         self._tasks = [
             asyncio.create_task(self._work_loop(), name=f"agent-work-{self.cluster}"),
             asyncio.create_task(self._output_loop(), name=f"agent-output-{self.cluster}"),
+            asyncio.create_task(self._query_loop(), name=f"agent-queries-{self.cluster}"),
         ]
 
     async def stop(self) -> None:
@@ -371,7 +381,9 @@ class Agent:
         # lock: a second one would be a second writer of the job's output.
         tracked = self._tracked.get(job.id)
         if tracked is None or tracked.native_id != native_id:
-            self._tracked[job.id] = _Tracked(job=job, native_id=native_id)
+            self._tracked[job.id] = _Tracked(
+                job=job, native_id=native_id, restarts=job.restarts, started_at=job.started_at
+            )
         self._poller.track(job.id, native_id)
 
     async def _on_observation(self, job_id: UUID, native_id: str, observation: Observation) -> None:
@@ -379,6 +391,16 @@ class Agent:
         if observation.state.terminal and tracked is not None:
             await self._collect_output(tracked)
         state, reason = observation.state, observation.reason
+        restarts = await self._restarts(tracked, observation) if tracked is not None else None
+        if tracked is not None and (restarts or tracked.job.spec.checkpoint is not None):
+            checkpoint = tracked.job.spec.checkpoint
+            most = checkpoint.max_restarts if checkpoint is not None else None
+            reason = (
+                requeue_reason(restarts or 0, most, observation.native_state, observation.reason)
+                or reason
+            )
+            if restarts and state == JobState.QUEUED:
+                state = JobState.RUNNING  # states only move forward: pending again is a restart
         if not state.terminal and reason == DEPENDENCY_NEVER_SATISFIED:
             # SLURM would keep it queued forever: end it, and remember why for its last report
             log.info("job %s: its dependency can never be met; cancelling SLURM job %s", job_id, native_id)
@@ -398,14 +420,44 @@ class Agent:
             slurm_job_id=native_id,
             reason=reason,
             exit_code=observation.exit_code,
-            submitted_at=observation.submitted_at,
-            started_at=observation.started_at,
+            # a requeue resets SLURM's submit and start times: the job keeps its first ones
+            submitted_at=None if restarts else observation.submitted_at,
+            started_at=None if restarts else observation.started_at,
             ended_at=observation.ended_at,
             tasks=list(observation.tasks) if observation.tasks is not None else None,
+            restarts=restarts,
         )
         if observation.state.terminal and tracked is not None:
             self._tracked.pop(job_id, None)
             self._start_finish(tracked)
+
+    async def _restarts(self, tracked: _Tracked, observation: Observation) -> int | None:
+        """SLURM's restart count of the job when this observation shows a restart (waiting again
+        after it had started, or started again at another time) or the end of a checkpointed job;
+        None when nothing changed it. The count is asked of SLURM (one squeue, only then): the
+        poll may have missed whole runs. Without an answer, one restart more than known."""
+        before = tracked.started_at
+        if observation.started_at is not None:
+            tracked.started_at = observation.started_at
+        restarted = before is not None and (
+            observation.state == JobState.QUEUED
+            or (observation.started_at is not None and observation.started_at != before)
+        )
+        final = observation.state.terminal and tracked.job.spec.checkpoint is not None
+        if not (restarted or final):
+            return tracked.restarts or None
+        count = tracked.restarts + 1 if restarted else tracked.restarts
+        if isinstance(self.backend, CountsRestarts):
+            try:
+                counts = await self.backend.restart_counts([tracked.native_id])
+            except CloudHPCError as exc:
+                log.warning("job %s: could not ask SLURM for its restart count (%s)", tracked.job.id, exc)
+            else:
+                count = max(tracked.restarts, counts.get(tracked.native_id, count))
+        if restarted and count > tracked.restarts:
+            log.info("job %s: SLURM runs it again (restart %d)", tracked.job.id, count)
+        tracked.restarts = count
+        return count or None
 
     async def _discard_secrets(self, job: Job) -> None:
         """Delete the job's secret files on the cluster: its `env` values, its bridge key."""
@@ -443,6 +495,8 @@ class Agent:
             self._collect_accounting(tracked),
             # an array's tasks each write their own output
             *(self._store_output(tracked, task=i) for i in self._task_indices(tracked.job)),
+            self._store_outputs(tracked.job),
+            *(self._store_result(tracked, task=i) for i in self._python_tasks(tracked.job)),
         )
         job_id = tracked.job.id
         if record is None:
@@ -556,24 +610,131 @@ class Agent:
     async def _store_output(self, tracked: _Tracked, task: int | None = None) -> None:
         """Copy the whole output file (of array task `task`: `tasks/<index>/output.log`) through a
         local temporary file, so a large log is uploaded in parts and never held in memory."""
+
+        def read(offset: int) -> Coroutine[Any, Any, bytes]:
+            return self.backend.read_output(tracked.job.id, offset=offset, length=OUTPUT_CHUNK, task=task)
+
+        await self._copy_to_artifact(
+            tracked.job,
+            "the output",
+            read,
+            lambda path: self._writer().save_output(tracked.job, path, task=task),
+        )
+
+    @staticmethod
+    def _python_tasks(job: Job) -> list[int | None]:
+        """The outcomes a `python` job has (one per array task, or its own); none for other kinds."""
+        return Agent._task_indices(job) if job.spec.kind == JobKind.PYTHON else []
+
+    async def _store_result(self, tracked: _Tracked, task: int | None = None) -> None:
+        """A `python` job's outcome (`hpc/python_runner.py`), as `result.pkl` (of array task `task`:
+        `tasks/<index>/result.pkl`); nothing when the runner wrote none (killed, never started)."""
+        relative = python_result_path(task)
+
+        def read(offset: int) -> Coroutine[Any, Any, bytes]:
+            return self.backend.read_file(tracked.job.id, relative, offset=offset, length=OUTPUT_CHUNK)
+
+        await self._copy_to_artifact(
+            tracked.job,
+            "the python result",
+            read,
+            lambda path: self._writer().save_result(tracked.job, path, task=task),
+            skip_empty=True,
+        )
+
+    async def _copy_to_artifact(
+        self,
+        job: Job,
+        what: str,
+        read: Callable[[int], Coroutine[Any, Any, bytes]],
+        save: Callable[[Path], list[str]],
+        *,
+        skip_empty: bool = False,
+    ) -> None:
+        """Copy a job file chunk by chunk (`read(offset)`) into a local temporary file, then store it
+        (`save(path)`), so that a large file is uploaded in parts and never held in memory."""
         if self.artifacts is None:
             return
         with tempfile.TemporaryDirectory(prefix="cloudhpc-output-") as tmp:
-            path = Path(tmp) / "output.log"
+            path = Path(tmp) / "copy"
+            offset = 0
             try:
                 with path.open("wb") as handle:
-                    offset = 0
-                    while data := await self.backend.read_output(
-                        tracked.job.id, offset=offset, length=OUTPUT_CHUNK, task=task
-                    ):
+                    while data := await read(offset):
                         handle.write(data)
                         offset += len(data)
             except CloudHPCError as exc:
-                log.warning("job %s: could not read the output to store it (%s)", tracked.job.id, exc)
+                log.warning("job %s: could not read %s to store it (%s)", job.id, what, exc)
                 return
-            await self._store_artifacts(
-                tracked.job, lambda: self._writer().save_output(tracked.job, path, task=task)
+            if offset == 0 and skip_empty:
+                return
+            await self._store_artifacts(job, lambda: save(path))
+
+    async def _store_outputs(self, job: Job) -> None:
+        """The files the job's `outputs` patterns match, as artifacts `outputs/<path>`, with
+        `outputs.json` saying what was collected and what was left out and why. One file at a time
+        through a local temporary copy (the cluster's `outputs.max_bytes` bounds them all)."""
+        if not job.spec.outputs or self.artifacts is None:
+            return
+        limits = self.config.outputs
+        try:
+            found, report = await self.backend.find_outputs(
+                job.id, list(job.spec.outputs), max_bytes=limits.max_bytes, max_files=limits.max_files
             )
+        except CloudHPCError as exc:
+            log.warning("job %s: could not look for its outputs (%s)", job.id, exc)
+            found, report = (
+                [],
+                OutputsReport(
+                    patterns=list(job.spec.outputs),
+                    skipped=[SkippedOutput(path="", reason=f"not searched: {exc}")],
+                ),
+            )
+        keys: list[str] = []
+        failed: list[SkippedOutput] = []
+        with tempfile.TemporaryDirectory(prefix="cloudhpc-outputs-") as tmp:
+            for found_file in found:
+                local = Path(tmp) / "copy"
+                try:
+                    await self.backend.download(found_file, local)
+                    keys += await asyncio.to_thread(
+                        self._writer().save_output_file, job, found_file.relative, local
+                    )
+                except CloudHPCError as exc:
+                    log.warning("job %s: output %r not collected (%s)", job.id, found_file.relative, exc)
+                    failed.append(
+                        SkippedOutput(path=found_file.relative, reason=f"could not be copied: {exc}")
+                    )
+        if failed:
+            gone = {f.path for f in failed}
+            report = report.model_copy(
+                update={
+                    "collected": [p for p in report.collected if p not in gone],
+                    "bytes": sum(f.size for f in found if f.relative not in gone),
+                    "skipped": [*report.skipped, *failed],
+                }
+            )
+        final = report
+        await self._store_artifacts(job, lambda: [*keys, *self._writer().save_outputs_report(job, final)])
+
+    async def _query_loop(self) -> None:
+        """Porter's questions (a job's files), each answered in the background as it comes."""
+        while not self._stopping.is_set():
+            try:
+                queries = await self.channel.claim_queries(self.cluster, wait=self.work_wait)
+            except ChannelError as exc:
+                log.warning("cluster %s: query poll failed (%s)", self.cluster, exc)
+                await asyncio.sleep(2)
+                continue
+            for query in queries:
+                self._spawn(self._answer(query))
+
+    async def _answer(self, query: AgentQuery) -> None:
+        answer = await answer_query(self.backend, query)
+        try:
+            await self.channel.answer_query(query.id, answer)
+        except ChannelError as exc:
+            log.warning("cluster %s: could not answer query %s (%s)", self.cluster, query.id, exc)
 
     async def _report(self, job_id: UUID, state: JobState, **fields: Any) -> None:
         report = JobReport(job_id=job_id, seq=self._seq.next(), state=state, **fields)

@@ -29,7 +29,7 @@ import httpx
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import ChannelError, ObjectNotFound, StorageError
-from cloudhpc.storage.artifacts import ArtifactWriter, output_name
+from cloudhpc.storage.artifacts import ArtifactWriter
 
 __all__ = ["PorterArtifactWriter", "PorterFileFetcher", "PorterObjects"]
 
@@ -147,12 +147,13 @@ class PorterArtifactWriter(ArtifactWriter):
     def _put(self, job: Job, name: str, data: bytes, content_type: str) -> str:
         return self._upload(job, name, lambda: iter([data]), content_type)
 
-    def save_output(self, job: Job, path: Path, *, task: int | None = None) -> list[str]:
-        """The output log from its local copy, in chunks: never read whole."""
+    def _put_file(self, job: Job, name: str, path: Path, content_type: str) -> str:
+        """An artifact from its local copy (the output log, a python job's result), in chunks:
+        never read whole."""
 
         def chunks() -> Iterator[bytes]:
             with path.open("rb") as handle:
                 while chunk := handle.read(UPLOAD_CHUNK):
                     yield chunk
 
-        return [self._upload(job, output_name(task), chunks, "text/plain; charset=utf-8")]
+        return self._upload(job, name, chunks, content_type)

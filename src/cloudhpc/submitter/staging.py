@@ -21,7 +21,12 @@ from cloudhpc.domain.jobs import Job, JobKind, Resources, is_object_url, parse_s
 from cloudhpc.exceptions import ConfigError, StagingError, StorageError
 from cloudhpc.hpc.backend import JobPaths, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
-from cloudhpc.hpc.jobscript import environment_file, render_batch_script
+from cloudhpc.hpc.jobscript import (
+    environment_file,
+    python_call_files,
+    render_batch_script,
+    run_python_call_lines,
+)
 from cloudhpc.ray.script import RayJobScript, TunnelAccess, render_ray_job
 
 __all__ = ["Stager"]
@@ -55,6 +60,23 @@ class Stager:
         secret_env = environment_file(spec.env)  # sourced by the script, never in it (hpc/jobscript.py)
         files |= secret_env
         private = dict.fromkeys(secret_env, 0o600)
+        if spec.kind == JobKind.PYTHON:
+            script = render_batch_script(
+                job_id=job.id,
+                spec=spec,
+                paths=paths,
+                prelude=self.config.prelude,
+                activation=activation,
+                body=run_python_call_lines(paths, spec),
+            )
+            return JobSubmission(
+                job_id=job.id,
+                spec=spec,
+                resources=resources,
+                batch_script=script,
+                files=files | python_call_files(),
+                modes=private,
+            )
         if spec.kind != JobKind.BATCH:
             ray = self._render_ray(job, paths, resources)
             script = render_batch_script(

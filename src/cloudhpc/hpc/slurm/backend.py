@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +19,11 @@ from typing import Protocol, TypeVar
 from uuid import UUID
 
 from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import AccountingUnavailable, ParseError, SchedulerCommandError
+from cloudhpc.hpc import job_files
 from cloudhpc.hpc.backend import (
     AccountingRecord,
     CommandResult,
@@ -31,6 +34,7 @@ from cloudhpc.hpc.backend import (
     JobSubmission,
     read_output_file,
 )
+from cloudhpc.hpc.job_files import DirectoryAccess, FoundOutput
 from cloudhpc.hpc.slurm.accounting import Sacct
 from cloudhpc.hpc.slurm.cancel import Scancel
 from cloudhpc.hpc.slurm.commands import _Command
@@ -43,6 +47,7 @@ from cloudhpc.hpc.slurm.ids import (
     parse_job_id,
 )
 from cloudhpc.hpc.slurm.queue import Squeue, SqueueRow
+from cloudhpc.hpc.slurm.restarts import SqueueRestarts
 from cloudhpc.hpc.slurm.submit import Sbatch
 
 __all__ = ["CommandObserver", "SlurmBackend", "SlurmConnection"]
@@ -51,7 +56,7 @@ __all__ = ["CommandObserver", "SlurmBackend", "SlurmConnection"]
 logger = logging.getLogger(__package__)
 
 
-class SlurmConnection(CommandRunner, FileTransfer, Protocol):
+class SlurmConnection(CommandRunner, FileTransfer, DirectoryAccess, Protocol):
     """What `SlurmBackend` needs from its connection: `cloudhpc.hpc.ssh.SSHConnection` provides it."""
 
 
@@ -141,6 +146,7 @@ class SlurmBackend:
             resources=submission.resources,
             array=submission.spec.array,
             dependency=submission.dependency,
+            checkpoint=submission.spec.checkpoint,
         )
         command.argv()  # validate before anything is written on the cluster
         targets = [
@@ -274,6 +280,13 @@ class SlurmBackend:
                 observations[native_id] = observation
         return observations
 
+    async def restart_counts(self, native_ids: Sequence[str]) -> dict[str, int]:
+        """SLURM's restart count of the jobs squeue still knows (`hpc.requeue.CountsRestarts`)."""
+        if not native_ids:
+            return {}
+        _, counts = await self._run(SqueueRestarts(jobs=list(native_ids)))
+        return counts
+
     async def cancel(self, native_id: str) -> None:
         await self._run(Scancel(native_id))
 
@@ -317,6 +330,30 @@ class SlurmBackend:
         paths = await self.paths(job_id)
         path = paths.output if task is None else paths.task_output(task)
         return await read_output_file(self._conn, path, offset=offset, length=length)
+
+    async def read_file(
+        self, job_id: UUID, relative_path: str, *, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        paths = await self.paths(job_id)
+        path = paths.file(_check_relative(relative_path))
+        return await read_output_file(self._conn, path, offset=offset, length=length)
+
+    async def browse(
+        self, job_id: UUID, path: str, *, offset: int = 0, length: int | None = None
+    ) -> FilesAnswer:
+        jobdir = (await self.paths(job_id)).jobdir
+        return await job_files.browse(self._conn, jobdir, path, offset=offset, length=length)
+
+    async def find_outputs(
+        self, job_id: UUID, patterns: list[str], *, max_bytes: int, max_files: int
+    ) -> tuple[list[FoundOutput], OutputsReport]:
+        jobdir = (await self.paths(job_id)).jobdir
+        return await job_files.find_outputs(
+            self._conn, jobdir, patterns, max_bytes=max_bytes, max_files=max_files
+        )
+
+    async def download(self, found: FoundOutput, local_path: str | os.PathLike[str]) -> int:
+        return await self._conn.download(found.real, local_path)
 
     async def discard(self, job_id: UUID, relative_paths: Sequence[str]) -> None:
         if not relative_paths:
