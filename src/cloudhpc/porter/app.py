@@ -20,10 +20,13 @@ from cloudhpc.metrics.porter import PorterMetrics
 from cloudhpc.porter import (
     routes_agent,
     routes_agent_objects,
+    routes_agent_queries,
     routes_artifacts,
     routes_bridges,
     routes_clusters,
+    routes_files,
     routes_jobs,
+    routes_uploads,
     web,
 )
 from cloudhpc.porter.auth import read_scrape_token, require_scraper
@@ -139,10 +142,13 @@ def create_app(
     app.include_router(routes_jobs.router)
     app.include_router(routes_clusters.router)
     app.include_router(routes_agent.router)
+    app.include_router(routes_agent_queries.router)
+    app.include_router(routes_files.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_artifacts.agent_router)
     app.include_router(routes_agent_objects.router)
     app.include_router(routes_bridges.router)
+    app.include_router(routes_uploads.router)
     app.include_router(web.router)
 
     metrics = PorterMetrics(
@@ -165,7 +171,8 @@ def create_app(
                 routes_agent_objects.ARTIFACT_UPLOAD_PATH,
                 routes_agent_objects.MAX_ARTIFACT_BYTES,
                 "an artifact",
-            )
+            ),
+            ("POST", routes_uploads.UPLOAD_PATH, routes_uploads.MAX_UPLOAD_BYTES, "an upload"),
         ],
     )
     app.add_middleware(_RequestTimer, metrics=metrics)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from fastapi import Request
@@ -21,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.errors import error_body
 
-__all__ = ["RequestSizeLimit", "read_capped", "too_large"]
+__all__ = ["RequestSizeLimit", "read_capped", "spool_capped", "too_large"]
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +158,21 @@ async def read_capped(request: Request, limit: int, what: str) -> bytes:
             raise too_large(limit, what)
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def spool_capped(request: Request, path: Path, limit: int, what: str) -> int:
+    """Write the request's body to a new 0600 file `path` as it arrives, refused with 413 as soon as
+    it passes `limit` bytes (the declared Content-Length is checked first), so a large body is never
+    held in memory. Returns its size."""
+    declared = _declared_length(request.scope)
+    if declared is not None and declared > limit:
+        raise too_large(limit, what)
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit, what)
+            handle.write(chunk)
+    return size

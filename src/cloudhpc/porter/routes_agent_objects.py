@@ -20,7 +20,6 @@ spooled to a temporary file as they arrive (cut off at `MAX_ARTIFACT_BYTES`) and
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,7 +32,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from cloudhpc.exceptions import HttpProblem, ObjectNotFound, StorageError
 from cloudhpc.porter.auth import AgentPrincipal, agent_job
 from cloudhpc.porter.inputs import input_scope
-from cloudhpc.porter.limits import too_large
+from cloudhpc.porter.limits import spool_capped
 from cloudhpc.porter.state import object_store, state_of
 from cloudhpc.storage.artifacts import artifact_key
 
@@ -112,24 +111,7 @@ async def put_artifact(
     content_type = request.headers.get("content-type") or None
     with tempfile.TemporaryDirectory(prefix="cloudhpc-artifact-") as tmp:
         path = Path(tmp) / "body"
-        size = await _spool(request, path, MAX_ARTIFACT_BYTES)
+        size = await spool_capped(request, path, MAX_ARTIFACT_BYTES, "an artifact")
         await run_in_threadpool(objects.upload_file, key, path, content_type=content_type)
     log.info("job %s: stored artifact %s (%d bytes) for the agent", job.id, name, size)
     return {"key": key, "size": size}
-
-
-async def _spool(request: Request, path: Path, limit: int) -> int:
-    """Write the request's body to `path` as it arrives, refused with 413 as soon as it passes
-    `limit` bytes (a declared Content-Length is checked first). Returns its size."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit, "an artifact")
-    size = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit, "an artifact")
-            handle.write(chunk)
-    return size

@@ -71,9 +71,18 @@ class InputScope:
 
     def owner_urls(self, owner: str) -> list[str]:
         """The same prefixes as URLs a user can write in `files` (what `GET /api/v1/me` shows)."""
+        return [self.url_for(p) for p in self.owner_prefixes(owner)]
+
+    def url_for(self, key: str) -> str:
+        """The URL a job's `files` names the object `key` of this store by (an upload's reference)."""
         if self.root is not None:
-            return [f"file://{self.root}/{p}" for p in self.owner_prefixes(owner)]
-        return [f"s3://{self.bucket}/{self.prefix}{p}" for p in self.owner_prefixes(owner)]
+            return f"file://{self.root}/{key}"
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def upload_key(self, owner: str, upload_id: str, name: str) -> str:
+        """Where `POST /api/v1/uploads` keeps an upload: `users/<owner>/uploads/<id>/<name>`, inside
+        the owner's own prefix, so a job of that owner may name it and nobody else's may."""
+        return check_key(f"{self.owner_prefixes(owner)[0]}uploads/{upload_id}/{name}")
 
     def holds(self, url: str) -> bool:
         """Whether `url` names an object inside this store at all (whoever's it is)."""
