@@ -127,7 +127,21 @@ class CheckpointSpec(BaseModel):
             )
 
 
-def requeue_reason(restarts: int, max_restarts: int | None, native_state: str) -> str:
-    """The `reason` of a job SLURM runs again: `Requeued (restart 1 of 2): PENDING`."""
+def requeue_reason(
+    restarts: int, max_restarts: int | None, native_state: str, slurm_reason: str | None = None
+) -> str | None:
+    """The `reason` of a job SLURM ran again (`restarts` > 0) or a checkpointed job (`max_restarts`
+    set) that ran out of restarts; None otherwise (its own reason stands):
+
+    - while it runs or waits again: `Requeued (restart 1 of 2): PENDING`;
+    - ended by its time limit with no restart left: `checkpoint.max_restarts (2) reached: TIMEOUT`;
+    - ended otherwise: `Requeued (restart 2 of 2): COMPLETED` (SLURM's reason appended when it
+      has one: `...: FAILED NODE_FAIL`).
+    """
+    if max_restarts is not None and restarts >= max_restarts and native_state == "TIMEOUT":
+        return f"checkpoint.max_restarts ({max_restarts}) reached: TIMEOUT"
+    if restarts <= 0:
+        return None
     of = f" of {max_restarts}" if max_restarts is not None else ""
-    return f"{REQUEUED} (restart {restarts}{of}): {native_state}"
+    tail = f" {slurm_reason}" if slurm_reason and slurm_reason != native_state else ""
+    return f"{REQUEUED} (restart {restarts}{of}): {native_state}{tail}"

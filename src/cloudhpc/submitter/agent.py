@@ -396,8 +396,7 @@ class Agent:
             checkpoint = tracked.job.spec.checkpoint
             most = checkpoint.max_restarts if checkpoint is not None else None
             reason = (
-                requeue_reason(restarts or 0, most, observation.native_state, observation.reason)
-                or reason
+                requeue_reason(restarts or 0, most, observation.native_state, observation.reason) or reason
             )
             if restarts and state == JobState.QUEUED:
                 state = JobState.RUNNING  # states only move forward: pending again is a restart

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from cloudhpc.domain.arrays import check_array
+from cloudhpc.domain.checkpoint import CheckpointSpec
 from cloudhpc.domain.jobs import Resources
 from cloudhpc.exceptions import ParseError, QuotaExceeded, SchedulerCommandError, SubmitRejected
 from cloudhpc.hpc.backend import CommandResult, JobPaths
@@ -90,6 +91,9 @@ class Sbatch:
     array: str | None = None
     dependency: str | None = None
     """`afterok:12:13,afterany:14`, built by `domain.arrays.dependency_option` from SLURM ids."""
+    checkpoint: CheckpointSpec | None = None
+    """Warn before the time limit and allow requeues: the output is appended to on every run, so
+    what the agent collected by offset before a requeue stays where it was."""
 
     name = "sbatch"
 
@@ -101,6 +105,9 @@ class Sbatch:
             if not _DEPENDENCY.match(self.dependency):
                 raise ValueError(f"{self.dependency!r} is not a dependency cloudhpc builds")
             extra.append(f"--dependency={self.dependency}")
+        if self.checkpoint is not None:
+            checked = CheckpointSpec.model_validate(self.checkpoint.model_dump())
+            extra += [f"--signal={checked.slurm_signal()}", "--requeue", "--open-mode=append"]
         output = self.paths.task_output_pattern if self.array is not None else self.paths.output
         return [
             "sbatch",

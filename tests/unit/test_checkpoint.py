@@ -1,0 +1,186 @@
+"""#13 item 5, without SLURM: the `checkpoint` spec's rules, the sbatch flags, and the wrapper's
+trap run by a real bash with a stand-in `scontrol` (the testbed's SLURM runs are in
+tests/e2e/test_requeue.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from pydantic import ValidationError
+
+from cloudhpc.domain.checkpoint import CheckpointSpec, requeue_reason
+from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.domain.paths import JobPaths
+from cloudhpc.hpc.backend import CommandResult
+from cloudhpc.hpc.jobscript import render_batch_script
+from cloudhpc.hpc.slurm.restarts import SqueueRestarts
+from cloudhpc.hpc.slurm.submit import Sbatch
+
+
+def spec(**fields: object) -> JobSpec:
+    base: dict[str, object] = {
+        "name": "ckpt",
+        "cluster": "testbed",
+        "script": "echo hi\n",
+        "resources": {"time": "2"},
+        "checkpoint": {"warn_before": "30s", "signal": "USR1", "max_restarts": 2},
+    }
+    return JobSpec.model_validate(base | fields)
+
+
+def test_checkpoint_values() -> None:
+    got = spec().checkpoint
+    assert got == CheckpointSpec(warn_before=30, signal="USR1", max_restarts=2)
+    assert CheckpointSpec.model_validate({"warn_before": "1m30s", "signal": "SIGterm"}).slurm_signal() == (
+        "B:TERM@90"
+    )
+    assert CheckpointSpec.model_validate({"warn_before": 45}).warn_before == 45
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "field", "words"),
+    [
+        ({"warn_before": "soon"}, "warn_before", "not a duration"),
+        ({"warn_before": 0}, "warn_before", "greater than or equal to 1"),
+        ({"warn_before": "70000"}, "warn_before", "less than or equal to 65535"),
+        ({"signal": "KILL"}, "signal", "cannot be caught"),
+        ({"signal": "USR3"}, "signal", "unknown signal"),
+        ({"signal": "USR1; rm -rf ~"}, "signal", "unknown signal"),
+        ({"max_restarts": -1}, "max_restarts", "greater than or equal to 0"),
+        ({"max_restarts": 1000}, "max_restarts", "less than or equal to 100"),
+        ({"restarts": 1}, "restarts", "Extra inputs"),
+    ],
+)
+def test_bad_checkpoint_values_name_the_field(checkpoint: dict[str, object], field: str, words: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        spec(checkpoint=checkpoint)
+    error = caught.value.errors()[0]
+    assert error["loc"][:2] == ("checkpoint", field)
+    assert words in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"resources": {}}, "needs resources.time"),
+        ({"resources": {"time": "1"}, "checkpoint": {"warn_before": 60}}, "shorter than the time limit"),
+        ({"resources": {"time": "5", "signal": "B:USR2@60"}}, "leave resources.signal unset"),
+        ({"array": "0-3"}, "not arrays"),
+    ],
+)
+def test_checkpoint_needs_its_time_limit_alone(fields: dict[str, object], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        spec(**fields)
+
+
+def test_sbatch_flags() -> None:
+    paths = JobPaths(workdir="/w", job_id=uuid4())
+    job = spec()
+    argv = Sbatch(job_id=paths.job_id, paths=paths, resources=job.resources, checkpoint=job.checkpoint).argv()
+    assert argv[-4:-1] == ["--signal=B:USR1@30", "--requeue", "--open-mode=append"]
+    plain = Sbatch(job_id=paths.job_id, paths=paths, resources=job.resources).argv()
+    assert not any(a.startswith(("--signal", "--requeue", "--open-mode")) for a in plain)
+
+
+def test_restart_counts_parsed() -> None:
+    command = SqueueRestarts(jobs=["12", "13"])
+    assert command.argv()[-2:] == ["--jobs=12,13", "--Format=JobID:|,RestartCnt:"]
+    result = CommandResult(
+        argv=command.argv(), exit_status=0, stdout="JOBID|RESTART_COUNT\n12|2\n13|0\n", stderr=""
+    )
+    assert command.parse(result) == {"12": 2, "13": 0}
+
+
+def test_reasons() -> None:
+    assert requeue_reason(0, 2, "RUNNING") is None
+    assert requeue_reason(1, 2, "PENDING") == "Requeued (restart 1 of 2): PENDING"
+    assert requeue_reason(1, None, "PENDING", "BeginTime") == "Requeued (restart 1): PENDING BeginTime"
+    assert requeue_reason(2, 2, "TIMEOUT") == "checkpoint.max_restarts (2) reached: TIMEOUT"
+    assert requeue_reason(0, 0, "TIMEOUT") == "checkpoint.max_restarts (0) reached: TIMEOUT"
+
+
+# ---- the rendered wrapper, run by bash
+
+
+USER_SCRIPT = """\
+trap 'echo "user got USR1 at $i"; exit 3' USR1
+echo "dir=$CLOUDHPC_CHECKPOINT_DIR restart=$CLOUDHPC_RESTART_COUNT"
+for i in $(seq 1 25); do sleep 0.1; done
+echo finished
+"""
+
+
+def run_wrapper(
+    tmp_path: Path, restart_count: str | None, *, signal_after: float | None
+) -> tuple[int, str, str]:
+    """Render the wrapper for a checkpointed job in `tmp_path`, run it with a stand-in `scontrol`
+    that logs its arguments, send it SIGUSR1 after `signal_after` seconds; (status, output,
+    scontrol's log)."""
+    job_id = uuid4()
+    paths = JobPaths(workdir=str(tmp_path), job_id=job_id)
+    Path(paths.control).mkdir(parents=True)
+    Path(paths.user_script).write_text(USER_SCRIPT)
+    Path(paths.batch_script).write_text(render_batch_script(job_id=job_id, spec=spec(), paths=paths))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {log}\nkill -TERM "$PPID"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
+    if restart_count is not None:
+        env["SLURM_RESTART_COUNT"] = restart_count
+    proc = subprocess.Popen(
+        ["/bin/bash", paths.batch_script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if signal_after is not None:
+        time.sleep(signal_after)
+        proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert Path(paths.jobdir, "checkpoints").is_dir()
+    return proc.returncode, out, log.read_text() if log.exists() else ""
+
+
+def test_warning_reaches_the_program_and_requeues(tmp_path: Path) -> None:
+    status, out, scontrol = run_wrapper(tmp_path, None, signal_after=0.8)
+    assert f"dir={tmp_path}/jobs/" in out
+    assert "/checkpoints restart=0" in out
+    assert "user got USR1" in out
+    assert "finished" not in out
+    assert "requeued" in out
+    assert scontrol == "requeue 4242\n"
+    assert status != 0  # ended by SLURM (here: the stand-in's SIGTERM) while waiting
+
+
+def test_no_requeue_at_max_restarts(tmp_path: Path) -> None:
+    status, out, scontrol = run_wrapper(tmp_path, "2", signal_after=0.8)
+    assert "restart=2" in out
+    assert "max_restarts (2) reached: not requeued" in out
+    assert "user got USR1" not in out
+    assert "finished" in out
+    assert scontrol == ""
+    assert status == 0
+
+
+def test_program_that_finishes_is_not_requeued(tmp_path: Path) -> None:
+    status, out, scontrol = run_wrapper(tmp_path, "1", signal_after=None)
+    assert "restart=1" in out
+    assert "finished" in out
+    assert scontrol == ""
+    assert status == 0
+
+
+def test_the_checkpoint_directory_is_quoted() -> None:
+    script = render_batch_script(
+        job_id=uuid4(), spec=spec(), paths=JobPaths(workdir="/w/a b;$(id)", job_id=uuid4())
+    )
+    assert "export CLOUDHPC_CHECKPOINT_DIR='/w/a b;$(id)/jobs/" in script
