@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Stand the cloud platform up on a fresh Ubuntu VM (CPouta in docs/platform.md): tools, a kind
-# cluster, our images, generated credentials, one environment of deploy/kustomize, then wait until
-# everything is ready and print how to reach it.
+# cluster (deploy/kind/cluster.yaml) with a local registry beside it, our images (built, pushed to
+# the registry and loaded), generated credentials and porter's TLS certificate, one environment of
+# deploy/kustomize, the port-forwards as a systemd user unit; then wait until everything is ready
+# and print how to reach it.
 #
 #   scripts/platform-up.sh [ENV] [options]
 #
@@ -12,13 +14,20 @@
 #   --submitter-address IP     VM address the submitter's reverse tunnel binds to (default: the VM's
 #                              first address from `hostname -I`)
 #   --hpc-cluster NAME         cluster the agent token is for (default mahti)
+#   --public-address ADDR      the name or IP the submitter uses for porter (https://ADDR:5443), put
+#                              in porter's certificate (default: the VM's first address)
+#   --tls-cert FILE --tls-key FILE
+#                              porter's certificate and key (PEM) instead of one signed by a CA this
+#                              script makes (~/.config/cloudhpc/platform-ca.pem)
+#   --no-forward-unit          do not install the systemd user unit of `cloudhpc platform forward`
 #   --no-tools                 do not install docker/kubectl/kind/kustomize (they must be on PATH)
 #   --no-images                do not build and load our images (already in the cluster)
 #   --timeout MINUTES          how long to wait for the platform to become ready (default 45)
 #
 # Idempotent: re-running keeps the cluster, the generated credentials and the tokens, re-applies
 # the manifests and waits again. Credentials are random, created once, and kept only in Kubernetes
-# Secrets (and the agent token in ~/.config/cloudhpc/, mode 0600).
+# Secrets (and the agent token in ~/.config/cloudhpc/, mode 0600). The CA key of porter's
+# certificate stays in ~/.config/cloudhpc/ (0600): re-runs renew nothing unless porter-tls is deleted.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,11 +50,22 @@ HPC_CLUSTER=mahti
 INSTALL_TOOLS=1
 BUILD_IMAGES=1
 TIMEOUT_MIN=45
+PUBLIC_ADDRESS=""
+TLS_CERT=""
+TLS_KEY=""
+FORWARD_UNIT=1
+CONFIG_DIR=$HOME/.config/cloudhpc
+# The local registry beside kind (kind's own recipe): the container kind-registry, on the VM's
+# loopback port 5001, and on kind's Docker network as kind-registry:5000.
+REGISTRY_NAME=kind-registry
+REGISTRY_PORT=5001
+# porter's TLS endpoint on the VM (deploy/kind/cluster.yaml maps it to NodePort 30443).
+PORTER_TLS_PORT=5443
 
 log() { printf '[platform-up] %s\n' "$*" >&2; }
 die() { printf '[platform-up] ERROR: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -56,12 +76,18 @@ while [ $# -gt 0 ]; do
     --no-tools) INSTALL_TOOLS=0 ;;
     --no-images) BUILD_IMAGES=0 ;;
     --timeout) TIMEOUT_MIN=${2:?--timeout needs minutes}; shift ;;
+    --public-address) PUBLIC_ADDRESS=${2:?--public-address needs a value}; shift ;;
+    --tls-cert) TLS_CERT=${2:?--tls-cert needs a file}; shift ;;
+    --tls-key) TLS_KEY=${2:?--tls-key needs a file}; shift ;;
+    --no-forward-unit) FORWARD_UNIT=0 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
   shift
 done
 
+[ -z "$TLS_CERT" ] || [ -n "$TLS_KEY" ] || die "--tls-cert needs --tls-key"
+[ -z "$TLS_KEY" ] || [ -n "$TLS_CERT" ] || die "--tls-key needs --tls-cert"
 case "$ENV_NAME" in
   *-monitoring|dev) MONITORING=1 ;;
   *) MONITORING=0 ;;
@@ -169,33 +195,75 @@ install_cli() {
 create_cluster() {
   if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
     log "kind cluster $CLUSTER: exists"
+    # A cluster made before deploy/kind/cluster.yaml lacks the mapping (kind cannot add one later).
+    if ! docker port "$CLUSTER-control-plane" 30443/tcp >/dev/null 2>&1; then
+      log "WARNING: kind cluster $CLUSTER does not publish porter's port $PORTER_TLS_PORT (made before"
+      log "  deploy/kind/cluster.yaml): delete it with 'kind delete cluster --name $CLUSTER' and run this again"
+    fi
   else
-    log "kind cluster $CLUSTER: creating ($KIND_NODE_IMAGE)"
+    log "kind cluster $CLUSTER: creating ($KIND_NODE_IMAGE, deploy/kind/cluster.yaml)"
     # Many pods watch many files: raise the inotify limits (kind's known issue with Kubeflow).
     sudo sysctl -q fs.inotify.max_user_instances=2280 fs.inotify.max_user_watches=1255360
-    kind create cluster --name "$CLUSTER" --wait 5m --config - <<EOF
-kind: Cluster
-apiVersion: kind.x-k8s.io/v1alpha4
-nodes:
-- role: control-plane
-  image: $KIND_NODE_IMAGE
-  kubeadmConfigPatches:
-  - |
-    kind: ClusterConfiguration
-    apiServer:
-      extraArgs:
-        "service-account-issuer": "https://kubernetes.default.svc"
-        "service-account-signing-key-file": "/etc/kubernetes/pki/sa.key"
-EOF
+    kind create cluster --name "$CLUSTER" --image "$KIND_NODE_IMAGE" --wait 5m \
+      --config "$ROOT/deploy/kind/cluster.yaml"
   fi
   kubectl config use-context "kind-$CLUSTER" >/dev/null
 }
 
+# The local registry beside kind, as kind documents it: a registry container restarted with Docker
+# (so after a reboot too), joined to kind's network; the node's containerd uses it for
+# localhost:$REGISTRY_PORT/... and, first, as a mirror of docker.io, so the manifests' plain names
+# (PORTER_IMAGE and the others) resolve to the images pushed here; other images fall through to Docker Hub.
+start_registry() {
+  local node dir
+  if [ "$(docker inspect -f '{{.State.Running}}' "$REGISTRY_NAME" 2>/dev/null)" != true ]; then
+    docker rm -f "$REGISTRY_NAME" >/dev/null 2>&1 || true
+    log "registry: starting $REGISTRY_IMAGE as $REGISTRY_NAME on 127.0.0.1:$REGISTRY_PORT"
+    docker run -d --restart=always -p "127.0.0.1:$REGISTRY_PORT:5000" --network bridge \
+      --name "$REGISTRY_NAME" "$REGISTRY_IMAGE" >/dev/null
+  fi
+  if [ "$(docker inspect -f '{{json .NetworkSettings.Networks.kind}}' "$REGISTRY_NAME")" = null ]; then
+    docker network connect kind "$REGISTRY_NAME"
+  fi
+  for node in $(kind get nodes --name "$CLUSTER"); do
+    for dir in "localhost:$REGISTRY_PORT" docker.io; do
+      docker exec "$node" mkdir -p "/etc/containerd/certs.d/$dir"
+    done
+    printf '[host."http://%s:5000"]\n' "$REGISTRY_NAME" |
+      docker exec -i "$node" cp /dev/stdin "/etc/containerd/certs.d/localhost:$REGISTRY_PORT/hosts.toml"
+    printf 'server = "https://registry-1.docker.io"\n\n[host."http://%s:5000"]\n  capabilities = ["pull", "resolve"]\n' \
+      "$REGISTRY_NAME" | docker exec -i "$node" cp /dev/stdin /etc/containerd/certs.d/docker.io/hosts.toml
+  done
+  # KEP-1755: tells tools where the cluster's local registry is.
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: local-registry-hosting
+  namespace: kube-public
+data:
+  localRegistryHosting.v1: |
+    host: "localhost:$REGISTRY_PORT"
+    help: "https://kind.sigs.k8s.io/docs/user/local-registry/"
+EOF
+}
+
+# Every image of ours, built from deploy/docker, pushed to the local registry (where the nodes find
+# them again after a cluster is re-created) and loaded into the node (there at once).
 build_images() {
-  log "images: building $PORTER_IMAGE, $MLFLOW_IMAGE (deploy/images.env)"
+  local image
+  log "images: building $PORTER_IMAGE, $MLFLOW_IMAGE, $PIPELINES_IMAGE (deploy/images.env)"
   docker build -q -f "$ROOT/deploy/docker/cloudhpc.Dockerfile" --target porter -t "$PORTER_IMAGE" "$ROOT" >/dev/null
   docker build -q -f "$ROOT/deploy/docker/mlflow.Dockerfile" -t "$MLFLOW_IMAGE" "$ROOT/deploy/docker" >/dev/null
-  kind load docker-image --name "$CLUSTER" "$PORTER_IMAGE" "$MLFLOW_IMAGE"
+  # torch's CPU build (deploy/docker/pipelines.Dockerfile's header says why)
+  docker build -q -f "$ROOT/deploy/docker/pipelines.Dockerfile" \
+    --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t "$PIPELINES_IMAGE" "$ROOT" >/dev/null
+  for image in "$PORTER_IMAGE" "$MLFLOW_IMAGE" "$PIPELINES_IMAGE"; do
+    docker tag "$image" "localhost:$REGISTRY_PORT/$image"
+    docker push -q "localhost:$REGISTRY_PORT/$image" >/dev/null
+  done
+  log "images: pushed to localhost:$REGISTRY_PORT; loading into kind"
+  kind load docker-image --name "$CLUSTER" "$PORTER_IMAGE" "$MLFLOW_IMAGE" "$PIPELINES_IMAGE"
 }
 
 # ---------------------------------------------------------------- credentials
@@ -258,6 +326,64 @@ put_s3_config() {
     fi
   fi
   rm -f "$file"
+}
+
+# porter's TLS certificate (Secret monitoring/porter-tls): the operator's (--tls-cert/--tls-key), or
+# one for --public-address signed by a CA made here once. The laptop's submitter trusts that CA
+# (docs/submitter.md: SSL_CERT_FILE). cert-manager can own the Secret instead (docs/platform.md).
+make_tls() {
+  local ca_key=$CONFIG_DIR/platform-ca.key ca=$CONFIG_DIR/platform-ca.pem tmpd san
+  if [ "$MONITORING" != 1 ] || [ "$ENV_NAME" = dev ]; then return 0; fi
+  if kubectl -n monitoring get secret porter-tls >/dev/null 2>&1; then
+    log "secret monitoring/porter-tls: exists"
+    return 0
+  fi
+  tmpd=$(mktemp -d)
+  if [ -n "$TLS_CERT" ]; then
+    cp "$TLS_CERT" "$tmpd/tls.crt"
+    (umask 077; cp "$TLS_KEY" "$tmpd/tls.key")
+  else
+    [ -n "$PUBLIC_ADDRESS" ] || PUBLIC_ADDRESS=$(hostname -I | awk '{print $1}')
+    case "$PUBLIC_ADDRESS" in
+      *[!0-9.]*) san="DNS:$PUBLIC_ADDRESS" ;;
+      *) san="IP:$PUBLIC_ADDRESS" ;;
+    esac
+    mkdir -p "$CONFIG_DIR"
+    if [ ! -s "$ca_key" ]; then
+      (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$ca_key" 2>/dev/null)
+      openssl req -x509 -new -key "$ca_key" -days 3650 -subj "/O=cloudhpc/CN=cloudhpc platform CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -out "$ca" 2>/dev/null
+      log "tls: CA $ca (copy it to the submitter's machine)"
+    fi
+    (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$tmpd/tls.key" 2>/dev/null)
+    openssl req -new -key "$tmpd/tls.key" -subj "/O=cloudhpc/CN=$PUBLIC_ADDRESS" -out "$tmpd/tls.csr" 2>/dev/null
+    printf 'subjectAltName=%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$san" > "$tmpd/ext"
+    openssl x509 -req -in "$tmpd/tls.csr" -CA "$ca" -CAkey "$ca_key" -CAcreateserial -days 825 \
+      -extfile "$tmpd/ext" -out "$tmpd/tls.crt" 2>/dev/null
+    log "tls: porter's certificate for $san, signed by $ca"
+  fi
+  ensure_namespace monitoring
+  kubectl -n monitoring create secret tls porter-tls --cert="$tmpd/tls.crt" --key="$tmpd/tls.key" >/dev/null
+  rm -rf "$tmpd"
+  log "secret monitoring/porter-tls: created"
+}
+
+# The port-forwards of the web interfaces as a systemd user unit (deploy/systemd), started at boot:
+# lingering lets the user's units run without a login session.
+install_forward_unit() {
+  local unit_dir=$HOME/.config/systemd/user name=cloudhpc-platform-forward.service
+  if ! command -v systemctl >/dev/null; then
+    log "no systemd: run '$ROOT/.venv/bin/cloudhpc platform forward' yourself"
+    return 0
+  fi
+  mkdir -p "$unit_dir"
+  sed -e "s|@ROOT@|$ROOT|g" -e "s|@CONTEXT@|kind-$CLUSTER|g" "$ROOT/deploy/systemd/$name" > "$unit_dir/$name"
+  sudo loginctl enable-linger "$USER"
+  systemctl --user daemon-reload
+  systemctl --user enable "$name" >/dev/null 2>&1
+  systemctl --user restart "$name"
+  log "port-forwards: systemd user unit $name (systemctl --user status ${name%.service})"
 }
 
 make_credentials() {
@@ -364,10 +490,9 @@ print_access() {
 
 The platform ($ENV_NAME) is up on kind cluster $CLUSTER.
 
-Open the port-forwards on this VM (keep it running):
-    $ROOT/.venv/bin/cloudhpc platform forward
-and from your own machine tunnel the ones you need, e.g.
-    ssh -L 8080:localhost:8080 -L 5000:localhost:5000 -L 5050:localhost:5050 -L 5555:localhost:5555 cpouta
+The port-forwards of the web interfaces run on this VM as the systemd user unit
+cloudhpc-platform-forward (started at boot). From your own machine, tunnel the ones you need, e.g.
+    ssh -L 8080:localhost:8080 -L 5000:localhost:5000 -L 5050:localhost:5050 cpouta
 
   Kubeflow / KFP UI   http://localhost:8080   $( [ -n "$PIPELINE_NS" ] && [ "$PIPELINE_NS" != kubeflow ] && echo "(user@example.com / 12341234: change it, docs/platform.md)")
   MLflow              http://localhost:5000
@@ -377,10 +502,13 @@ EOF
     cat <<EOF
   Prometheus          http://localhost:8090
   Grafana             http://localhost:5050   (admin; password: kubectl -n monitoring get secret grafana-admin -o jsonpath='{.data.GF_SECURITY_ADMIN_PASSWORD}' | base64 -d)
-  porter              http://localhost:5555   (admin token: kubectl -n monitoring get secret porter-tokens -o jsonpath='{.data.admin-token}' | base64 -d)
+  porter              https://${PUBLIC_ADDRESS:-<VM address>}:$PORTER_TLS_PORT   (no tunnel: open $PORTER_TLS_PORT to the submitter's address in the security group;
+                      CA: $CONFIG_DIR/platform-ca.pem unless --tls-cert; admin token: kubectl -n monitoring get secret porter-tokens -o jsonpath='{.data.admin-token}' | base64 -d)
 
-Next: copy $HOME/.config/cloudhpc/agent-token-$HPC_CLUSTER to the machine holding your HPC key and
-start the submitter there (docs/platform.md, "The submitter"); then run scripts/platform-check.sh.
+Next: copy $HOME/.config/cloudhpc/agent-token-$HPC_CLUSTER (and platform-ca.pem) to the machine
+holding your HPC key and start the submitter there (docs/platform.md, "The submitter"); give each
+further user a profile with 'cloudhpc platform profile add USER --apply'; then run
+scripts/platform-check.sh.
 EOF
   fi
 }
@@ -391,12 +519,15 @@ main() {
   require_tools
   install_cli
   create_cluster
+  start_registry
   if [ "$BUILD_IMAGES" = 1 ]; then build_images; fi
   make_credentials
+  make_tls
   apply_environment
   publish_submitter_endpoint
   wait_ready
   make_tokens
+  if [ "$FORWARD_UNIT" = 1 ]; then install_forward_unit; fi
   print_access
 }
 

@@ -318,7 +318,8 @@ def shipped_platform(topology: Topology, root: Path) -> Iterator[Platform]:
     objs = render_platform()
     deployment = one(objs, "Deployment", "porter")
     pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    # porter's own container (the pod's `tls` sidecar terminates TLS for clients outside the cluster)
+    container = next(c for c in pod["containers"] if c["name"] == "porter")
     user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
 
     # volumes: the ConfigMap as files, the PVC and the emptyDir as directories the pod's user owns

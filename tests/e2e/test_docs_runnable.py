@@ -86,8 +86,9 @@ def substitutions(topology: Topology) -> dict[str, dict[str, str]]:
             "<your CSC username>": topology.ssh_user,
             "<the key's passphrase, or empty>": "",  # the given key has none
             "cd cloudhpc   # this repository": f"cd {ROOT}   # this repository",
-            # the laptop reaches porter directly (section 8, step 4: no tunnel)
-            "CLOUDHPC_SUBMITTER__PORTER_URL=http://localhost:5555": (
+            # the laptop reaches porter directly (section 8, step 4: no tunnel); the topology's porter
+            # speaks plain HTTP, where the VM's has its TLS endpoint on 5443
+            "CLOUDHPC_SUBMITTER__PORTER_URL=https://<floating IP>:5443": (
                 f"CLOUDHPC_SUBMITTER__PORTER_URL={topology.porter_url}"
             ),
             "ACCOUNT=project_2001234": "ACCOUNT=default",
@@ -122,6 +123,11 @@ def given(
             ".config/cloudhpc/agent-token-mahti": (
                 (platform.agent_token + "\n").encode(),
                 "the agent token platform-up.sh makes on the VM (section 5: Kubernetes), copied (section 8)",
+            ),
+            # SSL_CERT_FILE names it (section 8); unused over the topology's plain HTTP, but it must load
+            ".config/cloudhpc/platform-ca.pem": (
+                (ROOT / "deploy/kustomize/components/dev-credentials/dev-only-porter-tls.crt").read_bytes(),
+                "the platform's CA that platform-up.sh makes on the VM, copied (section 8, step 4)",
             ),
         }
     if doc == "bridge-vm.md":

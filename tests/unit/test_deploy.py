@@ -164,8 +164,9 @@ def _secret_refs(objs: tuple[dict[str, Any], ...]) -> dict[tuple[str, str], set[
 
 
 def _script_secrets() -> dict[tuple[str, str], set[str]]:
-    """The Secrets scripts/platform-up.sh creates: `ensure_secret NS NAME KEY[=VALUE]...` lines, and
-    the S3 identities file it writes with `create secret generic mlflow-s3-config --from-file=...`."""
+    """The Secrets scripts/platform-up.sh creates: `ensure_secret NS NAME KEY[=VALUE]...` lines, the
+    S3 identities file it writes with `create secret generic mlflow-s3-config --from-file=...`, and
+    porter's certificate (`create secret tls`: keys tls.crt and tls.key)."""
     text = (REPO / "scripts" / "platform-up.sh").read_text()
     made: dict[tuple[str, str], set[str]] = {}
     for ns, name, keys in re.findall(r"^\s*ensure_secret (\S+) (\S+) (.+)$", text, re.MULTILINE):
@@ -174,6 +175,8 @@ def _script_secrets() -> dict[tuple[str, str], set[str]]:
         r"kubectl -n (\S+) create secret generic (\S+) --from-file=([\w.]+)=", text
     ):
         made[(ns, name)] = {key}
+    for ns, name in re.findall(r"kubectl -n (\S+) create secret tls (\S+) --cert=", text):
+        made[(ns, name)] = {"tls.crt", "tls.key"}
     return made
 
 
@@ -621,7 +624,8 @@ def test_porter_deployment_contract(tmp_path: Path) -> None:
     assert deployment["metadata"]["namespace"] == "monitoring"
     spec = deployment["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == "porter"
-    (c,) = spec["containers"]
+    assert [c["name"] for c in spec["containers"]] == ["porter", "tls"]
+    c = spec["containers"][0]
     assert c["args"] == ["serve", "porter"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -862,6 +866,10 @@ def _images_in_use() -> dict[str, set[str]]:
         for image in re.findall(r"^\s+image: (\S+)$", pipeline.read_text(), re.MULTILINE):
             use(image, f"deploy/pipelines/{pipeline.name}")
     use(PIPELINES_IMAGE, "cloudhpc.pipelines.components.PIPELINES_IMAGE")
+    # The local registry beside kind: a container platform-up.sh runs, named there only by its key.
+    script = (REPO / "scripts" / "platform-up.sh").read_text()
+    if re.search(r'docker run -d --restart=always .*"\$REGISTRY_IMAGE"', script, re.DOTALL):
+        use(_images_env()["REGISTRY_IMAGE"], "scripts/platform-up.sh: the local registry")
     return used
 
 
@@ -881,9 +889,13 @@ def test_image_tags_come_from_images_env() -> None:
     script = (REPO / "scripts" / "platform-up.sh").read_text()
     assert '. "$ROOT/deploy/images.env"' in script
     assert not re.search(r"cloudhpc/\w+:", script), "platform-up.sh names images only through images.env"
-    for key in ("PORTER_IMAGE", "MLFLOW_IMAGE"):
+    for key in ("PORTER_IMAGE", "MLFLOW_IMAGE", "PIPELINES_IMAGE"):
         assert f'-t "${key}"' in script, f"platform-up.sh builds ${key}"
-    assert re.search(r'kind load docker-image .*"\$PORTER_IMAGE" "\$MLFLOW_IMAGE"', script)
+    assert re.search(
+        r'kind load docker-image .*"\$PORTER_IMAGE" "\$MLFLOW_IMAGE" "\$PIPELINES_IMAGE"', script
+    )
+    assert re.search(r'for image in "\$PORTER_IMAGE" "\$MLFLOW_IMAGE" "\$PIPELINES_IMAGE"; do', script)
+    assert 'docker push -q "localhost:$REGISTRY_PORT/$image"' in script, "pushed to the local registry"
 
 
 def test_grafana_is_on_its_newest_release_line() -> None:
@@ -1165,3 +1177,80 @@ def test_cli_forward_rejects_unknown_names() -> None:
     result = CliRunner().invoke(app, ["platform", "forward", "--only", "jupyter"])
     assert result.exit_code == 2
     assert "unknown forward" in result.output
+
+
+# ---- porter from outside the cluster: NodePort + kind mapping + TLS, and the forward unit ---------
+
+
+def test_porter_is_reachable_over_tls_through_the_kind_port_mapping() -> None:
+    """The chain the laptop's submitter uses, with no port-forward: VM port (kind extraPortMappings)
+    -> node port of Service porter-external -> the porter pod's `tls` container -> porter on 5555;
+    the certificate is the Secret platform-up.sh (or dev) makes, and the nginx configuration passes
+    on exactly porter's API and health paths (not /metrics)."""
+    kind_config = yaml.safe_load((DEPLOY / "kind" / "cluster.yaml").read_text())
+    assert (kind_config["kind"], kind_config["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
+    mappings = [m for node in kind_config["nodes"] for m in node.get("extraPortMappings", [])]
+    script = (REPO / "scripts" / "platform-up.sh").read_text()
+    assert '--config "$ROOT/deploy/kind/cluster.yaml"' in script
+    host_port = int(re.search(r"^PORTER_TLS_PORT=(\d+)$", script, re.MULTILINE)[1])  # type: ignore[index]
+    for build in ["dev", *(f"{env}/local" for env in MONITORING_ENVS)]:
+        objs = _render(build)
+        service = _one(objs, "Service", "porter-external")
+        assert service["spec"]["type"] == "NodePort"
+        (port,) = service["spec"]["ports"]
+        assert {(m["containerPort"], m["hostPort"]) for m in mappings} == {(port["nodePort"], host_port)}
+        spec = _one(objs, "Deployment", "porter")["spec"]["template"]["spec"]
+        assert (
+            service["spec"]["selector"]
+            == _one(objs, "Deployment", "porter")["spec"]["selector"]["matchLabels"]
+        )
+        tls = next(c for c in spec["containers"] if c["name"] == "tls")
+        (tls_port,) = tls["ports"]
+        assert port["targetPort"] == tls_port["name"]
+        mounts = {m["name"]: m["mountPath"] for m in tls["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secret = volumes["tls-certificate"]["secret"]["secretName"]
+        conf = _one(objs, "ConfigMap", volumes["tls-proxy-config"]["configMap"]["name"])["data"][
+            "tls-proxy.conf"
+        ]
+        assert f"listen {tls_port['containerPort']} ssl;" in conf
+        assert f"ssl_certificate {mounts['tls-certificate']}/tls.crt;" in conf
+        assert f"ssl_certificate_key {mounts['tls-certificate']}/tls.key;" in conf
+        porter_port = spec["containers"][0]["ports"][0]["containerPort"]
+        locations = dict(re.findall(r"location (= \S+|\S+) \{\s*(.*?);", conf))
+        upstream = f"proxy_pass http://127.0.0.1:{porter_port}"
+        assert locations == {
+            "/api/v1/": upstream,
+            "= /healthz": upstream,
+            "= /readyz": upstream,
+            "/": "return 404",
+        }
+    dev_tls = _one(_render("dev"), "Secret", secret)
+    assert dev_tls["type"] == "kubernetes.io/tls"
+    assert ("monitoring", secret) in _script_secrets()
+
+
+def test_the_remaining_forwards_run_as_a_restarting_systemd_unit() -> None:
+    unit = (DEPLOY / "systemd" / "cloudhpc-platform-forward.service").read_text()
+    sections: dict[str, dict[str, str]] = {}
+    current = ""
+    for line in unit.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = {}
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            sections[current][key] = value
+    assert sections["Service"]["Restart"] == "always"
+    assert (
+        sections["Service"]["ExecStart"] == "@ROOT@/.venv/bin/cloudhpc platform forward --context @CONTEXT@"
+    )
+    assert sections["Install"]["WantedBy"] == "default.target"
+    script = (REPO / "scripts" / "platform-up.sh").read_text()
+    assert 'sudo loginctl enable-linger "$USER"' in script, "user units start at boot only with lingering"
+    assert 'systemctl --user enable "$name"' in script
+    assert re.search(
+        r"^\s+if \[ \"\$FORWARD_UNIT\" = 1 \]; then install_forward_unit; fi$", script, re.MULTILINE
+    )
+    assert "tmux" not in (REPO / "docs" / "platform.md").read_text()
+    assert "tmux" not in (REPO / "docs" / "submitter.md").read_text()
