@@ -70,7 +70,7 @@ def one_run(client: Client, number: int) -> dict[str, float]:
                 if exc.status != 404:
                     raise
         if artifacts_at is None:
-            names = {a["name"] for a in client.artifacts(final)}
+            names = {a.name for a in client.artifacts(final)}
             if output_at is None and "output.log" in names:
                 output_at = time.time()
             if names >= WANTED:

@@ -61,7 +61,7 @@ def dispatch_latencies(
     """POST, then squeue every POLL until the job is there; n + 1 jobs, the first a warm-up (it also
     opens the SSH connection's SFTP session and creates the work directories)."""
     deadline = time.monotonic() + 60
-    while not any(c["agent_online"] for c in client.clusters()):
+    while not any(c.agent_online for c in client.clusters()):
         if time.monotonic() > deadline:
             raise RuntimeError("the agent never came online")
         time.sleep(0.2)

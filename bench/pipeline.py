@@ -107,7 +107,7 @@ def topology_runs(runs: int, epochs: int) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp, shipped(Path(tmp)) as dep:
         mlflow = MlflowClient(dep.topology.mlflow_url)
         with dep.client() as client:
-            (store,) = [u for u in client.me()["inputs"] if "/users/" in u]
+            (store,) = [u for u in client.me().inputs if "/users/" in u]
         for i in range(runs + 1):
             name = f"bench-topology-{uuid.uuid4().hex[:6]}"
             params = hpc_pipeline_params(dep.topology, dep.platform, store.rstrip("/"), epochs, name)

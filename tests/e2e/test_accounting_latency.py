@@ -50,7 +50,7 @@ def _accounting_when_available(client: Client, job: Job, timeout: float) -> dict
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return client.accounting(job)
+            return client.accounting(job).model_dump(mode="json")
         except ApiError as exc:
             assert exc.status == 404, exc
             time.sleep(0.1)

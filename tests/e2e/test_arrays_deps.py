@@ -112,7 +112,7 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
     assert ended.exit_code == 7
     # each task's own output, stored when the array ended
     deadline = time.monotonic() + 30
-    while not all(f"tasks/{i}/output.log" in [a["name"] for a in client.artifacts(job)] for i in range(6)):
+    while not all(f"tasks/{i}/output.log" in [a.name for a in client.artifacts(job)] for i in range(6)):
         assert time.monotonic() < deadline, client.artifacts(job)
         time.sleep(0.5)
     for i in range(6):
@@ -129,17 +129,17 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
         except ApiError:
             assert time.monotonic() < deadline, "no accounting for the array"
             time.sleep(1)
-    allocations = {r["job_id"]: r for r in record["records"] if r["step"] is None}
+    allocations = {r.job_id: r for r in record.records if r.step is None}
     assert set(allocations) == {f"{ended.slurm_job_id}_{i}" for i in range(6)}
-    assert allocations[f"{ended.slurm_job_id}_3"]["exit_code"] == 7
+    assert allocations[f"{ended.slurm_job_id}_3"].exit_code == 7
     # the same through GET /logs?task=N, from an offset
-    logs = client._request("GET", f"/api/v1/jobs/{job.id}/logs", params={"task": 3, "offset": 5})
+    logs = client.request("GET", f"/api/v1/jobs/{job.id}/logs", params={"task": 3, "offset": 5})
     assert logs.content == f"3 of {ended.slurm_job_id}\n".encode()
     assert logs.headers["X-Complete"] == "true"
     for bad in ({"task": 9}, {"task": -1}):
         assert client._http.get(f"/api/v1/jobs/{job.id}/logs", params=bad).status_code in (404, 422)
     # two pages of tasks, by cursor
-    page = client._request("GET", f"/api/v1/jobs/{job.id}/tasks", params={"limit": 4}).json()
+    page = client.request("GET", f"/api/v1/jobs/{job.id}/tasks", params={"limit": 4}).json()
     assert [t["index"] for t in page["tasks"]] == [0, 1, 2, 3]
     assert page["next_cursor"] == "4"
 
@@ -205,7 +205,7 @@ def test_dependency_on_a_failing_job_ends_with_the_reason(client: Client) -> Non
 def test_bad_values_are_422s_naming_the_field(client: Client, deployment: Deployment) -> None:
     for bad in ("0-", "9-1", "0-9%0", "x", "0-20:0", "0-200000"):
         with pytest.raises(ApiError) as refused:
-            client._request(
+            client.request(
                 "POST", "/api/v1/jobs", json={"name": "a", "cluster": "testbed", "script": "x", "array": bad}
             )
         assert refused.value.status == 422
@@ -216,7 +216,7 @@ def test_bad_values_are_422s_naming_the_field(client: Client, deployment: Deploy
         [{"job": "8c0b2a6e-0000-4000-8000-000000000000"}],  # no such job of alice's
     ):
         with pytest.raises(ApiError) as refused:
-            client._request(
+            client.request(
                 "POST",
                 "/api/v1/jobs",
                 json={"name": "a", "cluster": "testbed", "script": "x", "after": after},

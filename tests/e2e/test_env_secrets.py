@@ -68,10 +68,10 @@ def test_env_values_reach_the_job_and_no_artifact_answer_or_script(deployment: D
         assert "mode 600" in output, output
         assert "plain=visible" in output
         deadline = time.monotonic() + 30
-        while not {"output.log", "sacct.json"} <= {a["name"] for a in client.artifacts(final)}:
+        while not {"output.log", "sacct.json"} <= {a.name for a in client.artifacts(final)}:
             assert time.monotonic() < deadline, "artifacts never stored"
             time.sleep(0.2)
-        names = {a["name"] for a in client.artifacts(final)}
+        names = {a.name for a in client.artifacts(final)}
 
     answers.append(httpx.get(f"{api}/{job_id}", headers=headers, timeout=30).text)
     answers.append(httpx.get(f"{api}/{job_id}?wait=1", headers=headers, timeout=30).text)

@@ -96,11 +96,12 @@ def test_batch_jobs_complete_fail_and_cancel(deployment: Deployment) -> None:
                 assert exc.status == 404
                 assert time.monotonic() < deadline, "accounting never arrived"
                 time.sleep(0.5)
-        assert accounting["slurm_job_id"] == ok_final.slurm_job_id
-        states = {r["step"]: r["state"] for r in accounting["records"]}
+        assert accounting.slurm_job_id == ok_final.slurm_job_id
+        states = {r.step: r.state for r in accounting.records}
         assert states[None] == "COMPLETED"
         assert "batch" in states
-        assert accounting["efficiency"]["state"] == "COMPLETED"
+        assert accounting.efficiency is not None
+        assert accounting.efficiency.state == "COMPLETED"
         assert slurm_jobs_named(f"chpc-{ok_final.id}") == [ok_final.slurm_job_id]
 
 

@@ -336,12 +336,12 @@ def run_and_check(client: Client, dep: Deployment, objects: S3ObjectStore, prome
 
 
 def artifacts(client: Client, job: Job) -> list[dict[str, str]]:
-    return client.artifacts(job)
+    return [a.model_dump() for a in client.artifacts(job)]
 
 
 def _accounting(client: Client, job: Job) -> dict[str, Any] | None:
     try:
-        return client.accounting(job)
+        return client.accounting(job).model_dump(mode="json")
     except ApiError as exc:
         assert exc.status == 404
         return None

@@ -5,8 +5,10 @@ every step is a separate process, as a Kubeflow pod would be.
 Train `ray-job` in a cached environment built for hpcuser, MLflow imported into the job through the
 bridge (the testbed's sshd), the testbed's MLflow server (PostgreSQL + S3) holding the run, its
 per-epoch metrics, the job's accounting and stage timings, and the registered model.
-`cloud`: the same with training in the step. Plus: a failing training fails its step, the generic
-job component, and `cloudhpc demo` (the pipeline on the embedded default) from a fresh directory.
+`cloud`: the same with training in the step. Both check the KFP artifacts the steps wrote (the
+Dataset's manifest, the Model's weights and metadata, the training and evaluation Metrics). Plus: a
+failing training fails its step, the generic job component, and `cloudhpc demo` (the pipeline on the
+embedded default) from a fresh directory.
 
 The first cloud-hpc run builds the training environment on the testbed (Ray with Train, PyTorch
 from the CPU wheel on disk, the MLflow client) when it is not cached yet, hence its long timeout.
@@ -14,6 +16,7 @@ from the CPU wheel on disk, the MLflow client) when it is not cached yet, hence 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -30,13 +33,16 @@ import mlflow
 import numpy as np
 import pytest
 import ray
-from kfp import local
+import torch
+from kfp import dsl, local
 from mlflow.tracking import MlflowClient
 
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import JobFailed
 from cloudhpc.pipelines.components import cloudhpc_job, fmnist_train_hpc
 from cloudhpc.pipelines.fmnist.pipeline import cloud_hpc_pipeline, cloud_pipeline
 from cloudhpc.pipelines.fmnist.steps import preprocess
+from cloudhpc.pipelines.fmnist.train import CNN
 from tests.e2e.harness import Deployment, bridged_deployment
 from tests.testbed import Testbed
 
@@ -80,7 +86,7 @@ def kfp_env(
 def inputs_url(deployment: Deployment) -> str:
     """alice's own prefix in porter's store: a job reads only its owner's objects (docs/security.md)."""
     with deployment.client() as porter:
-        url: str = porter.me()["inputs"][0]
+        url: str = porter.me().inputs[0]
     return url.rstrip("/")
 
 
@@ -100,6 +106,38 @@ def hpc_params(deployment: Deployment, testbed: Testbed, **overrides: Any) -> di
         "timeout_seconds": float(ENV_BUILD + 300),
         **overrides,
     }
+
+
+def step_outputs(pipeline_root: Path, task: str) -> dict[str, Path]:
+    """The artifact files that step `task` of the latest run wrote, by output name (KFP's local
+    runner lays them out as `<pipeline root>/<run>/<task>/<output>`, as the backend does in its
+    object store)."""
+    runs = sorted((p for p in pipeline_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    assert runs, f"no run under {pipeline_root}"
+    return {p.name: p for p in (runs[-1] / task).iterdir()}
+
+
+def check_artifacts(pipeline_root: Path, train_task: str, run_id: str, accuracy: float) -> None:
+    """The Dataset, Model and Metrics artifacts of a finished run hold what their steps put there."""
+    dataset = json.loads(step_outputs(pipeline_root, "fmnist-preprocess")["dataset"].read_text())
+    assert dataset["train_url"].endswith("/train.npz")
+    assert dataset["test_url"].endswith("/test.npz")
+    assert dataset["source"] == "digits"
+    assert dataset["offline"] is True
+    assert dataset["counts"]["test"] > 0
+    assert set(dataset["sha256"]) == {"train.npz", "test.npz"}
+    trained = step_outputs(pipeline_root, train_task)
+    cnn = CNN()
+    cnn.load_state_dict(torch.load(trained["model"], map_location="cpu", weights_only=True))
+    train_metrics = json.loads(trained["train_metrics"].read_text())
+    assert 0 < train_metrics["val_accuracy"] <= 1
+    assert train_metrics["stage_training_seconds"] > 0
+    evaluated = json.loads(step_outputs(pipeline_root, "fmnist-evaluate-register")["metrics"].read_text())
+    assert evaluated["test_accuracy"] == pytest.approx(accuracy)
+    assert evaluated["gate_passed"] == 1.0
+    assert {"test_macro_precision", "test_macro_recall", "test_macro_f1", "test_examples"} <= set(evaluated)
+    client = MlflowClient()
+    assert client.get_run(run_id).data.metrics["test_accuracy"] == pytest.approx(accuracy)
 
 
 def prometheus_value(testbed: Testbed, expr: str, timeout: float = 30) -> list[dict[str, Any]]:
@@ -162,6 +200,7 @@ def test_cloud_hpc_pipeline_on_the_testbed(
     assert m["test_accuracy"] == pytest.approx(accuracy)
     assert m["gate_passed"] == 1.0
     mlflow.set_tracking_uri(testbed.mlflow_url)
+    check_artifacts(kfp_env / "kfp", "fmnist-train-hpc", run.info.run_id, accuracy)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
     x = np.zeros((2, 1, 28, 28), dtype=np.float32)
     assert np.asarray(model.predict(x)).shape == (2, 10)
@@ -172,7 +211,7 @@ def test_cloud_hpc_pipeline_on_the_testbed(
     assert float(series[0]["value"][1]) > 0
     with deployment.client() as porter:
         assert porter.get(job_id).state == JobState.COMPLETED
-        assert {"output.log", "sacct.json"} <= {a["name"] for a in porter.artifacts(job_id)}
+        assert {"output.log", "sacct.json"} <= {a.name for a in porter.artifacts(job_id)}
     print(
         f"\ncloud-hpc pipeline {took:.1f} s; train step {m['stage.step_wall_seconds']:.1f} s, "
         f"training {m['stage.training_seconds']:.1f} s, overhead {m['stage.overhead_seconds']:.1f} s"
@@ -190,9 +229,24 @@ def test_a_training_failure_fails_the_step(deployment: Deployment, testbed: Test
     params = hpc_params(deployment, testbed)
     for key in ("store_url", "s3_endpoint_url"):
         params.pop(key)
-    # The test split handed to training: the script refuses it and exits 1, SLURM says FAILED.
-    with pytest.raises(RuntimeError, match="FAILURE"):
-        fmnist_train_hpc(train_url=refs.test_url, experiment="e2e-failures", **params)
+    # The test split handed to training: the script refuses it and exits 1, SLURM says FAILED. The
+    # step's body, as KFP's executor calls it with the artifacts (a raise fails the step).
+    dataset = dsl.Dataset(
+        uri=str(kfp_env / "dataset"), metadata={**refs.manifest(), "train_url": refs.test_url}
+    )
+    model = dsl.Model(uri=str(kfp_env / "model"))
+    with pytest.raises(JobFailed) as failed:
+        fmnist_train_hpc.python_func(
+            dataset=dataset,
+            model=model,
+            train_metrics=dsl.Metrics(uri=str(kfp_env / "train_metrics")),
+            experiment="e2e-failures",
+            pipeline_job_id=f"e2e-failure-{uuid.uuid4().hex[:8]}",
+            task_id="train",
+            **params,
+        )
+    assert failed.value.state == "failed"
+    assert not Path(model.path).exists()  # no model from a failed training
     client = MlflowClient(testbed.mlflow_url)
     experiment = client.get_experiment_by_name("e2e-failures")
     assert experiment is not None
@@ -237,6 +291,8 @@ def test_cloud_pipeline(testbed: Testbed, kfp_env: Path) -> None:
     client = MlflowClient(testbed.mlflow_url)
     version = client.search_model_versions(f"name = '{model_name}'")[0]
     run = client.get_run(version.run_id)
+    mlflow.set_tracking_uri(testbed.mlflow_url)
+    check_artifacts(kfp_env / "kfp", "fmnist-train-cloud", run.info.run_id, float(task.output))
     assert run.data.tags["pipeline.variant"] == "cloud"
     assert run.data.tags["data.note"].startswith("OFFLINE")
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == EPOCHS

@@ -185,7 +185,7 @@ def test_ray_jobs_end_with_their_entrypoint_and_import_a_cloud_service(
     s3_port = int(testbed.s3_endpoint.rsplit(":", 1)[1])
     with deployment.client() as client:
         # a job's inputs must lie under its owner's own prefix, which porter names
-        own = next(u for u in client.me()["inputs"] if u.startswith("s3://"))
+        own = next(u for u in client.me().inputs if u.startswith("s3://"))
         key = f"{own.removeprefix(f's3://{testbed.s3_bucket}/').rstrip('/')}/{uuid.uuid4()}/import_check.py"
         testbed.s3_client().put_object(Bucket=testbed.s3_bucket, Key=key, Body=IMPORT_CHECK.encode())
         ok = client.submit(

@@ -172,7 +172,7 @@ def _wait_for_accounting(client: Client, job_id: UUID, timeout: float) -> dict[s
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return client.accounting(job_id)
+            return client.accounting(job_id).model_dump(mode="json")
         except ApiError as exc:
             if exc.status != 404 or time.monotonic() > deadline:
                 raise

@@ -86,7 +86,7 @@ def test_sigterm_to_the_step_cancels_its_slurm_job(deployment: Deployment, tmp_p
             while job is None or job.state != JobState.RUNNING or not job.slurm_job_id:
                 assert step.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, f"the job never ran: {job}"
-                found = client.list(name=name)
+                found = list(client.list(name=name))
                 job = client.get(found[0].id) if found else None
                 time.sleep(0.2)
             slurm_id = job.slurm_job_id

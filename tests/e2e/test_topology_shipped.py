@@ -141,7 +141,7 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
     accounting: dict[str, Any] = {}
     while not accounting and time.monotonic() < deadline:
         try:
-            accounting = client.accounting(final)
+            accounting = client.accounting(final).model_dump(mode="json")
         except ApiError as exc:
             assert exc.code == "not_available", exc
             time.sleep(1)
@@ -168,7 +168,7 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
     required = {"spec.json", "job.sh", "output.log", "sacct.json"}
     deadline = time.monotonic() + 60
     while True:
-        artifacts = {a["name"]: a["url"] for a in client.artifacts(final)}
+        artifacts = {a.name: a.url for a in client.artifacts(final)}
         if required <= set(artifacts) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -402,7 +402,7 @@ def test_an_object_store_input_reaches_the_compose_submitter_through_porter(
     user = PLATFORM_UP_ENV["PIPELINE_NS"]
     assert topology.probe("laptop", [(topology.cloud.addr, 9000)]) != ["open"]
     key = f"users/{user}/shipped-{uuid.uuid4().hex[:8]}/input.txt"
-    assert client.me()["inputs"][0] == f"s3://{topology.s3_bucket}/users/{user}/"
+    assert client.me().inputs[0] == f"s3://{topology.s3_bucket}/users/{user}/"
     s3 = boto3.client(
         "s3",
         endpoint_url=topology.s3_endpoint,
@@ -476,7 +476,7 @@ def test_the_example_pipeline_on_cloud_trains_across_c1_and_c2_and_registers_in_
     for node in topology.slurm_nodes:
         assert topology.probe(node, [(cloud, 5000)]) != ["open"], node
     model_name = f"shipped-{uuid.uuid4().hex[:8]}"
-    (store_prefix,) = [u for u in client.me()["inputs"] if "/users/" in u]
+    (store_prefix,) = [u for u in client.me().inputs if "/users/" in u]
     params = hpc_pipeline_params(topology, platform, store_prefix.rstrip("/"), EPOCHS, model_name)
     params["experiment"] = "shipped-cloud-hpc"
     returncode, text, took = run_pipeline_on_cloud(topology, platform, params, tmp_path)
@@ -511,7 +511,7 @@ def test_the_example_pipeline_on_cloud_trains_across_c1_and_c2_and_registers_in_
     record = sacct(topology, job, "State,Comment,NodeList,NNodes", expected)
     assert record == expected, record
     # the job's artifacts went through porter into porter's store
-    names = {a["name"] for a in client.artifacts(job)}
+    names = {a.name for a in client.artifacts(job)}
     assert {"spec.json", "job.sh", "output.log"} <= names, names
     no_secrets_leaked(topology, platform, laptop, job)
     print(

@@ -247,7 +247,7 @@ class Platform:
         """Until porter knows the cluster: the submitter registers it when it first polls."""
         deadline = time.monotonic() + timeout
         with self.client() as client:
-            while CLUSTER not in {c["name"] for c in client.clusters()}:
+            while CLUSTER not in {c.name for c in client.clusters()}:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster {CLUSTER} not registered: {self.log('submitter')[-2000:]}")
                 time.sleep(0.5)
@@ -542,9 +542,9 @@ def check(topology: Topology, platform: Platform, outcomes: list[Outcome], settl
             names: dict[str, Any] = {}
             while True:
                 with suppress(ApiError, httpx.HTTPError):
-                    accounting = client.accounting(job)
+                    accounting = client.accounting(job).model_dump(mode="json")
                 with suppress(ApiError, httpx.HTTPError):
-                    names = {a["name"]: a for a in client.artifacts(job)}
+                    names = {a.name: a.model_dump() for a in client.artifacts(job)}
                 if (names.keys() >= ARTIFACTS and accounting) or time.monotonic() > deadline:
                     break
                 time.sleep(1)

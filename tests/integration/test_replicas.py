@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +24,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from cloudhpc.client import ApiError
 from cloudhpc.config import Settings
@@ -31,7 +32,7 @@ from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
-from cloudhpc.store.notify import ChangeListener, cluster_key
+from cloudhpc.store.notify import ChangeListener, cluster_key, job_key
 from tests.balancer import balancing
 from tests.e2e.harness import Deployment, free_port, slurm_jobs_named
 from tests.integration.stores import open_store, postgres_url
@@ -232,6 +233,82 @@ async def test_a_change_notifies_only_its_own_schema(pg_url: str, tmp_path: Path
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _heard(keys: list[str], expected: set[str]) -> None:
+    deadline = time.monotonic() + QUICK
+    while not expected <= set(keys):
+        assert time.monotonic() < deadline, sorted(expected - set(keys))
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def listening(pg_url: str) -> AsyncIterator[list[str]]:
+    """The keys a LISTEN connection on `pg_url`'s schema hears, as they come."""
+    keys: list[str] = []
+    listener = ChangeListener(Store(pg_url).url, keys.append, lambda: None)
+    task = asyncio.create_task(listener.run())
+    try:
+        assert await listener.wait_connected(10)
+        yield keys
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_write_notifies_after_its_commit_not_inside_its_transaction(
+    pg_url: str, listening: list[str]
+) -> None:
+    """PostgreSQL serialises the commits of every transaction that sent a NOTIFY (one lock for the
+    whole cluster, across the WAL flush): a NOTIFY inside each write halved POST /jobs on
+    PostgreSQL. The write's own statements must hold none; the key is still heard."""
+    with open_store(pg_url) as store:
+        statements: list[str] = []
+        event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        job, _ = store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": "after-commit"}))
+        store.request_cancel(job.id, "alice")
+        assert statements
+        assert not [s for s in statements if "notify" in s.lower()], statements
+        await _heard(listening, {cluster_key("after-commit"), job_key(job.id)})
+
+
+async def test_concurrent_writes_share_notifying_commits_and_every_key_is_heard(
+    pg_url: str, listening: list[str]
+) -> None:
+    """32 threads writing at once: every write's key arrives, in fewer NOTIFY statements (each a
+    commit taking the cluster-wide lock) than writes."""
+    writes = 64
+    with open_store(pg_url) as store:
+        barrier = threading.Barrier(32)
+
+        def submit(n: int) -> None:
+            if n < 32:
+                barrier.wait()
+            store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": f"c{n}"}))
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(submit, range(writes)))
+        await _heard(listening, {cluster_key(f"c{n}") for n in range(writes)})
+        sender = store.notifications
+        assert sender is not None
+        assert sender.keys_sent == writes
+        assert sender.batches < writes, sender.batches
+
+
+async def test_the_sender_reconnects_when_its_connection_dies(pg_url: str, listening: list[str]) -> None:
+    """The sender's own connection ended by the server (a restart, an idle cut): the next write's
+    key still arrives, sent again on a new connection."""
+    with open_store(pg_url) as store:
+        store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": "first"}))
+        await _heard(listening, {cluster_key("first")})
+        sender = store.notifications
+        assert sender is not None
+        assert sender.backend_pid is not None
+        with psycopg.connect(load_testbed().pg_dsn, autocommit=True) as admin:
+            ended = admin.execute("SELECT pg_terminate_backend(%s)", (sender.backend_pid,)).fetchall()
+        assert ended == [(True,)]
+        store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": "second"}))
+        await _heard(listening, {cluster_key("second")})
+
+
 # -- two real porter processes behind a balancer, a real agent on the testbed's SLURM ------------
 
 JOBS = 24
@@ -305,7 +382,7 @@ def test_two_replicas_behind_a_balancer_lose_nothing_when_one_is_killed(
             jobs = first + second
             with dep.client() as client:
                 final = [wait_end(job)[0] for job in jobs]
-                named = client.list(cluster="testbed", limit=100)
+                named = list(client.list(cluster="testbed", limit=100))
             assert len({j.id for j in jobs}) == JOBS
             assert len([j for j in named if j.name.startswith(f"rep{run}-")]) == JOBS  # no duplicate
             with dep.client() as client:

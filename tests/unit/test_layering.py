@@ -17,11 +17,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "cloudhpc"
 
 LAYERS: list[set[str]] = [
-    {"exceptions"},
+    {"exceptions", "retries"},
     {"domain"},
     # settings and the SDK: both importable with the light install (no server extra); the modes
     # of cloudhpc's private files, which the store, the object store and the token files share
-    {"config", "config_checks", "client", "private_files"},
+    {"config", "config_checks", "client", "executor", "private_files"},
     # libraries, one per external system or concern; none of them knows a role
     {"store", "storage", "hpc", "ray", "bridges", "metrics", "port_forwards", "secrets_json", "config_docs"},
     # the roles, and the pipelines (which talk to porter through the SDK only)
@@ -42,6 +42,7 @@ SIDEWAYS: dict[tuple[str, str], str] = {
     ("config_docs", "config"): "generates the configuration reference from the settings model",
     ("config", "config_checks"): "the settings' validators apply its value rules (addresses, pip, bridges)",
     ("__main__", "cli"): "`python -m cloudhpc` runs the CLI",
+    ("executor", "client"): "the Executor runs Python functions through the SDK's calls",
 }
 
 # Downward imports that the layers alone would allow, but that would mix concerns.
@@ -144,7 +145,7 @@ def test_forbidden_downward_imports() -> None:
 
 def test_the_package_root_exports_only_the_sdk() -> None:
     targets = {target for source, target, _ in _edges() if source == ROOT}
-    assert targets <= {"client", "domain", "exceptions"}
+    assert targets <= {"client", "domain", "exceptions", "executor"}
 
 
 @pytest.mark.parametrize(

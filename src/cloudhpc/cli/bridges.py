@@ -10,7 +10,6 @@ bridge VM, on the side that stages jobs. `principals` is run by the bridge VM's 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +23,16 @@ from cloudhpc.bridges.authorized_key import authorized_key_line
 from cloudhpc.bridges.certificates import BridgeCA
 from cloudhpc.bridges.doctor import check_bridge_host, public_key_of
 from cloudhpc.bridges.principals import parse_port_range, principals_line, sshd_config_lines
-from cloudhpc.cli.options import ConfigOpt, TokenFileOpt, UrlOpt, client_for, config_path
+from cloudhpc.cli.options import (
+    ConfigOpt,
+    Output,
+    OutputOpt,
+    TokenFileOpt,
+    UrlOpt,
+    client_for,
+    config_path,
+    print_data,
+)
 from cloudhpc.config import BridgeConfig, load_settings
 from cloudhpc.domain.jobs import Bridge
 from cloudhpc.exceptions import CloudHPCError, ConfigError
@@ -77,13 +85,13 @@ def bridge_list(
     job_id: str,
     url: UrlOpt = None,
     token_file: TokenFileOpt = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    output: OutputOpt = Output.table,
 ) -> None:
     """The bridges of a job: where each exposed port is reachable, and whether it answers."""
     with client_for(url, token_file) as client:
         bridges = client.bridges(job_id)
-    if output == "json":
-        sys.stdout.write(json.dumps([b.model_dump(mode="json") for b in bridges], indent=2) + "\n")
+    if output.is_data:
+        print_data(bridges, output)
         return
     if not bridges:
         out.print("no bridges (the job exposes no ports, or it has ended)")
@@ -191,7 +199,7 @@ def bridge_authorized_key(permit_open: PermitOpenOpt = None, config: ConfigOpt =
 @doctor_app.command("bridge-host")
 def doctor_bridge_host(
     config: ConfigOpt = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    output: OutputOpt = Output.table,
 ) -> None:
     """Check the bridge VM as a job's tunnel uses it: CA (a test certificate) or key, host key,
     forwarding (AllowTcpForwarding, GatewayPorts), the restrictions and the port range. Exit 1 when
@@ -199,8 +207,8 @@ def doctor_bridge_host(
     bridge = _bridge_config(config)
     held = _held_ports(config)
     checks = asyncio.run(check_bridge_host(bridge, held=held))
-    if output == "json":
-        sys.stdout.write(json.dumps([c.__dict__ for c in checks], indent=2) + "\n")
+    if output.is_data:
+        print_data(checks, output)
     else:
         for c in checks:
             mark = "[green]ok[/green]    " if c.ok else "[red]FAILED[/red]"

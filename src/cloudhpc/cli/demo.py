@@ -51,7 +51,7 @@ def wait_ready(server: subprocess.Popen[bytes], url: str, token_file: Path, time
         if token_file.exists():
             client = Client(url, token_file.read_text().strip())
             try:
-                if any(c["agent_online"] for c in client.clusters()):
+                if any(c.agent_online for c in client.clusters()):
                     return client
             except ApiError:
                 pass
@@ -122,10 +122,9 @@ def run_demo(state_dir: Path = Path(".cloudhpc")) -> int:
             if accounting is None:
                 console.print("      accounting was not collected in time; see the server log")
             else:
-                eff = accounting.get("efficiency", {})
-                rows = accounting.get("records", [])
-                elapsed = rows[0].get("elapsed_seconds") if rows else None
-                cpu = eff.get("cpu_efficiency")
+                rows = accounting.records
+                elapsed = rows[0].elapsed_seconds if rows else None
+                cpu = accounting.efficiency.cpu_efficiency if accounting.efficiency else None
                 cpu_text = "-" if cpu is None else f"{100 * float(cpu):.1f}%"
                 console.print(
                     f"      elapsed {elapsed}s, exit code {final.exit_code}, CPU efficiency {cpu_text}"

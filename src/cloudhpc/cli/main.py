@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
-import json
 import logging
 import sys
 import time
@@ -31,17 +29,22 @@ from cloudhpc.cli.bridges import bridge_app, bridges_table, doctor_app
 from cloudhpc.cli.options import (
     ConfigOpt,
     ExitCode,
+    Output,
+    OutputOpt,
     TokenFileOpt,
     UrlOpt,
     client_for,
     config_path,
     exit_code_of_api_error,
+    print_data,
 )
 from cloudhpc.cli.platform import platform_app
 from cloudhpc.cli.testbed import run_testbed
 from cloudhpc.client import ApiError, Client
 from cloudhpc.config import Settings, load_settings
+from cloudhpc.domain.api import Efficiency
 from cloudhpc.domain.directives import apply_directives
+from cloudhpc.domain.job_files import EntryType
 from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import CloudHPCError, ConfigError
@@ -157,28 +160,12 @@ app.add_typer(doctor_app, name="doctor")
 app.command("testbed")(run_testbed)
 
 
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
-
-
 def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config_path(config))
     except ConfigError as exc:
         err.print(f"[red]ConfigError[/red]: {exc}", markup=True, highlight=False)
         raise typer.Exit(ExitCode.USAGE) from exc
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-
-
-def _job_json(job: JobSummary) -> dict[str, Any]:
-    return job.model_dump(mode="json", by_alias=True)
 
 
 def _elapsed(job: JobSummary) -> str:
@@ -321,7 +308,7 @@ def _status_line(job: Job, started: float) -> str:
 
 def _wait_and_report(client: Client, job: Job, output: Output, timeout: float | None) -> None:
     started = time.monotonic()
-    if output == Output.json or not sys.stderr.isatty():
+    if output.is_data or not sys.stderr.isatty():
         final = client.wait(
             job, timeout=timeout, on_change=lambda j: err.print(_status_line(j, started), highlight=False)
         )
@@ -330,8 +317,8 @@ def _wait_and_report(client: Client, job: Job, output: Output, timeout: float | 
             final = client.wait(
                 job, timeout=timeout, on_change=lambda j: status.update(_status_line(j, started))
             )
-    if output == Output.json:
-        _print_json(_job_json(final))
+    if output.is_data:
+        print_data(final, output)
     else:
         err.print(_status_line(final, started), highlight=False)
     if not final.state.terminal:
@@ -398,8 +385,8 @@ def jobs_submit(
         if wait:
             _wait_and_report(client, job, output, timeout)
             return
-    if output == Output.json:
-        _print_json(_job_json(job))
+    if output.is_data:
+        print_data(job, output)
     else:
         out.print(str(job.id))
 
@@ -415,9 +402,9 @@ def jobs_list(
 ) -> None:
     """List your jobs, newest first."""
     with client_for(url, token_file) as client:
-        jobs = client.list(state=state, cluster=cluster, name=name)
-    if output == Output.json:
-        _print_json([_job_json(j) for j in jobs])
+        jobs = list(client.list(state=state, cluster=cluster, name=name))
+    if output.is_data:
+        print_data(jobs, output)
     else:
         _print_table(_jobs_table(jobs))
 
@@ -429,8 +416,8 @@ def jobs_get(
     """Show one job."""
     with client_for(url, token_file) as client:
         job = client.get(job_id)
-    if output == Output.json:
-        _print_json(_job_json(job))
+    if output.is_data:
+        print_data(job, output)
     else:
         _print_table(_jobs_table([job]))
         if job.bridges:
@@ -464,8 +451,8 @@ def jobs_cancel(
     """Ask for a job (or, with --task, one task of an array) to be cancelled."""
     with client_for(url, token_file) as client:
         job = client.cancel(job_id) if task is None else client.cancel_task(job_id, task)
-    if output == Output.json:
-        _print_json(_job_json(job))
+    if output.is_data:
+        print_data(job, output)
     else:
         what = "cancel" if task is None else f"cancel of task {task}"
         out.print(f"{job.id}: {what} requested (state {job.state.value})")
@@ -478,8 +465,8 @@ def jobs_tasks(
     """The tasks of an array job: state, SLURM state, exit code, times."""
     with client_for(url, token_file) as client:
         tasks = client.tasks(job_id)
-    if output == Output.json:
-        _print_json([t.model_dump(mode="json") for t in tasks])
+    if output.is_data:
+        print_data(tasks, output)
         return
     table = Table("TASK", "STATE", "SLURM STATE", "EXIT", "STARTED", "ENDED", "REASON")
     for t in tasks:
@@ -517,13 +504,14 @@ def jobs_logs(
                 sys.stdout.flush()
             return
         chunk = client.logs(job_id, offset=offset)
-    if output == Output.json:
-        _print_json(
+    if output.is_data:
+        print_data(
             {
                 "data": chunk.data.decode(errors="replace"),
                 "next_offset": chunk.next_offset,
                 "complete": chunk.complete,
-            }
+            },
+            output,
         )
     else:
         sys.stdout.buffer.write(chunk.data)
@@ -536,31 +524,71 @@ def jobs_accounting(
     """Show sacct records and efficiency (available once the job has ended)."""
     with client_for(url, token_file) as client:
         record = client.accounting(job_id)
-    if output == Output.json:
-        _print_json(record)
+    if output.is_data:
+        print_data(record, output)
         return
-    eff = record.get("efficiency") or {}
+    eff = record.efficiency or Efficiency()
     table = Table("STEP", "STATE", "EXIT", "ELAPSED", "CPU TIME", "CPUS", "MAX RSS", "NODES")
-    for row in record.get("records", []):
+    for row in record.records:
         table.add_row(
-            str(row.get("step") or "(job)"),
-            str(row.get("state")),
-            str(row.get("exit_code")),
-            f"{row.get('elapsed_seconds')}s",
-            f"{row.get('total_cpu_seconds')}s",
-            str(row.get("alloc_cpus")),
-            str(row.get("max_rss_bytes")),
-            str(row.get("node_list")),
+            row.step or "(job)",
+            str(row.state),
+            str(row.exit_code),
+            f"{row.elapsed_seconds}s",
+            f"{row.total_cpu_seconds}s",
+            str(row.alloc_cpus),
+            str(row.max_rss_bytes),
+            str(row.node_list),
         )
     _print_table(table)
 
-    def pct(value: Any) -> str:
-        return "-" if value is None else f"{100 * float(value):.1f}%"
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
 
     out.print(
-        f"CPU efficiency {pct(eff.get('cpu_efficiency'))}, memory efficiency "
-        f"{pct(eff.get('memory_efficiency'))} (from {eff.get('source', '-')})"
+        f"CPU efficiency {pct(eff.cpu_efficiency)}, memory efficiency "
+        f"{pct(eff.memory_efficiency)} (from {eff.source or '-'})"
     )
+
+
+@jobs_app.command("files")
+def jobs_files(
+    job_id: str,
+    path: Annotated[
+        str, typer.Argument(help="relative to the job's directory (default: the directory)")
+    ] = "",
+    offset: Annotated[int, typer.Option(help="a file: start at this byte")] = 0,
+    length: Annotated[
+        int | None, typer.Option(help="a file: at most this many bytes (default: to its end)")
+    ] = None,
+    url: UrlOpt = None,
+    token_file: TokenFileOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List a directory of the job's directory on its cluster, or print a file of it, while the job
+    runs and after it ended (never outside it: a symlink that leads out is refused)."""
+    with client_for(url, token_file) as client:
+        if output.is_data:  # a file's bytes base64 in `content` (one read: --length, or 1 MiB)
+            answer = client.files(job_id, path, offset=offset, length=length)
+        else:
+            answer = client.files(job_id, path, length=0)  # what it is, without its bytes
+            if answer.type == EntryType.FILE:
+                sys.stdout.buffer.write(client.read_file(job_id, path, offset=offset, length=length))
+                return
+    if output.is_data:
+        print_data(answer.model_dump(mode="json", exclude_none=True), output)
+        return
+    table = Table("NAME", "TYPE", "SIZE", "MODIFIED")
+    for entry in answer.entries or []:
+        table.add_row(
+            entry.name,
+            entry.type.value,
+            "-" if entry.size is None else str(entry.size),
+            entry.mtime.isoformat(timespec="seconds") if entry.mtime else "-",
+        )
+    _print_table(table)
+    if answer.truncated:
+        err.print(f"(the first {len(answer.entries or [])} entries only)")
 
 
 # ---- clusters ----------------------------------------------------------------------------------
@@ -573,16 +601,16 @@ def clusters_list(
     """Clusters porter knows, with the liveness of their agents."""
     with client_for(url, token_file) as client:
         clusters = client.clusters()
-    if output == Output.json:
-        _print_json(clusters)
+    if output.is_data:
+        print_data(clusters, output)
         return
     table = Table("NAME", "BACKEND", "AGENT ONLINE", "AGENT LAST SEEN")
     for c in clusters:
         table.add_row(
-            c["name"],
-            str(c.get("backend") or "-"),
-            "yes" if c["agent_online"] else "no",
-            str(c["agent_last_seen"]),
+            c.name,
+            c.backend or "-",
+            "yes" if c.agent_online else "no",
+            c.agent_last_seen.isoformat() if c.agent_last_seen else "None",
         )
     _print_table(table)
 
@@ -598,8 +626,8 @@ def clusters_check(
 
     settings = _settings(config)
     results = asyncio.run(check_clusters(settings, name))
-    if output == Output.json:
-        _print_json(results)
+    if output.is_data:
+        print_data(results, output)
     else:
         for r in results:
             mark = "[green]ok[/green]" if r["ok"] else "[red]FAILED[/red]"
@@ -656,8 +684,8 @@ def tokens_list(
     """List tokens (never their secrets): id, user, role, clusters, when created and revoked."""
     with _porter_store(config) as store:
         tokens = store.list_tokens(user)
-    if output == Output.json:
-        _print_json([dataclasses.asdict(t) for t in tokens])
+    if output.is_data:
+        print_data(tokens, output)
         return
     table = Table("ID", "USER", "ROLE", "CLUSTERS", "CREATED", "REVOKED")
     for t in tokens:

@@ -5,25 +5,32 @@ groups it adds (`cli.bridges`) use one definition (main imports them, so they ca
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
+from pydantic import BaseModel
 
 from cloudhpc.client import ApiError, Client, default_client
 
 __all__ = [
     "ConfigOpt",
     "ExitCode",
+    "Output",
+    "OutputOpt",
     "TokenFileOpt",
     "UrlOpt",
     "client_for",
     "config_path",
     "default_config_path",
     "exit_code_of_api_error",
+    "print_data",
 ]
 
 
@@ -45,6 +52,43 @@ class ExitCode(IntEnum):
 def exit_code_of_api_error(exc: ApiError) -> ExitCode:
     """`ApiError` with status 0 is the SDK's "no answer" (connection refused, DNS, timeout)."""
     return ExitCode.UNAVAILABLE if exc.status == 0 else ExitCode.API_ERROR
+
+
+class Output(StrEnum):
+    """`-o`: a table for people, or the data itself for scripts (`json`, or `yaml` for reading and
+    for tools such as yq): the same document in both, the API's JSON shapes."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+    @property
+    def is_data(self) -> bool:
+        return self is not Output.table
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json or yaml")]
+
+
+def _plain(value: Any) -> Any:
+    """Models, dataclasses and lists of them as the JSON document the API would give."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def print_data(value: Any, output: Output) -> None:
+    """Every command's `-o json` and `-o yaml`, written once: models are dumped as the API's JSON,
+    and YAML is made from that JSON (so both carry the same strings for times and UUIDs)."""
+    document = json.loads(json.dumps(_plain(value), default=str))
+    if output is Output.yaml:
+        sys.stdout.write(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    else:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def default_config_path() -> Path:

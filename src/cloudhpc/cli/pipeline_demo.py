@@ -245,7 +245,7 @@ def run_pipeline_demo(
             os.environ["CLOUDHPC_TOKEN"] = (state_dir / "admin-token").read_text().strip()
             params["porter_url"] = client.url
             # a job reads only its owner's objects: the data goes under the user's input prefix
-            params["store_url"] = client.me()["inputs"][0].rstrip("/")
+            params["store_url"] = client.me().inputs[0].rstrip("/")
             console.print("[bold]3/4[/bold] running the pipeline with KFP's local runner")
             accuracy = _run_pipeline(params, state_dir, console, started)
         console.print("[bold]4/4[/bold] results")

@@ -6,11 +6,8 @@ and restarts the `kubectl port-forward` children.
 
 from __future__ import annotations
 
-import json
 import signal
-import sys
 from collections.abc import Sequence
-from enum import StrEnum
 from types import FrameType
 from typing import Annotated
 
@@ -18,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloudhpc.cli.options import Output, OutputOpt, print_data
 from cloudhpc.port_forwards import FORWARDS, ForwardSupervisor, Kubectl, OpenedForward
 
 __all__ = ["platform_app"]
@@ -41,11 +39,6 @@ def _report(opened: Sequence[OpenedForward], address: str) -> Table:
     return table
 
 
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
 @platform_app.command("forward")
 def forward(
     only: Annotated[
@@ -62,7 +55,7 @@ def forward(
     context: Annotated[str | None, typer.Option(help="kubectl context (default: the current one)")] = None,
     kubectl: Annotated[str, typer.Option(envvar="KUBECTL", help="the kubectl executable")] = "kubectl",
     timeout: Annotated[float, typer.Option(help="seconds each forward may take to open")] = 20.0,
-    output: Annotated[Output, typer.Option("--output", "-o", help="table or json")] = Output.table,
+    output: OutputOpt = Output.table,
 ) -> None:
     """Open the platform's port-forwards on this VM, say which failed, and keep them open."""
     known = {f.name: f for f in FORWARDS}
@@ -88,8 +81,8 @@ def forward(
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         opened = supervisor.open_all()
-        if output == Output.json:
-            sys.stdout.write(json.dumps([o.as_dict(address) for o in opened], indent=2) + "\n")
+        if output.is_data:
+            print_data([o.as_dict(address) for o in opened], output)
         else:
             # full error lines when piped or logged: Rich would squeeze the table into 80 columns
             (out if out.is_terminal else Console(width=240)).print(_report(opened, address))

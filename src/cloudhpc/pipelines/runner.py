@@ -307,12 +307,14 @@ def _follow(
     if follower.error is not None:
         say(f"[cloudhpc] (the output stream broke: {follower.error}; the full output is in the artifacts)")
 
-    accounting = _with_retry(lambda: client.accounting(final), collect_timeout)
+    # the outcome travels as JSON (KFP outputs, MLflow params): plain documents, not the SDK's models
+    record = _with_retry(lambda: client.accounting(final), collect_timeout)
+    accounting = None if record is None else record.model_dump(mode="json")
     artifacts: list[dict[str, Any]] = []
     deadline = time.monotonic() + collect_timeout
     while True:
         try:
-            artifacts = client.artifacts(final)
+            artifacts = [a.model_dump(mode="json") for a in client.artifacts(final)]
         except ApiError as exc:
             if exc.status != 404:
                 say(f"[cloudhpc] artifacts not available: {exc}")

@@ -13,14 +13,15 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.config import ClusterConfig
-from cloudhpc.domain.arrays import MAX_ARRAY_INDEX, TaskObservation, array_indices
+from cloudhpc.domain.api import JobPage, TaskPage
+from cloudhpc.domain.arrays import MAX_ARRAY_INDEX, array_indices
 from cloudhpc.domain.directives import apply_directives
-from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec, JobSummary
+from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec
 from cloudhpc.domain.redaction import redacted_job
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
@@ -128,13 +129,6 @@ async def submit_job(
     return redacted_job(job)
 
 
-class JobPage(BaseModel):
-    """A page of `GET /jobs`: summaries (no spec), and the cursor of the next page (null: the last)."""
-
-    jobs: list[JobSummary]
-    next_cursor: str | None
-
-
 def _valid_cursor(cursor: str | None) -> str | None:
     """Checked with the query, so a bad cursor is a 422 naming `cursor` before the store is asked."""
     if cursor is not None:
@@ -196,14 +190,6 @@ async def cancel_job(job_id: UUID, request: Request, principal: UserPrincipal) -
     state.notifier.notify(job_key(job_id))
     state.notifier.notify(cluster_key(job.cluster))
     return redacted_job(job)
-
-
-class TaskPage(BaseModel):
-    """A page of `GET /jobs/{id}/tasks`, by task index; `next_cursor` (null: the last page) is
-    passed back as `cursor`."""
-
-    tasks: list[TaskObservation]
-    next_cursor: str | None
 
 
 @router.get("/jobs/{job_id}/tasks", response_model=TaskPage)

@@ -28,6 +28,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from cloudhpc.domain.api import JobPage
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import HttpProblem
@@ -195,7 +196,7 @@ async def jobs_page(
 ) -> Response:
     async def build(principal: Principal, nonce: str) -> str:
         answer = await _jobs(request, principal, cursor)
-        page = routes_jobs.JobPage.model_validate_json(bytes(answer.body))
+        page = JobPage.model_validate_json(bytes(answer.body))
         return job_list_page(
             page.jobs, next_cursor=page.next_cursor, nonce=nonce, user=principal.user, poll="api/jobs"
         )

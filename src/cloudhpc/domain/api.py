@@ -1,0 +1,111 @@
+"""The shapes of porter's answers that are not a job: pages, clusters, the caller, artifacts,
+accounting. One definition each, used by porter (pages, as the routes' `response_model`) and
+by the SDK (`cloudhpc.client`), so that a notebook gets attributes and a type checker sees the
+fields instead of a `dict[str, Any]` to index by guess.
+
+Unknown fields are kept (`extra="allow"`) rather than refused: an SDK older than the porter it
+talks to must still read an answer that gained a field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.jobs import JobSummary
+
+__all__ = [
+    "Accounting",
+    "AccountingRow",
+    "Artifact",
+    "ClusterInfo",
+    "Efficiency",
+    "JobPage",
+    "Me",
+    "TaskPage",
+]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class JobPage(_Answer):
+    """A page of `GET /jobs`: summaries (no spec), and the cursor of the next page (null: the last)."""
+
+    jobs: list[JobSummary]
+    next_cursor: str | None
+
+
+class TaskPage(_Answer):
+    """A page of `GET /jobs/{id}/tasks`, by task index; `next_cursor` (null: the last page) is
+    passed back as `cursor`."""
+
+    tasks: list[TaskObservation]
+    next_cursor: str | None
+
+
+class ClusterInfo(_Answer):
+    """One cluster of `GET /clusters`: its backend (null when porter has no configuration for it)
+    and whether its agent was heard from in the last 90 s."""
+
+    name: str
+    backend: str | None = None
+    agent_last_seen: datetime | None = None
+    agent_online: bool = False
+
+
+class Me(_Answer):
+    """`GET /me`: who the token speaks for, and the URL prefixes its jobs' `files` may name (store a
+    job's inputs there before submitting it)."""
+
+    user: str
+    role: Literal["user", "agent", "admin"] | str
+    inputs: list[str]
+
+
+class Artifact(_Answer):
+    """One stored file of a job (`spec.json`, `job.sh`, `output.log`, `sacct.json`, ...): `url` is a
+    presigned S3 URL, or porter's own download route (which needs the token)."""
+
+    name: str
+    key: str
+    url: str
+
+
+class AccountingRow(_Answer):
+    """One sacct row (the allocation, or one step) as the agent stored it: durations in seconds,
+    sizes in bytes; `None` where sacct had no value."""
+
+    job_id: str | None = None
+    step: str | None = None
+    name: str | None = None
+    state: str | None = None
+    exit_code: int | None = None
+    elapsed_seconds: int | None = None
+    total_cpu_seconds: float | None = None
+    alloc_cpus: int | None = None
+    nodes: int | None = None
+    node_list: str | None = None
+    req_mem_bytes: int | None = None
+    max_rss_bytes: int | None = None
+
+
+class Efficiency(_Answer):
+    """What seff reports (or the same computed from sacct: `source`), fractions 0..1."""
+
+    state: str | None = None
+    cpu_efficiency: float | None = None
+    memory_efficiency: float | None = None
+    source: str | None = None
+
+
+class Accounting(_Answer):
+    """`GET /jobs/{id}/accounting`: the job's sacct rows and its efficiency, stored when it ended."""
+
+    slurm_job_id: str | None = None
+    records: list[AccountingRow] = []
+    efficiency: Efficiency | None = None
