@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from cloudhpc.domain.states import JobState
     from cloudhpc.exceptions import CloudHPCError, ConfigError
+    from cloudhpc.executor import Executor
 
 _HOMES = {
     "cloudhpc.client": ("ApiError", "Client", "LogChunk", "default_client"),
@@ -49,6 +50,7 @@ _HOMES = {
     ),
     "cloudhpc.domain.states": ("JobState",),
     "cloudhpc.exceptions": ("CloudHPCError", "ConfigError"),
+    "cloudhpc.executor": ("Executor",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -59,6 +61,7 @@ __all__ = [
     "CloudHPCError",
     "ConfigError",
     "Environment",
+    "Executor",
     "Job",
     "JobKind",
     "JobSpec",

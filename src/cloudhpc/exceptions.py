@@ -8,6 +8,7 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     │   └── BridgesNotConfigured
     ├── InvalidTransition
     ├── HttpProblem
+    │   └── JobFileError
     ├── ChannelError
     ├── SSHError
     │   ├── SSHConnectError
@@ -31,10 +32,14 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     ├── StorageError
     │   └── ObjectNotFound
     ├── KubernetesError
-    └── PipelineError
-        ├── JobFailed
-        ├── QualityGateFailed
-        └── StepTerminated
+    ├── PipelineError
+    │   ├── JobFailed
+    │   ├── QualityGateFailed
+    │   └── StepTerminated
+    └── ExecutorError
+        ├── PythonVersionMismatch
+        ├── RemoteCallError
+        └── NoResult
 
 docs/exceptions.md says what each one means to a user, its HTTP status and what to do next.
 """
@@ -53,19 +58,24 @@ __all__ = [
     "CommandTimeout",
     "ConfigError",
     "EnvironmentBuildError",
+    "ExecutorError",
     "HostKeyError",
     "HttpProblem",
     "IdempotencyConflict",
     "InvalidTransition",
     "JobFailed",
+    "JobFileError",
     "JobNotFound",
     "KubernetesError",
+    "NoResult",
     "ObjectNotFound",
     "OutputTooLarge",
     "ParseError",
     "PipelineError",
+    "PythonVersionMismatch",
     "QualityGateFailed",
     "QuotaExceeded",
+    "RemoteCallError",
     "RemoteFileError",
     "SSHConnectError",
     "SSHError",
@@ -109,6 +119,12 @@ class HttpProblem(CloudHPCError):
         self.code = code
         self.message = message
         self.details = details
+
+
+class JobFileError(HttpProblem):
+    """A files query the cluster side refused or could not answer: a path that resolves outside the
+    job directory (403), a missing file (404), not a file or directory (422). Raised by
+    `hpc/job_files.py`; the agent sends status, code and message back, porter answers them."""
 
 
 class ChannelError(CloudHPCError):
@@ -233,3 +249,37 @@ class QualityGateFailed(PipelineError):
 class StepTerminated(PipelineError):
     """The step's process received SIGTERM (its Kubeflow run was terminated, its pod evicted); the
     job it followed has been cancelled (`pipelines.runner.stop_job_on_sigterm`)."""
+
+
+class ExecutorError(CloudHPCError):
+    """A Python function run on a cluster (`cloudhpc.Executor`) gave no usable result."""
+
+
+class PythonVersionMismatch(ExecutorError):
+    """The job's Python is not the caller's minor version: functions pickled by one minor version do
+    not load in another, so the call is refused before anything is submitted."""
+
+
+class RemoteCallError(ExecutorError):
+    """The remote traceback of a function that raised on the cluster. Raised itself when the remote
+    exception cannot be rebuilt here (its class is not importable, it could not be pickled); else it
+    is the rebuilt exception's `__cause__`, so Python prints the remote traceback under it."""
+
+    def __init__(self, message: str, *, type_name: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n\n{self.remote_traceback}" if self.remote_traceback else str(self.args[0])
+
+
+class NoResult(ExecutorError):
+    """A function's job ended without an outcome: it failed before the function ran (the environment
+    could not be built, the job was refused) or was killed (time limit, memory, node failure)."""
+
+    def __init__(self, message: str, *, job_id: str = "", state: str = "", reason: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+        self.reason = reason

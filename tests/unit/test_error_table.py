@@ -55,6 +55,10 @@ EXPECTED = {
     "JobFailed": 500,
     "QualityGateFailed": 500,
     "StepTerminated": 500,
+    "ExecutorError": 500,
+    "PythonVersionMismatch": 500,
+    "RemoteCallError": 500,
+    "NoResult": 500,
 }
 
 ALLOWED_ELSEWHERE = {

@@ -40,11 +40,10 @@ def _outcome_of_exception(exc: BaseException, dumps: Any) -> dict[str, Any]:
         "traceback": "".join(traceback.format_exception(kind, exc, exc.__traceback__)),
         "exception": None,
     }
-    if dumps is not None:
-        try:
-            outcome["exception"] = dumps(exc)
-        except Exception as not_picklable:  # an exception holding a lock, a socket...
-            outcome["traceback"] += f"\n(the exception could not be pickled: {not_picklable!r})\n"
+    try:
+        outcome["exception"] = dumps(exc)
+    except Exception as not_picklable:  # an exception holding a lock, a socket...
+        outcome["traceback"] += f"\n(the exception could not be pickled: {not_picklable!r})\n"
     return outcome
 
 
@@ -60,7 +59,7 @@ def run(call_path: str, result_path: str, version: str) -> int:
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is not None:
         result_path = result_path.replace("%a", task)
-    dumps = None
+    dumps: Any = pickle.dumps  # until cloudpickle is imported: enough for the errors before that
     try:
         here = f"{sys.version_info[0]}.{sys.version_info[1]}"
         if here != version:
