@@ -20,9 +20,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 import tenacity
 
-__all__ = ["NO_RETRY", "TRANSIENT_STATUSES", "RetryPolicy"]
+__all__ = ["NO_RETRY", "TRANSIENT_STATUSES", "RetryPolicy", "porter_unavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ class RetryPolicy:
     def _arguments(self, retry_on: Callable[[BaseException], bool]) -> dict[str, object]:
         return {
             "stop": tenacity.stop_after_attempt(self.attempts),
-            "wait": tenacity.wait_exponential_jitter(
-                initial=self.initial, max=self.maximum, jitter=self.initial
-            ),
+            "wait": tenacity.wait_exponential(multiplier=self.initial, max=self.maximum)
+            + tenacity.wait_random(0, self.initial),
             "retry": tenacity.retry_if_exception(retry_on),
             "before_sleep": tenacity.before_sleep_log(log, logging.WARNING),
             "reraise": True,  # the last error itself, not tenacity's RetryError around it
@@ -66,3 +66,12 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(attempts=1)
 """For callers that do their own waiting (or tests that must see the first failure)."""
+
+
+def porter_unavailable(exc: BaseException) -> bool:
+    """For the agent's raw httpx calls, whose every request porter's agent protocol makes safe to
+    repeat (reports carry sequence numbers, output goes by offset, artifacts by key): no
+    connection, or a 5xx that the caller raised with `response.raise_for_status()`."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)

@@ -18,8 +18,6 @@ Blocking, like the object stores they stand in for: the agent calls them from a 
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import httpx
 
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import ChannelError, ObjectNotFound, StorageError
+from cloudhpc.retries import RetryPolicy, porter_unavailable
 from cloudhpc.storage.artifacts import ArtifactWriter
 
 __all__ = ["PorterArtifactWriter", "PorterFileFetcher", "PorterObjects"]
@@ -43,7 +42,7 @@ class PorterObjects:
         self._http = httpx.Client(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
-        self._attempts = attempts
+        self._retries = RetryPolicy(attempts=attempts, initial=0.2, maximum=5.0)
 
     def __repr__(self) -> str:
         return f"PorterObjects({str(self._http.base_url)!r})"
@@ -65,28 +64,30 @@ class PorterObjects:
         """`consume(response)` of a 2xx answer, read as a stream. A 4xx is a `StorageError` with
         porter's message (404: `ObjectNotFound`); transport errors and 5xx are retried, then a
         `ChannelError`. `content` makes a fresh body for each attempt."""
-        delay = 0.2
-        for attempt in range(1, self._attempts + 1):
-            try:
-                with self._http.stream(
-                    method, path, params=params, content=content() if content else None, headers=headers
-                ) as response:
-                    if response.status_code < 400:
-                        return consume(response)
-                    if response.status_code < 500:
-                        response.read()
-                        message = _porter_message(response)
-                        if response.status_code == 404:
-                            raise ObjectNotFound(f"{what}: {message}")
-                        raise StorageError(f"{what}: porter refused it ({response.status_code}): {message}")
-                    if attempt == self._attempts:
-                        raise ChannelError(f"porter failed {method} {path}: {response.status_code}")
-            except httpx.TransportError as exc:
-                if attempt == self._attempts:
-                    raise ChannelError(f"porter unreachable at {self._http.base_url}: {exc}") from exc
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def once() -> Any:
+            with self._http.stream(
+                method, path, params=params, content=content() if content else None, headers=headers
+            ) as response:
+                if response.status_code < 400:
+                    return consume(response)
+                response.read()
+                if response.status_code >= 500:
+                    response.raise_for_status()  # retried
+                message = _porter_message(response)
+                if response.status_code == 404:
+                    raise ObjectNotFound(f"{what}: {message}")
+                raise StorageError(f"{what}: porter refused it ({response.status_code}): {message}")
+
+        try:
+            for attempt in self._retries.blocking(porter_unavailable):
+                with attempt:
+                    return once()
+        except httpx.TransportError as exc:
+            raise ChannelError(f"porter unreachable at {self._http.base_url}: {exc}") from exc
+        except httpx.HTTPStatusError as exc:
+            raise ChannelError(f"porter failed {method} {path}: {exc.response.status_code}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover: tenacity re-raises the last error
 
 
 def _porter_message(response: httpx.Response) -> str:
