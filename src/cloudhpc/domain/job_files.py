@@ -52,11 +52,14 @@ OUTPUTS_PREFIX: Final = "outputs/"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _check_relative(value: str, what: str, limit: int) -> list[str]:
-    """The segments of a relative path that stays inside a job directory, or ValueError saying why."""
+def _check_relative(value: str, what: str, limit: int, *, any_name: bool = False) -> list[str]:
+    """The segments of a relative path that stays inside a job directory, or ValueError saying why.
+    `any_name`: every character a file name may hold (a newline, a backslash), all but NUL."""
     if len(value) > limit:
         raise ValueError(f"{what} {value[:60]!r}... is longer than {limit} characters")
-    if _CONTROL.search(value) or "\\" in value:
+    if "\x00" in value:
+        raise ValueError(f"{what} {value!r} holds a NUL character")
+    if not any_name and (_CONTROL.search(value) or "\\" in value):
         raise ValueError(f"{what} {value!r} holds a control character or a backslash")
     if value.startswith("/"):
         raise ValueError(f"{what} {value!r} is absolute: it must be relative to the job directory")
@@ -91,11 +94,11 @@ OutputPattern = Annotated[str, AfterValidator(check_output_pattern)]
 
 
 def check_browse_path(path: str) -> str:
-    """The `path` of a files query: empty (the job directory) or a relative path inside it. A
-    trailing `/` is accepted and dropped."""
+    """The `path` of a files query: empty (the job directory) or a relative path inside it, of any
+    characters a file name may hold (a newline too). A trailing `/` is accepted and dropped."""
     path = path.rstrip("/") if path != "/" else path
     if path:
-        _check_relative(path, "path", 4096)
+        _check_relative(path, "path", 4096, any_name=True)
     return path
 
 

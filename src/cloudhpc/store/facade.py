@@ -24,6 +24,7 @@ from cloudhpc.store.bridges import BridgeRepository
 from cloudhpc.store.jobs import JobRepository
 from cloudhpc.store.metrics_view import MetricsView
 from cloudhpc.store.output import OutputRepository
+from cloudhpc.store.queries import QueryRepository
 from cloudhpc.store.tokens import TokenRepository
 
 __all__ = ["AsyncStore", "Store"]
@@ -32,7 +33,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Store(JobRepository, AgentRepository, BridgeRepository, TokenRepository, OutputRepository, MetricsView):
+class Store(
+    JobRepository,
+    AgentRepository,
+    BridgeRepository,
+    TokenRepository,
+    OutputRepository,
+    MetricsView,
+    QueryRepository,
+):
     """Jobs, their transitions and output, bridges, tokens and agent slots, in SQLite or PostgreSQL.
 
     `Store("sqlite:///.cloudhpc/state.db")` (the default, parent directory created) or
@@ -116,6 +125,12 @@ class AsyncStore:
     expired_artifacts = _in_thread(Store.expired_artifacts)
     set_accounting = _in_thread(Store.set_accounting)
     get_accounting = _in_thread(Store.get_accounting)
+    # agent queries
+    ask_agent = _in_thread(Store.ask_agent)
+    claim_queries = _in_thread(Store.claim_queries)
+    query_cluster = _in_thread(Store.query_cluster)
+    answer_query = _in_thread(Store.answer_query)
+    query_answer = _in_thread(Store.query_answer)
     # the metrics read model
     count_by_state = _in_thread(Store.count_by_state)
     array_task_counts = _in_thread(Store.array_task_counts)

@@ -26,6 +26,7 @@ from uuid import UUID
 
 from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.queries import AgentQuery, QueryAnswer
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ChannelError, ConfigError, ObjectNotFound, StorageError
@@ -314,6 +315,15 @@ class S3Channel:
     async def put_artifacts(self, job_id: UUID, keys: list[str]) -> None:
         if keys:
             await self._write([ArtifactsMessage(job_id=job_id, keys=keys)])
+
+    async def claim_queries(self, cluster: str, *, wait: float) -> list[AgentQuery]:
+        """The mailbox carries no questions (porter answers them 503 for a mailbox cluster, see
+        `porter/routes_agent_queries.py`): nothing ever comes, after the wait a poll would take."""
+        await asyncio.sleep(wait)
+        return []
+
+    async def answer_query(self, query_id: UUID, answer: QueryAnswer) -> None:
+        raise ChannelError("the S3 mailbox carries no answers to agent queries")
 
     async def close(self) -> None:
         """Nothing to release: every write is complete when its call returns."""

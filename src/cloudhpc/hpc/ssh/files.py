@@ -20,6 +20,7 @@ import asyncssh
 
 from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import SSHConnectError, SSHError
+from cloudhpc.hpc.job_files import Stat, entry_type
 from cloudhpc.hpc.ssh.errors import _is_transient, _translate_errors
 from cloudhpc.hpc.ssh.session import _CHANNEL_OPEN_TRIES, _Session
 
@@ -111,6 +112,41 @@ class _SftpFiles(_Session):
             return attrs.size
 
         return await self._sftp_op(f"checking the size of {full!r}", op)
+
+    async def realpath(self, path: str) -> str | None:
+        """The server resolves the symlinks (OpenSSH's sftp-server: realpath(3)); None if missing."""
+        full = await self._resolve(path)
+
+        async def op(sftp: asyncssh.SFTPClient) -> str | None:
+            try:
+                real = await sftp.realpath(full)
+                await sftp.lstat(real)  # some servers resolve a missing last component
+            except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
+                return None
+            return str(real)
+
+        return await self._sftp_op(f"resolving {full!r}", op)
+
+    async def lstat(self, path: str) -> Stat | None:
+        full = await self._resolve(path)
+
+        async def op(sftp: asyncssh.SFTPClient) -> Stat | None:
+            try:
+                return _stat(await sftp.lstat(full))
+            except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
+                return None
+
+        return await self._sftp_op(f"checking {full!r}", op)
+
+    async def listdir(self, path: str) -> list[tuple[str, Stat]]:
+        """Entries with the attributes readdir carries (OpenSSH: lstat's), in one listing."""
+        full = await self._resolve(path)
+
+        async def op(sftp: asyncssh.SFTPClient) -> list[tuple[str, Stat]]:
+            names = await sftp.readdir(full)
+            return [(str(n.filename), _stat(n.attrs)) for n in names if n.filename not in (".", "..")]
+
+        return await self._sftp_op(f"listing {full!r}", op)
 
     async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
         if offset < 0 or (length is not None and length < 0):
@@ -251,3 +287,7 @@ async def _makedirs(sftp: asyncssh.SFTPClient, path: str, mode: int) -> None:
         except (asyncssh.SFTPFailure, asyncssh.SFTPFileAlreadyExists):
             if not await sftp.isdir(directory):  # made by a concurrent writer: fine; else the error
                 raise
+
+
+def _stat(attrs: asyncssh.SFTPAttrs) -> Stat:
+    return Stat(type=entry_type(attrs.permissions or 0), size=attrs.size or 0, mtime=float(attrs.mtime or 0))

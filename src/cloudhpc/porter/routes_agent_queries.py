@@ -1,0 +1,116 @@
+"""Agent queries over HTTP: porter asks a cluster's agent a question and waits a bounded time for
+the answer; the agent long-polls for questions and posts answers (`domain/queries.py`).
+
+The question is a row in the store (`store/queries.py`), so the route that asks and the agent's
+poll may be on different replicas: the write wakes the agent's poll (`queries:<cluster>`), the
+answer wakes the asking route (`query:<id>`), on PostgreSQL across replicas, and both re-read the
+store at the usual re-check interval as a safety net. No answer within the wait is a 504 that says
+the agent did not answer, never a 500.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Query, Request
+
+from cloudhpc.domain.jobs import Name
+from cloudhpc.domain.queries import AgentQuery, QueryAnswer
+from cloudhpc.exceptions import HttpProblem
+from cloudhpc.porter.auth import AgentPrincipal, require_agent_for
+from cloudhpc.porter.routes_agent import AGENT_NAME, MAX_WAIT_SECONDS
+from cloudhpc.porter.state import PorterState, state_of
+from cloudhpc.store.queries import answer_key, queries_key
+
+__all__ = ["ask_agent", "router"]
+
+router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+
+
+async def ask_agent(
+    state: PorterState,
+    cluster: str,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    job_id: UUID | None = None,
+    wait: float | None = None,
+) -> dict[str, Any]:
+    """Ask `cluster`'s agent and return its result; its error becomes the caller's answer, and no
+    answer within `wait` seconds a 504 (503 for a cluster whose agent uses the S3 mailbox, which
+    does not carry queries)."""
+    if cluster in state.settings.porter.mailbox_clusters:
+        raise HttpProblem(
+            503,
+            "agent_query_unsupported",
+            f"cluster {cluster!r} is served through the S3 mailbox, which carries no queries to its agent: "
+            "list and read a job's files on a cluster whose agent reaches porter over HTTP, or name them "
+            "in the job's `outputs` to have them collected when it ends",
+        )
+    wait = wait if wait is not None else state.settings.porter.agent_query_wait
+    query_id = await state.store.ask_agent(cluster, kind, params, job_id=job_id, ttl=wait + 5.0)
+    state.notifier.notify(queries_key(cluster))
+    deadline = time.monotonic() + wait
+    key = answer_key(query_id)
+    while True:
+        read_at = time.monotonic()
+        answer = await state.store.query_answer(query_id)
+        if answer is not None:
+            if answer.error is not None:
+                raise HttpProblem(answer.error.status, answer.error.code, answer.error.message)
+            return answer.result or {}
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or state.stopping:
+            raise HttpProblem(
+                504,
+                "agent_timeout",
+                f"the agent of cluster {cluster!r} did not answer within {wait:.0f} s (is its submitter "
+                "running? `cloudhpc clusters list` shows when it was last seen)",
+            )
+        await state.notifier.wait(key, min(remaining, state.recheck_interval), since=read_at)
+
+
+@router.get("/queries")
+async def claim_queries(
+    request: Request,
+    principal: AgentPrincipal,
+    cluster: Annotated[Name, Query()],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
+    agent: Annotated[str, Query(pattern=AGENT_NAME)] = "agent",
+) -> dict[str, Any]:
+    """Questions for the cluster's agent, waiting up to `wait` s for some."""
+    require_agent_for(principal, cluster)
+    state = state_of(request)
+    deadline = time.monotonic() + wait
+    while True:
+        read_at = time.monotonic()
+        queries: list[AgentQuery] = await state.store.claim_queries(cluster, agent)
+        remaining = deadline - time.monotonic()
+        if queries or remaining <= 0 or state.stopping or await request.is_disconnected():
+            break
+        await state.notifier.wait(queries_key(cluster), min(remaining, state.recheck_interval), since=read_at)
+    return {"queries": [q.model_dump(mode="json") for q in queries]}
+
+
+@router.post("/queries/{query_id}/answer")
+async def answer_query(
+    query_id: UUID, request: Request, principal: AgentPrincipal, body: Annotated[QueryAnswer, Body()]
+) -> dict[str, bool]:
+    """The agent's answer to one question (`result` or `error`)."""
+    state = state_of(request)
+    cluster = await state.store.query_cluster(query_id)
+    if cluster is None:
+        raise HttpProblem(404, "not_found", f"no query {query_id} (it expired)")
+    require_agent_for(principal, cluster)
+    if (body.result is None) == (body.error is None):
+        raise HttpProblem(
+            422,
+            "invalid_request",
+            "invalid request: (body): exactly one of `result` and `error`",
+            [{"field": "(body)", "message": "exactly one of `result` and `error`"}],
+        )
+    stored = await state.store.answer_query(query_id, body)
+    state.notifier.notify(answer_key(query_id))
+    return {"stored": stored}
