@@ -9,6 +9,7 @@ cluster, so that a new user can run a job before configuring anything.
 from __future__ import annotations
 
 import os
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -22,7 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from cloudhpc.config_checks import is_ip_address, is_loopback, parse_listen, pip_location, publishable
 from cloudhpc.domain.jobs import ClusterLimits, Name, Resources
@@ -191,6 +197,21 @@ class PipConfig(_Section):
         return self == PipConfig()
 
 
+class OutputsConfig(_Section):
+    max_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="bytes of a job's `outputs` files collected in all when it ends; the files over it are "
+        "left out and named in its outputs.json artifact",
+    )
+    max_files: int = Field(
+        default=1000,
+        ge=0,
+        le=100_000,
+        description="how many `outputs` files of one job are collected at most",
+    )
+
+
 class ClusterConfig(_Section):
     backend: Literal["slurm", "local"] = Field(description="`slurm` over SSH, or `local` processes")
     ssh: SSHConfig | None = Field(default=None, description="how to reach the login node (slurm backend)")
@@ -209,6 +230,10 @@ class ClusterConfig(_Section):
     pip: PipConfig = Field(
         default_factory=PipConfig,
         description="where pip takes the packages of this cluster's environments from (docs/hpc-site.md)",
+    )
+    outputs: OutputsConfig = Field(
+        default_factory=OutputsConfig,
+        description="bounds on the files of a job's `outputs` collected into the object store at its end",
     )
 
     @model_validator(mode="after")
@@ -426,6 +451,13 @@ class PorterConfig(_Section):
     artifact_sweep_interval: float = Field(
         default=3600.0, gt=0, description="seconds between two runs of the artifact retention sweep"
     )
+    agent_query_wait: float = Field(
+        default=15.0,
+        gt=0,
+        le=120,
+        description="seconds a request that needs a cluster's agent (GET /jobs/{id}/files) waits for its "
+        "answer before it answers 504",
+    )
     artifact_url_expiry: int = Field(
         default=3600,
         ge=60,
@@ -539,18 +571,15 @@ def _default_clusters() -> dict[str, ClusterConfig]:
     return {"local": ClusterConfig(backend="local", workdir=".cloudhpc/local")}
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    """Values from the YAML file; environment variables are applied on top by pydantic-settings."""
+class _YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, refusing by name a file that holds a list or a scalar where
+    the sections should be (the library would fail on it with a bare TypeError or ValueError)."""
 
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._data = data
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self._data
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        data: Any = super()._read_file(file_path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration file {file_path} must hold a mapping at the top level")
+        return data
 
 
 class Settings(BaseSettings):
@@ -560,7 +589,7 @@ class Settings(BaseSettings):
     submitter: SubmitterConfig = Field(default_factory=SubmitterConfig)
     clusters: dict[Name, ClusterConfig] = Field(default_factory=_default_clusters)
 
-    _yaml_data: ClassVar[dict[str, Any]] = {}
+    _yaml_file: ClassVar[Path | None] = None
 
     @classmethod
     def settings_customise_sources(
@@ -571,7 +600,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls, cls._yaml_data))
+        """Highest first: values given to the constructor (a command's flags), then the environment
+        (`CLOUDHPC_<SECTION>__<KEY>`, merged key by key into the file's sections), then the file,
+        read by pydantic-settings' own YAML source."""
+        if cls._yaml_file is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, _YamlFile(settings_cls, yaml_file=cls._yaml_file))
 
 
 def _format_error(exc: ValidationError, origin: str) -> str:
@@ -587,28 +621,16 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read the configuration file (if any) and the environment; raise `ConfigError` naming bad keys."""
     if path is None:
         path = os.environ.get("CLOUDHPC_CONFIG") or None
-    data: dict[str, Any] = {}
-    origin = "defaults and environment"
-    if path is not None:
-        file = Path(path).expanduser()
-        origin = str(file)
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"configuration file {file} does not exist (from --config or CLOUDHPC_CONFIG)"
-            ) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"configuration file {file} must hold a mapping at the top level")
-        data = loaded
-    # pydantic-settings reads sources at construction; a subclass carries this file's data.
-    bound = type("BoundSettings", (Settings,), {"_yaml_data": data})
+    file = None if path is None else Path(path).expanduser()
+    if file is not None and not file.is_file():
+        raise ConfigError(f"configuration file {file} does not exist (from --config or CLOUDHPC_CONFIG)")
+    # pydantic-settings reads sources at construction; a subclass names this call's file.
+    bound = type("BoundSettings", (Settings,), {"_yaml_file": file})
+    origin = "defaults and environment" if file is None else str(file)
     try:
         settings: Settings = bound()
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, origin)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from exc
     return settings

@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic_settings import InitSettingsSource, YamlConfigSettingsSource
 
-from cloudhpc.config import load_settings
+from cloudhpc.config import Settings, load_settings
 from cloudhpc.config_docs import render_reference
 from cloudhpc.exceptions import ConfigError
 from cloudhpc.secrets_json import apply_secrets_json
@@ -93,6 +94,28 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "porter: [unclosed"))
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(write(tmp_path, "- a list"))
+
+
+def test_the_file_is_read_by_pydantic_settings_yaml_source(tmp_path: Path) -> None:
+    """#14 item 10: the library's source, not a hand-written one; the environment and a
+    constructor's values (a command's flags) still come first."""
+    bound = type("Bound", (Settings,), {"_yaml_file": write(tmp_path, CONTRACT)})
+    given = InitSettingsSource(bound, {})
+    sources = bound.settings_customise_sources(bound, given, given, given, given)
+    assert isinstance(sources[-1], YamlConfigSettingsSource)
+    assert sources[-1]()["porter"]["listen"] == "127.0.0.1:5555"
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, CONTRACT)
+    assert load_settings(path).porter.listen == "127.0.0.1:5555"  # the file over the default
+    monkeypatch.setenv("CLOUDHPC_PORTER__LISTEN", "127.0.0.1:6000")
+    from_env = load_settings(path)
+    assert from_env.porter.listen == "127.0.0.1:6000"  # the environment over the file
+    assert from_env.porter.database == "sqlite:///.cloudhpc/state.db"  # the file's siblings stay
+    bound = type("Bound", (Settings,), {"_yaml_file": path})
+    flagged = bound(porter={"listen": "127.0.0.1:7000"})
+    assert flagged.porter.listen == "127.0.0.1:7000"  # a flag (a constructor value) over both
 
 
 def test_secrets_json_becomes_the_mahti_cluster(tmp_path: Path) -> None:
