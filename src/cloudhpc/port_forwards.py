@@ -91,6 +91,21 @@ class Kubectl:
             base += ["--context", self.context]
         return [*base, *args]
 
+    def run(
+        self, *args: str, stdin: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`kubectl ARGS`, its output captured. Anything secret goes in through `stdin` (manifests
+        for `apply -f -`) or comes back on stdout, never through `args`, which every local user can
+        read in /proc while it runs."""
+        return subprocess.run(
+            self.argv(*args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     def service_exists(self, target: Target) -> tuple[bool, str]:
         """Whether the Service exists, and kubectl's complaint when it does not."""
         try:

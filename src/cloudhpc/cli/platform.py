@@ -1,26 +1,35 @@
 """`cloudhpc platform`: commands for the cloud VM the platform runs on (docs/platform.md).
 
 `cloudhpc platform forward` parses its options and prints; `cloudhpc.port_forwards` opens, watches
-and restarts the `kubectl port-forward` children.
+and restarts the `kubectl port-forward` children. `cloudhpc platform profile add` prints or applies
+a Kubeflow profile with cloudhpc's Secrets and PodDefault (`cloudhpc.cli.platform_profiles`).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Sequence
 from types import FrameType
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from cloudhpc.cli import platform_profiles as profiles
 from cloudhpc.cli.options import Output, OutputOpt, print_data
+from cloudhpc.exceptions import ConfigError, KubernetesError
 from cloudhpc.port_forwards import FORWARDS, ForwardSupervisor, Kubectl, OpenedForward
 
 __all__ = ["platform_app"]
 
 platform_app = typer.Typer(no_args_is_help=True, help="The cloud platform's VM (docs/platform.md).")
+profile_app = typer.Typer(
+    no_args_is_help=True, help="Kubeflow profiles with cloudhpc access (docs/platform.md)."
+)
+platform_app.add_typer(profile_app, name="profile")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -100,3 +109,52 @@ def forward(
     finally:
         supervisor.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+@profile_app.command("add")
+def profile_add(
+    user: Annotated[
+        str, typer.Argument(help="the profile's owner, as Kubeflow knows them (e.g. alice@example.org)")
+    ],
+    namespace: Annotated[
+        str | None,
+        typer.Option(help="the profile's namespace (default: kubeflow-<user as a name>, Kubeflow's habit)"),
+    ] = None,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="make it in the cluster: the Profile, a porter token, the S3 keys and the PodDefault "
+            "(default: print the Profile and PodDefault as YAML)",
+        ),
+    ] = False,
+    context: Annotated[str | None, typer.Option(help="kubectl context (default: the current one)")] = None,
+    kubectl: Annotated[str, typer.Option(envvar="KUBECTL", help="the kubectl executable")] = "kubectl",
+    wait: Annotated[float, typer.Option(help="seconds to wait for the profile's namespace")] = 300.0,
+) -> None:
+    """A Kubeflow profile whose pipeline steps and notebooks reach porter, MLflow and the S3 store."""
+    try:
+        request = profiles.ProfileRequest(user, namespace or profiles.default_namespace(user))
+    except ConfigError as exc:
+        err.print(str(exc), highlight=False)
+        raise typer.Exit(2) from None
+    if not apply:
+        sys.stdout.write(
+            f"# cloudhpc platform profile add {user} --namespace {request.namespace}: with --apply, also\n"
+            f"# Secrets {profiles.PORTER_SECRET} (CLOUDHPC_URL, CLOUDHPC_TOKEN: a new porter token) and\n"
+            f"# {profiles.S3_SECRET} ({', '.join(profiles.S3_KEYS)}) in {request.namespace}; their values\n"
+            "# are never printed.\n"
+        )
+        sys.stdout.write(yaml.safe_dump_all(profiles.render(request), sort_keys=False))
+        return
+    try:
+        for line in profiles.apply(
+            request,
+            Kubectl(kubectl, context),
+            wait_seconds=wait,
+            on_event=lambda message: err.print(message, highlight=False),
+        ):
+            out.print(line, highlight=False)
+    except KubernetesError as exc:
+        err.print(f"profile {request.namespace}: {exc}", highlight=False)
+        raise typer.Exit(1) from None

@@ -1,0 +1,314 @@
+"""`cloudhpc platform profile add`, offline: no API server runs here.
+
+The rendered objects are validated: the Secrets against the Kubernetes 1.31 schemas
+(kubernetes-validate, strict); `Profile` (kubeflow.org/v1) and `PodDefault` (kubeflow.org/v1alpha1)
+are CRDs that kubernetes-validate does not know, so against minimal schemas of our own below, written
+from the CRDs' fields (owner; selector, desc, env, envFrom) with no other field allowed: they catch a
+misspelt or misplaced field, not every rule of the real CRDs. `--apply` runs against a stand-in
+`kubectl` executable, the command's only interface to the cluster, which records each call's argv and
+stdin, so the test sees where secret values travel.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cloudhpc.cli import platform_profiles as profiles
+from cloudhpc.cli.main import app
+from cloudhpc.exceptions import ConfigError
+from cloudhpc.pipelines.fmnist import pipeline
+from tests.unit.test_deploy import K8S_VERSION, _one, _render
+
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+_ENV = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["name", "value"],
+        "additionalProperties": False,
+        "properties": {"name": {"type": "string"}, "value": {"type": "string"}},
+    },
+}
+_ENV_FROM = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "secretRef": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {"name": _NAME},
+            }
+        },
+    },
+}
+PROFILE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"},
+        "kind": {"const": "Profile"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {"name": _NAME},  # cluster-scoped: no namespace
+        },
+        "spec": {
+            "type": "object",
+            "required": ["owner"],
+            "additionalProperties": False,
+            "properties": {
+                "owner": {
+                    "type": "object",
+                    "required": ["kind", "name"],
+                    "additionalProperties": False,
+                    "properties": {"kind": {"enum": ["User", "Group"]}, "name": {"type": "string"}},
+                }
+            },
+        },
+    },
+}
+PODDEFAULT_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1alpha1"},
+        "kind": {"const": "PodDefault"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "additionalProperties": False,
+            "properties": {"name": _NAME, "namespace": _NAME},
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "desc"],
+            "additionalProperties": False,
+            "properties": {
+                "desc": {"type": "string"},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}
+                    },
+                },
+                "env": _ENV,
+                "envFrom": _ENV_FROM,
+            },
+        },
+    },
+}
+
+REQUEST = profiles.ProfileRequest("alice@example.org", "kubeflow-alice-example-org")
+TOKEN = "chpc_" + "t0k3n" * 8
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "CLOUDHPCKEYID", "AWS_SECRET_ACCESS_KEY": "s3-secret-value-" + "x" * 20}
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    if obj["kind"] == "Profile":
+        jsonschema.validate(obj, PROFILE_SCHEMA)
+    elif obj["kind"] == "PodDefault":
+        jsonschema.validate(obj, PODDEFAULT_SCHEMA)
+    else:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_rendered_objects_validate_and_fit_each_other() -> None:
+    objs = profiles.render(REQUEST, token=TOKEN, s3_keys=S3_KEYS)
+    for obj in objs:
+        _validate(obj)
+    kinds = {o["kind"] + "/" + o["metadata"]["name"]: o for o in objs}
+    assert set(kinds) == {
+        "Profile/kubeflow-alice-example-org",
+        "PodDefault/access-cloudhpc",
+        "Secret/cloudhpc-porter",
+        "Secret/cloudhpc-s3",
+    }
+    poddefault = kinds["PodDefault/access-cloudhpc"]
+    assert {ref["secretRef"]["name"] for ref in poddefault["spec"]["envFrom"]} == {
+        "cloudhpc-porter",
+        "cloudhpc-s3",
+    }
+    # the names the example pipelines read (kfp-kubernetes use_secret_as_env), with their keys
+    assert (pipeline.TOKEN_SECRET, pipeline.S3_SECRET) == (profiles.PORTER_SECRET, profiles.S3_SECRET)
+    assert set(pipeline.TOKEN_ENV) <= set(kinds["Secret/cloudhpc-porter"]["stringData"])
+    assert set(pipeline.S3_ENV) == set(kinds["Secret/cloudhpc-s3"]["stringData"])
+    assert kinds["Secret/cloudhpc-porter"]["stringData"]["CLOUDHPC_TOKEN"] == TOKEN
+    for obj in objs[1:]:
+        assert obj["metadata"]["namespace"] == REQUEST.namespace
+
+
+def test_the_addresses_are_the_platforms_services() -> None:
+    """porter, MLflow and the S3 store where deploy/kustomize puts them, the same as the pipelines'."""
+    objs = _render("dev")
+    for url, (namespace, service) in (
+        (profiles.PORTER_URL, ("monitoring", "porter-service")),
+        (profiles.MLFLOW_URL, ("mlflow", "mlflow")),
+        (profiles.S3_ENDPOINT_URL, ("mlflow", "mlflow-s3")),
+    ):
+        host, port = url.removeprefix("http://").split(":")
+        assert host == f"{service}.{namespace}.svc.cluster.local"
+        svc = _one(objs, "Service", service)
+        assert svc["metadata"]["namespace"] == namespace
+        assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    assert (profiles.PORTER_URL, profiles.MLFLOW_URL, profiles.S3_ENDPOINT_URL) == (
+        pipeline.PORTER_URL,
+        pipeline.MLFLOW_URL,
+        pipeline.S3_ENDPOINT,
+    )
+
+
+def test_print_shows_no_secret_and_bad_names_are_refused() -> None:
+    result = CliRunner().invoke(app, ["platform", "profile", "add", "alice@example.org"])
+    assert result.exit_code == 0, result.output
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert [d["kind"] for d in docs] == ["Profile", "PodDefault"]
+    for doc in docs:
+        _validate(doc)
+    assert docs[0]["metadata"]["name"] == "kubeflow-alice-example-org"
+    bad = CliRunner().invoke(app, ["platform", "profile", "add", "alice", "--namespace", "Alice_NS"])
+    assert bad.exit_code == 2
+    assert "--namespace" in bad.output
+    with pytest.raises(ConfigError, match="USER"):
+        profiles.ProfileRequest("alice; rm -rf /", "ok")
+
+
+FAKE_KUBECTL = textwrap.dedent(
+    """\
+    #!{python}
+    # A stand-in for kubectl at the process boundary: records argv and stdin, and answers like the
+    # cluster would. The namespace appears on the second `get namespace` (the profile controller).
+    import base64, json, os, sys
+    args = sys.argv[1:]
+    stdin = sys.stdin.read() if "-f" in args and "-" in args else ""
+    with open("{log}", "a") as log:
+        log.write(json.dumps({{"argv": args, "stdin": stdin}}) + "\\n")
+    state = "{state}"
+    seen = set(open(state).read().split()) if os.path.exists(state) else set()
+    def mark(word):
+        with open(state, "a") as f:
+            f.write(word + "\\n")
+    if args[:1] == ["apply"]:
+        for item in json.loads(stdin)["items"]:
+            mark(item["kind"] + "/" + item["metadata"]["name"])
+        sys.exit(0)
+    if args[:2] == ["get", "namespace"]:
+        if "asked-namespace" in seen:
+            print("namespace/" + args[2]); sys.exit(0)
+        mark("asked-namespace")
+        print('Error from server (NotFound): namespaces "x" not found', file=sys.stderr); sys.exit(1)
+    if args[2:4] == ["get", "secret"] and args[4] == "{porter_secret}":
+        if "Secret/{porter_secret}" in seen:
+            print("secret/x"); sys.exit(0)
+        print("Error from server (NotFound)", file=sys.stderr); sys.exit(1)
+    if args[2:4] == ["get", "secret"] and args[4] == "porter-secrets":
+        print(json.dumps({{"data": {{k: base64.b64encode(v.encode()).decode() for k, v in {s3}.items()}}}}))
+        sys.exit(0)
+    if args[2] == "exec":
+        mark("token-issued")
+        print("{token}"); sys.exit(0)
+    print("unexpected: " + " ".join(args), file=sys.stderr); sys.exit(3)
+    """
+)
+
+
+def _fake_kubectl(tmp_path: Path) -> tuple[Path, Path]:
+    log = tmp_path / "calls.jsonl"
+    exe = tmp_path / "kubectl"
+    exe.write_text(
+        FAKE_KUBECTL.format(
+            python=sys.executable,
+            log=log,
+            state=tmp_path / "state",
+            porter_secret=profiles.PORTER_SECRET,
+            s3=repr(S3_KEYS),
+            token=TOKEN,
+        )
+    )
+    exe.chmod(0o755)
+    return exe, log
+
+
+def _calls(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_apply_makes_the_profile_with_its_token_and_keys_never_on_a_command_line(tmp_path: Path) -> None:
+    exe, log = _fake_kubectl(tmp_path)
+    argv = ["platform", "profile", "add", "alice@example.org", "--apply", "--kubectl", str(exe)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    calls = _calls(log)
+    secrets = (TOKEN, *S3_KEYS.values())
+    for call in calls:
+        for value in secrets:
+            assert not any(value in arg for arg in call["argv"]), (
+                f"a secret on kubectl's command line: {call['argv']}"
+            )
+    for value in secrets:
+        assert value not in result.output, "a secret printed"
+    # the porter token is issued in porter's own container, for the profile's namespace as its user
+    (issue,) = [c["argv"] for c in calls if "exec" in c["argv"]]
+    assert issue == [
+        "-n",
+        "monitoring",
+        "exec",
+        "deploy/porter",
+        "-c",
+        "porter",
+        "--",
+        "cloudhpc",
+        "tokens",
+        "create",
+        "--user",
+        REQUEST.namespace,
+        "--role",
+        "user",
+    ]
+    applied = [item for c in calls if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]]
+    assert [o["kind"] for o in applied] == ["Profile", "Secret", "Secret", "PodDefault"], "Profile first"
+    for obj in applied:
+        _validate(obj)
+    by_name = {o["metadata"]["name"]: o for o in applied}
+    assert by_name["cloudhpc-porter"]["stringData"] == {
+        "CLOUDHPC_URL": profiles.PORTER_URL,
+        "CLOUDHPC_TOKEN": TOKEN,
+    }
+    assert by_name["cloudhpc-s3"]["stringData"] == S3_KEYS
+
+    # Again: the token Secret exists, so no second token is issued; the rest is re-applied.
+    log.write_text("")
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0, again.output
+    calls = _calls(log)
+    assert not [c for c in calls if "exec" in c["argv"]], "a token is issued once"
+    assert "exists, kept" in again.output
+
+
+def test_apply_says_which_step_failed(tmp_path: Path) -> None:
+    exe = tmp_path / "kubectl"
+    exe.write_text(
+        f"#!{sys.executable}\nimport sys\nprint('error: You must be logged in', file=sys.stderr)\nsys.exit(1)\n"
+    )
+    exe.chmod(0o755)
+    result = CliRunner().invoke(
+        app, ["platform", "profile", "add", "bob@example.org", "--apply", "--kubectl", str(exe)]
+    )
+    assert result.exit_code == 1
+    assert "kubectl apply Profile: error: You must be logged in" in result.output
