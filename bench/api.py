@@ -32,8 +32,15 @@ It also measures how fast a change crosses replicas: a `GET /jobs/{id}?wait=` lo
 replica, woken by an agent report posted to the other (LISTEN/NOTIFY), REPLICA_WAKES times.
 porter's own histogram is summed over the replicas' `/metrics`.
 
+A/B (`--ab SRC_A SRC_B`): POST throughput of two versions of porter's code, each a `src` directory
+(e.g. `git archive <commit> src | tar -x -C /tmp/before`; `src` for this tree), on PostgreSQL. Both
+porters run at the same time, each on its own schema, and their POST phases alternate (A B, then
+B A, ...) for `--rounds` rounds, so that load from other work on the machine falls on both alike;
+the figure to compare is the ratio of the medians, not the absolute rates.
+
 Run on the testbed machine:
-`python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both] [--replicas|--no-replicas]`.
+`python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both] [--replicas|--no-replicas]`,
+or `python bench/api.py --ab /tmp/before/src /tmp/after/src [--rounds 6]`.
 """
 
 from __future__ import annotations
@@ -63,8 +70,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.harness import free_port
 from tests.integration.stores import postgres_url, sqlite_url
-
-from cloudhpc.store import Store
 
 CLIENTS = 50
 GET_REQUESTS = 6000
@@ -293,10 +298,25 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.1)
 
 
+_SETUP_STORE = """
+import json, os
+from cloudhpc.store import Store
+store = Store(os.environ["BENCH_DATABASE"])
+store.migrate()
+tokens = [store.create_token("bench", "user"), store.create_token("bench-admin", "admin"),
+          store.create_token("bench", "agent", ["bench"])]
+store.close()
+print(json.dumps(tokens))
+"""
+
+
 @contextlib.contextmanager
-def porter(database: str, root: Path, *, replicas: int = 1, balanced: bool = False) -> Iterator[Porter]:
+def porter(
+    database: str, root: Path, *, replicas: int = 1, balanced: bool = False, source: Path | None = None
+) -> Iterator[Porter]:
     """`cloudhpc serve porter` on `database`, as `replicas` processes; with `balanced` (implied by
-    more than one) clients go through `tests/balancer.py`, a process of its own."""
+    more than one) clients go through `tests/balancer.py`, a process of its own. With `source` (a
+    `src` directory) the porters run that code instead of this tree's (`--ab`)."""
     ports = [free_port() for _ in range(replicas)]
     config = {
         "porter": {
@@ -315,16 +335,21 @@ def porter(database: str, root: Path, *, replicas: int = 1, balanced: bool = Fal
         },
     }
     (root / "cloudhpc.yaml").write_text(yaml.safe_dump(config))
-    store = Store(database)
-    try:
-        store.migrate()
-        token = store.create_token("bench", "user")
-        admin = store.create_token("bench-admin", "admin")
-        agent = store.create_token("bench", "agent", ["bench"])
-    finally:
-        store.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
     env["CLOUDHPC_LOG_LEVEL"] = "WARNING"
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())  # ahead of the editable install's path
+    # migrated and given its tokens by the same code as the porters (its migrations, with --ab);
+    # the URL, which holds the database password, goes in the environment, not on a command line
+    setup = subprocess.run(
+        [sys.executable, "-c", _SETUP_STORE],
+        env=env | {"BENCH_DATABASE": database},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token, admin, agent = json.loads(setup.stdout)
     serve = ["-m", "cloudhpc", "serve", "porter", "--config", str(root / "cloudhpc.yaml")]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     with contextlib.ExitStack() as stack:
@@ -434,6 +459,41 @@ def replica_section(kinds: list[str], result: dict[str, Any], labels: dict[str, 
     return clean
 
 
+async def _post_phase(server: Porter) -> float:
+    """One POST saturated phase (raw client): accepted jobs per second."""
+    phase = await run_phase(
+        "raw", server.url, server.token, POST_REQUESTS, lambda: ("POST", "/api/v1/jobs", JOB)
+    )
+    return phase.summary(201)["per_s"]
+
+
+def ab_section(sources: tuple[Path, Path], rounds: int) -> dict[str, Any]:
+    """POST jobs/s of porter running `sources` A and B, alternating phases (see --ab)."""
+    rates: dict[str, list[float]] = {"a": [], "b": []}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Porter] = {}
+        for name, src in zip(("a", "b"), sources, strict=True):
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-api-ab-{name}-")))
+            database = stack.enter_context(postgres_url(root))
+            servers[name] = stack.enter_context(porter(database, root, source=src))
+            asyncio.run(_post_phase(servers[name]))  # warm-up, not counted
+        for round_ in range(rounds):
+            for name in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                rates[name].append(asyncio.run(_post_phase(servers[name])))
+            print(f"round {round_ + 1}: A {rates['a'][-1]:6.1f}/s, B {rates['b'][-1]:6.1f}/s")
+    a, b = statistics.median(rates["a"]), statistics.median(rates["b"])
+    print(
+        f"POST saturated, PostgreSQL, raw client, medians of {rounds}: A ({sources[0]}) {a:.1f}/s, "
+        f"B ({sources[1]}) {b:.1f}/s; B/A {b / a:.2f}"
+    )
+    return {
+        "ab_sources": [str(src) for src in sources],
+        "ab_a_per_s": rates["a"],
+        "ab_b_per_s": rates["b"],
+        "ab_ratio_b_over_a": round(b / a, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
@@ -444,7 +504,21 @@ def main() -> None:
         default=True,
         help="also run one vs two porter replicas on PostgreSQL behind a balancer (raw client)",
     )
+    parser.add_argument(
+        "--ab",
+        type=Path,
+        nargs=2,
+        metavar=("SRC_A", "SRC_B"),
+        help="compare POST throughput of two src trees",
+    )
+    parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (with --ab)")
     args = parser.parse_args()
+    if args.ab is not None:
+        load_before = os.getloadavg()[0]
+        ab = ab_section((args.ab[0], args.ab[1]), args.rounds)
+        print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+        print(json.dumps({"bench": "api-ab", "clients": CLIENTS} | ab))
+        return
     stores = {"sqlite": sqlite_url, "postgres": postgres_url}
     chosen = list(stores) if args.store == "both" else [args.store]
     kinds = ["raw", "httpx"] if args.client == "both" else [args.client]

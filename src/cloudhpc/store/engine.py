@@ -44,6 +44,7 @@ from sqlalchemy.sql.expression import Executable
 from cloudhpc.exceptions import StoreError
 from cloudhpc.private_files import make_private_dirs, open_private_file
 from cloudhpc.store.models import Base
+from cloudhpc.store.notify import ChangeSender, take_notifications
 
 __all__ = ["DEFAULT_URL", "Database", "map_db_errors", "normalize_url", "utcnow"]
 
@@ -143,6 +144,9 @@ class Database:
         )
         self._reads = sessionmaker(read_engine, expire_on_commit=False)
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+        # The NOTIFYs of committed writes (PostgreSQL; see store/notify.py); its thread and
+        # connection start with the first write that notifies.
+        self._notifications = ChangeSender(self.url) if self.is_postgresql else None
 
     # -- engine ------------------------------------------------------------------------------
 
@@ -258,6 +262,11 @@ class Database:
         return self._engine
 
     @property
+    def notifications(self) -> ChangeSender | None:
+        """What sends the NOTIFYs of committed writes (PostgreSQL), for its counters; None on SQLite."""
+        return self._notifications
+
+    @property
     def is_postgresql(self) -> bool:
         return self.dialect == "postgresql"
 
@@ -265,8 +274,12 @@ class Database:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
+        """A write transaction; the keys it named with `notify_in` are notified once it committed."""
         with self._writes.begin() as session:
             yield session
+        keys = take_notifications(session)
+        if keys and self._notifications is not None:
+            self._notifications.send(keys)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -307,6 +320,8 @@ class Database:
             raise StoreError(f"migrating the job store ({self.dialect}) failed: {exc}") from exc
 
     def close(self) -> None:
+        if self._notifications is not None:
+            self._notifications.close()  # what was committed is still notified
         self._engine.dispose()
 
     def ping(self) -> bool:
