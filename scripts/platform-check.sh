@@ -3,6 +3,8 @@
 #   1. every pod is ready (or completed);
 #   2. MLflow answers, and creates and deletes an experiment;
 #   3. porter answers /healthz and /readyz, refuses a request without a token and accepts the admin token;
+#      over TLS on the VM's port 5443 too (what the submitter uses), where /metrics is not served;
+#      the network policies are in place;
 #   4. Prometheus scrapes porter (target up);
 #   5. Grafana has the cloudhpc dashboards provisioned;
 #   6. a test job through a configured HPC cluster completes (needs its submitter running).
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     --cluster) HPC_CLUSTER=${2:?--cluster needs a name}; shift ;;
     --no-job) RUN_JOB=0 ;;
     --job-timeout) JOB_TIMEOUT=${2:?--job-timeout needs seconds}; shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -106,9 +108,44 @@ check_porter() {
   [ "$code" = 401 ] || { fail "porter: a request without a token got HTTP $code, not 401"; return; }
   token=$(secret monitoring porter-tokens admin-token)
   [ -n "$token" ] || { fail "porter: no admin token in secret monitoring/porter-tokens (run scripts/platform-up.sh)"; return; }
-  curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$PORTER_PORT/api/v1/clusters" > "$TMP/clusters.json" ||
+  # the header from a file (curl -H @FILE): a token on curl's command line is readable in /proc
+  (umask 077; printf 'Authorization: Bearer %s\n' "$token" > "$TMP/auth")
+  curl -fsS -H "@$TMP/auth" "http://127.0.0.1:$PORTER_PORT/api/v1/clusters" > "$TMP/clusters.json" ||
     { fail "porter: the admin token was refused"; return; }
   ok "porter: healthy and ready; 401 without a token; clusters: $(python3 -c 'import json, sys; print(", ".join(c["name"] + (" (agent online)" if c["agent_online"] else "") for c in json.load(open(sys.argv[1]))["clusters"]) or "none yet")' "$TMP/clusters.json")"
+}
+
+# ---------------------------------------------------------------- 3b. porter over TLS, as the submitter sees it
+# The VM's port 5443 (kind's mapping -> NodePort porter-external -> the pod's tls container). The
+# certificate is checked against platform-up.sh's CA (which it issues for localhost too); with a
+# certificate of your own, check it from your machine against the name it was issued for.
+check_porter_tls() {
+  local ca=$HOME/.config/cloudhpc/platform-ca.pem url=https://127.0.0.1:5443 verify code
+  if [ -s "$ca" ]; then verify=(--cacert "$ca"); else verify=(--insecure); fi
+  curl -fsS "${verify[@]}" "$url/healthz" >/dev/null ||
+    { fail "porter over TLS: $url/healthz does not answer (kind port mapping, Service porter-external, secret porter-tls)"; return; }
+  code=$(curl -s "${verify[@]}" -o /dev/null -w '%{http_code}' "$url/metrics")
+  [ "$code" = 404 ] || { fail "porter over TLS: /metrics answered HTTP $code outside the cluster, not 404"; return; }
+  curl -fsS "${verify[@]}" -H "@$TMP/auth" "$url/api/v1/clusters" >/dev/null ||
+    { fail "porter over TLS: the admin token was refused"; return; }
+  if [ -s "$ca" ]; then
+    ok "porter over TLS: $url answers with a certificate of $ca; /metrics stays inside"
+  else
+    ok "porter over TLS: $url answers (certificate NOT checked here: yours; check it from your machine)"
+  fi
+}
+
+# ---------------------------------------------------------------- 3c. network policies
+check_network_policies() {
+  local ns missing=""
+  for ns in mlflow monitoring; do
+    kubectl -n "$ns" get networkpolicy default-deny-ingress >/dev/null 2>&1 || missing="$missing $ns"
+  done
+  if [ -n "$missing" ]; then
+    fail "network policies: no default-deny-ingress in:$missing"
+  else
+    ok "network policies: default-deny ingress in mlflow and monitoring, $(kubectl get networkpolicy -A --no-headers 2>/dev/null | awk '$1 == "mlflow" || $1 == "monitoring"' | wc -l) policies"
+  fi
 }
 
 # ---------------------------------------------------------------- 4. Prometheus
@@ -166,6 +203,8 @@ check_pods
 check_mlflow
 if kubectl get namespace monitoring >/dev/null 2>&1; then
   check_porter
+  check_porter_tls
+  check_network_policies
   check_prometheus
   check_grafana
   if [ "$RUN_JOB" = 1 ]; then check_job; fi

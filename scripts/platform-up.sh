@@ -451,7 +451,7 @@ wait_ready() {
 }
 
 # ---------------------------------------------------------------- tokens
-porter_cli() { kubectl -n monitoring exec deploy/porter -- cloudhpc "$@"; }
+porter_cli() { kubectl -n monitoring exec deploy/porter -c porter -- cloudhpc "$@"; }
 
 make_tokens() {
   [ "$MONITORING" = 1 ] || return 0
@@ -475,6 +475,14 @@ make_tokens() {
       --from-literal=CLOUDHPC_TOKEN="$token" >/dev/null
     log "token: pipeline token in secret $PIPELINE_NS/cloudhpc-porter (CLOUDHPC_URL, CLOUDHPC_TOKEN)"
   fi
+  # The pipelines' S3 keys (Secret cloudhpc-s3) and, in a Kubeflow profile, the PodDefault: what
+  # `cloudhpc platform profile add` makes for every further user (it keeps the token made above).
+  case "$ENV_NAME" in
+    kubeflow*) "$ROOT/.venv/bin/cloudhpc" platform profile add user@example.com --namespace "$PIPELINE_NS" \
+                 --apply --context "kind-$CLUSTER" >&2 ;;
+    standalone-kfp*) "$ROOT/.venv/bin/cloudhpc" platform profile add pipelines --namespace "$PIPELINE_NS" \
+                 --apply --secrets-only --context "kind-$CLUSTER" >&2 ;;
+  esac
   if [ ! -s "$dir/agent-token-$HPC_CLUSTER" ]; then
     mkdir -p "$dir"
     # The agent token's user owns the cluster (docs/security.md): the pipelines' user, so that

@@ -312,3 +312,19 @@ def test_apply_says_which_step_failed(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "kubectl apply Profile: error: You must be logged in" in result.output
+
+
+def test_secrets_only_makes_just_the_secrets(tmp_path: Path) -> None:
+    """Standalone Kubeflow Pipelines: steps run in `kubeflow`, which has no Profile or PodDefault CRD."""
+    exe, log = _fake_kubectl(tmp_path)
+    argv = ["platform", "profile", "add", "pipelines", "--namespace", "kubeflow", "--apply", "--secrets-only"]
+    result = CliRunner().invoke(app, [*argv, "--kubectl", str(exe)])
+    assert result.exit_code == 0, result.output
+    applied = [
+        item for c in _calls(log) if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]
+    ]
+    assert [(o["kind"], o["metadata"]["name"]) for o in applied] == [
+        ("Secret", profiles.PORTER_SECRET),
+        ("Secret", profiles.S3_SECRET),
+    ]
+    assert all(o["metadata"]["namespace"] == "kubeflow" for o in applied)

@@ -131,6 +131,14 @@ def profile_add(
     context: Annotated[str | None, typer.Option(help="kubectl context (default: the current one)")] = None,
     kubectl: Annotated[str, typer.Option(envvar="KUBECTL", help="the kubectl executable")] = "kubectl",
     wait: Annotated[float, typer.Option(help="seconds to wait for the profile's namespace")] = 300.0,
+    secrets_only: Annotated[
+        bool,
+        typer.Option(
+            "--secrets-only",
+            help="with --apply: only the two Secrets, in an existing namespace without a Profile "
+            "(standalone Kubeflow Pipelines: --namespace kubeflow)",
+        ),
+    ] = False,
 ) -> None:
     """A Kubeflow profile whose pipeline steps and notebooks reach porter, MLflow and the S3 store."""
     try:
@@ -152,6 +160,7 @@ def profile_add(
             request,
             Kubectl(kubectl, context),
             wait_seconds=wait,
+            secrets_only=secrets_only,
             on_event=lambda message: err.print(message, highlight=False),
         ):
             out.print(line, highlight=False)

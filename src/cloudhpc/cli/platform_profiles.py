@@ -153,16 +153,20 @@ def apply(
     kubectl: Kubectl,
     *,
     wait_seconds: float = 300.0,
+    secrets_only: bool = False,
     on_event: Callable[[str], None] = lambda message: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[str]:
     """Make the profile in the cluster; returns what was done, one line each. Idempotent: an existing
-    porter token Secret is kept (a new token is issued only when it is missing)."""
+    porter token Secret is kept (a new token is issued only when it is missing). `secrets_only`: only
+    the two Secrets, in a namespace that exists without a Profile (standalone Kubeflow Pipelines runs
+    its steps in `kubeflow`, and has neither the Profile nor the PodDefault CRD)."""
     done: list[str] = []
     ns = request.namespace
     profile, poddefault = render(request)
-    _apply(kubectl, [profile], "kubectl apply Profile")
-    done.append(f"profile {ns}: applied (owner {request.user})")
+    if not secrets_only:
+        _apply(kubectl, [profile], "kubectl apply Profile")
+        done.append(f"profile {ns}: applied (owner {request.user})")
     waited = 0.0
     while kubectl.run("get", "namespace", ns, "-o", "name").returncode != 0:
         if waited >= wait_seconds:
@@ -211,6 +215,9 @@ def apply(
     s3_keys = {key: base64.b64decode(data[key]).decode() for key in S3_KEYS}
     secrets += render(request, s3_keys=s3_keys)[2:]
     done.append(f"secret {ns}/{S3_SECRET}: the S3 identity of bucket cloudhpc")
+    if secrets_only:
+        _apply(kubectl, secrets, "kubectl apply Secrets")
+        return done
     _apply(kubectl, [*secrets, poddefault], "kubectl apply Secrets and PodDefault")
     done.append(f"poddefault {ns}/{PODDEFAULT}: pods labelled {PODDEFAULT}=true get both")
     return done
