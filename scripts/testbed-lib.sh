@@ -131,6 +131,8 @@ ClusterName=$2
 SlurmctldHost=$3
 AuthType=auth/munge
 CredType=cred/munge
+# a requeued job may start again cred_expire+1 s later (default 120): 30 keeps the requeue tests short
+AuthInfo=cred_expire=30
 SlurmUser=slurm
 SlurmdUser=root
 SlurmctldPort=6817

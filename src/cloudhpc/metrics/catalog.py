@@ -44,6 +44,14 @@ PORTER_METRICS: tuple[MetricSpec, ...] = (
         "porter",
     ),
     MetricSpec(
+        "cloudhpc_job_restarts_total",
+        "counter",
+        ("cluster",),
+        "Times SLURM ran a job again (requeue before the time limit, an operator's scontrol requeue, "
+        "preemption), summed over every job of the cluster",
+        "porter",
+    ),
+    MetricSpec(
         "cloudhpc_jobs_by_owner",
         "gauge",
         ("cluster", "owner", "state"),

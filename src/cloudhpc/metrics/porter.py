@@ -190,7 +190,9 @@ class PorterMetrics:
                 for s in JobState
             }
         )
-        return [jobs, tasks, owners, transitions, *per_job.values(), omitted, seen, bridges]
+        restarts = Family(spec("cloudhpc_job_restarts_total"))
+        restarts.add_values({(cluster,): count for cluster, count in self.store.restart_counts().items()})
+        return [jobs, tasks, restarts, owners, transitions, *per_job.values(), omitted, seen, bridges]
 
     def _counts(self, now: float) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]:
         """Jobs by (cluster, owner, state) and transitions by (cluster, from, to), both from the

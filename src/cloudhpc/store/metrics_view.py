@@ -241,6 +241,17 @@ class MetricsView(Database):
             return dict(counts)
 
     @map_db_errors
+    def restart_counts(self) -> dict[str, int]:
+        """Restarts (SLURM requeues) of all jobs per cluster, however old: a count that only grows."""
+        with self._read() as session:
+            rows = session.execute(
+                select(JobRow.cluster, func.sum(JobRow.restarts))
+                .where(JobRow.restarts > 0)
+                .group_by(JobRow.cluster)
+            )
+            return {cluster: int(total or 0) for cluster, total in rows}
+
+    @map_db_errors
     def transition_counts_by_cluster(self) -> dict[tuple[str, str, str], int]:
         """Recorded transitions per (cluster, from_state, to_state); creation is from "none".
 
