@@ -83,9 +83,11 @@ def test_sbatch_flags() -> None:
     paths = JobPaths(workdir="/w", job_id=uuid4())
     job = spec()
     argv = Sbatch(job_id=paths.job_id, paths=paths, resources=job.resources, checkpoint=job.checkpoint).argv()
-    assert argv[-4:-1] == ["--signal=B:USR1@30", "--requeue", "--open-mode=append"]
+    assert argv[-3:-1] == ["--signal=B:USR1@30", "--requeue"]
     plain = Sbatch(job_id=paths.job_id, paths=paths, resources=job.resources).argv()
-    assert not any(a.startswith(("--signal", "--requeue", "--open-mode")) for a in plain)
+    assert not any(a.startswith(("--signal", "--requeue")) for a in plain)
+    # every job's output is appended to: a requeue of any job (an operator's) keeps its first run
+    assert "--open-mode=append" in plain
 
 
 def test_restart_counts_parsed() -> None:

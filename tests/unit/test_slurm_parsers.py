@@ -101,6 +101,7 @@ def test_sbatch_argv_is_one_flag_per_element() -> None:
         f"--job-name=chpc-{JOB}",
         f"--chdir={PATHS.jobdir}",
         f"--output={PATHS.jobdir}/.cloudhpc/output.log",
+        "--open-mode=append",
         "--nodes=2",
         "--ntasks-per-node=4",
         "--cpus-per-task=2",
@@ -114,7 +115,7 @@ def test_sbatch_argv_is_one_flag_per_element() -> None:
 
 
 def test_sbatch_leaves_unset_resources_to_slurm() -> None:
-    assert Sbatch(JOB, PATHS).argv()[6:] == [PATHS.batch_script]
+    assert Sbatch(JOB, PATHS).argv()[7:] == [PATHS.batch_script]
     assert resource_flags(Resources(gpus_per_node=0)) == []
 
 

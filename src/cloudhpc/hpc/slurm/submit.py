@@ -92,8 +92,7 @@ class Sbatch:
     dependency: str | None = None
     """`afterok:12:13,afterany:14`, built by `domain.arrays.dependency_option` from SLURM ids."""
     checkpoint: CheckpointSpec | None = None
-    """Warn before the time limit and allow requeues: the output is appended to on every run, so
-    what the agent collected by offset before a requeue stays where it was."""
+    """Warn before the time limit (`--signal`) and make the job requeueable (`--requeue`)."""
 
     name = "sbatch"
 
@@ -107,7 +106,7 @@ class Sbatch:
             extra.append(f"--dependency={self.dependency}")
         if self.checkpoint is not None:
             checked = CheckpointSpec.model_validate(self.checkpoint.model_dump())
-            extra += [f"--signal={checked.slurm_signal()}", "--requeue", "--open-mode=append"]
+            extra += [f"--signal={checked.slurm_signal()}", "--requeue"]
         output = self.paths.task_output_pattern if self.array is not None else self.paths.output
         return [
             "sbatch",
@@ -116,6 +115,10 @@ class Sbatch:
             f"--job-name={job_name_for(self.job_id)}",
             f"--chdir={self.paths.jobdir}",
             f"--output={output}",
+            # SLURM truncates the output when it runs a job again (a requeue: the job's own, an
+            # operator's, a preemption) unless told to append: appended, every byte the agent
+            # collected by offset stays where it was (the job's directory is new: no old file)
+            "--open-mode=append",
             *resource_flags(self.resources),
             *extra,
             self.paths.batch_script,
