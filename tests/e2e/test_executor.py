@@ -23,6 +23,7 @@ from cloudhpc.domain.jobs import JobKind
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import RemoteCallError
 from cloudhpc.executor import Executor
+from tests.docs_blocks import load
 from tests.e2e.embedded import Embedded, serve_all
 from tests.e2e.harness import Deployment, running
 from tests.testbed import Testbed
@@ -126,6 +127,33 @@ def test_local_large_argument(local_executor: Executor) -> None:
 @pytest.mark.timeout(600)
 def test_local_as_completed(local_executor: Executor) -> None:
     check_as_completed(local_executor)
+
+
+@pytest.mark.timeout(600)
+def test_the_documented_example_runs(embedded: Embedded) -> None:
+    """docs/executor.md's first Python block, as a reader runs it: a script of its own, with
+    CLOUDHPC_URL and CLOUDHPC_TOKEN naming `serve all`."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "executor.md"
+    example = next(b for b in load(docs) if b.language == "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDHPC_")}
+    env |= {"CLOUDHPC_URL": embedded.url, "CLOUDHPC_TOKEN": embedded.token(), "CLUSTER": "local"}
+    run = subprocess.run(
+        [sys.executable, "-c", example.text],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "-> 9592" in run.stdout
+    assert sorted(line for line in run.stdout.splitlines() if line.startswith("primes:")) == [
+        "primes: 168",
+        "primes: 25",
+        "primes: 4",
+    ]
+    assert "ZeroDivisionError division by zero" in run.stdout
+    assert "in fails" in run.stdout  # the remote traceback's frame
 
 
 # ---- the testbed's SLURM -----------------------------------------------------------------------
