@@ -755,10 +755,15 @@ class AsyncClient(_Base):
         return await self._send(_me())
 
 
+CLI_RETRIES = RetryPolicy(attempts=3, initial=0.3, maximum=1.0)
+"""A command retries for about a second only: a person (or a script, on exit code 69) is waiting,
+and can run it again; the SDK's default rides out a porter restart (~8 s)."""
+
+
 def default_client(url: str | None = None, token: str | None = None) -> Client:
     """A client for the CLI: CLOUDHPC_URL / CLOUDHPC_TOKEN, else the admin token of `serve all`."""
     if token is None and not os.environ.get("CLOUDHPC_TOKEN"):
         candidate = Path(".cloudhpc/admin-token")
         if candidate.exists():
             token = candidate.read_text().strip()
-    return Client(url, token)
+    return Client(url, token, retries=CLI_RETRIES)

@@ -51,9 +51,17 @@ class RetryPolicy:
             "wait": tenacity.wait_exponential(multiplier=self.initial, max=self.maximum)
             + tenacity.wait_random(0, self.initial),
             "retry": tenacity.retry_if_exception(retry_on),
-            "before_sleep": tenacity.before_sleep_log(log, logging.WARNING),
+            "before_sleep": self._say_retrying,
             "reraise": True,  # the last error itself, not tenacity's RetryError around it
         }
+
+    def _say_retrying(self, state: tenacity.RetryCallState) -> None:
+        """One line before each wait: what failed (the error names porter's URL, never a token)."""
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s; retrying in %.1f s (attempt %d of %d)", error, wait, state.attempt_number + 1, self.attempts
+        )
 
     def blocking(self, retry_on: Callable[[BaseException], bool]) -> tenacity.Retrying:
         """For `for attempt in policy.blocking(...): with attempt: ...` in blocking code."""

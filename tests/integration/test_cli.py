@@ -400,6 +400,25 @@ def test_clusters_list(cli: Cli) -> None:
     assert "testbed" in table.stdout
 
 
+def test_output_yaml_is_the_json_document(cli: Cli, tmp_path: Path) -> None:
+    """`-o yaml` (#14 item 8) prints the same document as `-o json`, for a job, a list and clusters."""
+    script = write(tmp_path / "hello.sh", "echo hello\n")
+    job = cli.json(
+        "jobs", "submit", "--name", "yaml", "--cluster", "local", "--script", str(script), "--wait"
+    )
+    for args in (("jobs", "get", job["id"]), ("jobs", "list", "--name", "yaml"), ("clusters", "list")):
+        as_yaml = cli(*args, "-o", "yaml")
+        assert as_yaml.exit_code == 0, as_yaml.output
+        assert not as_yaml.stdout.lstrip().startswith(("{", "[")), as_yaml.stdout[:80]  # YAML's block style
+        document = yaml.safe_load(as_yaml.stdout)
+        if args[:2] == ("clusters", "list"):  # agent_last_seen moves between the two calls
+            document = [{k: v for k, v in c.items() if k != "agent_last_seen"} for c in document]
+            expected = [{k: v for k, v in c.items() if k != "agent_last_seen"} for c in cli.json(*args)]
+        else:
+            expected = cli.json(*args)
+        assert document == expected, args
+
+
 # ---- refusals and errors -----------------------------------------------------------------------
 
 

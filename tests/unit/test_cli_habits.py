@@ -163,3 +163,35 @@ def test_exit_codes_are_distinct() -> None:
     assert unreachable.returncode == ExitCode.UNAVAILABLE, unreachable.stderr
     assert "cannot reach porter at http://127.0.0.1:9" in unreachable.stderr
     assert run("jobs", "list", "--no-such-option").returncode == ExitCode.USAGE
+
+
+def test_every_command_with_json_output_has_yaml_too() -> None:
+    """`-o yaml` (#14 item 8) wherever `-o` is offered: every command's `output` parameter is the
+    one shared option (`cli.options.Output`), whose choices are table, json and yaml."""
+    import typing
+
+    import typer
+
+    from cloudhpc.cli.main import app
+    from cloudhpc.cli.options import Output
+
+    def callbacks(group: typer.Typer, path: str) -> list[tuple[str, typing.Any]]:
+        found = [(f"{path} {c.name or c.callback.__name__}", c.callback) for c in group.registered_commands]
+        for sub in group.registered_groups:
+            assert sub.typer_instance is not None
+            found += callbacks(sub.typer_instance, f"{path} {sub.name}")
+        return found
+
+    with_output = []
+    for path, callback in callbacks(app, "cloudhpc"):
+        hints = typing.get_type_hints(callback, include_extras=True)
+        if "output" in hints:
+            with_output.append(path)
+            assert typing.get_args(hints["output"])[0] is Output, path
+    assert {o.value for o in Output} == {"table", "json", "yaml"}
+    assert {
+        "cloudhpc jobs get",
+        "cloudhpc jobs list",
+        "cloudhpc clusters list",
+        "cloudhpc bridge list",
+    } <= set(with_output)
