@@ -3,7 +3,7 @@
 The rendered objects are validated: the Secrets against the Kubernetes 1.31 schemas
 (kubernetes-validate, strict); `Profile` (kubeflow.org/v1) and `PodDefault` (kubeflow.org/v1alpha1)
 are CRDs that kubernetes-validate does not know, so against minimal schemas of our own below, written
-from the CRDs' fields (owner; selector, desc, env, envFrom) with no other field allowed: they catch a
+from the CRDs' fields (owner; selector, desc, env with values or secretKeyRef) with no other field allowed: they catch a
 misspelt or misplaced field, not every rule of the real CRDs. `--apply` runs against a stand-in
 `kubectl` executable, the command's only interface to the cluster, which records each call's argv and
 stdin, so the test sees where secret values travel.
@@ -30,28 +30,27 @@ from cloudhpc.pipelines.fmnist import pipeline
 from tests.unit.test_deploy import K8S_VERSION, _one, _render
 
 _NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+_SECRET_KEY_REF = {
+    "type": "object",
+    "required": ["secretKeyRef"],
+    "additionalProperties": False,
+    "properties": {
+        "secretKeyRef": {
+            "type": "object",
+            "required": ["name", "key"],
+            "additionalProperties": False,
+            "properties": {"name": _NAME, "key": {"type": "string"}},
+        }
+    },
+}
 _ENV = {
     "type": "array",
     "items": {
         "type": "object",
-        "required": ["name", "value"],
+        "required": ["name"],
+        "oneOf": [{"required": ["value"]}, {"required": ["valueFrom"]}],
         "additionalProperties": False,
-        "properties": {"name": {"type": "string"}, "value": {"type": "string"}},
-    },
-}
-_ENV_FROM = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "secretRef": {
-                "type": "object",
-                "required": ["name"],
-                "additionalProperties": False,
-                "properties": {"name": _NAME},
-            }
-        },
+        "properties": {"name": {"type": "string"}, "value": {"type": "string"}, "valueFrom": _SECRET_KEY_REF},
     },
 }
 PROFILE_SCHEMA = {
@@ -109,7 +108,6 @@ PODDEFAULT_SCHEMA = {
                     },
                 },
                 "env": _ENV,
-                "envFrom": _ENV_FROM,
             },
         },
     },
@@ -141,9 +139,14 @@ def test_rendered_objects_validate_and_fit_each_other() -> None:
         "Secret/cloudhpc-s3",
     }
     poddefault = kinds["PodDefault/access-cloudhpc"]
-    assert {ref["secretRef"]["name"] for ref in poddefault["spec"]["envFrom"]} == {
-        "cloudhpc-porter",
-        "cloudhpc-s3",
+    # every key of both Secrets, each from the Secret that holds it
+    refs = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in poddefault["spec"]["env"]
+        if "valueFrom" in e
+    }
+    assert refs == {
+        (o["metadata"]["name"], key) for o in objs if o["kind"] == "Secret" for key in o["stringData"]
     }
     # the names the example pipelines read (kfp-kubernetes use_secret_as_env), with their keys
     assert (pipeline.TOKEN_SECRET, pipeline.S3_SECRET) == (profiles.PORTER_SECRET, profiles.S3_SECRET)

@@ -54,6 +54,7 @@ S3_ENDPOINT_URL = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
 # Where porter runs, and the Secret with its S3 identity (deploy/kustomize/porter).
 PORTER_NAMESPACE = "monitoring"
 PORTER_S3_SECRET = "porter-secrets"  # noqa: S105 -- a Secret's name
+PORTER_KEYS = ("CLOUDHPC_URL", "CLOUDHPC_TOKEN")
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -121,8 +122,13 @@ def render(
             "spec": {
                 "desc": "cloudhpc: porter token, S3 keys, MLflow",
                 "selector": {"matchLabels": {PODDEFAULT: "true"}},
-                "envFrom": [{"secretRef": {"name": PORTER_SECRET}}, {"secretRef": {"name": S3_SECRET}}],
+                # env with secretKeyRef (what every PodDefault example uses), not envFrom
                 "env": [
+                    *(
+                        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                        for secret, keys in ((PORTER_SECRET, PORTER_KEYS), (S3_SECRET, S3_KEYS))
+                        for key in keys
+                    ),
                     {"name": "MLFLOW_TRACKING_URI", "value": MLFLOW_URL},
                     {"name": "AWS_ENDPOINT_URL_S3", "value": S3_ENDPOINT_URL},
                 ],
@@ -130,7 +136,7 @@ def render(
         },
     ]
     if token is not None:
-        objs.append(_secret(ns, PORTER_SECRET, {"CLOUDHPC_URL": PORTER_URL, "CLOUDHPC_TOKEN": token}))
+        objs.append(_secret(ns, PORTER_SECRET, dict(zip(PORTER_KEYS, (PORTER_URL, token), strict=True))))
     if s3_keys is not None:
         objs.append(_secret(ns, S3_SECRET, {key: s3_keys[key] for key in S3_KEYS}))
     return objs
