@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from cloudhpc.client import ApiError, Client, LogChunk, default_client
+    from cloudhpc.client import ApiError, AsyncClient, Client, LogChunk, default_client
     from cloudhpc.domain.jobs import (
         Bridge,
         Environment,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from cloudhpc.executor import Executor
 
 _HOMES = {
-    "cloudhpc.client": ("ApiError", "Client", "LogChunk", "default_client"),
+    "cloudhpc.client": ("ApiError", "AsyncClient", "Client", "LogChunk", "default_client"),
     "cloudhpc.domain.jobs": (
         "Bridge",
         "Environment",
@@ -56,6 +56,7 @@ _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "ApiError",
+    "AsyncClient",
     "Bridge",
     "Client",
     "CloudHPCError",
