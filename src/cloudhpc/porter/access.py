@@ -44,7 +44,15 @@ async def usable_clusters(state: PorterState, principal: Principal, names: list[
 
 async def require_cluster(state: PorterState, principal: Principal, cluster: str) -> None:
     """404 naming `cluster` when it is unknown or not the principal's to use: the two answers are the
-    same on purpose, so cluster names cannot be probed."""
+    same on purpose, so cluster names cannot be probed.
+
+    A configured cluster that the principal may use without its owners (an admin, or the
+    `porter.access` rules allow it) needs nothing from the store: every `POST /jobs` asks, and the
+    two reads (agents seen, clusters' owners) were two worker-thread hops and round trips each
+    (#12: POST on PostgreSQL). Owners only ever add to who may use a cluster, so the answer is the
+    one the full check below gives; everything else, and every 404 with its list, takes that."""
+    if cluster in state.settings.clusters and may_use(principal, cluster, {}, state.settings.porter.access):
+        return
     known = await state.known_clusters()
     usable = await usable_clusters(state, principal, known)
     if cluster not in usable:
