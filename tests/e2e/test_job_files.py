@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def check_browsing(client: Client, job: Job, other: Job | None) -> None:
     assert refused(client, job, "nothing-here").status == 404
 
 
-def check_outputs(client: Client, job: Job) -> None:
+def check_outputs(client: Client, job: Job, token: str) -> None:
     artifacts = {a.name for a in client.artifacts(job)}
     expected = {
         "outputs/with space.txt": "space\n",
@@ -146,6 +147,12 @@ def check_outputs(client: Client, job: Job) -> None:
     assert {n for n in artifacts if n.startswith("outputs/")} == set(expected), artifacts
     for name, content in expected.items():
         assert client.download_artifact(job, name) == content.encode(), name
+    # the listed links too: presigned S3 URLs as they are, porter's own route with the token
+    for artifact in client.artifacts(job):
+        if artifact.name in expected:
+            fetched = httpx.get(artifact.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert fetched.status_code == 200, (artifact.name, artifact.url, fetched.text[:200])
+            assert fetched.content == expected[artifact.name].encode(), artifact.name
     report = json.loads(client.download_artifact(job, "outputs.json"))
     skipped = {s["path"]: s["reason"] for s in report["skipped"]}
     assert "outside the job directory" in skipped["escape.txt"]
@@ -154,14 +161,16 @@ def check_outputs(client: Client, job: Job) -> None:
     assert report["bytes"] == sum(len(c.encode()) for c in expected.values())
 
 
-def run_and_check(client: Client, submit: Callable[[dict[str, Any]], Job], other: Job | None) -> Job:
+def run_and_check(
+    client: Client, token: str, submit: Callable[[dict[str, Any]], Job], other: Job | None
+) -> Job:
     job = submit({"name": "files", "script": script(other, hold=10), "outputs": PATTERNS})
     wait_for(lambda: client.get(job).state == JobState.RUNNING and "ready" in names(client, job))
     check_browsing(client, job, other)  # running
     assert client.wait(job, timeout=TIMEOUT).state == JobState.COMPLETED
     check_browsing(client, job, other)  # ended
     wait_for(lambda: "outputs.json" in {a.name for a in client.artifacts(job)})
-    check_outputs(client, job)
+    check_outputs(client, job, token)
     return job
 
 
@@ -174,6 +183,7 @@ def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
         tmp_path / "deploy",
         testbed,
         f"sqlite:///{tmp_path / 'state.db'}",
+        object_store=f"s3://{testbed.s3_bucket}/job-files-{uuid.uuid4().hex[:8]}",  # presigned links
         porter_settings={"agent_query_wait": 3},
     )
     data = yaml.safe_load(dep.config.read_text())
@@ -191,7 +201,7 @@ def test_files_and_outputs_on_slurm(deployment: Deployment) -> None:
 
         other = submit({"name": "other", "script": "touch ready\n"})
         assert client.wait(other, timeout=TIMEOUT).state == JobState.COMPLETED
-        job = run_and_check(client, submit, other)
+        job = run_and_check(client, deployment.user_token, submit, other)
 
         # the CLI: a listing as a table and as JSON, a file printed as is
         env = {
@@ -238,4 +248,4 @@ def test_files_and_outputs_on_the_local_backend(tmp_path: Path) -> None:
 
         other = submit({"name": "other", "script": "touch ready\n"})
         assert client.wait(other, timeout=TIMEOUT).state == JobState.COMPLETED
-        run_and_check(client, submit, other)
+        run_and_check(client, embedded.token(), submit, other)

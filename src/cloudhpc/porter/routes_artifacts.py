@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
+from urllib.parse import quote
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Request
@@ -68,7 +69,9 @@ async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipa
             log.warning("job %s: artifact %r left out of the listing: %s", job.id, key, exc)
             continue
         if not url.startswith(("https://", "http://")):
-            url = str(request.url_for("download_artifact", job_id=str(job.id), name=name))
+            # quoted: Starlette puts the value in the path as it is, and a collected output's
+            # name may hold `%`, `?`, `#` or spaces (`outputs/100%25.txt`)
+            url = str(request.url_for("download_artifact", job_id=str(job.id), name=quote(name, safe="/")))
         items.append({"name": name, "key": key, "url": url})
     return {"artifacts": items}
 
