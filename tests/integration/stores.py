@@ -5,6 +5,9 @@ PostgreSQL) and object stores (a fresh prefix of the testbed's S3 bucket)."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import uvicorn
+from fastapi import FastAPI
 
 from cloudhpc.storage import LocalObjectStore, ObjectStore
 from cloudhpc.storage.s3 import S3ObjectStore
@@ -98,3 +103,25 @@ def store_url(objects: ObjectStore) -> str:
 def object_url(objects: ObjectStore, key: str) -> str:
     """The URL of the object `key` of `objects`."""
     return f"{store_url(objects).rstrip('/')}/{key}"
+
+
+@contextlib.contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """`app` under uvicorn on a loopback port for the block (the real HTTP path: chunked bodies,
+    the app-wide body limit); yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "porter did not start"
+        assert time.monotonic() < deadline, "porter did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

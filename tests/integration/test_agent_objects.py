@@ -9,15 +9,11 @@ limit), over a local directory or the testbed's S3; the agent side is `PorterFil
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from cloudhpc.config import PorterConfig, Settings
 from cloudhpc.domain.jobs import Job, JobSpec
@@ -28,7 +24,7 @@ from cloudhpc.storage import LocalObjectStore, ObjectStore
 from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.store import Store
 from cloudhpc.submitter.porter_objects import PorterArtifactWriter, PorterFileFetcher, PorterObjects
-from tests.integration.stores import object_url, store_url
+from tests.integration.stores import object_url, served, store_url
 
 CAP = 16 << 20
 """The artifact cap in these tests (porter's default is 1 GiB): above the 8 MiB app-wide limit,
@@ -55,22 +51,8 @@ def porter(
     monkeypatch.setattr(routes_agent_objects, "MAX_ARTIFACT_BYTES", CAP)
     settings = Settings(porter=PorterConfig(object_store=store_url(objects)))
     app = create_app(settings, store=store, object_store=objects)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "porter did not start"
-        assert time.monotonic() < deadline, "porter did not start"
-        time.sleep(0.05)
-    try:
-        yield Porter(f"http://127.0.0.1:{port}", store, objects)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    with served(app) as url:
+        yield Porter(url, store, objects)
 
 
 def job_with(store: Store, owner: str, files: dict[str, str]) -> Job:
