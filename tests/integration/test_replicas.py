@@ -11,12 +11,18 @@ with a real submitter on the testbed's SLURM, and kills one replica with `kill -
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +37,7 @@ from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
+from cloudhpc.porter.state import PorterState
 from cloudhpc.store import Store
 from cloudhpc.store.notify import ChangeListener, cluster_key, job_key
 from tests.balancer import balancing
@@ -52,31 +59,38 @@ def pg_url(tmp_path: Path) -> Iterator[str]:
 
 
 class Replica:
-    def __init__(self, client: TestClient, user: str, agent: str) -> None:
+    def __init__(self, client: TestClient, user: str, agent: str, state: PorterState) -> None:
         self.client = client
         self.user = {"Authorization": f"Bearer {user}"}
         self.agent = {"Authorization": f"Bearer {agent}"}
+        self.state = state
 
 
-@pytest.fixture
-def replicas(pg_url: str) -> Iterator[tuple[Replica, Replica]]:
-    """Two porter apps on one database, re-checking the store only once a minute."""
-    with open_store(pg_url) as admin:
+@contextmanager
+def two_replicas(url: str) -> Iterator[tuple[Replica, Replica]]:
+    """Two porter apps on the database at `url`, re-checking the store only once a minute."""
+    with open_store(url) as admin:
         user = admin.create_token("alice", "user")
         agent = admin.create_token("agent-local", "agent", ["local"])
     settings = Settings.model_validate({"porter": {"access": {"clusters": {"local": {"users": ["alice"]}}}}})
     with ExitStack() as stack:
         out = []
         for _ in range(2):
-            store = Store(pg_url)
+            store = Store(url)
             stack.callback(store.close)
             app = create_app(settings, store=store)
             app.state.porter.recheck_interval = 60.0
             client = stack.enter_context(TestClient(app))
             assert app.state.porter.listener is not None
             assert app.state.porter.listener.connected
-            out.append(Replica(client, user, agent))
+            out.append(Replica(client, user, agent, app.state.porter))
         yield out[0], out[1]
+
+
+@pytest.fixture
+def replicas(pg_url: str) -> Iterator[tuple[Replica, Replica]]:
+    with two_replicas(pg_url) as pair:
+        yield pair
 
 
 def _timed(call: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -103,7 +117,12 @@ def test_a_submission_on_one_replica_wakes_the_agent_poll_on_the_other(
 
 
 def test_a_report_on_one_replica_wakes_a_job_wait_on_the_other(replicas: tuple[Replica, Replica]) -> None:
-    a, b = replicas
+    _reports_wake_waits_across(*replicas)
+
+
+def _reports_wake_waits_across(a: Replica, b: Replica) -> None:
+    """A job submitted on `a` and reported through its states on `a`: each report wakes a
+    `GET /jobs/{id}?wait=` parked on `b` within QUICK."""
     job = a.client.post("/api/v1/jobs", json=BATCH, headers=a.user).json()
     work = a.client.get("/api/v1/agent/work", params={"cluster": "local", "agent": "a1"}, headers=a.agent)
     assert [j["id"] for j in work.json()["jobs"]] == [job["id"]]
@@ -307,6 +326,95 @@ async def test_the_sender_reconnects_when_its_connection_dies(pg_url: str, liste
         assert ended == [(True,)]
         store.create_job("alice", JobSpec.model_validate({**BATCH, "cluster": "second"}))
         await _heard(listening, {cluster_key("second")})
+
+
+PGBIN = Path("/usr/lib/postgresql/15/bin")
+"""The testbed's PostgreSQL binaries (scripts/testbed-lib.sh); a cluster of our own is started from them."""
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of this test's own (the testbed's is shared with every other test), run
+    as the `postgres` user from a fresh data directory on a free port; stopped and started by the
+    postmaster's PID, as a server restart happens."""
+
+    def __init__(self, root: Path) -> None:
+        self.data = root / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._server: subprocess.Popen[bytes] | None = None
+        root.chmod(0o755)  # the postgres user reaches its data directory through it
+        self.data.mkdir(mode=0o700)
+        shutil.chown(self.data, "postgres", "postgres")
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", str(PGBIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8"],
+            cwd="/", check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        log = (self.data.parent / "server.log").open("ab")
+        self._server = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", str(PGBIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data}"],
+            cwd="/", stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(psycopg.OperationalError):
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            assert self._server.poll() is None, (self.data.parent / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "own PostgreSQL did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT to the postmaster): every session is ended, as in a restart."""
+        if self._server is None:
+            return
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGINT)
+        self._server.wait(timeout=60)
+        self._server = None
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="chpc-own-pg-"))
+    server = OwnPostgres(root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_replicas_carry_on_across_a_real_postgresql_restart(own_postgres: OwnPostgres) -> None:
+    """PostgreSQL itself restarted under two replicas: each replica's LISTEN connection and NOTIFY
+    sender reconnect, the pools drop their dead connections, and afterwards a report on one replica
+    wakes a wait on the other within QUICK again (not at the minute-long re-check)."""
+    with open_store(own_postgres.url):
+        pass
+    with two_replicas(own_postgres.url) as (a, b):
+        _reports_wake_waits_across(a, b)
+        own_postgres.stop()
+        own_postgres.start()
+        deadline = time.monotonic() + 30
+        for replica in (a, b):
+            listener = replica.state.listener
+            assert listener is not None
+            while not (listener.connected and listener.connects >= 2):
+                assert time.monotonic() < deadline, "a listener did not reconnect"
+                time.sleep(0.1)
+        # the first request on each replica may meet a pooled connection the restart ended: a 503
+        for replica in (a, b):
+            while (answer := replica.client.get("/api/v1/jobs", headers=replica.user)).status_code != 200:
+                assert answer.status_code == 503, answer.text
+                assert time.monotonic() < deadline, "the store did not come back"
+                time.sleep(0.2)
+        _reports_wake_waits_across(a, b)
+        _reports_wake_waits_across(b, a)
 
 
 # -- two real porter processes behind a balancer, a real agent on the testbed's SLURM ------------
