@@ -1254,3 +1254,29 @@ def test_the_remaining_forwards_run_as_a_restarting_systemd_unit() -> None:
     )
     assert "tmux" not in (REPO / "docs" / "platform.md").read_text()
     assert "tmux" not in (REPO / "docs" / "submitter.md").read_text()
+
+
+def test_the_laptops_metrics_tunnel_is_a_restarting_unit_too() -> None:
+    """The forward left on the submitter's machine (docs/platform.md section 9): ssh exits when the
+    forward fails or the VM stops answering, and systemd restarts it; the documented address file
+    feeds the `-R` bind."""
+    unit = (DEPLOY / "systemd" / "cloudhpc-submitter-metrics.service").read_text()
+    service = dict(
+        line.split("=", 1)
+        for line in unit.split("[Service]")[1].split("[Install]")[0].splitlines()
+        if "=" in line
+    )
+    assert service["Restart"] == "always"
+    argv = service["ExecStart"].split()
+    assert argv[:2] == ["/usr/bin/ssh", "-N"]
+    for option in ("BatchMode=yes", "ExitOnForwardFailure=yes", "ServerAliveInterval=15"):
+        assert option in argv, option
+    assert "${VM_PRIVATE_ADDRESS}:5556:127.0.0.1:5556" in argv
+    assert service["EnvironmentFile"] == "%h/.config/cloudhpc/submitter-metrics.env"
+    doc = (REPO / "docs" / "platform.md").read_text()
+    assert (
+        "printf 'VM_PRIVATE_ADDRESS=%s\\n' <VM private address> > ~/.config/cloudhpc/submitter-metrics.env"
+        in doc
+    )
+    service_port = _one(_render("dev"), "Service", "cloudhpc-submitter")["spec"]["ports"][0]["port"]
+    assert service_port == 5556
