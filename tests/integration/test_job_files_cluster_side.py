@@ -97,3 +97,16 @@ def test_outputs_within_their_bounds(jobdir: Path) -> None:
     )
     assert [f.relative for f in found] == ["results/a.csv"]
     assert "over the limit of 1 files" in {s.path: s.reason for s in report.skipped}["results/b.csv"]
+
+
+def test_a_walk_over_its_bound_stops_and_says_so(jobdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(20):
+        (jobdir / "results" / f"many-{i:02d}.csv").write_text("x")
+    (jobdir / "results" / "deeper").mkdir()
+    (jobdir / "results" / "deeper" / "late.csv").write_text("x")
+    monkeypatch.setattr(job_files, "MAX_WALK_ENTRIES", 12)
+    found, report = run(
+        job_files.find_outputs(LocalRunner(), str(jobdir), ["**/*.csv"], max_bytes=10**6, max_files=1000)
+    )
+    assert "the search stopped after 12 directory entries" in {s.path: s.reason for s in report.skipped}[""]
+    assert "results/deeper/late.csv" not in [f.relative for f in found]  # not listed once stopped

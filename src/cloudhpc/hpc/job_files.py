@@ -21,7 +21,7 @@ import base64
 import os
 import posixpath
 import stat as stat_mode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
@@ -191,19 +191,26 @@ class FoundOutput:
 
 @dataclass
 class _Walk:
+    """One collection's directory listings: each directory listed once (a `**` pattern and the
+    patterns after it ask again), all of them together at most `MAX_WALK_ENTRIES` entries."""
+
     access: DirectoryAccess
     root: str
     seen: int = 0
     stopped: bool = False
+    listed: dict[str, list[tuple[str, Stat]]] = field(default_factory=dict)
 
     async def entries(self, directory: str) -> list[tuple[str, Stat]]:
+        if directory in self.listed:
+            return self.listed[directory]
         if self.stopped:
             return []
-        listed = await self.access.listdir(directory)
+        listed = sorted(await self.access.listdir(directory))
         self.seen += len(listed)
         if self.seen > MAX_WALK_ENTRIES:
             self.stopped = True
-        return sorted(listed)
+        self.listed[directory] = listed
+        return listed
 
 
 async def find_outputs(
