@@ -59,7 +59,7 @@ def _cloudpickle() -> Any:
     """cloudpickle, imported when a call is pickled: the light install does not have it."""
     try:
         import cloudpickle
-    except ModuleNotFoundError as exc:  # pragma: no cover - the test extra has it
+    except ModuleNotFoundError as exc:  # the light install (tests/integration/test_light_install.py)
         raise ModuleNotFoundError(
             "cloudhpc.Executor pickles functions with cloudpickle: pip install 'cloudhpc[executor]'"
         ) from exc

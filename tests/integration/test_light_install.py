@@ -65,6 +65,11 @@ try:
     client.get("00000000-0000-0000-0000-000000000000")
 except cloudhpc.ApiError as exc:
     assert exc.status == 0, exc  # nothing listens there: an ApiError, not an import error
+try:  # the Executor imports, and says which extra pickles functions when it is missing
+    cloudhpc.Executor(cluster="local", client=client).submit(print, 1)
+    raise AssertionError("submitted without cloudpickle")
+except ModuleNotFoundError as exc:
+    assert "pip install 'cloudhpc[executor]'" in str(exc), exc
 client.close()
 import cloudhpc.config, cloudhpc.cli.main
 print(sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1:]))
