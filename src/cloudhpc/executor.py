@@ -50,6 +50,9 @@ CALL_FILE = "cloudhpc-call.pkl"
 RESULT_WAIT = 120.0
 """How long after its end a job that ran may take to show its `result.pkl` (the agent stores it
 with the output log, after the poller saw the end) before the future fails with `NoResult`."""
+OUTPUT_GRACE = 10.0
+"""The agent stores the outcome and the output log together when a job ends: once the log is there,
+an outcome still missing after this long was never written (the job was killed: time limit, memory)."""
 _RESULT_FORMAT = 1
 _VERSION = re.compile(r"^3\.[0-9]{1,2}$")
 _SPEC_FIELDS = frozenset({"name", "environment", "env", "files"})
@@ -125,8 +128,8 @@ class PythonJob(concurrent.futures.Future[Any]):
 
     def output(self) -> str:
         """What the function printed (the job's, or the array task's, stored output)."""
-        name = "output.log" if self.task is None else f"tasks/{self.task}/output.log"
-        return self._executor.client.download_artifact(self.job_id, name).decode(errors="replace")
+        data = self._executor.client.download_artifact(self.job_id, _output_name(self.task))
+        return data.decode(errors="replace")
 
 
 class Executor:
@@ -266,7 +269,11 @@ class Executor:
                 self._complete(future, self.client.download_artifact(job.id, name))
             elif job.state == JobState.CANCELLED:
                 super(PythonJob, future).cancel()
-            elif never_ran or waited > RESULT_WAIT:
+            elif (
+                never_ran
+                or waited > RESULT_WAIT
+                or (_output_name(future.task) in stored and waited > OUTPUT_GRACE)
+            ):
                 reason = f": {job.reason}" if job.reason else ""
                 _finish(
                     future,
@@ -313,6 +320,12 @@ def rebuild_exception(outcome: dict[str, Any], job_id: str) -> BaseException:
         return remote
     exc.__cause__ = remote
     return exc
+
+
+def _output_name(task: int | None) -> str:
+    """The artifact name of the job's output (`storage.artifacts.output_name`, which the light
+    install cannot import)."""
+    return "output.log" if task is None else f"tasks/{task}/output.log"
 
 
 def _finish(future: PythonJob, *, value: Any = None, exc: BaseException | None = None) -> None:

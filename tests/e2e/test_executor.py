@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from cloudhpc.client import Client
 from cloudhpc.domain.jobs import JobKind
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import RemoteCallError
+from cloudhpc.exceptions import NoResult, RemoteCallError
 from cloudhpc.executor import Executor
 from tests.docs_blocks import load
 from tests.e2e.embedded import Embedded, serve_all
@@ -127,6 +128,26 @@ def test_local_large_argument(local_executor: Executor) -> None:
 @pytest.mark.timeout(600)
 def test_local_as_completed(local_executor: Executor) -> None:
     check_as_completed(local_executor)
+
+
+@pytest.mark.timeout(600)
+def test_local_cancel_and_no_result(local_executor: Executor) -> None:
+    sleeper = local_executor.submit(time.sleep, 600)
+    deadline = time.monotonic() + 120
+    while sleeper.job().state != JobState.RUNNING:
+        assert time.monotonic() < deadline, sleeper.job()
+        time.sleep(0.2)
+    assert sleeper.cancel()
+    assert sleeper.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        sleeper.result()
+    assert local_executor.client.wait(sleeper.job_id, timeout=60).state == JobState.CANCELLED
+    # an environment that cannot be built: the job fails before the function runs
+    local_executor.update_parameters(environment={"packages": ["cloudhpc-no-such-package-anywhere"]})
+    error = local_executor.submit(add, 1, 2).exception(timeout=300)
+    assert isinstance(error, NoResult), repr(error)
+    assert error.state == "failed"
+    assert "cloudhpc-no-such-package-anywhere" in (error.reason or "")
 
 
 @pytest.mark.timeout(600)
