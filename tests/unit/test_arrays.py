@@ -58,8 +58,8 @@ def test_bad_arrays_are_refused_naming_the_field(bad: str) -> None:
     assert refused.value.errors()[0]["loc"] == ("array",)
 
 
-def test_array_is_for_batch_jobs_only() -> None:
-    with pytest.raises(ValidationError, match="`array` is for batch jobs"):
+def test_array_is_for_batch_and_python_jobs_only() -> None:
+    with pytest.raises(ValidationError, match="`array` is for batch and python jobs"):
         JobSpec.model_validate(
             {"name": "a", "cluster": "c", "kind": "ray-job", "ray": {"entrypoint": "x"}, "array": "0-3"}
         )
