@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from enum import IntEnum, StrEnum
@@ -126,7 +127,9 @@ def _read_token_file(path: Path) -> str:
 def client_for(url: str | None, token_file: Path | None) -> Client:
     """The SDK client of a command: `--url`/`CLOUDHPC_URL`, and the token of `--token-file`/
     `CLOUDHPC_TOKEN_FILE`, else `CLOUDHPC_TOKEN`, else the admin token of a `serve all` started in
-    the current directory."""
+    the current directory. Its retries are silent (`cloudhpc.retries` logs only errors here): a
+    command's stderr is one line, its error, whatever was retried before it."""
+    logging.getLogger("cloudhpc.retries").setLevel(logging.ERROR)
     return default_client(url, None if token_file is None else _read_token_file(token_file))
 
 
