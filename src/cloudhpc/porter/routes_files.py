@@ -19,6 +19,7 @@ from cloudhpc.domain.queries import QueryKind
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
+from cloudhpc.porter.openapi import ErrorBody
 from cloudhpc.porter.routes_agent_queries import ask_agent
 from cloudhpc.porter.routes_artifacts import _user_job
 from cloudhpc.porter.state import state_of
@@ -30,7 +31,22 @@ router = APIRouter(prefix="/api/v1", tags=["jobs"])
 _NOT_ON_CLUSTER = {JobState.PENDING, JobState.PREPARING}
 
 
-@router.get("/jobs/{job_id}/files", response_model=FilesAnswer, response_model_exclude_none=True)
+@router.get(
+    "/jobs/{job_id}/files",
+    response_model=FilesAnswer,
+    response_model_exclude_none=True,
+    responses={
+        502: {"model": ErrorBody, "description": "the cluster could not answer (`cluster_error`)"},
+        503: {
+            "model": ErrorBody,
+            "description": "a cluster behind the S3 mailbox (`agent_query_unsupported`)",
+        },
+        504: {
+            "model": ErrorBody,
+            "description": "the cluster's agent did not answer in time (`agent_timeout`)",
+        },
+    },
+)
 async def job_files(
     job_id: UUID,
     request: Request,
