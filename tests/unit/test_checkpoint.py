@@ -8,19 +8,25 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
 from pydantic import ValidationError
 
+from cloudhpc.config import ClusterConfig
 from cloudhpc.domain.checkpoint import CheckpointSpec, requeue_reason
-from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.domain.jobs import JobSpec, Observation
 from cloudhpc.domain.paths import JobPaths
+from cloudhpc.domain.states import JobState
 from cloudhpc.hpc.backend import CommandResult
 from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.hpc.slurm.restarts import SqueueRestarts
 from cloudhpc.hpc.slurm.submit import Sbatch
+from cloudhpc.submitter.agent import Agent, _Tracked
+from tests.jobs import job_from
 
 
 def spec(**fields: object) -> JobSpec:
@@ -186,3 +192,52 @@ def test_the_checkpoint_directory_is_quoted() -> None:
         job_id=uuid4(), spec=spec(), paths=JobPaths(workdir="/w/a b;$(id)", job_id=uuid4())
     )
     assert "export CLOUDHPC_CHECKPOINT_DIR='/w/a b;$(id)/jobs/" in script
+
+
+# ---- the agent's restart count
+
+
+class CountingBackend:
+    """Answers `restart_counts` as SLURM would (`counts`), counting the calls."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+        self.calls = 0
+
+    async def restart_counts(self, native_ids: Sequence[str]) -> Mapping[str, int]:
+        self.calls += 1
+        return {i: self.counts[i] for i in native_ids if i in self.counts}
+
+
+def observe(state: JobState, native: str, started: int | None = None) -> Observation:
+    at = (
+        datetime(2026, 12, 5, 12, 0, tzinfo=UTC) + timedelta(seconds=started) if started is not None else None
+    )
+    return Observation(state=state, native_state=native, started_at=at)
+
+
+@pytest.mark.parametrize("answers", [{"7": 1}, {}])
+async def test_one_restart_counted_once_through_its_states(answers: dict[str, int]) -> None:
+    """RUNNING, REQUEUED, PENDING, RUNNING again, COMPLETED: one restart, asked of SLURM when it is
+    seen and at the end (a checkpoint job), and one more than known when SLURM has no answer."""
+    backend = CountingBackend(answers)
+    agent = Agent("c", ClusterConfig(backend="local"), backend=backend, channel=None, workdir="/w")  # type: ignore[arg-type]
+    tracked = _Tracked(job=job_from(spec()), native_id="7")
+    seen = [
+        await agent._restarts(tracked, observe(JobState.RUNNING, "RUNNING", 0)),
+        await agent._restarts(tracked, observe(JobState.QUEUED, "REQUEUED")),
+        await agent._restarts(tracked, observe(JobState.QUEUED, "PENDING")),
+        await agent._restarts(tracked, observe(JobState.RUNNING, "RUNNING", 200)),
+        await agent._restarts(tracked, observe(JobState.COMPLETED, "COMPLETED", 200)),
+    ]
+    assert seen == [None, 1, 1, 1, 1]
+    assert backend.calls == 2
+
+
+async def test_a_missed_run_is_counted_from_slurm() -> None:
+    """The poll saw neither the requeue nor the wait: a later start is a restart, SLURM says how many."""
+    backend = CountingBackend({"7": 2})
+    agent = Agent("c", ClusterConfig(backend="local"), backend=backend, channel=None, workdir="/w")  # type: ignore[arg-type]
+    tracked = _Tracked(job=job_from(spec()), native_id="7")
+    assert await agent._restarts(tracked, observe(JobState.RUNNING, "RUNNING", 0)) is None
+    assert await agent._restarts(tracked, observe(JobState.RUNNING, "RUNNING", 300)) == 2

@@ -442,6 +442,8 @@ class Agent:
             observation.state == JobState.QUEUED
             or (observation.started_at is not None and observation.started_at != before)
         )
+        if restarted and observation.state == JobState.QUEUED:
+            tracked.started_at = None  # counted once: its next start is this restart's run
         final = observation.state.terminal and tracked.job.spec.checkpoint is not None
         if not (restarted or final):
             return tracked.restarts or None
