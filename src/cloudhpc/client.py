@@ -43,6 +43,7 @@ from urllib.parse import quote
 from uuid import UUID
 
 import httpx
+from pydantic import BaseModel
 
 from cloudhpc.domain.api import Accounting, Artifact, ClusterInfo, JobPage, Me, TaskPage
 from cloudhpc.domain.arrays import TaskObservation
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ApiError(CloudHPCError):
@@ -129,19 +131,21 @@ _PageCall = Callable[[str | None], _Call[tuple[builtins.list[T], str | None]]]
 """cursor (None: the first page) -> the request of that page, read as (items, next cursor)."""
 
 
-def _model(model: type[T], key: str | None = None) -> Callable[[httpx.Response], T]:
+def _model(model: type[M], key: str | None = None) -> Callable[[httpx.Response], M]:
     """The answer's JSON (or its `key`) validated as `model`."""
 
-    def parse(response: httpx.Response) -> T:
+    def parse(response: httpx.Response) -> M:
         body = response.json()
-        return model.model_validate(body if key is None else body[key])  # type: ignore[attr-defined,no-any-return]
+        return model.model_validate(body if key is None else body[key])
 
     return parse
 
 
-def _models(model: type[T], key: str) -> Callable[[httpx.Response], builtins.list[T]]:
-    def parse(response: httpx.Response) -> builtins.list[T]:
-        return [model.model_validate(item) for item in response.json()[key]]  # type: ignore[attr-defined]
+def _models(model: type[M], key: str) -> Callable[[httpx.Response], builtins.list[M]]:
+    """The answer's `key`, a list, each item validated as `model`."""
+
+    def parse(response: httpx.Response) -> builtins.list[M]:
+        return [model.model_validate(item) for item in response.json()[key]]
 
     return parse
 
@@ -334,6 +338,16 @@ def _file_bytes(path: str, answer: FilesAnswer) -> bytes:
             422, "not_a_file", f"{path!r} is a {answer.type.value}, not a file (use `files` to list it)"
         )
     return base64.b64decode(answer.content or "")
+
+
+def _read_file(job: JobRef, path: str, offset: int, length: int | None) -> _Steps[bytes]:
+    """`files` reads one after the other, each at most porter's largest, until `length` or the end."""
+    data = bytearray()
+    while True:
+        answer: FilesAnswer = yield _files(job, path, offset + len(data), _chunk(length, len(data)))
+        data += _file_bytes(path, answer)
+        if answer.eof or not answer.content or (length is not None and len(data) >= length):
+            return bytes(data)
 
 
 def _clusters() -> _Call[builtins.list[ClusterInfo]]:
@@ -577,12 +591,7 @@ class Client(_Base):
     def read_file(self, job: JobRef, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """The bytes of a file of the job's directory from `offset`: `length` of them, or all to
         its end (in requests of porter's largest read, `files` one after the other)."""
-        data = bytearray()
-        while True:
-            answer = self.files(job, path, offset=offset + len(data), length=_chunk(length, len(data)))
-            data += _file_bytes(path, answer)
-            if answer.eof or not answer.content or (length is not None and len(data) >= length):
-                return bytes(data)
+        return self._run(_read_file(job, path, offset, length))
 
     def clusters(self) -> builtins.list[ClusterInfo]:
         """The clusters this token may use, with their agent's liveness."""
@@ -741,12 +750,7 @@ class AsyncClient(_Base):
         return await self._send(_files(job, path, offset, length))
 
     async def read_file(self, job: JobRef, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        data = bytearray()
-        while True:
-            answer = await self.files(job, path, offset=offset + len(data), length=_chunk(length, len(data)))
-            data += _file_bytes(path, answer)
-            if answer.eof or not answer.content or (length is not None and len(data) >= length):
-                return bytes(data)
+        return await self._run(_read_file(job, path, offset, length))
 
     async def clusters(self) -> builtins.list[ClusterInfo]:
         return await self._send(_clusters())

@@ -287,3 +287,18 @@ def test_the_async_client_answers_as_the_sync_one(porter: Deployment) -> None:
 def test_retry_policy_refuses_zero_attempts() -> None:
     with pytest.raises(ValueError, match="attempts"):
         RetryPolicy(attempts=0)
+
+
+def test_the_async_client_has_every_method_of_the_sync_one() -> None:
+    """Same names and parameters (httpx's pair is the model); `close` is `aclose` there."""
+    import inspect
+
+    names = {n for n in vars(Client) if not n.startswith("_")} - {"close"}
+    assert names <= set(vars(AsyncClient)), names - set(vars(AsyncClient))
+    for name in names:
+        sync, asynchronous = getattr(Client, name), getattr(AsyncClient, name)
+        assert (
+            inspect.signature(sync).parameters.keys() == inspect.signature(asynchronous).parameters.keys()
+        ), name
+        if name != "list":  # an async iterator, like follow_logs
+            assert inspect.iscoroutinefunction(asynchronous) or inspect.isasyncgenfunction(asynchronous), name
