@@ -77,21 +77,20 @@ class QueryRepository(Database):
         """Unanswered, unexpired questions for `cluster`, marked as claimed by `agent` (a claim
         older than `RECLAIM_AFTER` without an answer is handed out again)."""
         now = utcnow()
+        open_question = and_(
+            AgentQueryRow.cluster == cluster,
+            AgentQueryRow.answered_at.is_(None),
+            AgentQueryRow.expires_at > now,
+            or_(AgentQueryRow.claimed_at.is_(None), AgentQueryRow.claimed_at < now - RECLAIM_AFTER),
+        )
+        # a read first: the agent's poll re-checks every second or so and almost always finds
+        # nothing, which must not take SQLite's write lock each time
+        with self._read() as session:
+            if session.scalar(select(AgentQueryRow.id).where(open_question).limit(1)) is None:
+                return []
         with self._write() as session:
             statement = (
-                select(AgentQueryRow)
-                .where(
-                    and_(
-                        AgentQueryRow.cluster == cluster,
-                        AgentQueryRow.answered_at.is_(None),
-                        AgentQueryRow.expires_at > now,
-                        or_(
-                            AgentQueryRow.claimed_at.is_(None), AgentQueryRow.claimed_at < now - RECLAIM_AFTER
-                        ),
-                    )
-                )
-                .order_by(AgentQueryRow.created_at)
-                .limit(limit)
+                select(AgentQueryRow).where(open_question).order_by(AgentQueryRow.created_at).limit(limit)
             )
             if self.is_postgresql:
                 statement = statement.with_for_update(skip_locked=True)
