@@ -37,6 +37,7 @@ JOB_FIELDS = {
     "id", "name", "owner", "cluster", "kind", "state", "reason", "cancel_requested", "slurm_job_id",
     "exit_code", "created_at", "submitted_at", "started_at", "ended_at", "spec", "bridges", "artifacts",
     "dependency", "cancel_tasks",  # since #13: arrays and `after`
+    "restarts",  # since #13: times SLURM ran the job again
 }  # fmt: skip
 
 
