@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
+from tests.integration.stores import open_store, postgres_url
+from tests.integration.test_replicas import BATCH, QUICK, two_replicas
 
 LISTING = {"path": "", "type": "directory", "entries": [{"name": "a b.txt", "type": "file", "size": 3}]}
 
@@ -202,3 +205,35 @@ def test_bad_outputs_are_422_naming_the_pattern(api: Api) -> None:
         answer = api.client.post("/api/v1/jobs", json=spec, headers=api.user)
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["details"][0]["field"] == field
+
+
+def test_a_question_and_its_answer_cross_replicas(tmp_path: Path) -> None:
+    """On PostgreSQL with two porter replicas that re-check the store only once a minute: the
+    question asked on one wakes the agent's poll on the other, and the answer posted there wakes
+    the asking route, each within QUICK (only the store's NOTIFY can do that)."""
+    with postgres_url(tmp_path) as url, open_store(url), two_replicas(url) as (a, b):
+        job = a.client.post("/api/v1/jobs", json=BATCH, headers=a.user).json()
+        a.client.get("/api/v1/agent/work", params={"cluster": "local", "agent": "a1"}, headers=a.agent)
+        report = {"job_id": job["id"], "seq": 1, "state": "running", "slurm_job_id": "local-1"}
+        a.client.post("/api/v1/agent/reports", json={"reports": [report]}, headers=a.agent)
+        with ThreadPoolExecutor(2) as pool:
+            poll = pool.submit(
+                b.client.get,
+                "/api/v1/agent/queries",
+                params={"cluster": "local", "agent": "a1", "wait": 30},
+                headers=b.agent,
+            )
+            time.sleep(1.0)  # the poll waits inside replica b now
+            asked_at = time.monotonic()
+            asking = pool.submit(
+                a.client.get, f"/api/v1/jobs/{job['id']}/files", params={"path": "x"}, headers=a.user
+            )
+            [query] = poll.result(timeout=40).json()["queries"]
+            assert time.monotonic() - asked_at < QUICK
+            answered_at = time.monotonic()
+            b.client.post(
+                f"/api/v1/agent/queries/{query['id']}/answer", json={"result": LISTING}, headers=b.agent
+            )
+            answer = asking.result(timeout=40)
+        assert answer.status_code == 200, answer.text
+        assert time.monotonic() - answered_at < QUICK
