@@ -453,7 +453,7 @@ class Client(_Base):
         return call.parse(_checked(response))
 
     def _send(self, call: _Call[T]) -> T:
-        for attempt in self._policy(call).blocking(_transient):
+        for attempt in self._policy(call).blocking(_transient, f"{call.method} {call.path}"):
             with attempt:
                 return self._send_once(call)
         raise AssertionError("unreachable")  # pragma: no cover: tenacity re-raises the last error
@@ -641,7 +641,7 @@ class AsyncClient(_Base):
         return call.parse(_checked(response))
 
     async def _send(self, call: _Call[T]) -> T:
-        async for attempt in self._policy(call).asynchronous(_transient):
+        async for attempt in self._policy(call).asynchronous(_transient, f"{call.method} {call.path}"):
             with attempt:
                 return await self._send_once(call)
         raise AssertionError("unreachable")  # pragma: no cover: tenacity re-raises the last error

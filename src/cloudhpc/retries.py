@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import tenacity
@@ -45,31 +46,38 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts: at least 1 (the first try)")
 
-    def _arguments(self, retry_on: Callable[[BaseException], bool]) -> dict[str, object]:
+    def _arguments(self, retry_on: Callable[[BaseException], bool], what: str) -> dict[str, Any]:
+        def say_retrying(state: tenacity.RetryCallState) -> None:
+            """One line before each wait: which call failed and why (the error names porter's URL,
+            never a token)."""
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "porter call %s failed (%s); retrying in %.1f s (attempt %d of %d)",
+                what,
+                error,
+                wait,
+                state.attempt_number + 1,
+                self.attempts,
+            )
+
         return {
             "stop": tenacity.stop_after_attempt(self.attempts),
             "wait": tenacity.wait_exponential(multiplier=self.initial, max=self.maximum)
             + tenacity.wait_random(0, self.initial),
             "retry": tenacity.retry_if_exception(retry_on),
-            "before_sleep": self._say_retrying,
+            "before_sleep": say_retrying,
             "reraise": True,  # the last error itself, not tenacity's RetryError around it
         }
 
-    def _say_retrying(self, state: tenacity.RetryCallState) -> None:
-        """One line before each wait: what failed (the error names porter's URL, never a token)."""
-        error = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "%s; retrying in %.1f s (attempt %d of %d)", error, wait, state.attempt_number + 1, self.attempts
-        )
+    def blocking(self, retry_on: Callable[[BaseException], bool], what: str) -> tenacity.Retrying:
+        """For `for attempt in policy.blocking(...): with attempt: ...` in blocking code; `what`
+        (`GET /api/v1/...`) names the call in the log line before each wait."""
+        return tenacity.Retrying(**self._arguments(retry_on, what))
 
-    def blocking(self, retry_on: Callable[[BaseException], bool]) -> tenacity.Retrying:
-        """For `for attempt in policy.blocking(...): with attempt: ...` in blocking code."""
-        return tenacity.Retrying(**self._arguments(retry_on))  # type: ignore[arg-type]
-
-    def asynchronous(self, retry_on: Callable[[BaseException], bool]) -> tenacity.AsyncRetrying:
+    def asynchronous(self, retry_on: Callable[[BaseException], bool], what: str) -> tenacity.AsyncRetrying:
         """For `async for attempt in policy.asynchronous(...): with attempt: ...` in asyncio code."""
-        return tenacity.AsyncRetrying(**self._arguments(retry_on))  # type: ignore[arg-type]
+        return tenacity.AsyncRetrying(**self._arguments(retry_on, what))
 
 
 NO_RETRY = RetryPolicy(attempts=1)

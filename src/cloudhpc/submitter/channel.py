@@ -66,7 +66,7 @@ class HttpChannel:
         """porter's JSON answer; no connection and 5xx are retried (every agent call is safe to
         repeat, `retries.porter_unavailable`), then a `ChannelError`, as is a 4xx at once."""
         try:
-            async for attempt in self._retries.asynchronous(porter_unavailable):
+            async for attempt in self._retries.asynchronous(porter_unavailable, f"{method} {path}"):
                 with attempt:
                     response = await self._http.request(method, path, timeout=timeout, **kwargs)
                     if response.status_code >= 500:

@@ -80,7 +80,7 @@ class PorterObjects:
                 raise StorageError(f"{what}: porter refused it ({response.status_code}): {message}")
 
         try:
-            for attempt in self._retries.blocking(porter_unavailable):
+            for attempt in self._retries.blocking(porter_unavailable, f"{method} {path}"):
                 with attempt:
                     return once()
         except httpx.TransportError as exc:
