@@ -282,6 +282,15 @@ def test_web_view_in_chromium(web: dict[str, Any]) -> None:
             ".find(a => a.textContent === 'output.log'); return await (await fetch(a.href)).text(); })()"
         )
         assert "web view test done" in downloaded
+        hostile = (
+            browser.eval(  # a name to quote in the link (spaces, quotes, `=`, `<`): the view's route too
+                "(async () => { const a = [...document.querySelectorAll('#artifacts a')]"
+                f".find(a => a.textContent === {json.dumps('files/' + HOSTILE_FILE)});"
+                " const r = await fetch(a.href); return [r.status, new URL(a.href).pathname]; })()"
+            )
+        )
+        assert hostile[0] == 200, hostile
+        assert hostile[1].startswith("/ui/"), hostile
 
         # nothing of the job's own text ran or became markup
         assert browser.eval("document.title") == "web-hostile · cloudhpc"

@@ -210,7 +210,8 @@ async def _artifact_links(request: Request, job: Job, principal: Principal) -> l
     listing = await routes_artifacts.list_artifacts(job.id, request, principal)
     links = []
     for item in listing["artifacts"]:
-        api_route = str(request.url_for("download_artifact", job_id=str(job.id), name=item["name"]))
+        name = quote(item["name"], safe="/")  # as list_artifacts puts it in porter's route
+        api_route = str(request.url_for("download_artifact", job_id=str(job.id), name=name))
         url = item["url"]
         if url == api_route:
             url = f"../jobs/{job.id}/artifacts/{quote(item['name'])}"
