@@ -10,7 +10,8 @@ Why this shape (issue 12 items 8 and 7):
 - Not *inside* the writing transaction: PostgreSQL serialises the commits of all transactions
   that sent a `NOTIFY` (one lock for the whole cluster, held across the commit's WAL flush). With a
   NOTIFY in every write, 25 threads committing small inserts on the testbed did 0.42x the commits
-  of the same writes without it, and `POST /jobs` fell from 270/s to 169/s. The sender instead
+  of the same writes without it, and moving it out made `POST /jobs` on PostgreSQL 1.26x faster
+  (docs/benchmarks.md; the access check's reads were the other part of its fall). The sender instead
   folds the keys of every write committed meanwhile into one `NOTIFY` statement on a connection of
   its own, with `synchronous_commit = off` (a notification is not data: nothing to make durable),
   so the writes group-commit freely and a burst of writes costs a few notifying commits.
