@@ -1,14 +1,19 @@
-"""The agent's answers to porter's questions (`domain/queries.py`): each kind is one call of the
-cluster's backend; every failure becomes an error answer with the status porter gives the user,
-so porter never waits out a question the agent could not answer."""
+"""The agent's answers to porter's questions (`domain/queries.py`): one function per kind, each a
+call of the cluster's backend; every failure becomes an error answer with the status porter gives
+the user, so porter never waits out a question the agent could not answer.
+
+A new kind (an `sbatch --test-only` estimate, issue 15) is a `QueryKind`, a function here taking
+the backend and the question, and a route that calls `porter/routes_agent_queries.ask_agent`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cloudhpc.domain.job_files import MAX_FILE_READ
 from cloudhpc.domain.queries import AgentQuery, QueryAnswer, QueryError, QueryKind
-from cloudhpc.exceptions import CloudHPCError, JobFileError
+from cloudhpc.exceptions import CloudHPCError, HttpProblem
 from cloudhpc.hpc.backend import JobBackend
 
 __all__ = ["answer_query"]
@@ -20,25 +25,35 @@ def _error(status: int, code: str, message: str) -> QueryAnswer:
     return QueryAnswer(error=QueryError(status=status, code=code, message=message[:4000]))
 
 
+async def _job_files(backend: JobBackend, query: AgentQuery) -> dict[str, Any]:
+    if query.job_id is None:
+        raise HttpProblem(422, "invalid_request", "a job_files query names a job")
+    params = query.params
+    path = str(params.get("path", ""))
+    offset = int(params.get("offset", 0))
+    length = int(params.get("length", MAX_FILE_READ))
+    found = await backend.browse(query.job_id, path, offset=offset, length=length)
+    return found.model_dump(mode="json")
+
+
+_ANSWERS: dict[str, Callable[[JobBackend, AgentQuery], Awaitable[dict[str, Any]]]] = {
+    QueryKind.JOB_FILES: _job_files,
+}
+
+
 async def answer_query(backend: JobBackend, query: AgentQuery) -> QueryAnswer:
     """The answer to one question, never an exception."""
-    if query.kind != QueryKind.JOB_FILES:
+    answer = _ANSWERS.get(query.kind)
+    if answer is None:
         return _error(
             501, "unknown_query", f"this agent does not answer {query.kind!r} queries (an older version?)"
         )
-    if query.job_id is None:
-        return _error(422, "invalid_request", "a job_files query names a job")
-    params = query.params
     try:
-        path = str(params.get("path", ""))
-        offset = int(params.get("offset", 0))
-        length = int(params.get("length", MAX_FILE_READ))
-        found = await backend.browse(query.job_id, path, offset=offset, length=length)
-    except JobFileError as exc:
+        return QueryAnswer(result=await answer(backend, query))
+    except HttpProblem as exc:  # JobFileError among them: the cluster side's own refusal
         return _error(exc.status, exc.code, exc.message)
     except (ValueError, TypeError) as exc:
-        return _error(422, "invalid_request", f"invalid request: path: {exc}")
+        return _error(422, "invalid_request", f"invalid request: {exc}")
     except CloudHPCError as exc:
-        log.warning("job %s: files query failed on the cluster (%s)", query.job_id, exc)
+        log.warning("query %s (%s): the cluster could not answer (%s)", query.id, query.kind, exc)
         return _error(502, "cluster_error", f"the cluster could not answer: {exc}")
-    return QueryAnswer(result=found.model_dump(mode="json"))
