@@ -20,6 +20,13 @@ What the original did, and what this does instead:
   the job receives only `train.npz` (train + validation) and refuses a file holding a test split;
   the held-out test split is evaluated by a separate step.
 
+Checkpoint and requeue: with `CLOUDHPC_CHECKPOINT_DIR` set (a job with `checkpoint`, #13 item 5)
+Ray Train keeps its run there and rank 0 reports a checkpoint after every epoch (the model, the
+optimizer, the epoch and the history so far); a run started again (the job requeued before its
+time limit) resumes from the latest one (found by the driver, or `ray.train.get_checkpoint()` when
+Ray Train restored the run itself). Every epoch shuffles with
+its own seed (`seed + epoch`), so a resumed run ends with the same weights as an uninterrupted one.
+
 MLflow: with `MLFLOW_RUN_ID` set (the pipeline creates the run in the cloud) the run is resumed;
 the tracking URI is `--tracking-uri`, else `http://$CLOUDHPC_IMPORT_MLFLOW` (the import bridge to the
 MLflow server; its artifacts are proxied by the server, so the job needs no S3 credentials), else
@@ -59,6 +66,9 @@ RESULT_MARKER = "CLOUDHPC-TRAIN-RESULT"
 """Prefix of the last line the entrypoint prints: a JSON summary a log reader can find."""
 
 CHECKPOINT_FILE = "state_dict.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+"""Beside the weights in an epoch's checkpoint: the optimizer's state, the epoch, the history."""
+HISTORY_FILE = "history.json"
 ARCHITECTURE = {"name": "lenet5", "input": [1, 28, 28], "classes": 10}
 
 
@@ -147,6 +157,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config["threads"]))
     hp = HParams(**config["hparams"])
     torch.manual_seed(hp.seed)
+    every_epoch = bool(config.get("checkpoint_every_epoch"))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
@@ -158,13 +169,32 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=hp.batch_size, shuffle=True)
     loader = ray.train.torch.prepare_data_loader(loader)  # a DistributedSampler shard per worker
-    model = ray.train.torch.prepare_model(CNN())  # DDP
+    network = CNN()
+    # the latest epoch's checkpoint the driver found (its history is the driver's too), else the
+    # one Ray Train restored its run from (its own record may lag: a stopped run's workers can store
+    # one more epoch on their way down)
+    resumed = (
+        ray.train.Checkpoint.from_directory(config["resume"])
+        if config.get("resume")
+        else ray.train.get_checkpoint()
+    )
+    state: dict[str, Any] = {"epoch": 0, "history": []}
+    if resumed is not None:
+        with resumed.as_directory() as where:
+            network.load_state_dict(torch.load(Path(where) / CHECKPOINT_FILE, weights_only=True))
+            state = torch.load(Path(where) / TRAIN_STATE_FILE, weights_only=False)
+    model = ray.train.torch.prepare_model(network)  # DDP
     optimizer = torch.optim.SGD(model.parameters(), lr=hp.learning_rate, momentum=hp.momentum)
+    if resumed is not None:
+        optimizer.load_state_dict(state["optimizer"])
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     queue = config.get("queue")
+    history: list[dict[str, float]] = list(state["history"])
 
-    for epoch in range(1, hp.epochs + 1):
+    metrics: dict[str, float] = history[-1] if history else {}
+    for epoch in range(int(state["epoch"]) + 1, hp.epochs + 1):
         started = time.perf_counter()
+        torch.manual_seed(hp.seed + epoch)  # the epoch's shuffle, the same after a resume
         set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)  # a different shuffle per epoch across the shards
@@ -195,17 +225,57 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_accuracy": v_correct / max(v_seen, 1),
             "epoch_seconds": time.perf_counter() - started,
         }
+        history.append(metrics)
         if rank == 0 and queue is not None:
             queue.put(metrics)
-    # One report at the end: the epochs' numbers already went to the driver through the queue, and
-    # each report waits for the controller's next poll, which would add seconds to every epoch.
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            module: Any = getattr(model, "module", model)  # unwrap DDP
-            torch.save(module.state_dict(), Path(tmp) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
+        if every_epoch:
+            _report(model, optimizer, epoch, history, rank)
+    # Otherwise one report at the end: the epochs' numbers already went to the driver through the
+    # queue, and each report waits for the controller's next poll, which adds seconds to an epoch.
+    if not every_epoch or not history or int(state["epoch"]) >= hp.epochs:
+        _report(model, optimizer, hp.epochs, history, rank)
+
+
+def _report(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict[str, float]], rank: int
+) -> None:
+    """Report the epoch's metrics; rank 0 with a checkpoint of everything a resume needs."""
+    import ray.train
+
+    metrics = history[-1] if history else {"epoch": float(epoch)}
+    if rank != 0:
         ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        module: Any = getattr(model, "module", model)  # unwrap DDP
+        torch.save(module.state_dict(), Path(tmp) / CHECKPOINT_FILE)
+        state = {"epoch": epoch, "history": history, "optimizer": optimizer.state_dict()}
+        torch.save(state, Path(tmp) / TRAIN_STATE_FILE)
+        (Path(tmp) / HISTORY_FILE).write_text(json.dumps({"epoch": epoch, "history": history}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def latest_checkpoint(storage: str | Path) -> Path | None:
+    """The checkpoint directory of the latest epoch Ray Train stored under `storage` (None: none)."""
+    best: tuple[int, Path] | None = None
+    for found in Path(storage).glob(f"**/{HISTORY_FILE}"):
+        if not (found.parent / TRAIN_STATE_FILE).is_file() or not (found.parent / CHECKPOINT_FILE).is_file():
+            continue  # a checkpoint still being written when the run was stopped
+        try:
+            epoch = int(json.loads(found.read_text())["epoch"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if best is None or epoch > best[0]:
+            best = (epoch, found.parent)
+    return best[1] if best is not None else None
+
+
+def previous_history(checkpoint: Path | None) -> list[dict[str, float]]:
+    """The epochs a resumed run already did, as its latest checkpoint recorded them."""
+    if checkpoint is None:
+        return []
+    history: list[dict[str, float]] = json.loads((checkpoint / HISTORY_FILE).read_text())["history"]
+    return history
 
 
 def _match_cluster_auth_mode() -> None:
@@ -244,9 +314,12 @@ def run_training(
     storage_path: str | Path,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Fit the CNN with `TorchTrainer` on the Ray cluster `ray.init()` finds (`RAY_ADDRESS`, the
-    job's own cluster) or starts. `on_epoch` is called in this process as each epoch ends."""
+    job's own cluster) or starts. `on_epoch` is called in this process as each epoch ends. With
+    `checkpoint_dir` Ray Train stores its run there, checkpoints every epoch and resumes from the
+    latest checkpoint found there (the earlier epochs' metrics come from it, not `on_epoch`)."""
     _match_cluster_auth_mode()  # before Ray's native code is loaded: it reads the mode once
     import ray
     import ray.train
@@ -267,7 +340,10 @@ def run_training(
     )
     # The queue actor takes no CPU, so it never competes with the workers for a slot.
     queue: Queue = Queue(actor_options={"num_cpus": 0})
-    history: list[dict[str, float]] = []
+    resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    history: list[dict[str, float]] = previous_history(resume)
+    if resume is not None:
+        log(f"resuming after epoch {len(history)} from {resume}")
     done = threading.Event()
 
     def drain(block: bool) -> None:
@@ -276,7 +352,7 @@ def run_training(
                 metrics = queue.get(block=block, timeout=0.5)
             except Empty:
                 return
-            if not history:
+            if not timings.get("worker_startup_seconds"):
                 # The first epoch's numbers arrive one epoch after the workers were up.
                 timings["worker_startup_seconds"] = max(
                     0.0, time.time() - fit_started - metrics["epoch_seconds"]
@@ -303,11 +379,16 @@ def run_training(
             "hparams": asdict(hp),
             "threads": cpus_per_worker,
             "queue": queue,
+            "checkpoint_every_epoch": checkpoint_dir is not None,
+            # (TorchTrainer's resume_from_checkpoint is refused by Ray Train v2: the workers load it)
+            "resume": str(resume) if resume is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
         ),
-        run_config=ray.train.RunConfig(name="fmnist", storage_path=str(Path(storage_path).resolve())),
+        run_config=ray.train.RunConfig(
+            name="fmnist", storage_path=str(Path(checkpoint_dir or storage_path).resolve())
+        ),
     )
     try:
         result = trainer.fit()
@@ -457,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=args.storage_path,
             on_epoch=on_epoch,
             log=say,
+            checkpoint_dir=os.environ.get("CLOUDHPC_CHECKPOINT_DIR") or None,
         )
         upload_started = time.time()
         if tracking is not None:
@@ -479,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             "run_id": tracking.run_id if tracking else None,
             "epochs": len(result.history),
             "val_accuracy": last["val_accuracy"],
+            "val_loss": last["val_loss"],
             "num_workers": result.num_workers,
             "nodes": result.nodes,
             "timings": result.timings,
