@@ -50,6 +50,11 @@ CALL_FILE = "cloudhpc-call.pkl"
 RESULT_WAIT = 120.0
 """How long after its end a job that ran may take to show its `result.pkl` (the agent stores it
 with the output log, after the poller saw the end) before the future fails with `NoResult`."""
+LONG_POLL = 2.0
+"""Seconds of porter's long-poll on the one job still running (it answers at the job's change); short,
+so that a job submitted meanwhile is not left unwatched for long."""
+SWEEP_PER_JOB = 0.05
+"""With several jobs pending, a sweep (one GET each) every 0.05 s per job (0.2 s at least)."""
 OUTPUT_GRACE = 10.0
 """The agent stores the outcome and the output log together when a job ends: once the log is there,
 an outcome still missing after this long was never written (the job was killed: time limit, memory)."""
@@ -232,8 +237,10 @@ class Executor:
         return futures
 
     def _watch(self) -> None:
-        """Follow the pending jobs until each future is done: one GET per job per sweep; a job that
-        ended is resolved from its `result.pkl` artifact(s)."""
+        """Follow the pending jobs until each future is done; a job that ended is resolved from its
+        `result.pkl` artifact(s). While one job runs, porter's long-poll (`GET /jobs/{id}?wait=`)
+        answers at its next change; several are polled in sweeps, spaced by their number so that
+        many futures do not flood porter."""
         ended_at: dict[str, float] = {}
         while True:
             with self._lock:
@@ -245,9 +252,12 @@ class Executor:
             by_job: dict[str, list[PythonJob]] = {}
             for future in pending:
                 by_job.setdefault(future.job_id, []).append(future)
+            long_polled = False
             for job_id, futures in by_job.items():
                 try:
-                    job = self.client.get(job_id)
+                    wait = LONG_POLL if len(by_job) == 1 and job_id not in ended_at else 0
+                    job = self.client.get(job_id, wait=wait)
+                    long_polled = wait > 0
                     if not job.state.terminal:
                         continue
                     first_seen = ended_at.setdefault(job_id, time.monotonic())
@@ -256,7 +266,8 @@ class Executor:
                     if time.monotonic() - ended_at.get(job_id, time.monotonic()) > RESULT_WAIT:
                         for future in futures:
                             _finish(future, exc=exc)
-            time.sleep(self.poll_interval)
+            if not long_polled:
+                time.sleep(max(self.poll_interval, SWEEP_PER_JOB * len(by_job)))
 
     def _resolve(self, job: Job, futures: Sequence[PythonJob], *, waited: float) -> None:
         """Complete the futures of an ended job whose outcomes are stored; leave the others for the

@@ -148,6 +148,12 @@ def test_local_cancel_and_no_result(local_executor: Executor) -> None:
     assert isinstance(error, NoResult), repr(error)
     assert error.state == "failed"
     assert "cloudhpc-no-such-package-anywhere" in (error.reason or "")
+    # the local backend runs no arrays: map_array's futures say so instead of waiting forever
+    local_executor.update_parameters(environment={})
+    for future in local_executor.map_array(add, [1, 2], [3, 4]):
+        refused = future.exception(timeout=120)
+        assert isinstance(refused, NoResult), repr(refused)
+        assert "job arrays" in (refused.reason or "")
 
 
 @pytest.mark.timeout(600)
