@@ -101,8 +101,8 @@ def _job_id(ref: JobRef) -> str:
 
 @dataclass(frozen=True)
 class _Call(Generic[T]):
-    """One request and how to read its answer; `idempotent` calls may be sent again on a transient
-    failure. `timeout` None: the client's."""
+    """One request and how to read its answer. `timeout` None: the client's. `idempotent` None: only
+    a GET may be sent again on a transient failure (`may_repeat`)."""
 
     method: str
     path: str
@@ -112,7 +112,11 @@ class _Call(Generic[T]):
     content: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
-    idempotent: bool = True
+    idempotent: bool | None = None
+
+    @property
+    def may_repeat(self) -> bool:
+        return self.method == "GET" if self.idempotent is None else self.idempotent
 
     def send_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `httpx.Client.request` / `httpx.AsyncClient.request`."""
@@ -324,7 +328,10 @@ def _artifacts(job: JobRef) -> _Call[builtins.list[Artifact]]:
 
 def _files(job: JobRef, path: str, offset: int, length: int | None) -> _Call[FilesAnswer]:
     params: dict[str, Any] = {"path": path, "offset": offset} | ({} if length is None else {"length": length})
-    return _Call("GET", f"/api/v1/jobs/{_job_id(job)}/files", _model(FilesAnswer), params)
+    # Sent once: porter has already waited for the cluster's agent (`porter.agent_query_wait`, at
+    # most 120 s), so its 504 `agent_timeout` or 503 (an S3-mailbox cluster) would only come again.
+    path_ = f"/api/v1/jobs/{_job_id(job)}/files"
+    return _Call("GET", path_, _model(FilesAnswer), params, timeout=150.0, idempotent=False)
 
 
 def _chunk(length: int | None, done: int) -> int | None:
@@ -361,7 +368,6 @@ def _raw(method: str, path: str, params: Mapping[str, Any] | None, json: Any) ->
         lambda response: response,
         params or {},
         json=json,
-        idempotent=method.upper() == "GET",
     )
 
 
@@ -412,7 +418,7 @@ class _Base:
         return f"{type(self).__name__}({self.url!r})"
 
     def _policy(self, call: _Call[Any]) -> RetryPolicy:
-        return self.retries if call.idempotent else RetryPolicy(attempts=1)
+        return self.retries if call.may_repeat else RetryPolicy(attempts=1)
 
 
 # ---- the blocking transport --------------------------------------------------------------------
