@@ -221,18 +221,13 @@ def test_files_and_outputs_on_slurm(deployment: Deployment) -> None:
         assert printed.stdout == "newline\n"
 
         # the agent offline: a 504 that says so, within the configured wait
-        # (one request: the SDK retries a 504 as transient)
+        # (the SDK sends it once: porter has waited already)
         deployment.kill("submitter")
         started = time.monotonic()
-        answer = httpx.get(
-            f"{deployment.url}/api/v1/jobs/{job.id}/files",
-            params={"path": "results"},
-            headers={"Authorization": f"Bearer {deployment.user_token}"},
-            timeout=30,
-        )
-        assert answer.status_code == 504, answer.text
-        assert answer.json()["error"]["code"] == "agent_timeout"
-        assert "did not answer within 3 s" in answer.json()["error"]["message"]
+        error = refused(client, job, "results")
+        assert error.status == 504, error
+        assert error.code == "agent_timeout"
+        assert "did not answer within 3 s" in error.message
         assert 3 <= time.monotonic() - started < 8
 
 
@@ -249,3 +244,33 @@ def test_files_and_outputs_on_the_local_backend(tmp_path: Path) -> None:
         other = submit({"name": "other", "script": "touch ready\n"})
         assert client.wait(other, timeout=TIMEOUT).state == JobState.COMPLETED
         run_and_check(client, embedded.token(), submit, other)
+
+
+# ---- behind the S3 mailbox -------------------------------------------------------------------------
+
+
+def test_outputs_through_the_mailbox_and_no_files_queries(tmp_path: Path, testbed: Testbed) -> None:
+    """An agent that never talks to porter still collects `outputs` (their keys come through the
+    mailbox); a files query for its cluster is a 503 that says why, at once."""
+    mailbox = f"s3://{testbed.s3_bucket}/job-files-{uuid.uuid4().hex[:8]}"
+    dep = Deployment(
+        tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}", channel="s3", mailbox=mailbox
+    )
+    with running(dep), dep.client() as client:
+        job = client.submit(
+            {
+                "name": "mailbox-outputs",
+                "cluster": "testbed",
+                "script": "printf x > " + _quoted("new\nline.txt") + "\n",
+                "outputs": ["*.txt"],
+            }
+        )
+        assert client.wait(job, timeout=TIMEOUT).state == JobState.COMPLETED
+        wait_for(lambda: "outputs.json" in {a.name for a in client.artifacts(job)})
+        assert client.download_artifact(job, "outputs/new%0Aline.txt") == b"x"
+        started = time.monotonic()
+        with pytest.raises(ApiError) as refused_here:
+            client.files(job)
+        assert refused_here.value.status == 503
+        assert "S3 mailbox" in refused_here.value.message
+        assert time.monotonic() - started < 5
