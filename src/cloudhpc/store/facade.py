@@ -134,6 +134,7 @@ class AsyncStore:
     # the metrics read model
     count_by_state = _in_thread(Store.count_by_state)
     array_task_counts = _in_thread(Store.array_task_counts)
+    restart_counts = _in_thread(Store.restart_counts)
     count_by_owner_and_state = _in_thread(Store.count_by_owner_and_state)
     transition_tally = _in_thread(Store.transition_tally)
     transition_counts_by_cluster = _in_thread(Store.transition_counts_by_cluster)
