@@ -244,6 +244,15 @@ def _task_output(job: JobRef, index: int) -> _Call[bytes]:
     return _download_artifact(job, f"tasks/{int(index)}/output.log")
 
 
+def _delete_upload(url: str) -> _Call[None]:
+    """`url` as `upload` returned it: `.../uploads/<id>/<name>`."""
+    *_, root, upload_id, name = url.rsplit("/", 3)
+    if root != "uploads":
+        raise ValueError(f"{url!r} is not the URL of an upload (.../uploads/<id>/<name>)")
+    path = f"/api/v1/uploads/{quote(upload_id)}/{quote(name)}"
+    return _Call("DELETE", path, lambda response: None, idempotent=True)
+
+
 def _upload(data: bytes, name: str) -> _Call[str]:
     # each upload stores a new object: sent once, like a submission without a key
     return _Call(
@@ -545,6 +554,10 @@ class Client(_Base):
         job's `files` (`{"data.pkl": url}`). Up to 1 GiB; sent once (not retried)."""
         return self._send(_upload(data, name))
 
+    def delete_upload(self, url: str) -> None:
+        """Delete one of this user's uploads, by the URL `upload` returned (gone already: no error)."""
+        self._send(_delete_upload(url))
+
     def logs(self, job: JobRef, *, offset: int = 0) -> LogChunk:
         return self._send(_logs(job, offset))
 
@@ -718,6 +731,9 @@ class AsyncClient(_Base):
 
     async def upload(self, data: bytes, *, name: str) -> str:
         return await self._send(_upload(data, name))
+
+    async def delete_upload(self, url: str) -> None:
+        await self._send(_delete_upload(url))
 
     async def logs(self, job: JobRef, *, offset: int = 0) -> LogChunk:
         return await self._send(_logs(job, offset))

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
+import logging
 import pickle
 import re
 import sys
@@ -44,6 +46,8 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import NoResult, PythonVersionMismatch, RemoteCallError
 
 __all__ = ["CALL_FILE", "Executor", "PythonJob", "caller_python", "derive_environment", "rebuild_exception"]
+
+log = logging.getLogger(__name__)
 
 CALL_FILE = "cloudhpc-call.pkl"
 """The job-relative path of the pickled call (a `files` entry naming the upload)."""
@@ -110,6 +114,7 @@ class PythonJob(concurrent.futures.Future[Any]):
         self._executor = executor
         self.job_id = str(job.id)
         self.task = task
+        self._call_url = job.spec.files[CALL_FILE]
 
     def __repr__(self) -> str:
         where = self.job_id if self.task is None else f"{self.job_id}[{self.task}]"
@@ -123,6 +128,7 @@ class PythonJob(concurrent.futures.Future[Any]):
         with contextlib.suppress(Exception):  # an ended job: the future still ends cancelled
             if self.task is None:
                 client.cancel(self.job_id)
+                self._executor._delete_upload(self._call_url)  # nothing will run the call now
             else:
                 client.cancel_task(self.job_id, self.task)
         return super().cancel()
@@ -271,31 +277,44 @@ class Executor:
 
     def _resolve(self, job: Job, futures: Sequence[PythonJob], *, waited: float) -> None:
         """Complete the futures of an ended job whose outcomes are stored; leave the others for the
-        next sweep, until `RESULT_WAIT` has passed (then `NoResult`)."""
+        next sweep, until `RESULT_WAIT` has passed (then `NoResult`). Once every future of the job
+        has its outcome, the job's upload is deleted first (the agent staged the call into the job
+        directory before sbatch), so a caller woken by its future finds it gone."""
         stored = {item.name for item in self.client.artifacts(job.id)}
         never_ran = job.started_at is None
+        settle: list[Callable[[], object]] = []
         for future in futures:
             name = "result.pkl" if future.task is None else f"tasks/{future.task}/result.pkl"
             if name in stored:
-                self._complete(future, self.client.download_artifact(job.id, name))
+                data = self.client.download_artifact(job.id, name)
+                settle.append(functools.partial(self._complete, future, data))
             elif job.state == JobState.CANCELLED:
-                super(PythonJob, future).cancel()
+                settle.append(functools.partial(super(PythonJob, future).cancel))
             elif (
                 never_ran
                 or waited > RESULT_WAIT
                 or (_output_name(future.task) in stored and waited > OUTPUT_GRACE)
             ):
                 reason = f": {job.reason}" if job.reason else ""
-                _finish(
-                    future,
-                    exc=NoResult(
-                        f"job {job.id} ended {job.state.value}{reason} without running the function to its "
-                        "end (see `cloudhpc jobs logs` for its output)",
-                        job_id=str(job.id),
-                        state=job.state.value,
-                        reason=job.reason,
-                    ),
+                error = NoResult(
+                    f"job {job.id} ended {job.state.value}{reason} without running the function to its "
+                    "end (see `cloudhpc jobs logs` for its output)",
+                    job_id=str(job.id),
+                    state=job.state.value,
+                    reason=job.reason,
                 )
+                settle.append(functools.partial(_finish, future, exc=error))
+        if len(settle) == len(futures):
+            self._delete_upload(futures[0]._call_url)
+        for step in settle:
+            step()
+
+    def _delete_upload(self, url: str) -> None:
+        """Best effort: an upload left behind costs storage, never a result."""
+        try:
+            self.client.delete_upload(url)
+        except Exception as exc:
+            log.info("could not delete the upload %s (%s)", url, exc)
 
     def _complete(self, future: PythonJob, data: bytes) -> None:
         """Set the future from a stored outcome (`hpc/python_runner.py` documents its shape)."""

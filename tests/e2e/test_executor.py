@@ -114,8 +114,10 @@ def local_executor(embedded: Embedded, tmp_path: Path) -> Iterator[Executor]:
 
 
 @pytest.mark.timeout(600)
-def test_local_functions_return_and_raise(local_executor: Executor) -> None:
+def test_local_functions_return_and_raise(local_executor: Executor, embedded: Embedded) -> None:
     check_returns_and_raises(local_executor)
+    # the pickled calls were uploaded, staged, and deleted once their jobs ended
+    assert list((embedded.root / "objects" / "users").glob("*/uploads/*/*")) == []
     # the folder keeps a copy of each outcome, as submitit's does
     assert len(list((local_executor.folder or Path()).glob("*/result.pkl"))) == 2
 

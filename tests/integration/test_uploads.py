@@ -91,3 +91,21 @@ def test_uploads_need_a_user_token_and_a_plain_name(porter: Porter) -> None:
         bad = httpx.post(f"{porter.url}/api/v1/uploads", params={"name": name}, content=b"1", headers=headers)
         assert bad.status_code == 422, (name, bad.text)
         assert bad.json()["error"]["details"][0]["field"] == "name"
+
+
+def test_an_upload_is_deleted_by_its_owner_only(porter: Porter, objects: ObjectStore) -> None:
+    with Client(porter.url, porter.alice) as alice, Client(porter.url, porter.bob) as bob:
+        url = alice.upload(b"mine", name="call.pkl")
+        bob.delete_upload(url)  # the same id and name, under bob's own prefix: nothing of alice's
+        assert len(objects.list("users/alice/uploads/")) == 1
+        alice.delete_upload(url)
+        assert objects.list("users/alice/uploads/") == []
+        alice.delete_upload(url)  # gone already: not an error
+        with pytest.raises(ValueError, match="not the URL of an upload"):
+            alice.delete_upload("s3://bucket/users/alice/data.bin")
+    headers = {"Authorization": f"Bearer {porter.alice}"}
+    bad = httpx.delete(f"{porter.url}/api/v1/uploads/..%2F..%2Fjobs/x", headers=headers)
+    assert bad.status_code in (404, 422), bad.text
+    bad_id = httpx.delete(f"{porter.url}/api/v1/uploads/not-an-id/x", headers=headers)
+    assert bad_id.status_code == 422
+    assert bad_id.json()["error"]["details"][0]["field"] == "upload_id"

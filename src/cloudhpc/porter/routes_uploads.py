@@ -14,6 +14,10 @@ It answers `{"url", "key", "size"}`; `url` is what the caller writes as a value 
 submission that the URL is one of the submitter's own objects (`porter/inputs.py`), and the agent
 fetches it when it stages the job (`submitter/files.py`, or through porter: `routes_agent_objects`).
 Nobody else's job may name it, because the key is under the owner's prefix.
+
+`DELETE /api/v1/uploads/{id}/{name}` removes one again (the Executor does once its job has ended: the
+agent staged the input into the job directory long before). The key is made from the caller's own
+prefix, so a caller can only ever delete its own uploads; an upload already gone is not an error.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.porter.auth import UserPrincipal
@@ -45,6 +50,7 @@ UPLOAD_PATH = r"^/api/v1/uploads$"
 """The route's path, for the app-wide body limit (`RequestSizeLimit`), which this route's own, larger
 cap replaces."""
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @router.post(
@@ -73,3 +79,19 @@ async def upload(
         await run_in_threadpool(objects.upload_file, key, path, content_type="application/octet-stream")
     log.info("stored an upload of %d bytes for %s: %s", size, principal.user, key)
     return {"url": scope.url_for(key), "key": key, "size": size}
+
+
+@router.delete("/uploads/{upload_id}/{name}", status_code=204)
+async def delete_upload(
+    request: Request,
+    principal: UserPrincipal,
+    upload_id: Annotated[str, PathParam(pattern=_ID.pattern, description="the upload's id, from its URL")],
+    name: Annotated[str, PathParam(pattern=_NAME.pattern, description="the upload's file name")],
+) -> Response:
+    """Delete one of the caller's uploads (`users/<caller>/uploads/<id>/<name>`); 204 whether or not
+    it still existed."""
+    state = state_of(request)
+    key = input_scope(state.settings.porter.object_store).upload_key(principal.user, upload_id, name)
+    await run_in_threadpool(object_store(state).delete, key)
+    log.info("deleted the upload %s of %s", key, principal.user)
+    return Response(status_code=204)
