@@ -79,6 +79,7 @@ def test_submit_get_list(api: Api) -> None:
         "id", "name", "owner", "cluster", "kind", "state", "reason", "cancel_requested", "slurm_job_id",
         "exit_code", "created_at", "submitted_at", "started_at", "ended_at", "spec", "bridges", "artifacts",
         "dependency", "cancel_tasks",  # since #13: arrays and `after`
+        "restarts",  # since #13: checkpoint and requeue
     }  # fmt: skip
     assert set(job) == expected
     got = api.call("GET", f"/api/v1/jobs/{job['id']}", api.alice).json()
