@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from cloudhpc.domain.signals import SIGNALS, UNTRAPPABLE
+
 __all__ = [
     "CHECKPOINT_DIR",
     "MAX_RESTARTS",
@@ -38,30 +40,7 @@ REQUEUED = "Requeued"
 `running` (states only move forward), the reason and `restarts` say what happened."""
 
 _DURATION = re.compile(r"^(?:(?P<m>[0-9]{1,4})m)?(?:(?P<s>[0-9]{1,5})s?)?$")
-_UNTRAPPABLE = frozenset({"KILL", "STOP"})
-_TRAPPABLE = (
-    "HUP",
-    "INT",
-    "QUIT",
-    "ABRT",
-    "ALRM",
-    "TERM",
-    "USR1",
-    "USR2",
-    "URG",
-    "CONT",
-    "TSTP",
-    "TTIN",
-    "TTOU",
-    "XCPU",
-    "XFSZ",
-    "VTALRM",
-    "PROF",
-    "WINCH",
-    "PWR",
-    "SYS",
-    "IO",
-)
+_TRAPPABLE = sorted(SIGNALS - UNTRAPPABLE)
 
 
 def parse_seconds(value: str | int) -> int:
@@ -108,7 +87,7 @@ class CheckpointSpec(BaseModel):
     @field_validator("signal")
     @classmethod
     def _trappable(cls, value: str) -> str:
-        if value in _UNTRAPPABLE:
+        if value in UNTRAPPABLE:
             raise ValueError(f"SIG{value} cannot be caught, so the job could not save a checkpoint")
         if value not in _TRAPPABLE:
             raise ValueError(f"unknown signal {value!r}; use one of {', '.join(_TRAPPABLE)}")

@@ -34,6 +34,7 @@ from cloudhpc.domain.arrays import (
 )
 from cloudhpc.domain.checkpoint import CheckpointSpec
 from cloudhpc.domain.job_files import MAX_OUTPUT_PATTERNS, OutputPattern
+from cloudhpc.domain.signals import SIGNALS
 from cloudhpc.domain.states import JobState
 
 __all__ = [
@@ -189,35 +190,6 @@ _BEGIN = re.compile(
 _SIGNAL = re.compile(
     r"^(?:(?P<where>R|B|RB|BR):)?(?P<sig>[0-9]{1,2}|(?:SIG)?[A-Z][A-Z0-9]{1,7})(?:@(?P<sec>[0-9]{1,5}))?$"
 )
-SIGNALS = frozenset(
-    {
-        "HUP",
-        "INT",
-        "QUIT",
-        "ABRT",
-        "KILL",
-        "ALRM",
-        "TERM",
-        "USR1",
-        "USR2",
-        "URG",
-        "CONT",
-        "STOP",
-        "TSTP",
-        "TTIN",
-        "TTOU",
-        "XCPU",
-        "XFSZ",
-        "VTALRM",
-        "PROF",
-        "WINCH",
-        "PWR",
-        "SYS",
-        "IO",
-        "POLL",
-    }
-)
-"""Signal names SLURM's --signal takes (with or without SIG)."""
 
 
 def _int_as_str(value: Any) -> Any:
