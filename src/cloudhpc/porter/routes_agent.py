@@ -8,14 +8,13 @@ so a retried upload never duplicates bytes) and stores accounting when a job end
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloudhpc.domain.jobs import Name
+from cloudhpc.domain.jobs import Job, Name
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import AgentPrincipal, agent_job, require_agent_for
@@ -79,17 +78,13 @@ async def claim_work(
     """Jobs that need the agent (new ones, cancel requests), waiting up to `wait` s for some."""
     require_agent_for(principal, cluster)
     state = state_of(request)
-    deadline = time.monotonic() + wait
-    while True:
-        read_at = time.monotonic()
+
+    async def claim() -> list[Job]:
+        # each re-check also renews the agent's hold on the cluster: 5 s at most, under the 10 s hold
         await _serve_as(state, cluster, agent)
-        jobs = await state.store.claim_work(cluster, agent)
-        remaining = deadline - time.monotonic()
-        if jobs or remaining <= 0 or state.stopping or await request.is_disconnected():
-            break
-        # the re-check also renews the agent's hold on the cluster: 5 s at most, under the 10 s hold
-        wake = cluster_key(cluster)
-        await state.notifier.wait(wake, min(remaining, state.recheck_interval), since=read_at)
+        return await state.store.claim_work(cluster, agent)
+
+    jobs = await state.long_poll(cluster_key(cluster), wait, claim, bool, request=request)
     return {"jobs": [j.model_dump(mode="json", by_alias=True) for j in jobs]}
 
 

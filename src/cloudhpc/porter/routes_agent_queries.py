@@ -10,7 +10,6 @@ the agent did not answer, never a 500.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -52,24 +51,19 @@ async def ask_agent(
     wait = wait if wait is not None else state.settings.porter.agent_query_wait
     query_id = await state.store.ask_agent(cluster, kind, params, job_id=job_id, ttl=wait + 5.0)
     state.notifier.notify(queries_key(cluster))
-    deadline = time.monotonic() + wait
-    key = answer_key(query_id)
-    while True:
-        read_at = time.monotonic()
-        answer = await state.store.query_answer(query_id)
-        if answer is not None:
-            if answer.error is not None:
-                raise HttpProblem(answer.error.status, answer.error.code, answer.error.message)
-            return answer.result or {}
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or state.stopping:
-            raise HttpProblem(
-                504,
-                "agent_timeout",
-                f"the agent of cluster {cluster!r} did not answer within {wait:.0f} s (is its submitter "
-                "running? `cloudhpc clusters list` shows when it was last seen)",
-            )
-        await state.notifier.wait(key, min(remaining, state.recheck_interval), since=read_at)
+    answer = await state.long_poll(
+        answer_key(query_id), wait, lambda: state.store.query_answer(query_id), lambda seen: seen is not None
+    )
+    if answer is None:
+        raise HttpProblem(
+            504,
+            "agent_timeout",
+            f"the agent of cluster {cluster!r} did not answer within {wait:.0f} s (is its submitter "
+            "running? `cloudhpc clusters list` shows when it was last seen)",
+        )
+    if answer.error is not None:
+        raise HttpProblem(answer.error.status, answer.error.code, answer.error.message)
+    return answer.result or {}
 
 
 @router.get("/queries")
@@ -83,14 +77,9 @@ async def claim_queries(
     """Questions for the cluster's agent, waiting up to `wait` s for some."""
     require_agent_for(principal, cluster)
     state = state_of(request)
-    deadline = time.monotonic() + wait
-    while True:
-        read_at = time.monotonic()
-        queries: list[AgentQuery] = await state.store.claim_queries(cluster, agent)
-        remaining = deadline - time.monotonic()
-        if queries or remaining <= 0 or state.stopping or await request.is_disconnected():
-            break
-        await state.notifier.wait(queries_key(cluster), min(remaining, state.recheck_interval), since=read_at)
+    queries: list[AgentQuery] = await state.long_poll(
+        queries_key(cluster), wait, lambda: state.store.claim_queries(cluster, agent), bool, request=request
+    )
     return {"queries": [q.model_dump(mode="json") for q in queries]}
 
 

@@ -6,7 +6,6 @@ the time is up): what `Client.wait_bridges` and `Client.ray_dashboard_url` long-
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -46,16 +45,7 @@ async def job_bridges(
     """The job's bridges: `{name, remote_port, bridge_host, bridge_port, url, service_dns, ready}`
     each; empty for a job that exposes nothing or has ended (its ports are released)."""
     state = state_of(request)
-    read_at = time.monotonic()
-    job = await _owned(state, job_id, principal)
-    deadline = time.monotonic() + wait
-    while wait > 0 and not _settled(job):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or state.stopping:
-            break
-        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval), since=read_at)
-        read_at = time.monotonic()
-        job = await _owned(state, job_id, principal)
+    job = await state.long_poll(job_key(job_id), wait, lambda: _owned(state, job_id, principal), _settled)
     return {
         "job_id": str(job.id),
         "state": job.state.value,

@@ -166,19 +166,16 @@ async def get_job(
 ) -> Response:
     """With `wait`, answer as soon as the state differs from `since_state` (default: the current one)."""
     state = state_of(request)
-    read_at = time.monotonic()
     job = await _owned_job(state, job_id, principal)
     if wait <= 0:
         return _job_response(job)
     baseline = since_state or job.state
-    deadline = time.monotonic() + wait
-    while job.state == baseline and not job.state.terminal:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or state.stopping:
-            break
-        await state.notifier.wait(job_key(job_id), min(remaining, state.recheck_interval), since=read_at)
-        read_at = time.monotonic()
-        job = await _owned_job(state, job_id, principal)
+    job = await state.long_poll(
+        job_key(job_id),
+        wait,
+        lambda: _owned_job(state, job_id, principal),
+        lambda seen: seen.state != baseline or seen.state.terminal,
+    )
     return _job_response(job)
 
 

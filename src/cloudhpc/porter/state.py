@@ -10,7 +10,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -195,6 +195,29 @@ class PorterState:
     def recheck_interval(self, seconds: float) -> None:
         """Tests shorten both intervals at once."""
         self.fallback_recheck = self.safety_recheck = seconds
+
+    async def long_poll(
+        self,
+        key: str,
+        wait: float,
+        read: Callable[[], Awaitable[V]],
+        done: Callable[[V], bool],
+        *,
+        request: Request | None = None,
+    ) -> V:
+        """`read()` again on each wake-up of `key` until `done` says its value is the answer, `wait`
+        seconds pass, porter stops or the client has gone: the one loop behind every long-poll, so
+        each re-reads the store after a missed or foreign (other replica's) change the same way."""
+        deadline = time.monotonic() + wait
+        while True:
+            read_at = time.monotonic()
+            value = await read()
+            remaining = deadline - time.monotonic()
+            if done(value) or remaining <= 0 or self.stopping:
+                return value
+            if request is not None and await request.is_disconnected():
+                return value
+            await self.notifier.wait(key, min(remaining, self.recheck_interval), since=read_at)
 
     def stop(self) -> None:
         """Long-polls answer now with what they have (see `stopping`)."""
