@@ -41,6 +41,7 @@ from cloudhpc.domain.job_files import (
 from cloudhpc.exceptions import JobFileError
 
 __all__ = [
+    "MAX_WALK_DEPTH",
     "MAX_WALK_ENTRIES",
     "DirectoryAccess",
     "FoundOutput",
@@ -52,6 +53,10 @@ __all__ = [
 
 MAX_WALK_ENTRIES = 100_000
 """Directory entries one output collection looks at before it stops (and says so)."""
+MAX_WALK_DEPTH = 128
+"""Directory levels below the job directory one output collection enters. The walk recurses once
+per level: a job that made a tree deeper than Python's recursion limit (1,500 nested `a/`) made the
+agent's collection raise RecursionError, so the job's `outputs.json` was never written."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ class _Walk:
     root: str
     seen: int = 0
     stopped: bool = False
+    too_deep: bool = False
     listed: dict[str, list[tuple[str, Stat]]] = field(default_factory=dict)
 
     async def entries(self, directory: str) -> list[tuple[str, Stat]]:
@@ -270,6 +276,12 @@ async def find_outputs(
         skipped.append(
             SkippedOutput(path="", reason=f"the search stopped after {MAX_WALK_ENTRIES} directory entries")
         )
+    if walk.too_deep:
+        skipped.append(
+            SkippedOutput(
+                path="", reason=f"directories more than {MAX_WALK_DEPTH} levels deep were not searched"
+            )
+        )
     report = OutputsReport(
         patterns=list(patterns),
         collected=[f.relative for f in found],
@@ -280,22 +292,28 @@ async def find_outputs(
     return found, report
 
 
-async def _expand(walk: _Walk, directory: str, segments: list[str], matched: dict[str, Stat]) -> int:
-    """Match `segments` below `directory` (a real directory inside the job's), adding to `matched`;
-    returns how many entries matched (an earlier pattern's among them).
+async def _expand(
+    walk: _Walk, directory: str, segments: list[str], matched: dict[str, Stat], depth: int = 0
+) -> int:
+    """Match `segments` below `directory` (a real directory inside the job's, `depth` levels below
+    it), adding to `matched`; returns how many entries matched (an earlier pattern's among them).
 
     Directories are entered only when they are directories themselves (`lstat`): a symlinked
-    directory is never followed, so the walk cannot leave the job directory or loop."""
+    directory is never followed, so the walk cannot leave the job directory or loop; nor deeper
+    than `MAX_WALK_DEPTH` levels, so it cannot exhaust the agent's stack."""
+    if depth > MAX_WALK_DEPTH:
+        walk.too_deep = True
+        return 0
     head, rest = segments[0], segments[1:]
     at_root = directory == walk.root
     entries = await walk.entries(directory)
     visible = [(n, s) for n, s in entries if not (at_root and n == CONTROL_DIRECTORY)]
     count = 0
     if head == "**":
-        count += await _expand(walk, directory, rest, matched)  # zero directories
+        count += await _expand(walk, directory, rest, matched, depth)  # zero directories
         for name, stat in visible:
             if stat.type == EntryType.DIRECTORY and not name.startswith("."):
-                count += await _expand(walk, posixpath.join(directory, name), segments, matched)
+                count += await _expand(walk, posixpath.join(directory, name), segments, matched, depth + 1)
         return count
     for name, stat in visible:
         if not name_matches(head, name):
@@ -303,7 +321,7 @@ async def _expand(walk: _Walk, directory: str, segments: list[str], matched: dic
         path = posixpath.join(directory, name)
         if rest:
             if stat.type == EntryType.DIRECTORY:
-                count += await _expand(walk, path, rest, matched)
+                count += await _expand(walk, path, rest, matched, depth + 1)
         else:
             matched.setdefault(_relative(path, walk.root), stat)
             count += 1
