@@ -264,10 +264,11 @@ def _after_option(value: str) -> dict[str, str]:
 
 
 def _load_spec(
-    file: Path | None, overrides: dict[str, Any], resources: dict[str, str] | None = None
+    file: Path | None, overrides: dict[str, Any], sections: dict[str, dict[str, Any]] | None = None
 ) -> JobSpec:
     """The spec of a file and/or options, with the #SBATCH directives of its script merged in as
-    porter merges them, so that a refused directive is reported before anything is sent."""
+    porter merges them, so that a refused directive is reported before anything is sent.
+    `sections` (`resources`, `checkpoint`) are merged field by field over the file's."""
     body: dict[str, Any] = {}
     if file is not None:
         try:
@@ -280,9 +281,10 @@ def _load_spec(
             raise typer.Exit(2)
         body = loaded
     body.update({k: v for k, v in overrides.items() if v is not None})
-    if resources:
-        given = body.get("resources")
-        body["resources"] = (given if isinstance(given, dict) else {}) | resources
+    for section, fields in (sections or {}).items():
+        if fields:
+            given = body.get(section)
+            body[section] = (given if isinstance(given, dict) else {}) | fields
     try:
         return apply_directives(JobSpec.model_validate(body))
     except ValidationError as exc:
@@ -362,6 +364,34 @@ def jobs_submit(
             help="run after another job of yours, JOB_ID[:ok|any|notok] (repeat; default ok)",
         ),
     ] = None,
+    qos: Annotated[str | None, typer.Option(help="SLURM QOS (resources.qos)")] = None,
+    constraint: Annotated[
+        str | None, typer.Option(help="node features, sbatch syntax: a100|v100 (resources.constraint)")
+    ] = None,
+    gres: Annotated[
+        str | None, typer.Option(help="generic resources, e.g. gpu:a100:4 (resources.gres)")
+    ] = None,
+    checkpoint_warn_before: Annotated[
+        str | None,
+        typer.Option(
+            help="warn the job this long before its time limit and requeue it: 90, 2m, 1m30s "
+            "(checkpoint.warn_before; needs a time limit)"
+        ),
+    ] = None,
+    checkpoint_signal: Annotated[
+        str | None, typer.Option(help="the warning signal, default USR1 (checkpoint.signal)")
+    ] = None,
+    max_restarts: Annotated[
+        int | None, typer.Option(help="runs after the first one, at most (checkpoint.max_restarts)")
+    ] = None,
+    outputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--outputs",
+            help="files of the job directory to collect when it ends, a glob (repeat): "
+            "--outputs 'results/*.csv' (spec `outputs`; `-o` is the output format)",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="resubmitting with the same key returns the same job")
     ] = None,
@@ -374,12 +404,22 @@ def jobs_submit(
     output: OutputOpt = Output.table,
 ) -> None:
     """Submit a job from a spec file and/or options."""
-    overrides: dict[str, Any] = {"name": name, "cluster": cluster, "array": array}
+    overrides: dict[str, Any] = {"name": name, "cluster": cluster, "array": array, "outputs": outputs}
     if after:
         overrides["after"] = [_after_option(a) for a in after]
     if script is not None:
         overrides["script"] = script.read_text(encoding="utf-8")
-    spec = _load_spec(file, overrides, _resource_pairs(resource or []))
+    typed = {"qos": qos, "constraint": constraint, "gres": gres}
+    checkpoint = {
+        "warn_before": checkpoint_warn_before,
+        "signal": checkpoint_signal,
+        "max_restarts": max_restarts,
+    }
+    sections = {
+        "resources": _resource_pairs(resource or []) | {k: v for k, v in typed.items() if v is not None},
+        "checkpoint": {k: v for k, v in checkpoint.items() if v is not None},
+    }
+    spec = _load_spec(file, overrides, sections)
     with client_for(url, token_file) as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
         if wait:
