@@ -415,7 +415,7 @@ def jobs_submit(
         "signal": checkpoint_signal,
         "max_restarts": max_restarts,
     }
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "resources": _resource_pairs(resource or []) | {k: v for k, v in typed.items() if v is not None},
         "checkpoint": {k: v for k, v in checkpoint.items() if v is not None},
     }
