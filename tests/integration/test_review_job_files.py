@@ -5,11 +5,21 @@ system (the same `DirectoryAccess` calls the SFTP runner answers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import uuid
 from pathlib import Path
 
+import pytest
+
+from cloudhpc.config import SSHConfig
+from cloudhpc.exceptions import RemoteFileError
 from cloudhpc.hpc import job_files
 from cloudhpc.hpc.local import LocalRunner
+from cloudhpc.hpc.ssh import SSHConnection
+
+FIFO_WAIT = 10.0
+"""Seconds a read of a FIFO may take before the test calls it blocked."""
 
 
 def _nested(root: Path, depth: int) -> Path:
@@ -41,3 +51,43 @@ def test_outputs_of_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
     )
     assert [f.relative for f in found] == ["results/top.txt"]
     assert any(f"{job_files.MAX_WALK_DEPTH} levels deep" in s.reason for s in report.skipped), report
+
+
+def _release(fifo: Path) -> None:
+    """Open the FIFO for writing once, so a read blocked in open() (the defect) returns."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading it, nothing is blocked
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_local_read_of_a_fifo_is_refused_not_blocked(tmp_path: Path) -> None:
+    """A python job that replaced its `.cloudhpc/result.pkl` (or its output) by a FIFO blocked the
+    agent's read of it for good (a thread of the agent stuck in open()); now it is refused."""
+    fifo = tmp_path / "result.pkl"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(RemoteFileError, match="not a regular file"):
+            await asyncio.wait_for(LocalRunner().read_file(str(fifo), length=10), FIFO_WAIT)
+    finally:
+        _release(fifo)
+
+
+@pytest.mark.testbed
+async def test_sftp_read_of_a_fifo_is_refused_and_sftp_goes_on(testbed_ssh: SSHConfig) -> None:
+    """Over SSH the same FIFO blocked sftp-server in open(), and with it every later SFTP call of the
+    cluster (staging, outputs, files queries of every user on it); now it is refused after a stat and
+    the next read answers at once."""
+    async with SSHConnection(testbed_ssh, cluster="testbed") as conn:
+        home = await conn.home()
+        scratch = f"{home}/.cloudhpc-test/{uuid.uuid4()}"
+        await conn.makedirs(scratch)
+        fifo, plain = f"{scratch}/result.pkl", f"{scratch}/plain.txt"
+        try:
+            assert (await conn.run(["mkfifo", fifo])).ok
+            await conn.write_file(plain, b"plain\n")
+            with pytest.raises(RemoteFileError, match="not a regular file"):
+                await asyncio.wait_for(conn.read_file(fifo, length=10), FIFO_WAIT)
+            assert await asyncio.wait_for(conn.read_file(plain), FIFO_WAIT) == b"plain\n"
+        finally:
+            # a blocked sftp-server (the defect) is released by a writer; then the directory goes
+            await conn.run(["timeout", "2", "sh", "-c", 'exec 3>"$1"', "sh", fifo])
+            assert (await conn.run(["rm", "-rf", "--", scratch])).ok

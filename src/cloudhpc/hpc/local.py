@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat as stat_mode
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
@@ -198,7 +199,12 @@ class LocalRunner:
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         try:
-            with open(target, "rb") as f:
+            # O_NONBLOCK: opening a FIFO a job put there (as its output or its result.pkl) must not
+            # block until a writer comes; the fstat then refuses anything but a regular file
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                if not stat_mode.S_ISREG(os.fstat(fd).st_mode):
+                    raise RemoteFileError(f"cannot read {target}: not a regular file")
                 f.seek(offset)
                 return f.read(-1 if length is None else length)
         except OSError as exc:

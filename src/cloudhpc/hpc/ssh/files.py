@@ -18,8 +18,9 @@ from typing import IO, TypeVar
 
 import asyncssh
 
+from cloudhpc.domain.job_files import EntryType
 from cloudhpc.domain.paths import resolve_path
-from cloudhpc.exceptions import SSHConnectError, SSHError
+from cloudhpc.exceptions import RemoteFileError, SSHConnectError, SSHError
 from cloudhpc.hpc.job_files import Stat, entry_type
 from cloudhpc.hpc.ssh.errors import _is_transient, _translate_errors
 from cloudhpc.hpc.ssh.session import _CHANNEL_OPEN_TRIES, _Session
@@ -154,8 +155,13 @@ class _SftpFiles(_Session):
         full = await self._resolve(path)
 
         async def op(sftp: asyncssh.SFTPClient) -> bytes:
+            # stat first: sftp-server's open() of a FIFO a job put there (as its output or its
+            # result.pkl) blocks until a writer comes, and every SFTP call of the cluster with it
+            attrs = await sftp.stat(full)
+            if entry_type(attrs.permissions or 0) != EntryType.FILE:
+                raise RemoteFileError(f"reading {full!r} on cluster {self.cluster}: not a regular file")
             async with sftp.open(full, "rb") as file:
-                end = (await file.stat()).size or 0
+                end = attrs.size or 0
                 count = end - offset if length is None else min(length, end - offset)
                 if count <= 0:
                     return b""
