@@ -1,6 +1,7 @@
 """The shapes of porter's answers that are not a job: pages, clusters, the caller, artifacts,
-accounting. One definition each, used by porter (pages, as the routes' `response_model`) and
-by the SDK (`cloudhpc.client`), so that a notebook gets attributes and a type checker sees the
+accounting, bridges, uploads. One definition each, used by porter (as the routes'
+`response_model`, so that `/openapi.json` documents every field) and by the SDK
+(`cloudhpc.client`), so that a notebook gets attributes and a type checker sees the
 fields instead of a `dict[str, Any]` to index by guess.
 
 Unknown fields are kept (`extra="allow"`) rather than refused: an SDK older than the porter it
@@ -11,21 +12,27 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
 from cloudhpc.domain.arrays import TaskObservation
-from cloudhpc.domain.jobs import JobSummary
+from cloudhpc.domain.jobs import Bridge, JobSummary
+from cloudhpc.domain.states import JobState
 
 __all__ = [
     "Accounting",
     "AccountingRow",
     "Artifact",
+    "ArtifactList",
     "ClusterInfo",
+    "ClusterList",
     "Efficiency",
+    "JobBridges",
     "JobPage",
     "Me",
     "TaskPage",
+    "Upload",
 ]
 
 
@@ -58,6 +65,12 @@ class ClusterInfo(_Answer):
     agent_online: bool = False
 
 
+class ClusterList(_Answer):
+    """`GET /clusters`: the clusters the caller may use (one it may not use is not listed)."""
+
+    clusters: list[ClusterInfo]
+
+
 class Me(_Answer):
     """`GET /me`: who the token speaks for, and the URL prefixes its jobs' `files` may name (store a
     job's inputs there before submitting it)."""
@@ -76,15 +89,43 @@ class Artifact(_Answer):
     url: str
 
 
+class ArtifactList(_Answer):
+    """`GET /jobs/{id}/artifacts`, by name."""
+
+    artifacts: list[Artifact]
+
+
+class JobBridges(_Answer):
+    """`GET /jobs/{id}/bridges`: the job's state (a long-poll ends when it is terminal) and its
+    bridges, empty for a job that exposes nothing or has ended (its ports are released)."""
+
+    job_id: UUID
+    state: JobState
+    bridges: list[Bridge]
+
+
+class Upload(_Answer):
+    """`POST /uploads`: where the bytes were stored; `url` is what a job's `files` names."""
+
+    url: str
+    key: str
+    size: int
+
+
 class AccountingRow(_Answer):
-    """One sacct row (the allocation, or one step) as the agent stored it: durations in seconds,
-    sizes in bytes; `None` where sacct had no value."""
+    """One sacct row (the allocation, or one step) as the agent stored it (the fields of the agent's
+    `hpc.backend.AccountingRecord`): durations in seconds, sizes in bytes, times in UTC; `None`
+    where sacct had no value (or an older agent did not send the field)."""
 
     job_id: str | None = None
     step: str | None = None
     name: str | None = None
     state: str | None = None
     exit_code: int | None = None
+    signal: int | None = None
+    submit: datetime | None = None
+    start: datetime | None = None
+    end: datetime | None = None
     elapsed_seconds: int | None = None
     total_cpu_seconds: float | None = None
     alloc_cpus: int | None = None
@@ -92,14 +133,24 @@ class AccountingRow(_Answer):
     node_list: str | None = None
     req_mem_bytes: int | None = None
     max_rss_bytes: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    timelimit_seconds: int | None = None
+    alloc_tres: str | None = None
+    billing: float | None = None
 
 
 class Efficiency(_Answer):
-    """What seff reports (or the same computed from sacct: `source`), fractions 0..1."""
+    """What seff reports, or the same computed with seff's formulas from sacct (`source`: `seff` or
+    `sacct`); efficiencies are fractions (0..1, memory may exceed 1 where limits are not enforced)."""
 
     state: str | None = None
     cpu_efficiency: float | None = None
     memory_efficiency: float | None = None
+    cpu_utilized_seconds: float | None = None
+    core_walltime_seconds: float | None = None
+    memory_utilized_bytes: int | None = None
+    memory_requested_bytes: int | None = None
     source: str | None = None
 
 

@@ -12,8 +12,10 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloudhpc.domain.api import Accounting
 from cloudhpc.domain.jobs import Job, Name
 from cloudhpc.domain.reports import JobReport
 from cloudhpc.exceptions import HttpProblem
@@ -156,5 +158,11 @@ async def put_accounting(job_id: UUID, request: Request, principal: AgentPrincip
         raise _invalid_body(f"not JSON: {exc}") from exc
     if not isinstance(record, dict):
         raise _invalid_body("the accounting document must be a JSON object")
+    try:
+        # the document users read back as `Accounting` (GET /jobs/{id}/accounting): a field of
+        # the wrong type is refused here, naming it, rather than stored and answered with a 500
+        Accounting.model_validate(record)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
     await state.store.set_accounting(job_id, record)
     return {"stored": True}

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from cloudhpc.domain.api import Artifact, ArtifactList
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem, StorageError
 from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
@@ -51,8 +52,8 @@ def _names(job: Job) -> dict[str, str]:
     return {key[len(prefix) :]: key for key in job.artifacts if is_job_artifact(prefix, key)}
 
 
-@router.get("/jobs/{job_id}/artifacts")
-async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
+@router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)
+async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipal) -> ArtifactList:
     """`{"artifacts": [{"name", "key", "url"}]}`. S3 URLs are presigned (valid for
     `porter.artifact_url_expiry` seconds, no token needed); with a local store the URL is porter's
     download route, which needs the bearer token."""
@@ -72,8 +73,8 @@ async def list_artifacts(job_id: UUID, request: Request, principal: UserPrincipa
             # quoted: Starlette puts the value in the path as it is, and a collected output's
             # name may hold `%`, `?`, `#` or spaces (`outputs/100%25.txt`)
             url = str(request.url_for("download_artifact", job_id=str(job.id), name=quote(name, safe="/")))
-        items.append({"name": name, "key": key, "url": url})
-    return {"artifacts": items}
+        items.append(Artifact(name=name, key=key, url=url))
+    return ArtifactList(artifacts=items)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name:path}", name="download_artifact")
@@ -100,10 +101,16 @@ class ArtifactKeys(BaseModel):
     keys: list[str] = Field(max_length=10_000)
 
 
-@agent_router.post("/jobs/{job_id}/artifacts")
+class RecordedKeys(BaseModel):
+    """The agent's answer: every key the job now has (those recorded before, and these)."""
+
+    artifacts: list[str]
+
+
+@agent_router.post("/jobs/{job_id}/artifacts", response_model=RecordedKeys)
 async def add_artifacts(
     job_id: UUID, request: Request, principal: AgentPrincipal, body: Annotated[ArtifactKeys, Body()]
-) -> dict[str, Any]:
+) -> RecordedKeys:
     """Record keys the agent wrote. Only keys under the job's own prefix are accepted, so an agent
     cannot make a user's download point at another user's objects."""
     state = state_of(request)
@@ -133,8 +140,7 @@ async def add_artifacts(
                 "must be porter.object_store, reachable from the agent)",
                 [{"field": "keys", "message": f"not in porter's object store: {absent[0]!r}"}],
             )
-    keys = await state.store.add_artifacts(job.id, body.keys)
-    return {"artifacts": keys}
+    return RecordedKeys(artifacts=await state.store.add_artifacts(job.id, body.keys))
 
 
 def _absent(objects: ObjectStore, keys: list[str]) -> list[str]:

@@ -6,11 +6,12 @@ the time is up): what `Client.wait_bridges` and `Client.ray_dashboard_url` long-
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 
+from cloudhpc.domain.api import JobBridges
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
@@ -35,19 +36,15 @@ def _settled(job: Job) -> bool:
     return job.state.terminal or all(b.ready for b in job.bridges)
 
 
-@router.get("/jobs/{job_id}/bridges")
+@router.get("/jobs/{job_id}/bridges", response_model=JobBridges)
 async def job_bridges(
     job_id: UUID,
     request: Request,
     principal: UserPrincipal,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
-) -> dict[str, Any]:
+) -> JobBridges:
     """The job's bridges: `{name, remote_port, bridge_host, bridge_port, url, service_dns, ready}`
     each; empty for a job that exposes nothing or has ended (its ports are released)."""
     state = state_of(request)
     job = await state.long_poll(job_key(job_id), wait, lambda: _owned(state, job_id, principal), _settled)
-    return {
-        "job_id": str(job.id),
-        "state": job.state.value,
-        "bridges": [b.model_dump(mode="json") for b in job.bridges],
-    }
+    return JobBridges(job_id=job.id, state=job.state, bridges=list(job.bridges))

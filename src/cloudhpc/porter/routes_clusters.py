@@ -8,10 +8,10 @@ exactly as if it did not exist.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, Request
 
+from cloudhpc.domain.api import ClusterInfo, ClusterList, Me
 from cloudhpc.porter.access import usable_clusters
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import input_scope
@@ -25,8 +25,8 @@ AGENT_ONLINE_SECONDS = 90
 """An agent heard from within this many seconds is `agent_online`."""
 
 
-@router.get("/clusters")
-async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str, Any]:
+@router.get("/clusters", response_model=ClusterList)
+async def list_clusters(request: Request, principal: UserPrincipal) -> ClusterList:
     state = state_of(request)
     seen = await state.store.agents()
     now = time.time()
@@ -35,23 +35,23 @@ async def list_clusters(request: Request, principal: UserPrincipal) -> dict[str,
         cfg = state.settings.clusters.get(name)
         last = seen.get(name)
         out.append(
-            {
-                "name": name,
-                "backend": cfg.backend if cfg else None,
-                "agent_last_seen": last.isoformat() if last else None,
-                "agent_online": last is not None and now - last.timestamp() < AGENT_ONLINE_SECONDS,
-            }
+            ClusterInfo(
+                name=name,
+                backend=cfg.backend if cfg else None,
+                agent_last_seen=last,
+                agent_online=last is not None and now - last.timestamp() < AGENT_ONLINE_SECONDS,
+            )
         )
-    return {"clusters": out}
+    return ClusterList(clusters=out)
 
 
-@router.get("/me")
-async def whoami(request: Request, principal: UserPrincipal) -> dict[str, Any]:
+@router.get("/me", response_model=Me)
+async def whoami(request: Request, principal: UserPrincipal) -> Me:
     """The caller's user name and role, and the URL prefixes its jobs' `files` may name (a pipeline
     step stores a job's inputs there before it submits the job)."""
     state = state_of(request)
-    return {
-        "user": principal.user,
-        "role": principal.role,
-        "inputs": input_scope(state.settings.porter.object_store).owner_urls(principal.user),
-    }
+    return Me(
+        user=principal.user,
+        role=principal.role,
+        inputs=input_scope(state.settings.porter.object_store).owner_urls(principal.user),
+    )

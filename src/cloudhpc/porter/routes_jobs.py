@@ -18,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.bridges.allocation import plan_bridges
 from cloudhpc.config import ClusterConfig
-from cloudhpc.domain.api import JobPage, TaskPage
+from cloudhpc.domain.api import Accounting, JobPage, TaskPage
 from cloudhpc.domain.arrays import MAX_ARRAY_INDEX, array_indices
+from cloudhpc.domain.billing import AUTO_PARTITION, allowed_partitions
+from cloudhpc.domain.bridges import BridgePlan
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.jobs import NAME_PATTERN, Job, JobSpec
 from cloudhpc.domain.redaction import redacted_job
@@ -32,7 +34,7 @@ from cloudhpc.porter.state import PorterState, cluster_key, job_key, object_stor
 from cloudhpc.storage.artifacts import artifact_key, output_name
 from cloudhpc.store import Principal, decode_cursor
 
-__all__ = ["router"]
+__all__ = ["check_spec", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -77,7 +79,16 @@ def _checked_resources(spec: JobSpec, cluster: ClusterConfig | None) -> JobSpec:
     except ValueError as exc:
         raise _invalid([("script", str(exc))]) from exc
     if cluster is not None:
-        problems = cluster.limits.problems(spec.resources.with_defaults(cluster.defaults.as_resources()))
+        resources = spec.resources.with_defaults(cluster.defaults.as_resources())
+        problems = cluster.limits.problems(resources)
+        if resources.partition == AUTO_PARTITION and not allowed_partitions(cluster.limits, cluster.billing):
+            problems.append(
+                (
+                    "resources.partition",
+                    "`auto` needs the partitions jobs may use in the cluster's configuration "
+                    "(clusters.<name>.limits.partitions or billing.partitions)",
+                )
+            )
         if problems:
             raise _invalid(problems)
     return spec
@@ -100,6 +111,24 @@ async def _check_after(state: PorterState, spec: JobSpec, principal: Principal) 
         raise _invalid(problems)
 
 
+async def check_spec(
+    state: PorterState, principal: Principal, spec: JobSpec
+) -> tuple[JobSpec, BridgePlan | None]:
+    """Every check of a submission, shared by `POST /jobs` and `POST /jobs:estimate` (which must
+    refuse what a submission would): the cluster (404), the resources against its limits, `after`,
+    the input URLs and the bridges (422); the spec with its directives merged, and its bridges."""
+    await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
+    spec = _checked_resources(spec, state.settings.clusters.get(spec.cluster))
+    await _check_after(state, spec, principal)
+    check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
+    try:
+        return spec, plan_bridges(spec, state.settings.porter.bridge)
+    except BridgesNotConfigured as exc:
+        raise HttpProblem(
+            422, "invalid_request", f"invalid request: ray: {exc}", [{"field": "ray", "message": str(exc)}]
+        ) from exc
+
+
 @router.post("/jobs", status_code=201, response_model=Job)
 async def submit_job(
     spec: JobSpec,
@@ -109,16 +138,7 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Job:
     state = state_of(request)
-    await require_cluster(state, principal, spec.cluster)  # 404: unknown, or not the user's to use
-    spec = _checked_resources(spec, state.settings.clusters.get(spec.cluster))
-    await _check_after(state, spec, principal)
-    check_inputs(spec, principal.user, input_scope(state.settings.porter.object_store))
-    try:
-        bridges = plan_bridges(spec, state.settings.porter.bridge)
-    except BridgesNotConfigured as exc:
-        raise HttpProblem(
-            422, "invalid_request", f"invalid request: ray: {exc}", [{"field": "ray", "message": str(exc)}]
-        ) from exc
+    spec, bridges = await check_spec(state, principal, spec)
     job, created = await state.store.create_job(
         principal.user, spec, idempotency_key=idempotency_key, bridges=bridges
     )
@@ -333,8 +353,10 @@ async def _task_log(state: PorterState, job: Job, task: int, offset: int, limit:
     return Response(content=data, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/jobs/{job_id}/accounting")
+@router.get("/jobs/{job_id}/accounting", response_model=Accounting, response_model_exclude_unset=True)
 async def job_accounting(job_id: UUID, request: Request, principal: UserPrincipal) -> dict[str, Any]:
+    """The sacct rows and efficiency the agent stored when the job ended: its document as it was
+    sent (checked against `Accounting` then; a field it did not send is not added as null)."""
     state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     record = await state.store.get_accounting(job.id)

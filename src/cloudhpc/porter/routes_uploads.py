@@ -27,12 +27,13 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
+from cloudhpc.domain.api import Upload
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import input_scope
 from cloudhpc.porter.limits import spool_capped
@@ -55,6 +56,7 @@ _ID = re.compile(r"^[0-9a-f]{32}$")
 
 @router.post(
     "/uploads",
+    response_model=Upload,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -66,7 +68,7 @@ async def upload(
     request: Request,
     principal: UserPrincipal,
     name: Annotated[str, Query(pattern=_NAME.pattern, description="the object's file name")],
-) -> dict[str, Any]:
+) -> Upload:
     """Store the body (raw bytes, at most `MAX_UPLOAD_BYTES`) as a new object under the caller's own
     prefix; answers `{"url", "key", "size"}`, `url` usable as a value of a job's `files`."""
     state = state_of(request)
@@ -78,7 +80,7 @@ async def upload(
         size = await spool_capped(request, path, MAX_UPLOAD_BYTES, "an upload")
         await run_in_threadpool(objects.upload_file, key, path, content_type="application/octet-stream")
     log.info("stored an upload of %d bytes for %s: %s", size, principal.user, key)
-    return {"url": scope.url_for(key), "key": key, "size": size}
+    return Upload(url=scope.url_for(key), key=key, size=size)
 
 
 @router.delete("/uploads/{upload_id}/{name}", status_code=204)

@@ -209,13 +209,13 @@ async def _artifact_links(request: Request, job: Job, principal: Principal) -> l
     header) replaced by the view's (which takes the cookie); presigned S3 URLs stay as they are."""
     listing = await routes_artifacts.list_artifacts(job.id, request, principal)
     links = []
-    for item in listing["artifacts"]:
-        name = quote(item["name"], safe="/")  # as list_artifacts puts it in porter's route
+    for item in listing.artifacts:
+        name = quote(item.name, safe="/")  # as list_artifacts puts it in porter's route
         api_route = str(request.url_for("download_artifact", job_id=str(job.id), name=name))
-        url = item["url"]
+        url = item.url
         if url == api_route:
-            url = f"../jobs/{job.id}/artifacts/{quote(item['name'])}"
-        links.append({"name": item["name"], "url": url})
+            url = f"../jobs/{job.id}/artifacts/{quote(item.name)}"
+        links.append({"name": item.name, "url": url})
     return links
 
 
