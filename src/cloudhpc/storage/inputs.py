@@ -25,6 +25,10 @@ from cloudhpc.storage.base import check_key
 
 __all__ = ["INPUT_ROOTS", "InputScope", "owner_segment"]
 
+_URL_SAFE = "/@+:"
+"""Left as they are in an input URL (with letters, digits and `_.-~`): an e-mail user name reads as
+itself; `%` (which `_key` decodes), spaces, `?` and `#` are encoded."""
+
 INPUT_ROOTS = ("users/", "jobs/")
 """The top-level prefixes under which each user has a prefix of its own."""
 
@@ -74,10 +78,12 @@ class InputScope:
         return [self.url_for(p) for p in self.owner_prefixes(owner)]
 
     def url_for(self, key: str) -> str:
-        """The URL a job's `files` names the object `key` of this store by (an upload's reference)."""
+        """The URL a job's `files` names the object `key` of this store by (an upload's reference).
+        Percent-encoded, as `_key` decodes it: the key of an owner whose name holds a space, `:` or
+        `%` (`bob%20smith`, from `owner_segment`) must come back as that key, not as `bob smith`."""
         if self.root is not None:
-            return f"file://{self.root}/{key}"
-        return f"s3://{self.bucket}/{self.prefix}{key}"
+            return f"file://{quote(f'{self.root}/{key}', safe=_URL_SAFE)}"
+        return f"s3://{self.bucket}/{quote(self.prefix + key, safe=_URL_SAFE)}"
 
     def upload_key(self, owner: str, upload_id: str, name: str) -> str:
         """Where `POST /api/v1/uploads` keeps an upload: `users/<owner>/uploads/<id>/<name>`, inside

@@ -1,0 +1,59 @@
+"""Security review (#13's new surfaces) of uploads and the input URLs porter hands out: what a user
+whose name is not a plain word gets back must be usable by that user, and by nobody else.
+
+porter runs under uvicorn (`served`) over SQLite or the testbed's PostgreSQL, with a local object
+directory or the testbed's S3 (the conftest fixtures)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from cloudhpc.client import ApiError, Client
+from cloudhpc.config import PorterConfig, Settings
+from cloudhpc.porter.app import create_app
+from cloudhpc.storage import ObjectStore
+from cloudhpc.store import Store
+from tests.integration.stores import served, store_url
+
+ODD_USERS = ("bob smith", "ops:ci", "50%off")
+"""User names are free text (`cloudhpc tokens create --user`); these need percent-encoding in a key."""
+
+
+@dataclass
+class Porter:
+    url: str
+    tokens: dict[str, str]
+
+
+@pytest.fixture
+def porter(store: Store, objects: ObjectStore) -> Iterator[Porter]:
+    settings = Settings(porter=PorterConfig(object_store=store_url(objects)))
+    users = (*ODD_USERS, "bob")
+    for user in users:
+        store.create_token(user, "agent", ["local"])  # each may use the cluster
+    with served(create_app(settings, store=store, object_store=objects)) as url:
+        yield Porter(url, {user: store.create_token(user, "user") for user in users})
+
+
+def spec(url: str) -> dict[str, object]:
+    return {"name": "reads", "cluster": "local", "script": "wc -c data.bin", "files": {"data.bin": url}}
+
+
+@pytest.mark.parametrize("user", ODD_USERS)
+def test_an_upload_of_a_user_with_an_odd_name_is_her_input(porter: Porter, user: str) -> None:
+    """The URL `POST /uploads` answered was not percent-encoded, so porter decoded `bob%20smith` in it
+    to `bob smith` and refused the user's own upload (422 `files.data.bin`): the Executor could not
+    run for such a user. Now it is accepted for her, still refused for anyone else, and the prefixes
+    `GET /me` shows accept what is stored under them."""
+    with Client(porter.url, porter.tokens[user]) as owner:
+        url = owner.upload(b"12345", name="data.bin")
+        assert owner.submit(spec(url)).spec.files["data.bin"] == url
+        mine = owner.me().inputs[0]
+        assert url.startswith(mine), (url, mine)
+    with Client(porter.url, porter.tokens["bob"]) as bob, pytest.raises(ApiError) as refused:
+        bob.submit(spec(url))
+    assert refused.value.status == 422
+    assert refused.value.details[0]["field"] == "files.data.bin"
