@@ -35,6 +35,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import yaml
@@ -42,11 +43,15 @@ from sqlalchemy import create_engine, text
 
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
+from cloudhpc.domain.paths import JobPaths
 from cloudhpc.domain.states import JobState
 from cloudhpc.store import Store
 from cloudhpc.store.engine import normalize_url
+from tests.e2e.ray_jobs import NODE, RAY_ENV
 from tests.jobs import stored_log
-from tests.topology import Topology, load_topology
+from tests.shipped import SITE_PIP, prebuild_environment
+from tests.testbed import load_testbed
+from tests.topology import Topology, load_topology, read_topology_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY_SH = ROOT / "scripts" / "topology.sh"
@@ -60,30 +65,44 @@ FAULT_KINDS = (
     "submitter",
     "sshd-login",
     "slurmctld",
+    "slurmctld-kill9",
     "slurmdbd",
     "s3",
     "postgres",
     "partition",
+    "tunnel",
 )
-"""Every fault the driver injects (see `Faults`). A job's tunnel is not among them: the load has no
-bridge jobs yet (docs/reliability.md, open items)."""
+"""Every fault the driver injects (see `Faults`)."""
 
 
 # ---------------------------------------------------------------- the load
 
 
-def job_output(index: int, lines: int) -> bytes:
-    """What job `index`'s script prints, byte for byte."""
-    return b"".join(f"faults job {index:04d} line {n} of {lines}\n".encode() for n in range(1, lines + 1))
+def job_output(index: int, lines: int, task: int | None = None) -> bytes:
+    """What job `index`'s script prints, byte for byte (array task `task`'s output for an array)."""
+    who = f"faults job {index:04d}" + ("" if task is None else f" task {task}")
+    return b"".join(f"{who} line {n} of {lines}\n".encode() for n in range(1, lines + 1))
 
 
-def job_script(index: int, lines: int, exit_code: int) -> str:
-    """Print `job_output(index, lines)` over about `lines * 0.5` seconds, then exit `exit_code`."""
+def job_script(index: int, lines: int, exit_code: int, failing_tasks: Sequence[int] | None = None) -> str:
+    """Print `job_output(index, lines)` over about `lines * 0.5` seconds, then exit `exit_code`; an
+    array's task (`failing_tasks` not None) prints `job_output(index, lines, task)` and exits 3 when
+    it is one of `failing_tasks`, else 0."""
+    if failing_tasks is not None:
+        fails = "|".join(str(t) for t in failing_tasks) or "none"
+        who, args = " task %d", " $SLURM_ARRAY_TASK_ID"
+        end = f"case $SLURM_ARRAY_TASK_ID in {fails}) exit 3;; esac\nexit 0\n"
+    else:
+        who, args, end = "", "", f"exit {exit_code}\n"
     return (
-        f"for n in $(seq 1 {lines}); do printf 'faults job %04d line %d of %d\\n' {index} $n {lines}; "
-        "sleep 0.5; done\n"
-        f"exit {exit_code}\n"
+        f"for n in $(seq 1 {lines}); do printf 'faults job %04d{who} line %d of %d\\n' {index}{args} $n {lines}; "
+        "sleep 0.5; done\n" + end
     )
+
+
+ARRAY = "0-4"
+ARRAY_TASKS = tuple(range(5))
+"""The array jobs of the load: five tasks, each of which must end exactly once."""
 
 
 @dataclass(frozen=True)
@@ -93,26 +112,87 @@ class Planned:
     exit_code: int
     key: str
     """The Idempotency-Key: a submission retried after a crash is the same job."""
+    failing_tasks: tuple[int, ...] | None = None
+    """None for a plain batch job; for an array job (`array: "0-4"`), the tasks that exit 3."""
+    bridge: bool = False
+    """A Ray job exposing its dashboard through a bridge, holding until the run releases it."""
+
+    @property
+    def is_array(self) -> bool:
+        return self.failing_tasks is not None
 
     @property
     def expected_state(self) -> JobState:
         return JobState.COMPLETED if self.exit_code == 0 else JobState.FAILED
 
-    def spec(self) -> dict[str, Any]:
-        return {
+    def task_exit_code(self, task: int) -> int:
+        return 3 if task in (self.failing_tasks or ()) else 0
+
+    def spec(self, release: Path) -> dict[str, Any]:
+        """The job's spec; a bridge job holds until the file `release` exists."""
+        if self.bridge:
+            return {
+                "name": f"faults-{self.index:04d}",
+                "cluster": CLUSTER,
+                "kind": "ray-job",
+                "ray": {
+                    "entrypoint": f"python hold.py {release} {self.index}",
+                    "head": NODE,
+                    "expose": ["dashboard"],
+                },
+                "files": {"hold.py": BRIDGE_HOLD},
+                "environment": RAY_ENV,
+                "resources": {"time": "00:30:00"},
+            }
+        spec: dict[str, Any] = {
             "name": f"faults-{self.index:04d}",
             "cluster": CLUSTER,
-            "script": job_script(self.index, self.lines, self.exit_code),
+            "script": job_script(self.index, self.lines, self.exit_code, self.failing_tasks),
             "resources": {"time": "00:05:00"},
         }
+        if self.is_array:
+            spec["array"] = ARRAY
+        return spec
 
 
-def plan_load(rng: random.Random, n_jobs: int) -> list[Planned]:
-    """Jobs of 2-16 lines (1-8 s); about one in seven fails with exit code 3."""
+BRIDGE_HOLD = """\
+import os, sys, time
+release, index = sys.argv[1], int(sys.argv[2])
+print(f"faults job {index:04d} bridge up", flush=True)
+deadline = time.time() + 1500
+while not os.path.exists(release) and time.time() < deadline:
+    time.sleep(0.5)
+print(f"faults job {index:04d} released {os.path.exists(release)}", flush=True)
+"""
+"""A bridge job's entrypoint: its dashboard stays up (and its tunnel can be dropped) until the run
+has injected every fault and releases it."""
+
+
+def bridge_lines(index: int) -> list[bytes]:
+    """What a bridge job's entrypoint prints, in order, each exactly once, among Ray's own lines."""
     return [
-        Planned(i, rng.randint(2, 16), 3 if rng.random() < 0.15 else 0, f"faults-{uuid.uuid4()}")
-        for i in range(n_jobs)
+        f"faults job {index:04d} bridge up\n".encode(),
+        f"faults job {index:04d} released True\n".encode(),
     ]
+
+
+def plan_load(rng: random.Random, n_jobs: int, n_bridges: int = 0) -> list[Planned]:
+    """Jobs of 2-16 lines (1-8 s); about one in seven fails with exit code 3. About one in six is an
+    array of five tasks of 2-6 lines, half of them with one task that exits 3 (the array then ends
+    failed with exit code 3, the highest of its tasks'). `n_bridges` jobs, spread from the first
+    one on, are bridge jobs (a Ray job whose dashboard is exposed; the tunnel fault drops its tunnel)."""
+    bridges = {k * n_jobs // n_bridges for k in range(n_bridges)} if n_bridges else set()
+    load = []
+    for i in range(n_jobs):
+        lines, fails, key = rng.randint(2, 16), rng.random() < 0.15, f"faults-{uuid.uuid4()}"
+        if i in bridges:
+            load.append(Planned(i, 0, 0, key, bridge=True))
+        elif rng.random() < 1 / 6:
+            failing = (rng.choice(ARRAY_TASKS),) if rng.random() < 0.5 else ()
+            load.append(Planned(i, 2 + lines % 5, 3 if failing else 0, key, failing))
+        else:
+            load.append(Planned(i, lines, 3 if fails else 0, key))
+    return load
 
 
 def plan_faults(
@@ -129,7 +209,12 @@ def plan_faults(
 def fault_time(schedule: Sequence[tuple[int, str]], down_for: float, partition_for: float) -> float:
     """About how long injecting `schedule` takes (each fault and the `up` after it), so that the
     submissions are spread over the faults instead of all being made before the second one."""
-    pauses = {"slurmctld": down_for, "slurmdbd": down_for, "partition": partition_for}
+    pauses = {
+        "slurmctld": down_for,
+        "slurmctld-kill9": down_for,
+        "slurmdbd": down_for,
+        "partition": partition_for,
+    }
     return sum(pauses.get(kind, 2.0) + 8.0 for _, kind in schedule) or 1.0
 
 
@@ -152,15 +237,36 @@ class Platform:
         self.prefix = f"faults/{self.schema}"
         t = self.topology
         self.url = t.porter_url
+        # the bridge jobs hold until this file exists (/tmp is every host's: hpcuser reads it on c1, c2)
+        self.release_dir = Path(f"/tmp/chpc-faults-{self.schema}")
+        self.release_dir.mkdir(mode=0o755)
+        self.release_dir.chmod(0o755)
+        self.release = self.release_dir / "release"
+        bridge = {
+            "host": t.bridge_host,
+            "ssh_port": t.bridge_port,
+            "ssh_user": t.bridge_user,
+            "bind_address": t.bridge_bind_address,
+            "port_range": list(t.bridge_port_range),
+        }
         porter = {
             "porter": {
                 "listen": f"{t.cloud.addr}:{t.porter_port}",
                 "database": self.database,
                 "object_store": f"s3://{t.s3_bucket}/{self.prefix}",
                 "s3_endpoint_url": t.s3_endpoint,
+                "bridge": bridge,
             }
         }
         submitter = {
+            # each job's own certificate, signed by the topology's bridge CA, which cloud's sshd trusts
+            "porter": {
+                "bridge": {
+                    **bridge,
+                    "ca_key_file": read_topology_env()["TOPOLOGY_BRIDGE_CA_KEY"],
+                    "known_hosts": str(t.known_hosts),
+                }
+            },
             "submitter": {
                 "porter_url": t.porter_url,
                 "token_file": str(self.root / "agent-token"),
@@ -177,8 +283,12 @@ class Platform:
                         "key_file": str(t.ssh_key),
                         "known_hosts": str(t.known_hosts),
                     },
-                    "workdir": f"~/.cloudhpc-faults/{self.schema}",
+                    # the shipped configuration's workdir, prelude and pip: the Ray environment of the
+                    # bridge jobs is the one tests/shipped.py's prebuild_environment builds (the
+                    # topology's nodes have no route to PyPI); each job has a directory of its own
+                    "workdir": "~/.cloudhpc",
                     "prelude": "",
+                    "pip": SITE_PIP,
                     "defaults": {"partition": t.partition, "time": "00:10:00"},
                     "poll": {"fast_interval": 0.5, "slow_interval": 5, "max_commands_per_minute": 240},
                 }
@@ -266,6 +376,14 @@ class Platform:
         path = self.root / f"{role}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def tunnel_pidfile(self, job: Job) -> Path:
+        """Where a bridge job's tunnel keeps its current ssh's pid (ray/script.py), in hpcuser's home,
+        which every host shares."""
+        home = subprocess.run(
+            ["getent", "passwd", self.topology.ssh_user], capture_output=True, text=True, check=True
+        ).stdout.split(":")[5]
+        return Path(JobPaths(workdir=f"{home}/.cloudhpc", job_id=job.id).control, "ray", "tunnel.pid")
+
     def bridge_rows(self) -> int:
         engine = create_engine(normalize_url(self.topology.pg_dsn))
         try:
@@ -276,6 +394,9 @@ class Platform:
             engine.dispose()
 
     def drop(self) -> None:
+        self.release.unlink(missing_ok=True)
+        with suppress(OSError):
+            self.release_dir.rmdir()
         engine = create_engine(normalize_url(self.topology.pg_dsn))
         try:
             with engine.begin() as conn:
@@ -329,6 +450,9 @@ class Faults:
     partition_for: float
     log: Callable[[str], None]
     restores: list[float] = field(default_factory=list)
+    bridge_jobs: list[Job] = field(default_factory=list)
+    """The bridge jobs submitted so far (the tunnel fault picks one whose bridge is ready)."""
+    drops: list[TunnelDrop] = field(default_factory=list)
 
     def topology_up(self) -> None:
         """`scripts/topology.sh up`: starts exactly the daemons that are not running."""
@@ -371,13 +495,19 @@ class Faults:
         return Path(_conf_value(conf.parent / "slurmdbd.conf", "PidFile"))
 
     def fault_slurmctld(self) -> None:
-        # SIGTERM, as an operator's restart or a failover stops it: a SIGKILL loses the jobs submitted
-        # since slurmctld's last state save and SLURM then hands their ids out again
-        # (docs/reliability.md, open items)
+        # SIGTERM, as an operator's restart or a failover stops it: slurmctld saves its state first
+        self._stop_slurmctld(signal.SIGTERM)
+
+    def fault_slurmctld_kill9(self) -> None:
+        # a crash: the jobs accepted since slurmctld's last state save are not in the state it
+        # restarts from, and their ids may be handed out again (docs/reliability.md)
+        self._stop_slurmctld(signal.SIGKILL)
+
+    def _stop_slurmctld(self, sig: int) -> None:
         pid = _pid(self._slurm_pidfile("slurmctld"))
         if pid is not None:
             with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
         time.sleep(self.down_for)
         self.topology_up()
 
@@ -411,6 +541,72 @@ class Faults:
         _kill9(_pid(self.topology.relay_pidfile))
         time.sleep(self.partition_for)
         self.topology_up()
+
+    def fault_tunnel(self, wait: float = 300, back_within: float = 120) -> None:
+        """`kill -9` of a bridge job's `ssh -R` on its compute node; then the job's restart loop must
+        bring a new ssh (another pid in its pid file) through which the dashboard answers on cloud
+        and porter's probe says ready again. A job whose bridge is not back is recorded."""
+        found = self._ready_bridge_job(time.monotonic() + wait)
+        if found is None:
+            self.log(f"tunnel: no bridge job had a ready bridge within {wait:.0f} s: nothing dropped")
+            self.drops.append(TunnelDrop(None, None, "no bridge job ready"))
+            return
+        job, pidfile, old = found
+        _kill9(old)
+        dropped = time.monotonic()
+        deadline = dropped + back_within
+        with self.platform.client() as client:
+            while time.monotonic() < deadline:
+                new = _pid(pidfile)
+                if new is not None and new != old and Path(f"/proc/{new}").exists():
+                    with suppress(ApiError, httpx.HTTPError):
+                        bridges = client.bridges(job)
+                        if all(b.ready for b in bridges) and all(
+                            self._answers(b.bridge_port) for b in bridges
+                        ):
+                            back = time.monotonic() - dropped
+                            self.log(
+                                f"tunnel of job {job.id}: ssh {old} killed, ssh {new} answering after {back:.1f} s"
+                            )
+                            self.drops.append(TunnelDrop(job.id, back, f"ssh {old} -> {new}"))
+                            return
+                time.sleep(0.5)
+        self.drops.append(TunnelDrop(job.id, None, f"ssh {old} killed; pid file now {_pid(pidfile)}"))
+
+    def _ready_bridge_job(self, deadline: float) -> tuple[Job, Path, int] | None:
+        """A running bridge job whose every bridge porter says ready and whose tunnel's ssh runs."""
+        with self.platform.client() as client:
+            while time.monotonic() < deadline:
+                for job in list(self.bridge_jobs):
+                    with suppress(ApiError, httpx.HTTPError):
+                        bridges = client.bridges(job)
+                        pidfile = self.platform.tunnel_pidfile(job)
+                        pid = _pid(pidfile)
+                        if (
+                            bridges
+                            and all(b.ready for b in bridges)
+                            and pid
+                            and Path(f"/proc/{pid}").exists()
+                        ):
+                            return job, pidfile, pid
+                time.sleep(1)
+        return None
+
+    def _answers(self, port: int) -> bool:
+        """Ray's dashboard answers on the bridge port, from cloud (where the bridge VM listens)."""
+        url = f"http://{self.topology.bridge_bind_address}:{port}/api/version"
+        probe = self.topology.run("cloud", ["curl", "-sf", "--max-time", "5", url], timeout=30, check=False)
+        return probe.returncode == 0 and "ray_version" in probe.stdout
+
+
+@dataclass(frozen=True)
+class TunnelDrop:
+    """One tunnel fault: the job whose ssh was killed, and how long until it answered again."""
+
+    job_id: UUID | None
+    back_after: float | None
+    """Seconds from the kill to a new ssh answering with porter's bridge ready; None: never."""
+    note: str
 
 
 # ---------------------------------------------------------------- the run
@@ -448,8 +644,10 @@ def submit_all(
     submitted: list[int],
     gap: float,
     deadline: float,
+    bridge_jobs: list[Job],
 ) -> list[Outcome]:
-    """Submit the load, `gap` seconds apart on average, each retried under its idempotency key."""
+    """Submit the load, `gap` seconds apart on average, each retried under its idempotency key; the
+    bridge jobs are added to `bridge_jobs` as they are submitted."""
     outcomes = [Outcome(p) for p in load]
     with platform.client() as client:
         for outcome in outcomes:
@@ -457,9 +655,11 @@ def submit_all(
 
             def once(p: Planned = p, outcome: Outcome = outcome) -> Job:
                 outcome.submit_attempts += 1
-                return client.submit(p.spec(), idempotency_key=p.key)
+                return client.submit(p.spec(platform.release), idempotency_key=p.key)
 
             outcome.job = _retrying(f"submit job {p.index}", once, deadline)
+            if p.bridge:
+                bridge_jobs.append(outcome.job)
             submitted[0] += 1
             time.sleep(rng.uniform(0, 2 * gap))
     return outcomes
@@ -504,6 +704,91 @@ def sacct_rows(topology: Topology, name: str) -> list[dict[str, str]]:
     return rows
 
 
+def _once_in_slurm(rows: list[dict[str, str]], job: Job) -> list[str]:
+    """A plain job: one allocation, porter's, in porter's state, with our comment."""
+    if len(rows) != 1:
+        return [f"in SLURM {len(rows)} times: {rows}"]
+    if rows[0]["id"] != job.slurm_job_id:
+        return [f"SLURM id {rows[0]['id']}, porter says {job.slurm_job_id}"]
+    problems = []
+    slurm_state = rows[0]["state"].split()[0]
+    if slurm_state != job.state.value.upper():
+        problems.append(f"state {job.state.value}, SLURM says {slurm_state}")
+    if rows[0]["comment"] not in ("", f"cloudhpc:{job.id}"):
+        problems.append(f"comment {rows[0]['comment']!r}")
+    return problems
+
+
+def _array_once_in_slurm(rows: list[dict[str, str]], job: Job, tasks: dict[int, Any]) -> list[str]:
+    """An array: one SLURM array (porter's id), each of its tasks exactly once (`<id>_<task>`), each
+    task in the state porter reports for it, with our comment."""
+    ids = Counter(row["id"] for row in rows)
+    expected = {f"{job.slurm_job_id}_{t}" for t in ARRAY_TASKS}
+    if set(ids) != expected or any(n != 1 for n in ids.values()):
+        return [f"in SLURM as {sorted(ids.elements())}, porter says array {job.slurm_job_id} of {ARRAY}"]
+    problems = []
+    for row in rows:
+        task = int(row["id"].rpartition("_")[2])
+        slurm_state = row["state"].split()[0]
+        porter = tasks.get(task)
+        if porter is None or slurm_state != porter.state.value.upper():
+            problems.append(f"state of task {task} {porter and porter.state.value}, SLURM says {slurm_state}")
+        if row["comment"] not in ("", f"cloudhpc:{job.id}"):
+            problems.append(f"comment {row['comment']!r}")
+    return problems
+
+
+def _wait_for_artifacts(
+    client: Client, job: Job, wanted: frozenset[str], deadline: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's accounting and artifacts, once the agent has stored them all (a moment after the
+    end) or at the deadline."""
+    accounting: dict[str, Any] = {}
+    names: dict[str, Any] = {}
+    while True:
+        with suppress(ApiError, httpx.HTTPError):
+            accounting = client.accounting(job).model_dump(mode="json")
+        with suppress(ApiError, httpx.HTTPError):
+            names = {a.name: a.model_dump() for a in client.artifacts(job)}
+        if (names.keys() >= wanted and accounting) or time.monotonic() > deadline:
+            return accounting, names
+        time.sleep(1)
+
+
+def _task_artifacts() -> frozenset[str]:
+    """An array's artifacts: no `output.log` of its own, one per task."""
+    return (ARTIFACTS - {"output.log"}) | {f"tasks/{t}/output.log" for t in ARRAY_TASKS}
+
+
+def _check_array(client: Client, job: Job, p: Planned, deadline: float) -> list[str]:
+    """Each task's state, exit code and output (through `logs?task=`, stored when the array ended)."""
+    problems = []
+    tasks = {t.index: t for t in _retrying("tasks", lambda: client.tasks(job), deadline)}
+    if sorted(tasks) != list(ARRAY_TASKS):
+        problems.append(f"state of tasks: porter lists tasks {sorted(tasks)}, the array is {ARRAY}")
+    for index, task in sorted(tasks.items()):
+        code = p.task_exit_code(index)
+        want = JobState.COMPLETED if code == 0 else JobState.FAILED
+        if (task.state, task.exit_code) != (want, code):
+            problems.append(
+                f"ended: task {index} {task.state.value} exit {task.exit_code}, script gives {want.value} exit {code}"
+            )
+        expected = job_output(p.index, p.lines, index)
+        got = _retrying("task output", lambda index=index: client.task_output(job, index), deadline)
+        if got != expected:
+            problems.append(f"log of task {index} {got[:200]!r} != printed {expected!r}")
+    return problems
+
+
+def _check_bridge_log(log: bytes, p: Planned) -> list[str]:
+    """The entrypoint's lines, each exactly once and in order, among Ray's start-up lines."""
+    lines = bridge_lines(p.index)
+    counts = [log.count(line) for line in lines]
+    if counts != [1] * len(lines) or not log.index(lines[0]) < log.index(lines[1]):
+        return [f"log of the bridge job has its lines {counts} times (or out of order): {log[-1500:]!r}"]
+    return []
+
+
 def check(topology: Topology, platform: Platform, outcomes: list[Outcome], settle: float) -> None:
     """The invariants, each job's problems in `outcome.problems`."""
     deadline = time.monotonic() + settle
@@ -516,47 +801,38 @@ def check(topology: Topology, platform: Platform, outcomes: list[Outcome], settl
             if not job.state.terminal:
                 outcome.problems.append(f"not ended: {job.state}")
                 continue
-            # reached SLURM exactly once, and ended as SLURM says
-            rows = sacct_rows(topology, f"chpc-{job.id}")
-            if len(rows) != 1:
-                outcome.problems.append(f"in SLURM {len(rows)} times: {rows}")
-            elif rows[0]["id"] != job.slurm_job_id:
-                outcome.problems.append(f"SLURM id {rows[0]['id']}, porter says {job.slurm_job_id}")
-            else:
-                slurm_state = rows[0]["state"].split()[0]
-                if slurm_state != job.state.value.upper():
-                    outcome.problems.append(f"state {job.state.value}, SLURM says {slurm_state}")
-                if rows[0]["comment"] not in ("", f"cloudhpc:{job.id}"):
-                    outcome.problems.append(f"comment {rows[0]['comment']!r}")
             if job.state != p.expected_state or job.exit_code != p.exit_code:
                 outcome.problems.append(
                     f"ended {job.state.value} exit {job.exit_code}, script gives {p.expected_state.value} exit {p.exit_code}"
                 )
-            # the complete and exact output
-            expected = job_output(p.index, p.lines)
-            log = _retrying("logs", lambda job=job: stored_log(client, job), deadline)
-            if log != expected:
-                outcome.problems.append(f"log {log!r} != printed {expected!r}")
+            # reached SLURM exactly once (each task of an array), and ended as SLURM says
+            rows = sacct_rows(topology, f"chpc-{job.id}")
+            if p.is_array:
+                tasks = {t.index: t for t in _retrying("tasks", lambda job=job: client.tasks(job), deadline)}
+                outcome.problems += _array_once_in_slurm(rows, job, tasks)
+                outcome.problems += _check_array(client, job, p, deadline)
+            else:
+                outcome.problems += _once_in_slurm(rows, job)
+                # the complete and exact output (a bridge job's lines among Ray's own)
+                log = _retrying("logs", lambda job=job: stored_log(client, job), deadline)
+                if p.bridge:
+                    outcome.problems += _check_bridge_log(log, p)
+                elif log != (expected := job_output(p.index, p.lines)):
+                    outcome.problems.append(f"log {log!r} != printed {expected!r}")
             # accounting and artifacts (the agent stores them a moment after the end: wait for them)
-            accounting: dict[str, Any] = {}
-            names: dict[str, Any] = {}
-            while True:
-                with suppress(ApiError, httpx.HTTPError):
-                    accounting = client.accounting(job).model_dump(mode="json")
-                with suppress(ApiError, httpx.HTTPError):
-                    names = {a.name: a.model_dump() for a in client.artifacts(job)}
-                if (names.keys() >= ARTIFACTS and accounting) or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
+            wanted = _task_artifacts() if p.is_array else ARTIFACTS
+            accounting, names = _wait_for_artifacts(client, job, wanted, deadline)
             if accounting.get("slurm_job_id") != job.slurm_job_id:
                 outcome.problems.append(f"accounting missing or wrong: {str(accounting)[:200]}")
-            missing = ARTIFACTS - names.keys()
+            missing = wanted - names.keys()
             if missing:
                 outcome.problems.append(f"artifacts missing: {sorted(missing)}")
-            elif (got := _download(client, platform, names["output.log"]["url"])) != expected:
+            elif not p.is_array and (got := _download(client, platform, names["output.log"]["url"])) != (
+                log if p.bridge else job_output(p.index, p.lines)
+            ):
                 outcome.problems.append(f"output.log artifact {got[:200]!r} != printed")
-    if (rows := platform.bridge_rows()) != 0:
-        outcomes[0].problems.append(f"{rows} bridge port(s) still held after every job ended")
+    if (held := platform.bridge_rows()) != 0:
+        outcomes[0].problems.append(f"{held} bridge port(s) still held after every job ended")
 
 
 def _download(client: Client, platform: Platform, url: str) -> bytes:
@@ -574,6 +850,7 @@ class Report:
     outcomes: list[Outcome]
     took: float
     restores: list[float]
+    drops: list[TunnelDrop] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -588,9 +865,10 @@ class Report:
         tags = {
             "once in SLURM": ("in SLURM", "SLURM id", "never submitted", "not ended"),
             "state as SLURM": ("state ", "ended "),
-            "exact output": ("log ",),
+            "exact output": ("log ", "log of task"),
             "accounting": ("accounting",),
             "artifacts": ("artifact", "output.log artifact"),
+            "bridge back after a tunnel drop": ("bridge not back", "tunnel fault not injected"),
             "no bridge leak": ("bridge port",),
         }
         return {
@@ -602,10 +880,15 @@ class Report:
         counts = Counter(kind for _, kind in self.injected)
         bad = self.invariant_counts()
         ended = Counter(o.job.state.value for o in self.outcomes if o.job)
+        arrays = sum(o.planned.is_array for o in self.outcomes)
+        bridges = sum(o.planned.bridge for o in self.outcomes)
+        back = [f"{d.back_after:.1f} s" if d.back_after is not None else "never" for d in self.drops]
         lines = [
-            f"seed {self.seed}, {self.n_jobs} jobs ({dict(ended)}), {len(self.injected)} faults, "
+            f"seed {self.seed}, {self.n_jobs} jobs ({arrays} arrays of {len(ARRAY_TASKS)} tasks, "
+            f"{bridges} with bridges; {dict(ended)}), {len(self.injected)} faults, "
             f"{self.took:.0f} s; topology.sh up after a fault: "
-            + (f"median {sorted(self.restores)[len(self.restores) // 2]:.1f} s" if self.restores else "-"),
+            + (f"median {sorted(self.restores)[len(self.restores) // 2]:.1f} s" if self.restores else "-")
+            + (f"; bridge answering again after a tunnel drop: {', '.join(back)}" if back else ""),
             "",
             "| fault | injected |",
             "|---|---|",
@@ -626,15 +909,22 @@ def run(
     per_kind: int = 1,
     down_for: float = 10,
     partition_for: float = 10,
+    bridges: int = 1,
     root: Path,
     timeout: float = 1800,
     log: Callable[[str], None] = print,
 ) -> Report:
     topology = load_topology()
+    if bridges:
+        # the bridge jobs' Ray environment, built where the topology's nodes find it (one stat when
+        # it is there already)
+        prebuild_environment(load_testbed(), RAY_ENV)
+    elif "tunnel" in kinds:
+        raise ValueError("the tunnel fault needs bridge jobs in the load (bridges >= 1)")
     rng = random.Random(seed)
-    load = plan_load(rng, n_jobs)
+    load = plan_load(rng, n_jobs, bridges)
     schedule = plan_faults(rng, n_jobs, kinds, per_kind)
-    log(f"seed {seed}: {n_jobs} jobs, faults {schedule}")
+    log(f"seed {seed}: {n_jobs} jobs ({bridges} with bridges), faults {schedule}")
     started = time.monotonic()
     deadline = started + timeout
     platform = Platform(topology, root)
@@ -660,16 +950,27 @@ def run(
         injector.start()
         try:
             gap = fault_time(schedule, down_for, partition_for) / n_jobs
-            outcomes = submit_all(platform, load, random.Random(seed + 1), submitted, gap, deadline)
+            outcomes = submit_all(
+                platform, load, random.Random(seed + 1), submitted, gap, deadline, faults.bridge_jobs
+            )
         finally:
             submitted[0] = n_jobs  # whatever is left of the schedule runs now
             injector.join()
             faults.topology_up()
+            platform.release.touch()  # every fault is done: the bridge jobs may end
         if errors:
             raise errors[0]
         wait_all(platform, outcomes, deadline)
         check(topology, platform, outcomes, settle=90)
-    report = Report(seed, n_jobs, injected, outcomes, time.monotonic() - started, faults.restores)
+        for drop in faults.drops:
+            if drop.back_after is None and drop.job_id is not None:
+                (hit,) = [o for o in outcomes if o.job is not None and o.job.id == drop.job_id]
+                hit.problems.append(f"bridge not back after its tunnel was dropped: {drop.note}")
+            elif drop.job_id is None:
+                outcomes[0].problems.append(f"tunnel fault not injected: {drop.note}")
+    report = Report(
+        seed, n_jobs, injected, outcomes, time.monotonic() - started, faults.restores, faults.drops
+    )
     (root / "report.json").write_text(
         json.dumps(
             {
@@ -680,6 +981,7 @@ def run(
                 "problems": report.problems,
                 "took": report.took,
                 "restores": report.restores,
+                "tunnel_drops": [[str(d.job_id), d.back_after, d.note] for d in faults.drops],
                 "starts": dict(platform.starts),
             },
             indent=2,
@@ -709,13 +1011,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--partition-for", type=float, default=float(os.environ.get("FAULTS_PARTITION_FOR", "30"))
     )
+    parser.add_argument("--bridges", type=int, default=int(os.environ.get("FAULTS_BRIDGES", "3")))
+    parser.add_argument(
+        "--kinds",
+        default=os.environ.get("FAULTS_KINDS", ",".join(FAULT_KINDS)),
+        help="comma-separated fault kinds to inject (default: all of them)",
+    )
     parser.add_argument("--root", type=Path, default=None)
     args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(FAULT_KINDS):
+        parser.error(f"--kinds: unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
     root = args.root or Path(tempfile.mkdtemp(prefix=f"chpc-faults-seed{args.seed}-"))
     report = run(
         args.seed,
         args.jobs,
+        kinds=kinds,
         per_kind=args.per_kind,
+        bridges=args.bridges,
         down_for=args.down_for,
         partition_for=args.partition_for,
         root=root,
