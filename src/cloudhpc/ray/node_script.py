@@ -9,6 +9,7 @@ the job's environment has Ray, not cloudhpc.
     node-ip                  the address other nodes reach this one at (loopback on a lone host)
     wait-ready ...           until N Ray nodes are alive (read from the head's dashboard)
     wait-ports ...           until local ports accept connections (the tunnel's imports)
+    watch-idle ...           until no Ray job has run for --idle seconds (a session's idle end)
 
 Every wait fails fast when the process it depends on has died, instead of running out its timeout.
 """
@@ -23,8 +24,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
-__all__ = ["alive_nodes", "free_ports", "main", "node_ip"]
+__all__ = ["alive_nodes", "busy_jobs", "free_ports", "main", "node_ip"]
 
 
 def free_ports(count: int) -> list[int]:
@@ -84,17 +86,24 @@ def ray_auth_token() -> str | None:
         return None
 
 
-def alive_nodes(dashboard: str, timeout: float = 2.0) -> int:
-    """Alive Ray nodes as the head's dashboard (state API) lists them; -1 while it cannot answer."""
-    url = f"http://{dashboard}/api/v0/nodes?limit=10000&detail=false"
-    request = urllib.request.Request(url)
+def _dashboard_json(dashboard: str, path: str, timeout: float) -> object:
+    """GET `path` of the head's dashboard as JSON, with Ray's token when there is one; None while
+    the dashboard cannot answer."""
+    request = urllib.request.Request(f"http://{dashboard}{path}")
     token = ray_auth_token() if os.environ.get("RAY_AUTH_MODE", "") != "disabled" else None
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 -- http to the head's loopback
-            body = json.loads(response.read().decode())
+            return json.loads(response.read().decode())
     except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def alive_nodes(dashboard: str, timeout: float = 2.0) -> int:
+    """Alive Ray nodes as the head's dashboard (state API) lists them; -1 while it cannot answer."""
+    body: Any = _dashboard_json(dashboard, "/api/v0/nodes?limit=10000&detail=false", timeout)
+    if body is None:
         return -1
     try:
         nodes = body["data"]["result"]["result"]
@@ -127,6 +136,37 @@ def _wait_ready(args: argparse.Namespace) -> int:
             )
             return 3
         time.sleep(0.2)
+
+
+BUSY_STATES = frozenset({"PENDING", "RUNNING"})
+"""Ray job states that keep a session alive (Ray's JobStatus names)."""
+
+
+def busy_jobs(dashboard: str, timeout: float = 2.0) -> int:
+    """Ray jobs pending or running, as the head's job API lists them; -1 while it cannot answer."""
+    body = _dashboard_json(dashboard, "/api/jobs/", timeout)
+    if not isinstance(body, list):
+        return -1
+    return sum(1 for job in body if isinstance(job, dict) and job.get("status") in BUSY_STATES)
+
+
+def _watch_idle(args: argparse.Namespace) -> int:
+    """Until no Ray job has been pending or running for `--idle` seconds (0: the session ends
+    itself) or the head has died (2). A dashboard that does not answer counts as busy: a slow
+    dashboard on a loaded node must not end a session that is working."""
+    dashboard = f"127.0.0.1:{args.dashboard}"
+    idle_since = time.monotonic()
+    print(f"cloudhpc: Ray session ready; it ends after {args.idle:.0f} s without a Ray job", flush=True)
+    while True:
+        if not _process_alive(args.pid):
+            print(f"cloudhpc: the Ray head (pid {args.pid}) exited", file=sys.stderr)
+            return 2
+        if busy_jobs(dashboard) != 0:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= args.idle:
+            print(f"cloudhpc: no Ray job for {args.idle:.0f} s: ending the session", flush=True)
+            return 0
+        time.sleep(args.interval)
 
 
 def _port_open(port: int) -> bool:
@@ -171,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     wait_ports.add_argument("ports", type=int, nargs="+")
     wait_ports.add_argument("--pid", type=int, default=0)
     wait_ports.add_argument("--timeout", type=float, default=60.0)
+    idle = sub.add_parser("watch-idle")
+    idle.add_argument("--dashboard", type=int, required=True)
+    idle.add_argument("--idle", type=float, required=True)
+    idle.add_argument("--pid", type=int, required=True)
+    idle.add_argument("--interval", type=float, default=1.0)
     args = parser.parse_args(argv)
     if args.command == "ports":
         print(" ".join(str(p) for p in free_ports(args.count)))
@@ -180,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "wait-ready":
         return _wait_ready(args)
+    if args.command == "watch-idle":
+        return _watch_idle(args)
     return _wait_ports(args)
 
 
