@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from cloudhpc.domain.api import Accounting, Artifact, ClusterInfo, JobPage, Me, TaskPage
 from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.billing import Estimate
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.job_files import MAX_FILE_READ, EntryType, FilesAnswer
 from cloudhpc.domain.jobs import Bridge, Job, JobSpec, JobSummary
@@ -163,6 +164,12 @@ def _submit(spec: JobSpec | Mapping[str, Any], idempotency_key: str | None) -> _
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     # the same key returns the same job: only then is sending it twice harmless
     return _Call("POST", "/api/v1/jobs", _model(Job), json=body, headers=headers, idempotent=bool(headers))
+
+
+def _estimate(spec: JobSpec | Mapping[str, Any]) -> _Call[Estimate]:
+    body = _submit(spec, None).json
+    # sent once, like files(): porter has already waited for the agent's sbatch --test-only
+    return _Call("POST", "/api/v1/jobs:estimate", _model(Estimate), json=body, timeout=150.0, idempotent=False)
 
 
 def _get(job: JobRef, wait: float = 0, since_state: JobState | str | None = None) -> _Call[Job]:
@@ -503,6 +510,12 @@ class Client(_Base):
         failure only with an `idempotency_key` (without one, a retry could start the job twice)."""
         return self._send(_submit(spec, idempotency_key))
 
+    def estimate(self, spec: JobSpec | Mapping[str, Any]) -> Estimate:
+        """When SLURM predicts the job would start on each partition it may go to (`sbatch
+        --test-only` through the cluster's agent), what it would cost there in the site's units if
+        it ran to its time limit, and the partition of the earliest start. Nothing is submitted."""
+        return self._send(_estimate(spec))
+
     def get(self, job: JobRef, *, wait: float = 0, since_state: JobState | str | None = None) -> Job:
         return self._send(_get(job, wait, since_state))
 
@@ -689,6 +702,9 @@ class AsyncClient(_Base):
 
     async def submit(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
         return await self._send(_submit(spec, idempotency_key))
+
+    async def estimate(self, spec: JobSpec | Mapping[str, Any]) -> Estimate:
+        return await self._send(_estimate(spec))
 
     async def get(self, job: JobRef, *, wait: float = 0, since_state: JobState | str | None = None) -> Job:
         return await self._send(_get(job, wait, since_state))

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from cloudhpc.config_checks import is_ip_address, is_loopback, parse_listen, pip_location, publishable
+from cloudhpc.domain.billing import BillingConfig
 from cloudhpc.domain.jobs import ClusterLimits, Name, Resources
 from cloudhpc.exceptions import ConfigError
 
@@ -226,6 +227,11 @@ class ClusterConfig(_Section):
         description="what jobs may ask for (max_time, max_nodes, per partition, allowed partitions and "
         "qos), checked before submission: a job over them is refused (422), not sent to sbatch",
     )
+    billing: BillingConfig | None = Field(
+        default=None,
+        description="the site's billing units and their rates per partition (docs/hpc-site.md, CSC's BU as "
+        "the example): the cost in job estimates, and the units billed after a job's end",
+    )
     poll: PollConfig = Field(default_factory=PollConfig)
     pip: PipConfig = Field(
         default_factory=PipConfig,
@@ -240,6 +246,18 @@ class ClusterConfig(_Section):
     def _ssh_for_slurm(self) -> Self:
         if self.backend == "slurm" and self.ssh is None:
             raise ValueError("a cluster with backend `slurm` needs an `ssh` section")
+        return self
+
+    @model_validator(mode="after")
+    def _billed_partitions_allowed(self) -> Self:
+        """Rates for a partition jobs may not use are a typo, not a setting."""
+        if self.billing is not None and self.limits.partitions:
+            stray = sorted(set(self.billing.partitions) - set(self.limits.partitions))
+            if stray:
+                raise ValueError(
+                    f"billing.partitions: {', '.join(stray)} not among limits.partitions "
+                    f"({', '.join(self.limits.partitions)}), the only partitions jobs may use"
+                )
         return self
 
 

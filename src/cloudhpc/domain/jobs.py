@@ -38,6 +38,7 @@ from cloudhpc.domain.signals import SIGNALS
 from cloudhpc.domain.states import JobState
 
 __all__ = [
+    "AUTO_PARTITION",
     "MAIL_TYPES",
     "MAX_AFTER",
     "MEMORY_UNITS",
@@ -67,6 +68,10 @@ __all__ = [
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """A job, cluster, partition or account name: safe in file names, job names and log lines."""
+
+AUTO_PARTITION = "auto"
+"""`resources.partition: auto`: the agent submits to the allowed partition where SLURM predicts the
+earliest start (`domain/billing.choose_earliest`); the limits are then checked per candidate."""
 
 RESERVED_PREFIX = ".cloudhpc"
 """Top-level name inside a job directory that belongs to cloudhpc (script, wrapper, output)."""
@@ -370,7 +375,8 @@ class ClusterLimits(PartitionLimits):
         """(`resources.<field>`, message) for each limit `resources` break; `resources` are complete
         (the cluster's defaults applied), so a job naming no partition is checked as SLURM's default."""
         out: list[tuple[str, str]] = []
-        partition = resources.partition
+        # `auto` is no partition yet: each candidate is checked with its own limits when it is chosen
+        partition = None if resources.partition == AUTO_PARTITION else resources.partition
         if self.partitions and partition is not None and partition not in self.partitions:
             allowed = ", ".join(sorted(self.partitions))
             out.append(

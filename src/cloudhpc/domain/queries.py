@@ -2,8 +2,8 @@
 reach the cluster (porter never talks SSH).
 
 Generic on purpose: a `kind` and JSON `params` in, a JSON `result` or an `error` out. `job_files`
-(list or read a job's directory) is the first kind; an `sbatch --test-only` estimate can be the
-next without a new table, route or channel call.
+(list or read a job's directory) is the first kind; `estimate` (`sbatch --test-only` on each
+partition, `domain/billing.py`) the second, without a new table or channel call.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ __all__ = ["AgentQuery", "QueryAnswer", "QueryError", "QueryKind"]
 class QueryKind(StrEnum):
     JOB_FILES = "job_files"
     """params: {path, offset, length}; result: a `FilesAnswer`."""
+    ESTIMATE = "estimate"
+    """params: {spec}; result: an `Estimate` (`sbatch --test-only` per partition, costs)."""
 
 
 class _Model(BaseModel):

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 from uuid import UUID
 
+from cloudhpc.domain.billing import PredictedStart
 from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import JobSpec, Observation, Resources
 from cloudhpc.domain.paths import JobPaths
@@ -171,6 +172,12 @@ class JobBackend(Protocol):
 
     async def submit(self, submission: JobSubmission) -> str:
         """Stage the job directory and submit; return the native id. Raises SubmitRejected on refusal."""
+
+    async def estimate(
+        self, submission: JobSubmission, partitions: Sequence[str | None]
+    ) -> list[PredictedStart]:
+        """When the scheduler predicts `submission` would start on each partition (None: the job's own
+        or the default), without submitting it; a refusal is the prediction's `error`."""
 
     async def find(self, job_id: UUID) -> str | None:
         """Native id of a job already submitted for `job_id`, so a restarted agent never submits twice."""

@@ -20,11 +20,12 @@ import stat as stat_mode
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from cloudhpc.domain.billing import PredictedStart
 from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import Observation, Resources, parse_slurm_time
 from cloudhpc.domain.paths import resolve_path
@@ -434,6 +435,16 @@ class LocalBackend:
             raise SubmitRejected(
                 "the local supervisor did not start", argv=argv, exit_status=code, stderr=tail
             )
+
+    async def estimate(
+        self, submission: JobSubmission, partitions: Sequence[str | None]
+    ) -> list[PredictedStart]:
+        """No queue here: a job starts when it is submitted, whatever it names as its partition."""
+        now = datetime.now(UTC)
+        return [
+            PredictedStart(partition=p, start=now, processors=os.cpu_count(), nodes="localhost")
+            for p in partitions
+        ]
 
     async def find(self, job_id: UUID) -> str | None:
         return self.native_id(job_id) if (self._control(job_id) / STATE_FILE).exists() else None

@@ -24,6 +24,7 @@ from cloudhpc.porter import (
     routes_artifacts,
     routes_bridges,
     routes_clusters,
+    routes_estimate,
     routes_files,
     routes_jobs,
     routes_uploads,
@@ -144,6 +145,7 @@ def create_app(
     app.include_router(routes_agent.router)
     app.include_router(routes_agent_queries.router)
     app.include_router(routes_files.router)
+    app.include_router(routes_estimate.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_artifacts.agent_router)
     app.include_router(routes_agent_objects.router)

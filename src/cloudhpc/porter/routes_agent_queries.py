@@ -27,6 +27,11 @@ __all__ = ["ask_agent", "router"]
 
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
+_FILES_INSTEAD = (
+    "list and read a job's files on a cluster whose agent reaches porter over HTTP, or name them "
+    "in the job's `outputs` to have them collected when it ends"
+)
+
 
 async def ask_agent(
     state: PorterState,
@@ -36,17 +41,17 @@ async def ask_agent(
     *,
     job_id: UUID | None = None,
     wait: float | None = None,
+    instead: str = _FILES_INSTEAD,
 ) -> dict[str, Any]:
     """Ask `cluster`'s agent and return its result; its error becomes the caller's answer, and no
     answer within `wait` seconds a 504 (503 for a cluster whose agent uses the S3 mailbox, which
-    does not carry queries)."""
+    does not carry queries: `instead` says what the user can do there)."""
     if cluster in state.settings.porter.mailbox_clusters:
         raise HttpProblem(
             503,
             "agent_query_unsupported",
             f"cluster {cluster!r} is served through the S3 mailbox, which carries no queries to its agent: "
-            "list and read a job's files on a cluster whose agent reaches porter over HTTP, or name them "
-            "in the job's `outputs` to have them collected when it ends",
+            + instead,
         )
     wait = wait if wait is not None else state.settings.porter.agent_query_wait
     query_id = await state.store.ask_agent(cluster, kind, params, job_id=job_id, ttl=wait + 5.0)

@@ -25,7 +25,7 @@ from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, array_indices
 from cloudhpc.domain.checkpoint import requeue_reason
 from cloudhpc.domain.job_files import OutputsReport, SkippedOutput
-from cloudhpc.domain.jobs import Job, JobKind, Observation
+from cloudhpc.domain.jobs import AUTO_PARTITION, Job, JobKind, Observation
 from cloudhpc.domain.queries import AgentQuery
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
@@ -50,6 +50,7 @@ from cloudhpc.ray.script import (
 )
 from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel
+from cloudhpc.submitter.estimates import billed_from_accounting, choose_partition
 from cloudhpc.submitter.queries import answer_query
 from cloudhpc.submitter.staging import Stager
 
@@ -324,6 +325,7 @@ class Agent:
     async def _submit_once(self, job: Job) -> None:
         await self._report(job.id, JobState.PREPARING)
         stored: asyncio.Task[None] | None = None
+        chosen: str | None = None  # the partition `auto` chose, and why (the queued report's reason)
         try:
             # find first: porter may re-offer a job whose sbatch succeeded just before a crash
             native = await self.backend.find(job.id)
@@ -336,6 +338,10 @@ class Agent:
                     return
                 if job.dependency is not None:  # porter resolved `after` to SLURM ids
                     submission = dataclasses.replace(submission, dependency=job.dependency)
+                if submission.resources.partition == AUTO_PARTITION:  # sbatch --test-only decides
+                    submission, chosen = await choose_partition(
+                        self.backend, self.config, self.cluster, submission
+                    )
                 # The script is kept while sbatch runs, so a job refused by sbatch still has it.
                 stored = self._spawn(self._store_artifacts(job, self._save_submission(job, submission)))
                 native = await self.backend.submit(submission)
@@ -353,7 +359,7 @@ class Agent:
             # Transport trouble: the job stays `preparing`; reconciliation (find-by-id) decides later.
             log.warning("job %s: submission interrupted (%s); will reconcile", job.id, exc)
             return
-        await self._report(job.id, JobState.QUEUED, slurm_job_id=native)
+        await self._report(job.id, JobState.QUEUED, slurm_job_id=native, reason=chosen)
         self._track(job, native)
         if job.id in self._cancel_asked:  # asked while sbatch ran: no need to wait for the next offer
             await self._cancel(job)
@@ -557,6 +563,9 @@ class Agent:
                     "records": [_jsonable(dataclasses.asdict(r)) for r in records],
                     "efficiency": _jsonable(dataclasses.asdict(efficiency)),
                 }
+                billed = billed_from_accounting(records, self.config)
+                if billed is not None:
+                    record["billed"] = billed.model_dump(mode="json")
 
                 # the artifacts first: once porter has the accounting, a restarted agent no longer
                 # lists the job as unaccounted, and artifacts not yet written would never be (the
@@ -731,7 +740,7 @@ class Agent:
                 self._spawn(self._answer(query))
 
     async def _answer(self, query: AgentQuery) -> None:
-        answer = await answer_query(self.backend, query)
+        answer = await answer_query(self.backend, query, self.config)
         try:
             await self.channel.answer_query(query.id, answer)
         except ChannelError as exc:

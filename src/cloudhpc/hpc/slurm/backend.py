@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 from uuid import UUID
 
 from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.billing import PredictedStart
 from cloudhpc.domain.job_files import FilesAnswer, OutputsReport
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.paths import resolve_path
@@ -39,6 +40,7 @@ from cloudhpc.hpc.slurm.accounting import Sacct
 from cloudhpc.hpc.slurm.cancel import Scancel
 from cloudhpc.hpc.slurm.commands import _Command
 from cloudhpc.hpc.slurm.efficiency import Seff, compute_efficiency
+from cloudhpc.hpc.slurm.estimate import STUB_SCRIPT, SbatchTestOnly
 from cloudhpc.hpc.slurm.ids import (
     allocation_ids,
     check_native_id,
@@ -76,6 +78,18 @@ def _check_relative(path: str) -> str:
     return path
 
 
+def _sbatch(submission: JobSubmission, paths: JobPaths) -> Sbatch:
+    """The one sbatch of a submission: what `submit` runs and what `estimate` asks with --test-only."""
+    return Sbatch(
+        job_id=submission.job_id,
+        paths=paths,
+        resources=submission.resources,
+        array=submission.spec.array,
+        dependency=submission.dependency,
+        checkpoint=submission.spec.checkpoint,
+    )
+
+
 class SlurmBackend:
     """`JobBackend` for one SLURM cluster reached through one connection.
 
@@ -110,19 +124,23 @@ class SlurmBackend:
     def _starttime(self) -> str:
         return f"now-{int(self._lookback.total_seconds())}"
 
-    async def _exec(self, command: _Command[object], *, idempotent: bool = True) -> CommandResult:
+    async def _exec(
+        self, command: _Command[object], *, idempotent: bool = True, stdin: str | None = None
+    ) -> CommandResult:
         argv = command.argv()
         logger.debug("%s on %s: %s", command.name, self.cluster, argv)
         started = time.monotonic()
         result = await self._conn.run(
-            argv, timeout=self._timeout, idempotent=idempotent, prelude=self._prelude
+            argv, stdin=stdin, timeout=self._timeout, idempotent=idempotent, prelude=self._prelude
         )
         if self._on_command is not None:
             self._on_command(command.name, result, time.monotonic() - started)
         return result
 
-    async def _run(self, command: _Command[_T], *, idempotent: bool = True) -> tuple[CommandResult, _T]:
-        result = await self._exec(command, idempotent=idempotent)
+    async def _run(
+        self, command: _Command[_T], *, idempotent: bool = True, stdin: str | None = None
+    ) -> tuple[CommandResult, _T]:
+        result = await self._exec(command, idempotent=idempotent, stdin=stdin)
         return result, command.parse(result)
 
     async def workdir(self) -> str:
@@ -140,14 +158,7 @@ class SlurmBackend:
         """Stage and sbatch. `submission.resources` are complete: the agent applies the cluster's
         defaults once, before rendering, so what is submitted is what the rendered script saw."""
         paths = await self.paths(submission.job_id)
-        command = Sbatch(
-            job_id=submission.job_id,
-            paths=paths,
-            resources=submission.resources,
-            array=submission.spec.array,
-            dependency=submission.dependency,
-            checkpoint=submission.spec.checkpoint,
-        )
+        command = _sbatch(submission, paths)
         command.argv()  # validate before anything is written on the cluster
         targets = [
             (paths.file(_check_relative(rel)), data, submission.modes.get(rel, 0o644))
@@ -168,6 +179,17 @@ class SlurmBackend:
         _, native_id = await self._run(command, idempotent=False)
         logger.info("job %s submitted to %s as SLURM job %s", submission.job_id, self.cluster, native_id)
         return native_id
+
+    async def estimate(
+        self, submission: JobSubmission, partitions: Sequence[str | None]
+    ) -> list[PredictedStart]:
+        """SLURM's predicted start of `submission` on each partition (`sbatch --test-only` with the
+        submission's own argv, nothing written or submitted); a partition SLURM would refuse the job
+        on has the refusal as its `error`."""
+        command = _sbatch(submission, await self.paths(submission.job_id))
+        asked = [SbatchTestOnly(command, partition) for partition in partitions]
+        answers = await asyncio.gather(*(self._run(a, stdin=STUB_SCRIPT) for a in asked))
+        return [prediction for _, prediction in answers]
 
     async def find(self, job_id: UUID) -> str | None:
         name, comment = job_name_for(job_id), comment_for(job_id)
