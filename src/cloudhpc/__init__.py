@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cloudhpc.domain.states import JobState
     from cloudhpc.exceptions import CloudHPCError, ConfigError
     from cloudhpc.executor import Executor
+    from cloudhpc.sessions import RaySession, ray_session
 
 _HOMES = {
     "cloudhpc.client": ("ApiError", "AsyncClient", "Client", "LogChunk", "default_client"),
@@ -51,6 +52,7 @@ _HOMES = {
     "cloudhpc.domain.states": ("JobState",),
     "cloudhpc.exceptions": ("CloudHPCError", "ConfigError"),
     "cloudhpc.executor": ("Executor",),
+    "cloudhpc.sessions": ("RaySession", "ray_session"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -69,10 +71,12 @@ __all__ = [
     "JobState",
     "JobSummary",
     "LogChunk",
+    "RaySession",
     "RaySpec",
     "Resources",
     "__version__",
     "default_client",
+    "ray_session",
 ]
 
 

@@ -25,7 +25,13 @@ def test_all_is_sorted_and_is_the_sdk() -> None:
 def test_each_name_is_the_object_of_its_home_module(name: str) -> None:
     value = getattr(cloudhpc, name)
     assert value.__module__.startswith(
-        ("cloudhpc.client", "cloudhpc.domain.", "cloudhpc.exceptions", "cloudhpc.executor")
+        (
+            "cloudhpc.client",
+            "cloudhpc.domain.",
+            "cloudhpc.exceptions",
+            "cloudhpc.executor",
+            "cloudhpc.sessions",
+        )
     )
     home = sys.modules[value.__module__]
     assert getattr(home, name) is value

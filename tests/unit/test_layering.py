@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"domain"},
     # settings and the SDK: both importable with the light install (no server extra); the modes
     # of cloudhpc's private files, which the store, the object store and the token files share
-    {"config", "config_checks", "client", "executor", "private_files"},
+    {"config", "config_checks", "client", "executor", "sessions", "private_files"},
     # libraries, one per external system or concern; none of them knows a role
     {"store", "storage", "hpc", "ray", "bridges", "metrics", "port_forwards", "secrets_json", "config_docs"},
     # the roles, and the pipelines (which talk to porter through the SDK only)
@@ -43,6 +43,7 @@ SIDEWAYS: dict[tuple[str, str], str] = {
     ("config", "config_checks"): "the settings' validators apply its value rules (addresses, pip, bridges)",
     ("__main__", "cli"): "`python -m cloudhpc` runs the CLI",
     ("executor", "client"): "the Executor runs Python functions through the SDK's calls",
+    ("sessions", "client"): "a warm Ray session is a ray-cluster job opened and used through the SDK",
 }
 
 # Downward imports that the layers alone would allow, but that would mix concerns.
@@ -145,7 +146,7 @@ def test_forbidden_downward_imports() -> None:
 
 def test_the_package_root_exports_only_the_sdk() -> None:
     targets = {target for source, target, _ in _edges() if source == ROOT}
-    assert targets <= {"client", "domain", "exceptions", "executor"}
+    assert targets <= {"client", "domain", "exceptions", "executor", "sessions"}
 
 
 @pytest.mark.parametrize(

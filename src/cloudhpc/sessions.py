@@ -1,0 +1,204 @@
+"""Warm Ray sessions: one Ray cluster on SLURM that several notebook cells and pipeline steps reuse.
+
+    import cloudhpc
+
+    with cloudhpc.ray_session(cluster="mahti", name="dev", nodes=1, idle_timeout=600) as session:
+        job = session.submit("python train.py", files={"train.py": code})   # a cloudhpc ray-job
+        print(session.client.wait(job).state)
+        # or Ray's own client, through the bridge:
+        # JobSubmissionClient(session.address).submit_job(entrypoint="python -c 'import ray; ...'")
+
+A session is a `ray-cluster` job with `ray.idle_timeout` and its dashboard exposed. Opening one
+re-attaches to the caller's active session of that name on that cluster when there is one (another
+cell, another step, another process) and submits a new one otherwise; then it waits for the
+dashboard's bridge, so `address` answers. `session.submit` sends a `ray-job` naming the session
+(`ray.session`): the agent runs it on the session's Ray, and the job carries its state, output and
+exit status like any job, in seconds instead of a SLURM allocation's start.
+
+Leaving the `with` block does not end the session (`keep=True`, the default): the next cell or step
+reuses it, and it ends itself once no Ray job has run for `idle_timeout` seconds (nothing idle is
+billed until the time limit). `keep=False`, or `close()`, cancels it on leaving: what a pipeline's
+last step (or an exit handler) does, so that a run's end also ends its session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+from cloudhpc.client import Client, JobRef
+from cloudhpc.domain.jobs import Job, JobKind
+
+__all__ = ["RaySession", "ray_session", "session_spec"]
+
+DEFAULT_IDLE_TIMEOUT = 600
+"""Seconds without a Ray job before a session ends itself, when the caller names none."""
+
+
+def session_spec(
+    *,
+    cluster: str,
+    name: str,
+    nodes: int = 1,
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
+    time: str = "01:00:00",
+    head: Mapping[str, Any] | None = None,
+    workers: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
+    environment: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `ray-cluster` spec of a session: `nodes` Ray nodes (the head and `nodes - 1` workers),
+    its dashboard exposed (the agent submits ray-jobs through it), `idle_timeout`, and the SLURM
+    `resources` (`time` unless they name one). `environment` must give Ray (`ray[default]`)."""
+    if nodes < 1:
+        raise ValueError(f"nodes: a session has at least one Ray node (the head), not {nodes}")
+    ray: dict[str, Any] = {"expose": ["dashboard"], "idle_timeout": idle_timeout, "head": dict(head or {})}
+    if nodes > 1:
+        ray["workers"] = {**(workers or {}), "nodes": nodes - 1}
+    return {
+        "name": name,
+        "cluster": cluster,
+        "kind": JobKind.RAY_CLUSTER.value,
+        "ray": ray,
+        "resources": {"time": time, **(resources or {})},
+        "environment": dict(environment or {}),
+    }
+
+
+@dataclass
+class RaySession:
+    """An open session: `job` (the `ray-cluster`), `address` (Ray's job-submission address through
+    the bridge, for `ray.job_submission.JobSubmissionClient`) and `submit` for cloudhpc ray-jobs."""
+
+    client: Client
+    job: Job
+    address: str
+    reattached: bool
+    """True when an active session of this name existed and was reused; False when this call
+    submitted it."""
+    keep: bool = True
+    _owns_client: bool = field(default=False, repr=False)
+
+    @property
+    def job_id(self) -> UUID:
+        return self.job.id
+
+    def job_spec(
+        self,
+        entrypoint: str,
+        *,
+        name: str | None = None,
+        files: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A `ray-job` spec that runs `entrypoint` on this session (`ray.session` is its id)."""
+        spec: dict[str, Any] = {
+            "name": name or f"{self.job.name}-job",
+            "cluster": self.job.cluster,
+            "kind": JobKind.RAY_JOB.value,
+            "ray": {"session": str(self.job.id), "entrypoint": entrypoint},
+        }
+        if files:
+            spec["files"] = dict(files)
+        if env:
+            spec["env"] = dict(env)
+        return spec
+
+    def submit(
+        self,
+        entrypoint: str,
+        *,
+        name: str | None = None,
+        files: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Job:
+        """Submit a ray-job on this session; `client.wait(job)` follows it to its end."""
+        return self.client.submit(self.job_spec(entrypoint, name=name, files=files, env=env))
+
+    def close(self) -> Job:
+        """End the session now (its SLURM job is cancelled; a ray-job still on it fails)."""
+        try:
+            return self.client.cancel(self.job)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.keep:
+            self._release()
+        else:
+            self.close()
+
+
+def _active_session(client: Client, cluster: str, name: str) -> JobRef | None:
+    """The caller's newest active ray-cluster of that name on that cluster (`list` is newest first
+    and shows a user only her own jobs; an admin's token sees everyone's, hence the owner check)."""
+    me = client.me().user
+    for summary in client.list(cluster=cluster, name=name, limit=20):
+        if summary.kind == JobKind.RAY_CLUSTER and summary.owner == me and not summary.state.terminal:
+            return summary
+    return None
+
+
+def ray_session(
+    cluster: str,
+    *,
+    name: str = "ray-session",
+    nodes: int = 1,
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
+    time: str = "01:00:00",
+    head: Mapping[str, Any] | None = None,
+    workers: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
+    environment: Mapping[str, Any] | None = None,
+    client: Client | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    keep: bool = True,
+    timeout: float = 1800.0,
+    in_cluster: bool = False,
+) -> RaySession:
+    """Open (or re-attach to) the caller's session `name` on `cluster`, once its dashboard answers
+    through the bridge (`timeout` covers the wait in SLURM's queue and Ray's start).
+
+    `client` is used as given (and left open); without one, a `Client(url, token)` is made
+    (`CLOUDHPC_URL`, `CLOUDHPC_TOKEN`) and closed with the session. `in_cluster=True` gives the
+    Kubernetes Service address of the dashboard (from a pod). The size and environment arguments
+    are used only when a session is started; a re-attached one keeps its own. `keep`: see the
+    module's docstring."""
+    owns = client is None
+    hpc = client if client is not None else Client(url, token)
+    try:
+        found = _active_session(hpc, cluster, name)
+        reattached = found is not None
+        if found is None:
+            spec = session_spec(
+                cluster=cluster,
+                name=name,
+                nodes=nodes,
+                idle_timeout=idle_timeout,
+                time=time,
+                head=head,
+                workers=workers,
+                resources=resources,
+                environment=environment,
+            )
+            found = hpc.submit(spec)
+        address = hpc.ray_dashboard_url(found, timeout=timeout, in_cluster=in_cluster)
+        job = hpc.get(found)
+    except BaseException:
+        if owns:
+            hpc.close()
+        raise
+    return RaySession(hpc, job, address, reattached=reattached, keep=keep, _owns_client=owns)
