@@ -466,8 +466,18 @@ class PorterConfig(_Section):
         description="days after a job ends before its artifacts (script, output, accounting) are deleted "
         "from the object store; null keeps them forever",
     )
+    upload_retention_days: float | None = Field(
+        default=7.0,
+        gt=0,
+        description="days after an upload (POST /api/v1/uploads) before porter deletes it if its owner did "
+        "not (the SDK deletes a call's upload once its job ended; a process that died leaves it behind); "
+        "a job not yet staged by then fails to fetch it. null keeps uploads until their owner deletes them",
+    )
     artifact_sweep_interval: float = Field(
-        default=3600.0, gt=0, description="seconds between two runs of the artifact retention sweep"
+        default=3600.0,
+        gt=0,
+        description="seconds between two runs of the retention sweep (artifacts, uploads, finished agent "
+        "queries)",
     )
     agent_query_wait: float = Field(
         default=15.0,

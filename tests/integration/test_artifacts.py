@@ -19,7 +19,7 @@ from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.porter.mailbox import MailboxRelay
-from cloudhpc.porter.retention import artifact_retention, sweep_artifacts
+from cloudhpc.porter.retention import retention, sweep_artifacts
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key, delete_job_artifacts, job_prefix
 from cloudhpc.storage.mailbox_seal import MailboxKey
@@ -214,7 +214,7 @@ async def test_retention_reconciler_runs_in_porter(
     end(store, job, datetime.now(UTC) - timedelta(hours=2))
     store.add_artifacts(job.id, write_all(objects, job, tmp_path, b"log\n"))
     settings = Settings(porter=PorterConfig(artifact_retention_days=1 / 24, artifact_sweep_interval=0.2))
-    async with artifact_retention(settings, store, objects):
+    async with retention(settings, store, objects):
         for _ in range(50):
             current = store.get_job(job.id)
             if current is not None and not current.artifacts:

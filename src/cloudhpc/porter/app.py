@@ -36,7 +36,7 @@ from cloudhpc.porter.errors import error_body, install_error_handlers
 from cloudhpc.porter.limits import RequestSizeLimit
 from cloudhpc.porter.mailbox import mailbox_relay, porter_mailbox_keys
 from cloudhpc.porter.openapi import ERROR_RESPONSES
-from cloudhpc.porter.retention import artifact_retention
+from cloudhpc.porter.retention import retention
 from cloudhpc.porter.state import PorterState, change_listener
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.artifacts import open_porter_object_store
@@ -124,7 +124,7 @@ def create_app(
                 keys=mailbox_keys,
                 metrics=metrics,
             ),
-            artifact_retention(settings, the_store, objects),
+            retention(settings, the_store, objects),
             bridge_reconciler(settings, the_store, app.state.porter.notifier),
         ):
             yield

@@ -18,14 +18,28 @@ Nobody else's job may name it, because the key is under the owner's prefix.
 `DELETE /api/v1/uploads/{id}/{name}` removes one again (the Executor does once its job has ended: the
 agent staged the input into the job directory long before). The key is made from the caller's own
 prefix, so a caller can only ever delete its own uploads; an upload already gone is not an error.
+
+An upload whose owner never deletes it (the SDK's process died) is deleted by porter's retention
+sweep `porter.upload_retention_days` after it was made (`porter/retention.py`). To find those without
+listing every user's prefix, porter keeps an index of its own: one empty object per upload,
+
+    porter/uploads/<id>/<the upload's key>
+
+written before the upload and deleted after it. An id begins with its creation time (8 hex digits of
+Unix seconds, then 96 random bits), so the index lists oldest first and the sweep stops at the first
+upload young enough to keep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
 import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -34,12 +48,24 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from cloudhpc.domain.api import Upload
+from cloudhpc.exceptions import CloudHPCError
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import input_scope
 from cloudhpc.porter.limits import spool_capped
 from cloudhpc.porter.state import object_store, state_of
+from cloudhpc.storage import ObjectStore
+from cloudhpc.storage.base import check_key
 
-__all__ = ["MAX_UPLOAD_BYTES", "UPLOAD_PATH", "router"]
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "UPLOAD_INDEX",
+    "UPLOAD_PATH",
+    "IndexedUpload",
+    "indexed_upload",
+    "new_upload_id",
+    "router",
+    "upload_marker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +78,51 @@ UPLOAD_PATH = r"^/api/v1/uploads$"
 cap replaces."""
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _ID = re.compile(r"^[0-9a-f]{32}$")
+UPLOAD_INDEX = "porter/uploads/"
+"""porter's index of uploads (see the module's docstring); nobody else writes under it."""
+
+
+def new_upload_id(now: float | None = None) -> str:
+    """32 hex digits: the creation time in Unix seconds (8 digits, so ids sort by age) and 96
+    random bits (the id stays unguessable, not that guessing it would give anything away: only
+    its owner's key holds it)."""
+    return f"{int(time.time() if now is None else now):08x}{secrets.token_hex(12)}"
+
+
+def upload_marker(upload_id: str, key: str) -> str:
+    """The index entry of the upload `key` of id `upload_id`."""
+    return check_key(f"{UPLOAD_INDEX}{upload_id}/{key}")
+
+
+@dataclass(frozen=True)
+class IndexedUpload:
+    """One entry of the index, read back: the upload's key and when it was made."""
+
+    marker: str
+    key: str
+    created: datetime
+
+
+def indexed_upload(marker: str) -> IndexedUpload | None:
+    """The entry `marker` of the index, or None for a key that is not one (an upload made before
+    the index, whose id holds no time, has no entry at all)."""
+    upload_id, slash, key = marker.removeprefix(UPLOAD_INDEX).partition("/")
+    if not marker.startswith(UPLOAD_INDEX) or not slash or not _ID.fullmatch(upload_id) or not key:
+        return None
+    return IndexedUpload(marker, key, datetime.fromtimestamp(int(upload_id[:8], 16), UTC))
+
+
+def _store_indexed(objects: ObjectStore, upload_id: str, key: str, path: Path) -> None:
+    """Write the index entry, then the upload; the entry is taken back when the upload fails, so a
+    refused upload leaves nothing (a porter killed in between leaves an entry the sweep clears)."""
+    marker = upload_marker(upload_id, key)
+    objects.put(marker, b"", content_type="application/octet-stream")
+    try:
+        objects.upload_file(key, path, content_type="application/octet-stream")
+    except BaseException:
+        with contextlib.suppress(CloudHPCError):
+            objects.delete(marker)
+        raise
 
 
 @router.post(
@@ -73,12 +144,14 @@ async def upload(
     prefix; answers `{"url", "key", "size"}`, `url` usable as a value of a job's `files`."""
     state = state_of(request)
     scope = input_scope(state.settings.porter.object_store)
-    key = scope.upload_key(principal.user, secrets.token_hex(16), name)
+    upload_id = new_upload_id()
+    key = scope.upload_key(principal.user, upload_id, name)
     objects = object_store(state)
     with tempfile.TemporaryDirectory(prefix="cloudhpc-upload-") as tmp:
         path = Path(tmp) / "body"
+        # spooled first: a body refused for its size never reaches the store, index included
         size = await spool_capped(request, path, MAX_UPLOAD_BYTES, "an upload")
-        await run_in_threadpool(objects.upload_file, key, path, content_type="application/octet-stream")
+        await run_in_threadpool(_store_indexed, objects, upload_id, key, path)
     log.info("stored an upload of %d bytes for %s: %s", size, principal.user, key)
     return Upload(url=scope.url_for(key), key=key, size=size)
 
@@ -94,6 +167,8 @@ async def delete_upload(
     it still existed."""
     state = state_of(request)
     key = input_scope(state.settings.porter.object_store).upload_key(principal.user, upload_id, name)
-    await run_in_threadpool(object_store(state).delete, key)
+    objects = object_store(state)
+    await run_in_threadpool(objects.delete, key)
+    await run_in_threadpool(objects.delete, upload_marker(upload_id, key))
     log.info("deleted the upload %s of %s", key, principal.user)
     return Response(status_code=204)

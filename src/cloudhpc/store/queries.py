@@ -2,7 +2,10 @@
 with its work channel and writes the answer, porter's waiting route reads it.
 
 Short-lived rows: a question is worth answering until `expires_at` (the asking route gives up then
-with a 504) and rows older than `KEEP` are deleted whenever a new question is written. A question
+with a 504, and reads an answer only before), so a row whose question expired more than `KEEP` ago
+is finished, answered or not. Finished rows are deleted whenever a new question is written and by
+porter's periodic retention sweep (`purge_queries`), so the table does not keep the last questions
+of a porter that stops being asked. A question
 claimed but not answered (the agent stopped meanwhile) is handed out again after `RECLAIM_AFTER`.
 Wake-ups use the store's notifications (`notify_in`), so the asking replica and the agent's poll
 may be on different porter replicas.
@@ -12,11 +15,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 from uuid import UUID
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import Delete, and_, delete, or_, select
 
 from cloudhpc.domain.queries import AgentQuery, QueryAnswer
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
@@ -25,7 +28,8 @@ from cloudhpc.store.notify import notify_in
 
 __all__ = ["QueryRepository", "answer_key", "queries_key"]
 
-KEEP: Final = timedelta(hours=1)
+KEEP: Final = timedelta(minutes=10)
+"""How long a row stays after its question expired (room for replicas' clocks to differ)."""
 RECLAIM_AFTER: Final = timedelta(seconds=5)
 
 
@@ -39,8 +43,21 @@ def answer_key(query_id: UUID | str) -> str:
     return f"query:{query_id}"
 
 
+def _finished(now: datetime) -> Delete:
+    """The one rule of which rows go: those whose question expired more than `KEEP` before `now`."""
+    return delete(AgentQueryRow).where(AgentQueryRow.expires_at < now - KEEP)
+
+
 class QueryRepository(Database):
     """Questions for agents and their answers."""
+
+    @map_db_errors
+    def purge_queries(self, now: datetime | None = None) -> int:
+        """Delete the finished rows (answered or not, their question expired more than `KEEP` ago);
+        returns how many. porter's retention sweep calls it periodically."""
+        with self._write() as session:
+            result = session.execute(_finished(now or utcnow()))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     @map_db_errors
     def ask_agent(
@@ -56,7 +73,7 @@ class QueryRepository(Database):
         now = utcnow()
         query_id = uuid.uuid4()
         with self._write() as session:
-            session.execute(delete(AgentQueryRow).where(AgentQueryRow.created_at < now - KEEP))
+            session.execute(_finished(now))
             session.add(
                 AgentQueryRow(
                     id=str(query_id),
