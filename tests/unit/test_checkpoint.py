@@ -25,6 +25,7 @@ from cloudhpc.hpc.backend import CommandResult
 from cloudhpc.hpc.jobscript import render_batch_script
 from cloudhpc.hpc.slurm.restarts import SqueueRestarts
 from cloudhpc.hpc.slurm.submit import Sbatch
+from cloudhpc.ray.script import ENTRYPOINT_END_MARKER, HELPERS_FILE, render_ray_job
 from cloudhpc.submitter.agent import Agent, _Tracked
 from tests.jobs import job_from
 
@@ -85,6 +86,37 @@ def test_checkpoint_needs_its_time_limit_alone(fields: dict[str, object], words:
         spec(**fields)
 
 
+def ray_job(**checkpoint: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "train",
+            "cluster": "testbed",
+            "kind": "ray-job",
+            "ray": {"entrypoint": "python train.py"},
+            "resources": {"time": "5"},
+            "checkpoint": {"warn_before": 60} | checkpoint,
+        }
+    )
+
+
+def test_a_ray_job_may_checkpoint_with_a_signal_its_script_does_not_take_for_a_cancel() -> None:
+    assert ray_job().checkpoint == CheckpointSpec(warn_before=60)
+    for stop in ("TERM", "INT"):
+        with pytest.raises(ValidationError, match=f"stops its Ray cluster on SIG{stop}"):
+            ray_job(signal=stop)
+    with pytest.raises(ValidationError, match="batch jobs and ray-jobs"):
+        JobSpec.model_validate(
+            {
+                "name": "c",
+                "cluster": "testbed",
+                "kind": "ray-cluster",
+                "ray": {},
+                "resources": {"time": "5"},
+                "checkpoint": {},
+            }
+        )
+
+
 def test_sbatch_flags() -> None:
     paths = JobPaths(workdir="/w", job_id=uuid4())
     job = spec()
@@ -125,18 +157,23 @@ echo finished
 
 
 def run_wrapper(
-    tmp_path: Path, restart_count: str | None, *, signal_after: float | None
+    tmp_path: Path, restart_count: str | None, *, signal_after: float | None, kind: str = "batch"
 ) -> tuple[int, str, str]:
-    """Render the wrapper for a checkpointed job in `tmp_path`, run it with a stand-in `scontrol`
-    that logs its arguments, send it SIGUSR1 after `signal_after` seconds; (status, output,
-    scontrol's log)."""
+    """Render the wrapper for a checkpointed job (`kind` batch, or ray-job with `USER_SCRIPT` as its
+    entrypoint and stand-ins for `ray` and the node helpers) in `tmp_path`, run it with a stand-in
+    `scontrol` that logs its arguments, send it SIGUSR1 after `signal_after` seconds; (status,
+    output, scontrol's log)."""
     job_id = uuid4()
     paths = JobPaths(workdir=str(tmp_path), job_id=job_id)
     Path(paths.control).mkdir(parents=True)
-    Path(paths.user_script).write_text(USER_SCRIPT)
-    Path(paths.batch_script).write_text(render_batch_script(job_id=job_id, spec=spec(), paths=paths))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    if kind == "batch":
+        Path(paths.user_script).write_text(USER_SCRIPT)
+        script = render_batch_script(job_id=job_id, spec=spec(), paths=paths)
+    else:
+        script = render_ray_stand_ins(paths, bin_dir)
+    Path(paths.batch_script).write_text(script)
     log = tmp_path / "scontrol.log"
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {log}\nkill -TERM "$PPID"\n')
     (bin_dir / "scontrol").chmod(0o755)
@@ -156,6 +193,42 @@ def run_wrapper(
     out, _ = proc.communicate(timeout=60)
     assert Path(paths.jobdir, "checkpoints").is_dir()
     return proc.returncode, out, log.read_text() if log.exists() else ""
+
+
+RAY_HELPERS = """\
+import sys
+if sys.argv[1] == "ports":
+    print(" ".join(str(20000 + i) for i in range(int(sys.argv[2]))))
+elif sys.argv[1] == "node-ip":
+    print("127.0.0.1")
+"""
+"""Stands in for ray/node_script.py: free ports, the node's address, and `wait-ready` at once."""
+
+
+def render_ray_stand_ins(paths: JobPaths, bin_dir: Path) -> str:
+    """A checkpointed ray-job's batch script (USER_SCRIPT as its entrypoint), its files, and a `ray`
+    whose head (`ray start --block`) sleeps until stopped and says so."""
+    job = JobSpec.model_validate(
+        {
+            "name": "ckpt-ray",
+            "cluster": "testbed",
+            "kind": "ray-job",
+            "ray": {"entrypoint": USER_SCRIPT},
+            "resources": {"time": "2"},
+            "checkpoint": {"warn_before": "30s", "signal": "USR1", "max_restarts": 2},
+        }
+    )
+    rendered = render_ray_job(
+        job_id=paths.job_id, spec=job, paths=paths, resources=job.resources, bridges=[], tunnel=None
+    )
+    for rel, data in rendered.files.items():
+        Path(paths.file(rel)).write_bytes(data)
+    Path(paths.file(HELPERS_FILE)).write_text(RAY_HELPERS)
+    (bin_dir / "ray").write_text(
+        "#!/bin/bash\ntrap 'echo \"ray head stopped\"; exit 0' TERM\nsleep 100 & wait\n"
+    )
+    (bin_dir / "ray").chmod(0o755)
+    return render_batch_script(job_id=paths.job_id, spec=job, paths=paths, body=rendered.body)
 
 
 def test_warning_reaches_the_program_and_requeues(tmp_path: Path) -> None:
@@ -182,6 +255,37 @@ def test_no_requeue_at_max_restarts(tmp_path: Path) -> None:
 def test_program_that_finishes_is_not_requeued(tmp_path: Path) -> None:
     status, out, scontrol = run_wrapper(tmp_path, "1", signal_after=None)
     assert "restart=1" in out
+    assert "finished" in out
+    assert scontrol == ""
+    assert status == 0
+
+
+def test_ray_job_warning_reaches_the_driver_stops_ray_and_requeues(tmp_path: Path) -> None:
+    """The ray-job's batch shell (on the head's node, where SLURM sends B: signals) forwards the
+    warning to the entrypoint's process group, stops the Ray cluster, then requeues."""
+    status, out, scontrol = run_wrapper(tmp_path, None, signal_after=1.5, kind="ray-job")
+    assert "/checkpoints restart=0" in out
+    assert "user got USR1" in out
+    assert "finished" not in out
+    assert out.index("user got USR1") < out.index("ray head stopped") < out.index("requeued")
+    assert ENTRYPOINT_END_MARKER not in out  # the agent is not told the job ended
+    assert scontrol == "requeue 4242\n"
+    assert status != 0
+
+
+def test_ray_job_that_finishes_ends_with_its_entrypoint(tmp_path: Path) -> None:
+    status, out, scontrol = run_wrapper(tmp_path, "1", signal_after=None, kind="ray-job")
+    assert "restart=1" in out
+    assert "finished" in out
+    assert f"{ENTRYPOINT_END_MARKER} 0" in out
+    assert scontrol == ""
+    assert status == 0
+
+
+def test_ray_job_at_max_restarts_is_not_warned(tmp_path: Path) -> None:
+    status, out, scontrol = run_wrapper(tmp_path, "2", signal_after=1.5, kind="ray-job")
+    assert "max_restarts (2) reached: not requeued" in out
+    assert "user got USR1" not in out
     assert "finished" in out
     assert scontrol == ""
     assert status == 0

@@ -265,3 +265,50 @@ async def test_the_agent_fails_a_job_over_its_clusters_limits() -> None:
         await stager.prepare(job_from(spec("echo", time="16")))
     staged = await stager.prepare(job_from(spec("echo", time="15")))
     assert staged.resources.partition == "test"
+
+
+# ---- requeue options: refused with a pointer to `checkpoint`
+
+
+@pytest.mark.parametrize("line", ["#SBATCH --requeue", "#SBATCH --no-requeue", "#SBATCH --open-mode=append"])
+def test_requeue_options_point_to_checkpoint(line: str) -> None:
+    with pytest.raises(ValueError, match="line 2 ") as exc:
+        parse_directives(f"#!/bin/bash\n{line}\nsrun hostname\n")
+    message = str(exc.value)
+    assert "is not taken" in message
+    assert "`checkpoint: {warn_before:" in message
+    assert "--requeue" in message
+    assert "CLOUDHPC_CHECKPOINT_DIR" in message
+
+
+def checkpointed(script: str, **fields: object) -> JobSpec:
+    body: dict[str, object] = {
+        "name": "c",
+        "cluster": "c",
+        "script": script,
+        "checkpoint": {"warn_before": 30},
+    }
+    return JobSpec.model_validate(body | fields)
+
+
+def test_a_script_signal_beside_checkpoint_is_refused_with_its_line() -> None:
+    spec = checkpointed("#!/bin/bash\n#SBATCH -t 5\n#SBATCH --signal=B:USR1@60\nsrun x\n")
+    with pytest.raises(ValueError, match="line 3 ") as exc:
+        apply_directives(spec)
+    assert "checkpoint.signal" in str(exc.value)
+
+
+def test_the_time_limit_of_a_checkpointed_job_may_come_from_its_script() -> None:
+    spec = checkpointed("#!/bin/bash\n#SBATCH --time=5\nsrun x\n")
+    assert apply_directives(spec).resources.time == "5"
+    with pytest.raises(ValidationError, match="shorter than the time limit"):
+        checkpointed("#!/bin/bash\n#SBATCH --time=0:20\nsrun x\n")
+    with pytest.raises(ValidationError, match=r"or the script's #SBATCH --time"):
+        checkpointed("#!/bin/bash\nsrun x\n#SBATCH --time=5\n")  # after a command: a comment
+
+
+def test_merged_directives_are_checked_against_the_spec_rules() -> None:
+    """`#SBATCH --array` in the script of a checkpointed job: refused as the spec field would be."""
+    spec = checkpointed("#!/bin/bash\n#SBATCH -t 5\n#SBATCH --array=0-3\nsrun x\n")
+    with pytest.raises(ValueError, match="not arrays"):
+        apply_directives(spec)

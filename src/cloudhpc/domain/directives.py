@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from cloudhpc.domain.arrays import check_array
 from cloudhpc.domain.jobs import JobSpec, Resources
 
-__all__ = ["Directive", "apply_directives", "parse_directives"]
+__all__ = ["CHECKPOINT_HINT", "Directive", "apply_directives", "parse_directives"]
 
 MAGIC = "#SBATCH"
 MAX_DIRECTIVES = 256
@@ -89,6 +89,19 @@ _OWNED: dict[str, str] = {
     "so that a job waited for may not have reached SLURM yet",
 }
 _OWNED_SHORT = {"o": "output", "e": "error", "i": "input", "D": "chdir", "J": "job-name", "d": "dependency"}
+
+CHECKPOINT_HINT = (
+    "for a job warned before its time limit and run again, give the spec "
+    "`checkpoint: {warn_before: 2m, signal: USR1, max_restarts: 3}`: cloudhpc then adds --signal, "
+    "--requeue and --open-mode=append itself and exports CLOUDHPC_CHECKPOINT_DIR"
+)
+"""Why a script's requeue options are refused, and what to write instead: SLURM's options alone
+would requeue a job cloudhpc does not follow as one, into a directory it does not keep."""
+_REQUEUE_OPTIONS: dict[str, str] = {
+    "requeue": "cloudhpc requeues a job itself, from its `checkpoint`",
+    "no-requeue": "cloudhpc requeues a job only when its `checkpoint` asks for it",
+    "open-mode": "cloudhpc always appends every run to the one output log",
+}
 
 
 _SPEC_CHECKS: dict[str, Callable[[Any], object]] = {"array": check_array}
@@ -171,6 +184,11 @@ def _options(words: list[str], lineno: int, text: str) -> list[tuple[str, str | 
             name, eq, value = word[2:].partition("=")
             if name in _OWNED:
                 raise _owned(name, lineno, text)
+            if name in _REQUEUE_OPTIONS:
+                raise ValueError(
+                    f"{_where(lineno, text)}: --{name} is not taken ({_REQUEUE_OPTIONS[name]}); "
+                    f"{CHECKPOINT_HINT}"
+                )
             option = _OPTIONS.get(name)
             if option is None:
                 raise ValueError(
@@ -242,17 +260,39 @@ def apply_directives(spec: JobSpec) -> JobSpec:
     merged resources do not go together, the fields) otherwise."""
     if not spec.script:
         return spec
-    found: dict[str, Any] = {d.field: d.value for d in parse_directives(spec.script)}
-    own = {k: found.pop(k) for k in _SPEC_FIELDS & found.keys()}
-    if own:
-        update = {k: v for k, v in own.items() if getattr(spec, k) is None}
-        spec = spec.model_copy(update=update)
+    directives = parse_directives(spec.script)
+    if spec.checkpoint is not None:
+        for d in directives:
+            if d.field == "signal":
+                text = spec.script.split("\n")[d.line - 1]
+                raise ValueError(
+                    f"{_where(d.line, text)}: --signal: the spec's `checkpoint` sends the warning "
+                    f"signal (checkpoint.signal, checkpoint.warn_before); remove this line"
+                )
+    found: dict[str, Any] = {d.field: d.value for d in directives}
     if not found:
         return spec
-    explicit = spec.resources.model_dump(exclude_none=True)
+    own = {k: found.pop(k) for k in _SPEC_FIELDS & found.keys()}
+    update: dict[str, Any] = {k: v for k, v in own.items() if getattr(spec, k) is None}
+    if found:
+        explicit = spec.resources.model_dump(exclude_none=True)
+        try:
+            update["resources"] = Resources.model_validate(found | explicit)
+        except ValidationError as exc:
+            raise ValueError(
+                f"the script's #SBATCH directives with the spec's resources: {_reasons(exc)}"
+            ) from None
+    return _revalidated(spec.model_copy(update=update))
+
+
+def _reasons(exc: ValidationError) -> str:
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+
+
+def _revalidated(merged: JobSpec) -> JobSpec:
+    """`merged` through the spec's own rules again (`model_copy` skips them): a directive can break
+    a rule across fields, such as `#SBATCH --array` in the script of a job with `checkpoint`."""
     try:
-        resources = Resources.model_validate(found | explicit)
+        return JobSpec.model_validate(merged.model_dump(by_alias=True))
     except ValidationError as exc:
-        reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        raise ValueError(f"the script's #SBATCH directives with the spec's resources: {reason}") from None
-    return spec.model_copy(update={"resources": resources})
+        raise ValueError(f"the script's #SBATCH directives with the spec: {_reasons(exc)}") from None

@@ -42,6 +42,7 @@ __all__ = [
     "MAIL_TYPES",
     "MAX_AFTER",
     "MEMORY_UNITS",
+    "RAY_STOP_SIGNALS",
     "RESERVED_PREFIX",
     "Bridge",
     "ClusterLimits",
@@ -72,6 +73,9 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 AUTO_PARTITION = "auto"
 """`resources.partition: auto`: the agent submits to the allowed partition where SLURM predicts the
 earliest start (`domain/billing.choose_earliest`); the limits are then checked per candidate."""
+
+RAY_STOP_SIGNALS = frozenset({"TERM", "INT"})
+"""Signals a Ray job's batch script traps to stop its cluster (a cancel): not a checkpoint warning."""
 
 RESERVED_PREFIX = ".cloudhpc"
 """Top-level name inside a job directory that belongs to cloudhpc (script, wrapper, output)."""
@@ -503,6 +507,11 @@ class ImportedService(_Model):
     port: int = Field(ge=1, le=65535)
 
 
+MIN_IDLE_TIMEOUT = 10
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600
+"""Bounds of `ray.idle_timeout`, seconds: shorter than Ray's own start-up would end a session before
+its first job; a week is beyond any cluster's time limit."""
+
 _RAY_HEAD_FIELDS = frozenset({"cpus_per_task", "gpus_per_node", "mem"})
 _RAY_WORKER_FIELDS = _RAY_HEAD_FIELDS | {"nodes"}
 
@@ -522,6 +531,18 @@ class RaySpec(_Model):
     """
 
     entrypoint: str | None = Field(default=None, max_length=8192)
+    session: Name | None = Field(
+        default=None,
+        description="ray-job only: the id or name of a running ray-cluster of the same owner and "
+        "cluster (a warm session, docs/ray.md) to run the entrypoint on, instead of a cluster of its own",
+    )
+    idle_timeout: int | None = Field(
+        default=None,
+        ge=MIN_IDLE_TIMEOUT,
+        le=MAX_IDLE_TIMEOUT,
+        description="ray-cluster only: seconds with no Ray job pending or running after which the "
+        "cluster ends itself (completed), so an idle session is not billed until its time limit",
+    )
     head: Resources = Field(default_factory=Resources)
     workers: Resources = Field(default_factory=Resources)
     expose: list[ExposedPort] = Field(default_factory=list, max_length=MAX_PORTS)
@@ -628,14 +649,36 @@ class JobSpec(_Model):
         change under it); the job's own `resources.signal` would be a second --signal."""
         if self.checkpoint is None:
             return self
-        if self.kind != JobKind.BATCH or self.array is not None:
-            raise ValueError("`checkpoint` is for batch jobs that are not arrays")
-        if self.resources.time is None:
-            raise ValueError("`checkpoint` needs resources.time: the warning is sent before the time limit")
+        if self.kind not in (JobKind.BATCH, JobKind.RAY_JOB) or self.array is not None:
+            raise ValueError("`checkpoint` is for batch jobs and ray-jobs that are not arrays")
+        if self.kind == JobKind.RAY_JOB and self.checkpoint.signal in RAY_STOP_SIGNALS:
+            raise ValueError(
+                f"checkpoint.signal: a ray-job stops its Ray cluster on SIG{self.checkpoint.signal} "
+                "(a cancel): use USR1 or USR2"
+            )
+        time = self.resources.time or self._script_time()
+        if time is None:
+            raise ValueError(
+                "`checkpoint` needs resources.time (or the script's #SBATCH --time): the warning is "
+                "sent before the time limit"
+            )
         if self.resources.signal is not None:
             raise ValueError("`checkpoint` sends the warning signal: leave resources.signal unset")
-        self.checkpoint.check_time_limit(parse_slurm_time(self.resources.time))
+        self.checkpoint.check_time_limit(parse_slurm_time(time))
         return self
+
+    def _script_time(self) -> str | None:
+        """The time limit of the script's last `#SBATCH --time`, which porter merges into the spec
+        (None when there is none, or the directives are refused: their own 422 says why)."""
+        if not self.script:
+            return None
+        from cloudhpc.domain.directives import parse_directives  # it imports this module
+
+        try:
+            times = [d.value for d in parse_directives(self.script) if d.field == "time"]
+        except ValueError:
+            return None
+        return str(times[-1]) if times else None
 
     outputs: list[OutputPattern] = Field(
         default_factory=list,
@@ -711,6 +754,7 @@ class JobSpec(_Model):
                 )
             if self.script:
                 raise ValueError(f"a {self.kind.value} job takes `ray`, not `script`")
+            self._session_rules(self.ray)
             workers = self.ray.workers.nodes
             if workers is not None and self.resources.nodes not in (None, workers + 1):
                 raise ValueError(
@@ -718,6 +762,33 @@ class JobSpec(_Model):
                     f"({workers + 1}): the head takes one node"
                 )
         return self
+
+    def _session_rules(self, ray: RaySpec) -> None:
+        """`ray.session` runs a ray-job on a cluster that exists already: everything that describes
+        a cluster of its own (its size, ports, environment, SLURM allocation) belongs to the session
+        and is refused here with the field named, instead of being silently ignored."""
+        if self.kind == JobKind.RAY_CLUSTER:
+            if ray.session is not None:
+                raise ValueError("`ray.session` is for kind ray-job: a ray-cluster is a session itself")
+            return
+        if ray.idle_timeout is not None:
+            raise ValueError(
+                "`ray.idle_timeout` is for kind ray-cluster (a session); a ray-job ends with its entrypoint"
+            )
+        if ray.session is None:
+            return
+        taken = [
+            f"ray.{name}" for name in ("head", "workers") if getattr(ray, name).model_dump(exclude_none=True)
+        ]
+        taken += ["ray.expose"] * bool(ray.expose) + ["ray.import"] * bool(ray.import_)
+        taken += ["resources"] * bool(self.resources.model_dump(exclude_none=True))
+        taken += ["environment"] * (not self.environment.is_empty)
+        taken += [name for name in ("outputs", "after", "checkpoint") if getattr(self, name)]
+        if taken:
+            raise ValueError(
+                f"a ray-job on a session (ray.session) runs on the session's cluster, with its "
+                f"environment and allocation: leave out {', '.join(taken)}"
+            )
 
 
 class Observation(_Model):

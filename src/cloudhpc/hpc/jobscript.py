@@ -121,7 +121,7 @@ def render_batch_script(
         lines += ["# cached Python environment", *activation]
     if body is None:
         body = run_user_script_lines(paths, spec.script or "")
-    if spec.checkpoint is not None:
+    if spec.checkpoint is not None and spec.ray is None:  # a Ray job's body traps it (ray/script.py)
         body = checkpoint_lines(paths, spec.checkpoint, body)
     lines += list(body)
     return "\n".join(lines) + "\n"

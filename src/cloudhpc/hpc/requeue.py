@@ -1,6 +1,7 @@
 """The job script's part of checkpoint and requeue (`spec.checkpoint`), and SLURM's restart count.
 
-SLURM sends the warning (`--signal=B:<SIG>@<secs>`) to the batch shell only, so the wrapper runs the
+SLURM sends the warning (`--signal=B:<SIG>@<secs>`) to the batch shell only (on a multi-node job:
+the first node's; a `ray-job`'s entrypoint driver runs there too), so the wrapper runs the
 user's program in the background, in its own session (`setsid`: its process group is the program and
 everything it started, so a `python` under the user's bash script gets the signal too), and traps the
 signal: it forwards it to that group, waits for the program to end, and then
@@ -9,6 +10,11 @@ signal: it forwards it to that group, waits for the program to end, and then
 - any other status (the signal's default action kills with 128+N, or the program saved its state and
   exited non-zero): `scontrol requeue "$SLURM_JOB_ID"` while `CLOUDHPC_RESTART_COUNT` (SLURM's
   `SLURM_RESTART_COUNT`, 0 on the first run) is below `max_restarts`.
+
+A `ray-job` (ray/script.py) runs its entrypoint this way, stops its Ray cluster (the head here, the
+workers' `srun` step) once the entrypoint ended, and then requeues; its Ray Train driver resumes
+from `CLOUDHPC_CHECKPOINT_DIR` on the next run. The pieces (`checkpoint_setup_lines`,
+`checkpoint_run_lines`, `checkpoint_requeue_lines`) are shared by both scripts.
 
 At `max_restarts` the signal is not forwarded and the time limit ends the job (`timeout`). Only
 values cloudhpc computed reach this text (a signal name from a fixed list, integers, paths through
@@ -24,7 +30,13 @@ from typing import Protocol, runtime_checkable
 from cloudhpc.domain.checkpoint import CHECKPOINT_DIR, CheckpointSpec
 from cloudhpc.domain.paths import JobPaths
 
-__all__ = ["CountsRestarts", "checkpoint_lines"]
+__all__ = [
+    "CountsRestarts",
+    "checkpoint_lines",
+    "checkpoint_requeue_lines",
+    "checkpoint_run_lines",
+    "checkpoint_setup_lines",
+]
 
 
 @runtime_checkable
@@ -36,13 +48,11 @@ class CountsRestarts(Protocol):
         ...
 
 
-def checkpoint_lines(paths: JobPaths, checkpoint: CheckpointSpec, body: Sequence[str]) -> list[str]:
-    """The wrapper's lines that run `body` (the lines that run the user's program, the last one
-    `exec <command>`) under the warning trap described in the module docstring."""
-    *setup, last = body
-    if not last.startswith("exec "):
-        raise ValueError("the body of a checkpointed job must end with `exec <command>`")
-    command = last.removeprefix("exec ")
+def checkpoint_setup_lines(paths: JobPaths, checkpoint: CheckpointSpec) -> list[str]:
+    """The checkpoint's environment and the warning trap, set before anything of the job starts (a
+    warning that comes before the program does is kept, and forwarded once it runs): the trap
+    forwards the signal to the process group of `$_chpc_child`, the program `checkpoint_run_lines`
+    starts."""
     sig = checkpoint.signal  # validated against a fixed list of names by CheckpointSpec
     most = int(checkpoint.max_restarts)
     return [
@@ -50,27 +60,61 @@ def checkpoint_lines(paths: JobPaths, checkpoint: CheckpointSpec, body: Sequence
         f"export CLOUDHPC_CHECKPOINT_DIR={shlex.quote(paths.file(CHECKPOINT_DIR))}",
         'export CLOUDHPC_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"',
         'mkdir -p -- "$CLOUDHPC_CHECKPOINT_DIR" || exit 97',
-        "_chpc_warned=0",
+        "_chpc_warned=0 _chpc_child=",
+        "_chpc_forward() {",
+        '  [ -n "$_chpc_child" ] || return 0  # not started yet: forwarded when it starts',
+        f'  kill -{sig} -- "-$_chpc_child" 2>/dev/null || kill -{sig} "$_chpc_child" 2>/dev/null',
+        "}",
         "_chpc_warn() {",
         f'  if [ "$CLOUDHPC_RESTART_COUNT" -ge {most} ]; then',
         f'    echo "cloudhpc: SIG{sig} before the time limit; max_restarts ({most}) reached: not requeued" >&2',
         "    return",
         "  fi",
         "  _chpc_warned=1",
-        f'  kill -{sig} -- "-$_chpc_child" 2>/dev/null || kill -{sig} "$_chpc_child" 2>/dev/null',
+        "  _chpc_forward",
         "}",
         f"trap _chpc_warn {sig}",
-        *setup,
+    ]
+
+
+def checkpoint_run_lines(command: str, on_start: Sequence[str] = ()) -> list[str]:
+    """Run `command` in its own session (its process group: everything it starts gets the warning)
+    and wait for it while the trap may interrupt `wait`; its status ends in `$_chpc_status`.
+    `on_start`: lines run once it started (`$_chpc_child` is its pid)."""
+    return [
         f"setsid {command} &",
         "_chpc_child=$!",
+        *on_start,
+        '[ "$_chpc_warned" = 1 ] && _chpc_forward  # warned while it was starting',
         "# `wait` returns early when the trap runs: wait again while the program lives",
         'while kill -0 "$_chpc_child" 2>/dev/null; do wait "$_chpc_child"; done',
         'wait "$_chpc_child"; _chpc_status=$?',
+    ]
+
+
+def checkpoint_requeue_lines(checkpoint: CheckpointSpec) -> list[str]:
+    """After the program ended: requeue the job when the program was warned and did not finish
+    (a non-zero status); otherwise fall through, for the caller to exit with `$_chpc_status`."""
+    return [
         'if [ "$_chpc_warned" = 1 ] && [ "$_chpc_status" != 0 ]; then',
         '  echo "cloudhpc: run $CLOUDHPC_RESTART_COUNT ended (status $_chpc_status) after'
-        f' SIG{sig}: requeued" >&2',
+        f' SIG{checkpoint.signal}: requeued" >&2',
         "  # SLURM ends this run itself (`CANCELLED ... DUE TO JOB REQUEUE`): wait for it",
         '  scontrol requeue "$SLURM_JOB_ID" && exec sleep 3600',
         "fi",
+    ]
+
+
+def checkpoint_lines(paths: JobPaths, checkpoint: CheckpointSpec, body: Sequence[str]) -> list[str]:
+    """The wrapper's lines that run `body` (the lines that run the user's program, the last one
+    `exec <command>`) under the warning trap described in the module docstring."""
+    *setup, last = body
+    if not last.startswith("exec "):
+        raise ValueError("the body of a checkpointed job must end with `exec <command>`")
+    return [
+        *checkpoint_setup_lines(paths, checkpoint),
+        *setup,
+        *checkpoint_run_lines(last.removeprefix("exec ")),
+        *checkpoint_requeue_lines(checkpoint),
         'exit "$_chpc_status"',
     ]

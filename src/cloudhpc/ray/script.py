@@ -32,6 +32,7 @@ from pathlib import Path
 from uuid import UUID
 
 from cloudhpc.bridges.tunnel import TunnelExport, TunnelImport, TunnelPlan, render_tunnel
+from cloudhpc.domain.checkpoint import CheckpointSpec
 from cloudhpc.domain.jobs import (
     Bridge,
     JobKind,
@@ -41,11 +42,14 @@ from cloudhpc.domain.jobs import (
     import_variable,
 )
 from cloudhpc.hpc.backend import JobPaths
+from cloudhpc.hpc.requeue import checkpoint_requeue_lines, checkpoint_run_lines, checkpoint_setup_lines
+from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE
 
 __all__ = [
     "ENTRYPOINT_END_MARKER",
     "HELPERS_FILE",
     "READY_TIMEOUT",
+    "SESSION_TOKEN_FILE",
     "RayJobScript",
     "TunnelAccess",
     "ray_node_count",
@@ -188,6 +192,8 @@ class _Layout:
     colocate_workers: bool
     plan: TunnelPlan | None
     secrets: tuple[str, ...]
+    checkpoint: CheckpointSpec | None = None
+    """A ray-job's `checkpoint`: its warning trap is set in `teardown`, used in `main`."""
 
 
 def _header(layout: _Layout) -> list[str]:
@@ -229,6 +235,7 @@ def _teardown(layout: _Layout) -> list[str]:
         "trap 'chpc_cleanup; exit 143' TERM",
         "trap 'chpc_cleanup; exit 130' INT",
         "trap chpc_cleanup EXIT",
+        *(checkpoint_setup_lines(layout.paths, layout.checkpoint) if layout.checkpoint else []),
     ]
 
 
@@ -324,6 +331,8 @@ def _readiness(layout: _Layout) -> list[str]:
 
 def _main(layout: _Layout) -> list[str]:
     """A ray-cluster serves until its end; a ray-job runs its entrypoint and ends with it."""
+    if layout.kind == JobKind.RAY_CLUSTER and layout.ray.idle_timeout is not None:
+        return _session_main(layout.ray.idle_timeout)
     if layout.kind == JobKind.RAY_CLUSTER:
         return [
             "# a ray-cluster serves until its time limit or a cancel (SIGTERM runs chpc_cleanup)",
@@ -348,13 +357,49 @@ def _main(layout: _Layout) -> list[str]:
         "# exists; a driver joining such a cluster must then ask for it too",
         'if [ -z "${RAY_AUTH_MODE:-}" ] && [ -s "$HOME/.ray/auth_token" ]; then export RAY_AUTH_MODE=token; fi',
         'echo "cloudhpc: running the entrypoint"',
-        f'/bin/bash "$chpc_control/{Path(ENTRYPOINT_FILE).name}" </dev/null &',
-        "chpc_main_pid=$!",
-        'wait "$chpc_main_pid"; chpc_rc=$?',
+        *_run_entrypoint(layout),
         "chpc_main_pid=",
         "# the entrypoint is done: nothing of Ray is worth waiting for",
         "chpc_cleanup 3",
+        *(checkpoint_requeue_lines(layout.checkpoint) if layout.checkpoint else []),
         f'echo "{ENTRYPOINT_END_MARKER} $chpc_rc"',
+        'exit "$chpc_rc"',
+    ]
+
+
+def _run_entrypoint(layout: _Layout) -> list[str]:
+    """Start the entrypoint (the driver) and wait for it; its status in `$chpc_rc`. With a
+    `checkpoint` it runs in its own session, which the warning trap signals (hpc/requeue.py)."""
+    command = f'/bin/bash "$chpc_control/{Path(ENTRYPOINT_FILE).name}" </dev/null'
+    if layout.checkpoint is None:
+        return [f"{command} &", "chpc_main_pid=$!", 'wait "$chpc_main_pid"; chpc_rc=$?']
+    return [
+        *checkpoint_run_lines(command, on_start=['chpc_main_pid="$_chpc_child"']),
+        'chpc_rc="$_chpc_status"',
+    ]
+
+
+def _session_main(idle_timeout: int) -> list[str]:
+    """A session (a ray-cluster with `ray.idle_timeout`) serves ray-jobs until no Ray job has been
+    pending or running for `idle_timeout` seconds, then ends itself, completed: no idle allocation
+    is billed until the time limit. Ray's token, when Ray set one up for this account, is copied
+    into the job's private control directory for the agent, which submits the ray-jobs naming the
+    session (`submitter/ray_sessions.py`); it is deleted with the job's other secrets."""
+    return [
+        f"# a session: ends itself after {idle_timeout} s without a Ray job (ray.idle_timeout)",
+        'if [ -s "$HOME/.ray/auth_token" ]; then',
+        '  (umask 077 && cp "$HOME/.ray/auth_token" "$chpc_state/auth_token")',
+        "fi",
+        f'chpc_helpers watch-idle --dashboard "$chpc_dashboard" --idle {int(idle_timeout)} --pid "$chpc_head_pid"',
+        "chpc_rc=$?",
+        'if [ "$chpc_rc" -eq 0 ]; then',
+        "  chpc_cleanup 3",
+        '  echo "cloudhpc: the Ray session ended after its idle timeout"',
+        "  exit 0",
+        "fi",
+        'wait "$chpc_head_pid"; chpc_rc=$?',
+        'echo "cloudhpc: the Ray head exited (status $chpc_rc) before the job ended" >&2',
+        'if [ "$chpc_rc" -eq 0 ]; then chpc_rc=1; fi',
         'exit "$chpc_rc"',
     ]
 
@@ -440,6 +485,8 @@ def render_ray_job(
         modes[WORKER_FILE] = 0o700
     if spec.kind == JobKind.RAY_JOB:
         files[ENTRYPOINT_FILE] = (ray.entrypoint or "").encode()
+    if spec.kind == JobKind.RAY_CLUSTER and ray.idle_timeout is not None:
+        secrets.append(SESSION_TOKEN_FILE)
     if plan is not None:
         assert tunnel is not None  # _tunnel_plan requires it
         files[KEY_FILE] = tunnel.key
@@ -461,6 +508,7 @@ def render_ray_job(
         colocate_workers=colocate_workers,
         plan=plan,
         secrets=tuple(secrets),
+        checkpoint=spec.checkpoint if spec.kind == JobKind.RAY_JOB else None,
     )
     return RayJobScript(
         sections={name: render(layout) for name, render in SECTIONS.items()},
