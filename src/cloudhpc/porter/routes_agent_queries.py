@@ -33,6 +33,13 @@ _FILES_INSTEAD = (
 )
 
 
+MAX_OPEN_QUESTIONS = 8
+"""Questions one user may wait for at once on one replica. An agent answers over its cluster's one
+SSH connection (one SFTP channel, served one request at a time): without a cap, one user's parallel
+files requests kept that queue full, so everyone else's questions to the cluster waited behind them
+and answered 504 (tests/integration/test_review_queries.py)."""
+
+
 async def ask_agent(
     state: PorterState,
     cluster: str,
@@ -42,10 +49,41 @@ async def ask_agent(
     job_id: UUID | None = None,
     wait: float | None = None,
     instead: str = _FILES_INSTEAD,
+    asker: str | None = None,
 ) -> dict[str, Any]:
     """Ask `cluster`'s agent and return its result; its error becomes the caller's answer, and no
     answer within `wait` seconds a 504 (503 for a cluster whose agent uses the S3 mailbox, which
-    does not carry queries: `instead` says what the user can do there)."""
+    does not carry queries: `instead` says what the user can do there). `asker`, the user the
+    question is for, may wait for at most `MAX_OPEN_QUESTIONS` answers at once (429 beyond)."""
+    if asker is None:
+        return await _ask(state, cluster, kind, params, job_id=job_id, wait=wait, instead=instead)
+    waiting = state.open_questions.get(asker, 0)
+    if waiting >= MAX_OPEN_QUESTIONS:
+        raise HttpProblem(
+            429,
+            "too_many_requests",
+            f"{waiting} of your requests are already waiting for a cluster's agent (at most "
+            f"{MAX_OPEN_QUESTIONS} at once): wait for their answers, then ask again",
+        )
+    state.open_questions[asker] = waiting + 1
+    try:
+        return await _ask(state, cluster, kind, params, job_id=job_id, wait=wait, instead=instead)
+    finally:
+        left = state.open_questions.pop(asker) - 1
+        if left:
+            state.open_questions[asker] = left
+
+
+async def _ask(
+    state: PorterState,
+    cluster: str,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    job_id: UUID | None,
+    wait: float | None,
+    instead: str,
+) -> dict[str, Any]:
     if cluster in state.settings.porter.mailbox_clusters:
         raise HttpProblem(
             503,

@@ -64,5 +64,6 @@ async def estimate_job(spec: JobSpec, request: Request, principal: UserPrincipal
         question(spec),
         instead="ask for estimates on a cluster whose agent reaches porter over HTTP; a job with "
         "`resources.partition: auto` is still placed by the agent when it submits it",
+        asker=principal.user,
     )
     return Estimate.model_validate(result)

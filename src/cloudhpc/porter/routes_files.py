@@ -36,6 +36,10 @@ _NOT_ON_CLUSTER = {JobState.PENDING, JobState.PREPARING}
     response_model=FilesAnswer,
     response_model_exclude_none=True,
     responses={
+        429: {
+            "model": ErrorBody,
+            "description": "the caller already waits for that many answers of agents (`too_many_requests`)",
+        },
         502: {"model": ErrorBody, "description": "the cluster could not answer (`cluster_error`)"},
         503: {
             "model": ErrorBody,
@@ -79,5 +83,6 @@ async def job_files(
         QueryKind.JOB_FILES,
         {"path": path, "offset": offset, "length": length},
         job_id=job.id,
+        asker=principal.user,
     )
     return FilesAnswer.model_validate(result).model_dump(mode="json", exclude_none=True)

@@ -180,6 +180,9 @@ class PorterState:
     """The LISTEN connection that brings other replicas' changes (PostgreSQL only)."""
     fallback_recheck: float = FALLBACK_RECHECK
     safety_recheck: float = SAFETY_RECHECK
+    open_questions: dict[str, int] = field(default_factory=dict)
+    """Questions to agents each user is waiting for on this replica (`routes_agent_queries.ask_agent`
+    caps them per user)."""
     stopping: bool = False
     """Set when porter is asked to stop (with every waiter woken): long-polls answer with what they
     have, inside the server's short graceful-shutdown window, instead of being cut off with a 500."""
