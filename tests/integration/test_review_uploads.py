@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import pytest
 
 from cloudhpc.client import ApiError, Client
@@ -57,3 +58,18 @@ def test_an_upload_of_a_user_with_an_odd_name_is_her_input(porter: Porter, user:
         bob.submit(spec(url))
     assert refused.value.status == 422
     assert refused.value.details[0]["field"] == "files.data.bin"
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_dot_name_is_refused_as_bad_input(porter: Porter, objects: ObjectStore, name: str) -> None:
+    """`name=..` passed the route's pattern and was refused only by the object-key check, answered as
+    a 502 `storage_unavailable` (for POST and DELETE alike): bad input must be a 422 naming `name`,
+    and nothing is stored."""
+    headers = {"Authorization": f"Bearer {porter.tokens['bob']}"}
+    with httpx.Client(base_url=porter.url, headers=headers, timeout=30) as http:
+        posted = http.post("/api/v1/uploads", params={"name": name}, content=b"x")
+        deleted = http.delete(f"/api/v1/uploads/{'0' * 32}/{name.replace('.', '%2E')}")  # not `..`, as sent
+    for answer in (posted, deleted):
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["details"][0]["field"] == "name"
+    assert not [k for k in objects.list("users/") if "/uploads/" in k]

@@ -76,7 +76,10 @@ MAX_UPLOAD_BYTES = 1 << 30
 UPLOAD_PATH = r"^/api/v1/uploads$"
 """The route's path, for the app-wide body limit (`RequestSizeLimit`), which this route's own, larger
 cap replaces."""
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{0,127}[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+"""A file name of letters, digits and `._-`, not only dots: `.` and `..` named no object (the key
+check refused them later, as a 502 `storage_unavailable`); at most 128 characters (`max_length`)."""
+_NAME_LENGTH = 128
 _ID = re.compile(r"^[0-9a-f]{32}$")
 UPLOAD_INDEX = "porter/uploads/"
 """porter's index of uploads (see the module's docstring); nobody else writes under it."""
@@ -138,7 +141,9 @@ def _store_indexed(objects: ObjectStore, upload_id: str, key: str, path: Path) -
 async def upload(
     request: Request,
     principal: UserPrincipal,
-    name: Annotated[str, Query(pattern=_NAME.pattern, description="the object's file name")],
+    name: Annotated[
+        str, Query(pattern=_NAME.pattern, max_length=_NAME_LENGTH, description="the object's file name")
+    ],
 ) -> Upload:
     """Store the body (raw bytes, at most `MAX_UPLOAD_BYTES`) as a new object under the caller's own
     prefix; answers `{"url", "key", "size"}`, `url` usable as a value of a job's `files`."""
@@ -161,7 +166,9 @@ async def delete_upload(
     request: Request,
     principal: UserPrincipal,
     upload_id: Annotated[str, PathParam(pattern=_ID.pattern, description="the upload's id, from its URL")],
-    name: Annotated[str, PathParam(pattern=_NAME.pattern, description="the upload's file name")],
+    name: Annotated[
+        str, PathParam(pattern=_NAME.pattern, max_length=_NAME_LENGTH, description="the upload's file name")
+    ],
 ) -> Response:
     """Delete one of the caller's uploads (`users/<caller>/uploads/<id>/<name>`); 204 whether or not
     it still existed."""
