@@ -43,6 +43,7 @@ from cloudhpc.cli.testbed import run_testbed
 from cloudhpc.client import ApiError, Client
 from cloudhpc.config import Settings, load_settings
 from cloudhpc.domain.api import Efficiency
+from cloudhpc.domain.billing import Estimate
 from cloudhpc.domain.directives import apply_directives
 from cloudhpc.domain.job_files import EntryType
 from cloudhpc.domain.jobs import Job, JobSpec, JobSummary
@@ -178,6 +179,21 @@ def _elapsed(job: JobSummary) -> str:
 def _print_table(table: Table) -> None:
     """Full ids and states when piped or logged: Rich would squeeze a table into 80 columns."""
     (out if out.is_terminal else Console(width=240)).print(table)
+
+
+def _estimate_table(found: Estimate) -> Table:
+    """One row per partition, the earliest marked: start (UTC), cost, nodes, or SLURM's refusal."""
+    table = Table("PARTITION", "START (UTC)", f"COST ({found.unit or '-'})", "CPUS", "NODES", "")
+    for e in found.partitions:
+        table.add_row(
+            e.partition or "(default)",
+            e.start.strftime("%Y-%m-%d %H:%M:%S") if e.start else f"refused: {e.error}",
+            "-" if e.cost is None else f"{e.cost:g}",
+            "-" if e.processors is None else str(e.processors),
+            e.nodes or "-",
+            "earliest" if e.partition == found.earliest else "",
+        )
+    return table
 
 
 def _jobs_table(jobs: Sequence[JobSummary]) -> Table:
@@ -399,11 +415,19 @@ def jobs_submit(
     timeout: Annotated[
         float | None, typer.Option(help="with --wait: give up after this many seconds")
     ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="submit nothing: when SLURM would start the job on each allowed partition "
+            "(sbatch --test-only) and what it would cost there (-r partition=auto submits to the earliest)",
+        ),
+    ] = False,
     url: UrlOpt = None,
     token_file: TokenFileOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Submit a job from a spec file and/or options."""
+    """Submit a job from a spec file and/or options (or, with --estimate, only estimate it)."""
     overrides: dict[str, Any] = {"name": name, "cluster": cluster, "array": array, "outputs": outputs}
     if after:
         overrides["after"] = [_after_option(a) for a in after]
@@ -420,6 +444,14 @@ def jobs_submit(
         "checkpoint": {k: v for k, v in checkpoint.items() if v is not None},
     }
     spec = _load_spec(file, overrides, sections)
+    if estimate:
+        with client_for(url, token_file) as client:
+            found = client.estimate(spec)
+        if output.is_data:
+            print_data(found, output)
+        else:
+            _print_table(_estimate_table(found))
+        return
     with client_for(url, token_file) as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
         if wait:

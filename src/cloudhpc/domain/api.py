@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.billing import BilledUnits
 from cloudhpc.domain.jobs import Bridge, JobSummary
 from cloudhpc.domain.states import JobState
 
@@ -155,8 +156,10 @@ class Efficiency(_Answer):
 
 
 class Accounting(_Answer):
-    """`GET /jobs/{id}/accounting`: the job's sacct rows and its efficiency, stored when it ended."""
+    """`GET /jobs/{id}/accounting`: the job's sacct rows and its efficiency, stored when it ended,
+    and the units it was billed where its cluster has rates (`clusters.<name>.billing`)."""
 
     slurm_job_id: str | None = None
     records: list[AccountingRow] = []
     efficiency: Efficiency | None = None
+    billed: BilledUnits | None = None

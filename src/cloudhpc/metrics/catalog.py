@@ -52,6 +52,15 @@ PORTER_METRICS: tuple[MetricSpec, ...] = (
         "porter",
     ),
     MetricSpec(
+        "cloudhpc_billed_units_total",
+        "counter",
+        ("cluster", "owner", "project", "unit"),
+        "Units billed to ended jobs in the site's unit (clusters.<name>.billing), however old, by owner and "
+        "project (the job's SLURM account, '' when none): sacct's billing TRES or the configured rates x "
+        "elapsed time",
+        "porter",
+    ),
+    MetricSpec(
         "cloudhpc_jobs_by_owner",
         "gauge",
         ("cluster", "owner", "state"),

@@ -307,6 +307,23 @@ def overview_dashboard() -> dashboard.Dashboard:
                 unit="short",
             )
         )
+        .with_panel(
+            _timeseries(
+                "Units per user and per project",
+                "Billing units of ended jobs in the site's unit (clusters.<name>.billing: sacct's billing TRES "
+                "or the rates x elapsed time), all jobs however old, summed per owner and per project (the "
+                "SLURM account); 0 while no cluster bills.",
+                _query(
+                    f"sum by (owner, unit) (cloudhpc_billed_units_total{recent}) or vector(0)",
+                    "{{owner}} ({{unit}})",
+                ),
+                _query(
+                    f"sum by (project, unit) (cloudhpc_billed_units_total{recent}) or vector(0)",
+                    "project {{project}} ({{unit}})",
+                    ref="B",
+                ),
+            )
+        )
         .with_row(dashboard.Row("Recent jobs: efficiency"))
         .with_panel(
             _bars(

@@ -192,7 +192,9 @@ class PorterMetrics:
         )
         restarts = Family(spec("cloudhpc_job_restarts_total"))
         restarts.add_values({(cluster,): count for cluster, count in self.store.restart_counts().items()})
-        return [jobs, tasks, restarts, owners, transitions, *per_job.values(), omitted, seen, bridges]
+        billed = Family(spec("cloudhpc_billed_units_total"))
+        billed.add_values({tuple(key): units for key, units in self.store.billed_units().items()})
+        return [jobs, tasks, restarts, billed, owners, transitions, *per_job.values(), omitted, seen, bridges]
 
     def _counts(self, now: float) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]:
         """Jobs by (cluster, owner, state) and transitions by (cluster, from, to), both from the

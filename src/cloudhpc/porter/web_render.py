@@ -367,9 +367,21 @@ def _accounting(record: Mapping[str, Any] | None, job: Job) -> Html:
         for r in rows
     )
     head = _join(html("<th>{c}</th>", c=c.replace("_", " ")) for c in _RECORD_COLUMNS)
+    billed = record.get("billed")
+    units = (
+        html(
+            '<h3>Billed</h3><p id="billed">{n} {unit} <span class="muted">({source})</span></p>',
+            n=f"{billed.get('units', 0):g}",
+            unit=billed.get("unit", ""),
+            source="sacct's billing TRES" if billed.get("source") == "sacct" else "the cluster's rates",
+        )
+        if isinstance(billed, dict)
+        else html("")
+    )
     return html(
-        '<div id="accounting"><h3>Efficiency</h3><dl>{eff}</dl><h3>sacct</h3>'
+        '<div id="accounting">{units}<h3>Efficiency</h3><dl>{eff}</dl><h3>sacct</h3>'
         "<table><thead><tr>{head}</tr></thead><tbody>{table}</tbody></table></div>",
+        units=units,
         eff=eff,
         head=head,
         table=table,

@@ -157,6 +157,27 @@ WHERE a.job_id IN :ids
 }
 
 
+# Every stored document's billed units (the agent's `billed`: docs/monitoring.md), summed per
+# cluster, owner, SLURM account (the project) and unit, each document parsed once per query.
+_BILLED_SQL: Final = {
+    "sqlite": """
+SELECT j.cluster, j.owner, coalesce(json_extract(a.record, '$.records[0].account'), '') AS project,
+       json_extract(a.record, '$.billed.unit') AS unit, sum(json_extract(a.record, '$.billed.units'))
+FROM job_accounting AS a JOIN jobs AS j ON j.id = a.job_id
+WHERE json_extract(a.record, '$.billed.units') IS NOT NULL
+GROUP BY j.cluster, j.owner, project, unit
+""",
+    "postgresql": """
+SELECT j.cluster, j.owner, coalesce(d.doc #>> '{records,0,account}', '') AS project,
+       d.doc #>> '{billed,unit}' AS unit, sum(CAST(d.doc #>> '{billed,units}' AS double precision))
+FROM job_accounting AS a JOIN jobs AS j ON j.id = a.job_id
+     CROSS JOIN LATERAL (SELECT CAST(a.record AS jsonb) AS doc) AS d
+WHERE d.doc #>> '{billed,units}' IS NOT NULL
+GROUP BY j.cluster, j.owner, project, unit
+""",
+}
+
+
 TransitionKey = tuple[str, str, str | None, str]
 """(cluster, owner, from_state or None for creation, to_state)"""
 
@@ -250,6 +271,16 @@ class MetricsView(Database):
                 .group_by(JobRow.cluster)
             )
             return {cluster: int(total or 0) for cluster, total in rows}
+
+    @map_db_errors
+    def billed_units(self) -> dict[tuple[str, str, str, str], float]:
+        """Units billed to ended jobs, however old, per (cluster, owner, project, unit): the agent's
+        `billed` figure of each accounting document, the project being the job's SLURM account
+        ('' when sacct named none). A sum that only grows while documents are kept."""
+        sql = _BILLED_SQL["postgresql" if self.is_postgresql else "sqlite"]
+        with self._read() as session:
+            rows = session.execute(text(sql))
+            return {(c, o, p, str(u)): float(total or 0.0) for c, o, p, u, total in rows}
 
     @map_db_errors
     def transition_counts_by_cluster(self) -> dict[tuple[str, str, str], int]:
