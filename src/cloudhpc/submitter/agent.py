@@ -44,6 +44,7 @@ from cloudhpc.hpc.jobscript import ENV_FILE, python_result_path
 from cloudhpc.hpc.poller import Poller
 from cloudhpc.hpc.requeue import CountsRestarts
 from cloudhpc.hpc.slurm.accounting import accounting_final
+from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
     KEY_FILE,
@@ -52,6 +53,7 @@ from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel
 from cloudhpc.submitter.estimates import billed_from_accounting, choose_partition
 from cloudhpc.submitter.queries import answer_query
+from cloudhpc.submitter.ray_sessions import SessionJobs, is_session_job
 from cloudhpc.submitter.staging import Stager
 
 __all__ = ["Agent"]
@@ -101,6 +103,10 @@ class _Tracked:
     """SLURM's restart count as last learnt (from porter on adoption, then from squeue)."""
     started_at: datetime | None = None
     """When the current run started: a later start, or a wait after a start, is a restart."""
+    tasks_storing: set[int] = dataclasses.field(default_factory=set)
+    """Array tasks whose output is being stored (or was) since they ended, while others still run."""
+    tasks_stored: set[int] = dataclasses.field(default_factory=set)
+    """...and those whose store succeeded: the end of the array does not store them again."""
 
 
 class Agent:
@@ -140,6 +146,15 @@ class Agent:
         self._never_satisfied: set[UUID] = set()
         """Jobs cancelled because SLURM said their dependency can never be met."""
         self._poller = Poller(backend, config.poll, self._on_observation)
+        self._sessions = SessionJobs(
+            cluster,
+            channel,
+            report=self._report,
+            file_content=self.staging._file_content,
+            read_session_file=lambda job_id, path: self.backend.read_file(job_id, path),
+            cancel_asked=self._cancel_asked.__contains__,
+        )
+        """ray-jobs on a warm session (`ray.session`): Ray jobs, not SLURM jobs (`ray_sessions.py`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -216,6 +231,9 @@ class Agent:
                 continue
             if job.slurm_job_id:
                 self._track(job, job.slurm_job_id)
+            elif is_session_job(job):  # followed for as long as it runs: not inline
+                self._busy.add(job.id)
+                self._spawn(self._submit(job)).add_done_callback(self._done_with(job.id))
             elif job.state != JobState.PENDING:
                 # It was being submitted when the agent stopped (or the connection broke during
                 # sbatch): SLURM knows whether it got there.
@@ -281,7 +299,9 @@ class Agent:
 
     async def _handle(self, job: Job) -> None:
         try:
-            if job.cancel_requested:
+            if is_session_job(job):  # a cancel stops its Ray job, not a SLURM job
+                await self._submit(job)
+            elif job.cancel_requested:
                 await self._cancel(job)
             elif job.state == JobState.PENDING:
                 await self._submit(job)
@@ -318,6 +338,9 @@ class Agent:
 
     async def _submit(self, job: Job) -> None:
         try:
+            if is_session_job(job):
+                await self._sessions.run(job)
+                return
             await self._submit_once(job)
         finally:
             self._cancel_asked.discard(job.id)
@@ -396,6 +419,8 @@ class Agent:
         tracked = self._tracked.get(job_id)
         if observation.state.terminal and tracked is not None:
             await self._collect_output(tracked)
+        elif tracked is not None and observation.tasks is not None:
+            self._store_ended_tasks(tracked, observation)
         state, reason = observation.state, observation.reason
         restarts = await self._restarts(tracked, observation) if tracked is not None else None
         if tracked is not None and (restarts or tracked.job.spec.checkpoint is not None):
@@ -469,6 +494,8 @@ class Agent:
     async def _discard_secrets(self, job: Job) -> None:
         """Delete the job's secret files on the cluster: its `env` values, its bridge key."""
         secrets = ([ENV_FILE] if job.spec.env else []) + ([KEY_FILE] if job.spec.ray is not None else [])
+        if job.spec.ray is not None and job.spec.ray.idle_timeout is not None:
+            secrets.append(SESSION_TOKEN_FILE)  # a session's copy of Ray's token
         try:
             await self.backend.discard(job.id, secrets)
         except CloudHPCError as exc:
@@ -500,10 +527,13 @@ class Agent:
         step here must be safe to repeat (artifacts are overwritten under the same keys)."""
         record, *_ = await asyncio.gather(
             self._collect_accounting(tracked),
-            # an array's tasks each write their own output
-            *(self._store_output(tracked, task=i) for i in self._task_indices(tracked.job)),
+            # an array's tasks each write their own output (those stored as they ended are kept)
+            *(
+                self._store_task(tracked, i)
+                for i in self._task_indices(tracked.job)
+                if i is None or i not in tracked.tasks_stored
+            ),
             self._store_outputs(tracked.job),
-            *(self._store_result(tracked, task=i) for i in self._python_tasks(tracked.job)),
         )
         job_id = tracked.job.id
         if record is None:
@@ -513,6 +543,24 @@ class Agent:
             log.warning("job %s: accounting still unavailable; asking again in %.0f s", job_id, delay)
         else:
             self._accounting_retry.pop(job_id, None)
+
+    def _store_ended_tasks(self, tracked: _Tracked, observation: Observation) -> None:
+        """While an array runs, store each task's output (and a `python` task's result) as soon as
+        the task ended, so `GET /jobs/{id}/logs?task=` answers for it without waiting for the
+        slowest task of the array."""
+        for task in observation.tasks or ():
+            if task.state.terminal and task.index not in tracked.tasks_storing:
+                tracked.tasks_storing.add(task.index)
+                self._spawn(self._store_task(tracked, task.index))
+
+    async def _store_task(self, tracked: _Tracked, task: int | None) -> None:
+        """The output of the job (`task` None) or of one array task, and its `python` result."""
+        stored = await asyncio.gather(
+            self._store_output(tracked, task=task),
+            *([self._store_result(tracked, task=task)] if tracked.job.spec.kind == JobKind.PYTHON else []),
+        )
+        if task is not None and all(stored):
+            tracked.tasks_stored.add(task)
 
     async def _collect_output(self, tracked: _Tracked) -> None:
         """Upload what the job printed since the last upload. Serialised per job, and the offset a
@@ -592,6 +640,10 @@ class Agent:
         return lambda: self._writer().save_submission(job, batch_script=script)
 
     async def _store_artifacts(self, job: Job, save: Callable[[], list[str]]) -> None:
+        """`_stored_artifacts`, for callers that go on whatever happened."""
+        await self._stored_artifacts(job, save)
+
+    async def _stored_artifacts(self, job: Job, save: Callable[[], list[str]]) -> bool:
         """Write artifacts (blocking object-store calls, in a thread) and report their keys.
 
         Best effort: a job's outcome never depends on its artifacts, so a failing object store is
@@ -599,44 +651,40 @@ class Agent:
         object store or a porter store restarting (the fault suite, docs/reliability.md) is gone
         longer than the channel's own retries, and a submission's artifacts are written only once."""
         if self.artifacts is None:
-            return
+            return True
         for delay in (*ARTIFACT_RETRY_DELAYS, None):
             try:
                 keys = await asyncio.to_thread(save)
                 await self.channel.put_artifacts(job.id, keys)
-                return
+                return True
             except (CloudHPCError, ChannelError) as exc:
                 if delay is None or self._stopping.is_set():
                     log.warning("job %s: could not store artifacts (%s)", job.id, exc)
-                    return
+                    return False
                 log.info("job %s: could not store artifacts (%s); retrying in %.0f s", job.id, exc, delay)
                 await asyncio.sleep(delay)
+        return False  # not reached: the last attempt returns
 
     @staticmethod
     def _task_indices(job: Job) -> list[int | None]:
         """The outputs a job has: one per array task, or the job's own (None)."""
         return list(array_indices(job.spec.array)) if job.spec.array is not None else [None]
 
-    async def _store_output(self, tracked: _Tracked, task: int | None = None) -> None:
+    async def _store_output(self, tracked: _Tracked, task: int | None = None) -> bool:
         """Copy the whole output file (of array task `task`: `tasks/<index>/output.log`) through a
         local temporary file, so a large log is uploaded in parts and never held in memory."""
 
         def read(offset: int) -> Coroutine[Any, Any, bytes]:
             return self.backend.read_output(tracked.job.id, offset=offset, length=OUTPUT_CHUNK, task=task)
 
-        await self._copy_to_artifact(
+        return await self._copy_to_artifact(
             tracked.job,
             "the output",
             read,
             lambda path: self._writer().save_output(tracked.job, path, task=task),
         )
 
-    @staticmethod
-    def _python_tasks(job: Job) -> list[int | None]:
-        """The outcomes a `python` job has (one per array task, or its own); none for other kinds."""
-        return Agent._task_indices(job) if job.spec.kind == JobKind.PYTHON else []
-
-    async def _store_result(self, tracked: _Tracked, task: int | None = None) -> None:
+    async def _store_result(self, tracked: _Tracked, task: int | None = None) -> bool:
         """A `python` job's outcome (`hpc/python_runner.py`), as `result.pkl` (of array task `task`:
         `tasks/<index>/result.pkl`); nothing when the runner wrote none (killed, never started)."""
         relative = python_result_path(task)
@@ -644,7 +692,7 @@ class Agent:
         def read(offset: int) -> Coroutine[Any, Any, bytes]:
             return self.backend.read_file(tracked.job.id, relative, offset=offset, length=OUTPUT_CHUNK)
 
-        await self._copy_to_artifact(
+        return await self._copy_to_artifact(
             tracked.job,
             "the python result",
             read,
@@ -660,11 +708,12 @@ class Agent:
         save: Callable[[Path], list[str]],
         *,
         skip_empty: bool = False,
-    ) -> None:
+    ) -> bool:
         """Copy a job file chunk by chunk (`read(offset)`) into a local temporary file, then store it
-        (`save(path)`), so that a large file is uploaded in parts and never held in memory."""
+        (`save(path)`), so that a large file is uploaded in parts and never held in memory. False
+        when it could not be read or stored (logged); an empty file skipped is done."""
         if self.artifacts is None:
-            return
+            return True
         with tempfile.TemporaryDirectory(prefix="cloudhpc-output-") as tmp:
             path = Path(tmp) / "copy"
             offset = 0
@@ -675,10 +724,10 @@ class Agent:
                         offset += len(data)
             except CloudHPCError as exc:
                 log.warning("job %s: could not read %s to store it (%s)", job.id, what, exc)
-                return
+                return False
             if offset == 0 and skip_empty:
-                return
-            await self._store_artifacts(job, lambda: save(path))
+                return True
+            return await self._stored_artifacts(job, lambda: save(path))
 
     async def _store_outputs(self, job: Job) -> None:
         """The files the job's `outputs` patterns match, as artifacts `outputs/<path>`, with
