@@ -169,7 +169,9 @@ def _submit(spec: JobSpec | Mapping[str, Any], idempotency_key: str | None) -> _
 def _estimate(spec: JobSpec | Mapping[str, Any]) -> _Call[Estimate]:
     body = _submit(spec, None).json
     # sent once, like files(): porter has already waited for the agent's sbatch --test-only
-    return _Call("POST", "/api/v1/jobs:estimate", _model(Estimate), json=body, timeout=150.0, idempotent=False)
+    return _Call(
+        "POST", "/api/v1/jobs:estimate", _model(Estimate), json=body, timeout=150.0, idempotent=False
+    )
 
 
 def _get(job: JobRef, wait: float = 0, since_state: JobState | str | None = None) -> _Call[Job]:
@@ -555,7 +557,8 @@ class Client(_Base):
         return builtins.list(self._pages(_tasks_page(job, page_size)))
 
     def task_output(self, job: JobRef, index: int) -> bytes:
-        """The output of one array task, stored when the array ended (`tasks/<index>/output.log`)."""
+        """The output of one array task, stored when the task ended (`tasks/<index>/output.log`),
+        while the other tasks of the array may still run."""
         return self._send(_task_output(job, index))
 
     def download_artifact(self, job: JobRef, name: str) -> bytes:

@@ -144,6 +144,33 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
     assert page["next_cursor"] == "4"
 
 
+def test_a_task_output_is_readable_while_the_array_runs(client: Client, deployment: Deployment) -> None:
+    """A task that ended has its output stored then, not when the slowest task of the array ends."""
+    script = 'echo "task $SLURM_ARRAY_TASK_ID"\n[ "$SLURM_ARRAY_TASK_ID" = 1 ] && sleep 300\nexit 0\n'
+    job = submit(client, "array-early", script, array="0-1", resources={"time": "10"})
+    deadline = time.monotonic() + TIMEOUT
+    while "tasks/0/output.log" not in [a.name for a in client.artifacts(job)]:
+        assert time.monotonic() < deadline, (client.get(job), client.artifacts(job))
+        time.sleep(0.5)
+    assert client.get(job).state == JobState.RUNNING  # task 1 still sleeps
+    assert client.task_output(job, 0) == b"task 0\n"
+    logs = client.request("GET", f"/api/v1/jobs/{job.id}/logs", params={"task": 0})
+    assert logs.content == b"task 0\n"
+    with pytest.raises(ApiError) as not_yet:
+        client.task_output(job, 1)
+    assert not_yet.value.status == 404
+    assert "stored when the task ends" in str(not_yet.value)
+    client.cancel(job)
+    ended = client.wait(job, timeout=TIMEOUT)
+    assert ended.state == JobState.CANCELLED
+    deadline = time.monotonic() + 30
+    while "tasks/1/output.log" not in [a.name for a in client.artifacts(job)]:
+        assert time.monotonic() < deadline, client.artifacts(job)
+        time.sleep(0.5)
+    assert client.task_output(job, 1).startswith(b"task 1\n")
+    assert client.task_output(job, 0) == b"task 0\n"
+
+
 def test_chain_of_three_with_afterok(client: Client, deployment: Deployment, tmp_path: Path) -> None:
     # all three submitted at once: the second and third wait in `pending` for SLURM ids
     first = submit(client, "first", "sleep 2; echo one > chain.txt", resources={"time": "2"})

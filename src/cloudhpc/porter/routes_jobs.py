@@ -281,7 +281,7 @@ async def job_logs(
     """The job's output as bytes from `offset`. The `X-Next-Offset` header says where to continue and
     `X-Complete` whether the job has ended and every byte has been delivered. With `follow`, the
     response streams until then. With `task`, one task's output of an array job, stored when the
-    array ended (`follow` has nothing to wait for then)."""
+    task ended, while the array's other tasks may still run (`follow` has nothing to wait for)."""
     state = state_of(request)
     job = await _owned_job(state, job_id, principal)
     if task is not None:
@@ -329,7 +329,7 @@ async def _task_log(state: PorterState, job: Job, task: int, offset: int, limit:
             404,
             "not_available",
             f"no output of task {task} of job {job.id} yet (state {job.state.value}); "
-            "each task's output is stored when the array ends",
+            "each task's output is stored when the task ends",
         )
     objects = object_store(state)
 
