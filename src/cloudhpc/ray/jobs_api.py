@@ -134,6 +134,11 @@ class RayJobsApi:
     def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None = None) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
+        self._headers: dict[str, str] = {}
+        self.use_token(token)
+
+    def use_token(self, token: str | None) -> None:
+        """Send Ray's token (None: none) from now on."""
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -152,12 +157,13 @@ class RayJobsApi:
             )
         return response
 
-    async def answers(self) -> bool:
-        """The dashboard answers its version route (Ray is up behind the bridge)."""
+    async def probe(self) -> int:
+        """The HTTP status of the dashboard's job list (200: Ray is up behind the bridge and takes
+        this token; 401/403: it wants another), 0 while nothing answers."""
         try:
-            return (await self._request("GET", "/api/version")).status_code == 200
+            return (await self._request("GET", "/api/jobs/")).status_code
         except RayJobsError:
-            return False
+            return 0
 
     async def upload_package(self, uri: str, data: bytes) -> None:
         """Store the package in the session's object store unless it is there already."""

@@ -53,6 +53,8 @@ SESSION_CHECK = 10.0
 """Seconds of Ray not answering after which the agent asks porter whether the session still runs."""
 QUEUED_SESSION_POLL = 2.0
 """Seconds between looks at a session that is not running yet."""
+REFUSED_FOR = 60.0
+"""Seconds the session's Ray may refuse the agent's token (its copy appears once Ray is ready)."""
 
 
 def is_session_job(job: Job) -> bool:
@@ -155,8 +157,11 @@ class SessionJobs:
                 f"session {session.id} ({session.name}) does not expose its dashboard (ray.expose: "
                 "[dashboard]): the agent submits Ray jobs through it"
             )
-        token = (await self.read_session_file(session.id, SESSION_TOKEN_FILE)).decode().strip()
-        return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}", token or None
+        return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}", await self._token(session)
+
+    async def _token(self, session: Job) -> str | None:
+        """Ray's token as the session's script copied it into its job directory (None: no token)."""
+        return (await self.read_session_file(session.id, SESSION_TOKEN_FILE)).decode().strip() or None
 
     async def _still_active(self, job: Job, session: Job) -> None:
         current = await self._active_session(job)
@@ -173,8 +178,16 @@ class SessionJobs:
         uri, package = session_package(
             job.spec.ray.entrypoint, files, environment_file(job.spec.env).get(ENV_FILE)
         )
-        waited = time.monotonic()
-        while not await api.answers():
+        waited = refused = time.monotonic()
+        while (status := await api.probe()) != 200:
+            if status in (401, 403):  # token auth: the session's copy of the token may be new
+                if time.monotonic() - refused > REFUSED_FOR:
+                    raise RayJobsError(
+                        status, "the session's Ray refuses the token the session left for the agent"
+                    )
+                api.use_token(await self._token(session))
+            else:
+                refused = time.monotonic()
             if time.monotonic() - waited > SESSION_CHECK:
                 await self._still_active(job, session)
                 waited = time.monotonic()
@@ -201,6 +214,8 @@ class SessionJobs:
                 unanswered_since = unanswered_since or time.monotonic()
                 if time.monotonic() - unanswered_since > SESSION_CHECK:
                     await self._still_active(job, session)
+                    if exc.status == 404:  # the session runs, and its Ray lost the job
+                        raise
                     unanswered_since = time.monotonic()
                 await asyncio.sleep(1.0)
                 continue
