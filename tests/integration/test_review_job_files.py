@@ -91,3 +91,64 @@ async def test_sftp_read_of_a_fifo_is_refused_and_sftp_goes_on(testbed_ssh: SSHC
             # a blocked sftp-server (the defect) is released by a writer; then the directory goes
             await conn.run(["timeout", "2", "sh", "-c", 'exec 3>"$1"', "sh", fifo])
             assert (await conn.run(["rm", "-rf", "--", scratch])).ok
+
+
+class _CountingRunner(LocalRunner):
+    """The local runner, remembering how many entries each listing returned to the agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed: list[int] = []
+
+    async def listdir(self, path: str, *, limit: int | None = None) -> list[tuple[str, job_files.Stat]]:
+        entries = await super().listdir(path, limit=limit)
+        self.listed.append(len(entries))
+        return entries
+
+
+def _many_files(directory: Path, count: int) -> None:
+    directory.mkdir(parents=True)
+    for i in range(count):
+        os.close(os.open(directory / f"f{i:05d}.txt", os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+def test_a_huge_directory_is_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A files query of a directory read every entry into the agent before keeping 1,000 (200,000
+    files: 120 MB and 5.5 s per request), and output collection read a whole directory before
+    checking MAX_WALK_ENTRIES. Both now stop reading at their bound (made small here) and say so."""
+    monkeypatch.setattr(job_files, "MAX_LISTING_SCAN", 100)
+    monkeypatch.setattr(job_files, "MAX_LISTING", 10)
+    monkeypatch.setattr(job_files, "MAX_WALK_ENTRIES", 50)
+    jobdir = tmp_path / "job"
+    _many_files(jobdir / "big", 300)
+    runner = _CountingRunner()
+    answer = asyncio.run(job_files.browse(runner, str(jobdir), "big"))
+    assert answer.truncated
+    assert len(answer.entries or []) == 10
+    assert max(runner.listed) <= 101, runner.listed
+    runner.listed.clear()
+    found, report = asyncio.run(
+        job_files.find_outputs(runner, str(jobdir), ["big/*.txt"], max_bytes=1 << 20, max_files=1000)
+    )
+    assert max(runner.listed) <= 51, runner.listed
+    assert len(found) <= 50
+    assert any("stopped after 50" in s.reason for s in report.skipped), report
+
+
+@pytest.mark.testbed
+async def test_sftp_listing_stops_at_its_limit(testbed_ssh: SSHConfig) -> None:
+    """Over SFTP the listing is read batch by batch and stops at the limit (the directory handle
+    closed, the next SFTP call answered)."""
+    async with SSHConnection(testbed_ssh, cluster="testbed") as conn:
+        home = await conn.home()
+        scratch = f"{home}/.cloudhpc-test/{uuid.uuid4()}"
+        await conn.makedirs(scratch)
+        try:
+            made = await conn.run(["sh", "-c", 'cd "$1" && seq 1 600 | xargs touch', "sh", scratch])
+            assert made.ok, made.stderr
+            assert len(await conn.listdir(scratch, limit=150)) == 150
+            assert len(await conn.listdir(scratch)) == 600
+            await conn.write_file(f"{scratch}/after", b"ok")
+            assert await asyncio.wait_for(conn.read_file(f"{scratch}/after"), FIFO_WAIT) == b"ok"
+        finally:
+            assert (await conn.run(["rm", "-rf", "--", scratch])).ok

@@ -41,6 +41,7 @@ from cloudhpc.domain.job_files import (
 from cloudhpc.exceptions import JobFileError
 
 __all__ = [
+    "MAX_LISTING_SCAN",
     "MAX_WALK_DEPTH",
     "MAX_WALK_ENTRIES",
     "DirectoryAccess",
@@ -53,6 +54,10 @@ __all__ = [
 
 MAX_WALK_ENTRIES = 100_000
 """Directory entries one output collection looks at before it stops (and says so)."""
+MAX_LISTING_SCAN = 20_000
+"""Entries of one directory a files query reads before it stops (the answer is then `truncated`,
+its first `MAX_LISTING` by name among those read). Reading them all held a job's directory of
+200,000 files in the agent (120 MB, 5.5 s per request, 8 requests per user at once)."""
 MAX_WALK_DEPTH = 128
 """Directory levels below the job directory one output collection enters. The walk recurses once
 per level: a job that made a tree deeper than Python's recursion limit (1,500 nested `a/`) made the
@@ -89,8 +94,9 @@ class DirectoryAccess(Protocol):
     async def lstat(self, path: str) -> Stat | None:
         """The entry itself (not a symlink's target), or None when it does not exist."""
 
-    async def listdir(self, path: str) -> list[tuple[str, Stat]]:
-        """A directory's entries (without `.` and `..`), each with its `lstat`."""
+    async def listdir(self, path: str, *, limit: int | None = None) -> list[tuple[str, Stat]]:
+        """A directory's entries (without `.` and `..`), each with its `lstat`; at most `limit` of
+        them, in the order the file system gives, when it is set."""
 
     async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes: ...
 
@@ -152,6 +158,7 @@ async def browse(
     if stat is None:
         raise JobFileError(404, "not_found", f"{path!r} disappeared while it was being read")
     if stat.type == EntryType.DIRECTORY:
+        listed = await access.listdir(real, limit=MAX_LISTING_SCAN + 1)
         entries = [
             FileEntry(
                 name=name,
@@ -159,7 +166,7 @@ async def browse(
                 size=entry.size if entry.type == EntryType.FILE else None,
                 mtime=_time(entry.mtime),
             )
-            for name, entry in await access.listdir(real)
+            for name, entry in listed[:MAX_LISTING_SCAN]
             if not (real == root and name == CONTROL_DIRECTORY)
         ]
         entries.sort(key=lambda e: e.name)
@@ -167,7 +174,7 @@ async def browse(
             path=path,
             type=EntryType.DIRECTORY,
             entries=entries[:MAX_LISTING],
-            truncated=len(entries) > MAX_LISTING,
+            truncated=len(entries) > MAX_LISTING or len(listed) > MAX_LISTING_SCAN,
             mtime=_time(stat.mtime),
         )
     if stat.type != EntryType.FILE:
@@ -211,10 +218,14 @@ class _Walk:
             return self.listed[directory]
         if self.stopped:
             return []
-        listed = sorted(await self.access.listdir(directory))
+        # never more than the walk may still look at (plus one, to know it stopped): one directory
+        # of millions of files is not read whole
+        left = MAX_WALK_ENTRIES - self.seen
+        listed = sorted(await self.access.listdir(directory, limit=left + 1))
         self.seen += len(listed)
         if self.seen > MAX_WALK_ENTRIES:
             self.stopped = True
+            listed = listed[: max(left, 0)]
         self.listed[directory] = listed
         return listed
 

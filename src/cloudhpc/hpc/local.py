@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shlex
 import shutil
@@ -228,14 +229,16 @@ class LocalRunner:
         except OSError as exc:
             raise RemoteFileError(f"cannot stat {path}: {exc.strerror or exc}") from exc
 
-    async def listdir(self, path: str) -> list[tuple[str, Stat]]:
-        return await asyncio.to_thread(self._listdir, self._path(path))
+    async def listdir(self, path: str, *, limit: int | None = None) -> list[tuple[str, Stat]]:
+        return await asyncio.to_thread(self._listdir, self._path(path), limit)
 
     @staticmethod
-    def _listdir(directory: Path) -> list[tuple[str, Stat]]:
+    def _listdir(directory: Path, limit: int | None) -> list[tuple[str, Stat]]:
         try:
             with os.scandir(directory) as entries:
-                return [(e.name, _stat(e.stat(follow_symlinks=False))) for e in entries]
+                return [
+                    (e.name, _stat(e.stat(follow_symlinks=False))) for e in itertools.islice(entries, limit)
+                ]
         except OSError as exc:
             raise RemoteFileError(f"cannot list {directory}: {exc.strerror or exc}") from exc
 

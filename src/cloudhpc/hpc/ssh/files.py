@@ -12,9 +12,9 @@ import logging
 import os
 import posixpath
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TypeVar, cast
 
 import asyncssh
 
@@ -139,13 +139,23 @@ class _SftpFiles(_Session):
 
         return await self._sftp_op(f"checking {full!r}", op)
 
-    async def listdir(self, path: str) -> list[tuple[str, Stat]]:
-        """Entries with the attributes readdir carries (OpenSSH: lstat's), in one listing."""
+    async def listdir(self, path: str, *, limit: int | None = None) -> list[tuple[str, Stat]]:
+        """Entries with the attributes readdir carries (OpenSSH: lstat's), read batch by batch and
+        no more than `limit` of them (a directory of millions of files is not read whole)."""
         full = await self._resolve(path)
 
         async def op(sftp: asyncssh.SFTPClient) -> list[tuple[str, Stat]]:
-            names = await sftp.readdir(full)
-            return [(str(n.filename), _stat(n.attrs)) for n in names if n.filename not in (".", "..")]
+            found: list[tuple[str, Stat]] = []
+            # an async generator (typed as an iterator): aclosing closes the handle when we stop early
+            scan = cast(AsyncGenerator[asyncssh.SFTPName, None], sftp.scandir(full))
+            async with contextlib.aclosing(scan) as names:
+                async for n in names:
+                    if n.filename in (".", ".."):
+                        continue
+                    if limit is not None and len(found) >= limit:
+                        break
+                    found.append((str(n.filename), _stat(n.attrs)))
+            return found
 
         return await self._sftp_op(f"listing {full!r}", op)
 
