@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -15,6 +16,8 @@ from cloudhpc.config import ClusterConfig, PipConfig
 from cloudhpc.domain.jobs import Environment, check_requirement
 from cloudhpc.hpc.backend import CommandResult
 from cloudhpc.hpc.envs import (
+    _LAUNCHERS,
+    LAUNCHERS_FORMAT,
     EnvironmentCache,
     EnvSpec,
     activation_lines,
@@ -175,6 +178,40 @@ def test_build_script_loads_modules_and_uses_system_site_packages() -> None:
     assert "module load" not in plain
     assert 'python3.11 -m venv "$envdir/venv"' in plain
     assert "pip install" not in plain
+
+
+def test_a_venv_on_a_module_runs_the_module_scripts_with_its_own_python(tmp_path: Path) -> None:
+    """The launchers step: a console script the module provides (here a package on PYTHONPATH, as a
+    module's Python sees its site-packages) gets a launcher in the venv that runs the venv's Python,
+    so `ray start` (and the Ray workers it starts with `sys.executable`) see the venv's packages.
+    Only venvs on a module get the step, and only their hash changes with it."""
+    site = tmp_path / "module-site"
+    (site / "modtool").mkdir(parents=True)
+    (site / "modtool" / "__init__.py").write_text("import sys\ndef main():\n    print(sys.executable)\n")
+    dist = site / "modtool-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: modtool\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[console_scripts]\nmodtool = modtool:main\nbad;name = modtool:main\nodd = os:system; x\n"
+    )
+    venv = tmp_path / "venv"
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
+    )
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    subprocess.run([str(venv / "bin" / "python"), "-"], input=_LAUNCHERS, text=True, env=env, check=True)
+    made = {p.name for p in (venv / "bin").iterdir()}
+    assert "modtool" in made
+    assert not {"bad;name", "odd"} & made  # names and targets that are not plain are skipped
+    ran = subprocess.run([str(venv / "bin" / "modtool")], capture_output=True, text=True, env=env, check=True)
+    assert ran.stdout.strip() == str(venv / "bin" / "python")
+
+    on_module = spec(modules=["pytorch/2.13"], packages=["tomli"])
+    assert "CHPC_LAUNCHERS" in render_build_script(on_module, envs_dir="/w/envs", stage="/w/s")
+    assert on_module.canonical()["launchers"] == LAUNCHERS_FORMAT
+    plain = spec(python="3.11", packages=["tomli"])
+    assert "CHPC_LAUNCHERS" not in render_build_script(plain, envs_dir="/w/envs", stage="/w/s")
+    assert "launchers" not in plain.canonical()
 
 
 class _RefusingRunner:

@@ -56,6 +56,40 @@ __all__ = [
 SPEC_FORMAT = 1
 """Part of every hash: bump it when the build recipe changes so old environments are not reused."""
 
+LAUNCHERS_FORMAT = 1
+"""Part of the hash of a venv on a module (`system_site_packages`) since it gets launchers for the
+module's console scripts (`_LAUNCHERS`): such venvs built before are not reused."""
+
+_LAUNCHERS = r"""
+import importlib.metadata, os, re, sys
+bindir = os.path.dirname(sys.executable)
+done = set()
+eps = importlib.metadata.entry_points()
+eps = eps.select(group="console_scripts") if hasattr(eps, "select") else eps.get("console_scripts", [])
+for ep in eps:
+    module, _, attr = ep.value.partition(":")
+    attr = attr.split("[")[0].strip()
+    ok = re.fullmatch(r"[A-Za-z0-9_.-]+", ep.name) and re.fullmatch(r"[A-Za-z_][\w.]*", module.strip())
+    if not ok or not re.fullmatch(r"[A-Za-z_][\w.]*", attr) or ep.name in done:
+        continue
+    done.add(ep.name)
+    target = os.path.join(bindir, ep.name)
+    if os.path.lexists(target):
+        continue
+    with open(target, "w") as f:
+        f.write(
+            f"#!{sys.executable}\n# cloudhpc: {ep.name} of the module, run by this venv's Python\n"
+            f"import sys\nfrom {module.strip()} import {attr.split('.')[0]}\nsys.exit({attr}())\n"
+        )
+    os.chmod(target, 0o755)
+"""
+"""Run by a venv on a module: for each console script of the packages it sees (the module's) that
+the venv has not got, a launcher in `venv/bin` that runs it with the venv's Python. The module's own
+scripts (`ray`, `torchrun`) start the module's Python, which does not see the venv's packages; Ray
+starts its workers with the Python that ran `ray start` (`sys.executable`), so a `ray-job` on a
+module saw none of the packages installed on top of it (and pip installs no script for a package the
+module already has). Names are those of installed packages' metadata, checked before use."""
+
 RESULT_MARKER = "CLOUDHPC-ENV-RESULT"
 """The build script's last word on stdout: `built <hash>`, `reused <hash>` or `failed <status>`."""
 
@@ -206,6 +240,8 @@ class EnvSpec:
         }
         if not self.pip.is_default:
             canonical["pip"] = _canonical_pip(self.pip)
+        if self.system_site_packages:
+            canonical["launchers"] = LAUNCHERS_FORMAT
         return canonical
 
     def canonical_json(self) -> str:
@@ -289,6 +325,13 @@ def render_build_script(spec: EnvSpec, *, envs_dir: str, stage: str) -> str:
             '"$envdir/venv/bin/python" -m pip install --disable-pip-version-check --no-input '
             f'{sources}--requirement "$stage/requirements.txt" || {fail("pip install failed")}'
         )
+    if spec.system_site_packages:
+        steps += [
+            "# the module's console scripts (ray, torchrun) run by this venv's Python (_LAUNCHERS)",
+            f"\"$envdir/venv/bin/python\" - <<'CHPC_LAUNCHERS' || {fail('launchers for the module scripts failed')}",
+            _LAUNCHERS.strip("\n"),
+            "CHPC_LAUNCHERS",
+        ]
 
     # Not indented: the prelude is the cluster's own text and may hold a here-document.
     body = "\n".join(steps)
