@@ -166,11 +166,10 @@ class RayJobsApi:
             return 0
 
     async def upload_package(self, uri: str, data: bytes) -> None:
-        """Store the package in the session's object store unless it is there already."""
+        """Store the package in the session's object store (again, if it is there: one request
+        instead of a check and an upload; its name is its content's digest)."""
         protocol, name = uri.split("://", 1)
         path = f"/api/packages/{protocol}/{name}"
-        if (await self._request("GET", path)).status_code == 200:
-            return
         self._check(await self._request("PUT", path, content=data), "uploading the job's files")
 
     async def submit(self, submission_id: UUID, package_uri: str, metadata: Mapping[str, str]) -> None:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -84,6 +84,10 @@ class SessionJobs:
     cancel_asked: Callable[[UUID], bool]
     status_interval: float = STATUS_INTERVAL
     log_interval: float = LOG_INTERVAL
+    _tokens: dict[UUID, str | None] = field(default_factory=dict)
+    """Each session's token as last read (one SSH read per session, not per job)."""
+    _answering: set[UUID] = field(default_factory=set)
+    """Sessions whose Ray has answered the agent: their jobs are submitted without a probe first."""
 
     async def run(self, job: Job) -> None:
         """Take the job from wherever it is (new, or adopted after an agent restart) to its end."""
@@ -118,6 +122,9 @@ class SessionJobs:
         assert job.spec.ray.session is not None
         wanted = job.spec.ray.session
         view = await self.channel.reconciliation(self.cluster)
+        active = {j.id for j in view.jobs}  # what is known of ended sessions is dropped
+        self._answering &= active
+        self._tokens = {k: v for k, v in self._tokens.items() if k in active}
         mine = [
             j
             for j in view.jobs
@@ -157,11 +164,15 @@ class SessionJobs:
                 f"session {session.id} ({session.name}) does not expose its dashboard (ray.expose: "
                 "[dashboard]): the agent submits Ray jobs through it"
             )
-        return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}", await self._token(session)
+        if session.id not in self._tokens:
+            self._tokens[session.id] = await self._token(session)
+        return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}", self._tokens[session.id]
 
     async def _token(self, session: Job) -> str | None:
         """Ray's token as the session's script copied it into its job directory (None: no token)."""
-        return (await self.read_session_file(session.id, SESSION_TOKEN_FILE)).decode().strip() or None
+        token = (await self.read_session_file(session.id, SESSION_TOKEN_FILE)).decode().strip() or None
+        self._tokens[session.id] = token
+        return token
 
     async def _still_active(self, job: Job, session: Job) -> None:
         current = await self._active_session(job)
@@ -179,7 +190,7 @@ class SessionJobs:
             job.spec.ray.entrypoint, files, environment_file(job.spec.env).get(ENV_FILE)
         )
         waited = refused = time.monotonic()
-        while (status := await api.probe()) != 200:
+        while session.id not in self._answering and (status := await api.probe()) != 200:
             if status in (401, 403):  # token auth: the session's copy of the token may be new
                 if time.monotonic() - refused > REFUSED_FOR:
                     raise RayJobsError(
@@ -192,6 +203,7 @@ class SessionJobs:
                 await self._still_active(job, session)
                 waited = time.monotonic()
             await asyncio.sleep(0.5)
+        self._answering.add(session.id)
         await api.upload_package(uri, package)
         await api.submit(job.id, uri, {"cloudhpc_job": str(job.id), "cloudhpc_session": str(session.id)})
         log.info("job %s: submitted to Ray session %s", job.id, session.id)
