@@ -32,6 +32,7 @@ from tests.testbed import read_env_file  # noqa: E402
 from cloudhpc.domain.jobs import Resources  # noqa: E402
 from cloudhpc.hpc.backend import JobPaths  # noqa: E402
 from cloudhpc.hpc.slurm import Sacct, Sbatch, Scancel, Seff, Squeue  # noqa: E402
+from cloudhpc.hpc.slurm.estimate import STUB_SCRIPT, SbatchTestOnly  # noqa: E402
 
 OUT = ROOT / "tests" / "recordings"
 ENV = read_env_file()
@@ -69,11 +70,14 @@ HOME = remote(["printenv", "HOME"]).stdout.strip()
 WORKDIR = f"{HOME}/.cloudhpc-recordings"
 
 
-def record(name: str, argv: Sequence[str], description: str) -> subprocess.CompletedProcess[str]:
-    proc = remote(argv)
+def record(
+    name: str, argv: Sequence[str], description: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = remote(argv, stdin=stdin)
     data = {
         "description": description,
         "argv": list(argv),
+        **({"stdin": stdin} if stdin is not None else {}),
         "stdout": proc.stdout,
         "stderr": proc.stderr,
         "exit_status": proc.returncode,
@@ -266,6 +270,14 @@ def main(selected: set[str]) -> None:
             Sbatch(job_id, paths, Resources(partition="nosuchpartition")).argv(),
             "sbatch refused an unknown partition",
         )
+    if want("sbatch_test_only"):
+        job_id = uuid.uuid4()  # no job directory: --test-only reads the stub script from stdin
+        sbatch = Sbatch(job_id, JobPaths(WORKDIR, job_id), Resources(time="00:05:00", cpus_per_task=2))
+        for name, partition, description in (
+            ("sbatch_test_only", None, "sbatch --test-only: when the job would start, nothing submitted"),
+            ("sbatch_test_only_refused", "nosuchpartition", "sbatch --test-only on an unknown partition"),
+        ):
+            record(name, SbatchTestOnly(sbatch, partition).argv(), description, stdin=STUB_SCRIPT)
     if want("sbatch_quota"):
         capture_quota()
     if want("squeue_unknown"):
