@@ -189,6 +189,23 @@ class SessionJobs:
         uri, package = session_package(
             job.spec.ray.entrypoint, files, environment_file(job.spec.env).get(ENV_FILE)
         )
+        metadata = {"cloudhpc_job": str(job.id), "cloudhpc_session": str(session.id)}
+        for attempt in range(5):
+            await self._until_answering(job, session, api)
+            try:  # both idempotent: the package's name is its digest, the job's is the job id
+                await api.upload_package(uri, package)
+                await api.submit(job.id, uri, metadata)
+                break
+            except RayJobsError as exc:
+                if exc.status not in (0, 401, 403) or attempt == 4:
+                    raise
+                self._answering.discard(session.id)  # a tunnel restart, or a new token: wait again
+                await asyncio.sleep(1.0)
+        log.info("job %s: submitted to Ray session %s", job.id, session.id)
+
+    async def _until_answering(self, job: Job, session: Job, api: RayJobsApi) -> None:
+        """Until the session's Ray answers the agent (a session just started may not yet, and its
+        token may appear only then); at once for a session that answered before."""
         waited = refused = time.monotonic()
         while session.id not in self._answering and (status := await api.probe()) != 200:
             if status in (401, 403):  # token auth: the session's copy of the token may be new
@@ -204,9 +221,6 @@ class SessionJobs:
                 waited = time.monotonic()
             await asyncio.sleep(0.5)
         self._answering.add(session.id)
-        await api.upload_package(uri, package)
-        await api.submit(job.id, uri, {"cloudhpc_job": str(job.id), "cloudhpc_session": str(session.id)})
-        log.info("job %s: submitted to Ray session %s", job.id, session.id)
 
     async def _follow(self, job: Job, session: Job, api: RayJobsApi) -> None:
         offset = 0
