@@ -213,6 +213,45 @@ def test_the_hpc_job_parameter_is_validated_with_one_set_of_defaults() -> None:
         HpcJob.from_parameter({"resources": {"partition": "a b"}})
 
 
+def test_the_training_job_checkpoints_when_the_parameter_asks() -> None:
+    """`hpc_job.checkpoint` (a pipeline parameter) becomes the ray-job's `checkpoint`; without it
+    there is none. A checkpoint that does not fit the time limit fails the step before submitting."""
+    asked = HpcJob.from_parameter(
+        {"resources": {"time": "00:10:00"}, "checkpoint": {"warn_before": "2m", "max_restarts": 2.0}}
+    )
+    spec = training_job_spec(
+        name="x", cluster="testbed", train_url="file:///t", run_id="r", hp=HParams(),
+        hpc_job=asked, job_tracking_uri="http://m",
+    )  # fmt: skip
+    job = JobSpec.model_validate(spec)
+    assert job.checkpoint is not None
+    assert (job.checkpoint.warn_before, job.checkpoint.max_restarts) == (120, 2)
+    assert HpcJob.from_parameter({}).checkpoint is None
+    assert "checkpoint" not in HPC_JOB
+    too_late = HpcJob.from_parameter({"resources": {"time": "1"}, "checkpoint": {"warn_before": "2m"}})
+    with pytest.raises(ValidationError, match="shorter than the time limit"):
+        training_job_spec(
+            name="x", cluster="testbed", train_url="file:///t", run_id="r", hp=HParams(),
+            hpc_job=too_late, job_tracking_uri="http://m",
+        )  # fmt: skip
+
+
+def test_the_outcome_lists_the_collected_outputs() -> None:
+    """What the cloudhpc_job component returns as `outputs`: the collected files by their path in the
+    job directory (the artifact name's `%XX` decoded), with their download URL."""
+    artifacts = [
+        {"name": "output.log", "url": "http://p/a/output.log"},
+        {"name": "outputs/results/a.csv", "url": "http://p/a/outputs/results/a.csv"},
+        {"name": "outputs/100%25 done.txt", "url": "http://p/a/outputs/100%2525%20done.txt"},
+        {"name": "outputs.json", "url": "http://p/a/outputs.json"},
+    ]
+    outcome = JobOutcome(job=_job(created_at=None), accounting=None, artifacts=artifacts)
+    assert outcome.output_urls() == {
+        "results/a.csv": "http://p/a/outputs/results/a.csv",
+        "100% done.txt": "http://p/a/outputs/100%2525%20done.txt",
+    }
+
+
 def test_object_urls(tmp_path: Path) -> None:
     assert object_url("s3://bucket/prefix/", "a/b.npz") == "s3://bucket/prefix/a/b.npz"
     assert object_url(f"file://{tmp_path}", "k") == f"file://{tmp_path.resolve()}/k"
@@ -275,7 +314,7 @@ def test_components_take_no_token_parameter() -> None:
         assert spec.implementation.container.image == components.PIPELINES_IMAGE
     job = components.cloudhpc_job.component_spec
     assert set(job.inputs) >= {"spec", "porter_url"}
-    assert set(job.outputs) == {"job_id", "state", "accounting", "artifacts", "timings"}
+    assert set(job.outputs) == {"job_id", "state", "accounting", "artifacts", "timings", "outputs"}
     train = components.fmnist_train_hpc.component_spec
     assert {"run_id", "job_id", "val_accuracy", "timings", "accounting", "artifacts"} | {
         "model",

@@ -21,6 +21,8 @@ from kfp import dsl
 __all__ = [
     "PIPELINES_IMAGE",
     "cloudhpc_job",
+    "cloudhpc_ray_session_close",
+    "cloudhpc_ray_session_open",
     "fmnist_evaluate_register",
     "fmnist_preprocess",
     "fmnist_train_cloud",
@@ -46,13 +48,17 @@ def cloudhpc_job(
         ("accounting", dict[str, Any]),
         ("artifacts", dict[str, str]),
         ("timings", dict[str, float]),
+        ("outputs", dict[str, str]),
     ],
 ):
     """Run any cloudhpc job (batch, ray-cluster, ray-job) to its end; fail the step if it fails.
 
-    The job's state changes and output lines stream into this step's log. A retried step finds
-    its job again (the idempotency key is the run and task id) instead of submitting a second one.
-    Terminating the run (SIGTERM to this step's pod) cancels the job.
+    `spec` is the API's job spec as a dict, with every field of it (`array`, `after`, `checkpoint`,
+    `outputs`, `resources.qos`/`gres`/`constraint`, ...; docs/api.md). The job's state changes and
+    output lines stream into this step's log. A retried step finds its job again (the idempotency
+    key is the run and task id) instead of submitting a second one. Terminating the run (SIGTERM to
+    this step's pod) cancels the job. `outputs` lists the files the spec's `outputs` collected, by
+    their path in the job directory, with their download URLs (`artifacts` has every artifact).
     """
     import collections
     import functools
@@ -69,14 +75,74 @@ def cloudhpc_job(
             timeout=timeout_seconds or None,
             idempotency_key=f"kfp-{pipeline_job_id}-{task_id}",
         )
-    outputs = collections.namedtuple("outputs", ["job_id", "state", "accounting", "artifacts", "timings"])
+    outputs = collections.namedtuple(
+        "outputs", ["job_id", "state", "accounting", "artifacts", "timings", "outputs"]
+    )
     return outputs(
         outcome.job_id,
         outcome.job.state.value,
         outcome.accounting or {},
         outcome.artifact_urls(),
         outcome.timings,
+        outcome.output_urls(),
     )
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def cloudhpc_ray_session_open(
+    porter_url: str,
+    cluster: str,
+    name: str = "ray-session",
+    nodes: int = 1,
+    idle_timeout: int = 600,
+    time_limit: str = "01:00:00",
+    hpc_job: dict[str, Any] = {},  # noqa: B006 -- KFP needs a literal default; it is never mutated
+    timeout_seconds: float = 1800.0,
+) -> NamedTuple("Outputs", [("session_id", str), ("address", str)]):  # type: ignore[valid-type]
+    """Open (or re-attach to, by `name`) a warm Ray session for the steps after this one: a
+    `ray-cluster` that their ray-jobs name (`ray_session` of `fmnist_train_hpc`), once its
+    dashboard answers. `hpc_job`: `{"resources": {...}, "environment": {...}, "head": {...}}`.
+
+    The session is left running when this step ends; it ends itself after `idle_timeout` seconds
+    without a Ray job, and `cloudhpc_ray_session_close` (in an `ExitHandler`, so it runs however
+    the run ends) cancels it when the run ends: the component that opened it closes it."""
+    import collections
+
+    from cloudhpc.client import Client
+    from cloudhpc.sessions import ray_session
+
+    extra = dict(hpc_job)
+    with Client(porter_url) as client:
+        session = ray_session(
+            cluster,
+            name=name,
+            nodes=nodes,
+            idle_timeout=idle_timeout,
+            time=time_limit,
+            head=extra.get("head"),
+            resources=extra.get("resources"),
+            environment=extra.get("environment"),
+            client=client,
+            timeout=timeout_seconds,
+        )
+        print(
+            f"[cloudhpc] Ray session {session.job_id} ({'re-attached' if session.reattached else 'started'})"
+        )
+    outputs = collections.namedtuple("outputs", ["session_id", "address"])
+    return outputs(str(session.job_id), session.address)
+
+
+@dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+def cloudhpc_ray_session_close(porter_url: str, session_id: str) -> None:
+    """Cancel the run's Ray session (`cloudhpc_ray_session_open`'s `session_id`); one that has
+    ended already (its idle timeout) is left as it is."""
+    from cloudhpc.client import Client
+
+    with Client(porter_url) as client:
+        job = client.get(session_id)
+        if not job.state.terminal:
+            client.cancel(job)
+        print(f"[cloudhpc] Ray session {session_id}: {client.get(session_id).state.value}")
 
 
 @dsl.component(base_image=PIPELINES_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
@@ -137,6 +203,7 @@ def fmnist_train_hpc(
     hpc_job: dict[str, Any] = {},  # noqa: B006 -- KFP needs a literal default; it is never mutated
     python: str = "python",
     timeout_seconds: float = 0.0,
+    ray_session: str = "",
     pipeline_job_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
 ) -> NamedTuple(  # type: ignore[valid-type]
@@ -157,7 +224,11 @@ def fmnist_train_hpc(
     this step's pod) cancels the job.
 
     `model` gets the trained weights with the MLflow run and the job in its metadata;
-    `train_metrics` the validation accuracy and the stage timings."""
+    `train_metrics` the validation accuracy and the stage timings.
+
+    `ray_session` (the `session_id` of `cloudhpc_ray_session_open`) trains on that warm Ray session
+    instead of a cluster of its own: `hpc_job`'s resources and environment are then the session's,
+    and MLflow is reached by `job_tracking_uri`."""
     import collections
     import functools
 
@@ -187,6 +258,7 @@ def fmnist_train_hpc(
             timeout=timeout_seconds or None,
             idempotency_key=f"kfp-{pipeline_job_id}-{task_id}",
             say=functools.partial(print, flush=True),
+            session=ray_session,
         )
     fill_training_artifacts(model, train_metrics, out, tracking_uri)
     outputs = collections.namedtuple(

@@ -20,6 +20,7 @@ import contextlib
 import signal
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 from cloudhpc.client import ApiError, Client
+from cloudhpc.domain.job_files import OUTPUTS_PREFIX
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import JobFailed, StepTerminated
@@ -52,6 +54,15 @@ class JobOutcome:
 
     def artifact_urls(self) -> dict[str, str]:
         return {a["name"]: a["url"] for a in self.artifacts}
+
+    def output_urls(self) -> dict[str, str]:
+        """The job's collected `outputs` (artifacts `outputs/<path>`): its path in the job directory
+        (`output_artifact_name` undone) to the download URL."""
+        return {
+            urllib.parse.unquote(a["name"].removeprefix(OUTPUTS_PREFIX)): a["url"]
+            for a in self.artifacts
+            if a["name"].startswith(OUTPUTS_PREFIX)
+        }
 
     def raise_for_state(self) -> None:
         """`JobFailed` unless the job completed."""
@@ -307,6 +318,9 @@ def _follow(
     if follower.error is not None:
         say(f"[cloudhpc] (the output stream broke: {follower.error}; the full output is in the artifacts)")
 
+    if final.spec.ray is not None and final.spec.ray.session is not None:
+        # a ray-job on a warm session is a Ray job, not a SLURM job: no sacct record, no artifacts
+        collect_timeout, wanted_artifacts = 0.0, ()
     # the outcome travels as JSON (KFP outputs, MLflow params): plain documents, not the SDK's models
     record = _with_retry(lambda: client.accounting(final), collect_timeout)
     accounting = None if record is None else record.model_dump(mode="json")

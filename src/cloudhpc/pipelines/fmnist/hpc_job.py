@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloudhpc.domain.checkpoint import CheckpointSpec
 from cloudhpc.domain.jobs import Environment, Resources
 
 __all__ = ["HPC_JOB", "HpcJob"]
@@ -27,14 +28,19 @@ _DEFAULT_ENVIRONMENT = Environment(packages=["ray[default,train]", "torch", "mlf
 
 
 class HpcJob(BaseModel):
-    """The training job's `resources` and `environment`. A section given replaces its default
-    field by field for `resources` (unset fields keep theirs) and whole for `environment` (a
-    package list given is the package list)."""
+    """The training job's `resources`, `environment` and `checkpoint`. A section given replaces its
+    default field by field for `resources` (unset fields keep theirs) and whole for `environment` (a
+    package list given is the package list); `checkpoint` is off unless given."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     resources: Resources = Field(default=_DEFAULT_RESOURCES)
     environment: Environment = Field(default=_DEFAULT_ENVIRONMENT)
+    checkpoint: CheckpointSpec | None = Field(
+        default=None,
+        description="warn the training before its time limit and requeue it, as a job spec's "
+        "`checkpoint` ({warn_before: 2m, max_restarts: 2}): it resumes from its last epoch",
+    )
 
     @classmethod
     def from_parameter(cls, value: Mapping[str, Any] | None) -> HpcJob:

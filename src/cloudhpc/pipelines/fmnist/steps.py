@@ -289,11 +289,16 @@ def training_job_spec(
     python: str = "python",
     mlflow_import: str = "",
     job_tracking_uri: str = "",
+    session: str = "",
 ) -> dict[str, Any]:
     """The `ray-job` that trains: the data and the training script in `files`, the MLflow run in
     `env`, and MLflow reached through an import bridge (`mlflow_import` = host:port as the bridge
     host sees the server) or, where the job can reach it directly, `job_tracking_uri`. `hpc_job`
-    gives its resources and environment (default: `HPC_JOB`); the spec is validated here."""
+    gives its resources and environment (default: `HPC_JOB`); the spec is validated here.
+
+    `session` (a warm Ray session's job id or name, docs/ray.md) runs the training on that running
+    cluster instead: its size, environment and allocation are the session's, and MLflow must be
+    reached by `job_tracking_uri` (a session's jobs have no import bridges of their own)."""
     import shlex
 
     job = hpc_job or HpcJob()
@@ -333,6 +338,15 @@ def training_job_spec(
         "files": {TRAIN_ENTRYPOINT_FILE: source, "data/train.npz": train_url},
         "env": env,
     }
+    if job.checkpoint is not None:  # the entrypoint resumes from CLOUDHPC_CHECKPOINT_DIR (train.py)
+        spec["checkpoint"] = job.checkpoint.model_dump()
+    if session:
+        if mlflow_import:
+            raise ValueError(
+                "on a session (ray.session) the job reaches MLflow by job_tracking_uri, not mlflow_import"
+            )
+        spec = {k: v for k, v in spec.items() if k not in ("resources", "environment")}
+        spec["ray"] = {"session": session, "entrypoint": ray["entrypoint"]}
     JobSpec.model_validate(spec)  # a bad value fails this step, with the field named
     return spec
 
@@ -448,6 +462,7 @@ def train_on_hpc(
     timeout: float | None = None,
     idempotency_key: str | None = None,
     say: Say = print,
+    session: str = "",
 ) -> TrainOutcome:
     """Train on the cluster as a `ray-job` and log everything about the job to the MLflow run.
 
@@ -472,6 +487,7 @@ def train_on_hpc(
         python=python,
         mlflow_import=mlflow_import,
         job_tracking_uri=job_tracking_uri,
+        session=session,
     )
     mlflow_client.log_param(
         run_id, "cloudhpc.spec", json.dumps({k: v for k, v in spec.items() if k != "files"})[:6000]
