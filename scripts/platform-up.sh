@@ -304,7 +304,8 @@ secret_value() { # NAMESPACE NAME KEY
 }
 
 # The S3 server's identities, rebuilt from the key Secrets: "mlflow" may do everything, "cloudhpc"
-# (porter) only its own bucket.
+# (porter) only its own bucket; the profiles' own ("profile-<namespace>", each limited to its
+# prefixes: `cloudhpc platform profile add`) are kept from the current document.
 put_s3_config() {
   local file current cloudhpc=""
   file=$(mktemp)
@@ -317,6 +318,10 @@ put_s3_config() {
     "$(secret_value mlflow mlflow-s3-credentials AWS_ACCESS_KEY_ID)" \
     "$(secret_value mlflow mlflow-s3-credentials AWS_SECRET_ACCESS_KEY)" "$cloudhpc" > "$file")
   current=$(kubectl -n mlflow get secret mlflow-s3-config -o 'jsonpath={.data.s3\.json}' 2>/dev/null | base64 -d || true)
+  printf '%s' "$current" | "$ROOT/.venv/bin/python" -c 'import sys
+from cloudhpc.cli.platform_profiles import merged_s3_config
+with open(sys.argv[1]) as f: merged = merged_s3_config(f.read(), sys.stdin.read())
+with open(sys.argv[1], "w") as f: f.write(merged)' "$file"
   if [ "$current" != "$(cat "$file")" ]; then
     kubectl -n mlflow create secret generic mlflow-s3-config --from-file=s3.json="$file" \
       --dry-run=client -o yaml | kubectl apply -f - >/dev/null

@@ -27,6 +27,7 @@ from cloudhpc.cli import platform_profiles as profiles
 from cloudhpc.cli.main import app
 from cloudhpc.exceptions import ConfigError
 from cloudhpc.pipelines.fmnist import pipeline
+from cloudhpc.storage.inputs import InputScope
 from tests.unit.test_deploy import K8S_VERSION, _one, _render
 
 _NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
@@ -116,6 +117,16 @@ PODDEFAULT_SCHEMA = {
 REQUEST = profiles.ProfileRequest("alice@example.org", "kubeflow-alice-example-org")
 TOKEN = "chpc_" + "t0k3n" * 8
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "CLOUDHPCKEYID", "AWS_SECRET_ACCESS_KEY": "s3-secret-value-" + "x" * 20}
+PORTER_S3_KEYS = {"accessKey": "PORTERKEYID", "secretKey": "porter-s3-secret-" + "y" * 20}
+"""porter's own identity in the store's s3.json: a profile never gets these."""
+S3_CONFIG = {
+    "identities": [
+        {"name": "mlflow", "credentials": [{"accessKey": "MLFLOWKEY", "secretKey": "mlflow-secret-" + "z" * 20}],
+         "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+        {"name": "cloudhpc", "credentials": [PORTER_S3_KEYS],
+         "actions": ["Read:cloudhpc", "List:cloudhpc", "Tagging:cloudhpc", "Write:cloudhpc"]},
+    ]
+}  # fmt: skip
 
 
 def _validate(obj: dict[str, Any]) -> None:
@@ -210,6 +221,11 @@ FAKE_KUBECTL = textwrap.dedent(
     if args[:1] == ["apply"]:
         for item in json.loads(stdin)["items"]:
             mark(item["kind"] + "/" + item["metadata"]["name"])
+            if item["metadata"]["name"] == "mlflow-s3-config":
+                with open("{s3_config}", "w") as f:
+                    f.write(item["stringData"]["s3.json"])
+        sys.exit(0)
+    if args[:3] == ["-n", "mlflow", "rollout"]:
         sys.exit(0)
     if args[:2] == ["get", "namespace"]:
         if "asked-namespace" in seen:
@@ -220,8 +236,8 @@ FAKE_KUBECTL = textwrap.dedent(
         if "Secret/{porter_secret}" in seen:
             print("secret/x"); sys.exit(0)
         print("Error from server (NotFound)", file=sys.stderr); sys.exit(1)
-    if args[2:4] == ["get", "secret"] and args[4] == "porter-secrets":
-        print(json.dumps({{"data": {{k: base64.b64encode(v.encode()).decode() for k, v in {s3}.items()}}}}))
+    if args[:5] == ["-n", "mlflow", "get", "secret", "mlflow-s3-config"]:
+        print(json.dumps({{"data": {{"s3.json": base64.b64encode(open("{s3_config}", "rb").read()).decode()}}}}))
         sys.exit(0)
     if args[2] == "exec":
         mark("token-issued")
@@ -234,13 +250,15 @@ FAKE_KUBECTL = textwrap.dedent(
 def _fake_kubectl(tmp_path: Path) -> tuple[Path, Path]:
     log = tmp_path / "calls.jsonl"
     exe = tmp_path / "kubectl"
+    s3_config = tmp_path / "s3.json"
+    s3_config.write_text(json.dumps(S3_CONFIG))
     exe.write_text(
         FAKE_KUBECTL.format(
             python=sys.executable,
             log=log,
             state=tmp_path / "state",
             porter_secret=profiles.PORTER_SECRET,
-            s3=repr(S3_KEYS),
+            s3_config=s3_config,
             token=TOKEN,
         )
     )
@@ -258,7 +276,10 @@ def test_apply_makes_the_profile_with_its_token_and_keys_never_on_a_command_line
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     calls = _calls(log)
-    secrets = (TOKEN, *S3_KEYS.values())
+    applied = [item for c in calls if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]]
+    by_name = {o["metadata"]["name"]: o for o in applied}
+    profile_keys = by_name["cloudhpc-s3"]["stringData"]
+    secrets = (TOKEN, *profile_keys.values(), *PORTER_S3_KEYS.values())
     for call in calls:
         for value in secrets:
             assert not any(value in arg for arg in call["argv"]), (
@@ -284,16 +305,38 @@ def test_apply_makes_the_profile_with_its_token_and_keys_never_on_a_command_line
         "--role",
         "user",
     ]
-    applied = [item for c in calls if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]]
-    assert [o["kind"] for o in applied] == ["Profile", "Secret", "Secret", "PodDefault"], "Profile first"
+    assert [(o["kind"], o["metadata"]["name"]) for o in applied] == [
+        ("Profile", REQUEST.namespace),  # first: the profile controller makes the namespace
+        ("Secret", profiles.S3_CONFIG_SECRET),
+        ("Secret", profiles.PORTER_SECRET),
+        ("Secret", profiles.S3_SECRET),
+        ("PodDefault", profiles.PODDEFAULT),
+    ]
     for obj in applied:
         _validate(obj)
-    by_name = {o["metadata"]["name"]: o for o in applied}
     assert by_name["cloudhpc-porter"]["stringData"] == {
         "CLOUDHPC_URL": profiles.PORTER_URL,
         "CLOUDHPC_TOKEN": TOKEN,
     }
-    assert by_name["cloudhpc-s3"]["stringData"] == S3_KEYS
+    # the profile's keys are an identity of its own in the store, not porter's, limited to its prefixes
+    assert set(profile_keys) == set(profiles.S3_KEYS)
+    assert profile_keys["AWS_ACCESS_KEY_ID"] != PORTER_S3_KEYS["accessKey"]
+    store_config = by_name[profiles.S3_CONFIG_SECRET]
+    assert store_config["metadata"]["namespace"] == profiles.S3_NAMESPACE
+    identities = json.loads(store_config["stringData"]["s3.json"])["identities"]
+    assert identities[:2] == S3_CONFIG["identities"], "the store's other identities are kept as they are"
+    assert identities[2] == {
+        "name": f"profile-{REQUEST.namespace}",
+        "credentials": [
+            {
+                "accessKey": profile_keys["AWS_ACCESS_KEY_ID"],
+                "secretKey": profile_keys["AWS_SECRET_ACCESS_KEY"],
+            }
+        ],
+        "actions": profiles.profile_actions(REQUEST.namespace),
+    }
+    restarts = [c["argv"] for c in calls if "rollout" in c["argv"]]
+    assert restarts == [["-n", "mlflow", "rollout", "restart", "deployment/mlflow-s3"]]
 
     # Again: the token Secret exists, so no second token is issued; the rest is re-applied.
     log.write_text("")
@@ -301,6 +344,15 @@ def test_apply_makes_the_profile_with_its_token_and_keys_never_on_a_command_line
     assert again.exit_code == 0, again.output
     calls = _calls(log)
     assert not [c for c in calls if "exec" in c["argv"]], "a token is issued once"
+    assert not [c for c in calls if "rollout" in c["argv"]], (
+        "an identity that exists: the store is not restarted"
+    )
+    reapplied = [
+        item for c in calls if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]
+    ]
+    assert profiles.S3_CONFIG_SECRET not in [o["metadata"]["name"] for o in reapplied]
+    again_keys = next(o for o in reapplied if o["metadata"]["name"] == profiles.S3_SECRET)["stringData"]
+    assert again_keys == profile_keys, "the same keys: pods that hold them keep working"
     assert "exists, kept" in again.output
 
 
@@ -326,8 +378,50 @@ def test_secrets_only_makes_just_the_secrets(tmp_path: Path) -> None:
     applied = [
         item for c in _calls(log) if c["argv"][:1] == ["apply"] for item in json.loads(c["stdin"])["items"]
     ]
-    assert [(o["kind"], o["metadata"]["name"]) for o in applied] == [
-        ("Secret", profiles.PORTER_SECRET),
-        ("Secret", profiles.S3_SECRET),
+    assert [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in applied] == [
+        ("Secret", profiles.S3_NAMESPACE, profiles.S3_CONFIG_SECRET),  # the S3 identity of `kubeflow`
+        ("Secret", "kubeflow", profiles.PORTER_SECRET),
+        ("Secret", "kubeflow", profiles.S3_SECRET),
     ]
-    assert all(o["metadata"]["namespace"] == "kubeflow" for o in applied)
+
+
+def test_a_profiles_s3_actions_reach_only_its_own_prefixes() -> None:
+    """Offline, the policy as data: every action names bucket `cloudhpc` and one of the profile's two
+    prefixes (its `/` included), writes only under `users/<ns>/`. tests/integration/
+    test_profile_s3_identity.py checks the same identities against the real SeaweedFS."""
+    ns = REQUEST.namespace
+    actions = profiles.profile_actions(ns)
+    by_prefix: dict[str, set[str]] = {}
+    for action in actions:
+        verb, _, resource = action.partition(":")
+        assert resource, f"{action}: an action without a resource reaches every bucket"
+        assert resource.endswith("/*"), f"{action}: not a prefix ending at a segment"
+        by_prefix.setdefault(resource.removesuffix("*"), set()).add(verb)
+    assert by_prefix == {
+        f"cloudhpc/users/{ns}/": {"Read", "Write", "List", "Tagging"},
+        f"cloudhpc/jobs/{ns}/": {"Read", "List"},
+    }
+    assert "Admin" not in {a.partition(":")[0] for a in actions}
+    # the same prefixes porter's input rule gives the profile's user (its token's user is the namespace)
+    scope = InputScope.from_store_url("s3://cloudhpc")
+    assert {p.removeprefix("cloudhpc/") for p in by_prefix} == set(scope.owner_prefixes(ns))
+
+
+def test_platform_up_keeps_the_profiles_identities() -> None:
+    """put_s3_config rebuilds the store's own identities and keeps every profile's, so a second
+    platform-up.sh does not take the profiles' keys away; the text is stable (no needless restart)."""
+    profile = profiles.profile_identity(
+        "kubeflow-bob", {"AWS_ACCESS_KEY_ID": "B", "AWS_SECRET_ACCESS_KEY": "b"}
+    )
+    current = profiles.s3_config_text({"identities": [*S3_CONFIG["identities"], profile]})
+    rotated = {
+        "identities": [
+            {**S3_CONFIG["identities"][0], "credentials": [{"accessKey": "NEW", "secretKey": "n"}]}
+        ]
+    }
+    merged = profiles.merged_s3_config(json.dumps(rotated), current)
+    assert json.loads(merged)["identities"] == [*rotated["identities"], profile], "porter's gone, bob's kept"
+    assert profiles.merged_s3_config(merged, merged) == merged
+    assert json.loads(profiles.merged_s3_config(json.dumps(rotated), "")) == rotated
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "platform-up.sh").read_text()
+    assert "merged_s3_config" in script

@@ -6,17 +6,27 @@ its RBAC and KFP's per-namespace parts):
 - Secret `cloudhpc-porter` (CLOUDHPC_URL, CLOUDHPC_TOKEN): a porter token of role `user` whose user is
   the namespace, issued by porter's own token store (`cloudhpc tokens create` in porter's pod, as
   scripts/platform-up.sh does for the default profile). The pipelines' steps read it by name.
-- Secret `cloudhpc-s3` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): the S3 identity `cloudhpc` of
-  the platform's store (bucket `cloudhpc` only), copied from porter's Secret `porter-secrets`; the
+- Secret `cloudhpc-s3` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): an S3 identity of the profile's
+  own, `profile-<namespace>`, limited to the profile's prefixes of bucket `cloudhpc` (`profile_actions`:
+  read and write `users/<namespace>/`, read `jobs/<namespace>/`; nothing else, no other user's). The
   steps that read and write the object store read it by name.
 - PodDefault `access-cloudhpc`: pods labelled `access-cloudhpc: "true"` (notebooks pick it in the
   spawner; a pipeline step with kfp-kubernetes' `add_pod_label`) get both Secrets as environment and
   the in-cluster addresses of MLflow (artifacts proxied: no S3 keys needed for it) and of the S3
   store (`AWS_ENDPOINT_URL_S3`, which boto3 reads).
 
-Rendering is pure (`render`), so the objects are checked offline against schemas. `apply` drives the
-cluster through `kubectl` only; secret values travel on kubectl's stdin and stdout, never on a
-command line, and are never printed.
+The platform's S3 store is SeaweedFS (deploy/kustomize/mlflow/s3.yaml), whose identities and their
+permissions are one JSON document, `s3.json` of the Secret `mlflow/mlflow-s3-config` (no admin API
+to call, so no admin Job): `apply` adds the profile's identity to it with new random keys (kept when
+it exists: running `apply` again changes nothing), and restarts the store, which reads the file at
+start. scripts/platform-up.sh rebuilds the document's own identities and keeps the profiles'
+(`merged_s3_config`). An action `Read:cloudhpc/users/<ns>/*` lets the identity read keys starting
+with that prefix; tests/integration/test_profile_s3_identity.py checks the rendered identities
+against the real SeaweedFS binary.
+
+Rendering is pure (`render`, `profile_identity`), so the objects are checked offline against schemas.
+`apply` drives the cluster through `kubectl` only; secret values travel on kubectl's stdin and
+stdout, never on a command line, and are never printed.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +43,7 @@ from typing import Any
 
 from cloudhpc.exceptions import ConfigError, KubernetesError
 from cloudhpc.port_forwards import Kubectl
+from cloudhpc.storage.inputs import InputScope
 
 __all__ = [
     "PODDEFAULT",
@@ -40,7 +52,13 @@ __all__ = [
     "ProfileRequest",
     "apply",
     "default_namespace",
+    "identity_name",
+    "merged_s3_config",
+    "new_s3_keys",
+    "profile_actions",
+    "profile_identity",
     "render",
+    "s3_config_text",
 ]
 
 PORTER_SECRET = "cloudhpc-porter"  # noqa: S105 -- a Secret's name
@@ -51,11 +69,19 @@ PODDEFAULT = "access-cloudhpc"
 PORTER_URL = "http://porter-service.monitoring.svc.cluster.local:5555"
 MLFLOW_URL = "http://mlflow.mlflow.svc.cluster.local:5000"
 S3_ENDPOINT_URL = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
-# Where porter runs, and the Secret with its S3 identity (deploy/kustomize/porter).
+# Where porter runs (deploy/kustomize/porter).
 PORTER_NAMESPACE = "monitoring"
-PORTER_S3_SECRET = "porter-secrets"  # noqa: S105 -- a Secret's name
 PORTER_KEYS = ("CLOUDHPC_URL", "CLOUDHPC_TOKEN")
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The S3 store (deploy/kustomize/mlflow/s3.yaml): its Deployment, and the Secret with its identities.
+S3_NAMESPACE = "mlflow"
+S3_DEPLOYMENT = "mlflow-s3"
+S3_CONFIG_SECRET = "mlflow-s3-config"  # noqa: S105 -- a Secret's name
+S3_CONFIG_KEY = "s3.json"
+STORE_BUCKET = "cloudhpc"
+"""porter's bucket (`porter.object_store: s3://cloudhpc` in deploy/kustomize/porter)."""
+PROFILE_IDENTITY = "profile-"
+"""The name of every profile's identity starts so (`identity_name`); platform-up.sh keeps these."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _USER = re.compile(r"[A-Za-z0-9._%+@-]{1,253}")
@@ -83,6 +109,82 @@ class ProfileRequest:
                 f"--namespace: {self.namespace!r} is not a Kubernetes namespace name "
                 "(lowercase letters, digits and '-', at most 63)"
             )
+
+
+def identity_name(namespace: str) -> str:
+    """The S3 identity of a profile, in the store's `s3.json`."""
+    return f"{PROFILE_IDENTITY}{namespace}"
+
+
+def _prefixes(namespace: str) -> tuple[str, str]:
+    """The profile's user's two prefixes in the bucket, `users/<user>/` and `jobs/<user>/`."""
+    users, jobs = InputScope.from_store_url(f"s3://{STORE_BUCKET}").owner_prefixes(namespace)
+    return users, jobs
+
+
+def profile_actions(namespace: str) -> list[str]:
+    """What a profile's S3 identity may do, as SeaweedFS actions (`Action:bucket/key-prefix*`).
+
+    The profile's porter user is its namespace (`apply` issues the token so), and porter's input
+    rule (`storage.inputs.InputScope`) gives each user two prefixes: `users/<user>/`, theirs to
+    fill (data sets, uploads, a pipeline's `store_url` and its steps' outputs), read and written
+    here; and `jobs/<user>/`, their jobs' artifacts, only read here (the agent writes them, and a
+    user rewriting them would change what porter hands out as the job's files). Nothing else: not
+    another user's prefixes (the `/` ends the user's segment, so `alice` does not reach `alice2`),
+    not porter's upload index or the mailbox, not listing the bucket, not another bucket."""
+    users, jobs = _prefixes(namespace)
+    return [
+        *(f"{action}:{STORE_BUCKET}/{users}*" for action in ("Read", "Write", "List", "Tagging")),
+        *(f"{action}:{STORE_BUCKET}/{jobs}*" for action in ("Read", "List")),
+    ]
+
+
+def profile_identity(namespace: str, keys: Mapping[str, str]) -> dict[str, Any]:
+    """The profile's entry of the store's `s3.json`, with its keys (`S3_KEYS`)."""
+    return {
+        "name": identity_name(namespace),
+        "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"], "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}],
+        "actions": profile_actions(namespace),
+    }
+
+
+def _identity_keys(config: Mapping[str, Any], name: str) -> dict[str, str] | None:
+    """The keys of identity `name` in `config`, or None when it has none."""
+    for identity in config.get("identities", []):
+        if identity.get("name") == name and identity.get("credentials"):
+            first = identity["credentials"][0]
+            return {"AWS_ACCESS_KEY_ID": first["accessKey"], "AWS_SECRET_ACCESS_KEY": first["secretKey"]}
+    return None
+
+
+def new_s3_keys() -> dict[str, str]:
+    """Random keys for a new identity (20 and 40 characters, the shape of AWS's)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "CHPC" + secrets.token_hex(8).upper(),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+    }
+
+
+def _with_identity(config: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with `identity` in place of the one of the same name (or added at the end)."""
+    others = [i for i in config.get("identities", []) if i.get("name") != identity["name"]]
+    return {**config, "identities": [*others, dict(identity)]}
+
+
+def s3_config_text(config: Mapping[str, Any]) -> str:
+    """The store's `s3.json` as written, one way, so that an unchanged document compares equal."""
+    return json.dumps(config, indent=1, sort_keys=True) + "\n"
+
+
+def merged_s3_config(base: str, current: str) -> str:
+    """The document scripts/platform-up.sh writes: its own identities (`base`, rebuilt from the key
+    Secrets) and the profiles' identities of the `current` document (empty: none yet)."""
+    config = json.loads(base)
+    kept = json.loads(current).get("identities", []) if current.strip() else []
+    for identity in kept:
+        if str(identity.get("name", "")).startswith(PROFILE_IDENTITY):
+            config = _with_identity(config, identity)
+    return s3_config_text(config)
 
 
 def _secret(namespace: str, name: str, keys: Mapping[str, str]) -> dict[str, Any]:
@@ -210,20 +312,43 @@ def apply(
             raise KubernetesError("porter token: `cloudhpc tokens create` printed no token")
         secrets += render(request, token=token)[2:]
         done.append(f"secret {ns}/{PORTER_SECRET}: porter token for user {ns} (role user)")
-    raw = _check(
-        kubectl.run("-n", PORTER_NAMESPACE, "get", "secret", PORTER_S3_SECRET, "-o", "json"),
-        f"S3 keys (secret {PORTER_NAMESPACE}/{PORTER_S3_SECRET})",
-    )
-    data = json.loads(raw).get("data", {})
-    missing = [key for key in S3_KEYS if key not in data]
-    if missing:
-        raise KubernetesError(f"secret {PORTER_NAMESPACE}/{PORTER_S3_SECRET} lacks {', '.join(missing)}")
-    s3_keys = {key: base64.b64decode(data[key]).decode() for key in S3_KEYS}
+    s3_keys, s3_done = _profile_s3_identity(kubectl, ns)
     secrets += render(request, s3_keys=s3_keys)[2:]
-    done.append(f"secret {ns}/{S3_SECRET}: the S3 identity of bucket cloudhpc")
+    done += [s3_done, f"secret {ns}/{S3_SECRET}: the keys of S3 identity {identity_name(ns)}"]
     if secrets_only:
         _apply(kubectl, secrets, "kubectl apply Secrets")
         return done
     _apply(kubectl, [*secrets, poddefault], "kubectl apply Secrets and PodDefault")
     done.append(f"poddefault {ns}/{PODDEFAULT}: pods labelled {PODDEFAULT}=true get both")
     return done
+
+
+def _profile_s3_identity(kubectl: Kubectl, namespace: str) -> tuple[dict[str, str], str]:
+    """The keys of the profile's S3 identity, made (and the store restarted to load it) unless the
+    store's `s3.json` has it with today's actions already; and what was done."""
+    step = f"S3 identities (secret {S3_NAMESPACE}/{S3_CONFIG_SECRET})"
+    raw = _check(kubectl.run("-n", S3_NAMESPACE, "get", "secret", S3_CONFIG_SECRET, "-o", "json"), step)
+    data = json.loads(raw).get("data", {})
+    if S3_CONFIG_KEY not in data:
+        raise KubernetesError(f"{step}: no key {S3_CONFIG_KEY}")
+    config = json.loads(base64.b64decode(data[S3_CONFIG_KEY]))
+    name = identity_name(namespace)
+    known = _identity_keys(config, name)
+    keys = known or new_s3_keys()
+    identity = profile_identity(namespace, keys)
+    if identity in config.get("identities", []):
+        return keys, f"S3 identity {name}: exists, kept"
+    text = s3_config_text(_with_identity(config, identity))
+    _apply(kubectl, [_secret(S3_NAMESPACE, S3_CONFIG_SECRET, {S3_CONFIG_KEY: text})], f"kubectl apply {step}")
+    # SeaweedFS reads s3.json when it starts (a SIGHUP would do too, but the kubelet updates the
+    # mounted file only up to a minute later): a restart of a few seconds, porter and MLflow retry
+    _check(
+        kubectl.run("-n", S3_NAMESPACE, "rollout", "restart", f"deployment/{S3_DEPLOYMENT}"),
+        f"kubectl rollout restart deployment/{S3_DEPLOYMENT}",
+    )
+    users, jobs = _prefixes(namespace)
+    what = "its actions updated, keys kept" if known else "new keys"
+    return keys, (
+        f"S3 identity {name}: {what}, limited to {STORE_BUCKET}/{users} (read, write) and "
+        f"{STORE_BUCKET}/{jobs} (read); {S3_DEPLOYMENT} restarted to load it"
+    )
