@@ -69,13 +69,18 @@ def test_the_sweep_deletes_uploads_older_than_the_retention_and_keeps_the_rest(
         fresh = alice.upload(b"just now", name="data.bin")
     young = _left_behind(objects, "bob", timedelta(days=6))
     objects.put(f"{UPLOAD_INDEX}not-an-id/users/bob/x", b"")  # not porter's entry: left alone
+    # an entry naming something that is not an upload of its id (a job's artifact): never deleted
+    artifact = "jobs/bob/1/output.log"
+    objects.put(artifact, b"bob's output")
+    objects.put(upload_marker(new_upload_id(time.time() - 30 * 86400), artifact), b"")
     settings = Settings(porter=PorterConfig(object_store=store_url(objects), upload_retention_days=7))
     sweep_once(settings, store, objects)
     for key in (old, older):
         assert objects.list(key) == [], key
     assert objects.list(young) == [young]
     assert any(fresh.endswith(k) for k in objects.list("users/alice/uploads/"))
-    assert len(objects.list(UPLOAD_INDEX)) == 3  # the fresh, the young and the stranger
+    assert objects.list(artifact) == [artifact]
+    assert len(objects.list(UPLOAD_INDEX)) == 4  # the fresh, the young and the two strangers
     assert sweep_uploads(objects, datetime.now(UTC) - timedelta(days=7)) == 0  # nothing left to do
 
 

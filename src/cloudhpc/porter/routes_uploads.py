@@ -108,9 +108,16 @@ class IndexedUpload:
 
 def indexed_upload(marker: str) -> IndexedUpload | None:
     """The entry `marker` of the index, or None for a key that is not one (an upload made before
-    the index, whose id holds no time, has no entry at all)."""
+    the index, whose id holds no time, has no entry at all). An entry must name an upload of its
+    own id (`users/<owner>/uploads/<id>/<name>`), so that an object someone else wrote under the
+    index cannot make the sweep delete a job's artifacts or another prefix's objects."""
     upload_id, slash, key = marker.removeprefix(UPLOAD_INDEX).partition("/")
-    if not marker.startswith(UPLOAD_INDEX) or not slash or not _ID.fullmatch(upload_id) or not key:
+    if not marker.startswith(UPLOAD_INDEX) or not slash or not _ID.fullmatch(upload_id):
+        return None
+    owner, _, rest = key.removeprefix("users/").partition("/")
+    if not key.startswith("users/") or not owner or not rest.startswith(f"uploads/{upload_id}/"):
+        return None
+    if "/" in rest.removeprefix(f"uploads/{upload_id}/") or rest.endswith("/"):
         return None
     return IndexedUpload(marker, key, datetime.fromtimestamp(int(upload_id[:8], 16), UTC))
 
