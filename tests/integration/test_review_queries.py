@@ -81,3 +81,30 @@ def test_one_users_flood_of_files_requests_leaves_the_agent_to_others(porter: st
     refused = next(f.result() for f in flood if f.result().status_code == 429)
     assert refused.json()["error"]["code"] == "too_many_requests"
     assert f"at most {MAX_OPEN_QUESTIONS}" in refused.json()["error"]["message"]
+
+
+def test_an_answer_porter_cannot_read_is_a_502_not_a_500(store: Store, tmp_path: Path) -> None:
+    """An agent (of another version, or its owner's own making) answered a files question with a
+    result that is not a listing: porter answered the user 500. Now 502 `cluster_error` naming the
+    cluster."""
+    settings = Settings(porter=PorterConfig(object_store=f"file://{tmp_path}/o", agent_query_wait=WAIT))
+    app = create_app(settings, store=store, object_store=LocalObjectStore(tmp_path / "o"))
+    job = running_job(store, "alice")
+    user = {"Authorization": f"Bearer {store.create_token('alice', 'user')}"}
+    agent = {"Authorization": f"Bearer {store.create_token('alice', 'agent', ['local'])}"}
+    with (
+        served(app) as url,
+        ThreadPoolExecutor(1) as pool,
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        asked = pool.submit(http.get, f"/api/v1/jobs/{job.id}/files", headers=user)
+        claimed = http.get("/api/v1/agent/queries", params={"cluster": "local", "wait": WAIT}, headers=agent)
+        [query] = claimed.json()["queries"]
+        posted = http.post(
+            f"/api/v1/agent/queries/{query['id']}/answer", json={"result": {"x": 1}}, headers=agent
+        )
+        assert posted.status_code == 200, posted.text
+        answer = asked.result()
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["code"] == "cluster_error"
+    assert "'local'" in answer.json()["error"]["message"]

@@ -10,10 +10,11 @@ the agent did not answer, never a 500.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel, ValidationError
 
 from cloudhpc.domain.jobs import Name
 from cloudhpc.domain.queries import AgentQuery, QueryAnswer
@@ -23,7 +24,9 @@ from cloudhpc.porter.routes_agent import AGENT_NAME, MAX_WAIT_SECONDS
 from cloudhpc.porter.state import PorterState, state_of
 from cloudhpc.store.queries import answer_key, queries_key
 
-__all__ = ["ask_agent", "router"]
+__all__ = ["agent_result", "ask_agent", "router"]
+
+M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
@@ -107,6 +110,20 @@ async def _ask(
     if answer.error is not None:
         raise HttpProblem(answer.error.status, answer.error.code, answer.error.message)
     return answer.result or {}
+
+
+def agent_result(model: type[M], result: dict[str, Any], cluster: str) -> M:
+    """The agent's `result` read as `model`; a 502 when it is not one (an agent of another version, or
+    one that answers nonsense), where reading it unchecked answered the user with a 500."""
+    try:
+        return model.model_validate(result)
+    except ValidationError as exc:
+        raise HttpProblem(
+            502,
+            "cluster_error",
+            f"the agent of cluster {cluster!r} gave an answer porter cannot read ({exc.error_count()} "
+            "errors; is the submitter of another cloudhpc version?)",
+        ) from exc
 
 
 @router.get("/queries")

@@ -20,7 +20,7 @@ from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.domain.queries import QueryKind
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.openapi import ErrorBody
-from cloudhpc.porter.routes_agent_queries import ask_agent
+from cloudhpc.porter.routes_agent_queries import agent_result, ask_agent
 from cloudhpc.porter.routes_jobs import check_spec
 from cloudhpc.porter.state import state_of
 
@@ -66,4 +66,4 @@ async def estimate_job(spec: JobSpec, request: Request, principal: UserPrincipal
         "`resources.partition: auto` is still placed by the agent when it submits it",
         asker=principal.user,
     )
-    return Estimate.model_validate(result)
+    return agent_result(Estimate, result, spec.cluster)

@@ -20,7 +20,7 @@ from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.openapi import ErrorBody
-from cloudhpc.porter.routes_agent_queries import ask_agent
+from cloudhpc.porter.routes_agent_queries import agent_result, ask_agent
 from cloudhpc.porter.routes_artifacts import _user_job
 from cloudhpc.porter.state import state_of
 
@@ -85,4 +85,4 @@ async def job_files(
         job_id=job.id,
         asker=principal.user,
     )
-    return FilesAnswer.model_validate(result).model_dump(mode="json", exclude_none=True)
+    return agent_result(FilesAnswer, result, job.cluster).model_dump(mode="json", exclude_none=True)
