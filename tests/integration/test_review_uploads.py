@@ -6,7 +6,10 @@ directory or the testbed's S3 (the conftest fixtures)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -15,6 +18,7 @@ import pytest
 from cloudhpc.client import ApiError, Client
 from cloudhpc.config import PorterConfig, Settings
 from cloudhpc.porter.app import create_app
+from cloudhpc.porter.routes_uploads import MAX_OPEN_UPLOADS
 from cloudhpc.storage import ObjectStore
 from cloudhpc.store import Store
 from tests.integration.stores import served, store_url
@@ -73,3 +77,37 @@ def test_a_dot_name_is_refused_as_bad_input(porter: Porter, objects: ObjectStore
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["details"][0]["field"] == "name"
     assert not [k for k in objects.list("users/") if "/uploads/" in k]
+
+
+def test_one_user_has_at_most_a_few_uploads_in_progress(porter: Porter) -> None:
+    """Each upload is spooled to porter's temporary directory (up to 1 GiB): mallory's parallel slow
+    uploads were all accepted, each holding its share of that disk. Now the one over
+    MAX_OPEN_UPLOADS is a 429 at once, another user's upload still goes through, and mallory's own
+    are all stored once they end."""
+    release = threading.Event()
+
+    def slow() -> Iterator[bytes]:  # a body that keeps its upload in progress until released
+        yield b"x" * 1024
+        release.wait(30)
+        yield b"y" * 1024
+
+    def upload(user: str, body: Iterator[bytes] | bytes) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {porter.tokens[user]}"}
+        with httpx.Client(base_url=porter.url, headers=headers, timeout=60) as http:
+            return http.post("/api/v1/uploads", params={"name": "part.bin"}, content=body)
+
+    with ThreadPoolExecutor(MAX_OPEN_UPLOADS) as pool:
+        held = [pool.submit(upload, "bob smith", slow()) for _ in range(MAX_OPEN_UPLOADS)]
+        time.sleep(1.0)  # all of them are being spooled now
+        try:
+            over = upload("bob smith", b"z")
+            other = upload("bob", b"z")
+        finally:
+            release.set()
+        stored = [f.result() for f in held]
+    assert over.status_code == 429, over.text
+    assert over.json()["error"]["code"] == "too_many_requests"
+    assert f"at most {MAX_OPEN_UPLOADS}" in over.json()["error"]["message"]
+    assert other.status_code == 200, other.text
+    assert [r.status_code for r in stored] == [200] * MAX_OPEN_UPLOADS
+    assert upload("bob smith", b"z").status_code == 200  # the slots are free again

@@ -4,16 +4,20 @@ Two layers. `RequestSizeLimit` is plain ASGI around the whole app: a declared `C
 over the limit is answered 413 before a byte of the body is read, and a body sent without one
 (chunked) is counted as it streams in and cut off at the limit, so a 100 MiB POST never reaches
 memory. `read_capped` is the same rule inside a route, for the agent routes whose own caps are
-tighter than the app-wide one (an output chunk, an accounting document).
+tighter than the app-wide one (an output chunk, an accounting document). `UserSlots` bounds how
+many requests of one costly kind (an upload being spooled, a question to an agent) each user has in
+progress at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -23,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloudhpc.exceptions import HttpProblem
 from cloudhpc.porter.errors import error_body
 
-__all__ = ["RequestSizeLimit", "read_capped", "spool_capped", "too_large"]
+__all__ = ["RequestSizeLimit", "UserSlots", "read_capped", "spool_capped", "too_large"]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +180,33 @@ async def spool_capped(request: Request, path: Path, limit: int, what: str) -> i
                 raise too_large(limit, what)
             handle.write(chunk)
     return size
+
+
+class UserSlots:
+    """Requests of each costly kind each user has in progress on this replica, capped per kind: one
+    over its cap is answered 429 at once, so one user cannot take a resource that every user shares
+    (porter's temporary disk for spooled uploads, a cluster agent's one SFTP channel). Per replica:
+    the event loop is the only writer, so no lock."""
+
+    def __init__(self) -> None:
+        self._taken: Counter[tuple[str, str]] = Counter()
+
+    @contextlib.contextmanager
+    def take(self, kind: str, user: str, limit: int, what: str) -> Iterator[None]:
+        """Hold one of `user`'s `limit` slots of `kind` for the block; `what` names the requests in
+        the 429 (`uploads`)."""
+        key = (kind, user)
+        if self._taken[key] >= limit:
+            raise HttpProblem(
+                429,
+                "too_many_requests",
+                f"{self._taken[key]} of your {what} are already in progress (at most {limit} at once): "
+                "wait for them to end, then try again",
+            )
+        self._taken[key] += 1
+        try:
+            yield
+        finally:
+            self._taken[key] -= 1
+            if not self._taken[key]:
+                del self._taken[key]

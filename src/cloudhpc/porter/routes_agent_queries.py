@@ -60,21 +60,8 @@ async def ask_agent(
     question is for, may wait for at most `MAX_OPEN_QUESTIONS` answers at once (429 beyond)."""
     if asker is None:
         return await _ask(state, cluster, kind, params, job_id=job_id, wait=wait, instead=instead)
-    waiting = state.open_questions.get(asker, 0)
-    if waiting >= MAX_OPEN_QUESTIONS:
-        raise HttpProblem(
-            429,
-            "too_many_requests",
-            f"{waiting} of your requests are already waiting for a cluster's agent (at most "
-            f"{MAX_OPEN_QUESTIONS} at once): wait for their answers, then ask again",
-        )
-    state.open_questions[asker] = waiting + 1
-    try:
+    with state.user_slots.take("questions", asker, MAX_OPEN_QUESTIONS, "requests that wait for an agent"):
         return await _ask(state, cluster, kind, params, job_id=job_id, wait=wait, instead=instead)
-    finally:
-        left = state.open_questions.pop(asker) - 1
-        if left:
-            state.open_questions[asker] = left
 
 
 async def _ask(

@@ -52,11 +52,13 @@ from cloudhpc.exceptions import CloudHPCError
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import input_scope
 from cloudhpc.porter.limits import spool_capped
+from cloudhpc.porter.openapi import ErrorBody
 from cloudhpc.porter.state import object_store, state_of
 from cloudhpc.storage import ObjectStore
 from cloudhpc.storage.base import check_key
 
 __all__ = [
+    "MAX_OPEN_UPLOADS",
     "MAX_UPLOAD_BYTES",
     "UPLOAD_INDEX",
     "UPLOAD_PATH",
@@ -73,6 +75,10 @@ router = APIRouter(prefix="/api/v1", tags=["uploads"])
 
 MAX_UPLOAD_BYTES = 1 << 30
 """The largest input one upload may carry (1 GiB): larger data belongs in the object store itself."""
+MAX_OPEN_UPLOADS = 4
+"""Uploads one user may have in progress at once on one replica (429 beyond). Each is spooled to
+porter's temporary directory, up to MAX_UPLOAD_BYTES: without a cap, one user's parallel uploads
+took as much of that disk as she opened connections (tests/integration/test_review_uploads.py)."""
 UPLOAD_PATH = r"^/api/v1/uploads$"
 """The route's path, for the app-wide body limit (`RequestSizeLimit`), which this route's own, larger
 cap replaces."""
@@ -138,6 +144,9 @@ def _store_indexed(objects: ObjectStore, upload_id: str, key: str, path: Path) -
 @router.post(
     "/uploads",
     response_model=Upload,
+    responses={
+        429: {"model": ErrorBody, "description": "the caller already has `MAX_OPEN_UPLOADS` in progress"}
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -159,7 +168,10 @@ async def upload(
     upload_id = new_upload_id()
     key = scope.upload_key(principal.user, upload_id, name)
     objects = object_store(state)
-    with tempfile.TemporaryDirectory(prefix="cloudhpc-upload-") as tmp:
+    with (
+        state.user_slots.take("uploads", principal.user, MAX_OPEN_UPLOADS, "uploads"),
+        tempfile.TemporaryDirectory(prefix="cloudhpc-upload-") as tmp,
+    ):
         path = Path(tmp) / "body"
         # spooled first: a body refused for its size never reaches the store, index included
         size = await spool_capped(request, path, MAX_UPLOAD_BYTES, "an upload")

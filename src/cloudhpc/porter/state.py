@@ -18,6 +18,7 @@ from fastapi import Request
 
 from cloudhpc.config import Settings
 from cloudhpc.exceptions import HttpProblem
+from cloudhpc.porter.limits import UserSlots
 from cloudhpc.storage import ObjectStore
 from cloudhpc.store import AsyncStore, Principal, Store
 from cloudhpc.store.notify import ChangeListener, cluster_key, job_key
@@ -180,9 +181,8 @@ class PorterState:
     """The LISTEN connection that brings other replicas' changes (PostgreSQL only)."""
     fallback_recheck: float = FALLBACK_RECHECK
     safety_recheck: float = SAFETY_RECHECK
-    open_questions: dict[str, int] = field(default_factory=dict)
-    """Questions to agents each user is waiting for on this replica (`routes_agent_queries.ask_agent`
-    caps them per user)."""
+    user_slots: UserSlots = field(default_factory=UserSlots)
+    """Each user's uploads and questions to agents in progress on this replica, capped per user."""
     stopping: bool = False
     """Set when porter is asked to stop (with every waiter woken): long-polls answer with what they
     have, inside the server's short graceful-shutdown window, instead of being cut off with a 500."""
