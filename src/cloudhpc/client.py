@@ -423,6 +423,20 @@ def _transient(exc: BaseException) -> bool:
     return exc.status in TRANSIENT_STATUSES
 
 
+def _refused_at_once(exc: BaseException) -> bool:
+    """porter's 429 `too_many_requests`: refused before it did anything (the caller's uploads or
+    agent questions in progress are at their cap), so any call, a POST too, may be sent again."""
+    return isinstance(exc, ApiError) and exc.status == 429
+
+
+def _retry_on(call: _Call[Any]) -> Callable[[BaseException], bool]:
+    """What `call` is sent again after (by the client's `retries`): a call that may not be repeated
+    only after a 429, which did nothing."""
+    if call.may_repeat:
+        return lambda exc: _transient(exc) or _refused_at_once(exc)
+    return _refused_at_once
+
+
 class _Base:
     """The connection settings both clients share: URL, token, timeout, retry policy."""
 
@@ -434,9 +448,6 @@ class _Base:
 
     def __repr__(self) -> str:  # never show the token
         return f"{type(self).__name__}({self.url!r})"
-
-    def _policy(self, call: _Call[Any]) -> RetryPolicy:
-        return self.retries if call.may_repeat else RetryPolicy(attempts=1)
 
 
 # ---- the blocking transport --------------------------------------------------------------------
@@ -477,7 +488,7 @@ class Client(_Base):
         return call.parse(_checked(response))
 
     def _send(self, call: _Call[T]) -> T:
-        for attempt in self._policy(call).blocking(_transient, f"{call.method} {call.path}"):
+        for attempt in self.retries.blocking(_retry_on(call), f"{call.method} {call.path}"):
             with attempt:
                 return self._send_once(call)
         raise AssertionError("unreachable")  # pragma: no cover: tenacity re-raises the last error
@@ -676,7 +687,7 @@ class AsyncClient(_Base):
         return call.parse(_checked(response))
 
     async def _send(self, call: _Call[T]) -> T:
-        async for attempt in self._policy(call).asynchronous(_transient, f"{call.method} {call.path}"):
+        async for attempt in self.retries.asynchronous(_retry_on(call), f"{call.method} {call.path}"):
             with attempt:
                 return await self._send_once(call)
         raise AssertionError("unreachable")  # pragma: no cover: tenacity re-raises the last error

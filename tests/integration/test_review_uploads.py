@@ -19,6 +19,7 @@ from cloudhpc.client import ApiError, Client
 from cloudhpc.config import PorterConfig, Settings
 from cloudhpc.porter.app import create_app
 from cloudhpc.porter.routes_uploads import MAX_OPEN_UPLOADS
+from cloudhpc.retries import RetryPolicy
 from cloudhpc.storage import ObjectStore
 from cloudhpc.store import Store
 from tests.integration.stores import served, store_url
@@ -111,3 +112,31 @@ def test_one_user_has_at_most_a_few_uploads_in_progress(porter: Porter) -> None:
     assert other.status_code == 200, other.text
     assert [r.status_code for r in stored] == [200] * MAX_OPEN_UPLOADS
     assert upload("bob smith", b"z").status_code == 200  # the slots are free again
+
+
+def test_the_sdk_sends_an_upload_refused_for_the_cap_again(porter: Porter) -> None:
+    """A pipeline whose steps upload at the same time (one user's token) may meet the cap: the SDK
+    sends the refused upload again after a pause (the 429 stored nothing), where it used to raise."""
+    release = threading.Event()
+
+    def slow() -> Iterator[bytes]:
+        yield b"x"
+        release.wait(30)
+
+    def held() -> httpx.Response:
+        headers = {"Authorization": f"Bearer {porter.tokens['ops:ci']}"}
+        with httpx.Client(base_url=porter.url, headers=headers, timeout=60) as http:
+            return http.post("/api/v1/uploads", params={"name": "held.bin"}, content=slow())
+
+    retries = RetryPolicy(attempts=6, initial=0.5, maximum=1.0)
+    with (
+        ThreadPoolExecutor(MAX_OPEN_UPLOADS + 1) as pool,
+        Client(porter.url, porter.tokens["ops:ci"], retries=retries) as sdk,
+    ):
+        holders = [pool.submit(held) for _ in range(MAX_OPEN_UPLOADS)]
+        time.sleep(1.0)
+        late = pool.submit(sdk.upload, b"late", name="late.bin")
+        time.sleep(1.0)  # refused at least once by now
+        release.set()
+        assert "/late.bin" in late.result(timeout=30)
+        assert all(h.result().status_code == 200 for h in holders)

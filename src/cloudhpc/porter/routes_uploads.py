@@ -75,10 +75,11 @@ router = APIRouter(prefix="/api/v1", tags=["uploads"])
 
 MAX_UPLOAD_BYTES = 1 << 30
 """The largest input one upload may carry (1 GiB): larger data belongs in the object store itself."""
-MAX_OPEN_UPLOADS = 4
+MAX_OPEN_UPLOADS = 8
 """Uploads one user may have in progress at once on one replica (429 beyond). Each is spooled to
 porter's temporary directory, up to MAX_UPLOAD_BYTES: without a cap, one user's parallel uploads
-took as much of that disk as she opened connections (tests/integration/test_review_uploads.py)."""
+took as much of that disk as she opened connections (tests/integration/test_review_uploads.py). The
+SDK sends an upload refused so again after a pause (`client._retry_on`): nothing was stored."""
 UPLOAD_PATH = r"^/api/v1/uploads$"
 """The route's path, for the app-wide body limit (`RequestSizeLimit`), which this route's own, larger
 cap replaces."""
