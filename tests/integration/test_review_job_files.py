@@ -152,3 +152,16 @@ async def test_sftp_listing_stops_at_its_limit(testbed_ssh: SSHConfig) -> None:
             assert await asyncio.wait_for(conn.read_file(f"{scratch}/after"), FIFO_WAIT) == b"ok"
         finally:
             assert (await conn.run(["rm", "-rf", "--", scratch])).ok
+
+
+def test_a_read_far_past_the_end_is_empty_not_an_error(tmp_path: Path) -> None:
+    """`offset` may be up to 2**63-1 (porter checks that much): the local runner's seek there failed
+    (EINVAL), the agent answered 502 `cluster_error` for a valid request. Now: no content, `eof`."""
+    (tmp_path / "a.txt").write_text("hi\n")
+    for offset in (3, 10**18, 2**63 - 1):
+        answer = asyncio.run(
+            job_files.browse(LocalRunner(), str(tmp_path), "a.txt", offset=offset, length=10)
+        )
+        assert answer.content == ""
+        assert answer.eof
+        assert answer.offset == offset

@@ -180,7 +180,11 @@ async def browse(
     if stat.type != EntryType.FILE:
         # a FIFO would block the read, a device is not the job's
         raise JobFileError(422, "not_a_file", f"{path!r} is neither a regular file nor a directory")
-    data = await access.read_file(real, offset=offset, length=length) if length else b""
+    # past the end nothing is read: a seek far beyond it (offset 2**62) is EINVAL locally, which
+    # answered the user 502 for a valid request
+    data = (
+        await access.read_file(real, offset=offset, length=length) if length and offset < stat.size else b""
+    )
     return FilesAnswer(
         path=path,
         type=EntryType.FILE,
