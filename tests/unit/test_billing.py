@@ -27,12 +27,13 @@ from cloudhpc.domain.billing import (
 )
 from cloudhpc.domain.jobs import JobSpec, Resources
 from cloudhpc.domain.queries import AgentQuery
-from cloudhpc.exceptions import StagingError
-from cloudhpc.hpc.backend import JobPaths, JobSubmission
-from cloudhpc.hpc.slurm.estimate import SbatchTestOnly
+from cloudhpc.exceptions import ParseError, SchedulerCommandError, StagingError
+from cloudhpc.hpc.backend import CommandResult, JobPaths, JobSubmission
+from cloudhpc.hpc.slurm.estimate import STUB_SCRIPT, SbatchTestOnly, parse_test_only
 from cloudhpc.hpc.slurm.submit import Sbatch
 from cloudhpc.submitter.estimates import choose_partition
 from cloudhpc.submitter.queries import answer_query
+from tests.recordings import load_recording, recording_meta
 
 PUHTI = BillingConfig(
     unit="BU",
@@ -257,3 +258,41 @@ def test_partition_auto_takes_the_earliest_and_says_why() -> None:
 def test_partition_auto_fails_the_job_when_slurm_takes_it_nowhere() -> None:
     with pytest.raises(StagingError, match=r"no allowed partition.*small: Requested node configuration"):
         asyncio.run(choose_partition(Predicting({}), CONFIG, "c", auto_submission()))  # type: ignore[arg-type]
+
+
+def test_test_only_as_the_testbed_answered_it() -> None:
+    recorded = recording_meta("sbatch_test_only")
+    prediction = parse_test_only(load_recording("sbatch_test_only"), None)
+    assert prediction.error is None
+    assert prediction.partition == "debug"  # the testbed's default: SLURM names it
+    assert prediction.start is not None
+    assert prediction.start.tzinfo is not None
+    assert prediction.processors == 2
+    assert prediction.nodes
+    assert recorded["stdin"] == STUB_SCRIPT
+    assert recorded["argv"][:5] == ["env", "SLURM_TIME_FORMAT=%s", "TZ=UTC", "sbatch", "--test-only"]
+
+
+def test_a_test_only_refusal_is_the_partitions_error() -> None:
+    prediction = parse_test_only(load_recording("sbatch_test_only_refused"), "nosuchpartition")
+    assert (prediction.partition, prediction.start) == ("nosuchpartition", None)
+    assert prediction.error is not None
+    assert "invalid partition" in prediction.error.lower()
+
+
+def test_test_only_in_local_time_and_an_unreachable_controller() -> None:
+    line = "sbatch: Job 9 to start at 2026-12-05T18:20:00 using 4 processors on nodes n[1-2] in partition p\n"
+    prediction = parse_test_only(CommandResult(argv=("sbatch",), exit_status=0, stdout="", stderr=line), None)
+    assert (prediction.start, prediction.processors, prediction.nodes, prediction.partition) == (
+        datetime(2026, 12, 5, 18, 20, tzinfo=UTC),
+        4,
+        "n[1-2]",
+        "p",
+    )
+    down = CommandResult(
+        argv=("sbatch",), exit_status=1, stdout="", stderr="sbatch: error: Unable to contact slurm controller"
+    )
+    with pytest.raises(SchedulerCommandError):
+        parse_test_only(down, "p")
+    with pytest.raises(ParseError):
+        parse_test_only(CommandResult(argv=("sbatch",), exit_status=0, stdout="", stderr="huh"), "p")
