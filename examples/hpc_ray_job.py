@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The data, in the object store, under your own prefix (a job may read only your objects).
     if not args.store_url:
         with Client() as hpc:  # CLOUDHPC_URL, CLOUDHPC_TOKEN
-            args.store_url = hpc.me()["inputs"][0].rstrip("/")
+            args.store_url = hpc.me().inputs[0].rstrip("/")
     refs = preprocess(
         data_url="",
         store_url=args.store_url,
@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 time.sleep(0.5)
         else:
-            accounting = {}
-        efficiency = accounting.get("efficiency", {})
-        print(
-            f"CPU efficiency {100 * (efficiency.get('cpu_efficiency') or 0):.1f}%, state {efficiency.get('state')}"
-        )
+            accounting = None
+        efficiency = accounting.efficiency if accounting is not None else None
+        if efficiency is None:
+            print("no efficiency figures were stored for the job")
+        else:
+            print(f"CPU efficiency {100 * (efficiency.cpu_efficiency or 0):.1f}%, state {efficiency.state}")
 
     # 4. The metrics it logged, epoch by epoch.
     history = sorted(mlflow.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)
