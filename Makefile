@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 ## test: install, bring up the real testbed, then lint, type-check and run every test tier
 test: $(STAMP) testbed-up lint
-	@$(PY) -m pytest -q -p no:cacheprovider tests
+	@$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: $(STAMP)
 	@echo "==> ruff"
@@ -56,8 +56,9 @@ bench: $(STAMP) testbed-up
 bench-topology: $(STAMP) testbed-up
 	@for b in slurm_submit dispatch ray_bridge pipeline; do echo "==> bench/$$b.py --topology"; $(PY) bench/$$b.py --topology || exit 1; done
 
-## faults: the long fault-injection run on the topology (docs/reliability.md): FAULTS_JOBS jobs (200),
-## every fault kind FAULTS_PER_KIND times (2) at points chosen by FAULTS_SEED (1), slurmdbd down FAULTS_DOWN_FOR s (120)
+## faults: the long fault-injection run on the topology (docs/reliability.md): FAULTS_JOBS jobs (200; arrays
+## among them, FAULTS_BRIDGES (3) with bridges), every fault kind of FAULTS_KINDS (all) FAULTS_PER_KIND times (2)
+## at points chosen by FAULTS_SEED (1), slurmctld and slurmdbd down FAULTS_DOWN_FOR s (120)
 faults: $(STAMP) testbed-up
 	@$(PY) -m tests.faults.driver
 
