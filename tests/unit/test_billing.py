@@ -25,12 +25,14 @@ from cloudhpc.domain.billing import (
     requested_usage,
     with_costs,
 )
-from cloudhpc.domain.jobs import JobSpec, Resources
+from cloudhpc.domain.jobs import Job, JobSpec, Resources
 from cloudhpc.domain.queries import AgentQuery
+from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import ParseError, SchedulerCommandError, StagingError
 from cloudhpc.hpc.backend import CommandResult, JobPaths, JobSubmission
 from cloudhpc.hpc.slurm.estimate import STUB_SCRIPT, SbatchTestOnly, parse_test_only
 from cloudhpc.hpc.slurm.submit import Sbatch
+from cloudhpc.porter.web_render import job_page
 from cloudhpc.submitter.estimates import choose_partition
 from cloudhpc.submitter.queries import answer_query
 from tests.recordings import load_recording, recording_meta
@@ -296,3 +298,29 @@ def test_test_only_in_local_time_and_an_unreachable_controller() -> None:
         parse_test_only(down, "p")
     with pytest.raises(ParseError):
         parse_test_only(CommandResult(argv=("sbatch",), exit_status=0, stdout="", stderr="huh"), "p")
+
+
+def test_the_job_page_shows_the_billed_units_escaped() -> None:
+    spec = JobSpec(name="j", cluster="c", script="true")
+    job = Job(
+        id=uuid.uuid4(),
+        name="j",
+        owner="alice",
+        cluster="c",
+        kind=spec.kind,
+        state=JobState.COMPLETED,
+        created_at=T0,
+        spec=spec,
+    )
+
+    def page(accounting: dict[str, Any]) -> str:
+        return job_page(
+            job, reached={}, tasks=None, accounting=accounting, artifacts=[], nonce="n", user="alice"
+        )
+
+    billed = {"units": 32.2, "unit": "<b>BU", "source": "rates"}
+    shown = page({"records": [], "efficiency": {}, "billed": billed})
+    assert (
+        '<p id="billed">32.2 &lt;b&gt;BU <span class="muted">(the cluster&#x27;s rates)</span></p>' in shown
+    )
+    assert 'id="billed"' not in page({"records": [], "efficiency": {}})
