@@ -179,6 +179,15 @@ def test_a_profile_reads_and_writes_its_own_prefix(store: Store, tmp_path: Path)
         "AccessDenied"
     )
 
+    # the shared data sets (docs/pipelines.md's Fashion-MNIST): read and listed, never written
+    admin.put_object(Bucket=BUCKET, Key="datasets/fashion-mnist/train-images-idx3-ubyte.gz", Body=b"images")
+    shared = alice.get_object(Bucket=BUCKET, Key="datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    assert shared["Body"].read() == b"images"
+    assert alice.list_objects_v2(Bucket=BUCKET, Prefix="datasets/fashion-mnist/")["KeyCount"] == 1
+    assert _denied(lambda: alice.put_object(Bucket=BUCKET, Key="datasets/fashion-mnist/x", Body=b"x")) == (
+        "AccessDenied"
+    )
+
 
 def test_a_profile_reaches_nothing_outside_its_prefixes(store: Store) -> None:
     admin = store.client(ADMIN)

@@ -400,11 +400,14 @@ def test_a_profiles_s3_actions_reach_only_its_own_prefixes() -> None:
     assert by_prefix == {
         f"cloudhpc/users/{ns}/": {"Read", "Write", "List", "Tagging"},
         f"cloudhpc/jobs/{ns}/": {"Read", "List"},
+        "cloudhpc/datasets/": {"Read", "List"},  # shared data sets, read only
     }
     assert "Admin" not in {a.partition(":")[0] for a in actions}
     # the same prefixes porter's input rule gives the profile's user (its token's user is the namespace)
     scope = InputScope.from_store_url("s3://cloudhpc")
-    assert {p.removeprefix("cloudhpc/") for p in by_prefix} == set(scope.owner_prefixes(ns))
+    assert {p.removeprefix("cloudhpc/") for p in by_prefix} - {profiles.SHARED_PREFIX} == set(
+        scope.owner_prefixes(ns)
+    )
 
 
 def test_platform_up_keeps_the_profiles_identities() -> None:

@@ -8,7 +8,8 @@ its RBAC and KFP's per-namespace parts):
   scripts/platform-up.sh does for the default profile). The pipelines' steps read it by name.
 - Secret `cloudhpc-s3` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): an S3 identity of the profile's
   own, `profile-<namespace>`, limited to the profile's prefixes of bucket `cloudhpc` (`profile_actions`:
-  read and write `users/<namespace>/`, read `jobs/<namespace>/`; nothing else, no other user's). The
+  read and write `users/<namespace>/`, read `jobs/<namespace>/` and the shared `datasets/`; nothing
+  else, no other user's). The
   steps that read and write the object store read it by name.
 - PodDefault `access-cloudhpc`: pods labelled `access-cloudhpc: "true"` (notebooks pick it in the
   spawner; a pipeline step with kfp-kubernetes' `add_pod_label`) get both Secrets as environment and
@@ -80,6 +81,9 @@ S3_CONFIG_SECRET = "mlflow-s3-config"  # noqa: S105 -- a Secret's name
 S3_CONFIG_KEY = "s3.json"
 STORE_BUCKET = "cloudhpc"
 """porter's bucket (`porter.object_store: s3://cloudhpc` in deploy/kustomize/porter)."""
+SHARED_PREFIX = "datasets/"
+"""Read by every profile, written by none (the operator puts shared data sets there with the store's
+admin keys: docs/pipelines.md's Fashion-MNIST)."""
 PROFILE_IDENTITY = "profile-"
 """The name of every profile's identity starts so (`identity_name`); platform-up.sh keeps these."""
 
@@ -129,13 +133,18 @@ def profile_actions(namespace: str) -> list[str]:
     rule (`storage.inputs.InputScope`) gives each user two prefixes: `users/<user>/`, theirs to
     fill (data sets, uploads, a pipeline's `store_url` and its steps' outputs), read and written
     here; and `jobs/<user>/`, their jobs' artifacts, only read here (the agent writes them, and a
-    user rewriting them would change what porter hands out as the job's files). Nothing else: not
-    another user's prefixes (the `/` ends the user's segment, so `alice` does not reach `alice2`),
-    not porter's upload index or the mailbox, not listing the bucket, not another bucket."""
+    user rewriting them would change what porter hands out as the job's files); and the shared
+    data sets under `SHARED_PREFIX`, only read. Nothing else: not another user's prefixes (the `/`
+    ends the user's segment, so `alice` does not reach `alice2`), not porter's upload index or the
+    mailbox, not listing the bucket, not another bucket."""
     users, jobs = _prefixes(namespace)
     return [
         *(f"{action}:{STORE_BUCKET}/{users}*" for action in ("Read", "Write", "List", "Tagging")),
-        *(f"{action}:{STORE_BUCKET}/{jobs}*" for action in ("Read", "List")),
+        *(
+            f"{action}:{STORE_BUCKET}/{prefix}*"
+            for prefix in (jobs, SHARED_PREFIX)
+            for action in ("Read", "List")
+        ),
     ]
 
 
@@ -349,6 +358,6 @@ def _profile_s3_identity(kubectl: Kubectl, namespace: str) -> tuple[dict[str, st
     users, jobs = _prefixes(namespace)
     what = "its actions updated, keys kept" if known else "new keys"
     return keys, (
-        f"S3 identity {name}: {what}, limited to {STORE_BUCKET}/{users} (read, write) and "
-        f"{STORE_BUCKET}/{jobs} (read); {S3_DEPLOYMENT} restarted to load it"
+        f"S3 identity {name}: {what}, limited to {STORE_BUCKET}/{users} (read, write), "
+        f"{STORE_BUCKET}/{jobs} and {STORE_BUCKET}/{SHARED_PREFIX} (read); {S3_DEPLOYMENT} restarted to load it"
     )
