@@ -428,3 +428,30 @@ def test_platform_up_keeps_the_profiles_identities() -> None:
     assert json.loads(profiles.merged_s3_config(json.dumps(rotated), "")) == rotated
     script = (Path(__file__).resolve().parents[2] / "scripts" / "platform-up.sh").read_text()
     assert "merged_s3_config" in script
+
+
+def test_apply_updates_a_profiles_stale_actions_and_keeps_its_keys(tmp_path: Path) -> None:
+    """An identity made with other actions (an older cloudhpc) is brought up to date in place: the
+    pods holding its keys keep working, the store restarts to load the new actions."""
+    exe, log = _fake_kubectl(tmp_path)
+    keys = {"AWS_ACCESS_KEY_ID": "OLDPROFILEKEY", "AWS_SECRET_ACCESS_KEY": "old-profile-secret-" + "o" * 20}
+    stale = {**profiles.profile_identity(REQUEST.namespace, keys), "actions": ["Read:cloudhpc"]}
+    (tmp_path / "s3.json").write_text(json.dumps({"identities": [*S3_CONFIG["identities"], stale]}))
+    argv = ["platform", "profile", "add", REQUEST.user, "--apply", "--kubectl", str(exe)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "actions updated, keys kept" in result.output
+    calls = _calls(log)
+    applied = {
+        o["metadata"]["name"]: o
+        for c in calls
+        if c["argv"][:1] == ["apply"]
+        for o in json.loads(c["stdin"])["items"]
+    }
+    assert applied[profiles.S3_SECRET]["stringData"] == keys
+    identities = json.loads(applied[profiles.S3_CONFIG_SECRET]["stringData"]["s3.json"])["identities"]
+    assert identities[-1] == profiles.profile_identity(REQUEST.namespace, keys)
+    assert len(identities) == 3
+    assert [c["argv"] for c in calls if "rollout" in c["argv"]] == [
+        ["-n", "mlflow", "rollout", "restart", "deployment/mlflow-s3"]
+    ]
