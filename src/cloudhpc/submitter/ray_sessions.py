@@ -45,8 +45,9 @@ __all__ = ["SessionJobs", "is_session_job"]
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 0.2
-"""Seconds between reads of the Ray job's state: its end reaches porter within about this."""
+STATUS_INTERVAL = 0.1
+"""Seconds between reads of the Ray job's state: its end reaches porter within about this (a GET
+through the bridge to the dashboard's loopback, which answers from Ray's job table)."""
 LOG_INTERVAL = 1.0
 """Seconds between reads of its output while it runs (the agent's output interval for SLURM jobs)."""
 SESSION_CHECK = 10.0
@@ -94,14 +95,21 @@ class SessionJobs:
         if job.state == JobState.PENDING and job.cancel_requested:
             await self.report(job.id, JobState.CANCELLED, reason="cancelled before submission")
             return
+        # `preparing` is reported while the session is looked up: one round trip less before Ray
+        # gets the job. The report takes its number as it starts (the sleep lets it), so every
+        # later report of the job supersedes it whatever order they arrive in.
+        preparing: asyncio.Future[None] | None = None
         if job.state == JobState.PENDING:
-            await self.report(job.id, JobState.PREPARING)
+            preparing = asyncio.ensure_future(self.report(job.id, JobState.PREPARING))
+            await asyncio.sleep(0)
         try:
             session = await self._find_session(job)
             api_args = await self._api_args(session)
             async with httpx.AsyncClient(trust_env=False, timeout=30.0) as http:
                 api = RayJobsApi(http, *api_args)
                 await self._submit(job, session, api)
+                if preparing is not None:
+                    await preparing
                 await self._follow(job, session, api)
         except _Cancelled as exc:
             await self.report(job.id, JobState.CANCELLED, reason=str(exc), ended_at=datetime.now(UTC))
@@ -112,6 +120,9 @@ class SessionJobs:
             await self.report(
                 job.id, JobState.FAILED, reason=f"ray.session: {exc}", ended_at=datetime.now(UTC)
             )
+        finally:
+            if preparing is not None:
+                await preparing
 
     # ---- the session -------------------------------------------------------------------------
 
