@@ -331,3 +331,28 @@ async def test_poke_wakes_a_sleeping_loop(backend: FakeBackend, recorder: Record
         await asyncio.sleep(0.005)
     await poller.stop()
     assert len(backend.calls) == 2
+
+
+async def test_a_job_whose_id_the_scheduler_gave_to_another_is_lost_not_the_other(
+    poller: Poller, backend: FakeBackend, recorder: Recorder
+) -> None:
+    """slurmctld killed with -9 restarts from a state saved before it accepted `lost`, and hands its
+    id to `other` (docs/reliability.md): `lost` must not take `other`'s state, exit code or end."""
+    lost, other = uuid4(), uuid4()
+    poller.track(lost, "2475")
+    backend.states["2475"] = obs(JobState.RUNNING).model_copy(update={"owner": lost})
+    await poller.tick()
+    backend.states["2475"] = obs(JobState.COMPLETED, exit_code=0).model_copy(update={"owner": other})
+    await poller.tick()
+    seen = recorder.seen[-1][2]
+    assert (seen.state, seen.native_state, seen.exit_code) == (JobState.FAILED, "LOST", None)
+    assert seen.reason is not None
+    assert "lost by the scheduler" in seen.reason
+    assert str(other) in seen.reason
+    assert poller.tracked == {}, "a lost job is not followed any more"
+    # a record without an owner (a backend that cannot tell) is taken as it is
+    unknown = uuid4()
+    poller.track(unknown, "9")
+    backend.states["9"] = obs(JobState.COMPLETED, exit_code=0)
+    await poller.tick()
+    assert recorder.seen[-1][2].state == JobState.COMPLETED

@@ -766,6 +766,21 @@ async def test_poll_reads_exit_codes_from_sacct() -> None:
     assert (observation.state, observation.exit_code, observation.reason) == (JobState.FAILED, 3, "FAILED")
 
 
+async def test_poll_says_whose_job_each_record_is() -> None:
+    """squeue's and sacct's job names say which cloudhpc job a record is: after a controller lost a
+    job and handed its id to another, the poller must be able to tell (test_poller)."""
+    squeue = load_recording("squeue_states")
+    rows = {row.job_id: row for row in Squeue.parse(squeue) if row.native_state in ("RUNNING", "PENDING")}
+    backend, _ = replay_backend(squeue=squeue)
+    answer = await backend.poll(["12", "13"])
+    assert answer["12"].owner == UUID(rows["12"].name.removeprefix("chpc-"))
+    assert answer["13"].owner is None, "a job named `wrap` is nobody's of ours"
+    (accounted,) = Sacct.parse(load_recording("sacct_by_name"))
+    backend, _ = replay_backend(squeue="squeue_unknown", sacct="sacct_by_name")
+    answer = await backend.poll([accounted.record.job_id])
+    assert answer[accounted.record.job_id].owner == UUID(accounted.record.name.removeprefix("chpc-"))
+
+
 async def test_poll_survives_a_failing_sacct() -> None:
     down = result(stderr="sacct: error: Problem talking to the database", exit_status=1)
     backend, _ = replay_backend(squeue="squeue_unknown", sacct=down)

@@ -804,6 +804,22 @@ class Observation(_Model):
     tasks: tuple[TaskObservation, ...] | None = Field(
         default=None, description="an array's tasks, by index; None for a job that is not an array"
     )
+    owner: UUID | None = Field(
+        default=None,
+        description="the cloudhpc job the scheduler's record belongs to (SLURM: its job name), None "
+        "where the backend cannot tell: a scheduler that lost a job may give its id to another one",
+    )
+
+    def lost_to(self, native_id: str) -> Observation:
+        """What a job whose scheduler id `native_id` now names job `self.owner` is: failed, as lost
+        by the scheduler (a controller restarted from a state saved before it accepted the job hands
+        its id out again). Never the other job's state, output or exit code."""
+        return Observation(
+            state=JobState.FAILED,
+            native_state="LOST",
+            reason=f"lost by the scheduler: its job {native_id} is now another job's ({self.owner}); "
+            "the controller restarted from a state saved before it had accepted this one",
+        )
 
     @classmethod
     def of_array(cls, tasks: Iterable[TaskObservation]) -> Observation:

@@ -171,6 +171,12 @@ class Poller:
         changed: dict[UUID, Observation] = {}
         for job_id, job in jobs.items():
             observation = observed.get(job.native_id)
+            if observation is not None and observation.owner not in (None, job_id):
+                logger.warning(
+                    "job %s: %s on %s is job %s's now: the scheduler lost this job",
+                    job_id, job.native_id, self.backend.cluster, observation.owner,
+                )  # fmt: skip
+                observation = observation.lost_to(job.native_id)
             if observation is None or observation == job.last or self._jobs.get(job_id) is not job:
                 continue
             try:

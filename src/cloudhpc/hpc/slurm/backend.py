@@ -46,6 +46,7 @@ from cloudhpc.hpc.slurm.ids import (
     check_native_id,
     comment_for,
     job_name_for,
+    owner_of_name,
     parse_job_id,
 )
 from cloudhpc.hpc.slurm.queue import Squeue, SqueueRow
@@ -69,6 +70,13 @@ CommandObserver = Callable[[str, CommandResult, float], None]
 _T = TypeVar("_T")
 
 _SEFF_ARRAY = re.compile(r"^Array Job ID:|array jobid", re.MULTILINE | re.IGNORECASE)
+
+
+def _owned(observation: Observation, name: str | None) -> Observation:
+    """`observation` with the cloudhpc job its record names: a controller restarted from an older
+    state hands lost jobs' ids out again, and the poller must not take another job for ours."""
+    owner = owner_of_name(name) if name is not None else None
+    return observation if owner is None else observation.model_copy(update={"owner": owner})
 
 
 def _check_relative(path: str) -> str:
@@ -223,6 +231,8 @@ class SlurmBackend:
         if not ids:
             return {}
         observations: dict[str, Observation] = {}
+        names: dict[str, str] = {}
+        """The job name of each id's record: whose job it is (an id may be handed out again)."""
         ask_sacct: list[str] = []
         self.last_poll_commands += 1
         try:
@@ -236,6 +246,7 @@ class SlurmBackend:
         arrays: dict[str, dict[int, TaskObservation]] = {}
         for row in rows:
             parsed = parse_job_id(row.job_id)
+            names[parsed.job] = row.name
             for alloc in allocation_ids(row.job_id):
                 by_id[alloc] = row
                 if parsed.array_task is not None:
@@ -278,6 +289,7 @@ class SlurmBackend:
                 if sacct_row.record.step is not None:
                     continue
                 parsed = parse_job_id(sacct_row.record.job_id)
+                names.setdefault(parsed.job, sacct_row.record.name)
                 if parsed.array_task is not None and parsed.job in wanted:
                     for task in sacct_row.task_observations():
                         accounted_tasks.setdefault(parsed.job, {})[task.index] = task
@@ -300,7 +312,7 @@ class SlurmBackend:
                     # array by a part of it
                     continue
                 observations[native_id] = observation
-        return observations
+        return {native_id: _owned(o, names.get(native_id)) for native_id, o in observations.items()}
 
     async def restart_counts(self, native_ids: Sequence[str]) -> dict[str, int]:
         """SLURM's restart count of the jobs squeue still knows (`hpc.requeue.CountsRestarts`)."""

@@ -23,6 +23,7 @@ __all__ = [
     "expand_array_tasks",
     "is_step_row",
     "job_name_for",
+    "owner_of_name",
     "parse_job_id",
 ]
 
@@ -44,6 +45,17 @@ _JOB_ID = re.compile(
 def job_name_for(job_id: UUID) -> str:
     """The SLURM job name of a cloudhpc job; derived, so user input never reaches `--job-name`."""
     return f"{JOB_NAME_PREFIX}{_uuid(job_id)}"
+
+
+def owner_of_name(name: str) -> UUID | None:
+    """The cloudhpc job a SLURM job name belongs to (`job_name_for`'s inverse); None for a name
+    that is not ours."""
+    if not name.startswith(JOB_NAME_PREFIX):
+        return None
+    try:
+        return UUID(name[len(JOB_NAME_PREFIX) :])
+    except ValueError:
+        return None
 
 
 def comment_for(job_id: UUID) -> str:
