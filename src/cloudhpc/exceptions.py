@@ -36,10 +36,13 @@ table, the agent's retry logic) can decide by type alone: retry, surface to the 
     │   ├── JobFailed
     │   ├── QualityGateFailed
     │   └── StepTerminated
-    └── ExecutorError
-        ├── PythonVersionMismatch
-        ├── RemoteCallError
-        └── NoResult
+    ├── ExecutorError
+    │   ├── PythonVersionMismatch
+    │   ├── RemoteCallError
+    │   └── NoResult
+    └── RaySessionError
+        ├── SessionNotActive
+        └── RayJobsError
 
 docs/exceptions.md says what each one means to a user, its HTTP status and what to do next.
 """
@@ -75,12 +78,15 @@ __all__ = [
     "PythonVersionMismatch",
     "QualityGateFailed",
     "QuotaExceeded",
+    "RayJobsError",
+    "RaySessionError",
     "RemoteCallError",
     "RemoteFileError",
     "SSHConnectError",
     "SSHError",
     "SchedulerCommandError",
     "SchedulerError",
+    "SessionNotActive",
     "StagingError",
     "StepTerminated",
     "StorageError",
@@ -283,3 +289,22 @@ class NoResult(ExecutorError):
         self.job_id = job_id
         self.state = state
         self.reason = reason
+
+
+class RaySessionError(CloudHPCError):
+    """A ray-job naming a warm session (`ray.session`) could not run on it: the agent fails the job
+    with the message as its `reason` (`submitter/ray_sessions.py`)."""
+
+
+class SessionNotActive(RaySessionError):
+    """The session a ray-job names does not exist, is not its owner's, or has ended (also: ended
+    while the job ran on it, or does not expose the dashboard the agent submits through)."""
+
+
+class RayJobsError(RaySessionError):
+    """The session's Ray answered the agent with an error (`status`, Ray's HTTP status), or could
+    not be reached through its bridge (`status` 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -60,6 +60,9 @@ EXPECTED = {
     "PythonVersionMismatch": 500,
     "RemoteCallError": 500,
     "NoResult": 500,
+    "RaySessionError": 500,
+    "SessionNotActive": 500,
+    "RayJobsError": 500,
 }
 
 ALLOWED_ELSEWHERE = {

@@ -27,13 +27,13 @@ from uuid import UUID
 import httpx
 
 from cloudhpc.domain.states import JobState
+from cloudhpc.exceptions import RayJobsError
 
 __all__ = [
     "ENTRYPOINT_COMMAND",
     "SESSION_TOKEN_FILE",
     "RayJobInfo",
     "RayJobsApi",
-    "RayJobsError",
     "session_package",
 ]
 
@@ -53,14 +53,6 @@ ENTRYPOINT_COMMAND = f"/bin/bash {PACKAGE_RUNNER}"
 """What Ray runs, in the package's directory: a constant; the user's entrypoint is a file in it."""
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 """Every member's timestamp: the same job gives the same package, hence the same URI."""
-
-
-class RayJobsError(Exception):
-    """The session's Ray answered with an error, or could not be reached (`status` 0)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def session_package(entrypoint: str, files: Mapping[str, bytes], env_file: bytes | None) -> tuple[str, bytes]:

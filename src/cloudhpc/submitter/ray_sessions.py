@@ -36,9 +36,9 @@ import httpx
 
 from cloudhpc.domain.jobs import Job, JobKind
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import ChannelError, CloudHPCError
+from cloudhpc.exceptions import ChannelError, CloudHPCError, RayJobsError, SessionNotActive
 from cloudhpc.hpc.jobscript import ENV_FILE, environment_file
-from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE, RayJobInfo, RayJobsApi, RayJobsError, session_package
+from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE, RayJobInfo, RayJobsApi, session_package
 from cloudhpc.submitter.channel import Channel
 
 __all__ = ["SessionJobs", "is_session_job"]
@@ -65,10 +65,6 @@ def is_session_job(job: Job) -> bool:
 
 class _Report(Protocol):
     def __call__(self, job_id: UUID, state: JobState, **fields: Any) -> Awaitable[None]: ...
-
-
-class _SessionGone(Exception):
-    """The session is not (or no longer) an active ray-cluster of the owner: the job fails."""
 
 
 @dataclass
@@ -104,6 +100,10 @@ class SessionJobs:
             await asyncio.sleep(0)
         try:
             session = await self._find_session(job)
+            if session is None:
+                reason = "cancelled while its session was queued (nothing was submitted)"
+                await self.report(job.id, JobState.CANCELLED, reason=reason, ended_at=datetime.now(UTC))
+                return
             api_args = await self._api_args(session)
             async with httpx.AsyncClient(trust_env=False, timeout=30.0) as http:
                 api = RayJobsApi(http, *api_args)
@@ -111,11 +111,9 @@ class SessionJobs:
                 if preparing is not None:
                     await preparing
                 await self._follow(job, session, api)
-        except _Cancelled as exc:
-            await self.report(job.id, JobState.CANCELLED, reason=str(exc), ended_at=datetime.now(UTC))
-        except _SessionGone as exc:
+        except SessionNotActive as exc:
             await self.report(job.id, JobState.FAILED, reason=str(exc), ended_at=datetime.now(UTC))
-        except (RayJobsError, CloudHPCError) as exc:
+        except CloudHPCError as exc:  # RayJobsError, or a file that could not be fetched
             log.warning("job %s: could not run it on its session: %s", job.id, exc)
             await self.report(
                 job.id, JobState.FAILED, reason=f"ray.session: {exc}", ended_at=datetime.now(UTC)
@@ -146,8 +144,9 @@ class SessionJobs:
         found = by_id or by_name
         return found[-1] if found else None
 
-    async def _find_session(self, job: Job) -> Job:
-        """The running session (waiting while it is queued); `_SessionGone` when there is none."""
+    async def _find_session(self, job: Job) -> Job | None:
+        """The running session (waiting while it is queued; None when the job is cancelled
+        meanwhile); `SessionNotActive` when there is none."""
         assert job.spec.ray is not None
         while True:
             try:
@@ -157,21 +156,21 @@ class SessionJobs:
                 await asyncio.sleep(QUEUED_SESSION_POLL)
                 continue
             if session is None:
-                raise _SessionGone(
+                raise SessionNotActive(
                     f"ray.session {job.spec.ray.session!r}: no ray-cluster of {job.owner} with this id or "
                     f"name is active on cluster {self.cluster} (it does not exist or has ended)"
                 )
             if session.state == JobState.RUNNING:
                 return session
             if self.cancel_asked(job.id) or job.cancel_requested:
-                raise _Cancelled
+                return None
             await asyncio.sleep(QUEUED_SESSION_POLL)
 
     async def _api_args(self, session: Job) -> tuple[str, str | None]:
         """The session's dashboard bridge URL and Ray's token (when the session has one)."""
         dashboard = next((b for b in session.bridges if b.name == "dashboard"), None)
         if dashboard is None:
-            raise _SessionGone(
+            raise SessionNotActive(
                 f"session {session.id} ({session.name}) does not expose its dashboard (ray.expose: "
                 "[dashboard]): the agent submits Ray jobs through it"
             )
@@ -188,7 +187,7 @@ class SessionJobs:
     async def _still_active(self, job: Job, session: Job) -> None:
         current = await self._active_session(job)
         if current is None or current.id != session.id or current.state.terminal:
-            raise _SessionGone(f"its session {session.id} ({session.name}) ended while the job was on it")
+            raise SessionNotActive(f"its session {session.id} ({session.name}) ended while the job was on it")
 
     # ---- the Ray job -------------------------------------------------------------------------
 
@@ -299,10 +298,3 @@ class SessionJobs:
             started_at=info.started_at,
             ended_at=info.ended_at or datetime.now(UTC),
         )
-
-
-class _Cancelled(_SessionGone):
-    """Cancelled while waiting for its session to start: nothing ran."""
-
-    def __init__(self) -> None:
-        super().__init__("cancelled before it was submitted to its session")
