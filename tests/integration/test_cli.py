@@ -420,6 +420,33 @@ def test_output_yaml_is_the_json_document(cli: Cli, tmp_path: Path) -> None:
         assert document == expected, args
 
 
+def test_submit_options_set_the_13_fields_without_a_spec_file(cli: Cli, tmp_path: Path) -> None:
+    """`--qos`, `--checkpoint-warn-before`/`--max-restarts`, `--outputs` (over a spec file's
+    checkpoint, field by field) reach porter's stored spec and SLURM; the job's output file is
+    collected and listed."""
+    script = write(tmp_path / "opts.sh", "mkdir -p results && echo 1,2 > results/a.csv\necho done\n")
+    spec = write(tmp_path / "spec.yaml", "checkpoint: {signal: USR2}\n")
+    job = cli.json(
+        "jobs", "submit", str(spec), "--name", "opts", "--cluster", "testbed", "--script", str(script),
+        "-r", "time=5", "--qos", "normal", "--checkpoint-warn-before", "1m30s", "--max-restarts", "2",
+        "--outputs", "results/*.csv", "--wait",
+    )  # fmt: skip
+    assert job["state"] == "completed", job
+    assert job["spec"]["resources"]["qos"] == "normal"
+    assert job["spec"]["checkpoint"] == {"warn_before": 90, "signal": "USR2", "max_restarts": 2}
+    assert job["spec"]["outputs"] == ["results/*.csv"]
+    deadline = time.monotonic() + 30
+    while not any(
+        k.endswith("/outputs/results/a.csv") for k in cli.json("jobs", "get", job["id"])["artifacts"]
+    ):
+        assert time.monotonic() < deadline, cli.json("jobs", "get", job["id"])["artifacts"]
+        time.sleep(0.5)
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job["slurm_job_id"]], capture_output=True, text=True, check=True
+    ).stdout  # SLURM's own view of what was asked (sacct has no QOS without accounting enforcement)
+    assert " QOS=normal " in f" {shown.replace(chr(10), ' ')} ", shown
+
+
 # ---- refusals and errors -----------------------------------------------------------------------
 
 
