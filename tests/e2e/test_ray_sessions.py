@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from ray.job_submission import JobSubmissionClient
 
 from cloudhpc.client import ApiError
 from cloudhpc.config import SSHConfig
@@ -153,3 +154,37 @@ def test_session_fields_on_a_session_job_are_a_422_naming_them(deployment: Deplo
                 }
             )
         assert refused.value.status == 422
+
+
+@pytest.mark.timeout(FIRST_START + 300)
+def test_a_restarted_agent_follows_the_ray_job_it_submitted_without_running_it_again(
+    deployment: Deployment,
+) -> None:
+    with deployment.client() as client:
+        session = ray_session(
+            "testbed",
+            name="warm-restart",
+            idle_timeout=60,
+            time="00:10:00",
+            head=NODE,
+            environment=RAY_ENV,
+            client=client,
+            timeout=FIRST_START,
+            keep=False,
+        )
+        with session:
+            job = session.submit("echo started; sleep 15; echo done", name="survives")
+            deadline = time.monotonic() + JOB_END
+            while client.get(job).state != JobState.RUNNING:
+                assert time.monotonic() < deadline, "the ray-job never ran"
+                time.sleep(0.3)
+            deployment.kill("submitter")  # SIGKILL: nothing of the agent's memory survives
+            deployment.start("submitter")
+            final = client.wait(job, timeout=JOB_END)
+            text = client.logs(final).data.decode()
+            assert final.state == JobState.COMPLETED, f"{final.reason}\n{text}"
+            assert text.count("started") == 1, text
+            assert "done" in text
+            ray_jobs = JobSubmissionClient(session.address).list_jobs()
+            assert [j.submission_id for j in ray_jobs].count(str(job.id)) == 1, "submitted once"
+        assert client.wait(session.job, timeout=60).state == JobState.CANCELLED, "keep=False ends it"
