@@ -139,6 +139,12 @@ def test_the_sdk_merges_and_refuses_before_sending(api: Api) -> None:
         ("#SBATCH --array=0-9%0", "--array: array '0-9%0': the limit after % must be"),
         ("#SBATCH --dependency=afterok:1", "--dependency is set by cloudhpc"),
         ("#SBATCH --nodes=$(id)", "--nodes: Input should be a valid integer"),
+        # requeue options: the message points to the spec's `checkpoint`
+        (
+            "#SBATCH --requeue",
+            "--requeue is not taken (cloudhpc requeues a job itself, from its `checkpoint`)",
+        ),
+        ("#SBATCH --open-mode=truncate", "`checkpoint: {warn_before: 2m, signal: USR1, max_restarts: 3}`"),
     ],
 )
 def test_a_refused_directive_is_a_422_naming_the_line(api: Api, line: str, words: str) -> None:
