@@ -157,7 +157,12 @@ echo finished
 
 
 def run_wrapper(
-    tmp_path: Path, restart_count: str | None, *, signal_after: float | None, kind: str = "batch"
+    tmp_path: Path,
+    restart_count: str | None,
+    *,
+    signal_after: float | None,
+    kind: str = "batch",
+    ready_after: float = 0.0,
 ) -> tuple[int, str, str]:
     """Render the wrapper for a checkpointed job (`kind` batch, or ray-job with `USER_SCRIPT` as its
     entrypoint and stand-ins for `ray` and the node helpers) in `tmp_path`, run it with a stand-in
@@ -177,7 +182,12 @@ def run_wrapper(
     log = tmp_path / "scontrol.log"
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {log}\nkill -TERM "$PPID"\n')
     (bin_dir / "scontrol").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "HOME": str(tmp_path),
+        "READY_AFTER": str(ready_after),
+    }
     if restart_count is not None:
         env["SLURM_RESTART_COUNT"] = restart_count
     proc = subprocess.Popen(
@@ -196,13 +206,16 @@ def run_wrapper(
 
 
 RAY_HELPERS = """\
-import sys
+import os, sys, time
 if sys.argv[1] == "ports":
     print(" ".join(str(20000 + i) for i in range(int(sys.argv[2]))))
 elif sys.argv[1] == "node-ip":
     print("127.0.0.1")
+elif sys.argv[1] == "wait-ready":
+    time.sleep(float(os.environ.get("READY_AFTER", "0")))
 """
-"""Stands in for ray/node_script.py: free ports, the node's address, and `wait-ready` at once."""
+"""Stands in for ray/node_script.py: free ports, the node's address, and `wait-ready` after
+READY_AFTER seconds (Ray's start-up)."""
 
 
 def render_ray_stand_ins(paths: JobPaths, bin_dir: Path) -> str:
@@ -269,6 +282,17 @@ def test_ray_job_warning_reaches_the_driver_stops_ray_and_requeues(tmp_path: Pat
     assert "finished" not in out
     assert out.index("user got USR1") < out.index("ray head stopped") < out.index("requeued")
     assert ENTRYPOINT_END_MARKER not in out  # the agent is not told the job ended
+    assert scontrol == "requeue 4242\n"
+    assert status != 0
+
+
+def test_ray_job_warned_while_ray_starts_is_requeued_once_its_driver_runs(tmp_path: Path) -> None:
+    """The warning may come before the entrypoint runs (SLURM checks time limits every 30 s): the
+    trap, set before Ray starts, keeps it and forwards it as soon as the driver has started."""
+    status, out, scontrol = run_wrapper(tmp_path, None, signal_after=0.5, kind="ray-job", ready_after=1.5)
+    assert "running the entrypoint" in out
+    assert "finished" not in out
+    assert "requeued" in out
     assert scontrol == "requeue 4242\n"
     assert status != 0
 
