@@ -72,11 +72,13 @@ FAULT_KINDS = (
     "tunnel",
 )
 """The faults of every run (see `Faults`)."""
-OPT_IN_KINDS = ("slurmctld-kill9",)
+OPT_IN_KINDS = ("slurmctld-kill9", "bridge-partition")
 """Faults injected only when asked for (`--kinds`): slurmctld killed with -9 right after an sbatch
 loses the jobs it accepted since its last state save and leaves SLURM itself wedged (a node drained
 for "Duplicate jobid", jobs "launch failed requeued held" that never run until an operator releases
-them), so a run with it does not end by itself (docs/reliability.md)."""
+them), so a run with it does not end by itself (docs/reliability.md). `bridge-partition` (the
+compute nodes cut off from the bridge host) adds `partition_for` seconds to a run for what `tunnel`
+mostly covers already."""
 
 
 # ---------------------------------------------------------------- the load
@@ -216,6 +218,7 @@ def fault_time(schedule: Sequence[tuple[int, str]], down_for: float, partition_f
     pauses = {
         "slurmctld": down_for,
         "slurmctld-kill9": down_for,
+        "bridge-partition": partition_for,
         "slurmdbd": down_for,
         "partition": partition_for,
     }
@@ -558,23 +561,57 @@ class Faults:
         time.sleep(self.partition_for)
         self.topology_up()
 
-    def fault_tunnel(self, wait: float = 300, back_within: float = 120) -> None:
+    def fault_tunnel(self) -> None:
         """`kill -9` of a bridge job's `ssh -R` on its compute node; then the job's restart loop must
         bring a new ssh (another pid in its pid file) through which the dashboard answers on cloud
         and porter's probe says ready again. A job whose bridge is not back is recorded."""
+        self._drop_bridge("tunnel", _kill9, new_ssh=True)
+
+    def fault_bridge_partition(self) -> None:
+        """The compute nodes cut off from the bridge host's sshd for `partition_for` s: a rule at the
+        head of the router's forward chain drops c1, c2 -> cloud:22, established connections
+        included, until `topology.sh up` puts the router's rules back. The job's ssh notices by its
+        keepalives (about 15 s) and reconnects; its bridge must answer again."""
+        t = self.topology
+        router = t.cloud.netns.with_name(read_topology_env()["TOPOLOGY_NETNS_PREFIX"] + "router")
+        nodes = ", ".join(t.hosts[n].addr for n in t.slurm_nodes)
+        rule = f"ip saddr {{ {nodes} }} ip daddr {t.bridge_host} tcp dport {t.bridge_port} drop"
+
+        def cut(_ssh: int | None) -> None:
+            subprocess.run(
+                ["nsenter", f"--net={router}", "--", "nft", "insert", "rule", "inet", "chpc", "forward", *rule.split()],
+                check=True, capture_output=True, timeout=30,
+            )  # fmt: skip
+            time.sleep(self.partition_for)
+            self.topology_up()
+
+        self._drop_bridge("bridge-partition", cut, new_ssh=False)
+
+    def _drop_bridge(
+        self,
+        kind: str,
+        drop: Callable[[int], object],
+        *,
+        new_ssh: bool,
+        wait: float = 300,
+        back_within: float = 120,
+    ) -> None:
+        """`drop(ssh pid)` of a bridge job whose bridge is ready, then wait until its dashboard answers
+        again through the bridge (from cloud) with porter's probe saying ready, through another ssh
+        when `new_ssh`; recorded in `drops`."""
         found = self._ready_bridge_job(time.monotonic() + wait)
         if found is None:
-            self.log(f"tunnel: no bridge job had a ready bridge within {wait:.0f} s: nothing dropped")
-            self.drops.append(TunnelDrop(None, None, "no bridge job ready"))
+            self.log(f"{kind}: no bridge job had a ready bridge within {wait:.0f} s: nothing dropped")
+            self.drops.append(TunnelDrop(None, None, f"{kind}: no bridge job ready"))
             return
         job, pidfile, old = found
-        _kill9(old)
         dropped = time.monotonic()
-        deadline = dropped + back_within
+        drop(old)
+        deadline = time.monotonic() + back_within
         with self.platform.client() as client:
             while time.monotonic() < deadline:
                 new = _pid(pidfile)
-                if new is not None and new != old and Path(f"/proc/{new}").exists():
+                if new is not None and (new != old or not new_ssh) and Path(f"/proc/{new}").exists():
                     with suppress(ApiError, httpx.HTTPError):
                         bridges = client.bridges(job)
                         if all(b.ready for b in bridges) and all(
@@ -582,12 +619,12 @@ class Faults:
                         ):
                             back = time.monotonic() - dropped
                             self.log(
-                                f"tunnel of job {job.id}: ssh {old} killed, ssh {new} answering after {back:.1f} s"
+                                f"{kind} of job {job.id}: ssh {old} -> {new}, answering after {back:.1f} s"
                             )
-                            self.drops.append(TunnelDrop(job.id, back, f"ssh {old} -> {new}"))
+                            self.drops.append(TunnelDrop(job.id, back, f"{kind}: ssh {old} -> {new}"))
                             return
                 time.sleep(0.5)
-        self.drops.append(TunnelDrop(job.id, None, f"ssh {old} killed; pid file now {_pid(pidfile)}"))
+        self.drops.append(TunnelDrop(job.id, None, f"{kind}: ssh {old}; pid file now {_pid(pidfile)}"))
 
     def _ready_bridge_job(self, deadline: float) -> tuple[Job, Path, int] | None:
         """A running bridge job whose every bridge porter says ready and whose tunnel's ssh runs."""
@@ -946,8 +983,8 @@ def run(
         # the bridge jobs' Ray environment, built where the topology's nodes find it (one stat when
         # it is there already)
         prebuild_environment(load_testbed(), RAY_ENV)
-    elif "tunnel" in kinds:
-        raise ValueError("the tunnel fault needs bridge jobs in the load (bridges >= 1)")
+    elif {"tunnel", "bridge-partition"} & set(kinds):
+        raise ValueError("the tunnel and bridge-partition faults need bridge jobs in the load (bridges >= 1)")
     rng = random.Random(seed)
     load = plan_load(rng, n_jobs, bridges)
     schedule = plan_faults(rng, n_jobs, kinds, per_kind)
