@@ -1025,7 +1025,9 @@ def run(
         if errors:
             raise errors[0]
         wait_all(platform, outcomes, deadline)
-        check(topology, platform, outcomes, settle=90)
+        # the agent asks sacct again 120 s after a minute of failed tries: with slurmdbd down at the
+        # end of the load, the accounting comes that much after slurmdbd does
+        check(topology, platform, outcomes, settle=max(90, down_for + 200))
         for drop in faults.drops:
             if drop.back_after is None and drop.job_id is not None:
                 (hit,) = [o for o in outcomes if o.job is not None and o.job.id == drop.job_id]
