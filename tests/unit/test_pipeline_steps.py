@@ -23,11 +23,11 @@ from pydantic import ValidationError
 
 from cloudhpc.domain.jobs import Job, JobSpec, Resources
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import JobFailed
+from cloudhpc.exceptions import JobFailed, PipelineError
 from cloudhpc.pipelines.fmnist import data as fdata
 from cloudhpc.pipelines.fmnist.evaluate import DEFAULT_THRESHOLDS, check_gate, classification_metrics
 from cloudhpc.pipelines.fmnist.hpc_job import HPC_JOB, HpcJob
-from cloudhpc.pipelines.fmnist.steps import object_url, stage_breakdown, training_job_spec
+from cloudhpc.pipelines.fmnist.steps import object_url, profile_store_url, stage_breakdown, training_job_spec
 from cloudhpc.pipelines.fmnist.train import HParams, load_train_file
 from cloudhpc.pipelines.runner import JobOutcome, job_timings
 from tests.jobs import job_from
@@ -514,3 +514,17 @@ def test_the_steps_fill_their_artifacts(tmp_path: Path) -> None:
     assert meta["framework"] == "pytorch"
     assert meta["cloudhpc_job_id"] == "j1"
     assert "val_accuracy" not in model_metadata(TrainOutcome("r2", float("nan"), {}), "http://mlflow")
+
+
+def test_a_run_without_store_url_writes_under_its_profiles_own_prefix(tmp_path: Path) -> None:
+    """The profile's S3 keys may write only `users/<namespace>/`: the bucket's root (the old default)
+    was refused at the first write."""
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("alice\n")
+    assert profile_store_url(namespace_file=namespace_file) == "s3://cloudhpc/users/alice"
+    assert profile_store_url("s3://other/pre", namespace_file=namespace_file) == "s3://other/pre/users/alice"
+    with pytest.raises(PipelineError, match="store_url"):
+        profile_store_url(namespace_file=tmp_path / "missing")
+    namespace_file.write_text("\n")
+    with pytest.raises(PipelineError, match="no namespace"):
+        profile_store_url(namespace_file=namespace_file)

@@ -165,11 +165,11 @@ def fmnist_preprocess(
     source, counts and digests (`DataRefs.manifest`); the later steps take it as their input."""
     import functools
 
-    from cloudhpc.pipelines.fmnist.steps import fill_artifact, preprocess
+    from cloudhpc.pipelines.fmnist.steps import fill_artifact, preprocess, profile_store_url
 
     refs = preprocess(
         data_url=data_url,
-        store_url=store_url,
+        store_url=store_url or profile_store_url(),
         prefix=f"pipelines/fmnist/{pipeline_job_id}",
         seed=seed,
         val_fraction=val_fraction,

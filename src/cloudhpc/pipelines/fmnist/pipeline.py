@@ -49,7 +49,8 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AW
 PORTER_URL = "http://porter-service.monitoring.svc.cluster.local:5555"
 MLFLOW_URL = "http://mlflow.mlflow.svc.cluster.local:5000"
 S3_ENDPOINT = "http://mlflow-s3.mlflow.svc.cluster.local:9000"
-STORE_URL = "s3://cloudhpc"
+STORE_URL = ""
+"""Empty: each step uses its profile's own prefix, `s3://cloudhpc/users/<namespace>` (`steps.profile_store_url`)."""
 THRESHOLDS = {"test_accuracy": 0.8, "test_macro_precision": 0.8, "test_macro_recall": 0.8}
 
 

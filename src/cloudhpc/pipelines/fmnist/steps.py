@@ -29,11 +29,12 @@ from urllib.parse import unquote
 
 from cloudhpc.client import Client
 from cloudhpc.domain.jobs import JobSpec
-from cloudhpc.exceptions import JobFailed
+from cloudhpc.exceptions import JobFailed, PipelineError
 from cloudhpc.pipelines.fmnist.data import load_dataset, read_url, write_splits
 from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
 from cloudhpc.pipelines.fmnist.train import CHECKPOINT_FILE, HParams
 from cloudhpc.pipelines.runner import JobOutcome, run_job
+from cloudhpc.storage.inputs import InputScope
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -48,6 +49,7 @@ __all__ = [
     "model_metadata",
     "object_url",
     "preprocess",
+    "profile_store_url",
     "stage_breakdown",
     "train_in_cloud",
     "train_on_hpc",
@@ -142,6 +144,27 @@ def _open_store(store_url: str, s3_endpoint_url: str | None) -> Any:
         root = Path(unquote(store_url[len("file://") :])).expanduser().resolve()
         store_url = f"file://{root}"
     return open_object_store(store_url, endpoint_url=s3_endpoint_url)
+
+
+POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+"""Where Kubernetes tells a pod its namespace (a Kubeflow profile's namespace for a pipeline step)."""
+
+
+def profile_store_url(bucket_url: str = "s3://cloudhpc", *, namespace_file: Path = POD_NAMESPACE_FILE) -> str:
+    """The store URL a step uses when the run names none: its profile's own input prefix
+    (`<bucket_url>/users/<namespace>`). A profile's S3 keys (`cloudhpc platform profile add`) may
+    write only there, and porter accepts jobs' inputs only from there (the profile's porter user is
+    its namespace), so the bucket's root would fail at the first write or the first HPC job."""
+    try:
+        namespace = namespace_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise PipelineError(
+            f"store_url is empty and this step is not in a Kubernetes pod ({namespace_file}: {exc.strerror}): "
+            "name your input prefix in the run's store_url (GET /api/v1/me shows it: Client().me().inputs)"
+        ) from exc
+    if not namespace:
+        raise PipelineError(f"store_url is empty and {namespace_file} names no namespace: set store_url")
+    return InputScope.from_store_url(bucket_url).owner_urls(namespace)[0].rstrip("/")
 
 
 def preprocess(
