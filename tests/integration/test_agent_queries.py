@@ -115,6 +115,28 @@ def test_files_are_answered_by_the_agent(api: Api, store: Store) -> None:
     assert query["kind"] == "job_files"
     assert query["job_id"] == str(job.id)
     assert query["params"] == {"path": "sub dir", "offset": 5, "length": 7}
+    assert store.query_cluster(query["id"]) is None  # the asker deleted its question with the answer
+
+
+def test_a_question_given_up_on_is_deleted_and_a_late_answer_finds_none(api: Api, store: Store) -> None:
+    """Rows live only while a request waits: the table does not grow with every files request (the
+    sweep of finished rows scans it)."""
+    job = running_job(store)
+    result: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: result.append(api.files(job, path="x")))
+    asking.start()
+    claimed = api.client.get(
+        "/api/v1/agent/queries", params={"cluster": "local", "wait": 10, "agent": "a"}, headers=api.agent
+    ).json()
+    [query] = claimed["queries"]  # a slow agent: claimed in time, answered after the 2 s wait
+    asking.join(30)
+    assert result[0].status_code == 504
+    assert store.query_cluster(query["id"]) is None
+    late = api.client.post(
+        f"/api/v1/agent/queries/{query['id']}/answer", json={"result": LISTING}, headers=api.agent
+    )
+    assert late.status_code == 404
+    assert store.claim_queries("local", "another-agent") == []
 
 
 def test_the_agents_refusal_is_the_answer(api: Api, store: Store) -> None:

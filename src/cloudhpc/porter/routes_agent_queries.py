@@ -84,9 +84,15 @@ async def _ask(
     wait = wait if wait is not None else state.settings.porter.agent_query_wait
     query_id = await state.store.ask_agent(cluster, kind, params, job_id=job_id, ttl=wait + 5.0)
     state.notifier.notify(queries_key(cluster))
-    answer = await state.long_poll(
-        answer_key(query_id), wait, lambda: state.store.query_answer(query_id), lambda seen: seen is not None
-    )
+    try:
+        answer = await state.long_poll(
+            answer_key(query_id),
+            wait,
+            lambda: state.store.query_answer(query_id),
+            lambda seen: seen is not None,
+        )
+    finally:
+        await state.store.forget_query(query_id)
     if answer is None:
         raise HttpProblem(
             504,

@@ -131,6 +131,7 @@ class AsyncStore:
     query_cluster = _in_thread(Store.query_cluster)
     answer_query = _in_thread(Store.answer_query)
     query_answer = _in_thread(Store.query_answer)
+    forget_query = _in_thread(Store.forget_query)
     purge_queries = _in_thread(Store.purge_queries)
     # the metrics read model
     count_by_state = _in_thread(Store.count_by_state)

@@ -1,9 +1,10 @@
 """Agent queries in the store: porter writes a question for a cluster's agent, the agent claims it
 with its work channel and writes the answer, porter's waiting route reads it.
 
-Short-lived rows: a question is worth answering until `expires_at` (the asking route gives up then
+Short-lived rows: the asking route deletes its question once it has the answer or gives up
+(`forget_query`). A question is worth answering until `expires_at` (the asking route gives up then
 with a 504, and reads an answer only before), so a row whose question expired more than `KEEP` ago
-is finished, answered or not. Finished rows are deleted whenever a new question is written and by
+(its asker's replica died while waiting) is finished, answered or not. Finished rows are deleted whenever a new question is written and by
 porter's periodic retention sweep (`purge_queries`), so the table does not keep the last questions
 of a porter that stops being asked. A question
 claimed but not answered (the agent stopped meanwhile) is handed out again after `RECLAIM_AFTER`.
@@ -144,6 +145,15 @@ class QueryRepository(Database):
             session.flush()
             notify_in(session, [answer_key(query_id)])
             return True
+
+    @map_db_errors
+    def forget_query(self, query_id: UUID) -> None:
+        """Delete a question whose asker is done with it (answered, or given up on): the rows live
+        only as long as a request waits, so the table stays small and the sweep of finished rows
+        (`_finished`, a scan of the table) stays cheap. A late answer then finds no question (404),
+        which is what it is worth."""
+        with self._write() as session:
+            session.execute(delete(AgentQueryRow).where(AgentQueryRow.id == str(query_id)))
 
     @map_db_errors
     def query_answer(self, query_id: UUID) -> QueryAnswer | None:
