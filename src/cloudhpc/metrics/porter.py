@@ -22,7 +22,7 @@ from cloudhpc.metrics.catalog import JOB_LABELS, spec
 from cloudhpc.metrics.exposition import Family, label_set, render
 from cloudhpc.metrics.refusals import RefusalCounter
 from cloudhpc.store import AccountingFacts, JobFacts, Store
-from cloudhpc.store.metrics_view import TransitionKey
+from cloudhpc.store.metrics_view import BilledKey, TransitionKey, sum_billed
 
 __all__ = ["API_BUCKETS", "BridgeSource", "PorterMetrics", "job_values"]
 
@@ -120,6 +120,10 @@ class PorterMetrics:
         self._settled: dict[TransitionKey, int] = {}
         self._settled_to = 0
         """The audit trail counted for good, up to this transition id (`_counts`)."""
+        self._billed: dict[str, tuple[BilledKey, float] | None] = {}
+        self._billed_read_at: float | None = None
+        """Billed units of the stored accounting documents by job id, and when they were last read
+        (`_billed_units`)."""
         self._accounting: dict[str, tuple[float, AccountingFacts]] = {}
         """Figures of stored accounting documents by job id, with the document's stamp: parsing
         10,000 documents is most of a scrape, and a stored document does not change."""
@@ -193,7 +197,7 @@ class PorterMetrics:
         restarts = Family(spec("cloudhpc_job_restarts_total"))
         restarts.add_values({(cluster,): count for cluster, count in self.store.restart_counts().items()})
         billed = Family(spec("cloudhpc_billed_units_total"))
-        billed.add_values({tuple(key): units for key, units in self.store.billed_units().items()})
+        billed.add_values({tuple(key): units for key, units in self._billed_units().items()})
         return [jobs, tasks, restarts, billed, owners, transitions, *per_job.values(), omitted, seen, bridges]
 
     def _counts(self, now: float) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]:
@@ -222,6 +226,21 @@ class PorterMetrics:
             move = (cluster, before or "none", after)
             moves[move] = moves.get(move, 0) + n
         return by_owner, moves
+
+    def _billed_units(self) -> dict[BilledKey, float]:
+        """Units billed per (cluster, owner, project, unit): every accounting document is read at
+        the first scrape, then only those stored since the scrape before (less `SETTLE_SECONDS`,
+        for a write whose transaction committed late or a replica whose clock is behind), so the
+        cost does not grow with history; a replaced document replaces its job's entry. Times are
+        the wall clock's, as the store's `updated_at` is, never the exporter's (test) clock."""
+        with self._tally_lock:
+            since = None
+            if self._billed_read_at is not None:
+                since = datetime.fromtimestamp(self._billed_read_at - SETTLE_SECONDS, UTC)
+            read_at = time.time()
+            self._billed.update(self.store.billed_documents(since))
+            self._billed_read_at = read_at
+            return sum_billed(self._billed.values())
 
     def _recent_jobs(self, now: float) -> tuple[list[JobFacts], int]:
         """The jobs with per-job series, their accounting figures filled in, and how many ended

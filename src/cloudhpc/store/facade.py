@@ -138,6 +138,7 @@ class AsyncStore:
     array_task_counts = _in_thread(Store.array_task_counts)
     restart_counts = _in_thread(Store.restart_counts)
     billed_units = _in_thread(Store.billed_units)
+    billed_documents = _in_thread(Store.billed_documents)
     count_by_owner_and_state = _in_thread(Store.count_by_owner_and_state)
     transition_tally = _in_thread(Store.transition_tally)
     transition_counts_by_cluster = _in_thread(Store.transition_counts_by_cluster)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import BindParameter, bindparam, func, select, text
@@ -20,7 +20,16 @@ from cloudhpc.domain.states import ACTIVE_STATES, JobState
 from cloudhpc.store.engine import Database, map_db_errors
 from cloudhpc.store.models import AccountingRow, JobRow, TransitionRow, UTCDateTime
 
-__all__ = ["AccountingFacts", "JobFacts", "MetricsView", "RecentJobs", "TransitionKey", "TransitionTally"]
+__all__ = [
+    "AccountingFacts",
+    "BilledKey",
+    "JobFacts",
+    "MetricsView",
+    "RecentJobs",
+    "TransitionKey",
+    "TransitionTally",
+    "sum_billed",
+]
 
 
 class JobFacts(NamedTuple):
@@ -157,25 +166,28 @@ WHERE a.job_id IN :ids
 }
 
 
-# Every stored document's billed units (the agent's `billed`: docs/monitoring.md), summed per
-# cluster, owner, SLURM account (the project) and unit, each document parsed once per query.
+# The billed units (the agent's `billed`: docs/monitoring.md) of each accounting document stored
+# since :since, with the job's cluster, owner and SLURM account (the project); NULL units where the
+# document has none. The date is compared before any document is parsed, so a scrape after the
+# first parses only the documents stored since the one before.
 _BILLED_SQL: Final = {
     "sqlite": """
-SELECT j.cluster, j.owner, coalesce(json_extract(a.record, '$.records[0].account'), '') AS project,
-       json_extract(a.record, '$.billed.unit') AS unit, sum(json_extract(a.record, '$.billed.units'))
+SELECT a.job_id, j.cluster, j.owner, coalesce(json_extract(a.record, '$.records[0].account'), '') AS project,
+       json_extract(a.record, '$.billed.unit') AS unit, json_extract(a.record, '$.billed.units') AS units
 FROM job_accounting AS a JOIN jobs AS j ON j.id = a.job_id
-WHERE json_extract(a.record, '$.billed.units') IS NOT NULL
-GROUP BY j.cluster, j.owner, project, unit
+WHERE a.updated_at >= :since
 """,
     "postgresql": """
-SELECT j.cluster, j.owner, coalesce(d.doc #>> '{records,0,account}', '') AS project,
-       d.doc #>> '{billed,unit}' AS unit, sum(CAST(d.doc #>> '{billed,units}' AS double precision))
+SELECT a.job_id, j.cluster, j.owner, coalesce(d.doc #>> '{records,0,account}', '') AS project,
+       d.doc #>> '{billed,unit}' AS unit, CAST(d.doc #>> '{billed,units}' AS double precision) AS units
 FROM job_accounting AS a JOIN jobs AS j ON j.id = a.job_id
      CROSS JOIN LATERAL (SELECT CAST(a.record AS jsonb) AS doc) AS d
-WHERE d.doc #>> '{billed,units}' IS NOT NULL
-GROUP BY j.cluster, j.owner, project, unit
+WHERE a.updated_at >= :since
 """,
 }
+
+BilledKey = tuple[str, str, str, str]
+"""(cluster, owner, project, unit) of `cloudhpc_billed_units_total`."""
 
 
 TransitionKey = tuple[str, str, str | None, str]
@@ -228,6 +240,16 @@ def _accounting_facts(values: Sequence[Any]) -> AccountingFacts:
     return AccountingFacts(cpu, mem, None, None, None, None, _int(rss))
 
 
+def sum_billed(documents: Iterable[tuple[BilledKey, float] | None]) -> dict[BilledKey, float]:
+    """The documents' units summed per key (documents without units count nothing)."""
+    totals: dict[BilledKey, float] = {}
+    for document in documents:
+        if document is not None:
+            key, units = document
+            totals[key] = totals.get(key, 0.0) + units
+    return totals
+
+
 def _max_rss(document: str) -> float | None:
     sizes = [r.get("max_rss_bytes") for r in json.loads(document).get("records", [])]
     known = [float(v) for v in sizes if isinstance(v, int | float)]
@@ -273,14 +295,28 @@ class MetricsView(Database):
             return {cluster: int(total or 0) for cluster, total in rows}
 
     @map_db_errors
-    def billed_units(self) -> dict[tuple[str, str, str, str], float]:
-        """Units billed to ended jobs, however old, per (cluster, owner, project, unit): the agent's
-        `billed` figure of each accounting document, the project being the job's SLURM account
-        ('' when sacct named none). A sum that only grows while documents are kept."""
+    def billed_documents(
+        self, stored_since: datetime | None = None
+    ) -> dict[str, tuple[BilledKey, float] | None]:
+        """By job id, the billed units of each accounting document stored since `stored_since` (all
+        when None) with their (cluster, owner, project, unit); None for a document without them
+        (a replaced document may have lost them). The exporter keeps these by job and reads only
+        what changed after its first scrape, as it does for the audit trail."""
         sql = _BILLED_SQL["postgresql" if self.is_postgresql else "sqlite"]
+        since = bindparam(
+            "since", value=stored_since or datetime.min.replace(tzinfo=UTC), type_=UTCDateTime()
+        )
         with self._read() as session:
-            rows = session.execute(text(sql))
-            return {(c, o, p, str(u)): float(total or 0.0) for c, o, p, u, total in rows}
+            rows = session.execute(text(sql).bindparams(since))
+            return {
+                str(job_id): None if units is None else ((c, o, p, str(u)), float(units))
+                for job_id, c, o, p, u, units in rows
+            }
+
+    def billed_units(self) -> dict[BilledKey, float]:
+        """Units billed to ended jobs, however old, per (cluster, owner, project, unit), the project
+        being the job's SLURM account ('' when sacct named none)."""
+        return sum_billed(self.billed_documents().values())
 
     @map_db_errors
     def transition_counts_by_cluster(self) -> dict[tuple[str, str, str], int]:
