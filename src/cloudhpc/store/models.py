@@ -132,6 +132,8 @@ class JobRow(Base):
         Index("ix_jobs_cluster_state", "cluster", "state"),
         Index("ix_jobs_owner_created_at", "owner", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
+        # the metrics' restart counts read only the few restarted jobs, not every row's spec
+        Index("ix_jobs_restarts_cluster", "restarts", "cluster"),
     )
 
 
@@ -197,7 +199,8 @@ class AccountingRow(Base):
         String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
     record: Mapped[str] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # indexed: a metrics scrape reads the documents stored since the one before, not every document
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class BridgeRow(Base):
