@@ -240,3 +240,37 @@ def test_billed_units_after_the_first_scrape_come_from_the_documents_stored_sinc
     store.set_accounting(first, document)  # replaced by one without units
     assert _billed_lines(metrics) == {alice: 1.0}
     assert len(store.billed_documents(datetime.now(UTC) + timedelta(minutes=5))) == 0
+
+
+def test_the_web_view_shows_a_jobs_estimate_on_demand(api: Api) -> None:
+    """The job page links to its estimate (asked only when followed: a round trip to the agent); the
+    estimate page shows each partition's start and cost with the earliest marked; another
+    user's job is a 404 without a question to the agent."""
+    created = api.client.post("/api/v1/jobs", json=SPEC, headers=api.user)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    page = api.client.get(f"/ui/jobs/{job_id}", headers=api.user)
+    assert page.status_code == 200
+    assert f'href="{job_id}/estimate"' in page.text
+    assert api.store.claim_queries("local", "nobody") == []  # the job page asked nothing
+
+    result: list[httpx.Response] = []
+    asking = threading.Thread(
+        target=lambda: result.append(api.client.get(f"/ui/jobs/{job_id}/estimate", headers=api.user))
+    )
+    asking.start()
+    api.answer_one()
+    asking.join(30)
+    answer = result[0]
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/html")
+    assert '<h1 id="job-name">est</h1>' in answer.text
+    assert '<tr class="earliest"><td>small</td>' in answer.text
+    assert "<td>gpu</td>" in answer.text
+    assert " BU</td>" in answer.text
+    assert '<strong id="earliest">small</strong>' in answer.text
+    assert "s3cret-value" not in repr(api.questions[-1]["params"])
+
+    bob = {"Authorization": f"Bearer {api.store.create_token('bob', 'user')}"}
+    assert api.client.get(f"/ui/jobs/{job_id}/estimate", headers=bob).status_code == 404
+    assert api.store.claim_queries("local", "nobody") == []

@@ -32,10 +32,17 @@ from cloudhpc.domain.api import JobPage
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import HttpProblem
-from cloudhpc.porter import routes_artifacts, routes_jobs
+from cloudhpc.porter import routes_artifacts, routes_estimate, routes_jobs
 from cloudhpc.porter.auth import principal_for_token, require_user
 from cloudhpc.porter.state import state_of
-from cloudhpc.porter.web_render import MAX_TASK_ROWS, error_page, job_list_page, job_page, login_page
+from cloudhpc.porter.web_render import (
+    MAX_TASK_ROWS,
+    error_page,
+    estimate_page,
+    job_list_page,
+    job_page,
+    login_page,
+)
 from cloudhpc.store import Principal, decode_cursor
 
 __all__ = ["COOKIE", "router"]
@@ -259,6 +266,19 @@ async def one_job_page(job_id: str, request: Request) -> Response:
         )
 
     return await _page(request, "../", f"jobs/{job_id}" if _NEXT.match(f"jobs/{job_id}") else "", build)
+
+
+@router.get("/jobs/{job_id}/estimate")
+async def job_estimate_page(job_id: str, request: Request) -> Response:
+    """The API's estimate (`POST /api/v1/jobs:estimate`) of the job's own spec, on demand."""
+
+    async def build(principal: Principal, nonce: str) -> str:
+        answer = await routes_jobs.get_job(_job_id(job_id), request, principal, wait=0, since_state=None)
+        job = Job.model_validate_json(bytes(answer.body))
+        estimate = await routes_estimate.estimate_job(job.spec, request, principal)
+        return estimate_page(job, estimate, nonce=nonce, user=principal.user)
+
+    return await _page(request, "../../", f"jobs/{job_id}" if _NEXT.match(f"jobs/{job_id}") else "", build)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name:path}")

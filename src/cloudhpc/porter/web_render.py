@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from cloudhpc.domain.arrays import TaskObservation
+from cloudhpc.domain.billing import Estimate
 from cloudhpc.domain.jobs import Bridge, Job, JobSummary
 from cloudhpc.domain.states import JobState
 
@@ -24,6 +25,7 @@ __all__ = [
     "STAGES",
     "Html",
     "error_page",
+    "estimate_page",
     "html",
     "job_list_page",
     "job_page",
@@ -460,11 +462,17 @@ def job_page(
         else Html("")
     )
     body = html(
-        '<h1 id="job-name">{name}</h1>{facts}<h2>Timeline</h2>{timeline}{tasks}<h2>Output</h2>'
+        '<h1 id="job-name">{name}</h1>{facts}{ask}<h2>Timeline</h2>{timeline}{tasks}<h2>Output</h2>'
         '<pre id="log" data-complete="false"></pre>{script}<h2>Accounting and efficiency</h2>{accounting}'
         "<h2>Bridges</h2>{bridges}<h2>Artifacts</h2>{artifacts}",
         name=job.name,
         facts=facts,
+        # a link, not part of the page: an estimate is a round trip to the cluster's agent
+        ask=html(
+            '<p><a id="estimate-link" href="{id}/estimate">When would it start if submitted now, and '
+            "what would it cost?</a></p>",
+            id=str(job.id),
+        ),
         timeline=_timeline(job, reached, datetime.now(UTC)),
         tasks=_tasks(job, tasks),
         script=script,
@@ -481,3 +489,35 @@ def job_page(
         "bridges-pending": "true" if any(not b.ready for b in job.bridges) else "false",
     }
     return _page(job.name, body, nonce=nonce, base="../", user=user, data=data, script=_JOB_SCRIPT)
+
+
+def estimate_page(job: Job, estimate: Estimate, *, nonce: str, user: str) -> str:
+    """`/ui/jobs/{id}/estimate`: per partition the job may go to, when SLURM predicts it would start
+    if submitted now (`sbatch --test-only`) or why it would not take it, and its cost to its time
+    limit in the site's units; the earliest partition (what `partition: auto` would choose) marked."""
+    unit = estimate.unit or ""
+    rows = _join(
+        html(
+            "<tr{mark}><td>{partition}</td><td>{start}</td><td>{cost}</td><td>{error}</td></tr>",
+            mark=Html(' class="earliest"') if e.partition == estimate.earliest else Html(""),
+            partition=e.partition or "(the cluster's default)",
+            start=_time(e.start),
+            cost="—" if e.cost is None else f"{e.cost:g} {unit}".strip(),
+            error=e.error or "",
+        )
+        for e in estimate.partitions
+    )
+    body = html(
+        '<h1 id="job-name">{name}</h1><h2>If it were submitted now</h2><p class="muted">SLURM\'s '
+        "prediction on cluster {cluster}, asked just now; a cost assumes the job runs to its time "
+        'limit.</p><table id="estimate"><thead><tr><th>Partition</th><th>Predicted start</th>'
+        "<th>Cost</th><th>SLURM would not take it</th></tr></thead><tbody>{rows}</tbody></table>"
+        '<p>Earliest: <strong id="earliest">{earliest}</strong></p><p><a href="../{id}">Back to the '
+        "job</a></p>",
+        name=job.name,
+        cluster=estimate.cluster,
+        rows=rows,
+        earliest=estimate.earliest or "none (SLURM would start it on no partition)",
+        id=str(job.id),
+    )
+    return _page(f"{job.name}: estimate", body, nonce=nonce, base="../../", user=user)
