@@ -188,3 +188,40 @@ def test_a_restarted_agent_follows_the_ray_job_it_submitted_without_running_it_a
             ray_jobs = JobSubmissionClient(session.address).list_jobs()
             assert [j.submission_id for j in ray_jobs].count(str(job.id)) == 1, "submitted once"
         assert client.wait(session.job, timeout=60).state == JobState.CANCELLED, "keep=False ends it"
+
+
+@pytest.mark.timeout(FIRST_START + 300)
+def test_the_kfp_session_components_open_reattach_and_close_a_session(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline's open and close components, run as their Python functions are in a step's pod
+    (the porter token from CLOUDHPC_TOKEN): a second open of the same name re-attaches to the same
+    session, and the close (an ExitHandler's) cancels it."""
+    from cloudhpc.pipelines.components import cloudhpc_ray_session_close, cloudhpc_ray_session_open
+
+    monkeypatch.setenv("CLOUDHPC_TOKEN", deployment.user_token)
+    opened = cloudhpc_ray_session_open.python_func(
+        porter_url=deployment.url,
+        cluster="testbed",
+        name="kfp-run",
+        idle_timeout=120,
+        time_limit="00:10:00",
+        hpc_job={"head": NODE, "environment": RAY_ENV},
+        timeout_seconds=FIRST_START,
+    )
+    again = cloudhpc_ray_session_open.python_func(
+        porter_url=deployment.url,
+        cluster="testbed",
+        name="kfp-run",
+        hpc_job={"head": NODE, "environment": RAY_ENV},
+        timeout_seconds=60,
+    )
+    assert again.session_id == opened.session_id
+    assert opened.address.startswith("http://")
+    with deployment.client() as client:
+        assert client.get(opened.session_id).state == JobState.RUNNING
+        cloudhpc_ray_session_close.python_func(porter_url=deployment.url, session_id=opened.session_id)
+        assert client.wait(opened.session_id, timeout=60).state == JobState.CANCELLED
+        # closing a session that has ended already leaves it as it is
+        cloudhpc_ray_session_close.python_func(porter_url=deployment.url, session_id=opened.session_id)
+        assert client.get(opened.session_id).state == JobState.CANCELLED
