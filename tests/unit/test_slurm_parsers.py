@@ -781,6 +781,31 @@ async def test_poll_says_whose_job_each_record_is() -> None:
     assert answer[accounted.record.job_id].owner == UUID(accounted.record.name.removeprefix("chpc-"))
 
 
+async def test_poll_never_takes_an_earlier_jobs_record_under_the_same_id() -> None:
+    """A fresh controller hands ids out again and the database keeps every record: while this job's
+    own record is not stored yet, sacct answers the earlier job's (FAILED, exit 3). The poller must
+    ask again, not end this job with the other's outcome (a CI fault run did)."""
+    (row,) = Squeue.parse(load_recording("squeue_reused_id"))
+    (earlier,) = Sacct.parse(load_recording("sacct_reused_id"))
+    assert earlier.record.job_id == row.job_id and earlier.record.name != row.name
+    backend, conn = replay_backend(squeue="squeue_reused_id", sacct="sacct_reused_id")
+    assert await backend.poll([row.job_id]) == {}
+    assert conn.calls == ["squeue", "sacct"]
+
+
+async def test_poll_takes_the_end_from_squeue_while_sacct_has_none_yet() -> None:
+    """Right after slurmdbd comes back, a job that ended meanwhile is COMPLETED with End `Unknown`;
+    its end is slurmctld's (squeue's), not the moment porter hears of it."""
+    (row,) = Squeue.parse(load_recording("squeue_reused_id"))
+    (accounted,) = Sacct.parse(load_recording("sacct_end_unknown"))
+    assert accounted.record.end is None and row.ended_at is not None
+    backend, _ = replay_backend(squeue="squeue_reused_id", sacct="sacct_end_unknown")
+    observation = (await backend.poll([row.job_id]))[row.job_id]
+    assert (observation.state, observation.exit_code) == (JobState.COMPLETED, 0)
+    assert observation.ended_at == row.ended_at
+    assert observation.owner == UUID(row.name.removeprefix("chpc-"))
+
+
 async def test_poll_survives_a_failing_sacct() -> None:
     down = result(stderr="sacct: error: Problem talking to the database", exit_status=1)
     backend, _ = replay_backend(squeue="squeue_unknown", sacct=down)

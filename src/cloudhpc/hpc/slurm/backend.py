@@ -289,7 +289,11 @@ class SlurmBackend:
                 if sacct_row.record.step is not None:
                     continue
                 parsed = parse_job_id(sacct_row.record.job_id)
-                names.setdefault(parsed.job, sacct_row.record.name)
+                if names.setdefault(parsed.job, sacct_row.record.name) != sacct_row.record.name:
+                    # squeue holds this id under another name: the record is an earlier job's (a
+                    # controller started from a fresh state hands ids out again, and the database
+                    # keeps every record), and this job's own is not stored yet: ask again
+                    continue
                 if parsed.array_task is not None and parsed.job in wanted:
                     for task in sacct_row.task_observations():
                         accounted_tasks.setdefault(parsed.job, {})[task.index] = task
@@ -300,8 +304,13 @@ class SlurmBackend:
                     observation = sacct_row.observation()
                     if observation is None:
                         continue
-                    if sacct_row.record.job_id in by_id and not observation.state.terminal:
+                    queued = by_id.get(sacct_row.record.job_id)
+                    if queued is not None and not observation.state.terminal:
                         continue  # slurmdbd has not caught up with slurmctld yet: ask again
+                    if observation.ended_at is None and queued is not None and queued.ended_at:
+                        # right after slurmdbd comes back, a job that ended meanwhile is COMPLETED
+                        # with End `Unknown` for a moment; slurmctld knows when it ended
+                        observation = observation.model_copy(update={"ended_at": queued.ended_at})
                     observations[sacct_row.record.job_id] = observation
             for native_id, tasks in accounted_tasks.items():
                 observation = Observation.of_array(tasks.values())
