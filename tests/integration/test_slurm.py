@@ -20,10 +20,10 @@ from pydantic import ValidationError
 from cloudhpc.config import PollConfig, SSHConfig
 from cloudhpc.domain.jobs import JobSpec, Observation, Resources
 from cloudhpc.domain.states import JobState
-from cloudhpc.exceptions import SubmitRejected
+from cloudhpc.exceptions import AccountingUnavailable, SubmitRejected
 from cloudhpc.hpc.backend import CommandResult
 from cloudhpc.hpc.poller import Poller
-from cloudhpc.hpc.slurm import SlurmBackend, compute_efficiency
+from cloudhpc.hpc.slurm import SlurmBackend, compute_efficiency, job_name_for
 from cloudhpc.hpc.ssh import SSHConnection
 from tests.conftest import HOSTILE_STRINGS
 from tests.slurm_jobs import make_submission
@@ -270,6 +270,14 @@ async def test_accounting_and_efficiency_of_a_finished_job(backend: SlurmBackend
     assert computed.memory_efficiency is not None
     assert computed.memory_efficiency == pytest.approx(efficiency.memory_efficiency, abs=0.01)
     assert computed.memory_efficiency > 0.3
+    # the job's own records (`sacct --duplicates`, kept to its name, as the agent asks): the same
+    # as the id's newest here; a job whose id this is not gets none, never this one's
+    assert await backend.accounting(native_id, job=job_id) == await backend.accounting(native_id)
+    with pytest.raises(AccountingUnavailable, match=f"{job_name_for(job_id)}'s"):
+        await backend.accounting(native_id, job=uuid4())
+    own = await backend.efficiency(native_id, job=job_id)
+    assert own.memory_requested_bytes == 300 * 2**20
+    assert own.memory_efficiency == pytest.approx(efficiency.memory_efficiency, abs=0.01)
 
 
 async def test_poll_answers_known_ids_beside_unknown_ones(backend: SlurmBackend) -> None:

@@ -31,10 +31,10 @@ from tests.recordings import load_recording
 class RecordedSlurm:
     """sacct's answer for an ended job, as recorded on the testbed, and seff's figures."""
 
-    async def accounting(self, native_id: str) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
         return [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
 
-    async def efficiency(self, native_id: str) -> Efficiency:
+    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
         return Efficiency("COMPLETED", 0.5, 0.1, 1.0, 2.0, 1024, 10240, "seff")
 
 

@@ -49,10 +49,10 @@ class FakeBackend:
     async def cancel(self, native_id: str) -> None:
         raise NotImplementedError
 
-    async def accounting(self, native_id: str) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
         raise NotImplementedError
 
-    async def efficiency(self, native_id: str) -> Efficiency:
+    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
         raise NotImplementedError
 
     async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:

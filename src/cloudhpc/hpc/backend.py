@@ -189,10 +189,13 @@ class JobBackend(Protocol):
     async def cancel(self, native_id: str) -> None:
         """Request cancellation; cancelling a job that already ended is not an error."""
 
-    async def accounting(self, native_id: str) -> list[AccountingRecord]:
-        """All sacct rows of the job. Raises AccountingUnavailable when accounting cannot answer yet."""
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+        """All sacct rows of the job. Raises AccountingUnavailable when accounting cannot answer yet.
+        `job`: the cloudhpc job the id was given to, whose records only are wanted (a scheduler that
+        lost a job may have given its id to another since); None: whatever the id names now."""
 
-    async def efficiency(self, native_id: str) -> Efficiency: ...
+    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
+        """seff's figures of the job (`job` as for `accounting`)."""
 
     async def read_output(
         self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None

@@ -516,8 +516,9 @@ class LocalBackend:
         else:
             self._state(native_id)  # settle it now: nobody else will
 
-    async def accounting(self, native_id: str) -> list[AccountingRecord]:
-        """One record, like sacct's allocation row; a running job reports elapsed time so far."""
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+        """One record, like sacct's allocation row; a running job reports elapsed time so far. The
+        native id is made of the job's own id (`job_id_of`), so `job` changes nothing."""
         state = self._known_state(native_id)
         job_id = self.job_id_of(native_id)
         assert job_id is not None
@@ -553,7 +554,7 @@ class LocalBackend:
             )
         ]
 
-    async def efficiency(self, native_id: str) -> Efficiency:
+    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
         """seff's formulas on the supervisor's measurements (precise elapsed time, not rounded)."""
         state = self._known_state(native_id)
         job_id = self.job_id_of(native_id)

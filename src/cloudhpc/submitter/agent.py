@@ -595,7 +595,7 @@ class Agent:
         """sacct lags slurmctld by a few seconds: retry, and treat "unavailable" as "not yet"."""
         for attempt in range(attempts):
             try:
-                records = await self.backend.accounting(tracked.native_id)
+                records = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
                 if not accounting_final(records) and attempt < attempts - 1:
                     # Right after the end, slurmdbd may still hold a placeholder allocation row or
                     # a running step: figures stored now would be wrong for good, so wait for them.
@@ -605,7 +605,7 @@ class Agent:
                     # now), so a short job's accounting is stored soon after it (bench/accounting.py).
                     await asyncio.sleep(ACCOUNTING_SOON if attempt < ACCOUNTING_SOON_ATTEMPTS else 5.0)
                     continue
-                efficiency = await self.backend.efficiency(tracked.native_id)
+                efficiency = await self.backend.efficiency(tracked.native_id, job=tracked.job.id)
                 record: dict[str, Any] = {
                     "slurm_job_id": tracked.native_id,
                     "records": [_jsonable(dataclasses.asdict(r)) for r in records],

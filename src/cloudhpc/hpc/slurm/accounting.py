@@ -32,7 +32,7 @@ from cloudhpc.hpc.slurm.values import (
     parse_timestamp,
 )
 
-__all__ = ["SACCT_FIELDS", "Sacct", "SacctRow", "accounting_final"]
+__all__ = ["SACCT_FIELDS", "OwnRecords", "Sacct", "SacctRow", "accounting_final", "own_records"]
 
 # The package logs under one name, the one it had as a single module.
 logger = logging.getLogger(__package__)
@@ -60,11 +60,18 @@ SACCT_FIELDS: tuple[str, ...] = (
 )
 """The sacct columns cloudhpc reads, by name. Comment is last: free text may hold the delimiter."""
 
+DB_INDEX = "DBIndex"
+"""slurmdbd's own key of a job record, printed on the record's step rows too: with `--duplicates`
+one SLURM id may stand for several records (a requeue, or an id handed out again), and only this
+column says which record a step row is of."""
+
 
 @dataclass(frozen=True)
 class SacctRow:
     record: AccountingRecord
     comment: str | None
+    db_index: int | None = None
+    """slurmdbd's record (`DB_INDEX`), where the answer has the column (`Sacct(duplicates=True)`)."""
 
     def observation(self) -> Observation | None:
         state = map_state(self.record.state)
@@ -146,7 +153,12 @@ def _sacct_row(row: Mapping[str, str]) -> SacctRow:
         alloc_tres=None if _empty(row["AllocTRES"]) else row["AllocTRES"],
         billing=_tres_value(row["AllocTRES"], "billing"),
     )
-    return SacctRow(record=record, comment=None if _empty(row["Comment"]) else row["Comment"])
+    db_index = row.get(DB_INDEX)
+    return SacctRow(
+        record=record,
+        comment=None if _empty(row["Comment"]) else row["Comment"],
+        db_index=None if db_index is None else _int_or_none(db_index),
+    )
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,10 @@ class Sacct:
     starttime: str = "now-2592000"
     """SLURM time syntax; the relative form uses the cluster's own clock, immune to skew."""
     allocations_only: bool = False
+    duplicates: bool = False
+    """Every record of each id (`--duplicates`, with `DB_INDEX` to tell them apart), not only the
+    newest: a controller restarted from an older state hands ids out again, and a requeued job has
+    one record per run."""
 
     name = "sacct"
 
@@ -166,13 +182,16 @@ class Sacct:
         argv = [*_EPOCH_TIMES, "sacct", "--parsable2", f"--starttime={self.starttime}"]
         if self.allocations_only:
             argv.append("--allocations")
+        if self.duplicates:
+            argv.append("--duplicates")
         if self.jobs:
             argv.append("--jobs=" + ",".join(check_native_id(j) for j in self.jobs))
         if self.job_name is not None:
             argv.append(f"--name={self.job_name}")
         if not self.jobs and self.job_name is None:
             raise ValueError("sacct needs job ids or a job name")
-        argv.append("--format=" + ",".join(SACCT_FIELDS))
+        fields = (*SACCT_FIELDS[:-1], DB_INDEX, SACCT_FIELDS[-1]) if self.duplicates else SACCT_FIELDS
+        argv.append("--format=" + ",".join(fields))
         return argv
 
     @staticmethod
@@ -183,6 +202,48 @@ class Sacct:
 
 PLACEHOLDER_JOB_NAME = "allocation"
 """The name slurmdbd gives an allocation row it made before the job's own start record arrived."""
+
+
+@dataclass(frozen=True)
+class OwnRecords:
+    """What `sacct --duplicates` holds of one SLURM id for one job name."""
+
+    records: list[AccountingRecord]
+    """The newest record of each allocation of the id (the job's, an array's tasks) named so, with
+    its steps: what plain `sacct --jobs` answers when the id was never handed out again."""
+    others: list[str]
+    """The names of the id's records that are not this job's, in sacct's order (another job that
+    got the id, a placeholder `allocation` record whose start slurmdbd never received)."""
+
+
+def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecords:
+    """The records of SLURM job `native_id` (an array: its tasks) whose job name is `name`, from a
+    `Sacct(duplicates=True)` answer. Plain sacct answers the newest record of an id, which after a
+    controller restarted from an older state (slurmctld killed with -9) is another job's: the lost
+    job's accounting must be its own or none, never the other's. A step row belongs to the record
+    with its `DB_INDEX`; of several records of one allocation with this name (a requeued job has
+    one per run) only the newest counts, as plain sacct would answer."""
+    groups: dict[int, list[SacctRow]] = {}
+    for row in rows:
+        if parse_job_id(row.record.job_id).job != native_id:
+            continue
+        if row.db_index is None:
+            raise ParseError(f"sacct row {row.record.job_id} lacks {DB_INDEX}: ask with duplicates=True")
+        groups.setdefault(row.db_index, []).append(row)
+    newest: dict[str, int] = {}
+    others: list[str] = []
+    for index, group in groups.items():
+        allocation = next((r.record for r in group if r.record.step is None), None)
+        if allocation is None:
+            continue  # steps whose record the answer left out: nobody's we can name
+        if allocation.name != name:
+            others.append(allocation.name)
+        elif index > newest.get(allocation.job_id, -1):
+            newest[allocation.job_id] = index
+    kept = set(newest.values())
+    # in sacct's own order (an array's tasks by number)
+    records = [row.record for index, group in groups.items() if index in kept for row in group]
+    return OwnRecords(records=records, others=others)
 
 
 def accounting_final(records: Sequence[AccountingRecord]) -> bool:

@@ -36,7 +36,7 @@ from cloudhpc.hpc.backend import (
     read_output_file,
 )
 from cloudhpc.hpc.job_files import DirectoryAccess, FoundOutput
-from cloudhpc.hpc.slurm.accounting import Sacct
+from cloudhpc.hpc.slurm.accounting import OwnRecords, Sacct, SacctRow, own_records
 from cloudhpc.hpc.slurm.cancel import Scancel
 from cloudhpc.hpc.slurm.commands import _Command
 from cloudhpc.hpc.slurm.efficiency import Seff, compute_efficiency
@@ -333,13 +333,12 @@ class SlurmBackend:
     async def cancel(self, native_id: str) -> None:
         await self._run(Scancel(native_id))
 
-    async def accounting(self, native_id: str) -> list[AccountingRecord]:
-        try:
-            result, rows = await self._run(Sacct(jobs=[native_id], starttime=self._starttime))
-        except ParseError as exc:
-            raise AccountingUnavailable(
-                f"sacct output for job {native_id} was unreadable ({exc})", argv=[], exit_status=0, stderr=""
-            ) from exc
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+        """sacct's rows of `native_id`; with `job`, only those of that cloudhpc job's records
+        (`_own_accounting`): the id may have been handed out again since."""
+        if job is not None:
+            return (await self._own_accounting(native_id, job)).records
+        result, rows = await self._sacct(native_id)
         # an array's rows are its tasks' (`123_0`, `123_1`...)
         records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
         if not records:
@@ -351,7 +350,50 @@ class SlurmBackend:
             )
         return records
 
-    async def efficiency(self, native_id: str) -> Efficiency:
+    async def _sacct(
+        self, native_id: str, *, duplicates: bool = False
+    ) -> tuple[CommandResult, list[SacctRow]]:
+        """sacct of one id since the lookback; an unreadable answer is "not available yet"."""
+        try:
+            return await self._run(Sacct(jobs=[native_id], starttime=self._starttime, duplicates=duplicates))
+        except ParseError as exc:
+            raise AccountingUnavailable(
+                f"sacct output for job {native_id} was unreadable ({exc})", argv=[], exit_status=0, stderr=""
+            ) from exc
+
+    async def _own_accounting(self, native_id: str, job: UUID) -> OwnRecords:
+        """Every record sacct holds of `native_id` (`--duplicates`), kept to those named for `job`.
+        A controller restarted from an older state gives a lost job's id to the next job, and plain
+        sacct answers the newest record of an id: the lost job's `sacct.json` was the other job's.
+        None of its own (slurmdbd never heard of its start, or not yet) is `AccountingUnavailable`,
+        naming the jobs whose records the id has."""
+        result, rows = await self._sacct(native_id, duplicates=True)
+        try:
+            own = own_records(rows, native_id, job_name_for(job))
+        except ParseError as exc:
+            raise AccountingUnavailable(
+                f"sacct output for job {native_id} was unreadable ({exc})",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            ) from exc
+        if not own.records:
+            held = f": its records are {', '.join(own.others)}'s" if own.others else ""
+            raise AccountingUnavailable(
+                f"sacct has no record of job {native_id} named {job_name_for(job)}{held}",
+                argv=result.argv,
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        return own
+
+    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
+        """seff's report, or the same figures from sacct where seff is missing or cannot answer for
+        the job: an array, or (with `job`) an id that has records of other jobs too, since seff
+        reports the newest record of an id, whoever's it is."""
+        own = await self._own_accounting(native_id, job) if job is not None else None
+        if own is not None and own.others:
+            return compute_efficiency(own.records)
         if self._seff_installed is not False:
             command = Seff(native_id)
             result = await self._exec(command)
@@ -365,7 +407,7 @@ class SlurmBackend:
             else:
                 self._seff_installed = True
                 return command.parse(result)
-        return compute_efficiency(await self.accounting(native_id))
+        return compute_efficiency(own.records if own is not None else await self.accounting(native_id))
 
     async def read_output(
         self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None
