@@ -26,6 +26,8 @@ from cloudhpc.domain.reports import JobReport
 from cloudhpc.domain.states import JobState
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
+from cloudhpc.store.engine import utcnow
+from cloudhpc.store.queries import _finished
 from tests.integration.stores import open_store, postgres_url
 from tests.integration.test_replicas import BATCH, QUICK, two_replicas
 
@@ -62,6 +64,20 @@ def test_a_question_is_claimed_once_and_answered_once(store: Store) -> None:
 def test_an_expired_question_is_not_handed_out(store: Store) -> None:
     store.ask_agent("local", "job_files", {}, ttl=0)
     assert store.claim_queries("local", "agent-1") == []
+
+
+def test_the_sweep_of_finished_questions_finds_them_by_index(store: Store) -> None:
+    """Every new question first deletes the finished ones (`_finished`): through the index on
+    `expires_at` (migration 0007), not a scan of every live question (67.5 ms per question with
+    240,000 rows on SQLite before; `bench/agent_queries.py`)."""
+    sweep = _finished(utcnow()).compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+    with store.engine.connect() as conn:
+        if store.is_postgresql:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a small table is scanned anyway
+            plan = " ".join(str(row[0]) for row in conn.exec_driver_sql(f"EXPLAIN {sweep}"))
+        else:
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sweep}"))
+    assert "ix_agent_queries_expires_at" in plan, plan
 
 
 class Api:

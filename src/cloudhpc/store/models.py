@@ -253,4 +253,8 @@ class AgentQueryRow(Base):
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     answer: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_agent_queries_cluster_expires_at", "cluster", "expires_at"),)
+    __table_args__ = (
+        Index("ix_agent_queries_cluster_expires_at", "cluster", "expires_at"),
+        # the sweep of finished rows names only expires_at (migration 0007)
+        Index("ix_agent_queries_expires_at", "expires_at"),
+    )

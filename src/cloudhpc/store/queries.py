@@ -45,7 +45,9 @@ def answer_key(query_id: UUID | str) -> str:
 
 
 def _finished(now: datetime) -> Delete:
-    """The one rule of which rows go: those whose question expired more than `KEEP` before `now`."""
+    """The one rule of which rows go: those whose question expired more than `KEEP` before `now`.
+    It runs with every new question, so it must find them by `ix_agent_queries_expires_at`, not by
+    a scan of the table (`bench/agent_queries.py`)."""
     return delete(AgentQueryRow).where(AgentQueryRow.expires_at < now - KEEP)
 
 
@@ -149,9 +151,8 @@ class QueryRepository(Database):
     @map_db_errors
     def forget_query(self, query_id: UUID) -> None:
         """Delete a question whose asker is done with it (answered, or given up on): the rows live
-        only as long as a request waits, so the table stays small and the sweep of finished rows
-        (`_finished`, a scan of the table) stays cheap. A late answer then finds no question (404),
-        which is what it is worth."""
+        only as long as a request waits, so the table stays small. A late answer then finds no
+        question (404), which is what it is worth."""
         with self._write() as session:
             session.execute(delete(AgentQueryRow).where(AgentQueryRow.id == str(query_id)))
 
