@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -267,3 +268,35 @@ def test_clusters_and_metrics(api: Api) -> None:
     assert 'cloudhpc_jobs{cluster="local",state="pending"} 1\n' in metrics
     assert "cloudhpc_api_request_duration_seconds_bucket" in metrics
     assert "cloudhpc_agent_last_seen_timestamp_seconds" in metrics
+
+
+def test_a_task_output_not_stored_yet_is_asked_again_for_not_missing(api: Api) -> None:
+    """The agent stores an array's last tasks' outputs after it reports the end: right after
+    `wait`, such an output is 503 `not_stored_yet` (the SDK asks again), not missing; long after
+    the end, or before the task ended, it is 404."""
+    fresh, old, running = (api.submit(api.alice, {**BATCH, "name": n, "array": "0-2"}).json() for n in "abc")
+    api.call("GET", "/api/v1/agent/work?cluster=local", api.agent)
+    now = datetime.now(UTC)
+    seq = iter(range(1, 100))
+    for job, ended in ((fresh, now), (old, now - timedelta(minutes=11))):
+        for state in ("queued", "running"):
+            assert _report(api, job["id"], next(seq), state, slurm_job_id="7").status_code == 200
+        answer = _report(api, job["id"], next(seq), "completed", ended_at=ended.isoformat())
+        assert answer.status_code == 200, answer.text
+    for job, status, code in (
+        (fresh, 503, "not_stored_yet"),
+        (old, 404, "not_available"),
+        (running, 404, "not_available"),
+    ):
+        logs = api.call("GET", f"/api/v1/jobs/{job['id']}/logs?task=1", api.alice)
+        assert_error(logs, status, code)
+        artifact = api.call("GET", f"/api/v1/jobs/{job['id']}/artifacts/tasks/1/output.log", api.alice)
+        assert_error(artifact, status, code)
+    # a name that is no task's output of the array stays plainly missing
+    assert_error(
+        api.call("GET", f"/api/v1/jobs/{fresh['id']}/artifacts/tasks/9/output.log", api.alice),
+        404,
+        "not_found",
+    )
+    # and another user learns nothing of it
+    assert_error(api.call("GET", f"/api/v1/jobs/{fresh['id']}/logs?task=1", api.bob), 404, "not_found")

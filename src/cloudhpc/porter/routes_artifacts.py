@@ -9,6 +9,7 @@ client could use.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 from uuid import UUID
@@ -19,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from cloudhpc.domain.api import Artifact, ArtifactList
+from cloudhpc.domain.arrays import array_indices
 from cloudhpc.domain.jobs import Job
 from cloudhpc.exceptions import HttpProblem, StorageError
 from cloudhpc.porter.auth import AgentPrincipal, UserPrincipal, require_agent_for
 from cloudhpc.porter.state import PorterState, object_store, state_of
 from cloudhpc.storage import ObjectStore
-from cloudhpc.storage.artifacts import foreign_keys, is_job_artifact, job_prefix
+from cloudhpc.storage.artifacts import foreign_keys, is_job_artifact, job_prefix, output_name
 
 __all__ = ["agent_router", "router"]
 
@@ -50,6 +52,39 @@ def _names(job: Job) -> dict[str, str]:
     out, so that one bad key cannot make the whole listing fail."""
     prefix = job_prefix(job.owner, job.id)
     return {key[len(prefix) :]: key for key in job.artifacts if is_job_artifact(prefix, key)}
+
+
+STORE_GRACE = timedelta(minutes=10)
+"""How long after its end a job's task outputs may still be on their way to the object store: the
+agent stores the last tasks' outputs of an array after it reports the end (later still when the
+store or the agent was down), and a caller reading them right after `wait` must be told to ask
+again, not that they do not exist."""
+
+
+def missing_task_output(job: Job, task: int) -> HttpProblem:
+    """The answer for task `task`'s output that is not stored: 503 `not_stored_yet` (the SDK asks
+    again) while it may still come, else 404 `not_available`."""
+    ended = job.ended_at
+    if job.state.terminal and ended is not None and datetime.now(UTC) - ended < STORE_GRACE:
+        return HttpProblem(
+            503,
+            "not_stored_yet",
+            f"the output of task {task} of job {job.id} is being stored (the job ended at "
+            f"{ended.isoformat()}); ask again in a moment",
+        )
+    return HttpProblem(
+        404,
+        "not_available",
+        f"no output of task {task} of job {job.id} yet (state {job.state.value}); "
+        "each task's output is stored when the task ends",
+    )
+
+
+def task_of_output(job: Job, name: str) -> int | None:
+    """The array task whose output artifact `name` is (`tasks/<index>/output.log`), else None."""
+    if job.spec.array is None:
+        return None
+    return next((t for t in array_indices(job.spec.array) if output_name(t) == name), None)
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)
@@ -85,6 +120,8 @@ async def download_artifact(
     job = await _user_job(state, job_id, principal)
     key = _names(job).get(name)
     if key is None:
+        if (task := task_of_output(job, name)) is not None:
+            raise missing_task_output(job, task)
         raise HttpProblem(404, "not_found", f"job {job.id} has no artifact {name!r}")
     chunks = await run_in_threadpool(object_store(state).iter_bytes, key)
     if name.endswith(_TEXT_SUFFIXES):

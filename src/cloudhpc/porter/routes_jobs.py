@@ -30,6 +30,7 @@ from cloudhpc.exceptions import BridgesNotConfigured, HttpProblem
 from cloudhpc.porter.access import require_cluster
 from cloudhpc.porter.auth import UserPrincipal
 from cloudhpc.porter.inputs import check_inputs, input_scope
+from cloudhpc.porter.routes_artifacts import missing_task_output
 from cloudhpc.porter.state import PorterState, cluster_key, job_key, object_store, state_of
 from cloudhpc.storage.artifacts import artifact_key, output_name
 from cloudhpc.store import Principal, decode_cursor
@@ -325,12 +326,7 @@ async def _task_log(state: PorterState, job: Job, task: int, offset: int, limit:
         raise HttpProblem(404, "not_found", f"job {job.id} has no array task {task}")
     key = artifact_key(job.owner, job.id, output_name(task))
     if key not in job.artifacts:
-        raise HttpProblem(
-            404,
-            "not_available",
-            f"no output of task {task} of job {job.id} yet (state {job.state.value}); "
-            "each task's output is stored when the task ends",
-        )
+        raise missing_task_output(job, task)
     objects = object_store(state)
 
     def read() -> bytes:
