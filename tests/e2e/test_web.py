@@ -18,12 +18,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websocket
+import yaml
 
 from cloudhpc.client import Client
 from cloudhpc.domain.jobs import Job
@@ -34,6 +36,10 @@ from tests.e2e.ray_jobs import ray_spec
 from tests.testbed import Testbed
 
 TIMEOUT = 120.0
+DEBUG_RATE = 1.0
+"""BU per CPU hour on the testbed's `debug` partition (the web view's deployment)."""
+NO_SUCH_PARTITION = "gpu"
+"""A partition the configuration rates and SLURM does not have: its estimate is a refusal."""
 HOSTILE_LOG = (
     """<script>document.title="pwned-log"</script><img src=x onerror="document.title='pwned-img'">"""
 )
@@ -170,6 +176,13 @@ def web(
     """porter and the submitter on the testbed (alice's token, and bob's), and the browser."""
     root = tmp_path_factory.mktemp("web")
     dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
+    # rates for the estimate page: the testbed's `debug`, and a partition SLURM does not have
+    config = yaml.safe_load(dep.config.read_text())
+    config["clusters"]["testbed"]["billing"] = {
+        "unit": "BU",
+        "partitions": {"debug": {"cpu_hour": DEBUG_RATE}, NO_SUCH_PARTITION: {"cpu_hour": 4 * DEBUG_RATE}},
+    }
+    dep.config.write_text(yaml.safe_dump(config))
     store = Store(dep.database)
     try:
         bob_token = store.create_token("bob", "user")
@@ -181,8 +194,13 @@ def web(
 
 
 def _login(browser: Chromium, url: str, token: str) -> None:
+    """Log in through the form, after the header's "Log out" when someone is logged in already
+    (the module's tests share one browser, and one test may log in as alice, then as bob)."""
     browser.goto(f"{url}/ui/")
-    browser.wait_for("location.pathname === '/ui/login'")
+    logout = "document.querySelector('header form[action$=\"logout\"]')"
+    if browser.eval(f"{logout} !== null"):
+        browser.eval(f"{logout}.submit()")
+    browser.wait_for("location.pathname === '/ui/login' && document.readyState === 'complete'")
     browser.eval(
         f"document.querySelector('input[name=token]').value = {json.dumps(token)};"
         "document.querySelector('form[action=login]').submit()"
@@ -383,6 +401,77 @@ def test_login_cookie_and_refusals(web: dict[str, Any]) -> None:
         answer = http.post("/ui/login", data={"token": agent}, follow_redirects=False)
         assert answer.status_code == 403
         assert "set-cookie" not in answer.headers
+
+
+def test_estimate_page_in_chromium(web: dict[str, Any]) -> None:
+    """The job page's estimate link: per partition SLURM's predicted start (or its refusal) and the
+    cost at the configured rate, the earliest partition marked so that it shows; bob gets no page."""
+    dep: Deployment = web["dep"]
+    browser: Chromium = web["browser"]
+    with dep.client() as alice:
+        job = alice.submit(
+            {
+                "name": "web-estimate",
+                "cluster": "testbed",
+                "script": "#!/bin/bash\ntrue\n",
+                "resources": {"time": "00:30:00", "cpus_per_task": 2},
+            }
+        )
+        # ended first: a running job's page reloads itself on its state's change, which would
+        # cut the navigation short
+        _wait_state(alice, job, lambda j: j.state.terminal)
+        _login(browser, dep.url, dep.user_token)
+        browser.goto(f"{dep.url}/ui/jobs/{job.id}")
+        asked = datetime.now(UTC)
+        browser.eval("document.getElementById('estimate-link').click()")
+        browser.wait_for(
+            f"location.pathname === '/ui/jobs/{job.id}/estimate' && document.readyState === 'complete'"
+            " && document.getElementById('estimate') !== null",
+            timeout=TIMEOUT,
+        )
+        assert browser.text("#job-name") == "web-estimate"
+        assert browser.eval("document.title") == "web-estimate: estimate · cloudhpc"
+        rows = browser.eval(
+            "[...document.querySelectorAll('#estimate tbody tr')].map(r => ({"
+            "cells: [...r.cells].map(c => c.textContent), earliest: r.classList.contains('earliest'),"
+            "look: getComputedStyle(r.cells[0]).backgroundColor + ' ' + getComputedStyle(r.cells[0]).fontWeight"
+            "}))"
+        )
+        shown = {r["cells"][0]: r for r in rows}
+        assert list(shown) == ["debug", NO_SUCH_PARTITION], rows  # the configuration's order
+
+        # debug: a predicted start (SLURM's, asked just now) and 2 CPUs x 0.5 h at its rate
+        debug = shown["debug"]["cells"]
+        start = datetime.strptime(debug[1], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
+        assert start >= asked - timedelta(minutes=1), (start, asked)
+        assert debug[2] == f"{2 * 0.5 * DEBUG_RATE:g} BU"
+        assert debug[3] == ""
+        # the partition SLURM does not have: no start, its cost, and SLURM's refusal
+        other = shown[NO_SUCH_PARTITION]["cells"]
+        assert other[1] == "—"
+        assert other[2] == f"{2 * 0.5 * 4 * DEBUG_RATE:g} BU"
+        assert "invalid partition" in other[3].lower(), other
+
+        # the earliest is debug, marked in the table and said under it, and it looks different
+        assert [r["cells"][0] for r in rows if r["earliest"]] == ["debug"]
+        assert browser.text("#earliest") == "debug"
+        assert shown["debug"]["look"] != shown[NO_SUCH_PARTITION]["look"], rows
+        browser.screenshot("web-estimate.png", web["shots"])
+
+        # the page submitted nothing, and links back to the job
+        assert [j.id for j in alice.list(name="web-estimate")] == [job.id]
+        browser.eval(
+            "[...document.querySelectorAll('main a')].find(a => a.textContent === 'Back to the job').click()"
+        )
+        browser.wait_for(f"location.pathname === '/ui/jobs/{job.id}' && document.readyState === 'complete'")
+        assert browser.text("#job-name") == "web-estimate"
+
+    # bob, logged in: alice's job's estimate is the same 404 page as a job that does not exist
+    _login(browser, dep.url, web["bob"])
+    browser.goto(f"{dep.url}/ui/jobs/{job.id}/estimate")
+    assert browser.text("h1") == "404"
+    assert "web-estimate" not in browser.eval("document.body.textContent")
+    assert browser.eval("document.getElementById('estimate')") is None
 
 
 RAY_START = 900.0

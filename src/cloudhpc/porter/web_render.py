@@ -70,6 +70,7 @@ pre{background:#0d1117;color:#e6edf3;padding:8px;max-height:480px;overflow:auto;
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;margin:0}dt{font-weight:600}dd{margin:0}
 ol.timeline{display:flex;gap:0;padding:0;list-style:none}ol.timeline li{flex:1;border-top:4px solid #d0d7de;padding:4px}
 ol.timeline li.reached{border-color:#0969da}.error{color:#cf222e}
+tr.earliest td{background:#dafbe1;font-weight:600}
 """
 
 _LIST_SCRIPT = """
