@@ -13,11 +13,12 @@ from uuid import UUID, uuid4
 import pytest
 
 from cloudhpc.config import PollConfig
+from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import SSHConnectError
 from cloudhpc.hpc.backend import AccountingRecord, Efficiency, JobSubmission
-from cloudhpc.hpc.poller import Poller, TokenBucket
+from cloudhpc.hpc.poller import INCOMPLETE_PATIENCE, Poller, TokenBucket
 
 
 def obs(state: JobState, native: str | None = None, exit_code: int | None = None) -> Observation:
@@ -356,3 +357,39 @@ async def test_a_job_whose_id_the_scheduler_gave_to_another_is_lost_not_the_othe
     backend.states["9"] = obs(JobState.COMPLETED, exit_code=0)
     await poller.tick()
     assert recorder.seen[-1][2].state == JobState.COMPLETED
+
+
+async def test_an_array_ends_only_once_every_task_is_accounted_for(
+    poller: Poller, backend: FakeBackend, recorder: Recorder, clock: Clock
+) -> None:
+    """After a restart of slurmctld squeue may have forgotten an array's ended tasks while
+    slurmdbd lists only some: a fault run ended an array with 1 task of 5. The end waits (and the
+    poller keeps polling fast) until every index is there; a LOST job's end is taken at once."""
+
+    def ended(*indices: int) -> Observation:
+        done = [
+            TaskObservation(index=i, state=JobState.COMPLETED, native_state="COMPLETED", exit_code=0)
+            for i in indices
+        ]
+        return Observation.of_array(done)
+
+    array, other = uuid4(), uuid4()
+    poller.track(array, "40", tasks=frozenset(range(5)))
+    poller.track(other, "41", tasks=frozenset(range(5)))
+    backend.states["40"] = ended(4)
+    backend.states["41"] = ended(1)
+    assert await poller.tick() == {}
+    assert recorder.seen == []
+    assert set(poller.tracked) == {array, other}
+    assert poller.interval == CONFIG.fast_interval
+    backend.states["40"] = ended(0, 1, 2, 3, 4)
+    changed = await poller.tick()
+    assert set(changed) == {array}
+    assert [t.index for t in changed[array].tasks or ()] == [0, 1, 2, 3, 4]
+    # accounting that never lists the rest: the end is taken as it is after the patience
+    clock.now += INCOMPLETE_PATIENCE + 1
+    assert set(await poller.tick()) == {other}
+    lost = uuid4()
+    poller.track(lost, "42", tasks=frozenset(range(5)))
+    backend.states["42"] = ended(0).lost_to("42")
+    assert set(await poller.tick()) == {lost}

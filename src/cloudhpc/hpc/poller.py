@@ -77,10 +77,18 @@ class TokenBucket:
         self._tokens -= cost
 
 
+INCOMPLETE_PATIENCE = 180.0
+"""Seconds an array's end is held back while accounting lists only some of its tasks (slurmdbd
+catching up after a restart of it or of slurmctld); then the end is taken as it stands, logged."""
+
+
 @dataclass
 class _Tracked:
     native_id: str
     last: Observation | None = None
+    tasks: frozenset[int] | None = None
+    """An array's task indices: its end counts once every one of them has been seen."""
+    incomplete_since: float | None = None
 
 
 class Poller:
@@ -124,11 +132,19 @@ class Poller:
         job = self._jobs.get(job_id)
         return job.last if job is not None else None
 
-    def track(self, job_id: UUID, native_id: str, *, last: Observation | None = None) -> None:
-        """Follow a job (again). `last` is what is already known, so it is not reported twice."""
+    def track(
+        self,
+        job_id: UUID,
+        native_id: str,
+        *,
+        last: Observation | None = None,
+        tasks: frozenset[int] | None = None,
+    ) -> None:
+        """Follow a job (again). `last` is what is already known, so it is not reported twice;
+        `tasks`, an array's indices, each of which its end must account for."""
         if last is not None and last.state.terminal:
             return
-        self._jobs[job_id] = _Tracked(native_id=native_id, last=last)
+        self._jobs[job_id] = _Tracked(native_id=native_id, last=last, tasks=tasks)
         self.interval = self.config.fast_interval
         self.poke()
 
@@ -179,6 +195,8 @@ class Poller:
                 observation = observation.lost_to(job.native_id)
             if observation is None or observation == job.last or self._jobs.get(job_id) is not job:
                 continue
+            if observation.state.terminal and not self._accounts_for_every_task(job_id, job, observation):
+                continue
             try:
                 await self._callback(job_id, job.native_id, observation)
             except Exception:
@@ -197,6 +215,30 @@ class Poller:
             self._slow_down()
         return changed
 
+    def _accounts_for_every_task(self, job_id: UUID, job: _Tracked, observation: Observation) -> bool:
+        """Whether an array's end lists every task. Right after slurmctld or slurmdbd restarted,
+        squeue may have forgotten the ended tasks while accounting has only some of them: ending
+        the array then would lose the others' states for good (a fault run saw 1 task of 5)."""
+        if job.tasks is None or observation.native_state == "LOST":
+            return True
+        missing = job.tasks - {task.index for task in observation.tasks or ()}
+        if not missing:
+            job.incomplete_since = None
+            return True
+        now = self._clock()
+        if job.incomplete_since is None:
+            job.incomplete_since = now
+        if now - job.incomplete_since < INCOMPLETE_PATIENCE:
+            logger.info(
+                "job %s: its end lists %d of its tasks: asking again", job_id, len(job.tasks) - len(missing)
+            )
+            return False
+        logger.warning(
+            "job %s: after %.0f s accounting still lacks %d of its tasks; taking its end as it is",
+            job_id, INCOMPLETE_PATIENCE, len(missing),
+        )  # fmt: skip
+        return True
+
     def _charge(self) -> None:
         cost = self.backend.last_poll_commands if isinstance(self.backend, _CountsCommands) else 1
         self._bucket.charge(max(1, cost))
@@ -206,7 +248,7 @@ class Poller:
 
     def _busy(self) -> bool:
         """Some job is starting (never seen yet), in a short-lived native state, or expected to change."""
-        if self._expecting:
+        if self._expecting or any(job.incomplete_since is not None for job in self._jobs.values()):
             return True
         for job in self._jobs.values():
             if job.last is None or job.last.native_state in _TRANSIENT_NATIVE:

@@ -413,7 +413,8 @@ class Agent:
             self._tracked[job.id] = _Tracked(
                 job=job, native_id=native_id, restarts=job.restarts, started_at=job.started_at
             )
-        self._poller.track(job.id, native_id)
+        tasks = frozenset(array_indices(job.spec.array)) if job.spec.array is not None else None
+        self._poller.track(job.id, native_id, tasks=tasks)
 
     async def _on_observation(self, job_id: UUID, native_id: str, observation: Observation) -> None:
         tracked = self._tracked.get(job_id)
