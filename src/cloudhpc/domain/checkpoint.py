@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointSpec",
     "parse_seconds",
     "requeue_reason",
+    "restarts_exceeded",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -124,3 +125,20 @@ def requeue_reason(
     of = f" of {max_restarts}" if max_restarts is not None else ""
     tail = f" {slurm_reason}" if slurm_reason and slurm_reason != native_state else ""
     return f"{REQUEUED} (restart {restarts}{of}): {native_state}{tail}"
+
+
+def restarts_exceeded(
+    restarts: int, max_restarts: int, native_state: str, slurm_reason: str | None = None
+) -> str | None:
+    """Why a checkpointed job that SLURM queued again more often than `max_restarts` allows must be
+    ended, or None while it is within them. The wrapper stops requeueing at `max_restarts`, but SLURM
+    requeues a `--requeue` job by itself too (an operator's `scontrol requeue`, a preemption with
+    PreemptMode=REQUEUE, a node failure with JobRequeue=1): the agent cancels such a run before it
+    starts (it waits out SLURM's requeue hold) and reports the job `failed` with this reason."""
+    if restarts <= max_restarts:
+        return None
+    tail = f" {slurm_reason}" if slurm_reason and slurm_reason != native_state else ""
+    return (
+        f"checkpoint.max_restarts ({max_restarts}) reached: SLURM queued it again "
+        f"(restart {restarts}: {native_state}{tail}); cancelled"
+    )

@@ -23,7 +23,7 @@ from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, array_indices
-from cloudhpc.domain.checkpoint import requeue_reason
+from cloudhpc.domain.checkpoint import requeue_reason, restarts_exceeded
 from cloudhpc.domain.job_files import OutputsReport, SkippedOutput
 from cloudhpc.domain.jobs import AUTO_PARTITION, Job, JobKind, Observation
 from cloudhpc.domain.queries import AgentQuery
@@ -109,6 +109,23 @@ class _Tracked:
     """...and those whose store succeeded: the end of the array does not store them again."""
 
 
+def _must_end(tracked: _Tracked | None, reason: str | None, observation: Observation) -> str | None:
+    """Why the agent must cancel a job SLURM still holds, or None: a dependency that can never be
+    met (SLURM would keep the job queued forever), or a checkpointed job that SLURM queued again
+    more often than its `max_restarts` (`tracked.restarts` is the count just learnt)."""
+    if reason == DEPENDENCY_NEVER_SATISFIED:
+        return (
+            f"{DEPENDENCY_NEVER_SATISFIED}: a job it waited for ended in a way that can never "
+            "satisfy its `after`; cancelled instead of left queued"
+        )
+    checkpoint = tracked.job.spec.checkpoint if tracked is not None else None
+    if tracked is None or checkpoint is None:
+        return None
+    return restarts_exceeded(
+        tracked.restarts, checkpoint.max_restarts, observation.native_state, observation.reason
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -143,8 +160,8 @@ class Agent:
         self._cancel_asked: set[UUID] = set()
         self._finishing: set[UUID] = set()
         self._accounting_retry: dict[UUID, tuple[float, float]] = {}  # job -> (not before, next delay)
-        self._never_satisfied: set[UUID] = set()
-        """Jobs cancelled because SLURM said their dependency can never be met."""
+        self._ending: dict[UUID, str] = {}
+        """Jobs the agent cancelled for a reason of its own (`_must_end`): the reason they end with."""
         self._poller = Poller(backend, config.poll, self._on_observation)
         self._sessions = SessionJobs(
             cluster,
@@ -432,19 +449,16 @@ class Agent:
             )
             if restarts and state == JobState.QUEUED:
                 state = JobState.RUNNING  # states only move forward: pending again is a restart
-        if not state.terminal and reason == DEPENDENCY_NEVER_SATISFIED:
-            # SLURM would keep it queued forever: end it, and remember why for its last report
-            log.info("job %s: its dependency can never be met; cancelling SLURM job %s", job_id, native_id)
-            self._never_satisfied.add(job_id)
+        ending = None if state.terminal or job_id in self._ending else _must_end(tracked, reason, observation)
+        if ending is not None:
+            # SLURM would keep it queued (or run it again): end it, and remember why for its last report
+            log.info("job %s: %s; cancelling SLURM job %s", job_id, ending, native_id)
             await self.backend.cancel(native_id)
+            self._ending[job_id] = ending
             self._poller.poke()
-        elif state.terminal and job_id in self._never_satisfied:
-            self._never_satisfied.discard(job_id)
+        elif state.terminal and job_id in self._ending:
             state = JobState.FAILED
-            reason = (
-                f"{DEPENDENCY_NEVER_SATISFIED}: a job it waited for ended in a way that can never "
-                "satisfy its `after`; cancelled instead of left queued"
-            )
+            reason = self._ending.pop(job_id)
         await self._report(
             job_id,
             state,
