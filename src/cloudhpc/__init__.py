@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from cloudhpc.domain.states import JobState
     from cloudhpc.exceptions import CloudHPCError, ConfigError
     from cloudhpc.executor import Executor
-    from cloudhpc.sessions import RaySession, ray_session
+    from cloudhpc.sessions import AsyncRaySession, RaySession, async_ray_session, ray_session
 
 _HOMES = {
     "cloudhpc.client": ("ApiError", "AsyncClient", "Client", "LogChunk", "default_client"),
@@ -52,13 +52,14 @@ _HOMES = {
     "cloudhpc.domain.states": ("JobState",),
     "cloudhpc.exceptions": ("CloudHPCError", "ConfigError"),
     "cloudhpc.executor": ("Executor",),
-    "cloudhpc.sessions": ("RaySession", "ray_session"),
+    "cloudhpc.sessions": ("AsyncRaySession", "RaySession", "async_ray_session", "ray_session"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "ApiError",
     "AsyncClient",
+    "AsyncRaySession",
     "Bridge",
     "Client",
     "CloudHPCError",
@@ -75,6 +76,7 @@ __all__ = [
     "RaySpec",
     "Resources",
     "__version__",
+    "async_ray_session",
     "default_client",
     "ray_session",
 ]

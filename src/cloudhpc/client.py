@@ -65,6 +65,7 @@ __all__ = [
     "LogChunk",
     "Me",
     "RetryPolicy",
+    "SessionOpened",
     "default_client",
 ]
 
@@ -338,6 +339,37 @@ def _ray_dashboard_url(job: JobRef, timeout: float, in_cluster: bool) -> _Steps[
     if dashboard.url is None:
         return f"http://{dashboard.bridge_host}:{dashboard.bridge_port}"
     return dashboard.url
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """An opened warm Ray session (`open_ray_session`): its `ray-cluster` job, Ray's job-submission
+    `address` through the bridge, and whether an active session of that name was re-attached."""
+
+    job: Job
+    address: str
+    reattached: bool
+
+
+def _open_session(spec: JobSpec | Mapping[str, Any]) -> _Call[tuple[Job, bool]]:
+    body = _submit(spec, None).json
+    # sent again on a transient failure: a second open re-attaches to the session the first made
+    return _Call(
+        "POST",
+        "/api/v1/ray-sessions",
+        lambda r: (Job.model_validate(r.json()), r.status_code == 200),
+        json=body,
+        idempotent=True,
+    )
+
+
+def _open_ray_session(
+    spec: JobSpec | Mapping[str, Any], timeout: float, in_cluster: bool
+) -> _Steps[SessionOpened]:
+    job, reattached = yield _open_session(spec)
+    address = yield from _ray_dashboard_url(job, timeout, in_cluster)
+    job = yield _get(job)  # running now, with its bridges ready
+    return SessionOpened(job, address, reattached)
 
 
 def _artifacts(job: JobRef) -> _Call[builtins.list[Artifact]]:
@@ -621,6 +653,14 @@ class Client(_Base):
         Service address instead (from a pod; porter must publish bridges to Kubernetes)."""
         return self._run(_ray_dashboard_url(job, timeout, in_cluster))
 
+    def open_ray_session(
+        self, spec: JobSpec | Mapping[str, Any], *, timeout: float = 1800.0, in_cluster: bool = False
+    ) -> SessionOpened:
+        """Open the caller's warm Ray session `spec.name` on `spec.cluster` (`POST /ray-sessions`:
+        her active one, or a new `ray-cluster` from `spec`; two opens at once make one), once its
+        dashboard answers through the bridge. `cloudhpc.ray_session` is the friendlier form."""
+        return self._run(_open_ray_session(spec, timeout, in_cluster))
+
     def artifacts(self, job: JobRef) -> builtins.list[Artifact]:
         """The job's stored files (`spec.json`, `job.sh`, `output.log`, `sacct.json`, ...), each with
         `name`, `key` and `url`: a presigned S3 URL, or porter's own download route (needs the token)."""
@@ -792,6 +832,11 @@ class AsyncClient(_Base):
         self, job: JobRef, *, timeout: float = 300.0, in_cluster: bool = False
     ) -> str:
         return await self._run(_ray_dashboard_url(job, timeout, in_cluster))
+
+    async def open_ray_session(
+        self, spec: JobSpec | Mapping[str, Any], *, timeout: float = 1800.0, in_cluster: bool = False
+    ) -> SessionOpened:
+        return await self._run(_open_ray_session(spec, timeout, in_cluster))
 
     async def artifacts(self, job: JobRef) -> builtins.list[Artifact]:
         return await self._send(_artifacts(job))

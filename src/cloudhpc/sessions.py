@@ -23,16 +23,16 @@ last step (or an exit handler) does, so that a run's end also ends its session.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from cloudhpc.client import Client, JobRef
+from cloudhpc.client import AsyncClient, Client
 from cloudhpc.domain.jobs import Job, JobKind
 
-__all__ = ["RaySession", "ray_session", "session_spec"]
+__all__ = ["AsyncRaySession", "RaySession", "async_ray_session", "ray_session", "session_spec"]
 
 DEFAULT_IDLE_TIMEOUT = 600
 """Seconds without a Ray job before a session ends itself, when the caller names none."""
@@ -69,11 +69,10 @@ def session_spec(
 
 
 @dataclass
-class RaySession:
-    """An open session: `job` (the `ray-cluster`), `address` (Ray's job-submission address through
-    the bridge, for `ray.job_submission.JobSubmissionClient`) and `submit` for cloudhpc ray-jobs."""
+class _Session:
+    """What the sync and async sessions share: the `ray-cluster` job, Ray's job-submission
+    `address` through the bridge, and the specs of the ray-jobs that name it."""
 
-    client: Client
     job: Job
     address: str
     reattached: bool
@@ -106,6 +105,14 @@ class RaySession:
         if env:
             spec["env"] = dict(env)
         return spec
+
+
+@dataclass
+class RaySession(_Session):
+    """An open session: `job` (the `ray-cluster`), `address` (Ray's job-submission address through
+    the bridge, for `ray.job_submission.JobSubmissionClient`) and `submit` for cloudhpc ray-jobs."""
+
+    client: Client = field(kw_only=True)
 
     def submit(
         self,
@@ -141,14 +148,67 @@ class RaySession:
             self.close()
 
 
-def _active_session(client: Client, cluster: str, name: str) -> JobRef | None:
-    """The caller's newest active ray-cluster of that name on that cluster (`list` is newest first
-    and shows a user only her own jobs; an admin's token sees everyone's, hence the owner check)."""
-    me = client.me().user
-    for summary in client.list(cluster=cluster, name=name, limit=20):
-        if summary.kind == JobKind.RAY_CLUSTER and summary.owner == me and not summary.state.terminal:
-            return summary
-    return None
+@dataclass
+class AsyncRaySession(_Session):
+    """`RaySession` for asyncio code (an `AsyncClient`): `await session.submit(...)`,
+    `await session.close()`, `async with`."""
+
+    client: AsyncClient = field(kw_only=True)
+
+    async def submit(
+        self,
+        entrypoint: str,
+        *,
+        name: str | None = None,
+        files: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Job:
+        """Submit a ray-job on this session; `await client.wait(job)` follows it to its end."""
+        return await self.client.submit(self.job_spec(entrypoint, name=name, files=files, env=env))
+
+    async def close(self) -> Job:
+        """End the session now (its SLURM job is cancelled; a ray-job still on it fails)."""
+        try:
+            return await self.client.cancel(self.job)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> AsyncRaySession:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.keep:
+            await self._release()
+        else:
+            await self.close()
+
+
+class _AsyncOpening:
+    """What `async_ray_session` returns: awaited, the open session; in `async with`, the session
+    for the block (left as `keep` says)."""
+
+    def __init__(self, opening: Coroutine[Any, Any, AsyncRaySession]) -> None:
+        self._opening = opening
+        self._session: AsyncRaySession | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncRaySession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> AsyncRaySession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        assert self._session is not None
+        await self._session.__aexit__(kind, error, trace)
 
 
 def ray_session(
@@ -170,35 +230,83 @@ def ray_session(
     in_cluster: bool = False,
 ) -> RaySession:
     """Open (or re-attach to) the caller's session `name` on `cluster`, once its dashboard answers
-    through the bridge (`timeout` covers the wait in SLURM's queue and Ray's start).
+    through the bridge (`timeout` covers the wait in SLURM's queue and Ray's start). porter decides
+    in one transaction (`POST /api/v1/ray-sessions`): two opens of one name at the same moment, from
+    two cells, steps or processes, make one session.
 
     `client` is used as given (and left open); without one, a `Client(url, token)` is made
     (`CLOUDHPC_URL`, `CLOUDHPC_TOKEN`) and closed with the session. `in_cluster=True` gives the
     Kubernetes Service address of the dashboard (from a pod). The size and environment arguments
     are used only when a session is started; a re-attached one keeps its own. `keep`: see the
     module's docstring."""
+    spec = session_spec(
+        cluster=cluster,
+        name=name,
+        nodes=nodes,
+        idle_timeout=idle_timeout,
+        time=time,
+        head=head,
+        workers=workers,
+        resources=resources,
+        environment=environment,
+    )
     owns = client is None
     hpc = client if client is not None else Client(url, token)
     try:
-        found = _active_session(hpc, cluster, name)
-        reattached = found is not None
-        if found is None:
-            spec = session_spec(
-                cluster=cluster,
-                name=name,
-                nodes=nodes,
-                idle_timeout=idle_timeout,
-                time=time,
-                head=head,
-                workers=workers,
-                resources=resources,
-                environment=environment,
-            )
-            found = hpc.submit(spec)
-        address = hpc.ray_dashboard_url(found, timeout=timeout, in_cluster=in_cluster)
-        job = hpc.get(found)
+        opened = hpc.open_ray_session(spec, timeout=timeout, in_cluster=in_cluster)
     except BaseException:
         if owns:
             hpc.close()
         raise
-    return RaySession(hpc, job, address, reattached=reattached, keep=keep, _owns_client=owns)
+    return RaySession(opened.job, opened.address, opened.reattached, keep, owns, client=hpc)
+
+
+def async_ray_session(
+    cluster: str,
+    *,
+    name: str = "ray-session",
+    nodes: int = 1,
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
+    time: str = "01:00:00",
+    head: Mapping[str, Any] | None = None,
+    workers: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
+    environment: Mapping[str, Any] | None = None,
+    client: AsyncClient | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    keep: bool = True,
+    timeout: float = 1800.0,
+    in_cluster: bool = False,
+) -> _AsyncOpening:
+    """`ray_session` for asyncio code, with an `AsyncClient` (the same arguments, the same open):
+
+        async with cloudhpc.async_ray_session("mahti", name="dev", client=client) as session:
+            job = await session.submit("python train.py", files={"train.py": code})
+
+    or `session = await cloudhpc.async_ray_session(...)` (then `await session.close()` or leave it
+    to its idle timeout)."""
+    spec = session_spec(
+        cluster=cluster,
+        name=name,
+        nodes=nodes,
+        idle_timeout=idle_timeout,
+        time=time,
+        head=head,
+        workers=workers,
+        resources=resources,
+        environment=environment,
+    )
+
+    async def opening() -> AsyncRaySession:
+        owns = client is None
+        hpc = client if client is not None else AsyncClient(url, token)
+        try:
+            opened = await hpc.open_ray_session(spec, timeout=timeout, in_cluster=in_cluster)
+        except BaseException:
+            if owns:
+                await hpc.aclose()
+            raise
+        return AsyncRaySession(opened.job, opened.address, opened.reattached, keep, owns, client=hpc)
+
+    return _AsyncOpening(opening())

@@ -27,6 +27,7 @@ from cloudhpc.porter import (
     routes_estimate,
     routes_files,
     routes_jobs,
+    routes_sessions,
     routes_uploads,
     web,
 )
@@ -146,6 +147,7 @@ def create_app(
     app.include_router(routes_agent_queries.router)
     app.include_router(routes_files.router)
     app.include_router(routes_estimate.router)
+    app.include_router(routes_sessions.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_artifacts.agent_router)
     app.include_router(routes_agent_objects.router)

@@ -84,6 +84,7 @@ class AsyncStore:
     alembic_config = _in_thread(Store.alembic_config)
     # jobs
     create_job = _in_thread(Store.create_job)
+    open_session = _in_thread(Store.open_session)
     get_job = _in_thread(Store.get_job)
     get_state = _in_thread(Store.get_state)
     list_jobs = _in_thread(Store.list_jobs)

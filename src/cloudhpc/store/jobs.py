@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID, uuid4
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, load_only
 
@@ -28,7 +28,7 @@ from cloudhpc.exceptions import IdempotencyConflict, UnknownJob
 from cloudhpc.store.bridges import allocate_bridges, to_bridge
 from cloudhpc.store.dependencies import with_dependency
 from cloudhpc.store.engine import Database, map_db_errors, utcnow
-from cloudhpc.store.models import JobRow, TransitionRow
+from cloudhpc.store.models import ACTIVE_SESSION, JobRow, TransitionRow
 from cloudhpc.store.notify import cluster_key, job_key, notify_in
 
 __all__ = ["JobRepository", "Transition", "decode_cursor", "to_job"]
@@ -159,6 +159,62 @@ class JobRepository(Database):
             existing = self._find_by_key(owner, idempotency_key, spec)
             if existing is not None:
                 return existing, False
+        try:
+            return self._insert(owner, spec, bridges, idempotency_key=idempotency_key), True
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            log.debug("job create for %s lost the race for idempotency key %r", owner, idempotency_key)
+            existing = self._find_by_key(owner, idempotency_key, spec)
+            if existing is None:
+                raise
+            return existing, False
+
+    @map_db_errors
+    def open_session(
+        self, owner: str, spec: JobSpec, *, bridges: BridgePlan | None = None
+    ) -> tuple[Job, bool]:
+        """The owner's active session `spec.name` on `spec.cluster` (and False: re-attached, its own
+        spec kept), or a new ray-cluster from `spec` opened as a session (and True).
+
+        Atomic across porter replicas: a unique index covers the active sessions (ACTIVE_SESSION),
+        so of two opens at the same moment one inserts and the other's insert fails and reads the
+        winner's row. A session being cancelled or ended no longer holds the name."""
+        existing = self._find_session(owner, spec)
+        if existing is not None:
+            return existing, False
+        try:
+            return self._insert(owner, spec, bridges, is_session=True), True
+        except IntegrityError:
+            log.debug("session open for %s lost the race for %s/%s", owner, spec.cluster, spec.name)
+            existing = self._find_session(owner, spec)
+            if existing is None:
+                raise
+            return existing, False
+
+    def _find_session(self, owner: str, spec: JobSpec) -> Job | None:
+        with self._read() as session:
+            row = session.scalars(
+                select(JobRow).where(
+                    JobRow.owner == owner,
+                    JobRow.cluster == spec.cluster,
+                    JobRow.name == spec.name,
+                    text(ACTIVE_SESSION),
+                )
+            ).one_or_none()
+            return to_job(row) if row is not None else None
+
+    def _insert(
+        self,
+        owner: str,
+        spec: JobSpec,
+        bridges: BridgePlan | None,
+        *,
+        idempotency_key: str | None = None,
+        is_session: bool = False,
+    ) -> Job:
+        """One new `pending` job with its bridge ports and first transition, in one transaction;
+        `IntegrityError` when a unique constraint refuses it (an idempotency key, a session)."""
         now = utcnow()
         row = JobRow(
             id=str(uuid4()),
@@ -172,30 +228,22 @@ class JobRepository(Database):
             updated_at=now,
             spec=_spec_json(spec),
             idempotency_key=idempotency_key,
+            is_session=is_session,
             observed_seq=0,
             artifacts="[]",
             bridges=[],
         )
-        try:
-            with self._write() as session:
-                session.add(row)
+        with self._write() as session:
+            session.add(row)
+            session.flush()
+            if bridges is not None and bridges.exposed:
+                row.bridges.extend(allocate_bridges(session, bridges, now))
                 session.flush()
-                if bridges is not None and bridges.exposed:
-                    row.bridges.extend(allocate_bridges(session, bridges, now))
-                    session.flush()
-                session.add(
-                    TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
-                )
-                notify_in(session, [cluster_key(row.cluster)])  # the cluster's agent has new work
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            log.debug("job create for %s lost the race for idempotency key %r", owner, idempotency_key)
-            existing = self._find_by_key(owner, idempotency_key, spec)
-            if existing is None:
-                raise
-            return existing, False
-        return to_job(row), True
+            session.add(
+                TransitionRow(job_id=row.id, at=now, from_state=None, to_state=row.state, actor=owner)
+            )
+            notify_in(session, [cluster_key(row.cluster)])  # the cluster's agent has new work
+        return to_job(row)
 
     def _find_by_key(self, owner: str, key: str, spec: JobSpec) -> Job | None:
         with self._read() as session:

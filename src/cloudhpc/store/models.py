@@ -32,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from cloudhpc.domain.states import ACTIVE_STATES
+
 __all__ = [
     "AccountingRow",
     "AgentQueryRow",
@@ -89,6 +91,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+ACTIVE_SESSION = (
+    "is_session AND NOT cancel_requested AND state IN ("
+    + ", ".join(f"'{state.value}'" for state in sorted(ACTIVE_STATES))
+    + ")"
+)
+"""The rows of the unique index on sessions: opened as one, not being cancelled, not ended. The
+same SQL selects the session an open re-attaches to (`JobRepository.open_session`)."""
+
+
 class JobRow(Base):
     """One job: desired state written by porter, observed state written by the agent's reports."""
 
@@ -123,6 +134,9 @@ class JobRow(Base):
     tasks: Mapped[str | None] = mapped_column(Text)
     # Array tasks whose cancellation was asked for (JSON list of indices), until the agent did it.
     cancel_tasks: Mapped[str | None] = mapped_column(Text)
+    # A ray-cluster opened as a warm Ray session (`POST /ray-sessions`): at most one active per
+    # owner, cluster and name (ux_jobs_active_session).
+    is_session: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     bridges: Mapped[list[BridgeRow]] = relationship(
         lazy="selectin", order_by="BridgeRow.id", passive_deletes=True, cascade="all, delete-orphan"
     )
@@ -134,6 +148,16 @@ class JobRow(Base):
         Index("ix_jobs_created_at", "created_at"),
         # the metrics' restart counts read only the few restarted jobs, not every row's spec
         Index("ix_jobs_restarts_cluster", "restarts", "cluster"),
+        # two opens of one session at the same moment: the second insert fails, and reads the first
+        Index(
+            "ux_jobs_active_session",
+            "owner",
+            "cluster",
+            "name",
+            unique=True,
+            sqlite_where=text(ACTIVE_SESSION),
+            postgresql_where=text(ACTIVE_SESSION),
+        ),
     )
 
 
