@@ -6,15 +6,20 @@ a job with no restart left ends by its time limit with the reason saying so.
 SLURM 22.05 details these timings rest on (the testbed's slurm.conf): slurmctld checks time limits
 every 30 s and sends `--signal` once `warn_before + 30 s` or less is left, so with a 1-minute limit
 and `warn_before: 30` the warning comes 0 to 30 s into a run; a requeued job may start again only
-`cred_expire + 1` s later (120 s by default) and the scheduler picks it up within 30 s more. The
-jobs are submitted together (module fixture) so those waits overlap.
+`cred_expire + 1` s later (120 s by default; 31 s on the testbed) and the scheduler picks it up
+within 30 s more. The jobs are submitted together (module fixture) and one watcher follows them all
+from their submission, requeuing the operator's jobs as soon as they wait, so those waits overlap:
+each test then reads what the watcher saw of its own job (the module takes about as long as its
+slowest job, not the sum of the three requeues).
 """
 
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -110,16 +115,85 @@ def jobs(client: Client) -> dict[str, Job]:
     }
 
 
-def wait_end(client: Client, job: Job, seen: list[Job] | None = None) -> Job:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        current = client.get(job)
-        if seen is not None and (not seen or seen[-1].reason != current.reason):
+OPERATOR_JOBS = ("operator", "operator-plain")
+"""The jobs an operator requeues (`scontrol requeue`) once their first run waits for it."""
+
+
+@dataclass
+class Watcher:
+    """Follows every job of the module in one thread from its submission: each job's states as
+    porter answered them (one entry per change of reason), and `scontrol requeue` of each operator
+    job as soon as its first run says it waits. One thread rather than one test after another, so
+    the three requeue holds run at the same time."""
+
+    client: Client
+    jobs: dict[str, Job]
+    seen: dict[str, list[Job]] = field(default_factory=dict)
+    ended: dict[str, Job] = field(default_factory=dict)
+    requeued: dict[str, str] = field(default_factory=dict)
+    """Operator job -> the SLURM job ID it requeued."""
+    error: BaseException | None = None
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not self.stopping.is_set() and len(self.ended) < len(self.jobs):
+                for name, job in self.jobs.items():
+                    if name not in self.ended:
+                        self.look(name, job)
+                assert time.monotonic() < deadline, {
+                    n: (j[-1].state, j[-1].reason) for n, j in self.seen.items()
+                }
+                self.stopping.wait(0.5)
+        except BaseException as exc:  # handed to the test that waits (a thread's own is lost)
+            self.error = exc
+        finally:
+            with self.changed:
+                self.stopping.set()
+                self.changed.notify_all()
+
+    def look(self, name: str, job: Job) -> None:
+        current = self.client.get(job)
+        seen = self.seen.setdefault(name, [])
+        if not seen or seen[-1].reason != current.reason:
             seen.append(current)
+        if (
+            name in OPERATOR_JOBS
+            and name not in self.requeued
+            and b"waiting for the operator\n" in stored_log(self.client, job)
+        ):
+            native = self.client.get(job).slurm_job_id
+            assert native is not None
+            subprocess.run(["scontrol", "requeue", native], check=True)
+            self.requeued[name] = native
         if current.state.terminal:
-            return current
-        assert time.monotonic() < deadline, current
-        time.sleep(1)
+            with self.changed:
+                self.ended[name] = current
+                self.changed.notify_all()
+
+    def wait_end(self, name: str) -> Job:
+        """The job once terminal, as the watcher saw it; the watcher's failure if it failed."""
+        with self.changed:
+            self.changed.wait_for(lambda: name in self.ended or self.stopping.is_set(), timeout=TIMEOUT + 30)
+        if self.error is not None:
+            raise self.error
+        assert name in self.ended, (name, self.seen.get(name))
+        return self.ended[name]
+
+
+@pytest.fixture(scope="module")
+def watcher(deployment: Deployment, jobs: dict[str, Job]) -> Iterator[Watcher]:
+    with deployment.client() as client:
+        watch = Watcher(client, jobs)
+        thread = threading.Thread(target=watch.run, name="requeue-watcher", daemon=True)
+        thread.start()
+        try:
+            yield watch
+        finally:
+            watch.stopping.set()
+            thread.join(timeout=30)
 
 
 def log_on_cluster(job: Job) -> bytes:
@@ -129,10 +203,10 @@ def log_on_cluster(job: Job) -> bytes:
     ).read_bytes()
 
 
-def test_time_limit_requeue_finishes_like_an_uninterrupted_run(client: Client, jobs: dict[str, Job]) -> None:
-    seen: list[Job] = []
-    ended = wait_end(client, jobs["timelimit"], seen)
-    whole = wait_end(client, jobs["uninterrupted"])
+def test_time_limit_requeue_finishes_like_an_uninterrupted_run(client: Client, watcher: Watcher) -> None:
+    ended = watcher.wait_end("timelimit")
+    whole = watcher.wait_end("uninterrupted")
+    seen = watcher.seen["timelimit"]
     assert whole.state == JobState.COMPLETED
     assert whole.restarts == 0
     assert ended.state == JobState.COMPLETED, ended
@@ -162,18 +236,12 @@ def test_time_limit_requeue_finishes_like_an_uninterrupted_run(client: Client, j
     ("name", "reason"),
     [("operator", "Requeued (restart 1 of 1)"), ("operator-plain", "Requeued (restart 1)")],
 )
-def test_operator_requeue_is_followed(client: Client, jobs: dict[str, Job], name: str, reason: str) -> None:
-    """`scontrol requeue` from outside, of a job with `checkpoint` and of one without."""
-    job = jobs[name]
-    deadline = time.monotonic() + TIMEOUT
-    while b"waiting for the operator\n" not in stored_log(client, job):
-        assert time.monotonic() < deadline, client.get(job)
-        time.sleep(0.5)
-    native = client.get(job).slurm_job_id
-    assert native is not None
-    subprocess.run(["scontrol", "requeue", native], check=True)
-    seen: list[Job] = []
-    ended = wait_end(client, job, seen)
+def test_operator_requeue_is_followed(client: Client, watcher: Watcher, name: str, reason: str) -> None:
+    """`scontrol requeue` from outside (the watcher's, once the first run waits), of a job with
+    `checkpoint` and of one without."""
+    ended = watcher.wait_end(name)
+    assert name in watcher.requeued, watcher.seen[name]
+    seen = watcher.seen[name]
     assert any(
         j.state == JobState.RUNNING
         and j.restarts == 1
@@ -192,8 +260,8 @@ def test_operator_requeue_is_followed(client: Client, jobs: dict[str, Job], name
     assert text.count("run 0\n") == 1
 
 
-def test_no_restart_left_ends_by_the_time_limit(client: Client, jobs: dict[str, Job]) -> None:
-    ended = wait_end(client, jobs["exhausted"])
+def test_no_restart_left_ends_by_the_time_limit(client: Client, watcher: Watcher) -> None:
+    ended = watcher.wait_end("exhausted")
     assert ended.state == JobState.TIMEOUT
     assert ended.restarts == 0
     assert ended.reason == "checkpoint.max_restarts (0) reached: TIMEOUT"
@@ -228,10 +296,10 @@ def test_bad_checkpoint_is_422_naming_the_field(
     assert field in answer.text
 
 
-def test_metrics_count_the_restarts(client: Client, deployment: Deployment, jobs: dict[str, Job]) -> None:
+def test_metrics_count_the_restarts(deployment: Deployment, watcher: Watcher) -> None:
     """porter's /metrics: every restart of the module's jobs (one each for the time-limit job and
     the two an operator requeued), whatever their state now."""
-    total = sum(wait_end(client, job).restarts for job in jobs.values())
+    total = sum(watcher.wait_end(name).restarts for name in watcher.jobs)
     assert total == 3
     token = scrape_token_file(deployment.testbed.prometheus_targets).read_text().strip()
     body = httpx.get(f"{deployment.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
