@@ -31,12 +31,20 @@ from cloudhpc.domain.checkpoint import CHECKPOINT_DIR, CheckpointSpec
 from cloudhpc.domain.paths import JobPaths
 
 __all__ = [
+    "PRESTART_SETTLE_SECONDS",
     "CountsRestarts",
     "checkpoint_lines",
     "checkpoint_requeue_lines",
     "checkpoint_run_lines",
     "checkpoint_setup_lines",
 ]
+
+
+PRESTART_SETTLE_SECONDS = 2
+"""A warning that came before the program started is forwarded this long after its start: sent at
+once, it would meet a program that has not yet installed its handler (a Python interpreter still
+starting, `train.py` before its first line) and end it by the signal's default action, with no
+checkpoint saved. The default action still ends a program that does not catch it."""
 
 
 @runtime_checkable
@@ -59,6 +67,7 @@ def checkpoint_setup_lines(paths: JobPaths, checkpoint: CheckpointSpec) -> list[
         "# checkpoint and requeue (spec.checkpoint): the same directory on every run",
         f"export CLOUDHPC_CHECKPOINT_DIR={shlex.quote(paths.file(CHECKPOINT_DIR))}",
         'export CLOUDHPC_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"',
+        f"export CLOUDHPC_CHECKPOINT_SIGNAL={sig}  # the program may catch it to save and stop",
         'mkdir -p -- "$CLOUDHPC_CHECKPOINT_DIR" || exit 97',
         "_chpc_warned=0 _chpc_child=",
         "_chpc_forward() {",
@@ -92,7 +101,8 @@ def checkpoint_run_lines(command: str, on_start: Sequence[str] = ()) -> list[str
         f"setsid {command} &",
         "_chpc_child=$!",
         *on_start,
-        '[ "$_chpc_warned" = 1 ] && _chpc_forward  # warned while it was starting',
+        "# warned while it was starting: give the program a moment to install its handler first",
+        f'[ "$_chpc_warned" = 1 ] && {{ sleep {PRESTART_SETTLE_SECONDS}; _chpc_forward; }}',
         "# `wait` returns early when the trap runs: wait again while the program lives",
         'while kill -0 "$_chpc_child" 2>/dev/null; do wait "$_chpc_child"; done',
         'wait "$_chpc_child"; _chpc_status=$?',
