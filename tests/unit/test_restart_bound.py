@@ -33,6 +33,8 @@ COMPLETING = "4198|wrap|COMPLETING|None|1796501928|1796501929|1796502049|(null)\
 PENDING = "4198|wrap|PENDING|BeginTime|1796501929|1796501960|1796502080|(null)\n"
 RUNNING_AGAIN = "4198|wrap|RUNNING|None|1796501929|1796501968|1796502088|(null)\n"
 CANCELLED = "4198|wrap|CANCELLED|None|1796501929|1796501968|1796501969|(null)\n"
+WAITING = PENDING.replace("|1796501929|", "|1796501928|", 1)
+"""Not captured: the job waiting for its first start, as PENDING with its first submit time."""
 
 
 def observed(row: str) -> Observation:
@@ -116,6 +118,14 @@ async def test_a_run_the_poll_missed_beyond_the_bound_is_cancelled_too() -> None
     slurm, reports = await follow(0, 0, [RUNNING, RUNNING_AGAIN])
     assert slurm.cancelled == ["4198"]
     assert reports[-1][0] == JobState.RUNNING
+
+
+async def test_a_run_the_poll_never_saw_is_counted_by_its_new_submit_time() -> None:
+    """Waiting, then waiting again after a run shorter than a poll that was requeued at once (the
+    e2e test's operator requeued a 1-second run): a requeue sets a new submit time."""
+    slurm, reports = await follow(0, 0, [WAITING, PENDING, CANCELLED])
+    assert slurm.cancelled == ["4198"]
+    assert reports[-1][:2] == (JobState.FAILED, 1)
 
 
 @pytest.mark.parametrize(

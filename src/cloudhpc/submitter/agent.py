@@ -103,6 +103,9 @@ class _Tracked:
     """SLURM's restart count as last learnt (from porter on adoption, then from squeue)."""
     started_at: datetime | None = None
     """When the current run started: a later start, or a wait after a start, is a restart."""
+    submitted_at: datetime | None = None
+    """SLURM's submit time as last seen: a requeue sets it anew, so a later one is a restart even
+    when the poll never saw the run it ended (a run shorter than a poll interval)."""
     tasks_storing: set[int] = dataclasses.field(default_factory=set)
     """Array tasks whose output is being stored (or was) since they ended, while others still run."""
     tasks_stored: set[int] = dataclasses.field(default_factory=set)
@@ -478,15 +481,25 @@ class Agent:
 
     async def _restarts(self, tracked: _Tracked, observation: Observation) -> int | None:
         """SLURM's restart count of the job when this observation shows a restart (waiting again
-        after it had started, or started again at another time) or the end of a checkpointed job;
+        after it had started, started again at another time, or submitted again: a requeue sets a
+        new submit time) or the end of a checkpointed job;
         None when nothing changed it. The count is asked of SLURM (one squeue, only then): the
         poll may have missed whole runs. Without an answer, one restart more than known."""
-        before = tracked.started_at
+        before, submitted = tracked.started_at, tracked.submitted_at
         if observation.started_at is not None:
             tracked.started_at = observation.started_at
-        restarted = before is not None and (
-            observation.state == JobState.QUEUED
-            or (observation.started_at is not None and observation.started_at != before)
+        if observation.submitted_at is not None:
+            tracked.submitted_at = observation.submitted_at
+        restarted = (
+            before is not None
+            and (
+                observation.state == JobState.QUEUED
+                or (observation.started_at is not None and observation.started_at != before)
+            )
+        ) or (
+            submitted is not None
+            and observation.submitted_at is not None
+            and observation.submitted_at > submitted
         )
         if restarted and observation.state == JobState.QUEUED:
             tracked.started_at = None  # counted once: its next start is this restart's run
