@@ -296,6 +296,7 @@ def _train_args(hp: HParams, *, workers: int, cpus_per_worker: int) -> list[str]
         f"--seed={hp.seed}",
         f"--workers={workers}",
         f"--cpus-per-worker={cpus_per_worker}",
+        *([f"--min-epoch-seconds={hp.min_epoch_seconds}"] if hp.min_epoch_seconds else []),
     ]
 
 
@@ -337,8 +338,11 @@ def training_job_spec(
         "--storage-path=ray_results",
         *_train_args(hp, workers=workers, cpus_per_worker=cpus_per_worker),
     ]
+    # with `checkpoint` the warning goes to the entrypoint's process group: `exec` so that the bash
+    # running the entrypoint is not there to die by the signal's default action (ending the run
+    # before train.py stored its epoch) and the run ends with train.py's own status
     ray: dict[str, Any] = {
-        "entrypoint": shlex.join(argv) + "\n",
+        "entrypoint": ("exec " if job.checkpoint is not None else "") + shlex.join(argv) + "\n",
         "head": {"cpus_per_task": cpus_per_node},
     }
     if nodes > 1:

@@ -26,6 +26,10 @@ optimizer, the epoch and the history so far); a run started again (the job reque
 time limit) resumes from the latest one (found by the driver, or `ray.train.get_checkpoint()` when
 Ray Train restored the run itself). Every epoch shuffles with
 its own seed (`seed + epoch`), so a resumed run ends with the same weights as an uninterrupted one.
+The warning (`CLOUDHPC_CHECKPOINT_SIGNAL`, forwarded by the job's wrapper) is caught from the first
+line on: the workers finish the epoch they are in (at least one, so a run warned while it started
+still leaves a checkpoint), report its checkpoint and stop together, and the entrypoint exits
+`STOPPED_STATUS` for the wrapper to requeue the job.
 
 MLflow: with `MLFLOW_RUN_ID` set (the pipeline creates the run in the cloud) the run is resumed;
 the tracking URI is `--tracking-uri`, else `http://$CLOUDHPC_IMPORT_MLFLOW` (the import bridge to the
@@ -39,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -48,9 +53,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+WARNED = threading.Event()
+"""Set by the job's checkpoint warning: stop after the current epoch, keeping its checkpoint."""
+
+
+def catch_warning() -> None:
+    """Catch the checkpoint warning (a job with `checkpoint` names it in CLOUDHPC_CHECKPOINT_SIGNAL)
+    instead of dying by its default action mid-epoch."""
+    name = os.environ.get("CLOUDHPC_CHECKPOINT_SIGNAL")
+    number = (
+        getattr(signal, f"SIG{name}", None) if name and os.environ.get("CLOUDHPC_CHECKPOINT_DIR") else None
+    )
+    if isinstance(number, signal.Signals):
+        signal.signal(number, lambda _signum, _frame: WARNED.set())
+
+
+if __name__ == "__main__":
+    catch_warning()  # before the imports below, which take seconds: a warning may come meanwhile
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 __all__ = [
     "CNN",
@@ -62,6 +85,11 @@ __all__ = [
     "run_training",
 ]
 
+STOPPED_STATUS = 75
+"""The entrypoint's exit status when it stopped on the warning with its checkpoint saved (EX_TEMPFAIL:
+run it again)."""
+STOP_FILE = "stop-requested"
+"""In the checkpoint directory while a warned run winds down: how the driver tells the workers."""
 RESULT_MARKER = "CLOUDHPC-TRAIN-RESULT"
 """Prefix of the last line the entrypoint prints: a JSON summary a log reader can find."""
 
@@ -115,6 +143,17 @@ class HParams:
     learning_rate: float = 0.05
     momentum: float = 0.9
     seed: int = 42
+    min_epoch_seconds: float = 0.0
+    """An epoch lasts at least this long (the rest is waited out): demos and tests of checkpoint and
+    requeue need work of a known length; it changes no number of the training."""
+
+
+class StoppedByWarning(Exception):
+    """The run stopped on the checkpoint warning after `epoch`, whose checkpoint the next run resumes from."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped on the checkpoint warning after epoch {epoch}, its checkpoint saved")
+        self.epoch = epoch
 
 
 @dataclass
@@ -214,8 +253,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             logits = model(x_val) if len(y_val) else torch.empty(0, 10)
             val_loss = float(loss_fn(logits, y_val)) if len(y_val) else 0.0
             val_correct = int((logits.argmax(1) == y_val).sum()) if len(y_val) else 0
-        t_loss, t_correct, t_seen, v_loss, v_correct, v_seen = _sum_across_workers(
-            [loss_sum, correct, seen, val_loss, val_correct, len(y_val)]
+        time.sleep(max(0.0, hp.min_epoch_seconds - (time.perf_counter() - started)))
+        # (every worker stops after the same epoch: the stop request is summed with the figures)
+        stop_file: str | None = config.get("stop_file")
+        asked = float(stop_file is not None and os.path.exists(stop_file))
+        t_loss, t_correct, t_seen, v_loss, v_correct, v_seen, stop = _sum_across_workers(
+            [loss_sum, correct, seen, val_loss, val_correct, len(y_val), asked]
         )
         metrics = {
             "epoch": float(epoch),
@@ -230,6 +273,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             queue.put(metrics)
         if every_epoch:
             _report(model, optimizer, epoch, history, rank)
+        if stop and epoch < hp.epochs:
+            return  # warned: this epoch's checkpoint is the next run's start
     # Otherwise one report at the end: the epochs' numbers already went to the driver through the
     # queue, and each report waits for the controller's next poll, which adds seconds to an epoch.
     if not every_epoch or not history or int(state["epoch"]) >= hp.epochs:
@@ -369,9 +414,22 @@ def run_training(
         while not done.is_set():
             drain(block=True)
 
+    stop_file = Path(checkpoint_dir) / STOP_FILE if checkpoint_dir is not None else None
+    if stop_file is not None:
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.unlink(missing_ok=True)  # the request of the run before this one
+
+    def pass_the_warning_on() -> None:
+        while not done.is_set():
+            if WARNED.wait(0.2) and stop_file is not None:
+                log("warned: the workers stop after the epoch they are in, keeping its checkpoint")
+                stop_file.touch()
+                return
+
     fit_started = time.time()
     drainer = threading.Thread(target=drain_until_done, name="metrics-drain", daemon=True)
     drainer.start()
+    threading.Thread(target=pass_the_warning_on, name="warning", daemon=True).start()
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -382,6 +440,7 @@ def run_training(
             "checkpoint_every_epoch": checkpoint_dir is not None,
             # (TorchTrainer's resume_from_checkpoint is refused by Ray Train v2: the workers load it)
             "resume": str(resume) if resume is not None else None,
+            "stop_file": str(stop_file.resolve()) if stop_file is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
@@ -397,6 +456,10 @@ def run_training(
         drainer.join(timeout=10)
     timings["training_seconds"] = time.time() - fit_started
     drain(block=False)  # whatever arrived after the drainer's last look
+    if WARNED.is_set() and checkpoint_dir is not None:
+        stored = previous_history(latest_checkpoint(checkpoint_dir))
+        if len(stored) < hp.epochs:
+            raise StoppedByWarning(len(stored))
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint from rank 0")
     out_dir = Path(tempfile.mkdtemp(prefix="fmnist-model-"))
@@ -436,6 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=HParams.learning_rate)
     p.add_argument("--momentum", type=float, default=HParams.momentum)
     p.add_argument("--seed", type=int, default=HParams.seed)
+    p.add_argument("--min-epoch-seconds", type=float, default=HParams.min_epoch_seconds)
     p.add_argument("--workers", type=int, default=0, help="0: one per --cpus-per-worker CPUs of the cluster")
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--storage-path", default="ray_results", help="Ray Train's storage (shared on HPC)")
@@ -492,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     """Train and log. Every error propagates: the process exits non-zero and the job fails."""
     entry_started = time.time()
     args = _parser().parse_args(argv)
-    hp = HParams(args.epochs, args.batch_size, args.learning_rate, args.momentum, args.seed)
+    hp = HParams(
+        args.epochs, args.batch_size, args.learning_rate, args.momentum, args.seed, args.min_epoch_seconds
+    )
 
     def say(line: str) -> None:
         print(f"[train] {line}", flush=True)
@@ -567,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
             "timings": result.timings,
         }
         print(f"{RESULT_MARKER} {json.dumps(summary, sort_keys=True)}", flush=True)
+    except StoppedByWarning as stopped:
+        # the MLflow run stays RUNNING: the requeued job's next run resumes it
+        say(f"{stopped}; exiting {STOPPED_STATUS} to be run again")
+        return STOPPED_STATUS
     except BaseException:
         if tracking is not None:
             tracking.end("FAILED")
