@@ -148,14 +148,6 @@ class HParams:
     requeue need work of a known length; it changes no number of the training."""
 
 
-class StoppedByWarning(Exception):
-    """The run stopped on the checkpoint warning after `epoch`, whose checkpoint the next run resumes from."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__(f"stopped on the checkpoint warning after epoch {epoch}, its checkpoint saved")
-        self.epoch = epoch
-
-
 @dataclass
 class TrainResult:
     state_dict_path: Path
@@ -164,6 +156,9 @@ class TrainResult:
     cpus_per_worker: int
     nodes: int
     timings: dict[str, float] = field(default_factory=dict)
+    stopped_after: int | None = None
+    """Set when the run stopped on the checkpoint warning: the last epoch stored (`history` is up to
+    it, `state_dict_path` its weights), from which the next run resumes."""
 
 
 def load_train_file(path: str | Path) -> dict[str, np.ndarray[Any, Any]]:
@@ -456,10 +451,18 @@ def run_training(
         drainer.join(timeout=10)
     timings["training_seconds"] = time.time() - fit_started
     drain(block=False)  # whatever arrived after the drainer's last look
-    if WARNED.is_set() and checkpoint_dir is not None:
-        stored = previous_history(latest_checkpoint(checkpoint_dir))
-        if len(stored) < hp.epochs:
-            raise StoppedByWarning(len(stored))
+    latest = latest_checkpoint(checkpoint_dir) if WARNED.is_set() and checkpoint_dir is not None else None
+    stored = previous_history(latest)
+    if latest is not None and len(stored) < hp.epochs:
+        return TrainResult(
+            state_dict_path=latest / CHECKPOINT_FILE,
+            history=stored,
+            num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker,
+            nodes=nodes,
+            timings=timings,
+            stopped_after=len(stored),
+        )
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint from rank 0")
     out_dir = Path(tempfile.mkdtemp(prefix="fmnist-model-"))
@@ -606,6 +609,13 @@ def main(argv: list[str] | None = None) -> int:
             log=say,
             checkpoint_dir=os.environ.get("CLOUDHPC_CHECKPOINT_DIR") or None,
         )
+        if result.stopped_after is not None:
+            # the MLflow run stays RUNNING: the requeued job's next run resumes it
+            say(
+                f"stopped on the checkpoint warning after epoch {result.stopped_after}, its checkpoint "
+                f"saved; exiting {STOPPED_STATUS} to be run again"
+            )
+            return STOPPED_STATUS
         upload_started = time.time()
         if tracking is not None:
             tracking.params(
@@ -633,10 +643,6 @@ def main(argv: list[str] | None = None) -> int:
             "timings": result.timings,
         }
         print(f"{RESULT_MARKER} {json.dumps(summary, sort_keys=True)}", flush=True)
-    except StoppedByWarning as stopped:
-        # the MLflow run stays RUNNING: the requeued job's next run resumes it
-        say(f"{stopped}; exiting {STOPPED_STATUS} to be run again")
-        return STOPPED_STATUS
     except BaseException:
         if tracking is not None:
             tracking.end("FAILED")
