@@ -26,14 +26,17 @@ from tests.testbed import Testbed
 TIMEOUT = 120.0
 
 
-@pytest.fixture
-def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "deploy", testbed, f"sqlite:///{tmp_path / 'state.db'}")
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
+    """One porter and submitter for the module (started once: each start costs seconds); the tests
+    keep apart by their own jobs, which none of them lists or counts across."""
+    root = tmp_path_factory.mktemp("arrays")
+    dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
     with running(dep):
         yield dep
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(deployment: Deployment) -> Iterator[Client]:
     with deployment.client() as client:
         yield client
