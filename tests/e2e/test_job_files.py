@@ -50,9 +50,12 @@ def _quoted(text: str) -> str:
     return "$'" + "".join(f"\\x{b:02x}" for b in text.encode()) + "'"
 
 
-def script(other: Job | None, hold: float) -> str:
+def script(other: Job | None, release: Path) -> str:
     """Write the hostile files, links that escape (to /etc, to another job's directory, into the
-    job's own `.cloudhpc/`), then stay running `hold` seconds so the running job can be browsed."""
+    job's own `.cloudhpc/`), then stay running until the file `release` appears (the test makes it
+    once it has browsed the running job; at most 60 s), instead of a fixed sleep that had to outlast
+    the browsing with margin. `release` is outside the job's directory, on the one host that the
+    test, the testbed's SLURM and the local backend share."""
     lines = ["mkdir -p results deep/er"]
     for name, content in HOSTILE.items():
         lines.append(f"printf %s {_quoted(content)} > {_quoted(name)}")
@@ -65,7 +68,8 @@ def script(other: Job | None, hold: float) -> str:
     ]
     if other is not None:
         lines.append(f"ln -s ../{other.id} other")
-    lines += ["touch ready", f"sleep {hold}", "echo done"]
+    wait = f"for _ in $(seq 600); do [ -e {_quoted(str(release))} ] && break; sleep 0.1; done"
+    lines += ["touch ready", wait, "echo done"]
     return "\n".join(lines) + "\n"
 
 
@@ -164,10 +168,16 @@ def check_outputs(client: Client, job: Job, token: str) -> None:
 def run_and_check(
     client: Client, token: str, submit: Callable[[dict[str, Any]], Job], other: Job | None
 ) -> Job:
-    job = submit({"name": "files", "script": script(other, hold=10), "outputs": PATTERNS})
-    wait_for(lambda: client.get(job).state == JobState.RUNNING and "ready" in names(client, job))
-    check_browsing(client, job, other)  # running
-    assert client.wait(job, timeout=TIMEOUT).state == JobState.COMPLETED
+    release = Path("/tmp") / f"chpc-release-{uuid.uuid4().hex}"
+    job = submit({"name": "files", "script": script(other, release), "outputs": PATTERNS})
+    try:
+        wait_for(lambda: client.get(job).state == JobState.RUNNING and "ready" in names(client, job))
+        check_browsing(client, job, other)  # running
+        assert client.get(job).state == JobState.RUNNING  # browsed while it ran, not after
+        release.touch()
+        assert client.wait(job, timeout=TIMEOUT).state == JobState.COMPLETED
+    finally:
+        release.unlink(missing_ok=True)
     check_browsing(client, job, other)  # ended
     wait_for(lambda: "outputs.json" in {a.name for a in client.artifacts(job)})
     check_outputs(client, job, token)
