@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def uninterrupted(data: Path, where: Path) -> Iterator[subprocess.Popen[str]]:
             with contextlib.suppress(OSError, ValueError):
                 if entry.name.isdigit() and ray_tmp.encode() in (entry / "cmdline").read_bytes():
                     os.kill(int(entry.name), signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def result_line(text: str) -> dict[str, float]:
