@@ -787,7 +787,8 @@ async def test_poll_never_takes_an_earlier_jobs_record_under_the_same_id() -> No
     ask again, not end this job with the other's outcome (a CI fault run did)."""
     (row,) = Squeue.parse(load_recording("squeue_reused_id"))
     (earlier,) = Sacct.parse(load_recording("sacct_reused_id"))
-    assert earlier.record.job_id == row.job_id and earlier.record.name != row.name
+    assert earlier.record.job_id == row.job_id
+    assert earlier.record.name != row.name
     backend, conn = replay_backend(squeue="squeue_reused_id", sacct="sacct_reused_id")
     assert await backend.poll([row.job_id]) == {}
     assert conn.calls == ["squeue", "sacct"]
@@ -798,7 +799,8 @@ async def test_poll_takes_the_end_from_squeue_while_sacct_has_none_yet() -> None
     its end is slurmctld's (squeue's), not the moment porter hears of it."""
     (row,) = Squeue.parse(load_recording("squeue_reused_id"))
     (accounted,) = Sacct.parse(load_recording("sacct_end_unknown"))
-    assert accounted.record.end is None and row.ended_at is not None
+    assert accounted.record.end is None
+    assert row.ended_at is not None
     backend, _ = replay_backend(squeue="squeue_reused_id", sacct="sacct_end_unknown")
     observation = (await backend.poll([row.job_id]))[row.job_id]
     assert (observation.state, observation.exit_code) == (JobState.COMPLETED, 0)
