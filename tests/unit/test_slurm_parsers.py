@@ -794,6 +794,20 @@ async def test_poll_never_takes_an_earlier_jobs_record_under_the_same_id() -> No
     assert conn.calls == ["squeue", "sacct"]
 
 
+async def test_poll_takes_slurmdbds_first_record_named_allocation_by_its_submit_time() -> None:
+    """Right after a short job's end slurmdbd's record of it is named `allocation` for a moment
+    (captured on the testbed): squeue's submit time says it is this job's, so its end is taken at
+    once rather than a poll later (the Executor's round trip doubled when it was skipped)."""
+    (row,) = Squeue.parse(load_recording("squeue_placeholder"))
+    (placeholder,) = Sacct.parse(load_recording("sacct_placeholder"))
+    assert placeholder.record.name == "allocation"
+    assert placeholder.record.submit == row.submitted_at
+    backend, _ = replay_backend(squeue="squeue_placeholder", sacct="sacct_placeholder")
+    observation = (await backend.poll([row.job_id]))[row.job_id]
+    assert (observation.state, observation.exit_code) == (JobState.COMPLETED, 0)
+    assert observation.owner == UUID(row.name.removeprefix("chpc-"))
+
+
 async def test_poll_takes_the_end_from_squeue_while_sacct_has_none_yet() -> None:
     """Right after slurmdbd comes back, a job that ended meanwhile is COMPLETED with End `Unknown`;
     its end is slurmctld's (squeue's), not the moment porter hears of it."""

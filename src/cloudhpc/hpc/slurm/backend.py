@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -233,6 +233,8 @@ class SlurmBackend:
         observations: dict[str, Observation] = {}
         names: dict[str, str] = {}
         """The job name of each id's record: whose job it is (an id may be handed out again)."""
+        submits: dict[str, datetime | None] = {}
+        """squeue's submit time of each id: the job a record is of, whatever the record's name."""
         ask_sacct: list[str] = []
         self.last_poll_commands += 1
         try:
@@ -247,6 +249,7 @@ class SlurmBackend:
         for row in rows:
             parsed = parse_job_id(row.job_id)
             names[parsed.job] = row.name
+            submits[parsed.job] = row.submitted_at
             for alloc in allocation_ids(row.job_id):
                 by_id[alloc] = row
                 if parsed.array_task is not None:
@@ -289,10 +292,14 @@ class SlurmBackend:
                 if sacct_row.record.step is not None:
                     continue
                 parsed = parse_job_id(sacct_row.record.job_id)
-                if names.setdefault(parsed.job, sacct_row.record.name) != sacct_row.record.name:
-                    # squeue holds this id under another name: the record is an earlier job's (a
-                    # controller started from a fresh state hands ids out again, and the database
-                    # keeps every record), and this job's own is not stored yet: ask again
+                if names.setdefault(
+                    parsed.job, sacct_row.record.name
+                ) != sacct_row.record.name and sacct_row.record.submit != submits.get(parsed.job):
+                    # squeue holds this id under another name and submit time: the record is an
+                    # earlier job's (a controller started from a fresh state hands ids out again,
+                    # and the database keeps every record), and this job's own is not stored yet:
+                    # ask again. (slurmdbd's first record of a job is named `allocation` for a
+                    # moment: its submit time says whose it is.)
                     continue
                 if parsed.array_task is not None and parsed.job in wanted:
                     for task in sacct_row.task_observations():
