@@ -79,6 +79,13 @@ def _owned(observation: Observation, name: str | None) -> Observation:
     return observation if owner is None else observation.model_copy(update={"owner": owner})
 
 
+def _unavailable(message: str, result: CommandResult) -> AccountingUnavailable:
+    """sacct answered, but not with this job's records (yet): the agent asks again later."""
+    return AccountingUnavailable(
+        message, argv=result.argv, exit_status=result.exit_status, stderr=result.stderr
+    )
+
+
 def _check_relative(path: str) -> str:
     parts = path.split("/")
     if path.startswith("/") or "\x00" in path or any(p in ("", ".", "..") for p in parts):
@@ -349,12 +356,7 @@ class SlurmBackend:
         # an array's rows are its tasks' (`123_0`, `123_1`...)
         records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
         if not records:
-            raise AccountingUnavailable(
-                f"sacct has no record of job {native_id} yet",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
-            )
+            raise _unavailable(f"sacct has no record of job {native_id} yet", result)
         return records
 
     async def _sacct(
@@ -378,19 +380,11 @@ class SlurmBackend:
         try:
             own = own_records(rows, native_id, job_name_for(job))
         except ParseError as exc:
-            raise AccountingUnavailable(
-                f"sacct output for job {native_id} was unreadable ({exc})",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
-            ) from exc
+            raise _unavailable(f"sacct output for job {native_id} was unreadable ({exc})", result) from exc
         if not own.records:
             held = f": its records are {', '.join(own.others)}'s" if own.others else ""
-            raise AccountingUnavailable(
-                f"sacct has no record of job {native_id} named {job_name_for(job)}{held}",
-                argv=result.argv,
-                exit_status=result.exit_status,
-                stderr=result.stderr,
+            raise _unavailable(
+                f"sacct has no record of job {native_id} named {job_name_for(job)}{held}", result
             )
         return own
 
