@@ -82,9 +82,10 @@ def missing_task_output(job: Job, task: int) -> HttpProblem:
 
 def task_of_output(job: Job, name: str) -> int | None:
     """The array task whose output artifact `name` is (`tasks/<index>/output.log`), else None."""
-    if job.spec.array is None:
+    digits = name.removeprefix("tasks/").removesuffix("/output.log")
+    if job.spec.array is None or not digits.isdigit() or output_name(int(digits)) != name:
         return None
-    return next((t for t in array_indices(job.spec.array) if output_name(t) == name), None)
+    return int(digits) if int(digits) in array_indices(job.spec.array) else None
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList)
