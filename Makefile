@@ -23,8 +23,10 @@ demo: $(STAMP)
 	@if [ "$(CLUSTER)" = testbed ]; then bash scripts/testbed.sh up; fi
 	@$(VENV)/bin/cloudhpc demo --cluster $(CLUSTER)
 
-## test: install, bring up the real testbed, then lint, type-check and run every test tier
-test: $(STAMP) testbed-up lint
+## test: install, bring up the real testbed while linting and type-checking (a cold mypy and a
+## cold testbed each take minutes, mostly on different resources), then run every test tier
+test: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 testbed-up lint
 	@$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: $(STAMP)
