@@ -169,6 +169,19 @@ EOF
   shift 10
   printf '%s\n' "$@"
 }
+# first_job_id STATEDIR: the FirstJobId of the controller whose state is STATEDIR, chosen once when
+# the directory is fresh and kept in it (a warm `up` writes the same slurm.conf; a wiped state takes a
+# new one). The seconds of the clock, below SLURM's MaxJobId (67043328) less a margin: a fresh
+# controller would hand out 1, 2, 3... again, ids an earlier run's records in the shared accounting
+# database (same cluster name) already have; a later fresh state starts above the earlier one unless
+# the earlier handed out more ids than the seconds between them, or ~2 years wrapped the count.
+first_job_id() {
+  local f=$1/cloudhpc-first-job-id
+  if ! grep -qx '[0-9][0-9]*' "$f" 2>/dev/null; then
+    echo $(( $(date +%s) % 66000000 + 1000 )) > "$f"
+  fi
+  cat "$f"
+}
 # slurmdbd_conf HEADER DBDHOST DBDADDR LOGFILE PIDFILE DBUSER DBPASS DB: a slurmdbd.conf on MariaDB
 slurmdbd_conf() {
   cat <<EOF
