@@ -85,7 +85,7 @@ async def main() -> None:
         for job_id, native_id in jobs.items():
             stamps = [float(x) for x in (await backend.read_output(job_id)).split()]
             observed = seen.get(job_id, {})
-            (allocation,) = [r for r in await backend.accounting(native_id) if r.step is None]
+            (allocation,) = [r for r in (await backend.accounting(native_id)).records if r.step is None]
             line = f"job {native_id}: {allocation.state}"
             if JobState.RUNNING in observed and stamps:
                 start_lat.append(observed[JobState.RUNNING] - stamps[0])

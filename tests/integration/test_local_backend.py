@@ -120,7 +120,7 @@ async def test_job_failing_with_exit_3(backend: LocalBackend) -> None:
     assert obs.exit_code == 3
     assert obs.reason == "FAILED"
     assert obs.native_state == "FAILED"
-    (record,) = await backend.accounting(native)
+    (record,) = (await backend.accounting(native)).records
     assert record.exit_code == 3
     assert record.state == "FAILED"
 
@@ -164,7 +164,7 @@ async def test_time_limit_ends_in_timeout(backend: LocalBackend) -> None:
     assert obs.started_at
     assert obs.ended_at
     assert 1.9 <= (obs.ended_at - obs.started_at).total_seconds() < 6.0
-    (record,) = await backend.accounting(native)
+    (record,) = (await backend.accounting(native)).records
     assert record.timelimit_seconds == 2
     assert record.signal == signal.SIGTERM
 
@@ -175,7 +175,7 @@ async def test_time_limit_escalates_to_sigkill(tmp_path: Path) -> None:
     native = await backend.submit(make_submission(backend, script, resources=Resources(time="0:1")))
     obs = await wait_for(backend, native, ENDED, timeout=8)
     assert obs.state == JobState.TIMEOUT
-    (record,) = await backend.accounting(native)
+    (record,) = (await backend.accounting(native)).records
     assert record.signal == signal.SIGKILL
 
 
@@ -266,7 +266,7 @@ async def test_accounting_and_efficiency(backend: LocalBackend) -> None:
     sub = make_submission(backend, burn, resources=Resources(cpus_per_task=1, mem="100M"))
     native = await backend.submit(sub)
     await wait_for(backend, native, ENDED)
-    (record,) = await backend.accounting(native)
+    (record,) = (await backend.accounting(native)).records
     assert record.job_id == native
     assert record.state == "COMPLETED"
     assert record.exit_code == 0
@@ -280,7 +280,7 @@ async def test_accounting_and_efficiency(backend: LocalBackend) -> None:
     assert record.start
     assert record.end
     assert record.submit
-    eff = await backend.efficiency(native)
+    eff = await backend.efficiency(await backend.accounting(native))
     assert eff.source == "local"
     assert eff.cpu_efficiency is not None
     assert 0.05 < eff.cpu_efficiency <= 1.2  # loose: a busy machine slows the loop
@@ -293,7 +293,7 @@ async def test_accounting_and_efficiency(backend: LocalBackend) -> None:
     sub2 = make_submission(backend, burn, resources=Resources(cpus_per_task=2))
     native2 = await backend.submit(sub2)
     await wait_for(backend, native2, ENDED)
-    eff2 = await backend.efficiency(native2)
+    eff2 = await backend.efficiency(await backend.accounting(native2))
     assert eff2.cpu_efficiency is not None
     assert eff2.cpu_efficiency < 0.6
     assert eff2.memory_efficiency is None

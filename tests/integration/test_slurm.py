@@ -247,7 +247,8 @@ async def test_accounting_and_efficiency_of_a_finished_job(backend: SlurmBackend
     )
     job_id, native_id = await submit(backend, script, resources=Resources(mem="300M"))
     assert (await follow(backend, {job_id: native_id}))[job_id][-1].state == JobState.COMPLETED
-    records = await backend.accounting(native_id)
+    accounting = await backend.accounting(native_id)
+    records = accounting.records
     allocation = next(r for r in records if r.step is None)
     assert allocation.job_id == native_id
     assert allocation.state == "COMPLETED"
@@ -261,7 +262,7 @@ async def test_accounting_and_efficiency_of_a_finished_job(backend: SlurmBackend
     assert "batch" in {r.step for r in records}
     peak = max(r.max_rss_bytes or 0 for r in records)
     assert peak > 100 * 2**20
-    efficiency = await backend.efficiency(native_id)
+    efficiency = await backend.efficiency(accounting)
     assert efficiency.source == "seff"
     assert efficiency.state == "COMPLETED"
     assert efficiency.memory_requested_bytes == 300 * 2**20
@@ -272,10 +273,12 @@ async def test_accounting_and_efficiency_of_a_finished_job(backend: SlurmBackend
     assert computed.memory_efficiency > 0.3
     # the job's own records (`sacct --duplicates`, kept to its name, as the agent asks): the same
     # as the id's newest here; a job whose id this is not gets none, never this one's
-    assert await backend.accounting(native_id, job=job_id) == await backend.accounting(native_id)
+    own_accounting = await backend.accounting(native_id, job=job_id)
+    assert own_accounting.records == (await backend.accounting(native_id)).records
+    assert own_accounting.others == ()
     with pytest.raises(AccountingUnavailable, match=f"{job_name_for(job_id)}'s"):
         await backend.accounting(native_id, job=uuid4())
-    own = await backend.efficiency(native_id, job=job_id)
+    own = await backend.efficiency(own_accounting)
     assert own.memory_requested_bytes == 300 * 2**20
     assert own.memory_efficiency == pytest.approx(efficiency.memory_efficiency, abs=0.01)
 

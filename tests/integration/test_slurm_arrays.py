@@ -60,7 +60,7 @@ async def test_an_array_is_found_again_and_cancelled_whole(
     assert {t.state for t in last.tasks or ()} == {JobState.CANCELLED}
     assert len(last.tasks or ()) == 6
     # seff refuses an array whose tasks never started: the figures come from sacct, every task's
-    efficiency = await backend.efficiency(native_id)
+    efficiency = await backend.efficiency(await backend.accounting(native_id))
     assert (efficiency.source, efficiency.state) == ("sacct", "CANCELLED")
     commands = log.count() - before
     # every tick one squeue for all six tasks; sacct only once they had all ended

@@ -82,7 +82,7 @@ async def test_billed_units_from_sacct_billing_tres_and_from_the_rates(
     native = await backend.submit(submission)
     seen = await follow(backend, {submission.job_id: native})
     assert seen[submission.job_id][-1].state == JobState.COMPLETED
-    records = await backend.accounting(native)
+    records = (await backend.accounting(native)).records
     allocation = next(r for r in records if r.step is None)
     assert allocation.billing is not None  # the testbed's SLURM reports billing= in AllocTRES
     assert allocation.elapsed_seconds is not None

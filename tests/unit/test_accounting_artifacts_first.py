@@ -17,7 +17,7 @@ import pytest
 from cloudhpc.config import ClusterConfig
 from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.exceptions import StorageError
-from cloudhpc.hpc.backend import AccountingRecord, Efficiency, JobBackend
+from cloudhpc.hpc.backend import Efficiency, JobAccounting, JobBackend
 from cloudhpc.hpc.slurm import Sacct
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key
 from cloudhpc.storage.local import LocalObjectStore
@@ -31,10 +31,12 @@ from tests.recordings import load_recording
 class RecordedSlurm:
     """sacct's answer for an ended job, as recorded on the testbed, and seff's figures."""
 
-    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
-        return [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
+        return JobAccounting(
+            native_id, [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
+        )
 
-    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
         return Efficiency("COMPLETED", 0.5, 0.1, 1.0, 2.0, 1024, 10240, "seff")
 
 

@@ -17,7 +17,7 @@ from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import SSHConnectError
-from cloudhpc.hpc.backend import AccountingRecord, Efficiency, JobSubmission
+from cloudhpc.hpc.backend import Efficiency, JobAccounting, JobSubmission
 from cloudhpc.hpc.poller import INCOMPLETE_PATIENCE, Poller, TokenBucket
 
 
@@ -50,10 +50,10 @@ class FakeBackend:
     async def cancel(self, native_id: str) -> None:
         raise NotImplementedError
 
-    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
         raise NotImplementedError
 
-    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
         raise NotImplementedError
 
     async def read_output(self, job_id: UUID, *, offset: int = 0, length: int | None = None) -> bytes:

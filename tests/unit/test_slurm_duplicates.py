@@ -111,7 +111,7 @@ async def test_accounting_of_a_lost_job_says_whose_the_id_is() -> None:
     backend, conn = replay_backend(sacct=LOST)
     with pytest.raises(AccountingUnavailable, match=f"its records are allocation, {job_name_for(holder)}'s"):
         await backend.accounting("2475", job=uuid4())
-    assert await backend.accounting("2475", job=holder) == records(f"{LOST}_plain")
+    assert (await backend.accounting("2475", job=holder)).records == records(f"{LOST}_plain")
     assert conn.calls == ["sacct", "sacct"]
 
 
@@ -120,7 +120,7 @@ async def test_efficiency_of_a_shared_id_is_computed_from_the_jobs_own_records()
     the figures come from the job's own."""
     jobs = allocation_owners(REUSED, "12")
     backend, conn = replay_backend(sacct=REUSED, seff="seff_completed")
-    efficiency = await backend.efficiency("12", job=jobs[0])
+    efficiency = await backend.efficiency(await backend.accounting("12", job=jobs[0]))
     assert efficiency.source == "sacct"
     assert conn.calls == ["sacct"]
     own = own_records(Sacct.parse(load_recording(REUSED)), "12", job_name_for(jobs[0])).records
@@ -129,5 +129,5 @@ async def test_efficiency_of_a_shared_id_is_computed_from_the_jobs_own_records()
     # an id that is the job's alone keeps seff
     (job,) = allocation_owners(REQUEUED, "2497")
     backend, conn = replay_backend(sacct=REQUEUED, seff="seff_completed")
-    assert (await backend.efficiency("2497", job=job)).source == "seff"
+    assert (await backend.efficiency(await backend.accounting("2497", job=job))).source == "seff"
     assert conn.calls == ["sacct", "seff"]

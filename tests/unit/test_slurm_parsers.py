@@ -858,11 +858,13 @@ async def test_efficiency_is_computed_from_sacct_without_seff() -> None:
     missing = result(stderr="bash: line 1: seff: command not found", exit_status=127)
     native_id = Sacct.parse(load_recording("sacct_completed"))[0].record.job_id
     backend, conn = replay_backend(seff=missing, sacct="sacct_completed")
-    efficiency = await backend.efficiency(native_id)
+    accounting = await backend.accounting(native_id)
+    efficiency = await backend.efficiency(accounting)
     assert efficiency.source == "sacct"
     assert efficiency.memory_efficiency == pytest.approx(0.4027, abs=0.001)
-    await backend.efficiency(native_id)
-    assert conn.calls == ["seff", "sacct", "sacct"]  # seff is not asked again
+    await backend.efficiency(accounting)
+    # seff is not asked again, and the figures come from the records accounting already has
+    assert conn.calls == ["sacct", "seff"]
 
 
 async def test_accounting_unavailable_when_sacct_has_no_rows() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "CommandRunner",
     "Efficiency",
     "FileTransfer",
+    "JobAccounting",
     "JobBackend",
     "JobPaths",
     "JobSubmission",
@@ -149,6 +150,21 @@ class AccountingRecord:
 
 
 @dataclass(frozen=True)
+class JobAccounting:
+    """What `JobBackend.accounting` found of one job, handed back to `JobBackend.efficiency`: the
+    records it needs where the scheduler's own report cannot answer, so that an ended job costs one
+    accounting query, not one per verb (an SSH round trip each on SLURM)."""
+
+    native_id: str
+    records: list[AccountingRecord]
+    """All rows of the job (the allocation or an array's tasks, with their steps)."""
+    others: tuple[str, ...] = ()
+    """Names of the other jobs whose records the id holds too (a scheduler that lost a job handed
+    its id out again): a report by id, like seff's, could be theirs, so efficiency comes from
+    `records`."""
+
+
+@dataclass(frozen=True)
 class Efficiency:
     """What seff reports, computed with seff's formulas when seff is not installed."""
 
@@ -189,13 +205,15 @@ class JobBackend(Protocol):
     async def cancel(self, native_id: str) -> None:
         """Request cancellation; cancelling a job that already ended is not an error."""
 
-    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
         """All sacct rows of the job. Raises AccountingUnavailable when accounting cannot answer yet.
         `job`: the cloudhpc job the id was given to, whose records only are wanted (a scheduler that
         lost a job may have given its id to another since); None: whatever the id names now."""
 
-    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
-        """seff's figures of the job (`job` as for `accounting`)."""
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
+        """seff's figures of the job `accounting` answered for, computed from its records where
+        seff cannot answer (missing, an array, an id shared with other jobs): never a second
+        accounting query."""
 
     async def read_output(
         self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None

@@ -38,6 +38,7 @@ from cloudhpc.hpc.backend import (
     CommandResult,
     Efficiency,
     FileTransfer,
+    JobAccounting,
     JobPaths,
     JobSubmission,
     read_output_file,
@@ -516,7 +517,7 @@ class LocalBackend:
         else:
             self._state(native_id)  # settle it now: nobody else will
 
-    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
         """One record, like sacct's allocation row; a running job reports elapsed time so far. The
         native id is made of the job's own id (`job_id_of`), so `job` changes nothing."""
         state = self._known_state(native_id)
@@ -528,34 +529,35 @@ class LocalBackend:
         if elapsed is None and start is not None:
             elapsed = ((end or datetime.now(start.tzinfo)) - start).total_seconds()
         limit = request.get("time_limit_seconds")
-        return [
-            AccountingRecord(
-                job_id=native_id,
-                step=None,
-                name=str(request.get("name", "")),
-                state=state["native_state"],
-                exit_code=state.get("exit_code"),
-                signal=state.get("signal"),
-                submit=_time(state.get("submitted_at")),
-                start=start,
-                end=end,
-                elapsed_seconds=round(elapsed) if elapsed is not None else None,
-                total_cpu_seconds=state.get("cpu_seconds"),
-                alloc_cpus=request.get("cpus"),
-                nodes=1,
-                node_list=state.get("hostname"),
-                req_mem_bytes=request.get("mem_bytes"),
-                max_rss_bytes=state.get("max_rss_bytes"),
-                partition=None,
-                account=None,
-                timelimit_seconds=int(limit) if limit is not None else None,
-                alloc_tres=None,
-                billing=None,
-            )
-        ]
+        record = AccountingRecord(
+            job_id=native_id,
+            step=None,
+            name=str(request.get("name", "")),
+            state=state["native_state"],
+            exit_code=state.get("exit_code"),
+            signal=state.get("signal"),
+            submit=_time(state.get("submitted_at")),
+            start=start,
+            end=end,
+            elapsed_seconds=round(elapsed) if elapsed is not None else None,
+            total_cpu_seconds=state.get("cpu_seconds"),
+            alloc_cpus=request.get("cpus"),
+            nodes=1,
+            node_list=state.get("hostname"),
+            req_mem_bytes=request.get("mem_bytes"),
+            max_rss_bytes=state.get("max_rss_bytes"),
+            partition=None,
+            account=None,
+            timelimit_seconds=int(limit) if limit is not None else None,
+            alloc_tres=None,
+            billing=None,
+        )
+        return JobAccounting(native_id, [record])
 
-    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
-        """seff's formulas on the supervisor's measurements (precise elapsed time, not rounded)."""
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
+        """seff's formulas on the supervisor's measurements (precise elapsed time, not rounded, so
+        not `accounting`'s records): reading them costs no scheduler query."""
+        native_id = accounting.native_id
         state = self._known_state(native_id)
         job_id = self.job_id_of(native_id)
         assert job_id is not None

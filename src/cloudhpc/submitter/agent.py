@@ -623,7 +623,8 @@ class Agent:
         """sacct lags slurmctld by a few seconds: retry, and treat "unavailable" as "not yet"."""
         for attempt in range(attempts):
             try:
-                records = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
+                accounting = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
+                records = accounting.records
                 if not accounting_final(records) and attempt < attempts - 1:
                     # Right after the end, slurmdbd may still hold a placeholder allocation row or
                     # a running step: figures stored now would be wrong for good, so wait for them.
@@ -633,7 +634,7 @@ class Agent:
                     # now), so a short job's accounting is stored soon after it (bench/accounting.py).
                     await asyncio.sleep(ACCOUNTING_SOON if attempt < ACCOUNTING_SOON_ATTEMPTS else 5.0)
                     continue
-                efficiency = await self.backend.efficiency(tracked.native_id, job=tracked.job.id)
+                efficiency = await self.backend.efficiency(accounting)  # seff, or these records: no 2nd sacct
                 record: dict[str, Any] = {
                     "slurm_job_id": tracked.native_id,
                     "records": [_jsonable(dataclasses.asdict(r)) for r in records],

@@ -26,11 +26,11 @@ from cloudhpc.domain.paths import resolve_path
 from cloudhpc.exceptions import AccountingUnavailable, ParseError, SchedulerCommandError
 from cloudhpc.hpc import job_files
 from cloudhpc.hpc.backend import (
-    AccountingRecord,
     CommandResult,
     CommandRunner,
     Efficiency,
     FileTransfer,
+    JobAccounting,
     JobPaths,
     JobSubmission,
     read_output_file,
@@ -347,17 +347,18 @@ class SlurmBackend:
     async def cancel(self, native_id: str) -> None:
         await self._run(Scancel(native_id))
 
-    async def accounting(self, native_id: str, *, job: UUID | None = None) -> list[AccountingRecord]:
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
         """sacct's rows of `native_id`; with `job`, only those of that cloudhpc job's records
         (`_own_accounting`): the id may have been handed out again since."""
         if job is not None:
-            return (await self._own_accounting(native_id, job)).records
+            own = await self._own_accounting(native_id, job)
+            return JobAccounting(native_id, own.records, others=tuple(own.others))
         result, rows = await self._sacct(native_id)
         # an array's rows are its tasks' (`123_0`, `123_1`...)
         records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
         if not records:
             raise _unavailable(f"sacct has no record of job {native_id} yet", result)
-        return records
+        return JobAccounting(native_id, records)
 
     async def _sacct(
         self, native_id: str, *, duplicates: bool = False
@@ -388,15 +389,14 @@ class SlurmBackend:
             )
         return own
 
-    async def efficiency(self, native_id: str, *, job: UUID | None = None) -> Efficiency:
-        """seff's report, or the same figures from sacct where seff is missing or cannot answer for
-        the job: an array, or (with `job`) an id that has records of other jobs too, since seff
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
+        """seff's report, or the same figures from `accounting`'s records where seff is missing or
+        cannot answer for the job: an array, or an id that has records of other jobs too, since seff
         reports the newest record of an id, whoever's it is."""
-        own = await self._own_accounting(native_id, job) if job is not None else None
-        if own is not None and own.others:
-            return compute_efficiency(own.records)
+        if accounting.others:
+            return compute_efficiency(accounting.records)
         if self._seff_installed is not False:
-            command = Seff(native_id)
+            command = Seff(accounting.native_id)
             result = await self._exec(command)
             if result.exit_status == 127:
                 logger.info("seff is not installed on %s: computing efficiency from sacct", self.cluster)
@@ -408,7 +408,7 @@ class SlurmBackend:
             else:
                 self._seff_installed = True
                 return command.parse(result)
-        return compute_efficiency(own.records if own is not None else await self.accounting(native_id))
+        return compute_efficiency(accounting.records)
 
     async def read_output(
         self, job_id: UUID, *, offset: int = 0, length: int | None = None, task: int | None = None
