@@ -24,15 +24,22 @@ last step (or an exit handler) does, so that a run's end also ends its session.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from uuid import UUID
 
 from cloudhpc.client import AsyncClient, Client
 from cloudhpc.domain.jobs import Job, JobKind
 
-__all__ = ["AsyncRaySession", "RaySession", "async_ray_session", "ray_session", "session_spec"]
+__all__ = [
+    "AsyncRaySession",
+    "RaySession",
+    "RaySessionOptions",
+    "async_ray_session",
+    "ray_session",
+    "session_spec",
+]
 
 DEFAULT_IDLE_TIMEOUT = 600
 """Seconds without a Ray job before a session ends itself, when the caller names none."""
@@ -211,23 +218,58 @@ class _AsyncOpening:
         await self._session.__aexit__(kind, error, trace)
 
 
+class RaySessionOptions(TypedDict, total=False):
+    """What `ray_session` and `async_ray_session` take after `cluster` and besides `client`: one
+    definition for both, so that the sync and the async open can never drift apart. An option left
+    out has the default `_OpenRequest.of` gives (`session_spec`'s for the spec's)."""
+
+    name: str
+    """The session's name ("ray-session"): an active session of the caller's with this name on the
+    cluster is re-attached."""
+    nodes: int
+    """Ray nodes, the head included (1)."""
+    idle_timeout: int
+    """Seconds without a Ray job before the session ends itself (`DEFAULT_IDLE_TIMEOUT`)."""
+    time: str
+    """SLURM time limit ("01:00:00"), unless `resources` names one."""
+    head: Mapping[str, Any] | None
+    workers: Mapping[str, Any] | None
+    resources: Mapping[str, Any] | None
+    environment: Mapping[str, Any] | None
+    url: str | None
+    """porter's address, for the client made when none is given (`CLOUDHPC_URL`)."""
+    token: str | None
+    """The token of that client (`CLOUDHPC_TOKEN`)."""
+    keep: bool
+    """Leave the session running when the `with` block ends (True): see the module's docstring."""
+    timeout: float
+    """Seconds to wait for the dashboard (1800): SLURM's queue and Ray's start."""
+    in_cluster: bool
+    """Give the dashboard's Kubernetes Service address (from a pod) (False)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OpenRequest:
+    """One open as both functions make it: the session's spec and how to ask porter for it."""
+
+    spec: dict[str, Any]
+    url: str | None = None
+    token: str | None = None
+    keep: bool = True
+    timeout: float = 1800.0
+    in_cluster: bool = False
+
+    @classmethod
+    def of(cls, cluster: str, options: RaySessionOptions) -> _OpenRequest:
+        """`options` split into the spec's (`session_spec`) and the open's own (this class's)."""
+        spec_options: dict[str, Any] = {"name": "ray-session", **options}
+        opens = [f.name for f in fields(cls) if f.name != "spec"]
+        own = {name: spec_options.pop(name) for name in opens if name in spec_options}
+        return cls(spec=session_spec(cluster=cluster, **spec_options), **own)
+
+
 def ray_session(
-    cluster: str,
-    *,
-    name: str = "ray-session",
-    nodes: int = 1,
-    idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
-    time: str = "01:00:00",
-    head: Mapping[str, Any] | None = None,
-    workers: Mapping[str, Any] | None = None,
-    resources: Mapping[str, Any] | None = None,
-    environment: Mapping[str, Any] | None = None,
-    client: Client | None = None,
-    url: str | None = None,
-    token: str | None = None,
-    keep: bool = True,
-    timeout: float = 1800.0,
-    in_cluster: bool = False,
+    cluster: str, *, client: Client | None = None, **options: Unpack[RaySessionOptions]
 ) -> RaySession:
     """Open (or re-attach to) the caller's session `name` on `cluster`, once its dashboard answers
     through the bridge (`timeout` covers the wait in SLURM's queue and Ray's start). porter decides
@@ -238,46 +280,21 @@ def ray_session(
     (`CLOUDHPC_URL`, `CLOUDHPC_TOKEN`) and closed with the session. `in_cluster=True` gives the
     Kubernetes Service address of the dashboard (from a pod). The size and environment arguments
     are used only when a session is started; a re-attached one keeps its own. `keep`: see the
-    module's docstring."""
-    spec = session_spec(
-        cluster=cluster,
-        name=name,
-        nodes=nodes,
-        idle_timeout=idle_timeout,
-        time=time,
-        head=head,
-        workers=workers,
-        resources=resources,
-        environment=environment,
-    )
+    module's docstring. The options and their defaults: `RaySessionOptions`."""
+    request = _OpenRequest.of(cluster, options)
     owns = client is None
-    hpc = client if client is not None else Client(url, token)
+    hpc = client if client is not None else Client(request.url, request.token)
     try:
-        opened = hpc.open_ray_session(spec, timeout=timeout, in_cluster=in_cluster)
+        opened = hpc.open_ray_session(request.spec, timeout=request.timeout, in_cluster=request.in_cluster)
     except BaseException:
         if owns:
             hpc.close()
         raise
-    return RaySession(opened.job, opened.address, opened.reattached, keep, owns, client=hpc)
+    return RaySession(opened.job, opened.address, opened.reattached, request.keep, owns, client=hpc)
 
 
 def async_ray_session(
-    cluster: str,
-    *,
-    name: str = "ray-session",
-    nodes: int = 1,
-    idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
-    time: str = "01:00:00",
-    head: Mapping[str, Any] | None = None,
-    workers: Mapping[str, Any] | None = None,
-    resources: Mapping[str, Any] | None = None,
-    environment: Mapping[str, Any] | None = None,
-    client: AsyncClient | None = None,
-    url: str | None = None,
-    token: str | None = None,
-    keep: bool = True,
-    timeout: float = 1800.0,
-    in_cluster: bool = False,
+    cluster: str, *, client: AsyncClient | None = None, **options: Unpack[RaySessionOptions]
 ) -> _AsyncOpening:
     """`ray_session` for asyncio code, with an `AsyncClient` (the same arguments, the same open):
 
@@ -286,27 +303,19 @@ def async_ray_session(
 
     or `session = await cloudhpc.async_ray_session(...)` (then `await session.close()` or leave it
     to its idle timeout)."""
-    spec = session_spec(
-        cluster=cluster,
-        name=name,
-        nodes=nodes,
-        idle_timeout=idle_timeout,
-        time=time,
-        head=head,
-        workers=workers,
-        resources=resources,
-        environment=environment,
-    )
+    request = _OpenRequest.of(cluster, options)
 
     async def opening() -> AsyncRaySession:
         owns = client is None
-        hpc = client if client is not None else AsyncClient(url, token)
+        hpc = client if client is not None else AsyncClient(request.url, request.token)
         try:
-            opened = await hpc.open_ray_session(spec, timeout=timeout, in_cluster=in_cluster)
+            opened = await hpc.open_ray_session(
+                request.spec, timeout=request.timeout, in_cluster=request.in_cluster
+            )
         except BaseException:
             if owns:
                 await hpc.aclose()
             raise
-        return AsyncRaySession(opened.job, opened.address, opened.reattached, keep, owns, client=hpc)
+        return AsyncRaySession(opened.job, opened.address, opened.reattached, request.keep, owns, client=hpc)
 
     return _AsyncOpening(opening())
