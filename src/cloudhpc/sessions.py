@@ -34,6 +34,7 @@ from cloudhpc.domain.jobs import Job, JobKind
 
 __all__ = [
     "AsyncRaySession",
+    "RayJobOptions",
     "RaySession",
     "RaySessionOptions",
     "async_ray_session",
@@ -75,6 +76,17 @@ def session_spec(
     }
 
 
+class RayJobOptions(TypedDict, total=False):
+    """What a session's `submit` (sync or async) and `job_spec` take after the entrypoint."""
+
+    name: str | None
+    """The ray-job's name (the session's name + `-job`)."""
+    files: Mapping[str, str] | None
+    """Files placed in the job's directory, by relative path."""
+    env: Mapping[str, str] | None
+    """Environment variables of the entrypoint."""
+
+
 @dataclass
 class _Session:
     """What the sync and async sessions share: the `ray-cluster` job, Ray's job-submission
@@ -92,17 +104,11 @@ class _Session:
     def job_id(self) -> UUID:
         return self.job.id
 
-    def job_spec(
-        self,
-        entrypoint: str,
-        *,
-        name: str | None = None,
-        files: Mapping[str, str] | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
+    def job_spec(self, entrypoint: str, **options: Unpack[RayJobOptions]) -> dict[str, Any]:
         """A `ray-job` spec that runs `entrypoint` on this session (`ray.session` is its id)."""
+        files, env = options.get("files"), options.get("env")
         spec: dict[str, Any] = {
-            "name": name or f"{self.job.name}-job",
+            "name": options.get("name") or f"{self.job.name}-job",
             "cluster": self.job.cluster,
             "kind": JobKind.RAY_JOB.value,
             "ray": {"session": str(self.job.id), "entrypoint": entrypoint},
@@ -121,16 +127,9 @@ class RaySession(_Session):
 
     client: Client = field(kw_only=True)
 
-    def submit(
-        self,
-        entrypoint: str,
-        *,
-        name: str | None = None,
-        files: Mapping[str, str] | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> Job:
+    def submit(self, entrypoint: str, **options: Unpack[RayJobOptions]) -> Job:
         """Submit a ray-job on this session; `client.wait(job)` follows it to its end."""
-        return self.client.submit(self.job_spec(entrypoint, name=name, files=files, env=env))
+        return self.client.submit(self.job_spec(entrypoint, **options))
 
     def close(self) -> Job:
         """End the session now (its SLURM job is cancelled; a ray-job still on it fails)."""
@@ -162,16 +161,9 @@ class AsyncRaySession(_Session):
 
     client: AsyncClient = field(kw_only=True)
 
-    async def submit(
-        self,
-        entrypoint: str,
-        *,
-        name: str | None = None,
-        files: Mapping[str, str] | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> Job:
+    async def submit(self, entrypoint: str, **options: Unpack[RayJobOptions]) -> Job:
         """Submit a ray-job on this session; `await client.wait(job)` follows it to its end."""
-        return await self.client.submit(self.job_spec(entrypoint, name=name, files=files, env=env))
+        return await self.client.submit(self.job_spec(entrypoint, **options))
 
     async def close(self) -> Job:
         """End the session now (its SLURM job is cancelled; a ray-job still on it fails)."""
