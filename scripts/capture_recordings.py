@@ -33,6 +33,7 @@ from cloudhpc.domain.jobs import Resources  # noqa: E402
 from cloudhpc.hpc.backend import JobPaths  # noqa: E402
 from cloudhpc.hpc.slurm import Sacct, Sbatch, Scancel, Seff, Squeue  # noqa: E402
 from cloudhpc.hpc.slurm.estimate import STUB_SCRIPT, SbatchTestOnly  # noqa: E402
+from cloudhpc.hpc.slurm.restarts import SqueueRestarts  # noqa: E402
 
 OUT = ROOT / "tests" / "recordings"
 ENV = read_env_file()
@@ -226,6 +227,62 @@ def capture_short_jobs() -> None:
         raise TimeoutError(f"short jobs {native}: not all snapshots taken ({taken})")
 
 
+def capture_preemption() -> None:
+    """A job of the default partition preempted by one of the testbed's `urgent` partition
+    (PreemptMode=REQUEUE, GraceTime 15 s) that needs its memory: what squeue shows in the grace
+    time, the first answer after SLURM requeued it, its restart count, and sacct's records."""
+    memory = int(
+        local("sinfo", "--noheader", "--format=%m", "--partition=" + ENV["TESTBED_SLURM_PARTITION"]).split()[
+            0
+        ]
+    )
+    _, native = submit("sleep 300", mem=f"{memory * 40 // 100}M", time="5")
+    wait_for([native], lambda state: state == "RUNNING", timeout=60)
+    urgent = raw_sbatch(
+        "--partition=" + ENV["TESTBED_SLURM_URGENT_PARTITION"],
+        f"--mem={memory * 85 // 100}M",
+        "--time=1",
+        "--wrap=sleep 2",
+    )
+    argv = Squeue(jobs=[native]).argv()
+    first = remote(argv).stdout
+    grace = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        proc = remote(argv)
+        row = proc.stdout.splitlines()[1].split("|")
+        if not grace and row[2] == "RUNNING" and proc.stdout != first:
+            record(
+                "squeue_preempted_grace",
+                argv,
+                "squeue of a preempted job in its grace time: RUNNING, end time now + GraceTime",
+            )
+            grace = True
+        if row[2] != "RUNNING":
+            record(
+                "squeue_preempted_requeued",
+                argv,
+                f"squeue's first answer after SLURM requeued the preempted job: {row[2]}",
+            )
+            break
+        time.sleep(0.2)
+    else:
+        raise TimeoutError(f"job {native} was not requeued within 90 s of urgent job {urgent}")
+    record(
+        "squeue_restarts_preempted",
+        SqueueRestarts([native]).argv(),
+        "RestartCnt of the requeued preempted job",
+    )
+    wait_for([native], lambda state: state == "PENDING", timeout=30)
+    remote(Scancel(native).argv())
+    wait_for([native, urgent], finished, timeout=60)
+    record(
+        "sacct_duplicates_preempted",
+        Sacct(jobs=[native], duplicates=True).argv(),
+        "sacct --duplicates of a job preempted (its run PREEMPTED), then cancelled while pending again",
+    )
+
+
 def main(selected: set[str]) -> None:
     def want(name: str) -> bool:
         return not selected or any(name.startswith(s) for s in selected)
@@ -242,6 +299,8 @@ def main(selected: set[str]) -> None:
         "sacct_timeout",
         "sacct_just_ended",
         "sacct_short",
+        "squeue_preempted",
+        "sacct_duplicates_preempted",
     )
     if not selected or any(not s.startswith(standalone) for s in selected):
         mem_script = (
@@ -345,6 +404,8 @@ def main(selected: set[str]) -> None:
         capture_just_ended()
     if want("sacct_short"):
         capture_short_jobs()
+    if want("squeue_preempted") or want("sacct_duplicates_preempted"):
+        capture_preemption()
     if "timeout" in jobs:
         wait_for([jobs["timeout"]], finished)
         record(

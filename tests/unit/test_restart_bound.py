@@ -6,9 +6,8 @@ agent cancels a run beyond the bound before it starts and ends the job `failed`,
 The squeue rows are the testbed's SLURM 22.05 answers (the agent's `--format`, epoch times) for a
 `--requeue` job through an operator's `scontrol requeue`, captured on 2026-12-05: running, completing
 right after the requeue (RestartCnt already 1), pending on its requeue hold (BeginTime, new submit
-time), running again, and cancelled. A preemption that requeues takes the same path in slurmctld
-(the job is pending again in the same step); the testbed has PreemptType=preempt/none, so no real
-preemption was run (docs/hpc-site.md).
+time), running again, and cancelled. A real preemption's rows (PreemptMode=REQUEUE) take the same
+path: tests/unit/test_preemption_rows.py.
 """
 
 from __future__ import annotations
