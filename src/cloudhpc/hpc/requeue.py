@@ -16,7 +16,14 @@ workers' `srun` step) once the entrypoint ended, and then requeues; its Ray Trai
 from `CLOUDHPC_CHECKPOINT_DIR` on the next run. The pieces (`checkpoint_setup_lines`,
 `checkpoint_run_lines`, `checkpoint_requeue_lines`) are shared by both scripts.
 
-At `max_restarts` the signal is not forwarded and the time limit ends the job (`timeout`). Only
+The same signal comes at a preemption where the site sets `preempt_send_user_signal` (SLURM 22.05:
+`SlurmctldParameters`; 23.02 on: `PreemptParameters=send_user_signal`): SLURM sends it to the batch
+shell as soon as it picks the job to preempt, then waits for the partition's `GraceTime`, so the
+program saves and the wrapper requeues as above, before SLURM would requeue it itself (seen on the
+testbed: tests/e2e/test_preemption.py).
+
+At `max_restarts` the signal is not forwarded and the time limit ends the job (`timeout`); a
+preemption then ends the run at its grace time, and the agent cancels the job SLURM queued again. Only
 values cloudhpc computed reach this text (a signal name from a fixed list, integers, paths through
 `shlex.quote`): nothing a user typed.
 """
@@ -83,7 +90,7 @@ def checkpoint_setup_lines(paths: JobPaths, checkpoint: CheckpointSpec) -> list[
         "}",
         "_chpc_warn() {",
         f'  if [ "$CLOUDHPC_RESTART_COUNT" -ge {most} ]; then',
-        f'    echo "cloudhpc: SIG{sig} before the time limit; max_restarts ({most}) reached: not requeued" >&2',
+        f'    echo "cloudhpc: SIG{sig} (time limit or preemption); max_restarts ({most}) reached: not requeued" >&2',
         "    return",
         "  fi",
         "  _chpc_warned=1",
