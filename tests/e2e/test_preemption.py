@@ -15,7 +15,8 @@ them, so it needs both preempted and no job of anyone else (the testbed is share
 the fewest jobs that make room (cons_tres tries the candidates again with the last one it needed
 first). Timings (slurm.conf): a requeued job may start again `cred_expire + 1` = 31 s after its
 requeue; the job without a checkpoint is requeued once its 15 s grace is over, at the scheduler's
-next try for the urgent job.
+next try for the urgent job. The checkpointed job saves its step on the signal only, so the test
+fails if SLURM does not send it (seen once, right after slurmctld started: docs/hpc-site.md).
 """
 
 from __future__ import annotations
