@@ -109,21 +109,32 @@ def wait_for_log(client: Client, job: Job, text: bytes, deadline: float) -> None
 
 
 @pytest.fixture(scope="module")
-def preempted(client: Client) -> dict[str, list[Job]]:
+def preempted(client: Client) -> Iterator[dict[str, list[Job]]]:
     """Both default-partition jobs running, then the urgent job; each job's states as porter
-    answered them (one entry per change of state, restarts or reason) until all three ended."""
+    answered them (one entry per change of state, restarts or reason) until all three ended. A job
+    still active when the fixture fails is cancelled: a waiting urgent job holds the node for every
+    other default-partition job (the testbed is shared)."""
+    jobs: dict[str, Job] = {}
+    try:
+        yield watch_preemption(client, jobs)
+    finally:
+        for job in jobs.values():
+            if not client.get(job).state.terminal:
+                client.cancel(job)
+
+
+def watch_preemption(client: Client, jobs: dict[str, Job]) -> dict[str, list[Job]]:
+    """The scenario of `preempted`; `jobs` gets each job as it is submitted."""
     memory = node_memory_mb()
     low = f"{memory * 40 // 100}M"
-    jobs = {
-        "checkpointed": submit(
-            client,
-            "preempt-ckpt",
-            CHECKPOINTED,
-            resources={"time": "5", "mem": low},
-            checkpoint={"warn_before": 60, "signal": "USR1", "max_restarts": 2},
-        ),
-        "plain": submit(client, "preempt-plain", PLAIN, resources={"time": "5", "mem": low}),
-    }
+    jobs["checkpointed"] = submit(
+        client,
+        "preempt-ckpt",
+        CHECKPOINTED,
+        resources={"time": "5", "mem": low},
+        checkpoint={"warn_before": 60, "signal": "USR1", "max_restarts": 2},
+    )
+    jobs["plain"] = submit(client, "preempt-plain", PLAIN, resources={"time": "5", "mem": low})
     deadline = time.monotonic() + TIMEOUT
     wait_for_log(client, jobs["checkpointed"], b"step 3\n", deadline)
     wait_for_log(client, jobs["plain"], b"working\n", deadline)
