@@ -21,7 +21,9 @@ what is measured is porter; the targets are judged on it. `httpx`: the same phas
 `httpx.AsyncClient`, as a Python caller sees porter; httpx spends about 1 ms of CPU per request
 and, with 50 connections in one event loop, adds tens of milliseconds of its own latency, on the
 same 2 cores as porter and PostgreSQL. porter's own histogram (`/metrics`, time to first byte)
-is read around each phase as a cross-check: the share of requests it answered within 25 ms.
+is read around each phase as a cross-check: the share of requests it answered within 25 ms; and
+porter's CPU time per request (/proc), which other load on the machine hardly changes: at 250
+GET/s the p99 is mostly queueing on porter's one GIL, so it follows this figure.
 The load average before and after is printed, because other work on the machine inflates every
 figure.
 
@@ -33,14 +35,16 @@ replica, woken by an agent report posted to the other (LISTEN/NOTIFY), REPLICA_W
 porter's own histogram is summed over the replicas' `/metrics`.
 
 A/B (`--ab SRC_A SRC_B`): POST throughput of two versions of porter's code, each a `src` directory
-(e.g. `git archive <commit> src | tar -x -C /tmp/before`; `src` for this tree), on PostgreSQL. Both
-porters run at the same time, each on its own schema, and their POST phases alternate (A B, then
-B A, ...) for `--rounds` rounds, so that load from other work on the machine falls on both alike;
-the figure to compare is the ratio of the medians, not the absolute rates.
+(e.g. `git archive <commit> src | tar -x -C /tmp/before`; `src` for this tree), on PostgreSQL
+(`--store sqlite` for SQLite). Both porters run at the same time, each on its own database, and
+their POST phases alternate (A B, then B A, ...) for `--rounds` rounds, so that load from other
+work on the machine falls on both alike; the figure to compare is the ratio of the medians, not
+the absolute rates. `--ab-phase get_paced` compares the paced GET phase's p99 instead (each porter
+first gets its WARMUP_REQUESTS jobs, as in `measure`).
 
 Run on the testbed machine:
 `python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both] [--replicas|--no-replicas]`,
-or `python bench/api.py --ab /tmp/before/src /tmp/after/src [--rounds 6]`.
+or `python bench/api.py --ab /tmp/before/src /tmp/after/src [--rounds 6] [--store sqlite] [--ab-phase get_paced]`.
 """
 
 from __future__ import annotations
@@ -226,13 +230,22 @@ async def run_phase(
 class Porter:
     """A running porter for the bench: where clients go (`url`, a balancer with several replicas),
     each replica's own URL (`replicas`, for `/metrics`), a user token and an admin token (`/metrics`
-    needs one), and the agent token of the bench cluster."""
+    needs one), the agent token of the bench cluster, and the replicas' process ids (their CPU time)."""
 
     url: str
     replicas: list[str]
     token: str
     admin: str
     agent: str
+    pids: list[int] = field(default_factory=list)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) the porter processes used so far (Linux /proc)."""
+        total = 0
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return total / os.sysconf("SC_CLK_TCK")
 
 
 def server_histogram(server: Porter, route: str, method: str) -> dict[float, float]:
@@ -352,12 +365,14 @@ def porter(
     token, admin, agent = json.loads(setup.stdout)
     serve = ["-m", "cloudhpc", "serve", "porter", "--config", str(root / "cloudhpc.yaml")]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
+    pids: list[int] = []
     with contextlib.ExitStack() as stack:
         for n, (port, url) in enumerate(zip(ports, urls, strict=True)):
             name = "porter" if replicas == 1 else f"porter-{n}"
             listen = {"CLOUDHPC_PORTER__LISTEN": f"127.0.0.1:{port}"}
             process = stack.enter_context(_process(serve, root, name, env | listen))
             _wait_ready(url, process, root / f"{name}.log")
+            pids.append(process.pid)
         url = urls[0]
         if balanced or replicas > 1:
             front = free_port()
@@ -368,7 +383,7 @@ def porter(
             )
             url = f"http://127.0.0.1:{front}"
             _wait_ready(url, process, root / "balancer.log")
-        yield Porter(url, urls, token, admin, agent)
+        yield Porter(url, urls, token, admin, agent, pids)
 
 
 async def measure(server: Porter, client_kinds: list[str]) -> dict[str, dict[str, float]]:
@@ -393,10 +408,14 @@ async def measure(server: Porter, client_kinds: list[str]) -> dict[str, dict[str
         for name, route, budget, make, period in phases:
             method = make()[0]
             before = server_histogram(server, route, method)
+            cpu = server.cpu_seconds()
             phase = await run_phase(kind, url, token, budget, make, period=period)
+            cpu = server.cpu_seconds() - cpu
             after = server_histogram(server, route, method)
             phase.server_buckets = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
-            out[f"{kind}_{name}"] = phase.summary(201 if method == "POST" else 200)
+            summary = phase.summary(201 if method == "POST" else 200)
+            summary["porter_cpu_ms_per_request"] = round(cpu * 1000 / max(1, len(phase.latencies)), 3)
+            out[f"{kind}_{name}"] = summary
     return out
 
 
@@ -467,29 +486,83 @@ async def _post_phase(server: Porter) -> float:
     return phase.summary(201)["per_s"]
 
 
-def ab_section(sources: tuple[Path, Path], rounds: int) -> dict[str, Any]:
-    """POST jobs/s of porter running `sources` A and B, alternating phases (see --ab)."""
-    rates: dict[str, list[float]] = {"a": [], "b": []}
+async def _job_ids(server: Porter) -> list[str]:
+    """WARMUP_REQUESTS jobs posted (10 clients, as `measure` warms up) and their ids: what GET reads."""
+    post: Request = ("POST", "/api/v1/jobs", JOB)
+    warm = await run_phase("raw", server.url, server.token, WARMUP_REQUESTS, lambda: post, clients=10)
+    assert warm.statuses == {201: WARMUP_REQUESTS}, warm.statuses
+    async with httpx.AsyncClient(base_url=server.url, headers=_bearer(server.token)) as http:
+        return [j["id"] for j in (await http.get("/api/v1/jobs", params={"limit": 500})).json()["jobs"]]
+
+
+async def _get_paced_phase(server: Porter, ids: list[str]) -> tuple[float, float]:
+    """One paced GET phase (raw client, PACED_RATE offered): the p99 and porter's CPU time per
+    request, in ms. The CPU time hardly depends on other load on the machine; the p99 does."""
+    cpu = server.cpu_seconds()
+    phase = await run_phase(
+        "raw",
+        server.url,
+        server.token,
+        GET_REQUESTS,
+        lambda: ("GET", f"/api/v1/jobs/{random.choice(ids)}", None),
+        period=CLIENTS / PACED_RATE,
+    )
+    summary = phase.summary(200)
+    return summary["p99_ms"], round((server.cpu_seconds() - cpu) * 1000 / summary["requests"], 3)
+
+
+AB_PHASES = {"post": "POST saturated, jobs/s", "get_paced": f"GET p99 at {PACED_RATE:.0f}/s offered, ms"}
+
+
+def ab_section(
+    sources: tuple[Path, Path], rounds: int, *, store: str = "postgres", phase: str = "post"
+) -> dict[str, Any]:
+    """POST jobs/s (`phase` "post") or the paced GET p99 (`phase` "get_paced") of porter running
+    `sources` A and B on `store`, alternating phases (see --ab)."""
+    figures: dict[str, list[float]] = {"a": [], "b": []}
+    cpu: dict[str, list[float]] = {"a": [], "b": []}
+    stores = {"sqlite": sqlite_url, "postgres": postgres_url}
     with contextlib.ExitStack() as stack:
         servers: dict[str, Porter] = {}
+        ids: dict[str, list[str]] = {}
         for name, src in zip(("a", "b"), sources, strict=True):
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-api-ab-{name}-")))
-            database = stack.enter_context(postgres_url(root))
+            database = stack.enter_context(stores[store](root))
             servers[name] = stack.enter_context(porter(database, root, source=src))
-            asyncio.run(_post_phase(servers[name]))  # warm-up, not counted
+            if phase == "post":
+                asyncio.run(_post_phase(servers[name]))  # warm-up, not counted
+            else:
+                ids[name] = asyncio.run(_job_ids(servers[name]))
         for round_ in range(rounds):
             for name in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
-                rates[name].append(asyncio.run(_post_phase(servers[name])))
-            print(f"round {round_ + 1}: A {rates['a'][-1]:6.1f}/s, B {rates['b'][-1]:6.1f}/s")
-    a, b = statistics.median(rates["a"]), statistics.median(rates["b"])
+                if phase == "post":
+                    figure = asyncio.run(_post_phase(servers[name]))
+                else:
+                    figure, per_request = asyncio.run(_get_paced_phase(servers[name], ids[name]))
+                    cpu[name].append(per_request)
+                figures[name].append(figure)
+            line = f"round {round_ + 1}: A {figures['a'][-1]:7.2f}, B {figures['b'][-1]:7.2f}"
+            if phase == "get_paced":
+                line += f" (porter CPU per request: A {cpu['a'][-1]:.3f} ms, B {cpu['b'][-1]:.3f} ms)"
+            print(line)
+    a, b = statistics.median(figures["a"]), statistics.median(figures["b"])
     print(
-        f"POST saturated, PostgreSQL, raw client, medians of {rounds}: A ({sources[0]}) {a:.1f}/s, "
-        f"B ({sources[1]}) {b:.1f}/s; B/A {b / a:.2f}"
+        f"{AB_PHASES[phase]}, {store}, raw client, medians of {rounds}: A ({sources[0]}) {a:.2f}, "
+        f"B ({sources[1]}) {b:.2f}; B/A {b / a:.2f}"
     )
-    return {
+    cpu_medians = {}
+    if phase == "get_paced":
+        cpu_medians = {f"ab_{n}_cpu_ms_per_request": statistics.median(cpu[n]) for n in ("a", "b")}
+        print(
+            f"porter CPU per GET, medians: A {cpu_medians['ab_a_cpu_ms_per_request']:.3f} ms, "
+            f"B {cpu_medians['ab_b_cpu_ms_per_request']:.3f} ms"
+        )
+    return cpu_medians | {
         "ab_sources": [str(src) for src in sources],
-        "ab_a_per_s": rates["a"],
-        "ab_b_per_s": rates["b"],
+        "ab_store": store,
+        "ab_phase": phase,
+        "ab_a": figures["a"],
+        "ab_b": figures["b"],
         "ab_ratio_b_over_a": round(b / a, 3),
     }
 
@@ -509,13 +582,16 @@ def main() -> None:
         type=Path,
         nargs=2,
         metavar=("SRC_A", "SRC_B"),
-        help="compare POST throughput of two src trees",
+        help="compare two src trees: POST throughput (PostgreSQL unless --store) or, with "
+        "--ab-phase get_paced, the paced GET p99",
     )
+    parser.add_argument("--ab-phase", choices=sorted(AB_PHASES), default="post", help="what --ab compares")
     parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (with --ab)")
     args = parser.parse_args()
     if args.ab is not None:
         load_before = os.getloadavg()[0]
-        ab = ab_section((args.ab[0], args.ab[1]), args.rounds)
+        store = "postgres" if args.store == "both" else args.store
+        ab = ab_section((args.ab[0], args.ab[1]), args.rounds, store=store, phase=args.ab_phase)
         print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
         print(json.dumps({"bench": "api-ab", "clients": CLIENTS} | ab))
         return
@@ -540,9 +616,17 @@ def main() -> None:
             print(
                 f"{store:8} {kind:5} {labels[phase]:19} {f['requests']:5.0f} requests, {f['errors']:.0f} errors: "
                 f"p50 {f['p50_ms']:7.2f} ms, p99 {f['p99_ms']:7.2f} ms, {f['per_s']:6.1f}/s; "
-                f"porter: {f['server_within_25ms_pct']:6.2f}% within 25 ms"
+                f"porter: {f['server_within_25ms_pct']:6.2f}% within 25 ms, "
+                f"{f['porter_cpu_ms_per_request']:.2f} ms CPU per request"
             )
-            for name in ("p50_ms", "p99_ms", "per_s", "errors", "server_within_25ms_pct"):
+            for name in (
+                "p50_ms",
+                "p99_ms",
+                "per_s",
+                "errors",
+                "server_within_25ms_pct",
+                "porter_cpu_ms_per_request",
+            ):
                 result[f"{store}_{key}_{name}"] = f[name]
         judged = "raw" if "raw" in kinds else "httpx"
         met = (
