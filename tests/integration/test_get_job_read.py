@@ -53,7 +53,8 @@ def test_get_job_builds_no_orm_objects(store: Store) -> None:
     job = create(store, "dashboard", "client")
     with _orm_loads() as loaded:
         read = store.get_job(job.id)
-    assert read is not None and read.id == job.id
+    assert read is not None
+    assert read.id == job.id
     assert loaded == []
 
 
@@ -73,5 +74,6 @@ def test_get_job_gives_the_job_its_rows_describe(store: Store) -> None:
     for job in (live, plain, ended):
         assert store.get_job(job.id) == _through_orm(store, job)
     ended_read = store.get_job(ended.id)
-    assert ended_read is not None and ended_read.bridges == []
+    assert ended_read is not None
+    assert ended_read.bridges == []
     assert store.get_job(type(live.id)(int=0)) is None
