@@ -12,8 +12,10 @@ path: tests/unit/test_preemption_rows.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -21,10 +23,12 @@ from cloudhpc.config import ClusterConfig
 from cloudhpc.domain.checkpoint import restarts_exceeded
 from cloudhpc.domain.jobs import JobSpec, Observation
 from cloudhpc.domain.states import JobState
-from cloudhpc.hpc.backend import CommandResult
+from cloudhpc.hpc.backend import CommandResult, JobAccounting
+from cloudhpc.hpc.slurm.accounting import Sacct
 from cloudhpc.hpc.slurm.queue import Squeue
 from cloudhpc.submitter.agent import Agent, _Tracked
 from tests.jobs import job_from
+from tests.recordings import load_recording
 
 HEADER = "JOBID|NAME|STATE|REASON|SUBMIT_TIME|START_TIME|END_TIME|COMMENT\n"
 RUNNING = "4198|wrap|RUNNING|None|1796501928|1796501929|1796502049|(null)\n"
@@ -55,6 +59,12 @@ class Slurm:
 
     async def cancel(self, native_id: str) -> None:
         self.cancelled.append(native_id)
+
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
+        """What ended each run (asked once a restart is seen): requeues that name no cause, from a
+        recorded `sacct --duplicates` (a node failure's requeue)."""
+        rows = Sacct.parse(load_recording("sacct_duplicates_requeued"))
+        return JobAccounting(native_id, [], runs=tuple(r.record for r in rows if r.record.step is None))
 
 
 class Reports:
@@ -92,6 +102,7 @@ async def follow(max_restarts: int, known: int, rows: Sequence[str]) -> tuple[Sl
     agent._start_finish = lambda _tracked: None  # type: ignore[method-assign]
     for row in rows:
         await agent._on_observation(job.id, "4198", observed(row))
+    await asyncio.gather(*agent._background)
     return slurm, [(r.state, r.restarts, r.reason) for r in channel.reports]
 
 

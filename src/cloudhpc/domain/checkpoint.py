@@ -20,9 +20,12 @@ __all__ = [
     "CHECKPOINT_DIR",
     "MAX_RESTARTS",
     "MAX_WARN_SECONDS",
+    "PREEMPTED",
     "REQUEUED",
+    "TIME_LIMIT_WARNING",
     "CheckpointSpec",
     "parse_seconds",
+    "requeue_cause",
     "requeue_reason",
     "restarts_exceeded",
 ]
@@ -39,6 +42,17 @@ MAX_WARN_SECONDS = 65535
 REQUEUED = "Requeued"
 """The first word of a job's `reason` while SLURM runs it again (a restart): the state stays
 `running` (states only move forward), the reason and `restarts` say what happened."""
+
+PREEMPTED = "Preempted"
+"""What ended the run before a restart, where accounting says so: the run ended `PREEMPTED` (SLURM
+requeued it at the end of its preemption's grace time)..."""
+TIME_LIMIT_WARNING = "Time limit warning"
+"""...or a `checkpoint` job's run ended `REQUEUED` (its wrapper's `scontrol requeue`) when its time
+limit was near enough for the warning to have been sent (`requeue_cause`)."""
+
+SIGNAL_CHECK_SECONDS = 30
+"""SLURM checks time limits about every 30 s and sends `--signal` once `warn_before` plus this or
+less is left: a time-limit warning never comes earlier into a run."""
 
 _DURATION = re.compile(r"^(?:(?P<m>[0-9]{1,4})m)?(?:(?P<s>[0-9]{1,5})s?)?$")
 _TRAPPABLE = sorted(SIGNALS - UNTRAPPABLE)
@@ -107,16 +121,49 @@ class CheckpointSpec(BaseModel):
             )
 
 
+def requeue_cause(
+    run_state: str, elapsed_seconds: int | None, time_limit_seconds: int | None, warn_before: int | None
+) -> str | None:
+    """What ended a run that SLURM queued again, from that run's accounting record (its state as
+    sacct prints it, how long it ran, its time limit) and the job's `checkpoint.warn_before` (None
+    without checkpoint): `PREEMPTED` or `TIME_LIMIT_WARNING`, or None where accounting cannot say
+    (an operator's `scontrol requeue`, a node failure): the reason then keeps its plain wording.
+
+    A `checkpoint` job that its wrapper requeued on the signal SLURM sends at a preemption ends its
+    run `REQUEUED` too, as does an operator's requeue: only a run that ended after its time-limit
+    warning could have come (`SIGNAL_CHECK_SECONDS`) is taken for one."""
+    words = run_state.split()
+    state = words[0].rstrip("+").upper() if words else ""
+    if state == "PREEMPTED":
+        return PREEMPTED
+    if (
+        state == "REQUEUED"
+        and warn_before is not None
+        and elapsed_seconds is not None
+        and time_limit_seconds is not None
+        and elapsed_seconds + warn_before + SIGNAL_CHECK_SECONDS >= time_limit_seconds
+    ):
+        return TIME_LIMIT_WARNING
+    return None
+
+
 def requeue_reason(
-    restarts: int, max_restarts: int | None, native_state: str, slurm_reason: str | None = None
+    restarts: int,
+    max_restarts: int | None,
+    native_state: str,
+    slurm_reason: str | None = None,
+    *,
+    cause: str | None = None,
 ) -> str | None:
     """The `reason` of a job SLURM ran again (`restarts` > 0) or a checkpointed job (`max_restarts`
     set) that ran out of restarts; None otherwise (its own reason stands):
 
-    - while it runs or waits again: `Requeued (restart 1 of 2): PENDING`;
+    - while it runs or waits again: `Requeued (restart 1 of 2): PENDING`; once accounting said what
+      ended the run before (`cause`, from `requeue_cause`): `Preempted; requeued (restart 1 of 2):
+      PENDING`, `Time limit warning; requeued (restart 1 of 2): RUNNING`;
     - ended by its time limit with no restart left: `checkpoint.max_restarts (2) reached: TIMEOUT`;
-    - ended otherwise: `Requeued (restart 2 of 2): COMPLETED` (SLURM's reason appended when it
-      has one: `...: FAILED NODE_FAIL`).
+    - ended otherwise: `Requeued (restart 2 of 2): COMPLETED` (or with the cause as above; SLURM's
+      reason appended when it has one: `...: FAILED NODE_FAIL`).
     """
     if max_restarts is not None and restarts >= max_restarts and native_state == "TIMEOUT":
         return f"checkpoint.max_restarts ({max_restarts}) reached: TIMEOUT"
@@ -124,7 +171,8 @@ def requeue_reason(
         return None
     of = f" of {max_restarts}" if max_restarts is not None else ""
     tail = f" {slurm_reason}" if slurm_reason and slurm_reason != native_state else ""
-    return f"{REQUEUED} (restart {restarts}{of}): {native_state}{tail}"
+    head = f"{cause}; {REQUEUED.lower()}" if cause else REQUEUED
+    return f"{head} (restart {restarts}{of}): {native_state}{tail}"
 
 
 def restarts_exceeded(

@@ -162,6 +162,9 @@ class JobAccounting:
     """Names of the other jobs whose records the id holds too (a scheduler that lost a job handed
     its id out again): a report by id, like seff's, could be theirs, so efficiency comes from
     `records`."""
+    runs: tuple[AccountingRecord, ...] = ()
+    """The job's own record of each of its runs, oldest first (asked with `job`, where the scheduler
+    keeps one per run): what ended a run before a requeue (a preemption, a time-limit warning)."""
 
 
 @dataclass(frozen=True)

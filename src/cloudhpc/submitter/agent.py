@@ -23,7 +23,7 @@ from uuid import UUID
 
 from cloudhpc.config import BridgeConfig, ClusterConfig
 from cloudhpc.domain.arrays import DEPENDENCY_NEVER_SATISFIED, array_indices
-from cloudhpc.domain.checkpoint import requeue_reason, restarts_exceeded
+from cloudhpc.domain.checkpoint import requeue_cause, requeue_reason, restarts_exceeded
 from cloudhpc.domain.job_files import OutputsReport, SkippedOutput
 from cloudhpc.domain.jobs import AUTO_PARTITION, Job, JobKind, Observation
 from cloudhpc.domain.queries import AgentQuery
@@ -38,12 +38,12 @@ from cloudhpc.exceptions import (
     StagingError,
     SubmitRejected,
 )
-from cloudhpc.hpc.backend import JobBackend, JobSubmission
+from cloudhpc.hpc.backend import AccountingRecord, JobBackend, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.jobscript import ENV_FILE, python_result_path
 from cloudhpc.hpc.poller import Poller
 from cloudhpc.hpc.requeue import CountsRestarts
-from cloudhpc.hpc.slurm.accounting import accounting_final
+from cloudhpc.hpc.slurm.accounting import accounting_final, ended_run
 from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
@@ -71,6 +71,9 @@ ACCOUNTING_SOON_ATTEMPTS = 6
 """...for this many calls; then every 5 s."""
 ACCOUNTING_RETRY_FIRST = 120.0
 ACCOUNTING_RETRY_MAX = 3600.0
+CAUSE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Pauses between sacct calls asking what ended a job's run before a restart, while slurmdbd has
+not recorded that run's end yet (it lags the requeue by a moment) or sacct does not answer."""
 
 
 class _Sequence:
@@ -110,6 +113,21 @@ class _Tracked:
     """Array tasks whose output is being stored (or was) since they ended, while others still run."""
     tasks_stored: set[int] = dataclasses.field(default_factory=set)
     """...and those whose store succeeded: the end of the array does not store them again."""
+    observation: Observation | None = None
+    """The latest observation: what a report made between polls (`_learn_cause`) describes."""
+    cause: str | None = None
+    """What ended the run before restart `cause_for` (`requeue_cause`), where accounting said so."""
+    cause_for: int = 0
+    cause_asked: int = 0
+    """The highest restart count whose cause was asked of accounting: asked once per restart."""
+
+    def requeue_reason(self, restarts: int | None, observation: Observation) -> str | None:
+        """`requeue_reason` of this job as of `observation`, naming the cause of its latest restart
+        once it is known; None where the job's own reason stands."""
+        checkpoint = self.job.spec.checkpoint
+        most = checkpoint.max_restarts if checkpoint is not None else None
+        cause = self.cause if restarts and self.cause_for == restarts else None
+        return requeue_reason(restarts or 0, most, observation.native_state, observation.reason, cause=cause)
 
 
 def _must_end(tracked: _Tracked | None, reason: str | None, observation: Observation) -> str | None:
@@ -443,15 +461,16 @@ class Agent:
         elif tracked is not None and observation.tasks is not None:
             self._store_ended_tasks(tracked, observation)
         state, reason = observation.state, observation.reason
+        if tracked is not None:
+            tracked.observation = observation
         restarts = await self._restarts(tracked, observation) if tracked is not None else None
         if tracked is not None and (restarts or tracked.job.spec.checkpoint is not None):
-            checkpoint = tracked.job.spec.checkpoint
-            most = checkpoint.max_restarts if checkpoint is not None else None
-            reason = (
-                requeue_reason(restarts or 0, most, observation.native_state, observation.reason) or reason
-            )
+            reason = tracked.requeue_reason(restarts, observation) or reason
             if restarts and state == JobState.QUEUED:
                 state = JobState.RUNNING  # states only move forward: pending again is a restart
+            if restarts and restarts > tracked.cause_asked and not observation.state.terminal:
+                tracked.cause_asked = restarts
+                self._spawn(self._learn_cause(tracked, restarts))
         ending = None if state.terminal or job_id in self._ending else _must_end(tracked, reason, observation)
         if ending is not None:
             # SLURM would keep it queued (or run it again): end it, and remember why for its last report
@@ -518,6 +537,69 @@ class Agent:
             log.info("job %s: SLURM runs it again (restart %d)", tracked.job.id, count)
         tracked.restarts = count
         return count or None
+
+    async def _learn_cause(self, tracked: _Tracked, restart: int) -> None:
+        """Ask accounting once what ended the run before restart `restart` (squeue shows a preempted
+        job only PENDING again; sacct keeps the run `PREEMPTED`, or `REQUEUED` by the wrapper on its
+        time-limit warning) and report the job's reason naming it. Off the polling path: spawned,
+        so that sacct's round trip (and slurmdbd's lag, waited out with `CAUSE_RETRY_DELAYS`) never
+        holds up other jobs' observations. Only the job's own records count (`accounting(job=...)`:
+        the id may be another job's too). A job that ended meanwhile keeps the reason of its end."""
+        job = tracked.job
+        checkpoint = job.spec.checkpoint
+        run = await self._ended_run(tracked, restart)
+        if run is None:
+            return
+        cause = requeue_cause(
+            run.state,
+            run.elapsed_seconds,
+            run.timelimit_seconds,
+            checkpoint.warn_before if checkpoint is not None else None,
+        )
+        log.info(
+            "job %s: its run before restart %d ended %s (%s)", job.id, restart, run.state, cause or "requeued"
+        )
+        if restart < tracked.cause_for:
+            return  # a later restart's cause is known already
+        tracked.cause, tracked.cause_for = cause, restart
+        observation = tracked.observation
+        if cause is None or observation is None or observation.state.terminal:
+            return
+        if self._tracked.get(job.id) is not tracked or job.id in self._ending or tracked.restarts != restart:
+            return  # no longer followed, being ended, or restarted again: its next report says it
+        state = JobState.RUNNING if observation.state == JobState.QUEUED else observation.state
+        await self._report(
+            job.id,
+            state,
+            slurm_job_id=tracked.native_id,
+            reason=tracked.requeue_reason(restart, observation),
+            restarts=restart,
+        )
+
+    async def _ended_run(self, tracked: _Tracked, restart: int) -> AccountingRecord | None:
+        """The job's own accounting record of the run restart `restart` ended, asked again after
+        each of `CAUSE_RETRY_DELAYS` while sacct fails or has not recorded that run's end; None
+        (logged) when it never did."""
+        problem = "slurmdbd has not recorded the run's end"
+        for delay in (*CAUSE_RETRY_DELAYS, None):
+            try:
+                accounting = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
+            except CloudHPCError as exc:
+                problem = str(exc)
+            else:
+                run = ended_run(accounting.runs, restart)
+                if run is not None:
+                    return run
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+        log.warning(
+            "job %s: could not learn what ended its run before restart %d (%s)",
+            tracked.job.id,
+            restart,
+            problem,
+        )
+        return None
 
     async def _discard_secrets(self, job: Job) -> None:
         """Delete the job's secret files on the cluster: its `env` values, its bridge key."""

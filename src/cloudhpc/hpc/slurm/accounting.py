@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cloudhpc.domain.arrays import TaskObservation
@@ -32,7 +32,15 @@ from cloudhpc.hpc.slurm.values import (
     parse_timestamp,
 )
 
-__all__ = ["SACCT_FIELDS", "OwnRecords", "Sacct", "SacctRow", "accounting_final", "own_records"]
+__all__ = [
+    "SACCT_FIELDS",
+    "OwnRecords",
+    "Sacct",
+    "SacctRow",
+    "accounting_final",
+    "ended_run",
+    "own_records",
+]
 
 # The package logs under one name, the one it had as a single module.
 logger = logging.getLogger(__package__)
@@ -214,6 +222,10 @@ class OwnRecords:
     others: list[str]
     """The names of the id's records that are not this job's, in sacct's order (another job that
     got the id, a placeholder `allocation` record whose start slurmdbd never received)."""
+    runs: list[AccountingRecord] = field(default_factory=list)
+    """The allocation record of every run of the job itself (not an array's tasks) named so, oldest
+    first: a requeued job has one per run, and only the earlier ones say what ended them
+    (`PREEMPTED`, `REQUEUED`, ...); `records` keeps the newest only."""
 
 
 def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecords:
@@ -232,18 +244,34 @@ def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecor
         groups.setdefault(row.db_index, []).append(row)
     newest: dict[str, int] = {}
     others: list[str] = []
+    runs: dict[int, AccountingRecord] = {}
     for index, group in groups.items():
         allocation = next((r.record for r in group if r.record.step is None), None)
         if allocation is None:
             continue  # steps whose record the answer left out: nobody's we can name
         if allocation.name != name:
             others.append(allocation.name)
-        elif index > newest.get(allocation.job_id, -1):
+            continue
+        if index > newest.get(allocation.job_id, -1):
             newest[allocation.job_id] = index
+        if allocation.job_id == native_id:
+            runs[index] = allocation
     kept = set(newest.values())
     # in sacct's own order (an array's tasks by number)
     records = [row.record for index, group in groups.items() if index in kept for row in group]
-    return OwnRecords(records=records, others=others)
+    return OwnRecords(records=records, others=others, runs=[runs[i] for i in sorted(runs)])
+
+
+def ended_run(runs: Sequence[AccountingRecord], restart: int) -> AccountingRecord | None:
+    """The record of the run that restart number `restart` (1 for the first) ended, from
+    `OwnRecords.runs`: slurmdbd opens one record per run, so it is the `restart`-th. None while
+    slurmdbd has not recorded that run's end yet (it lags slurmctld by a moment): ask again.
+    `REQUEUED` is a run's end here, although the poll takes it for a job still running."""
+    if restart < 1 or len(runs) < restart:
+        return None
+    run = runs[restart - 1]
+    ended = normalize_state(run.state) == "REQUEUED" or not _still_active(run.state)
+    return run if ended else None
 
 
 def accounting_final(records: Sequence[AccountingRecord]) -> bool:

@@ -352,7 +352,7 @@ class SlurmBackend:
         (`_own_accounting`): the id may have been handed out again since."""
         if job is not None:
             own = await self._own_accounting(native_id, job)
-            return JobAccounting(native_id, own.records, others=tuple(own.others))
+            return JobAccounting(native_id, own.records, others=tuple(own.others), runs=tuple(own.runs))
         result, rows = await self._sacct(native_id)
         # an array's rows are its tasks' (`123_0`, `123_1`...)
         records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
