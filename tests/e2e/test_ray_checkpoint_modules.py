@@ -95,7 +95,7 @@ def test_ray_job_checkpoint_requeues_and_finishes_like_an_uninterrupted_run(clie
     text = stored_log(client, ended).decode()
     assert ended.state == JobState.COMPLETED, (ended.reason, text[-4000:])
     assert ended.restarts == 1, (ended.reason, text[-4000:])
-    assert ended.reason == "Requeued (restart 1 of 1): COMPLETED"
+    assert ended.reason == "Time limit warning; requeued (restart 1 of 1): COMPLETED"
     # (the warning may reach run 0 while Ray starts: its driver then ends before it prints anything)
     assert re.search(r"run 0 ended \(status \d+\) after SIGUSR1: requeued", text), text[-4000:]
     assert re.search(r"^run 1 from \d+$", text, re.MULTILINE), text[-4000:]

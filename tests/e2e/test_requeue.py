@@ -211,9 +211,11 @@ def test_time_limit_requeue_finishes_like_an_uninterrupted_run(client: Client, w
     assert whole.restarts == 0
     assert ended.state == JobState.COMPLETED, ended
     assert ended.restarts == 1
-    assert ended.reason == "Requeued (restart 1 of 1): COMPLETED"
-    # while SLURM ran it again the job stayed `running`, with the reason saying why
-    requeued = [j for j in seen if j.reason and j.reason.startswith("Requeued (restart 1 of 1)")]
+    # its run ended REQUEUED (the wrapper's) inside its warning window: a time-limit warning
+    assert ended.reason == "Time limit warning; requeued (restart 1 of 1): COMPLETED"
+    # while SLURM ran it again the job stayed `running`, with the reason saying why (`Requeued` until
+    # the agent's sacct said what ended the run)
+    requeued = [j for j in seen if j.reason and "equeued (restart 1 of 1)" in j.reason]
     assert requeued, [(j.state, j.reason) for j in seen]
     assert all(j.state == JobState.RUNNING for j in requeued[:-1])
     log = stored_log(client, ended)

@@ -136,7 +136,7 @@ def test_the_training_step_is_warned_requeued_and_resumes_to_the_uninterrupted_m
 
     assert job.state == JobState.COMPLETED, (job.reason, text[-4000:])
     assert job.restarts == 1, (job.reason, text[-4000:])
-    assert job.reason == "Requeued (restart 1 of 1): COMPLETED"
+    assert job.reason == "Time limit warning; requeued (restart 1 of 1): COMPLETED"
     # run 0: warned, it finished the epoch it was in, kept its checkpoint and asked to be run again
     stopped = re.search(r"stopped on the checkpoint warning after epoch (\d+), its checkpoint saved", text)
     assert stopped is not None, text[-4000:]
