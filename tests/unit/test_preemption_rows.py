@@ -118,6 +118,14 @@ async def test_a_checkpoint_jobs_reason_says_preempted_with_its_bound() -> None:
     assert reports[-1] == (JobState.RUNNING, 1, "Preempted; requeued (restart 1 of 2): PENDING")
 
 
+async def test_an_array_is_not_asked_for_the_cause_of_its_restarts() -> None:
+    """sacct keeps an array's tasks, not runs of the job: nothing there would name a cause."""
+    array = spec(None).model_copy(update={"array": "0-1"})
+    calls, reports = await follow_recorded(array, "sacct_duplicates_preempted")
+    assert calls == ["squeue"]
+    assert reports[-1] == (JobState.RUNNING, 1, "Requeued (restart 1): PENDING")
+
+
 async def test_another_jobs_preempted_record_is_not_this_jobs_cause() -> None:
     """The id's records are another job's (a controller restarted from an older state handed the id
     out again): nothing is said of a preemption, and the failure is logged, not hidden."""

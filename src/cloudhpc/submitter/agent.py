@@ -468,7 +468,12 @@ class Agent:
             reason = tracked.requeue_reason(restarts, observation) or reason
             if restarts and state == JobState.QUEUED:
                 state = JobState.RUNNING  # states only move forward: pending again is a restart
-            if restarts and restarts > tracked.cause_asked and not observation.state.terminal:
+            if (
+                restarts
+                and restarts > tracked.cause_asked
+                and not observation.state.terminal
+                and tracked.job.spec.array is None  # an array's records are its tasks', not runs
+            ):
                 tracked.cause_asked = restarts
                 self._spawn(self._learn_cause(tracked, restarts))
         ending = None if state.terminal or job_id in self._ending else _must_end(tracked, reason, observation)
