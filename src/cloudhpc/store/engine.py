@@ -2,8 +2,8 @@
 place where driver errors become `StoreError`.
 
 Every repository of the store (`jobs`, `bridges`, `tokens`, `agents`, `output`, `metrics_view`)
-is a `Database` and reaches SQL only through `_read()` and `_write()`, so the concurrency rules
-below hold for all of them.
+is a `Database` and reaches SQL only through `_read()`, `_read_connection()` and `_write()`, so the
+concurrency rules below hold for all of them.
 
 Concurrency rules, per dialect:
 
@@ -32,7 +32,7 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 import alembic.command
 import alembic.util
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, inspect, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -142,6 +142,7 @@ class Database:
             if self.is_postgresql
             else self._engine
         )
+        self._read_engine = read_engine
         self._reads = sessionmaker(read_engine, expire_on_commit=False)
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         # The NOTIFYs of committed writes (PostgreSQL; see store/notify.py); its thread and
@@ -285,6 +286,13 @@ class Database:
     def _read(self) -> Iterator[Session]:
         with self._reads.begin() as session:
             yield session
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[Connection]:
+        """A read transaction like `_read`'s, on a bare connection: for a hot read of Core rows,
+        which does not need a Session's machinery (about 0.12 ms of CPU per call on SQLite)."""
+        with self._read_engine.begin() as connection:
+            yield connection
 
     def _upsert(self, model: type[Base], values: dict[str, Any]) -> Executable:
         """INSERT, or UPDATE the row with the same primary key: one statement, no race window."""

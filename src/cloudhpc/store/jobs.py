@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import Row, and_, bindparam, or_, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import load_only
+from sqlalchemy.orm import Session, load_only
 
 from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.bridges import BridgePlan
@@ -291,15 +291,20 @@ class JobRepository(Database):
 
     @map_db_errors
     def get_job(self, job_id: UUID) -> Job | None:
-        """One statement, built once, for the job and its bridges, read as Core rows.
+        """One statement, built once, for the job and its bridges, read as Core rows on a bare
+        connection (a Session joins it only to plan a job's `after`).
 
         `GET /jobs/{id}` runs this in a worker thread under porter's one GIL. Through the ORM
-        (`select(JobRow)` with `joinedload`: a statement built and cache-keyed per call, the
-        identity map, instance state) it took ~0.9 ms of CPU; porter's whole GET took ~2.5 ms,
-        so 250 GET/s kept porter ~65 % busy and its p99 rode on the queueing (docs/benchmarks.md)."""
-        with self._read() as session:
-            rows = session.execute(_GET_JOB, {"job_id": str(job_id)}).all()
-            return with_dependency(session, _job_of_rows(rows)) if rows else None
+        (`select(JobRow)` with `joinedload` in a Session: a statement built and cache-keyed per
+        call, the identity map, instance state) it took ~0.84 ms of CPU, now ~0.2-0.3 ms; porter's
+        whole GET took ~2.7 ms, so 250 GET/s kept porter ~65 % busy and its p99 rode on the
+        queueing (docs/benchmarks.md, "The SQLite GET tail")."""
+        with self._read_connection() as connection:
+            rows = connection.execute(_GET_JOB, {"job_id": str(job_id)}).all()
+            if not rows:
+                return None
+            with Session(bind=connection) as session:  # queries only for a job with `after`
+                return with_dependency(session, _job_of_rows(rows))
 
     @map_db_errors
     def get_state(self, job_id: UUID) -> JobState | None:
