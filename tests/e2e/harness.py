@@ -25,6 +25,7 @@ import httpx
 import yaml
 
 from cloudhpc.client import Client
+from cloudhpc.domain.jobs import Job
 from cloudhpc.store import Store
 from tests.testbed import Testbed
 
@@ -51,6 +52,11 @@ def bridged_deployment(root: Path, testbed: Testbed, object_prefix: str | None =
         object_store=f"s3://{testbed.s3_bucket}/{object_prefix}" if object_prefix else None,
         porter_settings={"bridge": bridge},
     )
+
+
+def submit(client: Client, name: str, script: str, **spec: object) -> Job:
+    """Submit a batch job to the testbed's cluster (spec fields beyond the three as keywords)."""
+    return client.submit({"name": name, "cluster": "testbed", "script": script} | spec)
 
 
 def free_port() -> int:

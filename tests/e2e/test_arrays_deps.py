@@ -9,7 +9,6 @@ import itertools
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,29 +16,11 @@ from typer.testing import CliRunner
 
 from cloudhpc.cli.main import app
 from cloudhpc.client import ApiError, Client
-from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment, running
-from tests.testbed import Testbed
+from tests.e2e.harness import Deployment, submit
 
 TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    """One porter and submitter for the module (started once: each start costs seconds); the tests
-    keep apart by their own jobs, which none of them lists or counts across."""
-    root = tmp_path_factory.mktemp("arrays")
-    dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
-    with running(dep):
-        yield dep
-
-
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[Client]:
-    with deployment.client() as client:
-        yield client
 
 
 def cli(deployment: Deployment, *args: str) -> str:
@@ -48,10 +29,6 @@ def cli(deployment: Deployment, *args: str) -> str:
     result = CliRunner().invoke(app, list(args), env=env)
     assert result.exit_code == 0, (args, result.output)
     return result.stdout
-
-
-def submit(client: Client, name: str, script: str, **spec: object) -> Job:
-    return client.submit({"name": name, "cluster": "testbed", "script": script} | spec)
 
 
 def scontrol(native_id: str) -> str:

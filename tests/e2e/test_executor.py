@@ -26,8 +26,7 @@ from cloudhpc.exceptions import NoResult, RemoteCallError
 from cloudhpc.executor import Executor
 from tests.docs_blocks import load
 from tests.e2e.embedded import Embedded, serve_all
-from tests.e2e.harness import Deployment, running
-from tests.testbed import Testbed
+from tests.e2e.harness import Deployment
 
 # The cluster has no `tests` package: this module's functions travel by value, as a notebook's do.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -189,14 +188,6 @@ def test_the_documented_example_runs(embedded: Embedded) -> None:
 
 
 # ---- the testbed's SLURM -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("executor-slurm")
-    dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
-    with running(dep):
-        yield dep
 
 
 @pytest.fixture

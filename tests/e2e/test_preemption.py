@@ -30,9 +30,9 @@ import pytest
 from cloudhpc.client import Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, running
+from tests.e2e.harness import submit
 from tests.jobs import stored_log
-from tests.testbed import Testbed, read_env_file
+from tests.testbed import read_env_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,24 +80,6 @@ def urgent_partition() -> str:
     if "TESTBED_SLURM_URGENT_PARTITION" not in env:
         pytest.fail("the testbed predates its urgent partition: run `scripts/testbed.sh up`", pytrace=False)
     return env["TESTBED_SLURM_URGENT_PARTITION"]
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("preemption")
-    dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
-    with running(dep):
-        yield dep
-
-
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[Client]:
-    with deployment.client() as client:
-        yield client
-
-
-def submit(client: Client, name: str, script: str, **spec: object) -> Job:
-    return client.submit({"name": name, "cluster": "testbed", "script": script} | spec)
 
 
 def wait_for_log(client: Client, job: Job, text: bytes, deadline: float) -> None:

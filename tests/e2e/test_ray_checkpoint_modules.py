@@ -11,18 +11,15 @@ into a run (SLURM checks time limits every 30 s), the testbed holds a requeued j
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cloudhpc.client import Client
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, running
 from tests.e2e.ray_jobs import ray_spec
 from tests.e2e.test_site_modules import EXTRA, pytorch_module
 from tests.jobs import stored_log
-from tests.testbed import Testbed
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -68,19 +65,6 @@ import tomli
 print("driver", sys.executable, tomli.__file__, flush=True)
 print("worker", *ray.get(where.remote()), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("ray-ckpt")
-    with running(Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")) as dep:
-        yield dep
-
-
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[Client]:
-    with deployment.client() as client:
-        yield client
 
 
 def test_ray_job_checkpoint_requeues_and_finishes_like_an_uninterrupted_run(client: Client) -> None:

@@ -28,9 +28,8 @@ import pytest
 from cloudhpc.client import Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, running, scrape_token_file
+from tests.e2e.harness import Deployment, scrape_token_file, submit
 from tests.jobs import stored_log
-from tests.testbed import Testbed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -63,24 +62,6 @@ if [ "${RESTARTS:-0}" = 0 ]; then echo "waiting for the operator"; sleep 600; fi
 echo "done"
 """
 """Waits on its first run (until an operator requeues it), ends at once on the next."""
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("requeue")
-    dep = Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")
-    with running(dep):
-        yield dep
-
-
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[Client]:
-    with deployment.client() as client:
-        yield client
-
-
-def submit(client: Client, name: str, script: str, **spec: object) -> Job:
-    return client.submit({"name": name, "cluster": "testbed", "script": script} | spec)
 
 
 @pytest.fixture(scope="module")

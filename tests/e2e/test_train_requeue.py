@@ -40,7 +40,7 @@ from cloudhpc.pipelines.fmnist import data as fdata
 from cloudhpc.pipelines.fmnist import train as train_module
 from cloudhpc.pipelines.fmnist.hpc_job import HpcJob
 from cloudhpc.pipelines.fmnist.steps import train_on_hpc
-from tests.e2e.harness import Deployment, running
+from tests.e2e.harness import Deployment
 from tests.e2e.test_pipeline import HPC_PACKAGES
 from tests.jobs import stored_log
 from tests.testbed import Testbed
@@ -53,13 +53,6 @@ HPC_JOB = {
     "environment": {"packages": HPC_PACKAGES},
     "checkpoint": {"warn_before": "90s", "signal": "USR1", "max_restarts": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("train-requeue")
-    with running(Deployment(root / "deploy", testbed, f"sqlite:///{root / 'state.db'}")) as dep:
-        yield dep
 
 
 @contextlib.contextmanager
