@@ -408,15 +408,26 @@ async def measure(server: Porter, client_kinds: list[str]) -> dict[str, dict[str
         for name, route, budget, make, period in phases:
             method = make()[0]
             before = server_histogram(server, route, method)
-            cpu = server.cpu_seconds()
+            cpu, stolen, wall = server.cpu_seconds(), steal_seconds(), time.monotonic()
             phase = await run_phase(kind, url, token, budget, make, period=period)
             cpu = server.cpu_seconds() - cpu
+            stolen, wall = steal_seconds() - stolen, time.monotonic() - wall
             after = server_histogram(server, route, method)
             phase.server_buckets = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
             summary = phase.summary(201 if method == "POST" else 200)
             summary["porter_cpu_ms_per_request"] = round(cpu * 1000 / max(1, len(phase.latencies)), 3)
+            summary["steal_pct"] = round(100 * stolen / (wall * (os.cpu_count() or 1)), 2)
             out[f"{kind}_{name}"] = summary
     return out
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests, all CPUs summed (/proc/stat's steal column):
+    on a virtual machine, stolen time stalls porter and the load generator alike, so a phase's tail
+    is only comparable with another's at similar steal."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 async def cross_replica_wakes(server: Porter, count: int = REPLICA_WAKES) -> dict[str, float]:
@@ -617,7 +628,7 @@ def main() -> None:
                 f"{store:8} {kind:5} {labels[phase]:19} {f['requests']:5.0f} requests, {f['errors']:.0f} errors: "
                 f"p50 {f['p50_ms']:7.2f} ms, p99 {f['p99_ms']:7.2f} ms, {f['per_s']:6.1f}/s; "
                 f"porter: {f['server_within_25ms_pct']:6.2f}% within 25 ms, "
-                f"{f['porter_cpu_ms_per_request']:.2f} ms CPU per request"
+                f"{f['porter_cpu_ms_per_request']:.2f} ms CPU per request; steal {f['steal_pct']:.2f}%"
             )
             for name in (
                 "p50_ms",
@@ -626,6 +637,7 @@ def main() -> None:
                 "errors",
                 "server_within_25ms_pct",
                 "porter_cpu_ms_per_request",
+                "steal_pct",
             ):
                 result[f"{store}_{key}_{name}"] = f[name]
         judged = "raw" if "raw" in kinds else "httpx"
