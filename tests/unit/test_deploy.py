@@ -2,7 +2,7 @@
 
 No Kubernetes API server or Docker engine can run here, so: our own kustomize parts of every
 environment are built with `kubectl kustomize` and every rendered object is validated against the
-Kubernetes 1.31 schemas (kubernetes-validate, strict); the remote upstream parts are checked by
+schemas of the Kubernetes version kind runs (kubernetes-validate, strict); the remote upstream parts are checked by
 reading their kustomizations (pinned tag, kept components present, removed ones absent); the
 Dockerfiles, the compose file and the scripts are read and parsed. `cloudhpc platform forward` is run
 against a stand-in `kubectl` executable, its only interface to the cluster.
@@ -40,7 +40,18 @@ from cloudhpc.port_forwards import FORWARDS, Forward, ForwardSupervisor, Kubectl
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
-K8S_VERSION = "1.31"
+
+
+def kind_kubernetes_version() -> str:
+    """The Kubernetes minor version of the node image platform-up.sh gives kind: the objects are
+    validated against the schemas of the version that will run them, and follow it when it moves."""
+    script = (REPO / "scripts" / "platform-up.sh").read_text()
+    found = re.search(r"^KIND_NODE_IMAGE=kindest/node:v(\d+\.\d+)\.\d+@sha256:[0-9a-f]{64}$", script, re.M)
+    assert found, "scripts/platform-up.sh pins no KIND_NODE_IMAGE=kindest/node:vX.Y.Z@sha256:..."
+    return found.group(1)
+
+
+K8S_VERSION = kind_kubernetes_version()
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 MONITORING_ENVS = ["kubeflow-monitoring", "standalone-kfp-monitoring"]

@@ -6,7 +6,7 @@ policies deploy/kustomize ships, and strict about what it does not model (named 
 policy using those fails here rather than being read wrongly. The pods are the rendered workloads
 with the labels Kubernetes gives them (a Job's pods carry `batch.kubernetes.io/job-name`), so a
 selector that matches no real pod shows up as a denied pair. Schemas: tests/unit/test_deploy.py
-validates every rendered object, these policies included, against the Kubernetes 1.31 schemas.
+validates every rendered object, these policies included, against the schemas of the Kubernetes version kind runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`cloudhpc platform profile add`, offline: no API server runs here.
 
-The rendered objects are validated: the Secrets against the Kubernetes 1.31 schemas
+The rendered objects are validated: the Secrets against the schemas of the Kubernetes version kind runs
 (kubernetes-validate, strict); `Profile` (kubeflow.org/v1) and `PodDefault` (kubeflow.org/v1alpha1)
 are CRDs that kubernetes-validate does not know, so against minimal schemas of our own below, written
 from the CRDs' fields (owner; selector, desc, env with values or secretKeyRef) with no other field allowed: they catch a
