@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
@@ -357,6 +358,51 @@ async def test_a_job_whose_id_the_scheduler_gave_to_another_is_lost_not_the_othe
     backend.states["9"] = obs(JobState.COMPLETED, exit_code=0)
     await poller.tick()
     assert recorder.seen[-1][2].state == JobState.COMPLETED
+
+
+async def test_an_earlier_jobs_record_of_the_id_is_skipped_not_taken_for_a_loss(
+    poller: Poller, backend: FakeBackend, recorder: Recorder
+) -> None:
+    """CI's fault run: squeue failed (slurmctld down), so the ids were asked of sacct alone, and
+    sacct answered a record of the same id from an earlier controller's life (the accounting
+    database outlives it) while this job's own was not stored yet. Submitted before this job, it
+    cannot be the job a controller gave the id to after losing this one: ask again."""
+    ours, earlier, later = uuid4(), uuid4(), uuid4()
+    submitted = datetime(2026, 12, 6, 0, 45, 50, tzinfo=UTC)
+    poller.track(ours, "41")
+    backend.states["41"] = Observation(
+        state=JobState.PENDING, native_state="PENDING", submitted_at=submitted, owner=ours
+    )
+    await poller.tick()
+    old = Observation(
+        state=JobState.FAILED,
+        native_state="FAILED",
+        exit_code=3,
+        submitted_at=submitted - timedelta(hours=5),
+        owner=earlier,
+    )
+    backend.states["41"] = old
+    assert await poller.tick() == {}
+    assert recorder.seen[-1][2].state == JobState.PENDING
+    assert poller.tracked == {ours: "41"}
+    # its own record, once stored, is taken
+    backend.states["41"] = Observation(
+        state=JobState.COMPLETED, native_state="COMPLETED", exit_code=0, submitted_at=submitted, owner=ours
+    )
+    await poller.tick()
+    assert recorder.seen[-1][2].state == JobState.COMPLETED
+    # a record of a job submitted after this one is the job that took the id: this one was lost
+    lost = uuid4()
+    poller.track(lost, "42")
+    backend.states["42"] = Observation(
+        state=JobState.RUNNING, native_state="RUNNING", submitted_at=submitted, owner=lost
+    )
+    await poller.tick()
+    backend.states["42"] = old.model_copy(
+        update={"submitted_at": submitted + timedelta(seconds=30), "owner": later}
+    )
+    await poller.tick()
+    assert recorder.seen[-1][2].native_state == "LOST"
 
 
 async def test_an_array_ends_only_once_every_task_is_accounted_for(

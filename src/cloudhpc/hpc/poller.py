@@ -91,6 +91,15 @@ class _Tracked:
     incomplete_since: float | None = None
 
 
+def _submitted_before(record: Observation, last: Observation | None) -> bool:
+    """Whether `record` (another job's, by its name) was submitted before the job last seen as
+    `last`: then it cannot be the job a controller gave this job's id to after losing it, which
+    is submitted later. Unknown times count as not before (the loss stands)."""
+    if record.submitted_at is None or last is None or last.submitted_at is None:
+        return False
+    return record.submitted_at < last.submitted_at
+
+
 class Poller:
     """Polls one backend for every tracked job, calling `callback` with each changed observation.
 
@@ -188,6 +197,15 @@ class Poller:
         for job_id, job in jobs.items():
             observation = observed.get(job.native_id)
             if observation is not None and observation.owner not in (None, job_id):
+                if _submitted_before(observation, job.last):
+                    # an earlier job's record of this id, while this job's own is not stored yet
+                    # (the accounting database outlives controllers that hand ids out from 1
+                    # again; squeue, which would say whose the id is, did not answer): ask again
+                    logger.info(
+                        "job %s: %s on %s: skipping job %s's earlier record of this id",
+                        job_id, job.native_id, self.backend.cluster, observation.owner,
+                    )  # fmt: skip
+                    continue
                 logger.warning(
                     "job %s: %s on %s is job %s's now: the scheduler lost this job",
                     job_id, job.native_id, self.backend.cluster, observation.owner,
