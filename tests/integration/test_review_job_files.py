@@ -38,6 +38,29 @@ def _nested(root: Path, depth: int) -> Path:
     return root
 
 
+def _remove_nested(root: Path) -> None:
+    """Remove what `_nested` made, deepest level first, without recursion: pytest's own clean-up of
+    old temporary directories (`shutil.rmtree`, recursive) raised RecursionError on the tree in a
+    later session and failed CI's run."""
+    fd = os.open(root, os.O_RDONLY)
+    depth = 0
+    while "a" in os.listdir(fd):
+        below = os.open("a", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, depth = below, depth + 1
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("deep.txt", dir_fd=fd)
+        for _ in range(depth):
+            above = os.open("..", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = above
+            os.rmdir("a", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert not (root / "a").exists()
+
+
 def test_outputs_of_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
     """A job that made 1,500 nested directories made `**` collection raise RecursionError (no
     `outputs.json`, the agent's finishing task failed); now the walk stops at MAX_WALK_DEPTH, collects
@@ -46,9 +69,12 @@ def test_outputs_of_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
     (jobdir / "results").mkdir(parents=True)
     (jobdir / "results" / "top.txt").write_text("top\n")
     _nested(jobdir, 1500)
-    found, report = asyncio.run(
-        job_files.find_outputs(LocalRunner(), str(jobdir), ["**/*.txt"], max_bytes=1 << 20, max_files=10)
-    )
+    try:
+        found, report = asyncio.run(
+            job_files.find_outputs(LocalRunner(), str(jobdir), ["**/*.txt"], max_bytes=1 << 20, max_files=10)
+        )
+    finally:
+        _remove_nested(jobdir)
     assert [f.relative for f in found] == ["results/top.txt"]
     assert any(f"{job_files.MAX_WALK_DEPTH} levels deep" in s.reason for s in report.skipped), report
 
