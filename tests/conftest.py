@@ -3,9 +3,17 @@ from __future__ import annotations
 import pytest
 
 from cloudhpc.config import SSHConfig
+from tests import deep_tree
 from tests.slurm_jobs import ssh_config
 from tests.testbed import Testbed, load_testbed
 from tests.topology import Topology, load_topology
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_deep_trees_from_earlier_sessions(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Before this session ends (when pytest deletes old sessions' directories, recursively), remove
+    the trees deeper than the recursion limit that earlier sessions left: each one fails the run."""
+    deep_tree.remove_left_behind(tmp_path_factory.getbasetemp().parent)
 
 
 @pytest.fixture(scope="session")

@@ -17,48 +17,10 @@ from cloudhpc.exceptions import RemoteFileError
 from cloudhpc.hpc import job_files
 from cloudhpc.hpc.local import LocalRunner
 from cloudhpc.hpc.ssh import SSHConnection
+from tests import deep_tree
 
 FIFO_WAIT = 10.0
 """Seconds a read of a FIFO may take before the test calls it blocked."""
-
-
-def _nested(root: Path, depth: int) -> Path:
-    """`root/a/a/.../a` `depth` levels deep, made level by level (a path that long cannot be named
-    in one system call); returns the path of the deepest directory."""
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        for _ in range(depth):
-            os.mkdir("a", dir_fd=fd)
-            below = os.open("a", os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = below
-        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
-    finally:
-        os.close(fd)
-    return root
-
-
-def _remove_nested(root: Path) -> None:
-    """Remove what `_nested` made, deepest level first, without recursion: pytest's own clean-up of
-    old temporary directories (`shutil.rmtree`, recursive) raised RecursionError on the tree in a
-    later session and failed CI's run."""
-    fd = os.open(root, os.O_RDONLY)
-    depth = 0
-    while "a" in os.listdir(fd):
-        below = os.open("a", os.O_RDONLY, dir_fd=fd)
-        os.close(fd)
-        fd, depth = below, depth + 1
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink("deep.txt", dir_fd=fd)
-        for _ in range(depth):
-            above = os.open("..", os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = above
-            os.rmdir("a", dir_fd=fd)
-    finally:
-        os.close(fd)
-    assert not (root / "a").exists()
 
 
 def test_outputs_of_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
@@ -68,13 +30,13 @@ def test_outputs_of_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
     jobdir = tmp_path / "job"
     (jobdir / "results").mkdir(parents=True)
     (jobdir / "results" / "top.txt").write_text("top\n")
-    _nested(jobdir, 1500)
+    deep_tree.make(jobdir, 1500)
     try:
         found, report = asyncio.run(
             job_files.find_outputs(LocalRunner(), str(jobdir), ["**/*.txt"], max_bytes=1 << 20, max_files=10)
         )
     finally:
-        _remove_nested(jobdir)
+        deep_tree.remove(jobdir / "a")
     assert [f.relative for f in found] == ["results/top.txt"]
     assert any(f"{job_files.MAX_WALK_DEPTH} levels deep" in s.reason for s in report.skipped), report
 
