@@ -22,7 +22,6 @@ from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import AccountingUnavailable
 from cloudhpc.hpc.slurm import SlurmBackend
-from cloudhpc.hpc.slurm.accounting import accounting_final
 from cloudhpc.store import Store
 from cloudhpc.submitter.agent import Agent, _Tracked
 from cloudhpc.submitter.channel import Channel
@@ -56,7 +55,7 @@ async def wait_final(backend: SlurmBackend, native_id: str, job_id: UUID, timeou
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(AccountingUnavailable):  # only slurmdbd's placeholder record yet
-            if accounting_final((await backend.accounting(native_id, job=job_id)).records):
+            if (await backend.accounting(native_id, job=job_id)).final:
                 return
         assert time.monotonic() < deadline, f"accounting of {native_id} not final after {timeout} s"
         await asyncio.sleep(0.5)

@@ -98,6 +98,7 @@ async def test_job_completes_with_output_and_times(backend: LocalBackend) -> Non
     assert first.submitted_at is not None
     await wait_for(backend, native, RUNNING)
     obs = await wait_for(backend, native, ENDED)
+    assert (await backend.accounting(native)).final
     assert obs.state == JobState.COMPLETED
     assert obs.native_state == "COMPLETED"
     assert obs.exit_code == 0
@@ -135,9 +136,11 @@ async def test_cancel_kills_the_whole_group(backend: LocalBackend, tmp_path: Pat
             break
         await asyncio.sleep(0.02)
     background = int(child_pid_file.read_text())
+    assert not (await backend.accounting(native)).final  # still running: the agent asks again
     started = time.monotonic()
     await backend.cancel(native)
     obs = await wait_for(backend, native, ENDED, timeout=5)
+    assert (await backend.accounting(native)).final
     assert time.monotonic() - started < 3
     assert obs.state == JobState.CANCELLED
     assert obs.native_state == "CANCELLED"

@@ -19,6 +19,7 @@ from cloudhpc.domain.jobs import Job, JobSpec
 from cloudhpc.exceptions import StorageError
 from cloudhpc.hpc.backend import Efficiency, JobAccounting, JobBackend
 from cloudhpc.hpc.slurm import Sacct
+from cloudhpc.hpc.slurm.accounting import job_accounting
 from cloudhpc.storage.artifacts import ArtifactWriter, artifact_key
 from cloudhpc.storage.local import LocalObjectStore
 from cloudhpc.store import Store
@@ -32,7 +33,7 @@ class RecordedSlurm:
     """sacct's answer for an ended job, as recorded on the testbed, and seff's figures."""
 
     async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
-        return JobAccounting(
+        return job_accounting(
             native_id, [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
         )
 

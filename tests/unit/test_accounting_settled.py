@@ -93,11 +93,3 @@ def test_no_rows_or_only_steps_is_not_final() -> None:
 
 def test_unknown_sacct_answer_is_empty() -> None:
     assert not accounting_final(records("sacct_unknown"))
-
-
-def test_a_local_backend_record_is_final() -> None:
-    """The local backend's one row (no partition, no steps) is final once its job has ended."""
-    (row,) = [r for r in records("sacct_completed") if r.step is None]
-    local = dataclasses.replace(row, name="train", partition=None, state="COMPLETED")
-    assert accounting_final([local])
-    assert not accounting_final([dataclasses.replace(local, state="RUNNING")])

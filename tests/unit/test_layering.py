@@ -57,6 +57,14 @@ FORBIDDEN: dict[tuple[str, str], str] = {
     ("cli", "submitter"): "the CLI starts the agent through cloudhpc.runtime",
 }
 
+# Packages inside a unit that another unit must not import, though it may import the unit.
+FORBIDDEN_MODULES: dict[tuple[str, str], str] = {
+    ("submitter", "cloudhpc.hpc.slurm"): (
+        "the agent speaks the backend protocol (hpc.backend); the backend interprets SLURM's states "
+        "(whether accounting is final, which runs ended); runtime alone picks SlurmBackend"
+    ),
+}
+
 # `from cloudhpc import __version__` (the root package) is allowed everywhere; it loads nothing.
 ROOT = "__init__"
 
@@ -80,8 +88,8 @@ def _unit_of(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imports(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, imported unit) for every import of cloudhpc in `path`."""
+def _imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, imported module: `cloudhpc.hpc.slurm.accounting`) for every import of cloudhpc in `path`."""
     package = ".".join(("cloudhpc", *path.relative_to(SRC).with_suffix("").parts))
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
@@ -98,11 +106,16 @@ def _imports(path: Path) -> Iterator[tuple[int, str]]:
         else:
             continue
         for module in modules:
-            parts = module.split(".")
-            if parts[0] != "cloudhpc":
-                continue
-            unit = parts[1] if len(parts) > 1 else ROOT
-            yield node.lineno, unit if unit in _units() else ROOT
+            if module.split(".")[0] == "cloudhpc":
+                yield node.lineno, module
+
+
+def _imports(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, imported unit) for every import of cloudhpc in `path`."""
+    for line, module in _imported_modules(path):
+        parts = module.split(".")
+        unit = parts[1] if len(parts) > 1 else ROOT
+        yield line, unit if unit in _units() else ROOT
 
 
 def _edges() -> list[tuple[str, str, str]]:
@@ -170,3 +183,14 @@ def test_the_runtime_is_what_the_cli_starts_servers_with() -> None:
     assert ("cli", "runtime") in edges
     assert ("submitter", "porter") not in edges
     assert ("submitter", "store") not in edges
+
+
+def test_forbidden_module_imports() -> None:
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        source = _unit_of(path)
+        for line, module in _imported_modules(path):
+            for (unit, package), why in FORBIDDEN_MODULES.items():
+                if source == unit and (module == package or module.startswith(package + ".")):
+                    wrong.append(f"{path.relative_to(SRC.parent)}:{line}: {source} imports {module} ({why})")
+    assert not wrong, "\n".join(wrong)

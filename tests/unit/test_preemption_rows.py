@@ -20,8 +20,9 @@ from cloudhpc.config import ClusterConfig
 from cloudhpc.domain.checkpoint import TIME_LIMIT_WARNING, requeue_cause, requeue_reason
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.domain.states import JobState
-from cloudhpc.hpc.slurm.accounting import Sacct, ended_run, own_records
+from cloudhpc.hpc.slurm.accounting import Sacct, job_accounting, own_records
 from cloudhpc.hpc.slurm.restarts import SqueueRestarts
+from cloudhpc.retries import RetryPolicy
 from cloudhpc.submitter import agent as agent_module
 from cloudhpc.submitter.agent import Agent, _Tracked
 from tests.jobs import job_from
@@ -131,7 +132,7 @@ async def test_another_jobs_preempted_record_is_not_this_jobs_cause() -> None:
     out again): nothing is said of a preemption, and the failure is logged, not hidden."""
     recording = load_recording("sacct_duplicates_preempted")
     other = dataclasses.replace(recording, stdout=recording.stdout.replace(str(PREEMPTED_JOB), str(uuid4())))
-    with patch.object(agent_module, "CAUSE_RETRY_DELAYS", (0.0,)):
+    with patch.object(agent_module, "CAUSE_RETRIES", RetryPolicy(attempts=2, delays=(0.0,))):
         calls, reports = await follow_recorded(spec(None), other)  # type: ignore[arg-type]
     assert calls == ["squeue", "sacct", "sacct"]  # asked again once, then given up
     assert reports[-1] == (JobState.RUNNING, 1, "Requeued (restart 1): PENDING")
@@ -165,6 +166,14 @@ def test_each_run_of_the_job_is_kept_oldest_first() -> None:
     rows = Sacct.parse(load_recording("sacct_duplicates_preempted"))
     own = own_records(rows, "14513823", rows[0].record.name)
     assert [r.state for r in own.runs] == ["PREEMPTED", "CANCELLED by 1001"]
-    assert ended_run(own.runs, 1) == own.runs[0]
-    assert ended_run(own.runs, 2) == own.runs[1]
-    assert ended_run(own.runs, 3) is None
+    accounting = job_accounting("14513823", own.records, runs=own.runs)
+    assert accounting.runs_ended == (True, True)
+    assert accounting.ended_run(1) == own.runs[0]
+    assert accounting.ended_run(2) == own.runs[1]
+    assert accounting.ended_run(3) is None
+    running = job_accounting(
+        "14513823", own.records, runs=[own.runs[0], dataclasses.replace(own.runs[1], state="RUNNING")]
+    )
+    assert running.ended_run(2) is None  # slurmdbd has not recorded that run's end yet
+    requeued = dataclasses.replace(own.runs[0], state="REQUEUED")
+    assert job_accounting("14513823", own.records, runs=[requeued]).ended_run(1) == requeued

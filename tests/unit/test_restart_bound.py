@@ -24,7 +24,7 @@ from cloudhpc.domain.checkpoint import restarts_exceeded
 from cloudhpc.domain.jobs import JobSpec, Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.hpc.backend import CommandResult, JobAccounting
-from cloudhpc.hpc.slurm.accounting import Sacct
+from cloudhpc.hpc.slurm.accounting import Sacct, job_accounting
 from cloudhpc.hpc.slurm.queue import Squeue
 from cloudhpc.submitter.agent import Agent, _Tracked
 from tests.jobs import job_from
@@ -64,7 +64,7 @@ class Slurm:
         """What ended each run (asked once a restart is seen): requeues that name no cause, from a
         recorded `sacct --duplicates` (a node failure's requeue)."""
         rows = Sacct.parse(load_recording("sacct_duplicates_requeued"))
-        return JobAccounting(native_id, [], runs=tuple(r.record for r in rows if r.record.step is None))
+        return job_accounting(native_id, [], runs=[r.record for r in rows if r.record.step is None])
 
 
 class Reports:

@@ -158,6 +158,11 @@ class JobAccounting:
     native_id: str
     records: list[AccountingRecord]
     """All rows of the job (the allocation or an array's tasks, with their steps)."""
+    final: bool
+    """Whether `records` are the figures the scheduler will ever give of the ended job, so that
+    they may be stored for good; the backend judges, in its scheduler's terms (SLURM: slurmdbd has
+    the job's own record and the end of every step), so the agent never reads scheduler states.
+    Not final: ask again a moment later (`submitter/agent.py`)."""
     others: tuple[str, ...] = ()
     """Names of the other jobs whose records the id holds too (a scheduler that lost a job handed
     its id out again): a report by id, like seff's, could be theirs, so efficiency comes from
@@ -165,6 +170,21 @@ class JobAccounting:
     runs: tuple[AccountingRecord, ...] = ()
     """The job's own record of each of its runs, oldest first (asked with `job`, where the scheduler
     keeps one per run): what ended a run before a requeue (a preemption, a time-limit warning)."""
+    runs_ended: tuple[bool, ...] = ()
+    """For each of `runs`, whether the scheduler has recorded that run's end (the backend judges:
+    SLURM's accounting records it a moment after the requeue, and a `REQUEUED` run has ended)."""
+
+    def __post_init__(self) -> None:
+        if len(self.runs_ended) != len(self.runs):
+            raise ValueError("JobAccounting.runs_ended: one entry for each of `runs`")
+
+    def ended_run(self, restart: int) -> AccountingRecord | None:
+        """The record of the run that restart number `restart` (1 for the first) ended: the
+        scheduler opens one record per run, so it is the `restart`-th. None while the scheduler has
+        not recorded that run's end (ask again) or has no such run."""
+        if 1 <= restart <= len(self.runs) and self.runs_ended[restart - 1]:
+            return self.runs[restart - 1]
+        return None
 
 
 @dataclass(frozen=True)

@@ -552,7 +552,8 @@ class LocalBackend:
             alloc_tres=None,
             billing=None,
         )
-        return JobAccounting(native_id, [record])
+        # the supervisor writes the end state with the figures, in one write: final once ended
+        return JobAccounting(native_id, [record], final=JobState(state["state"]).terminal)
 
     async def efficiency(self, accounting: JobAccounting) -> Efficiency:
         """seff's formulas on the supervisor's measurements (precise elapsed time, not rounded, so

@@ -30,7 +30,6 @@ from cloudhpc.domain.queries import AgentQuery
 from cloudhpc.domain.reports import JobReport, Reconciliation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import (
-    AccountingUnavailable,
     ChannelError,
     CloudHPCError,
     SchedulerError,
@@ -38,17 +37,17 @@ from cloudhpc.exceptions import (
     StagingError,
     SubmitRejected,
 )
-from cloudhpc.hpc.backend import AccountingRecord, JobBackend, JobSubmission
+from cloudhpc.hpc.backend import AccountingRecord, JobAccounting, JobBackend, JobSubmission
 from cloudhpc.hpc.envs import EnvironmentCache
 from cloudhpc.hpc.jobscript import ENV_FILE, python_result_path
 from cloudhpc.hpc.poller import Poller
 from cloudhpc.hpc.requeue import CountsRestarts
-from cloudhpc.hpc.slurm.accounting import accounting_final, ended_run
 from cloudhpc.ray.jobs_api import SESSION_TOKEN_FILE
 from cloudhpc.ray.script import (
     ENTRYPOINT_END_MARKER,
     KEY_FILE,
 )
+from cloudhpc.retries import RetryPolicy
 from cloudhpc.storage.artifacts import ArtifactWriter
 from cloudhpc.submitter.channel import Channel
 from cloudhpc.submitter.estimates import billed_from_accounting, choose_partition
@@ -63,17 +62,25 @@ log = logging.getLogger(__name__)
 OUTPUT_CHUNK = 4 << 20
 ARTIFACT_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
 """Pauses between attempts to store a job's artifacts (about a minute in all)."""
-# After giving up on a job's accounting (sacct silent for ~1 min), ask again this much later,
+ACCOUNTING_RETRIES = RetryPolicy(
+    attempts=13,
+    delays=(2.0, 4.0, 6.0, 8.0, 10.0),
+    not_yet_delays=(0.5,) * 6 + (5.0,),
+    level=logging.INFO,
+)
+"""How a job's accounting is asked for after its end (`_collect_accounting`). Records not final
+yet: slurmdbd usually has them within a second or two of the end, so every 0.5 s for 3 s, then
+every 5 s (33 s of pauses in all), so that a short job's accounting is stored soon after it
+(bench/accounting.py, tests/e2e/test_accounting_latency.py). sacct (or storing) failing: after 2,
+4, 6, 8, then 10 s (100 s of pauses in all: a slurmdbd restart is over by then)."""
+# After giving up on a job's accounting (sacct failing for ~100 s), ask again this much later,
 # doubling up to the maximum: slurmdbd outages end, and a job's figures are worth the wait.
-ACCOUNTING_SOON = 0.5
-"""Seconds between sacct calls right after a job's end, while slurmdbd settles its records..."""
-ACCOUNTING_SOON_ATTEMPTS = 6
-"""...for this many calls; then every 5 s."""
 ACCOUNTING_RETRY_FIRST = 120.0
 ACCOUNTING_RETRY_MAX = 3600.0
-CAUSE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
-"""Pauses between sacct calls asking what ended a job's run before a restart, while slurmdbd has
-not recorded that run's end yet (it lags the requeue by a moment) or sacct does not answer."""
+CAUSE_RETRIES = RetryPolicy(attempts=6, delays=(0.5, 1.0, 2.0, 4.0, 8.0), level=logging.INFO)
+"""How the accounting of a job's run before a restart is asked for (`_ended_run`): again after
+each pause while slurmdbd has not recorded that run's end yet (it lags the requeue by a moment)
+or sacct does not answer."""
 
 
 class _Sequence:
@@ -547,7 +554,7 @@ class Agent:
         """Ask accounting once what ended the run before restart `restart` (squeue shows a preempted
         job only PENDING again; sacct keeps the run `PREEMPTED`, or `REQUEUED` by the wrapper on its
         time-limit warning) and report the job's reason naming it. Off the polling path: spawned,
-        so that sacct's round trip (and slurmdbd's lag, waited out with `CAUSE_RETRY_DELAYS`) never
+        so that sacct's round trip (and slurmdbd's lag, waited out with `CAUSE_RETRIES`) never
         holds up other jobs' observations. Only the job's own records count (`accounting(job=...)`:
         the id may be another job's too). A job that ended meanwhile keeps the reason of its end."""
         job = tracked.job
@@ -582,22 +589,29 @@ class Agent:
         )
 
     async def _ended_run(self, tracked: _Tracked, restart: int) -> AccountingRecord | None:
-        """The job's own accounting record of the run restart `restart` ended, asked again after
-        each of `CAUSE_RETRY_DELAYS` while sacct fails or has not recorded that run's end; None
-        (logged) when it never did."""
-        problem = "slurmdbd has not recorded the run's end"
-        for delay in (*CAUSE_RETRY_DELAYS, None):
-            try:
-                accounting = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
-            except CloudHPCError as exc:
-                problem = str(exc)
-            else:
-                run = ended_run(accounting.runs, restart)
-                if run is not None:
-                    return run
-            if delay is None:
-                break
-            await asyncio.sleep(delay)
+        """The job's own accounting record of the run restart `restart` ended, asked again
+        (`CAUSE_RETRIES`) while sacct fails or has not recorded that run's end; None (logged) when
+        it never did."""
+        awaited = f"the end of its run before restart {restart} (accounting records it after the requeue)"
+
+        async def ask() -> AccountingRecord | None:
+            accounting = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
+            return accounting.ended_run(restart)
+
+        try:
+            run = await CAUSE_RETRIES.until(
+                ask,
+                lambda run: run is not None,
+                retry_on=lambda exc: isinstance(exc, CloudHPCError),
+                what=f"job {tracked.job.id}: accounting",
+                awaited=awaited,
+            )
+        except CloudHPCError as exc:
+            problem = str(exc)
+        else:
+            if run is not None:
+                return run
+            problem = f"accounting has no record of {awaited}"
         log.warning(
             "job %s: could not learn what ended its run before restart %d (%s)",
             tracked.job.id,
@@ -706,44 +720,63 @@ class Agent:
             for tracked in list(self._tracked.values()):
                 await self._collect_output(tracked)
 
-    async def _collect_accounting(self, tracked: _Tracked, attempts: int = 13) -> dict[str, Any] | None:
-        """sacct lags slurmctld by a few seconds: retry, and treat "unavailable" as "not yet"."""
-        for attempt in range(attempts):
-            try:
-                accounting = await self.backend.accounting(tracked.native_id, job=tracked.job.id)
-                records = accounting.records
-                if not accounting_final(records) and attempt < attempts - 1:
-                    # Right after the end, slurmdbd may still hold a placeholder allocation row or
-                    # a running step: figures stored now would be wrong for good, so wait for them.
-                    log.info("job %s: accounting not final yet, attempt %d", tracked.job.id, attempt + 1)
-                    # slurmdbd usually has the final record within a second or two of the end: ask
-                    # every 0.5 s for 3 s, then every 5 s (about 38 s in all before giving up for
-                    # now), so a short job's accounting is stored soon after it (bench/accounting.py).
-                    await asyncio.sleep(ACCOUNTING_SOON if attempt < ACCOUNTING_SOON_ATTEMPTS else 5.0)
-                    continue
-                efficiency = await self.backend.efficiency(accounting)  # seff, or these records: no 2nd sacct
-                record: dict[str, Any] = {
-                    "slurm_job_id": tracked.native_id,
-                    "records": [_jsonable(dataclasses.asdict(r)) for r in records],
-                    "efficiency": _jsonable(dataclasses.asdict(efficiency)),
-                }
-                billed = billed_from_accounting(records, self.config)
-                if billed is not None:
-                    record["billed"] = billed.model_dump(mode="json")
+    async def _collect_accounting(
+        self, tracked: _Tracked, attempts: int = ACCOUNTING_RETRIES.attempts
+    ) -> dict[str, Any] | None:
+        """Store the job's accounting once its records are final, asked again (`ACCOUNTING_RETRIES`)
+        while they are not or while sacct or storing fails ("unavailable" is "not yet": sacct lags
+        slurmctld by a few seconds). Right after the end, slurmdbd may still hold a placeholder
+        allocation row or a running step: figures stored then would be wrong for good. When the
+        attempts are spent with records that are still not final (a step whose end slurmdbd never
+        got), they are stored as they are: porter then has the job's figures, and stops listing
+        it as unaccounted. None (logged) when no attempt stored anything: `_finish` asks later."""
+        job = tracked.job
 
-                # the artifacts first: once porter has the accounting, a restarted agent no longer
-                # lists the job as unaccounted, and artifacts not yet written would never be (the
-                # fault suite's submitter kill found sacct.json missing, docs/reliability.md)
-                def save(rec: dict[str, Any] = record) -> list[str]:
-                    return self._writer().save_accounting(tracked.job, rec)
+        async def attempt() -> dict[str, Any] | JobAccounting:
+            accounting = await self.backend.accounting(tracked.native_id, job=job.id)
+            if not accounting.final:
+                return accounting  # asked again; stored as it is after the last attempt
+            return await self._store_accounting(tracked, accounting)
 
-                await self._store_artifacts(tracked.job, save)
-                await self.channel.put_accounting(tracked.job.id, record)
-                return record
-            except (AccountingUnavailable, CloudHPCError, ChannelError) as exc:
-                log.info("job %s: accounting not ready (%s), attempt %d", tracked.job.id, exc, attempt + 1)
-                await asyncio.sleep(min(2.0 * (attempt + 1), 10.0))
-        return None
+        try:
+            answer = await dataclasses.replace(ACCOUNTING_RETRIES, attempts=attempts).until(
+                attempt,
+                lambda answer: not isinstance(answer, JobAccounting),
+                retry_on=lambda exc: isinstance(exc, CloudHPCError | ChannelError),
+                what=f"job {job.id}: accounting",
+                awaited="final records (figures stored before the scheduler settled them would be wrong for good)",
+            )
+            if isinstance(answer, JobAccounting):
+                log.info(
+                    "job %s: accounting still not final after %d attempts; storing it as it is",
+                    job.id,
+                    attempts,
+                )
+                answer = await self._store_accounting(tracked, answer)
+        except (CloudHPCError, ChannelError) as exc:
+            log.info("job %s: accounting not stored (%s)", job.id, exc)
+            return None
+        return answer
+
+    async def _store_accounting(self, tracked: _Tracked, accounting: JobAccounting) -> dict[str, Any]:
+        """The job's accounting record (sacct's rows, seff's figures, the units billed), to the
+        object store first and then to porter."""
+        records = accounting.records
+        efficiency = await self.backend.efficiency(accounting)  # seff, or these records: no 2nd sacct
+        record: dict[str, Any] = {
+            "slurm_job_id": tracked.native_id,
+            "records": [_jsonable(dataclasses.asdict(r)) for r in records],
+            "efficiency": _jsonable(dataclasses.asdict(efficiency)),
+        }
+        billed = billed_from_accounting(records, self.config)
+        if billed is not None:
+            record["billed"] = billed.model_dump(mode="json")
+        # the artifacts first: once porter has the accounting, a restarted agent no longer lists
+        # the job as unaccounted, and artifacts not yet written would never be (the fault suite's
+        # submitter kill found sacct.json missing, docs/reliability.md)
+        await self._store_artifacts(tracked.job, lambda: self._writer().save_accounting(tracked.job, record))
+        await self.channel.put_accounting(tracked.job.id, record)
+        return record
 
     # ---- artifacts -------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from cloudhpc.domain.arrays import TaskObservation
 from cloudhpc.domain.jobs import Observation
 from cloudhpc.domain.states import JobState
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
-from cloudhpc.hpc.backend import AccountingRecord, CommandResult
+from cloudhpc.hpc.backend import AccountingRecord, CommandResult, JobAccounting
 from cloudhpc.hpc.slurm.commands import _EPOCH_TIMES, _require_ok
 from cloudhpc.hpc.slurm.ids import check_native_id, expand_array_tasks, parse_job_id
 from cloudhpc.hpc.slurm.states import SLURM_STATES, map_state, normalize_state
@@ -38,8 +38,9 @@ __all__ = [
     "Sacct",
     "SacctRow",
     "accounting_final",
-    "ended_run",
+    "job_accounting",
     "own_records",
+    "run_ended",
 ]
 
 # The package logs under one name, the one it had as a single module.
@@ -262,16 +263,29 @@ def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecor
     return OwnRecords(records=records, others=others, runs=[runs[i] for i in sorted(runs)])
 
 
-def ended_run(runs: Sequence[AccountingRecord], restart: int) -> AccountingRecord | None:
-    """The record of the run that restart number `restart` (1 for the first) ended, from
-    `OwnRecords.runs`: slurmdbd opens one record per run, so it is the `restart`-th. None while
-    slurmdbd has not recorded that run's end yet (it lags slurmctld by a moment): ask again.
-    `REQUEUED` is a run's end here, although the poll takes it for a job still running."""
-    if restart < 1 or len(runs) < restart:
-        return None
-    run = runs[restart - 1]
-    ended = normalize_state(run.state) == "REQUEUED" or not _still_active(run.state)
-    return run if ended else None
+def run_ended(run: AccountingRecord) -> bool:
+    """Whether slurmdbd has recorded the end of a run of `OwnRecords.runs` (it lags slurmctld by a
+    moment). `REQUEUED` is a run's end here, although the poll takes it for a job still running."""
+    return normalize_state(run.state) == "REQUEUED" or not _still_active(run.state)
+
+
+def job_accounting(
+    native_id: str,
+    records: Sequence[AccountingRecord],
+    *,
+    others: Sequence[str] = (),
+    runs: Sequence[AccountingRecord] = (),
+) -> JobAccounting:
+    """sacct's records of one job as the agent is given them, judged here in SLURM's terms: whether
+    they are final (`accounting_final`) and which runs have ended (`run_ended`)."""
+    return JobAccounting(
+        native_id,
+        list(records),
+        final=accounting_final(records),
+        others=tuple(others),
+        runs=tuple(runs),
+        runs_ended=tuple(run_ended(run) for run in runs),
+    )
 
 
 def accounting_final(records: Sequence[AccountingRecord]) -> bool:

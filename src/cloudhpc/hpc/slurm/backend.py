@@ -36,7 +36,7 @@ from cloudhpc.hpc.backend import (
     read_output_file,
 )
 from cloudhpc.hpc.job_files import DirectoryAccess, FoundOutput
-from cloudhpc.hpc.slurm.accounting import OwnRecords, Sacct, SacctRow, own_records
+from cloudhpc.hpc.slurm.accounting import OwnRecords, Sacct, SacctRow, job_accounting, own_records
 from cloudhpc.hpc.slurm.cancel import Scancel
 from cloudhpc.hpc.slurm.commands import _Command
 from cloudhpc.hpc.slurm.efficiency import Seff, compute_efficiency
@@ -352,13 +352,13 @@ class SlurmBackend:
         (`_own_accounting`): the id may have been handed out again since."""
         if job is not None:
             own = await self._own_accounting(native_id, job)
-            return JobAccounting(native_id, own.records, others=tuple(own.others), runs=tuple(own.runs))
+            return job_accounting(native_id, own.records, others=own.others, runs=own.runs)
         result, rows = await self._sacct(native_id)
         # an array's rows are its tasks' (`123_0`, `123_1`...)
         records = [r.record for r in rows if parse_job_id(r.record.job_id).job == native_id]
         if not records:
             raise _unavailable(f"sacct has no record of job {native_id} yet", result)
-        return JobAccounting(native_id, records)
+        return job_accounting(native_id, records)
 
     async def _sacct(
         self, native_id: str, *, duplicates: bool = False

@@ -1,0 +1,101 @@
+"""How the agent waits for a job's accounting after its end (`Agent._collect_accounting`): asked
+again while the backend says its records are not final, each answer on `ACCOUNTING_RETRIES`'
+schedule; stored as they are when the attempts are spent (a step whose end slurmdbd never got
+would otherwise leave the job unaccounted for good)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID, uuid4
+
+import pytest
+
+from cloudhpc.config import ClusterConfig
+from cloudhpc.domain.jobs import JobSpec
+from cloudhpc.hpc.backend import Efficiency, JobAccounting, JobBackend
+from cloudhpc.hpc.slurm import Sacct
+from cloudhpc.submitter import agent as agent_module
+from cloudhpc.submitter.agent import Agent, _Tracked
+from cloudhpc.submitter.channel import Channel
+from tests.jobs import job_from
+from tests.recordings import load_recording
+
+SHIPPED = agent_module.ACCOUNTING_RETRIES
+RECORDS = [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
+
+
+class Settling:
+    """A backend whose accounting becomes final at answer number `final_at` (never: 0)."""
+
+    def __init__(self, final_at: int) -> None:
+        self.final_at = final_at
+        self.asked = 0
+
+    async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
+        self.asked += 1
+        return JobAccounting(native_id, RECORDS, final=self.asked == self.final_at)
+
+    async def efficiency(self, accounting: JobAccounting) -> Efficiency:
+        return Efficiency("COMPLETED", 0.5, 0.1, 1.0, 2.0, 1024, 10240, "seff")
+
+
+class Porter:
+    def __init__(self) -> None:
+        self.accounting: dict[UUID, dict[str, Any]] = {}
+
+    async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None:
+        self.accounting[job_id] = record
+
+
+def collect(backend: Settling, attempts: int, tmp_path: Path) -> tuple[Agent, Porter, _Tracked]:
+    porter = Porter()
+    agent = Agent(
+        "c",
+        ClusterConfig(backend="local"),
+        cast(JobBackend, backend),
+        cast(Channel, porter),
+        workdir=str(tmp_path),
+    )
+    job = job_from(JobSpec(name="acct", cluster="c", script="true\n")).model_copy(update={"id": uuid4()})
+    return agent, porter, _Tracked(job=job, native_id="42")
+
+
+@pytest.fixture(autouse=True)
+def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    quick = dataclasses.replace(agent_module.ACCOUNTING_RETRIES, delays=(0.0,), not_yet_delays=(0.0,))
+    monkeypatch.setattr(agent_module, "ACCOUNTING_RETRIES", quick)
+
+
+async def test_records_not_final_are_asked_for_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = Settling(final_at=3)
+    agent, porter, tracked = collect(backend, 5, tmp_path)
+    with caplog.at_level(logging.INFO, logger="cloudhpc.retries"):
+        record = await agent._collect_accounting(tracked, attempts=5)
+    assert backend.asked == 3
+    assert record is not None
+    assert porter.accounting == {tracked.job.id: record}
+    waits = [r.getMessage() for r in caplog.records]
+    assert len(waits) == 2
+    assert waits[0].startswith(f"job {tracked.job.id}: accounting: waiting for final records (")
+
+
+async def test_records_still_not_final_after_the_last_attempt_are_stored_as_they_are(tmp_path: Path) -> None:
+    backend = Settling(final_at=0)
+    agent, porter, tracked = collect(backend, 4, tmp_path)
+    record = await agent._collect_accounting(tracked, attempts=4)
+    assert backend.asked == 4
+    assert record is not None
+    assert porter.accounting == {tracked.job.id: record}
+
+
+def test_the_schedule_asks_soon_after_the_end() -> None:
+    """The shipped figures: bench/accounting.py and tests/e2e/test_accounting_latency.py time the
+    0.5 s asks; the fault suite counts on about 100 s of failed asks before the later retry."""
+    assert SHIPPED.attempts == 13
+    assert [SHIPPED.pause(n, failed=False) for n in range(1, 13)] == [0.5] * 6 + [5.0] * 6
+    assert [SHIPPED.pause(n) for n in range(1, 13)] == [2.0, 4.0, 6.0, 8.0] + [10.0] * 8
