@@ -416,7 +416,7 @@ async def measure(server: Porter, client_kinds: list[str]) -> dict[str, dict[str
             phase.server_buckets = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
             summary = phase.summary(201 if method == "POST" else 200)
             summary["porter_cpu_ms_per_request"] = round(cpu * 1000 / max(1, len(phase.latencies)), 3)
-            summary["steal_pct"] = round(100 * stolen / (wall * (os.cpu_count() or 1)), 2)
+            summary["steal_pct"] = steal_pct(stolen, wall)
             out[f"{kind}_{name}"] = summary
     return out
 
@@ -428,6 +428,12 @@ def steal_seconds() -> float:
     with open("/proc/stat") as stat:
         fields = stat.readline().split()
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_pct(stolen: float, wall: float) -> float:
+    """`stolen` seconds of steal (`steal_seconds` differences) over `wall` seconds, as a percentage
+    of all CPUs' time."""
+    return round(100 * stolen / (wall * (os.cpu_count() or 1)), 2)
 
 
 async def cross_replica_wakes(server: Porter, count: int = REPLICA_WAKES) -> dict[str, float]:
@@ -489,12 +495,15 @@ def replica_section(kinds: list[str], result: dict[str, Any], labels: dict[str, 
     return clean
 
 
-async def _post_phase(server: Porter) -> float:
-    """One POST saturated phase (raw client): accepted jobs per second."""
+async def _post_phase(server: Porter) -> tuple[float, float]:
+    """One POST saturated phase (raw client): accepted jobs per second and porter's CPU time per
+    request, in ms."""
+    cpu = server.cpu_seconds()
     phase = await run_phase(
         "raw", server.url, server.token, POST_REQUESTS, lambda: ("POST", "/api/v1/jobs", JOB)
     )
-    return phase.summary(201)["per_s"]
+    summary = phase.summary(201)
+    return summary["per_s"], round((server.cpu_seconds() - cpu) * 1000 / summary["requests"], 3)
 
 
 async def _job_ids(server: Porter) -> list[str]:
@@ -532,6 +541,7 @@ def ab_section(
     `sources` A and B on `store`, alternating phases (see --ab)."""
     figures: dict[str, list[float]] = {"a": [], "b": []}
     cpu: dict[str, list[float]] = {"a": [], "b": []}
+    steal: dict[str, list[float]] = {"a": [], "b": []}
     stores = {"sqlite": sqlite_url, "postgres": postgres_url}
     with contextlib.ExitStack() as stack:
         servers: dict[str, Porter] = {}
@@ -546,34 +556,36 @@ def ab_section(
                 ids[name] = asyncio.run(_job_ids(servers[name]))
         for round_ in range(rounds):
             for name in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                stolen, wall = steal_seconds(), time.monotonic()
                 if phase == "post":
-                    figure = asyncio.run(_post_phase(servers[name]))
+                    figure, per_request = asyncio.run(_post_phase(servers[name]))
                 else:
                     figure, per_request = asyncio.run(_get_paced_phase(servers[name], ids[name]))
-                    cpu[name].append(per_request)
                 figures[name].append(figure)
-            line = f"round {round_ + 1}: A {figures['a'][-1]:7.2f}, B {figures['b'][-1]:7.2f}"
-            if phase == "get_paced":
-                line += f" (porter CPU per request: A {cpu['a'][-1]:.3f} ms, B {cpu['b'][-1]:.3f} ms)"
-            print(line)
+                cpu[name].append(per_request)
+                steal[name].append(steal_pct(steal_seconds() - stolen, time.monotonic() - wall))
+            print(
+                f"round {round_ + 1}: A {figures['a'][-1]:7.2f}, B {figures['b'][-1]:7.2f} (porter CPU per "
+                f"request: A {cpu['a'][-1]:.3f} ms, B {cpu['b'][-1]:.3f} ms; steal A {steal['a'][-1]:.2f}%, "
+                f"B {steal['b'][-1]:.2f}%)"
+            )
     a, b = statistics.median(figures["a"]), statistics.median(figures["b"])
     print(
         f"{AB_PHASES[phase]}, {store}, raw client, medians of {rounds}: A ({sources[0]}) {a:.2f}, "
         f"B ({sources[1]}) {b:.2f}; B/A {b / a:.2f}"
     )
-    cpu_medians = {}
-    if phase == "get_paced":
-        cpu_medians = {f"ab_{n}_cpu_ms_per_request": statistics.median(cpu[n]) for n in ("a", "b")}
-        print(
-            f"porter CPU per GET, medians: A {cpu_medians['ab_a_cpu_ms_per_request']:.3f} ms, "
-            f"B {cpu_medians['ab_b_cpu_ms_per_request']:.3f} ms"
-        )
+    print(f"steal per phase, max: A {max(steal['a']):.2f}%, B {max(steal['b']):.2f}%")
+    cpu_medians = {f"ab_{n}_cpu_ms_per_request": statistics.median(cpu[n]) for n in ("a", "b")}
+    ca, cb = cpu_medians["ab_a_cpu_ms_per_request"], cpu_medians["ab_b_cpu_ms_per_request"]
+    print(f"porter CPU per request, medians: A {ca:.3f} ms, B {cb:.3f} ms; B/A {cb / ca:.2f}")
     return cpu_medians | {
         "ab_sources": [str(src) for src in sources],
         "ab_store": store,
         "ab_phase": phase,
         "ab_a": figures["a"],
         "ab_b": figures["b"],
+        "ab_a_steal_pct": steal["a"],
+        "ab_b_steal_pct": steal["b"],
         "ab_ratio_b_over_a": round(b / a, 3),
     }
 
