@@ -229,7 +229,8 @@ class JobBackend(Protocol):
         """Request cancellation; cancelling a job that already ended is not an error."""
 
     async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
-        """All sacct rows of the job. Raises AccountingUnavailable when accounting cannot answer yet.
+        """All sacct rows of the job, with the backend's judgement of them (`JobAccounting.final`,
+        `runs_ended`). Raises AccountingUnavailable when accounting cannot answer yet.
         `job`: the cloudhpc job the id was given to, whose records only are wanted (a scheduler that
         lost a job may have given its id to another since); None: whatever the id names now."""
 
