@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cloudhpc.config import parse_listen
 from cloudhpc.exceptions import ConfigError
@@ -25,6 +26,44 @@ __all__ = ["bind", "serving", "until_signalled"]
 
 # Long-polls (the agent's work poll, `?wait=`) must not hold a shutdown for their full timeout.
 _GRACE_SECONDS = 2
+MAX_HEAD_BYTES = 16 * 1024
+"""The most a request line and headers may take: h11's bound (its DEFAULT_MAX_INCOMPLETE_EVENT_SIZE),
+which porter had while uvicorn parsed with h11; porter's requests need a few hundred bytes."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on the request head.
+
+    httptools (C, llhttp) costs porter less CPU per request than h11 (docs/benchmarks.md, "httptools
+    vs h11"), but neither it nor uvicorn bounds a request head: a client sending an endless header
+    or URL had porter buffer all of it (64 MiB: +117 MiB resident), before authentication. This
+    counts the bytes received while a head is incomplete and answers 400 and closes over
+    MAX_HEAD_BYTES, as h11 did. A read in which a message ends is not counted (the next head may
+    start in it): the bound is exceeded by at most one read (asyncio reads at most 256 KiB).
+    """
+
+    _in_head = True
+    _head_bytes = 0
+    _message_ended = False
+
+    def data_received(self, data: bytes) -> None:
+        self._message_ended = False
+        super().data_received(data)
+        if not self._in_head or self._message_ended or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            message = f"Request line and headers over {MAX_HEAD_BYTES} bytes."
+            self.logger.warning(message)
+            self.send_400_response(message)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_bytes, self._message_ended = True, 0, True
+        super().on_message_complete()
 
 
 class _QuietServer(uvicorn.Server):
@@ -67,6 +106,7 @@ async def serving(
     config = uvicorn.Config(
         app,
         log_level="warning",
+        http=BoundedHttpToolsProtocol,
         lifespan="on" if lifespan else "off",
         timeout_graceful_shutdown=_GRACE_SECONDS,
     )
