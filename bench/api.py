@@ -40,7 +40,9 @@ A/B (`--ab SRC_A SRC_B`): POST throughput of two versions of porter's code, each
 their POST phases alternate (A B, then B A, ...) for `--rounds` rounds, so that load from other
 work on the machine falls on both alike; the figure to compare is the ratio of the medians, not
 the absolute rates. `--ab-phase get_paced` compares the paced GET phase's p99 instead (each porter
-first gets its WARMUP_REQUESTS jobs, as in `measure`).
+first gets its WARMUP_REQUESTS jobs, as in `measure`). Every round prints porter's CPU time per
+request and the hypervisor's steal of each phase: the CPU ratio is the figure that other load
+hardly moves; a p99 from a phase with steal of more than a few percent says little.
 
 Run on the testbed machine:
 `python bench/api.py [--store sqlite|postgres|both] [--client raw|httpx|both] [--replicas|--no-replicas]`,
