@@ -26,6 +26,7 @@ __all__ = ["bind", "serving", "until_signalled"]
 
 # Long-polls (the agent's work poll, `?wait=`) must not hold a shutdown for their full timeout.
 _GRACE_SECONDS = 2
+
 MAX_HEAD_BYTES = 16 * 1024
 """The most a request line and headers may take: h11's bound (its DEFAULT_MAX_INCOMPLETE_EVENT_SIZE),
 which porter had while uvicorn parsed with h11; porter's requests need a few hundred bytes."""
