@@ -18,6 +18,7 @@ import psycopg
 import uvicorn
 from fastapi import FastAPI
 
+from cloudhpc.runtime.servers import BoundedHttpToolsProtocol
 from cloudhpc.storage import LocalObjectStore, ObjectStore
 from cloudhpc.storage.s3 import S3ObjectStore
 from cloudhpc.store import Store
@@ -112,7 +113,10 @@ def served(app: FastAPI) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", http=BoundedHttpToolsProtocol
+    )  # the parser porter serves with (cloudhpc.runtime.servers), not uvicorn's choice
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

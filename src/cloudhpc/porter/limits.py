@@ -48,7 +48,7 @@ def too_large(limit: int, what: str, setting: str | None = None) -> HttpProblem:
 
 def _declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, or None when it sent none. A malformed one counts as none:
-    the server (h11) refuses it before the app sees the request."""
+    the server's parser (httptools, `runtime.servers`) answers 400 before the app sees the request."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
