@@ -31,14 +31,24 @@ from tests.testbed import Testbed
 
 
 @contextlib.contextmanager
-def running(dep: Deployment) -> Iterator[Deployment]:
-    """porter and the submitter of `dep` as processes for the block, stopped (by PID) after it."""
+def running(dep: Deployment, *, submitter: bool = True) -> Iterator[Deployment]:
+    """porter and (unless `submitter` is False) the submitter of `dep` as processes for the block,
+    stopped (by PID) after it."""
     dep.start("porter")
-    dep.start("submitter")
+    if submitter:
+        dep.start("submitter")
     try:
         yield dep
     finally:
         dep.stop()
+
+
+@contextlib.contextmanager
+def porter_alone(root: Path, testbed: Testbed, **porter_settings: Any) -> Iterator[Deployment]:
+    """One real porter process on SQLite in `root`, with no submitter: for tests of the HTTP API."""
+    dep = Deployment(root, testbed, f"sqlite:///{root}/state.db", porter_settings=porter_settings)
+    with running(dep, submitter=False):
+        yield dep
 
 
 def bridged_deployment(root: Path, testbed: Testbed, object_prefix: str | None = None) -> Deployment:

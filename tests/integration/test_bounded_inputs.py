@@ -25,7 +25,7 @@ from cloudhpc.config import Settings
 from cloudhpc.domain.jobs import JobSpec
 from cloudhpc.porter.app import create_app
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, porter_alone
 from tests.testbed import Testbed
 from tests.unit.test_jobspec_caps import CAPS, IDS, over_cap
 
@@ -131,12 +131,8 @@ def post_raw(port: int, path: str, token: str, size: int, *, chunked: bool) -> R
 def porter(testbed: Testbed, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """A real porter process (no submitter) on SQLite; `porter_settings` via indirect params."""
     extra: dict[str, Any] = getattr(request, "param", {})
-    dep = Deployment(tmp_path, testbed, f"sqlite:///{tmp_path}/state.db", porter_settings=extra)
-    dep.start("porter")
-    try:
+    with porter_alone(tmp_path, testbed, **extra) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def assert_too_large(answer: RawAnswer, limit: int) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, porter_alone
 from tests.integration.test_bounded_inputs import RSS_BOUND, PeakRss
 from tests.testbed import Testbed
 
@@ -65,13 +65,8 @@ CASES: dict[str, tuple[bytes, int]] = {
 @pytest.fixture(scope="module")
 def porter(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """One real porter process (no submitter) on SQLite for the module."""
-    root = tmp_path_factory.mktemp("malformed-http")
-    dep = Deployment(root, testbed, f"sqlite:///{root}/state.db")
-    dep.start("porter")
-    try:
+    with porter_alone(tmp_path_factory.mktemp("malformed-http"), testbed) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def status_of(port: int, request: bytes) -> int:

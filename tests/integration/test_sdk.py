@@ -27,7 +27,7 @@ from cloudhpc.domain.api import Artifact
 from cloudhpc.domain.jobs import Job, JobSummary
 from cloudhpc.domain.states import JobState
 from cloudhpc.submitter.channel import HttpChannel
-from tests.e2e.harness import Deployment
+from tests.e2e.harness import Deployment, porter_alone
 from tests.testbed import Testbed
 
 FAST = RetryPolicy(attempts=30, initial=0.2, maximum=0.5)
@@ -36,13 +36,8 @@ FAST = RetryPolicy(attempts=30, initial=0.2, maximum=0.5)
 
 @pytest.fixture(scope="module")
 def porter(tmp_path_factory: pytest.TempPathFactory, testbed: Testbed) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("sdk")
-    dep = Deployment(root, testbed, f"sqlite:///{root}/state.db")
-    dep.start("porter")
-    try:
+    with porter_alone(tmp_path_factory.mktemp("sdk"), testbed) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 @dataclass
