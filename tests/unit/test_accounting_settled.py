@@ -100,7 +100,7 @@ def test_unknown_sacct_answer_is_empty() -> None:
     [
         ("sacct_just_ended", True),  # the placeholder row has ended, and the batch step
         ("sacct_short_half_second_t0", True),
-        ("sacct_placeholder", True),
+        ("sacct_placeholder", False),  # no step yet: nothing to show
         ("sacct_running_pending", False),  # nothing has ended
     ],
 )
