@@ -319,10 +319,11 @@ def accounting_final(records: Sequence[AccountingRecord]) -> bool:
 def accounting_provisional(records: Sequence[AccountingRecord]) -> bool:
     """True once every row has ended, with at least one step, the job's own row possibly still
     slurmdbd's placeholder: the steps' figures (MaxRSS, TotalCPU, exit codes) are final, and only
-    the job's name, partition and requested memory are missing. slurmctld sends a job's start record from a thread that
-    wakes every 5 s (`_set_db_inx_thread`, accounting_storage/slurmdbd), and a job that started
-    before its pass has no row of its own until the next one: 1.4-3.6 s after a 1 s job's end on
-    the testbed, while its batch step was final 0.02-0.13 s after it (docs/benchmarks.md)."""
+    the job's name, partition and requested memory are missing. slurmctld sends a job's start
+    record from a thread that wakes every 5 s (`_set_db_inx_thread`, accounting_storage/slurmdbd),
+    and a job that started before its pass has no row of its own until the next one: 1.4-3.6 s
+    after a 1 s job's end on the testbed, while its batch step was final 0.02-0.13 s after it
+    (docs/benchmarks.md)."""
     allocations = [r for r in records if r.step is None]
     steps = len(records) - len(allocations)
     return bool(allocations) and steps > 0 and not any(_still_active(r.state) for r in records)
