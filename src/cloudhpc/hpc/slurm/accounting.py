@@ -230,13 +230,18 @@ class OwnRecords:
     (`PREEMPTED`, `REQUEUED`, ...); `records` keeps the newest only."""
 
 
-def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecords:
+def own_records(
+    rows: Sequence[SacctRow], native_id: str, name: str, comment: str | None = None
+) -> OwnRecords:
     """The records of SLURM job `native_id` (an array: its tasks) whose job name is `name`, from a
     `Sacct(duplicates=True)` answer. Plain sacct answers the newest record of an id, which after a
     controller restarted from an older state (slurmctld killed with -9) is another job's: the lost
     job's accounting must be its own or none, never the other's. A step row belongs to the record
     with its `DB_INDEX`; of several records of one allocation with this name (a requeued job has
-    one per run) only the newest counts, as plain sacct would answer."""
+    one per run) only the newest counts, as plain sacct would answer. slurmdbd's placeholder for a
+    job whose start record has not arrived has no name of its own (`allocation`) but carries the
+    job's `--comment`: with `comment`, such a record is the job's too (the same `DB_INDEX` is
+    renamed when the start record comes: tests/recordings/sacct_duplicates_placeholder_*.json)."""
     groups: dict[int, list[SacctRow]] = {}
     for row in rows:
         if parse_job_id(row.record.job_id).job != native_id:
@@ -248,10 +253,14 @@ def own_records(rows: Sequence[SacctRow], native_id: str, name: str) -> OwnRecor
     others: list[str] = []
     runs: dict[int, AccountingRecord] = {}
     for index, group in groups.items():
-        allocation = next((r.record for r in group if r.record.step is None), None)
-        if allocation is None:
+        allocation_row = next((r for r in group if r.record.step is None), None)
+        if allocation_row is None:
             continue  # steps whose record the answer left out: nobody's we can name
-        if allocation.name != name:
+        allocation = allocation_row.record
+        placeholder_of_ours = (
+            comment is not None and allocation_row.comment == comment and _placeholder(allocation)
+        )
+        if allocation.name != name and not placeholder_of_ours:
             others.append(allocation.name)
             continue
         if index > newest.get(allocation.job_id, -1):

@@ -379,7 +379,7 @@ class SlurmBackend:
         naming the jobs whose records the id has."""
         result, rows = await self._sacct(native_id, duplicates=True)
         try:
-            own = own_records(rows, native_id, job_name_for(job))
+            own = own_records(rows, native_id, job_name_for(job), comment_for(job))
         except ParseError as exc:
             raise _unavailable(f"sacct output for job {native_id} was unreadable ({exc})", result) from exc
         if not own.records:
