@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import yaml
 
-from cloudhpc.client import Client
+from cloudhpc.client import ApiError, Client
+from cloudhpc.domain.api import Accounting
 from cloudhpc.domain.jobs import Job
 from cloudhpc.store import Store
 from tests.testbed import Testbed
@@ -62,6 +64,23 @@ def bridged_deployment(root: Path, testbed: Testbed, object_prefix: str | None =
         object_store=f"s3://{testbed.s3_bucket}/{object_prefix}" if object_prefix else None,
         porter_settings={"bridge": bridge},
     )
+
+
+def final_accounting(client: Client, job: Job | UUID, timeout: float = 60.0) -> Accounting:
+    """The job's accounting once the agent has stored it final: a short job's comes first
+    provisional (SLURM sends the job's own row from a 5 s thread), a few seconds before."""
+    deadline = time.monotonic() + timeout
+    answer: Accounting | None = None
+    while True:
+        try:
+            answer = client.accounting(job)
+        except ApiError as exc:
+            assert exc.status == 404, exc
+        else:
+            if answer.final:
+                return answer
+        assert time.monotonic() < deadline, f"no final accounting after {timeout} s (last: {answer})"
+        time.sleep(0.5)
 
 
 def submit(client: Client, name: str, script: str, **spec: object) -> Job:

@@ -1,9 +1,11 @@
 """A job shorter than SLURM's gather interval has its accounting soon after its end, and final.
 
 A 1 s batch job may never get a MaxRSS sample; the agent used to wait for one (~37 s) before it
-sent the accounting. Now it sends it as soon as slurmdbd has the job's own record and every step's
-end (`accounting_final`). The stored figures are compared with what sacct answers when the test
-reads them, after the report: nothing the agent stored may differ from SLURM's final answer.
+sent the accounting. Now it sends it as soon as every step has ended, marked provisional while
+slurmdbd has only its placeholder for the job's own row (`accounting_provisional`: slurmctld sends
+that row from a thread that wakes every 5 s), and again once final (`accounting_final`). The final
+figures are compared with what sacct answers when the test reads them: nothing the agent stored may
+differ from SLURM's final answer; and the steps' figures of a provisional answer are already those.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tests.testbed import Testbed
 
 AVAILABLE_WITHIN = 10.0
 """Seconds from `jobs wait` returning `completed` to `GET .../accounting` answering."""
+FINAL_WITHIN = 20.0
+"""Seconds from then to the answer being final (slurmctld's 5 s thread, the agent's asks)."""
 
 COMPARED = (
     "step",
@@ -46,14 +50,20 @@ def deployment(tmp_path: Path, testbed: Testbed) -> Iterator[Deployment]:
         yield dep
 
 
-def _accounting_when_available(client: Client, job: Job, timeout: float) -> dict[str, Any] | None:
+def _accounting_when_available(
+    client: Client, job: Job, timeout: float, *, final: bool = False
+) -> dict[str, Any] | None:
+    """The job's accounting once porter answers it (with `final`: once it is final)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return client.accounting(job).model_dump(mode="json")
+            answer = client.accounting(job).model_dump(mode="json")
         except ApiError as exc:
             assert exc.status == 404, exc
-            time.sleep(0.1)
+        else:
+            if answer["final"] or not final:
+                return answer
+        time.sleep(0.1)
     return None
 
 
@@ -79,8 +89,14 @@ def test_short_job_accounting_is_available_soon_and_final(deployment: Deployment
         print(f"accounting available {latency:.2f} s after `completed`")
 
         assert final.slurm_job_id is not None
-        stored = {r["step"]: {k: r[k] for k in COMPARED} for r in accounting["records"]}
+        settled = _accounting_when_available(client, final, timeout=FINAL_WITHIN, final=True)
+        assert settled is not None, f"accounting not final {FINAL_WITHIN} s after it was available"
+        stored = {r["step"]: {k: r[k] for k in COMPARED} for r in settled["records"]}
         now = {r.step: {k: getattr(r, k) for k in COMPARED} for r in _sacct_now(final.slurm_job_id)}
         assert stored == now
         assert set(stored) == {None, "batch"}
         assert stored[None]["name"] == f"chpc-{final.id}"  # not slurmdbd's placeholder `allocation`
+        if not accounting["final"]:  # the first answer came before the job's own row
+            print("the first answer was provisional")
+            first = {r["step"]: {k: r[k] for k in COMPARED} for r in accounting["records"]}
+            assert first["batch"] == stored["batch"]  # a provisional answer has its steps, final already

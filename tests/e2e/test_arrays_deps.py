@@ -18,7 +18,7 @@ from cloudhpc.cli.main import app
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.states import JobState
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment, submit
+from tests.e2e.harness import Deployment, final_accounting, submit
 
 TIMEOUT = 120.0
 
@@ -101,14 +101,7 @@ def test_array_tasks_states_outputs_and_one_cancelled(client: Client, deployment
         assert (b"CANCELLED" in output) == (i == 5), output  # slurmstepd's word in the one cancelled
     assert cli(deployment, "jobs", "logs", str(job.id), "--task", "3") == f"task 3 of {ended.slurm_job_id}\n"
     # the accounting of every task (sacct's rows of the array)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            record = client.accounting(job)
-            break
-        except ApiError:
-            assert time.monotonic() < deadline, "no accounting for the array"
-            time.sleep(1)
+    record = final_accounting(client, job)
     allocations = {r.job_id: r for r in record.records if r.step is None}
     assert set(allocations) == {f"{ended.slurm_job_id}_{i}" for i in range(6)}
     assert allocations[f"{ended.slurm_job_id}_3"].exit_code == 7

@@ -28,14 +28,13 @@ import yaml
 from typer.testing import CliRunner
 
 from cloudhpc.cli.main import app
-from cloudhpc.client import ApiError, Client
-from cloudhpc.domain.api import Accounting
+from cloudhpc.client import Client
 from cloudhpc.domain.billing import Estimate
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
 from cloudhpc.metrics.dashboards import OUT_DIR
 from cloudhpc.store import Store
-from tests.e2e.harness import Deployment, running
+from tests.e2e.harness import Deployment, final_accounting, running
 from tests.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,18 +109,6 @@ def estimate_until(client: Client, probe: dict[str, Any], now: set[str], timeout
             return found
         assert time.monotonic() < deadline, f"no start within a minute on {late} for {timeout} s: {found}"
         time.sleep(5)
-
-
-def accounting_of(client: Client, job: Job, timeout: float = 90) -> Accounting:
-    """The job's accounting, once the agent has stored it (a few seconds after the end)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.accounting(job)
-        except ApiError as exc:
-            assert exc.status == 404, exc
-            assert time.monotonic() < deadline, f"no accounting for {job.id} after {timeout} s"
-            time.sleep(1)
 
 
 def wait_for(client: Client, job: Job, state: JobState, timeout: float = 90) -> Job:
@@ -201,7 +188,7 @@ def test_estimates_follow_what_slurm_does(
         assert full in queued[0].reason
 
         # ---- after the end: the units of the rates, in the accounting and the metric
-        accounting = accounting_of(client, auto)
+        accounting = final_accounting(client, auto)
         allocation = accounting.records[0]
         assert allocation.partition == "debug"  # SLURM's own record (sacct, through the agent)
         assert accounting.billed is not None, accounting

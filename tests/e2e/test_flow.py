@@ -20,7 +20,7 @@ import pytest
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, running, slurm_jobs_named
+from tests.e2e.harness import Deployment, final_accounting, running, slurm_jobs_named
 from tests.integration.stores import StoreUrlFactory, store_urls
 from tests.testbed import Testbed
 
@@ -87,15 +87,7 @@ def test_batch_jobs_complete_fail_and_cancel(deployment: Deployment) -> None:
 
         assert slow_final.state == JobState.CANCELLED
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                accounting = client.accounting(ok_final)
-                break
-            except ApiError as exc:
-                assert exc.status == 404
-                assert time.monotonic() < deadline, "accounting never arrived"
-                time.sleep(0.5)
+        accounting = final_accounting(client, ok_final)
         assert accounting.slurm_job_id == ok_final.slurm_job_id
         states = {r.step: r.state for r in accounting.records}
         assert states[None] == "COMPLETED"

@@ -21,16 +21,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-from uuid import UUID
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from cloudhpc.client import ApiError, Client
+from cloudhpc.client import ApiError
 from cloudhpc.domain.states import JobState
-from tests.e2e.harness import Deployment, free_port, running, slurm_jobs_named
+from tests.e2e.harness import Deployment, final_accounting, free_port, running, slurm_jobs_named
 from tests.testbed import Testbed
 
 
@@ -55,7 +53,7 @@ def test_accounting_lost_in_a_crash_is_collected_after_the_restart(deployment: D
             client.submit({"name": "acct-gap", "cluster": "testbed", "script": "echo counted"}), timeout=90
         )
         assert job.state == JobState.COMPLETED
-        first = _wait_for_accounting(client, job.id, timeout=60)
+        first = final_accounting(client, job.id).model_dump(mode="json")
         deployment.kill("submitter", signal.SIGKILL)
         # the state a crash between the end report and the accounting upload leaves
         _sql(deployment, "DELETE FROM job_accounting WHERE job_id = :id", id=str(job.id))
@@ -63,7 +61,7 @@ def test_accounting_lost_in_a_crash_is_collected_after_the_restart(deployment: D
             client.accounting(job.id)
         assert missing.value.status == 404
         deployment.start("submitter")
-        again = _wait_for_accounting(client, job.id, timeout=60)
+        again = final_accounting(client, job.id).model_dump(mode="json")
     assert again["slurm_job_id"] == first["slurm_job_id"] == job.slurm_job_id
     assert [r["job_id"] for r in again["records"]] == [r["job_id"] for r in first["records"]]
     assert "reconciled 0 active job(s), 1 ended without accounting" in deployment.log("submitter")
@@ -166,14 +164,3 @@ def test_porter_stopping_answers_its_long_polls_instead_of_cutting_them(
         assert "Traceback" not in dep.log("porter")
     finally:
         dep.stop()
-
-
-def _wait_for_accounting(client: Client, job_id: UUID, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.accounting(job_id).model_dump(mode="json")
-        except ApiError as exc:
-            if exc.status != 404 or time.monotonic() > deadline:
-                raise
-        time.sleep(0.5)

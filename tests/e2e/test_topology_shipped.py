@@ -22,6 +22,7 @@ import ray
 from cloudhpc.client import ApiError, Client
 from cloudhpc.domain.jobs import Job
 from cloudhpc.domain.states import JobState
+from tests.e2e.harness import final_accounting
 from tests.e2e.ray_jobs import RAY_ENV
 from tests.shipped import (
     CLUSTER,
@@ -137,14 +138,7 @@ def test_a_batch_job_from_the_console_runs_on_the_topo_cluster(
     record = sacct(topology, final, "Cluster,State,Comment,Account,Partition,User", expected)
     assert record == expected, record
     # accounting came back through porter
-    deadline = time.monotonic() + 90
-    accounting: dict[str, Any] = {}
-    while not accounting and time.monotonic() < deadline:
-        try:
-            accounting = client.accounting(final).model_dump(mode="json")
-        except ApiError as exc:
-            assert exc.code == "not_available", exc
-            time.sleep(1)
+    accounting = final_accounting(client, final, timeout=90).model_dump(mode="json")
     print(f"TIMING accounting after {time.monotonic() - t0:.1f}s")
     assert accounting, f"no accounting came back:\n{laptop.submitter.tail()}"
     # the cloud's Prometheus scrapes porter, which counts the job (the submitter's own metrics would

@@ -91,6 +91,13 @@ def test_layout_and_contents(objects: ObjectStore, store: Store, tmp_path: Path,
         "records": [{"step": None, "state": "COMPLETED"}],
     }
     assert json.loads(objects.get(prefix + "efficiency.json")) == {"cpu": 0.5}
+    ArtifactWriter(objects).save_accounting(job, {"slurm_job_id": "7", "final": False, "records": []})
+    assert json.loads(objects.get(prefix + "sacct.json")) == {
+        "slurm_job_id": "7",
+        "records": [],
+        "final": False,
+    }
+    write_all(objects, job, tmp_path, output)  # the final document replaces it
     for key in keys:
         assert not objects.get(key).startswith(b"\x80")  # JSON and text, never a pickle
     if isinstance(objects, S3ObjectStore):

@@ -581,6 +581,32 @@ def test_accounting(store: Store) -> None:
         store.set_accounting(uuid4(), record)
 
 
+def test_provisional_accounting_is_replaced_by_the_final_one_and_never_the_other_way(store: Store) -> None:
+    """A short job's figures come first provisional (SLURM has not sent the job's own row yet),
+    then final; an agent that restarted may send the provisional ones again after the final."""
+    job, _ = store.create_job("alice", spec())
+    provisional = {"final": False, "records": [{"job_id": "12", "name": "allocation"}]}
+    final = {"final": True, "records": [{"job_id": "12", "name": "train", "partition": "debug"}]}
+    assert store.set_accounting(job.id, provisional)
+    assert store.get_accounting(job.id) == provisional
+    assert store.set_accounting(job.id, final)
+    assert not store.set_accounting(job.id, provisional)
+    assert store.get_accounting(job.id) == final
+
+
+def test_reconciliation_hands_back_jobs_whose_accounting_is_only_provisional(store: Store) -> None:
+    """So that an agent that restarted before the final figures arrived collects them."""
+    jobs = [store.create_job("alice", spec())[0] for _ in range(3)]
+    for seq, job in enumerate(jobs):
+        store.apply_report(report(job, 2 * seq + 1, JobState.QUEUED, slurm_job_id=str(seq)), actor="a")
+        store.apply_report(report(job, 2 * seq + 2, JobState.COMPLETED), actor="a")
+    provisional, final, older = jobs
+    store.set_accounting(provisional.id, {"final": False, "records": []})
+    store.set_accounting(final.id, {"final": True, "records": []})
+    store.set_accounting(older.id, {"records": []})  # stored before `final` existed: final
+    assert [j.id for j in store.reconciliation("testbed").unaccounted] == [provisional.id]
+
+
 # -- job output ----------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from cloudhpc.hpc.backend import AccountingRecord
 from cloudhpc.hpc.slurm import Sacct
-from cloudhpc.hpc.slurm.accounting import accounting_final
+from cloudhpc.hpc.slurm.accounting import accounting_final, accounting_provisional, job_accounting
 from tests.recordings import load_recording
 
 SNAPSHOTS = (0, 5, 15, 40)
@@ -93,3 +93,28 @@ def test_no_rows_or_only_steps_is_not_final() -> None:
 
 def test_unknown_sacct_answer_is_empty() -> None:
     assert not accounting_final(records("sacct_unknown"))
+
+
+@pytest.mark.parametrize(
+    ("recording", "provisional"),
+    [
+        ("sacct_just_ended", True),  # the placeholder row has ended, and the batch step
+        ("sacct_short_half_second_t0", True),
+        ("sacct_placeholder", False),  # no step yet: nothing to show
+        ("sacct_running_pending", False),  # nothing has ended
+    ],
+)
+def test_a_placeholder_row_that_ended_is_provisional(recording: str, provisional: bool) -> None:
+    """What the agent stores at once, marked provisional: every row has ended, only the job's own
+    row is still slurmdbd's placeholder (slurmctld sends it from its 5 s thread)."""
+    assert accounting_provisional(records(recording)) is provisional
+    judged = job_accounting("1", records(recording))
+    assert not judged.final
+    assert judged.provisional is provisional
+
+
+def test_final_records_are_not_provisional() -> None:
+    judged = job_accounting("1", records("sacct_short_half_second_t5"))
+    assert judged.final
+    assert not judged.provisional
+    assert not job_accounting("1", _with_state("sacct_short_3s_t40", "batch", "RUNNING")).provisional

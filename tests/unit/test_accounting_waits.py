@@ -28,15 +28,19 @@ RECORDS = [row.record for row in Sacct.parse(load_recording("sacct_completed"))]
 
 
 class Settling:
-    """A backend whose accounting becomes final at answer number `final_at` (never: 0)."""
+    """A backend whose accounting becomes final at answer number `final_at` (never: 0), and
+    provisional from answer `provisional_from` on until then (never: 0)."""
 
-    def __init__(self, final_at: int) -> None:
+    def __init__(self, final_at: int, provisional_from: int = 0) -> None:
         self.final_at = final_at
+        self.provisional_from = provisional_from
         self.asked = 0
 
     async def accounting(self, native_id: str, *, job: UUID | None = None) -> JobAccounting:
         self.asked += 1
-        return JobAccounting(native_id, RECORDS, final=self.asked == self.final_at)
+        final = self.asked == self.final_at
+        provisional = not final and 0 < self.provisional_from <= self.asked
+        return JobAccounting(native_id, RECORDS, final=final, provisional=provisional)
 
     async def efficiency(self, accounting: JobAccounting) -> Efficiency:
         return Efficiency("COMPLETED", 0.5, 0.1, 1.0, 2.0, 1024, 10240, "seff")
@@ -45,9 +49,11 @@ class Settling:
 class Porter:
     def __init__(self) -> None:
         self.accounting: dict[UUID, dict[str, Any]] = {}
+        self.sent: list[dict[str, Any]] = []
 
     async def put_accounting(self, job_id: UUID, record: dict[str, Any]) -> None:
         self.accounting[job_id] = record
+        self.sent.append(record)
 
 
 def collect(backend: Settling, attempts: int, tmp_path: Path) -> tuple[Agent, Porter, _Tracked]:
@@ -91,6 +97,21 @@ async def test_records_still_not_final_after_the_last_attempt_are_stored_as_they
     assert backend.asked == 4
     assert record is not None
     assert porter.accounting == {tracked.job.id: record}
+    assert record["final"] is False  # porter lists the job as unaccounted to an agent that starts
+
+
+async def test_provisional_records_are_stored_at_once_and_replaced_when_final(tmp_path: Path) -> None:
+    """A short job on SLURM: every step has ended, the job's own row comes a few seconds later.
+    Its figures are stored at the first such answer, once, and replaced by the final ones."""
+    backend = Settling(final_at=5, provisional_from=2)
+    agent, porter, tracked = collect(backend, 8, tmp_path)
+    record = await agent._collect_accounting(tracked, attempts=8)
+    assert backend.asked == 5
+    assert [sent["final"] for sent in porter.sent] == [False, True]
+    assert "billed" not in porter.sent[0]  # priced from the job's own row, which it lacks
+    assert porter.accounting == {tracked.job.id: record}
+    assert record is not None
+    assert record["final"] is True
 
 
 def test_the_schedule_asks_soon_after_the_end() -> None:

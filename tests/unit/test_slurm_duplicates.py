@@ -15,8 +15,8 @@ import pytest
 
 from cloudhpc.exceptions import AccountingUnavailable, ParseError
 from cloudhpc.hpc.backend import AccountingRecord
-from cloudhpc.hpc.slurm import Sacct, job_name_for
-from cloudhpc.hpc.slurm.accounting import own_records
+from cloudhpc.hpc.slurm import Sacct, comment_for, job_name_for
+from cloudhpc.hpc.slurm.accounting import job_accounting, own_records
 from cloudhpc.hpc.slurm.ids import owner_of_name
 from tests.recordings import load_recording
 from tests.unit.test_slurm_parsers import replay_backend
@@ -131,3 +131,31 @@ async def test_efficiency_of_a_shared_id_is_computed_from_the_jobs_own_records()
     backend, conn = replay_backend(sacct=REQUEUED, seff="seff_completed")
     assert (await backend.efficiency(await backend.accounting("2497", job=job))).source == "seff"
     assert conn.calls == ["sacct", "seff"]
+
+
+PLACEHOLDER = "sacct_duplicates_placeholder"
+"""A 1 s job of the one-host testbed right after its end (`_placeholder`) and once slurmctld's 5 s
+thread sent its start record (`_final`): one `DB_INDEX`, first slurmdbd's `allocation` placeholder
+with the job's `--comment`, then named for the job and in its partition."""
+PLACEHOLDER_JOB = UUID("48801900-c6d9-4f12-8396-cc44848dfc8c")
+
+
+def test_a_placeholder_with_the_jobs_comment_is_its_record_provisional_until_named() -> None:
+    for snapshot in ("placeholder", "final"):
+        recording = load_recording(f"{PLACEHOLDER}_{snapshot}")
+        assert recording.argv == tuple(Sacct(jobs=["14515075"], duplicates=True).argv())
+    rows = Sacct.parse(load_recording(f"{PLACEHOLDER}_placeholder"))
+    name, comment = job_name_for(PLACEHOLDER_JOB), comment_for(PLACEHOLDER_JOB)
+    own = own_records(rows, "14515075", name, comment)
+    assert [(r.step, r.name) for r in own.records] == [(None, "allocation"), ("batch", "batch")]
+    judged = job_accounting("14515075", own.records, others=own.others, runs=own.runs)
+    assert (judged.final, judged.provisional) == (False, True)
+    # without the comment, or with another job's, the placeholder is nobody's we can name
+    assert own_records(rows, "14515075", name).records == []
+    assert own_records(rows, "14515075", name, comment_for(uuid4())).others == ["allocation"]
+    # the same record once named: final, and its batch step's figures as they were
+    final_rows = Sacct.parse(load_recording(f"{PLACEHOLDER}_final"))
+    final = own_records(final_rows, "14515075", name, comment)
+    judged_final = job_accounting("14515075", final.records)
+    assert (judged_final.final, judged_final.provisional) == (True, False)
+    assert [r for r in final.records if r.step == "batch"] == [r for r in own.records if r.step == "batch"]

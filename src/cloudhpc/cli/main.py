@@ -621,6 +621,8 @@ def jobs_accounting(
         f"CPU efficiency {pct(eff.cpu_efficiency)}, memory efficiency "
         f"{pct(eff.memory_efficiency)} (from {eff.source or '-'})"
     )
+    if not record.final:
+        out.print("provisional: SLURM has not recorded all of the job yet; ask again in a few seconds")
 
 
 @jobs_app.command("files")

@@ -160,6 +160,12 @@ class Accounting(_Answer):
     and the units it was billed where its cluster has rates (`clusters.<name>.billing`)."""
 
     slurm_job_id: str | None = None
+    final: bool = True
+    """False while the scheduler has not recorded all of the job yet (SLURM: the job's own row
+    comes from slurmctld's 5 s bookkeeping thread, a few seconds after a short job's end): the
+    steps' figures are in, the job's name, partition and requested memory may still be
+    slurmdbd's placeholder, and no units are billed. The document is replaced when final
+    (documents stored before this field existed were final)."""
     records: list[AccountingRow] = []
     efficiency: Efficiency | None = None
     billed: BilledUnits | None = None

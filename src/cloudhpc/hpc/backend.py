@@ -163,6 +163,11 @@ class JobAccounting:
     they may be stored for good; the backend judges, in its scheduler's terms (SLURM: slurmdbd has
     the job's own record and the end of every step), so the agent never reads scheduler states.
     Not final: ask again a moment later (`submitter/agent.py`)."""
+    provisional: bool = False
+    """Not final, but every figure of the job has ended: all that is missing is a row the scheduler
+    fills in late (SLURM: the job's own row, whose start record slurmctld sends from a thread that
+    wakes every 5 s, so that a short job ends before it). Worth storing at once, marked provisional,
+    and replacing when final: users get the job's figures within a second or two of its end."""
     others: tuple[str, ...] = ()
     """Names of the other jobs whose records the id holds too (a scheduler that lost a job handed
     its id out again): a report by id, like seff's, could be theirs, so efficiency comes from
@@ -175,6 +180,8 @@ class JobAccounting:
     SLURM's accounting records it a moment after the requeue, and a `REQUEUED` run has ended)."""
 
     def __post_init__(self) -> None:
+        if self.final and self.provisional:
+            raise ValueError("JobAccounting.provisional: only for records that are not final")
         if len(self.runs_ended) != len(self.runs):
             raise ValueError("JobAccounting.runs_ended: one entry for each of `runs`")
 

@@ -148,7 +148,8 @@ async def post_output(
 )
 async def put_accounting(job_id: UUID, request: Request, principal: AgentPrincipal) -> dict[str, bool]:
     """The body is the job's accounting document (a JSON object of at most 1 MiB: sacct rows and
-    seff figures), read with that cap rather than whole."""
+    seff figures), read with that cap rather than whole. A provisional one (`"final": false`) never
+    replaces a final one: `stored` is then False."""
     state = state_of(request)
     await agent_job(state, job_id, principal)
     raw = await read_capped(request, MAX_ACCOUNTING_BYTES, "the accounting document")
@@ -164,5 +165,5 @@ async def put_accounting(job_id: UUID, request: Request, principal: AgentPrincip
         Accounting.model_validate(record)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
-    await state.store.set_accounting(job_id, record)
-    return {"stored": True}
+    # False: a provisional document after the final one (an agent that restarted), dropped
+    return {"stored": await state.store.set_accounting(job_id, record)}

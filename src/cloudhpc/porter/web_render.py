@@ -355,6 +355,11 @@ def _value(key: str, value: Any) -> str:
 def _accounting(record: Mapping[str, Any] | None, job: Job) -> Html:
     if record is None:
         return html('<p class="muted">Collected when the job ends (state {s}).</p>', s=job.state.value)
+    pending = (
+        Html('<p class="muted" id="provisional">Provisional: SLURM has not recorded all of the job yet.</p>')
+        if record.get("final") is False
+        else html("")
+    )
     efficiency = record.get("efficiency") or {}
     eff = _join(
         html("<dt>{k}</dt><dd>{v}</dd>", k=k.replace("_", " "), v=_value(k, v))
@@ -382,8 +387,9 @@ def _accounting(record: Mapping[str, Any] | None, job: Job) -> Html:
         else html("")
     )
     return html(
-        '<div id="accounting">{units}<h3>Efficiency</h3><dl>{eff}</dl><h3>sacct</h3>'
+        '<div id="accounting">{pending}{units}<h3>Efficiency</h3><dl>{eff}</dl><h3>sacct</h3>'
         "<table><thead><tr>{head}</tr></thead><tbody>{table}</tbody></table></div>",
+        pending=pending,
         units=units,
         eff=eff,
         head=head,

@@ -162,8 +162,15 @@ class ArtifactWriter:
         return [self._put(job, OUTPUTS_REPORT, _dump(report.model_dump(mode="json")), _JSON)]
 
     def save_accounting(self, job: Job, record: Mapping[str, Any]) -> list[str]:
-        """The accounting document the agent sent porter, split as the layout says."""
-        sacct = {"slurm_job_id": record.get("slurm_job_id"), "records": record.get("records", [])}
+        """The accounting document the agent sent porter, split as the layout says; a provisional
+        one (`"final": false`: SLURM had not recorded the job's own row yet) says so in `sacct.json`
+        until the final one replaces it."""
+        sacct: dict[str, Any] = {
+            "slurm_job_id": record.get("slurm_job_id"),
+            "records": record.get("records", []),
+        }
+        if record.get("final") is False:
+            sacct["final"] = False
         keys = [self._put(job, "sacct.json", _dump(sacct), _JSON)]
         if record.get("efficiency") is not None:
             keys.append(self._put(job, "efficiency.json", _dump(record["efficiency"]), _JSON))

@@ -203,7 +203,8 @@ class AgentRepository(Database):
     @map_db_errors
     def unaccounted_jobs(self, cluster: str, *, within: timedelta = UNACCOUNTED_WINDOW) -> list[Job]:
         """Jobs that ran in SLURM (they have a SLURM id), ended within `within` and whose
-        accounting document never arrived, oldest end first."""
+        accounting document never arrived, or arrived only provisional (`final` false), oldest
+        end first."""
         since = utcnow() - within
         with self._read() as session:
             rows = session.scalars(
@@ -214,7 +215,7 @@ class AgentRepository(Database):
                     JobRow.state.in_([s.value for s in TERMINAL_STATES]),
                     JobRow.slurm_job_id.is_not(None),
                     JobRow.ended_at >= since,
-                    AccountingRow.job_id.is_(None),
+                    or_(AccountingRow.job_id.is_(None), AccountingRow.final.is_(False)),
                 )
                 .order_by(JobRow.ended_at, JobRow.id)
             )

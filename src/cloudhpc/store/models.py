@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -225,6 +226,9 @@ class AccountingRow(Base):
     record: Mapped[str] = mapped_column(Text)
     # indexed: a metrics scrape reads the documents stored since the one before, not every document
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # False: stored before the scheduler recorded all of the job (the document's `final`); the
+    # job is listed as unaccounted until the final document replaces it
+    final: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class BridgeRow(Base):

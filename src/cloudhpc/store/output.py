@@ -167,16 +167,27 @@ class OutputRepository(Database):
     # -- accounting --------------------------------------------------------------------------
 
     @map_db_errors
-    def set_accounting(self, job_id: UUID, record: Mapping[str, Any]) -> None:
-        """Store (or replace) a job's accounting document; it must be JSON-serialisable."""
+    def set_accounting(self, job_id: UUID, record: Mapping[str, Any]) -> bool:
+        """Store (or replace) a job's accounting document; it must be JSON-serialisable. A document
+        that is not final (`"final": false`) never replaces a final one (an agent that restarted
+        may send a job's provisional figures after its final ones): False when it was dropped."""
         document = json.dumps(record)
+        final = record.get("final", True) is not False
         now = utcnow()
         with self._write() as session:
             if session.get(JobRow, str(job_id)) is None:
                 raise UnknownJob(f"no job {job_id}")
+            if not final and session.scalar(
+                select(AccountingRow.final).where(AccountingRow.job_id == str(job_id)).with_for_update()
+            ):
+                return False
             session.execute(
-                self._upsert(AccountingRow, {"job_id": str(job_id), "record": document, "updated_at": now})
+                self._upsert(
+                    AccountingRow,
+                    {"job_id": str(job_id), "record": document, "updated_at": now, "final": final},
+                )
             )
+        return True
 
     @map_db_errors
     def get_accounting(self, job_id: UUID) -> dict[str, Any] | None:

@@ -725,18 +725,25 @@ class Agent:
     ) -> dict[str, Any] | None:
         """Store the job's accounting once its records are final, asked again (`ACCOUNTING_RETRIES`)
         while they are not or while sacct or storing fails ("unavailable" is "not yet": sacct lags
-        slurmctld by a few seconds). Right after the end, slurmdbd may still hold a placeholder
-        allocation row or a running step: figures stored then would be wrong for good. When the
-        attempts are spent with records that are still not final (a step whose end slurmdbd never
-        got), they are stored as they are: porter then has the job's figures, and stops listing
-        it as unaccounted. None (logged) when no attempt stored anything: `_finish` asks later."""
+        slurmctld by a few seconds). Right after the end, slurmdbd may still hold a running step:
+        figures stored then would be wrong for good. Records that the backend calls provisional
+        (every step ended, the job's own row not yet there) are stored at once, marked
+        `final: false`, and replaced when final, so that a short job's figures do not wait for
+        the scheduler's slowest bookkeeping. When the attempts are spent with records that are
+        still not final (a step whose end slurmdbd never got), they are stored as they are, marked
+        the same way (porter lists the job as unaccounted again to an agent that starts). None
+        (logged) when no attempt stored anything: `_finish` asks later."""
         job = tracked.job
+        stored: list[JobAccounting] = []  # the provisional records stored, to store them only once
 
         async def attempt() -> dict[str, Any] | JobAccounting:
             accounting = await self.backend.accounting(tracked.native_id, job=job.id)
-            if not accounting.final:
-                return accounting  # asked again; stored as it is after the last attempt
-            return await self._store_accounting(tracked, accounting)
+            if accounting.final:
+                return await self._store_accounting(tracked, accounting)
+            if accounting.provisional and not stored:
+                await self._store_accounting(tracked, accounting)
+                stored.append(accounting)
+            return accounting  # asked again; stored as it is after the last attempt
 
         try:
             answer = await dataclasses.replace(ACCOUNTING_RETRIES, attempts=attempts).until(
@@ -760,15 +767,18 @@ class Agent:
 
     async def _store_accounting(self, tracked: _Tracked, accounting: JobAccounting) -> dict[str, Any]:
         """The job's accounting record (sacct's rows, seff's figures, the units billed), to the
-        object store first and then to porter."""
+        object store first and then to porter. A record that is not final says so (`final`) and
+        carries no units billed: they are priced from the job's own row (its partition), which a
+        provisional record lacks, and a billed counter must never go back."""
         records = accounting.records
         efficiency = await self.backend.efficiency(accounting)  # seff, or these records: no 2nd sacct
         record: dict[str, Any] = {
             "slurm_job_id": tracked.native_id,
+            "final": accounting.final,
             "records": [_jsonable(dataclasses.asdict(r)) for r in records],
             "efficiency": _jsonable(dataclasses.asdict(efficiency)),
         }
-        billed = billed_from_accounting(records, self.config)
+        billed = billed_from_accounting(records, self.config) if accounting.final else None
         if billed is not None:
             record["billed"] = billed.model_dump(mode="json")
         # the artifacts first: once porter has the accounting, a restarted agent no longer lists

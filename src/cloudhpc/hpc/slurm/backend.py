@@ -379,7 +379,7 @@ class SlurmBackend:
         naming the jobs whose records the id has."""
         result, rows = await self._sacct(native_id, duplicates=True)
         try:
-            own = own_records(rows, native_id, job_name_for(job))
+            own = own_records(rows, native_id, job_name_for(job), comment_for(job))
         except ParseError as exc:
             raise _unavailable(f"sacct output for job {native_id} was unreadable ({exc})", result) from exc
         if not own.records:
@@ -392,8 +392,9 @@ class SlurmBackend:
     async def efficiency(self, accounting: JobAccounting) -> Efficiency:
         """seff's report, or the same figures from `accounting`'s records where seff is missing or
         cannot answer for the job: an array, or an id that has records of other jobs too, since seff
-        reports the newest record of an id, whoever's it is."""
-        if accounting.others:
+        reports the newest record of an id, whoever's it is; or records that are provisional, since
+        seff reads the same placeholder row (its requested memory `16?`) and costs a round trip."""
+        if accounting.others or accounting.provisional:
             return compute_efficiency(accounting.records)
         if self._seff_installed is not False:
             command = Seff(accounting.native_id)
