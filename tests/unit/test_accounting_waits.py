@@ -120,3 +120,38 @@ def test_the_schedule_asks_soon_after_the_end() -> None:
     assert SHIPPED.attempts == 13
     assert [SHIPPED.pause(n, failed=False) for n in range(1, 13)] == [0.5] * 6 + [5.0] * 6
     assert [SHIPPED.pause(n) for n in range(1, 13)] == [2.0, 4.0, 6.0, 8.0] + [10.0] * 8
+
+
+async def test_a_record_that_stays_not_final_is_asked_for_again_later_not_at_every_reconcile(
+    tmp_path: Path,
+) -> None:
+    """porter lists a job whose stored accounting is not final as unaccounted at every periodic
+    reconcile: the agent must pause before collecting it again, doubling, as after a failure."""
+    backend = Settling(final_at=0, provisional_from=1)
+    agent, _porter, tracked = collect(backend, 3, tmp_path)
+    job_id = tracked.job.id
+    record = await agent._collect_accounting(tracked, attempts=3)
+    assert record is not None
+    assert record["final"] is False
+    agent._after_collection(job_id, record)
+    assert not agent._may_collect(job_id)  # the next reconcile, 30 s on, does not start it
+    first = agent._accounting_retry[job_id][1]
+    assert first == agent_module.ACCOUNTING_RETRY_FIRST
+    agent._after_collection(job_id, record)
+    assert agent._accounting_retry[job_id][1] == 2 * first
+    for _ in range(20):
+        agent._after_collection(job_id, record)
+    assert agent._accounting_retry[job_id][1] == agent_module.ACCOUNTING_RETRY_MAX
+
+
+async def test_a_final_record_ends_the_asking_and_nothing_stored_pauses_it(tmp_path: Path) -> None:
+    agent, _porter, tracked = collect(Settling(final_at=1), 3, tmp_path)
+    job_id = tracked.job.id
+    agent._after_collection(job_id, None)  # sacct failing throughout: asked again later
+    assert not agent._may_collect(job_id)
+    record = await agent._collect_accounting(tracked, attempts=3)
+    assert record is not None
+    assert record["final"] is True
+    agent._after_collection(job_id, record)
+    assert job_id not in agent._accounting_retry
+    assert agent._may_collect(job_id)

@@ -664,14 +664,24 @@ class Agent:
             ),
             self._store_outputs(tracked.job),
         )
-        job_id = tracked.job.id
+        self._after_collection(tracked.job.id, record)
+
+    def _after_collection(self, job_id: UUID, record: dict[str, Any] | None) -> None:
+        """When to ask again for a job's accounting: never once a final record is stored; later,
+        doubling the pause, when nothing was stored or only a record that is not final. porter
+        lists such a job as unaccounted at every periodic reconcile (30 s), and without the pause
+        a job whose own row never reaches slurmdbd would be collected again, output and all, for
+        as long as porter lists it."""
+        if record is not None and record["final"]:
+            self._accounting_retry.pop(job_id, None)
+            return
+        _not_before, delay = self._accounting_retry.get(job_id, (0.0, ACCOUNTING_RETRY_FIRST / 2))
+        delay = min(delay * 2, ACCOUNTING_RETRY_MAX)
+        self._accounting_retry[job_id] = (time.monotonic() + delay, delay)
         if record is None:
-            _not_before, delay = self._accounting_retry.get(job_id, (0.0, ACCOUNTING_RETRY_FIRST / 2))
-            delay = min(delay * 2, ACCOUNTING_RETRY_MAX)
-            self._accounting_retry[job_id] = (time.monotonic() + delay, delay)
             log.warning("job %s: accounting still unavailable; asking again in %.0f s", job_id, delay)
         else:
-            self._accounting_retry.pop(job_id, None)
+            log.info("job %s: accounting stored, not final; asking again in %.0f s", job_id, delay)
 
     def _store_ended_tasks(self, tracked: _Tracked, observation: Observation) -> None:
         """While an array runs, store each task's output (and a `python` task's result) as soon as
